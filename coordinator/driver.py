@@ -1,0 +1,181 @@
+"""Drives one request over its worker(s): the coordinator's side of the step protocol.
+
+The driver owns the schedule (and so the discrepancy monitor). It issues every step whose
+phase is already decided — all of them in SINGLE / CFG_PARALLEL / PIPELINE, and in HYBRID
+the steps before the monitor could possibly fire, then one step per observed rel-MAE until
+tau1 is known — so both workers run each step with the same phase at the same index, and the
+control round trip is off the critical path wherever the schedule allows.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+
+from coordinator.schedule import HybridParams, Mode, Phase, StepSchedule
+from hybridiff.errors import Cancelled, WorkerFailed
+from hybridiff.messages import BeginCommand, FinishReport, Role, StepCommand, StepReport
+from hybridiff.phases import WindowGuidance, mode_name
+from hybridiff.request import GenerationSpec
+
+log = logging.getLogger(__name__)
+
+
+class WorkerHandle(Protocol):
+    """The coordinator's view of one worker: commands run in order, results come as futures."""
+
+    name: str
+
+    def begin(self, cmd: BeginCommand) -> Future: ...
+    def step(self, cmd: StepCommand) -> Future: ...
+    def finish(self, request_id: str, decode: bool) -> Future: ...
+    def abort(self, request_id: str) -> None: ...
+
+
+@dataclass
+class StepStat:
+    step: int
+    phase: str
+    rel_mae: float | None
+    bytes_sent: int
+    wall_seconds: float
+    compute_seconds: float
+    workers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationStats:
+    mode_used: str
+    window_guidance: str
+    tau1: int | None
+    tau2: int | None
+    tau1_source: str
+    split_cut: int | None
+    workers: list[str]
+    steps: list[StepStat]
+    data_plane_bytes: int
+    encoding_seconds: float
+    denoising_seconds: float
+    decoding_seconds: float
+    queued_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    image_png: bytes | None
+    latents: torch.Tensor
+    stats: GenerationStats
+
+
+def default_window_guidance(mode: Mode, requested: str) -> WindowGuidance:
+    """The window policy: as requested, else CONDITIONAL for HYBRID and FULL_CFG for PIPELINE."""
+    from hybridiff.phases import WINDOW_GUIDANCE_NAMES
+
+    if requested != "default":
+        return WINDOW_GUIDANCE_NAMES[requested]
+    return WindowGuidance.FULL_CFG if mode == Mode.PIPELINE else WindowGuidance.CONDITIONAL
+
+
+def _result(fut: Future, timeout: float, what: str):
+    try:
+        return fut.result(timeout=timeout)
+    except TimeoutError:
+        raise WorkerFailed(f"{what}: no answer within {timeout:.0f}s") from None
+
+
+def drive_request(
+    spec: GenerationSpec,
+    mode: Mode,
+    workers: list[WorkerHandle],
+    split_cut: int | None = None,
+    on_step: Callable[[StepStat, int], None] | None = None,
+    should_stop: Callable[[], str | None] | None = None,
+    step_timeout: float = 600.0,
+) -> GenerationResult:
+    """Run ``spec`` in ``mode`` (not AUTO) on ``workers`` (one for SINGLE, two otherwise).
+
+    ``should_stop`` is polled between steps; a non-empty answer cancels the request with it.
+    """
+    params = HybridParams(spec.l_slope, spec.eps_slope, spec.k, spec.tau_cap)
+    schedule = StepSchedule(mode, spec.num_steps, params, spec.guided)
+    policy = default_window_guidance(schedule.mode, spec.window_guidance)
+    solo = schedule.mode == Mode.SINGLE
+    used = workers[:1] if solo else workers[:2]
+    if not solo and len(used) < 2:
+        raise WorkerFailed(f"{mode_name(schedule.mode)} needs two workers, got {len(used)}")
+    notes = []
+    if schedule.mode != mode:
+        notes.append(f"{mode_name(mode)} needs guidance_scale > 1; ran {mode_name(schedule.mode)}")
+    rid = spec.request_id
+    roles = [Role.U, Role.C]
+    try:
+        begins = [w.begin(BeginCommand(spec, roles[i], policy, split_cut, solo)) for i, w in enumerate(used)]
+        encoding = max(_result(f, step_timeout, f"{w.name} begin") for f, w in zip(begins, used))
+        steps, denoise_seconds = _run_steps(rid, schedule, used, on_step, should_stop, step_timeout)
+        finishes: list[FinishReport] = [
+            _result(w.finish(rid, decode=(i == 0)), step_timeout, f"{w.name} finish") for i, w in enumerate(used)
+        ]
+    except BaseException:
+        for w in used:
+            w.abort(rid)
+        raise
+    digests = {f.latents_digest for f in finishes}
+    if len(digests) != 1:
+        raise WorkerFailed(f"workers ended with different latents ({', '.join(sorted(digests))})")
+    window = schedule.window()
+    stats = GenerationStats(
+        mode_used=mode_name(schedule.mode),
+        window_guidance=policy.name.lower().replace("_", "-") if window else "",
+        tau1=schedule.tau1, tau2=schedule.tau2, tau1_source=schedule.tau1_source,
+        split_cut=split_cut if not solo else None,
+        workers=[w.name for w in used], steps=steps,
+        data_plane_bytes=sum(s.bytes_sent for s in steps),
+        encoding_seconds=encoding, denoising_seconds=denoise_seconds,
+        decoding_seconds=finishes[0].decode_seconds, notes=notes,
+    )
+    return GenerationResult(rid, finishes[0].image_png, finishes[0].latents, stats)
+
+
+def _run_steps(rid: str, schedule: StepSchedule, used: list[WorkerHandle], on_step, should_stop,
+               step_timeout: float) -> tuple[list[StepStat], float]:
+    issued = 0
+    pending: dict[int, list[Future]] = {}
+    stats: list[StepStat] = []
+    start = time.perf_counter()
+    last_done = start
+    for step in range(schedule.num_steps):
+        reason = should_stop() if should_stop else None
+        if reason:
+            raise Cancelled(reason)
+        while issued <= schedule.decided_through():
+            window = schedule.window()
+            phase = schedule.phase(issued)
+            cmd = StepCommand(rid, issued, phase, last_in_window=bool(window) and issued == window[1])
+            pending[issued] = [w.step(cmd) for w in used]
+            issued += 1
+        reports: list[StepReport] = [_result(f, step_timeout, f"step {step}") for f in pending.pop(step)]
+        now = time.perf_counter()
+        d = next((r.rel_mae for r in reports if r.rel_mae is not None), None)
+        schedule.observe(step, d)
+        stat = StepStat(
+            step=step, phase=Phase(reports[0].phase).name.lower(), rel_mae=d,
+            bytes_sent=sum(r.bytes_sent for r in reports), wall_seconds=now - last_done,
+            compute_seconds=max(r.compute_seconds for r in reports),
+            workers={r.worker: {"compute_seconds": r.compute_seconds, "wall_seconds": r.wall_seconds,
+                                "bytes_sent": r.bytes_sent} for r in reports},
+        )
+        last_done = now
+        stats.append(stat)
+        if on_step:
+            on_step(stat, schedule.num_steps)
+    return stats, time.perf_counter() - start

@@ -1,0 +1,98 @@
+"""The engine in one process (``hybridiff run``): two worker engines, one thread each.
+
+The two engines share one loaded model (weights are read-only) but nothing else: each has its
+own mailbox, scheduler and latents, and they exchange tensors only as encoded data-plane
+frames through ``InMemoryLink`` — the same messages the cluster carries over ZeroMQ.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from coordinator.driver import GenerationResult, drive_request
+from coordinator.schedule import MODEL_DEFAULTS
+from gpu_worker.adapters.base import ModelAdapter
+from gpu_worker.dataplane import InMemoryLink, Mailbox
+from gpu_worker.engine import WorkerEngine
+from gpu_worker.loader import load_adapter
+from gpu_worker.split_balance import SplitPlan, balanced_plan, measure_unit_costs
+from hybridiff.messages import BeginCommand, StepCommand
+from hybridiff.phases import MODE_NAMES, Mode
+from hybridiff.request import GenerationSpec, RequestInput, SizeLimits, resolve_spec
+
+
+class InProcessWorker:
+    """A ``WorkerHandle`` over a local engine: commands run in order on the worker's own thread."""
+
+    def __init__(self, engine: WorkerEngine) -> None:
+        self.engine = engine
+        self.name = engine.name
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker-{engine.name}")
+
+    def begin(self, cmd: BeginCommand) -> Future:
+        return self._thread.submit(self.engine.begin, cmd)
+
+    def step(self, cmd: StepCommand) -> Future:
+        return self._thread.submit(self.engine.step, cmd)
+
+    def finish(self, request_id: str, decode: bool) -> Future:
+        return self._thread.submit(self.engine.finish, request_id, decode)
+
+    def abort(self, request_id: str) -> None:
+        # Closing the mailbox first wakes a step that waits for its peer; the abort itself is queued.
+        self.engine.mailbox.close(request_id)
+        self._thread.submit(self.engine.abort, request_id)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+
+
+def size_limits(adapter: ModelAdapter) -> SizeLimits:
+    """Sizes the model accepts: multiples of the latent grid its denoiser needs, up to 2x default."""
+    vae = adapter.vae_scale_factor
+    denoiser = adapter.denoiser
+    if adapter.arch == "sd3":
+        grid = vae * denoiser.config.patch_size
+    else:
+        grid = vae * 2 ** sum(1 for b in denoiser.down_blocks if b.downsamplers is not None)
+    multiple = vae * (denoiser.config.patch_size if adapter.arch == "sd3" else 1)
+    return SizeLimits(multiple=multiple, min_side=grid, max_side=2 * adapter.default_size, default_side=adapter.default_size)
+
+
+class InProcessEngine:
+    """Loads a model once and runs requests on an in-process pair of worker engines."""
+
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str | None = None,
+                 split_cut: int | None = None) -> None:
+        self.adapter = load_adapter(model_dir, device, dtype)
+        self.limits = size_limits(self.adapter)
+        self.defaults = MODEL_DEFAULTS[self.adapter.arch]
+        self._split_cut = split_cut
+        self._plans: dict[tuple[int, int], SplitPlan] = {}
+        boxes = [Mailbox("U", self.adapter.device), Mailbox("C", self.adapter.device)]
+        self.workers = [
+            InProcessWorker(WorkerEngine(self.adapter, "U", boxes[0], InMemoryLink("U", boxes[1]))),
+            InProcessWorker(WorkerEngine(self.adapter, "C", boxes[1], InMemoryLink("C", boxes[0]))),
+        ]
+
+    def resolve(self, raw: RequestInput) -> GenerationSpec:
+        return resolve_spec(raw, self.limits, self.defaults)
+
+    def split_plan(self, height: int, width: int) -> SplitPlan:
+        """The balanced cut at this resolution, measured once and cached."""
+        if (height, width) not in self._plans:
+            self._plans[(height, width)] = balanced_plan(self.adapter, measure_unit_costs(self.adapter, height, width))
+        return self._plans[(height, width)]
+
+    def generate(self, spec: GenerationSpec, on_step=None, should_stop=None) -> GenerationResult:
+        mode = MODE_NAMES[spec.mode]
+        if mode == Mode.AUTO:
+            mode = Mode.HYBRID if spec.guided else Mode.SINGLE  # a pair is always free in-process
+        cut = self._split_cut
+        if cut is None and mode in (Mode.HYBRID, Mode.PIPELINE):
+            cut = self.split_plan(spec.height, spec.width).cut
+        return drive_request(spec, mode, self.workers, split_cut=cut, on_step=on_step, should_stop=should_stop)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()

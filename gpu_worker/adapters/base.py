@@ -1,0 +1,145 @@
+"""What the runtime needs from a diffusers model, with the pipeline's own methods doing the work.
+
+An adapter wraps a loaded diffusers pipeline. It never runs the pipeline's denoising loop: it
+exposes the pieces of one step (DESIGN section 1) — prompt encoding, initial latents, one
+denoiser forward for a branch or the CFG batch, the two-stage split, the scheduler step and
+the VAE decode — so that the worker engine can interleave them with its peer.
+"""
+from __future__ import annotations
+
+import io
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+# Branch inputs are the per-branch conditioning tensors (batch 1 each), keyed by the name the
+# denoiser's forward expects; ``cat_branches`` builds the pipeline's [uncond, cond] batch.
+BranchInputs = dict[str, torch.Tensor]
+
+
+def cat_branches(uncond: BranchInputs, cond: BranchInputs) -> BranchInputs:
+    """The CFG batch exactly as the diffusers pipelines build it: ``torch.cat([negative, positive])``."""
+    return {k: torch.cat([uncond[k], cond[k]], dim=0) for k in cond}
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts of one request: ``uncond`` is None without classifier-free guidance."""
+
+    cond: BranchInputs
+    uncond: BranchInputs | None
+
+    def for_branches(self, branches: str) -> BranchInputs:
+        """``"cond"``, ``"uncond"`` or ``"both"`` (the [uncond, cond] batch)."""
+        if branches == "cond":
+            return self.cond
+        if self.uncond is None:
+            raise ValueError(f"no unconditional branch for {branches!r} (guidance disabled)")
+        if branches == "uncond":
+            return self.uncond
+        return cat_branches(self.uncond, self.cond)
+
+
+@dataclass
+class RequestTimeline:
+    """Per-request scheduler and generator: schedulers are stateful, so never shared."""
+
+    scheduler: Any
+    timesteps: torch.Tensor
+    generator: torch.Generator
+    extra_step_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class StageSplit(ABC):
+    """The two-stage split of a denoiser (DESIGN section 1, "Stage split").
+
+    ``topology`` is ``"sequential"`` (stage 1 then stage 2; the boundary goes forward: DiT) or
+    ``"nested"`` (stage 1 is an outer ring around stage 2; the inner core's input goes in and
+    its output comes back: UNet, so that skip connections stay on one side).
+    """
+
+    topology: str
+    cut: int
+    num_units: int
+
+    @abstractmethod
+    def unit_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def stage1_units(self) -> list[str]:
+        """Names of the units stage 1 runs for this cut (the rest are stage 2)."""
+
+
+class ModelAdapter(ABC):
+    arch: str
+
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.pipe = pipe
+        self.device = device
+        self.dtype = dtype
+        # prepare_latents reads pipe.scheduler; requests assign their own scheduler under this lock.
+        self._pipe_lock = threading.Lock()
+
+    # --- request set-up -------------------------------------------------------------
+    @property
+    @abstractmethod
+    def denoiser(self) -> torch.nn.Module: ...
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.pipe.default_sample_size * self.vae_scale_factor)
+
+    @abstractmethod
+    def encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning:
+        """Encode as the pipeline's ``__call__`` does (``negative_prompt=None`` when none given)."""
+
+    @abstractmethod
+    def new_timeline(self, num_steps: int, seed: int, height: int, width: int) -> RequestTimeline: ...
+
+    def initial_latents(self, timeline: RequestTimeline, height: int, width: int) -> torch.Tensor:
+        """Latents as ``pipe.prepare_latents`` draws them from ``Generator("cpu").manual_seed(seed)``."""
+        channels = self.denoiser.config.in_channels
+        with self._pipe_lock:
+            self.pipe.scheduler = timeline.scheduler
+            return self.pipe.prepare_latents(1, channels, height, width, self.dtype, self.device, timeline.generator)
+
+    # --- one step -------------------------------------------------------------------
+    @abstractmethod
+    def model_input(self, timeline: RequestTimeline, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser input for ``latents`` at ``t`` (the scheduler's input scaling, if any)."""
+
+    @abstractmethod
+    def forward(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
+        """One full denoiser forward; the batch is that of ``inputs``."""
+
+    def scheduler_step(self, timeline: RequestTimeline, eps: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return timeline.scheduler.step(eps, t, latents, **timeline.extra_step_kwargs, return_dict=False)[0]
+
+    @abstractmethod
+    def make_split(self, cut: int | None = None) -> StageSplit: ...
+
+    # --- decode ---------------------------------------------------------------------
+    @abstractmethod
+    def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the latent scaling as the pipeline does before ``vae.decode``."""
+
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        vae = self.pipe.vae
+        z = self.vae_input(latents).to(device=self.device, dtype=vae.dtype)
+        image = vae.decode(z, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """PNG without timestamps or other metadata, so equal images give equal bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

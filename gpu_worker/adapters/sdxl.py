@@ -1,0 +1,111 @@
+"""SDXL-style adapter: ``StableDiffusionXLPipeline`` components, UNet with text_time embeddings."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+
+from gpu_worker.adapters.base import BranchInputs, Conditioning, ModelAdapter, RequestTimeline
+from gpu_worker.adapters.unet_split import NestedUNetSplit
+
+
+class SDXLAdapter(ModelAdapter):
+    arch = "sdxl"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    def encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning:
+        pipe = self.pipe
+        prompt_embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=prompt, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=guidance, negative_prompt=negative_prompt,
+        )
+        projection_dim = (
+            int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+        )
+        time_ids = pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=projection_dim,
+        ).to(self.device)
+        cond = {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled, "time_ids": time_ids}
+        uncond = None
+        if guidance:
+            uncond = {"encoder_hidden_states": neg_embeds, "text_embeds": neg_pooled, "time_ids": time_ids}
+        return Conditioning(cond=cond, uncond=uncond)
+
+    def new_timeline(self, num_steps: int, seed: int, height: int, width: int) -> RequestTimeline:
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        timesteps, _ = retrieve_timesteps(scheduler, num_steps, self.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with self._pipe_lock:
+            self.pipe.scheduler = scheduler
+            extra = self.pipe.prepare_extra_step_kwargs(generator, 0.0)
+        return RequestTimeline(scheduler, timesteps, generator, extra)
+
+    def model_input(self, timeline: RequestTimeline, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return timeline.scheduler.scale_model_input(latents, t)
+
+    @staticmethod
+    def _batched(sample: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
+        batch = inputs["encoder_hidden_states"].shape[0]
+        return sample if sample.shape[0] == batch else torch.cat([sample] * batch)
+
+    def forward(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
+        return self.pipe.unet(
+            self._batched(sample, inputs), t, encoder_hidden_states=inputs["encoder_hidden_states"],
+            timestep_cond=None, cross_attention_kwargs=None,
+            added_cond_kwargs={"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]},
+            return_dict=False,
+        )[0]
+
+    def make_split(self, cut: int | None = None) -> "SDXLSplit":
+        return SDXLSplit(self, cut)
+
+    def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.pipe.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            return latents * std_t / cfg.scaling_factor + mean_t
+        return latents / cfg.scaling_factor
+
+
+class SDXLSplit(NestedUNetSplit):
+    """The nested split bound to an SDXL adapter: stage 1 = outer ring, stage 2 = inner core."""
+
+    def __init__(self, adapter: SDXLAdapter, cut: int | None) -> None:
+        self.adapter = adapter
+        n = 1 + len(NestedUNetSplit._down_units(adapter.pipe.unet))
+        super().__init__(adapter.pipe.unet, cut if cut is not None else max(1, n // 2))
+
+    def prepare(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> Any:
+        sample = SDXLAdapter._batched(sample, inputs)
+        ctx = self.context(sample, t, inputs["encoder_hidden_states"],
+                           {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]})
+        return sample, ctx
+
+    # Engine-facing stage API (nested topology): stage 1 = outer ring (pre, then post), stage 2 = core.
+    def stage1_pre(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> tuple[dict[str, torch.Tensor], Any]:
+        sample, ctx = self.prepare(sample, t, inputs)
+        residuals = self.outer_pre(sample, ctx)
+        return {"core_input": residuals[-1]}, (residuals, ctx)
+
+    def stage2(self, core_in: dict[str, torch.Tensor], sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> dict[str, torch.Tensor]:
+        sample, ctx = self.prepare(sample, t, inputs)
+        return {"core_output": self.core(core_in["core_input"], ctx)}
+
+    def stage1_post(self, core_out: dict[str, torch.Tensor], state: Any) -> torch.Tensor:
+        residuals, ctx = state
+        return self.outer_post(core_out["core_output"], residuals, ctx)
+
+    def unit_costs(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs, clock) -> dict[str, float]:
+        from gpu_worker.adapters.unet_split import time_units
+
+        sample, ctx = self.prepare(sample, t, inputs)
+        return time_units(self, sample, ctx, clock)

@@ -1,0 +1,88 @@
+"""Load a diffusers-format model directory (offline) into the matching adapter."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from gpu_worker.adapters.base import ModelAdapter
+from hybridiff.errors import InvalidArgument, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASSES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def detect_arch(model_dir: str | Path) -> str:
+    """``"sdxl"`` or ``"sd3"`` from ``model_index.json``; ``ModelLoadError`` otherwise."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{str(path)!r} is not a diffusers model (no model_index.json)")
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ModelLoadError(f"{index} is not valid JSON: {exc}") from None
+    if class_name not in PIPELINE_CLASSES:
+        raise ModelLoadError(
+            f"{str(path)!r} holds a {class_name!r}; supported: {', '.join(PIPELINE_CLASSES)}"
+        )
+    return PIPELINE_CLASSES[class_name]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidArgument("device", f"expected cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgument("device", "CUDA requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "", "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InvalidArgument("dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_adapter(model_dir: str | Path, device: str | None = None, dtype: str | None = None) -> ModelAdapter:
+    arch = detect_arch(model_dir)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        if arch == "sdxl":
+            from diffusers import StableDiffusionXLPipeline
+
+            from gpu_worker.adapters.sdxl import SDXLAdapter
+
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), dtype=dt, local_files_only=True)
+            adapter_cls = SDXLAdapter
+        else:
+            from diffusers import StableDiffusion3Pipeline
+
+            from gpu_worker.adapters.sd3 import SD3Adapter
+
+            pipe = StableDiffusion3Pipeline.from_pretrained(
+                str(model_dir), dtype=dt, local_files_only=True, text_encoder_3=None, tokenizer_3=None
+            )
+            adapter_cls = SD3Adapter
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load {arch} model from {str(model_dir)!r}: {exc}") from None
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(dev)
+    if dt == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        pipe.vae.to(torch.float32)  # the VAE overflows in fp16 (the pipelines upcast it too)
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "unet", None),
+                   getattr(pipe, "transformer", None)):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    log.info("loaded %s model from %s on %s (%s)", arch, model_dir, dev, dt)
+    return adapter_cls(pipe, dev, dt)

@@ -1,0 +1,143 @@
+"""The generation request as both roles see it, and its validation (DESIGN sections 3 and 5).
+
+``GenerationSpec`` is the fully resolved request (defaults applied, every field checked);
+``resolve_spec`` turns user input into one or raises ``InvalidArgument`` naming the field.
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import asdict, dataclass
+
+from hybridiff.errors import InvalidArgument
+
+MAX_STEPS = 500
+MAX_PROMPT_CHARS = 4000
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**64 - 1
+MODES = ("auto", "single", "cfg-parallel", "pipeline", "hybrid")
+WINDOW_GUIDANCE = ("default", "conditional", "last-difference", "full-cfg")
+OUTPUT_FORMATS = ("png", "raw-latents")
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """What sizes a model accepts: sides are multiples of ``multiple`` within [min_side, max_side]."""
+
+    multiple: int
+    min_side: int
+    max_side: int
+    default_side: int
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    request_id: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_steps: int
+    guidance_scale: float
+    seed: int
+    mode: str
+    l_slope: int
+    eps_slope: float
+    k: int
+    tau_cap: int
+    window_guidance: str
+    output_format: str = "png"
+    model: str = ""
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance is on (two branches) — as diffusers: ``guidance_scale > 1``."""
+        return self.guidance_scale > 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RequestInput:
+    """Raw user input; zero / empty / None means "the model's default" where one exists."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = 0
+    height: int = 0
+    num_steps: int = 0
+    guidance_scale: float | None = None
+    seed: int = 0
+    mode: str = "auto"
+    l_slope: int = 0
+    eps_slope: float = 0.0
+    k: int | None = None
+    tau_cap: int = 0
+    window_guidance: str = "default"
+    output_format: str = "png"
+    request_id: str = ""
+    model: str = ""
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(name, f"must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise InvalidArgument(name, f"must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _check_side(name: str, value: int, limits: SizeLimits) -> int:
+    value = _check_int(name, value, 0, 1 << 20) or limits.default_side
+    if value % 8 != 0:
+        raise InvalidArgument(name, f"must be a multiple of 8, got {value}")
+    if value % limits.multiple != 0:
+        raise InvalidArgument(name, f"must be a multiple of {limits.multiple} for this model, got {value}")
+    if not limits.min_side <= value <= limits.max_side:
+        raise InvalidArgument(name, f"must be in {limits.min_side}..{limits.max_side} for this model, got {value}")
+    return value
+
+
+def resolve_spec(raw: RequestInput, limits: SizeLimits, defaults) -> GenerationSpec:
+    """Validate ``raw`` against the model's limits and fill in ``defaults`` (a ModelDefaults)."""
+    if not isinstance(raw.prompt, str) or not raw.prompt.strip():
+        raise InvalidArgument("prompt", "must be a non-empty string")
+    if len(raw.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidArgument("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+    if len(raw.negative_prompt or "") > MAX_PROMPT_CHARS:
+        raise InvalidArgument("negative_prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+    width = _check_side("width", raw.width, limits)
+    height = _check_side("height", raw.height, limits)
+    steps = _check_int("num_inference_steps", raw.num_steps, 0, MAX_STEPS) or defaults.steps
+    guidance = defaults.guidance_scale if raw.guidance_scale is None else raw.guidance_scale
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise InvalidArgument("guidance_scale", f"must be a finite number, got {guidance!r}")
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise InvalidArgument("guidance_scale", f"must be in 0..{MAX_GUIDANCE}, got {guidance}")
+    seed = _check_int("seed", raw.seed, 0, MAX_SEED)
+    if raw.mode not in MODES:
+        raise InvalidArgument("mode", f"unknown mode {raw.mode!r}; expected one of {', '.join(MODES)}")
+    if raw.window_guidance not in WINDOW_GUIDANCE:
+        raise InvalidArgument("window_guidance", f"unknown policy {raw.window_guidance!r}; expected one of {', '.join(WINDOW_GUIDANCE)}")
+    if raw.output_format not in OUTPUT_FORMATS:
+        raise InvalidArgument("output_format", f"unknown format {raw.output_format!r}")
+    d = defaults.hybrid
+    l_slope = _check_int("hybrid.l_slope", raw.l_slope, 0, 1000) or d.l_slope
+    eps = raw.eps_slope if raw.eps_slope else d.eps_slope
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps <= 1:
+        raise InvalidArgument("hybrid.eps_slope", f"must be in (0, 1], got {raw.eps_slope!r}")
+    k = d.k if raw.k is None else raw.k
+    if isinstance(k, int) and not isinstance(k, bool) and k < 0:
+        raise InvalidArgument("hybrid.k", f"must be >= 0, got {k}")
+    k = _check_int("hybrid.k", k, 0, 1000)
+    tau_cap = _check_int("hybrid.tau_cap", raw.tau_cap, 0, 1000) or d.tau_cap
+    request_id = raw.request_id or uuid.uuid4().hex
+    if len(request_id) > 128 or not request_id.isprintable():
+        raise InvalidArgument("request_id", "must be at most 128 printable characters")
+    return GenerationSpec(
+        request_id=request_id, prompt=raw.prompt, negative_prompt=raw.negative_prompt or None,
+        width=width, height=height, num_steps=steps, guidance_scale=float(guidance), seed=seed,
+        mode=raw.mode, l_slope=l_slope, eps_slope=float(eps), k=k, tau_cap=tau_cap,
+        window_guidance=raw.window_guidance, output_format=raw.output_format, model=raw.model,
+    )

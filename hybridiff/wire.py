@@ -1,0 +1,149 @@
+"""Tensor wire format of the data plane: one typed header frame plus one raw buffer per tensor.
+
+``encode_frames`` / ``decode_frames`` are the only way tensors cross between workers, in the
+in-process engine and over ZeroMQ alike (DESIGN section 2). bf16 travels as a uint8 view;
+an unknown dtype, a version mismatch or a size that does not match the header is rejected
+with ``FrameError`` — never a pickle fallback.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from google.protobuf.message import DecodeError
+
+from hybridiff.api.v1 import dataplane_pb2 as pb
+
+WIRE_VERSION = 1
+# A single tensor larger than this is refused (a full-size SDXL activation is ~40 MiB in fp32).
+MAX_TENSOR_BYTES = 512 * 1024 * 1024
+
+FrameKind = pb.FrameKind
+
+_TO_WIRE: dict[torch.dtype, int] = {
+    torch.float32: pb.FLOAT32,
+    torch.float16: pb.FLOAT16,
+    torch.bfloat16: pb.BFLOAT16,
+    torch.float64: pb.FLOAT64,
+    torch.int64: pb.INT64,
+    torch.int32: pb.INT32,
+    torch.uint8: pb.UINT8,
+    torch.bool: pb.BOOL,
+}
+_FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
+
+
+class FrameError(ValueError):
+    """A data-plane message that is not a valid header + buffers (rejected, never trusted)."""
+
+
+@dataclass
+class TensorMessage:
+    """A decoded data-plane message: who, which step, what kind, and the named tensors."""
+
+    request_id: str
+    step: int
+    kind: int
+    tensors: dict[str, torch.Tensor]
+    trace_context: dict[str, str] = field(default_factory=dict)
+    sender: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _raw_view(tensor: torch.Tensor) -> memoryview:
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.uint8)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.numpy()).cast("B")
+
+
+def encode_frames(
+    request_id: str,
+    step: int,
+    kind: int,
+    tensors: Mapping[str, torch.Tensor],
+    trace_context: Mapping[str, str] | None = None,
+    sender: str = "",
+) -> list[bytes | memoryview]:
+    """Header frame followed by one raw buffer frame per tensor (zero-copy views where possible)."""
+    header = pb.TensorFrameHeader(
+        version=WIRE_VERSION, request_id=request_id, step=step, kind=kind, sender=sender
+    )
+    if trace_context:
+        header.trace_context.update(trace_context)
+    frames: list[bytes | memoryview] = [b""]
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _TO_WIRE:
+            raise FrameError(f"tensor {name!r}: dtype {tensor.dtype} has no wire encoding")
+        buf = _raw_view(tensor)
+        header.tensors.add(name=name, dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape), nbytes=buf.nbytes)
+        frames.append(buf)
+    frames[0] = header.SerializeToString()
+    return frames
+
+
+def decode_frames(frames: Sequence[bytes | memoryview], device: torch.device | str = "cpu") -> TensorMessage:
+    """Parse and check a message; every mismatch raises ``FrameError`` naming what is wrong."""
+    if not frames:
+        raise FrameError("empty message")
+    header = pb.TensorFrameHeader()
+    try:
+        header.ParseFromString(bytes(frames[0]))
+    except DecodeError as exc:
+        raise FrameError(f"header frame is not a TensorFrameHeader: {exc}") from None
+    if header.version != WIRE_VERSION:
+        raise FrameError(f"unsupported wire version {header.version} (expected {WIRE_VERSION})")
+    if header.kind == pb.FRAME_KIND_UNSPECIFIED or header.kind not in pb.FrameKind.values():
+        raise FrameError(f"unknown frame kind {header.kind}")
+    if not header.request_id:
+        raise FrameError("header has no request id")
+    if len(frames) - 1 != len(header.tensors):
+        raise FrameError(f"header names {len(header.tensors)} tensors but {len(frames) - 1} buffers follow")
+    tensors: dict[str, torch.Tensor] = {}
+    for spec, buf in zip(header.tensors, frames[1:]):
+        tensors[spec.name] = _tensor_from_buffer(spec, buf, device)
+    return TensorMessage(
+        request_id=header.request_id,
+        step=header.step,
+        kind=header.kind,
+        tensors=tensors,
+        trace_context=dict(header.trace_context),
+        sender=header.sender,
+    )
+
+
+def _tensor_from_buffer(spec: pb.TensorSpec, buf: bytes | memoryview, device: torch.device | str) -> torch.Tensor:
+    dtype = _FROM_WIRE.get(spec.dtype)
+    if dtype is None:
+        raise FrameError(f"tensor {spec.name!r}: unknown wire dtype {spec.dtype}")
+    if any(d < 0 for d in spec.shape):
+        raise FrameError(f"tensor {spec.name!r}: negative dimension in shape {list(spec.shape)}")
+    numel = 1
+    for d in spec.shape:
+        numel *= d
+    expected = numel * torch.empty((), dtype=dtype).element_size()
+    raw = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
+    if expected > MAX_TENSOR_BYTES:
+        raise FrameError(f"tensor {spec.name!r}: {expected} bytes exceeds the {MAX_TENSOR_BYTES}-byte limit")
+    if raw.nbytes != expected or spec.nbytes != expected:
+        raise FrameError(
+            f"tensor {spec.name!r}: shape {list(spec.shape)} of {dtype} needs {expected} bytes, "
+            f"header says {spec.nbytes}, buffer has {raw.nbytes}"
+        )
+    if numel == 0:
+        return torch.empty(tuple(spec.shape), dtype=dtype, device=device)
+    wire_dtype = torch.uint8 if dtype == torch.bfloat16 else dtype
+    # bytearray copy: the receive buffer may be reused by the transport, and torch needs writable memory.
+    flat = torch.frombuffer(bytearray(raw), dtype=wire_dtype)
+    if dtype == torch.bfloat16:
+        flat = flat.view(torch.bfloat16)
+    return flat.reshape(tuple(spec.shape)).to(device)
