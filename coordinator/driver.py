@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -86,11 +86,15 @@ def default_window_guidance(mode: Mode, requested: str) -> WindowGuidance:
     return WindowGuidance.FULL_CFG if mode == Mode.PIPELINE else WindowGuidance.CONDITIONAL
 
 
-def _result(fut: Future, timeout: float, what: str):
-    try:
-        return fut.result(timeout=timeout)
-    except TimeoutError:
-        raise WorkerFailed(f"{what}: no answer within {timeout:.0f}s") from None
+def _results(futures: list[Future], timeout: float, what: str) -> list:
+    """All results, or the first failure as soon as any worker fails (its peer may be blocked)."""
+    done, not_done = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
+    for fut in futures:
+        if fut in done and fut.exception() is not None:
+            raise fut.exception()
+    if not_done:
+        raise WorkerFailed(f"{what}: no answer within {timeout:.0f}s")
+    return [f.result() for f in futures]
 
 
 def drive_request(
@@ -120,11 +124,10 @@ def drive_request(
     roles = [Role.U, Role.C]
     try:
         begins = [w.begin(BeginCommand(spec, roles[i], policy, split_cut, solo)) for i, w in enumerate(used)]
-        encoding = max(_result(f, step_timeout, f"{w.name} begin") for f, w in zip(begins, used))
+        encoding = max(_results(begins, step_timeout, "begin"))
         steps, denoise_seconds = _run_steps(rid, schedule, used, on_step, should_stop, step_timeout)
-        finishes: list[FinishReport] = [
-            _result(w.finish(rid, decode=(i == 0)), step_timeout, f"{w.name} finish") for i, w in enumerate(used)
-        ]
+        finishes: list[FinishReport] = _results(
+            [w.finish(rid, decode=(i == 0)) for i, w in enumerate(used)], step_timeout, "finish")
     except BaseException:
         for w in used:
             w.abort(rid)
@@ -163,7 +166,7 @@ def _run_steps(rid: str, schedule: StepSchedule, used: list[WorkerHandle], on_st
             cmd = StepCommand(rid, issued, phase, last_in_window=bool(window) and issued == window[1])
             pending[issued] = [w.step(cmd) for w in used]
             issued += 1
-        reports: list[StepReport] = [_result(f, step_timeout, f"step {step}") for f in pending.pop(step)]
+        reports: list[StepReport] = _results(pending.pop(step), step_timeout, f"step {step}")
         now = time.perf_counter()
         d = next((r.rel_mae for r in reports if r.rel_mae is not None), None)
         schedule.observe(step, d)

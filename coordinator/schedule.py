@@ -6,35 +6,16 @@ driver how far ahead it may issue steps without waiting for another rel-MAE valu
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from hybridiff.errors import InvalidArgument
 from hybridiff.phases import Mode, Phase
+from hybridiff.request import HybridParams
 
 
 # PIPELINE mode (the AsyncDiff baseline) warms up with synchronous full forwards before the
 # stale pipeline starts; AsyncDiff-style, these steps run the exact CFG batch.
 PIPELINE_WARMUP_STEPS = 3
-
-
-@dataclass(frozen=True)
-class HybridParams:
-    l_slope: int
-    eps_slope: float
-    k: int
-    tau_cap: int
-
-    def validate(self) -> "HybridParams":
-        if not 1 <= self.l_slope <= 1000:
-            raise InvalidArgument("hybrid.l_slope", f"must be in 1..1000, got {self.l_slope}")
-        if not (math.isfinite(self.eps_slope) and 0 < self.eps_slope <= 1):
-            raise InvalidArgument("hybrid.eps_slope", f"must be in (0, 1], got {self.eps_slope}")
-        if not 0 <= self.k <= 1000:
-            raise InvalidArgument("hybrid.k", f"must be in 0..1000, got {self.k}")
-        if not 1 <= self.tau_cap <= 1000:
-            raise InvalidArgument("hybrid.tau_cap", f"must be in 1..1000, got {self.tau_cap}")
-        return self
 
 
 @dataclass(frozen=True)
@@ -136,9 +117,9 @@ class StepSchedule:
         """Highest step index whose phase is known now."""
         if self.mode != Mode.HYBRID or self.monitor.tau1 is not None:
             return self.last
-        # Steps up to one past the earliest possible decision step are surely phase 1, and each
-        # observed value decides the step after it.
-        return min(self.last, max(self.monitor.earliest_decision_step() + 1, self._observed))
+        # A value observed at step e can open the window at e + 1 at the earliest, so steps up to
+        # the earliest deciding step are surely phase 1; each observed value decides the next step.
+        return min(self.last, max(self.monitor.earliest_decision_step(), self._observed))
 
     def phase(self, step: int) -> Phase:
         if not 0 <= step <= self.last:

@@ -21,6 +21,24 @@ OUTPUT_FORMATS = ("png", "raw-latents")
 
 
 @dataclass(frozen=True)
+class HybridParams:
+    l_slope: int
+    eps_slope: float
+    k: int
+    tau_cap: int
+
+    def validate(self) -> "HybridParams":
+        """Range-check every parameter; ``InvalidArgument`` names the first bad one."""
+        _check_int("hybrid.l_slope", self.l_slope, 1, 1000)
+        eps = self.eps_slope
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and 0 < eps <= 1):
+            raise InvalidArgument("hybrid.eps_slope", f"must be in (0, 1], got {eps!r}")
+        _check_int("hybrid.k", self.k, 0, 1000)
+        _check_int("hybrid.tau_cap", self.tau_cap, 1, 1000)
+        return self
+
+
+@dataclass(frozen=True)
 class SizeLimits:
     """What sizes a model accepts: sides are multiples of ``multiple`` within [min_side, max_side]."""
 
@@ -123,21 +141,17 @@ def resolve_spec(raw: RequestInput, limits: SizeLimits, defaults) -> GenerationS
     if raw.output_format not in OUTPUT_FORMATS:
         raise InvalidArgument("output_format", f"unknown format {raw.output_format!r}")
     d = defaults.hybrid
-    l_slope = _check_int("hybrid.l_slope", raw.l_slope, 0, 1000) or d.l_slope
-    eps = raw.eps_slope if raw.eps_slope else d.eps_slope
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps <= 1:
-        raise InvalidArgument("hybrid.eps_slope", f"must be in (0, 1], got {raw.eps_slope!r}")
-    k = d.k if raw.k is None else raw.k
-    if isinstance(k, int) and not isinstance(k, bool) and k < 0:
-        raise InvalidArgument("hybrid.k", f"must be >= 0, got {k}")
-    k = _check_int("hybrid.k", k, 0, 1000)
-    tau_cap = _check_int("hybrid.tau_cap", raw.tau_cap, 0, 1000) or d.tau_cap
+    params = HybridParams(
+        l_slope=raw.l_slope or d.l_slope, eps_slope=raw.eps_slope or d.eps_slope,
+        k=d.k if raw.k is None else raw.k, tau_cap=raw.tau_cap or d.tau_cap,
+    ).validate()
     request_id = raw.request_id or uuid.uuid4().hex
     if len(request_id) > 128 or not request_id.isprintable():
         raise InvalidArgument("request_id", "must be at most 128 printable characters")
     return GenerationSpec(
         request_id=request_id, prompt=raw.prompt, negative_prompt=raw.negative_prompt or None,
         width=width, height=height, num_steps=steps, guidance_scale=float(guidance), seed=seed,
-        mode=raw.mode, l_slope=l_slope, eps_slope=float(eps), k=k, tau_cap=tau_cap,
+        mode=raw.mode, l_slope=params.l_slope, eps_slope=float(params.eps_slope), k=params.k,
+        tau_cap=params.tau_cap,
         window_guidance=raw.window_guidance, output_format=raw.output_format, model=raw.model,
     )

@@ -1,0 +1,141 @@
+"""The ``hybridiff`` command line (DESIGN section 3)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hybridiff.errors import HybridiffError
+from hybridiff.request import MODES, WINDOW_GUIDANCE, RequestInput
+
+DEFAULT_MODEL_ENV = "HYBRIDIFF_MODEL_DIR"
+
+
+def default_model_dir() -> Path:
+    """The embedded default model: ``$HYBRIDIFF_MODEL_DIR``, else a tiny SDXL model built once
+    into the user cache (random weights, no download)."""
+    env = os.environ.get(DEFAULT_MODEL_ENV)
+    if env:
+        return Path(env)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hybridiff" / "tiny-sdxl"
+    if not (cache / "model_index.json").is_file():
+        from hybridiff.tiny_model import write_tiny_model
+
+        print(f"building the default tiny SDXL model in {cache}", file=sys.stderr)
+        write_tiny_model("sdxl", cache)
+    return cache
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """The generation flags shared by ``run`` and ``generate``."""
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=0)
+    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--mode", choices=MODES, default="auto")
+    p.add_argument("--model", default="", help="model name (cluster: which served model)")
+    p.add_argument("--l-slope", type=int, default=0)
+    p.add_argument("--eps-slope", type=float, default=0.0)
+    p.add_argument("--k", type=int, default=None)
+    p.add_argument("--tau-cap", type=int, default=0)
+    p.add_argument("--window-guidance", choices=WINDOW_GUIDANCE, default="default")
+    p.add_argument("--request-id", default="")
+    p.add_argument("--out", required=True, help="where to write the PNG")
+    p.add_argument("--stats-json", default=None, help="also write the run's statistics as JSON")
+
+
+def request_input(args: argparse.Namespace) -> RequestInput:
+    return RequestInput(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, mode=args.mode,
+        l_slope=args.l_slope, eps_slope=args.eps_slope, k=args.k, tau_cap=args.tau_cap,
+        window_guidance=args.window_guidance, request_id=args.request_id, model=args.model,
+    )
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from hybridiff.tiny_model import write_tiny_model
+
+    out = write_tiny_model(args.arch, args.out, seed=args.seed, size=args.size)
+    print(f"wrote {args.size} {args.arch} model to {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from coordinator.inprocess import InProcessEngine
+
+    engine = InProcessEngine(args.model_dir or default_model_dir(), args.device, args.dtype, args.split_cut)
+    try:
+        spec = engine.resolve(request_input(args))
+        with tqdm(total=spec.num_steps, desc=spec.mode, unit="step", disable=args.quiet) as bar:
+            def on_step(stat, total):
+                bar.set_postfix_str(stat.phase + (f" rel-MAE {stat.rel_mae:.4f}" if stat.rel_mae is not None else ""))
+                bar.update(1)
+
+            result = engine.generate(spec, on_step=on_step)
+    finally:
+        engine.close()
+    write_outputs(args, result.image_png, result.latents, result.stats.to_dict())
+    return 0
+
+
+def write_outputs(args: argparse.Namespace, image_png: bytes | None, latents, stats: dict) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if image_png is not None:
+        out.write_bytes(image_png)
+    else:
+        out.write_bytes(latents.numpy().astype("<f4").tobytes())
+    print(f"wrote {out}")
+    if args.stats_json:
+        Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.stats_json).write_text(json.dumps(stats, indent=2))
+        print(f"wrote {args.stats_json}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridiff", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="write a small random SDXL- or SD3-shaped model (diffusers format)")
+    p.add_argument("--arch", required=True, choices=("sdxl", "sd3"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=("tiny", "bench"), default="tiny")
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("run", help="the engine in one process, no servers")
+    p.add_argument("--model-dir", default=None, help="diffusers model directory (default: the embedded tiny model)")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--split-cut", type=int, default=None, help="stage cut (default: balanced by measured cost)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except HybridiffError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

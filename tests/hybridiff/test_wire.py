@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from hybridiff.api.v1 import dataplane_pb2 as pb
+from hybridiff.wire import FrameError, FrameKind, decode_frames, encode_frames
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool])
+def test_round_trip_dtypes(dtype):
+    t = (torch.randn(2, 3, 5) * 10).to(dtype)
+    frames = encode_frames("r1", 7, FrameKind.BRANCH_PREDICTION, {"x": t}, {"traceparent": "00-abc"}, sender="U")
+    msg = decode_frames(frames)
+    assert msg.request_id == "r1" and msg.step == 7 and msg.kind == FrameKind.BRANCH_PREDICTION
+    assert msg.sender == "U" and msg.trace_context == {"traceparent": "00-abc"}
+    assert msg.tensors["x"].dtype == dtype and torch.equal(msg.tensors["x"], t)
+
+
+def test_non_contiguous_and_empty_and_multiple():
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    nc = base.t()
+    assert not nc.is_contiguous()
+    empty = torch.empty(0, 3, dtype=torch.float16)
+    frames = encode_frames("r", 0, FrameKind.STAGE_ACTIVATIONS, {"a": nc, "b": empty})
+    assert len(frames) == 3
+    msg = decode_frames(frames)
+    assert torch.equal(msg.tensors["a"], nc) and msg.tensors["b"].shape == (0, 3)
+    assert list(msg.tensors) == ["a", "b"]
+
+
+def test_decoded_tensor_owns_its_memory():
+    t = torch.ones(4)
+    frames = [bytes(f) for f in encode_frames("r", 0, FrameKind.GUIDED_PREDICTION, {"p": t})]
+    buf = bytearray(frames[1])
+    msg = decode_frames([frames[0], buf])
+    buf[:] = b"\x00" * len(buf)
+    assert torch.equal(msg.tensors["p"], t)
+
+
+def _header(**kw) -> bytes:
+    h = pb.TensorFrameHeader(version=1, request_id="r", step=1, kind=pb.BRANCH_PREDICTION)
+    for k, v in kw.items():
+        setattr(h, k, v)
+    return h
+
+
+@pytest.mark.parametrize("case", ["garbage", "version", "kind", "count", "size", "dtype", "no_id", "empty"])
+def test_rejects_malformed(case):
+    good = encode_frames("r", 1, FrameKind.BRANCH_PREDICTION, {"x": torch.zeros(2, 2)})
+    h = pb.TensorFrameHeader()
+    h.ParseFromString(bytes(good[0]))
+    frames = [bytes(f) for f in good]
+    if case == "garbage":
+        frames[0] = b"\xff\xff\xff not a header"
+    elif case == "version":
+        h.version = 99
+        frames[0] = h.SerializeToString()
+    elif case == "kind":
+        h.kind = 42
+        frames[0] = h.SerializeToString()
+    elif case == "count":
+        frames.append(b"extra")
+    elif case == "size":
+        frames[1] = frames[1][:-4]
+    elif case == "dtype":
+        h.tensors[0].dtype = 77
+        frames[0] = h.SerializeToString()
+    elif case == "no_id":
+        h.request_id = ""
+        frames[0] = h.SerializeToString()
+    elif case == "empty":
+        frames = []
+    with pytest.raises(FrameError):
+        decode_frames(frames)
+
+
+def test_unknown_dtype_never_pickled():
+    with pytest.raises(FrameError):
+        encode_frames("r", 0, FrameKind.BRANCH_PREDICTION, {"c": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_generated_code_matches_protos():
+    from hybridiff.api import assert_fresh
+
+    assert_fresh()
