@@ -57,6 +57,11 @@ def load_adapter(model_dir: str | Path, device: str | None = None, dtype: str | 
     arch = detect_arch(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     try:
         if arch == "sdxl":
             from diffusers import StableDiffusionXLPipeline

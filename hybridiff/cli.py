@@ -33,17 +33,17 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     """The generation flags shared by ``run`` and ``generate``."""
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=0, help="denoising steps (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=0)
-    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
     p.add_argument("--mode", choices=MODES, default="auto")
     p.add_argument("--model", default="", help="model name (cluster: which served model)")
-    p.add_argument("--l-slope", type=int, default=0)
-    p.add_argument("--eps-slope", type=float, default=0.0)
+    p.add_argument("--l-slope", type=int, default=None)
+    p.add_argument("--eps-slope", type=float, default=None)
     p.add_argument("--k", type=int, default=None)
-    p.add_argument("--tau-cap", type=int, default=0)
+    p.add_argument("--tau-cap", type=int, default=None)
     p.add_argument("--window-guidance", choices=WINDOW_GUIDANCE, default="default")
     p.add_argument("--request-id", default="")
     p.add_argument("--out", required=True, help="where to write the PNG")
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time chatter on a CLI
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -78,20 +78,20 @@ class GenerationSpec:
 
 @dataclass
 class RequestInput:
-    """Raw user input; zero / empty / None means "the model's default" where one exists."""
+    """Raw user input; None means "the model's default" (0 is a value, and out of range)."""
 
     prompt: str = ""
     negative_prompt: str = ""
-    width: int = 0
-    height: int = 0
-    num_steps: int = 0
+    width: int | None = None
+    height: int | None = None
+    num_steps: int | None = None
     guidance_scale: float | None = None
     seed: int = 0
     mode: str = "auto"
-    l_slope: int = 0
-    eps_slope: float = 0.0
+    l_slope: int | None = None
+    eps_slope: float | None = None
     k: int | None = None
-    tau_cap: int = 0
+    tau_cap: int | None = None
     window_guidance: str = "default"
     output_format: str = "png"
     request_id: str = ""
@@ -106,8 +106,12 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> int:
     return value
 
 
-def _check_side(name: str, value: int, limits: SizeLimits) -> int:
-    value = _check_int(name, value, 0, 1 << 20) or limits.default_side
+def _default(value, default):
+    return default if value is None else value
+
+
+def _check_side(name: str, value: int | None, limits: SizeLimits) -> int:
+    value = _check_int(name, _default(value, limits.default_side), 1, 1 << 20)
     if value % 8 != 0:
         raise InvalidArgument(name, f"must be a multiple of 8, got {value}")
     if value % limits.multiple != 0:
@@ -127,8 +131,8 @@ def resolve_spec(raw: RequestInput, limits: SizeLimits, defaults) -> GenerationS
         raise InvalidArgument("negative_prompt", f"longer than {MAX_PROMPT_CHARS} characters")
     width = _check_side("width", raw.width, limits)
     height = _check_side("height", raw.height, limits)
-    steps = _check_int("num_inference_steps", raw.num_steps, 0, MAX_STEPS) or defaults.steps
-    guidance = defaults.guidance_scale if raw.guidance_scale is None else raw.guidance_scale
+    steps = _check_int("num_inference_steps", _default(raw.num_steps, defaults.steps), 1, MAX_STEPS)
+    guidance = _default(raw.guidance_scale, defaults.guidance_scale)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise InvalidArgument("guidance_scale", f"must be a finite number, got {guidance!r}")
     if not 0 <= guidance <= MAX_GUIDANCE:
@@ -142,8 +146,8 @@ def resolve_spec(raw: RequestInput, limits: SizeLimits, defaults) -> GenerationS
         raise InvalidArgument("output_format", f"unknown format {raw.output_format!r}")
     d = defaults.hybrid
     params = HybridParams(
-        l_slope=raw.l_slope or d.l_slope, eps_slope=raw.eps_slope or d.eps_slope,
-        k=d.k if raw.k is None else raw.k, tau_cap=raw.tau_cap or d.tau_cap,
+        l_slope=_default(raw.l_slope, d.l_slope), eps_slope=_default(raw.eps_slope, d.eps_slope),
+        k=_default(raw.k, d.k), tau_cap=_default(raw.tau_cap, d.tau_cap),
     ).validate()
     request_id = raw.request_id or uuid.uuid4().hex
     if len(request_id) > 128 or not request_id.isprintable():
