@@ -30,6 +30,7 @@ class WorkerHandle(Protocol):
     """The coordinator's view of one worker: commands run in order, results come as futures."""
 
     name: str
+    data_address: str  # where its peer pushes data-plane frames ("" in process)
 
     def begin(self, cmd: BeginCommand) -> Future: ...
     def step(self, cmd: StepCommand) -> Future: ...
@@ -123,7 +124,11 @@ def drive_request(
     rid = spec.request_id
     roles = [Role.U, Role.C]
     try:
-        begins = [w.begin(BeginCommand(spec, roles[i], policy, split_cut, solo)) for i, w in enumerate(used)]
+        begins = [
+            w.begin(BeginCommand(spec, roles[i], policy, split_cut, solo,
+                                 peer_address="" if solo else used[1 - i].data_address))
+            for i, w in enumerate(used)
+        ]
         encoding = max(_results(begins, step_timeout, "begin"))
         steps, denoise_seconds = _run_steps(rid, schedule, used, on_step, should_stop, step_timeout)
         finishes: list[FinishReport] = _results(

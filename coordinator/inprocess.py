@@ -10,15 +10,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from coordinator.driver import GenerationResult, drive_request
-from coordinator.schedule import MODEL_DEFAULTS
-from gpu_worker.adapters.base import ModelAdapter
 from gpu_worker.dataplane import InMemoryLink, Mailbox
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter
 from gpu_worker.split_balance import SplitPlan, balanced_plan, measure_unit_costs
 from hybridiff.messages import BeginCommand, StepCommand
 from hybridiff.phases import MODE_NAMES, Mode
-from hybridiff.request import GenerationSpec, RequestInput, SizeLimits, resolve_spec
+from hybridiff.request import MODEL_DEFAULTS, GenerationSpec, RequestInput, resolve_spec
 
 
 class InProcessWorker:
@@ -27,6 +25,7 @@ class InProcessWorker:
     def __init__(self, engine: WorkerEngine) -> None:
         self.engine = engine
         self.name = engine.name
+        self.data_address = ""
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker-{engine.name}")
 
     def begin(self, cmd: BeginCommand) -> Future:
@@ -47,32 +46,20 @@ class InProcessWorker:
         self._thread.shutdown(wait=True, cancel_futures=True)
 
 
-def size_limits(adapter: ModelAdapter) -> SizeLimits:
-    """Sizes the model accepts: multiples of the latent grid its denoiser needs, up to 2x default."""
-    vae = adapter.vae_scale_factor
-    denoiser = adapter.denoiser
-    if adapter.arch == "sd3":
-        grid = vae * denoiser.config.patch_size
-    else:
-        grid = vae * 2 ** sum(1 for b in denoiser.down_blocks if b.downsamplers is not None)
-    multiple = vae * (denoiser.config.patch_size if adapter.arch == "sd3" else 1)
-    return SizeLimits(multiple=multiple, min_side=grid, max_side=2 * adapter.default_size, default_side=adapter.default_size)
-
-
 class InProcessEngine:
     """Loads a model once and runs requests on an in-process pair of worker engines."""
 
     def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str | None = None,
                  split_cut: int | None = None) -> None:
         self.adapter = load_adapter(model_dir, device, dtype)
-        self.limits = size_limits(self.adapter)
+        self.limits = self.adapter.size_limits()
         self.defaults = MODEL_DEFAULTS[self.adapter.arch]
         self._split_cut = split_cut
         self._plans: dict[tuple[int, int], SplitPlan] = {}
         boxes = [Mailbox("U", self.adapter.device), Mailbox("C", self.adapter.device)]
         self.workers = [
-            InProcessWorker(WorkerEngine(self.adapter, "U", boxes[0], InMemoryLink("U", boxes[1]))),
-            InProcessWorker(WorkerEngine(self.adapter, "C", boxes[1], InMemoryLink("C", boxes[0]))),
+            InProcessWorker(WorkerEngine(self.adapter, "U", boxes[0], lambda _: InMemoryLink("U", boxes[1]))),
+            InProcessWorker(WorkerEngine(self.adapter, "C", boxes[1], lambda _: InMemoryLink("C", boxes[0]))),
         ]
 
     def resolve(self, raw: RequestInput) -> GenerationSpec:

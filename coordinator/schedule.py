@@ -18,20 +18,6 @@ from hybridiff.request import HybridParams
 PIPELINE_WARMUP_STEPS = 3
 
 
-@dataclass(frozen=True)
-class ModelDefaults:
-    hybrid: HybridParams
-    steps: int
-    guidance_scale: float
-
-
-# Reference defaults (DESIGN section 1).
-MODEL_DEFAULTS = {
-    "sdxl": ModelDefaults(HybridParams(l_slope=12, eps_slope=4e-4, k=5, tau_cap=15), steps=50, guidance_scale=5.0),
-    "sd3": ModelDefaults(HybridParams(l_slope=15, eps_slope=5e-4, k=5, tau_cap=40), steps=50, guidance_scale=7.0),
-}
-
-
 def rel_mae_slope(values: list[float], l_slope: int) -> float | None:
     """``(d[-L] - d[-1]) / L`` once more than L values exist, else None."""
     if len(values) <= l_slope:

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,6 +55,7 @@ class _Active:
     timeline: RequestTimeline
     latents: torch.Tensor
     split: StageSplit | None
+    link: PeerLink | None
     last_difference: torch.Tensor | None = None
     stale: dict[str, torch.Tensor] | None = None
     stale_step: int = -1
@@ -65,12 +66,13 @@ class _Active:
 
 
 class WorkerEngine:
-    def __init__(self, adapter: ModelAdapter, name: str, mailbox: Mailbox, link: PeerLink | None,
-                 peer_timeout: float = 120.0) -> None:
+    def __init__(self, adapter: ModelAdapter, name: str, mailbox: Mailbox,
+                 links: Callable[[str], PeerLink] | None, peer_timeout: float = 120.0) -> None:
+        """``links(peer_address)`` gives the link to a peer (cached by the caller as it likes)."""
         self.adapter = adapter
         self.name = name
         self.mailbox = mailbox
-        self.link = link
+        self.links = links
         self.peer_timeout = peer_timeout
         self._clock = device_clock(adapter.device)
         self._active: dict[str, _Active] = {}
@@ -83,15 +85,18 @@ class WorkerEngine:
         spec = cmd.spec
         if spec.request_id in self._active:
             raise InvalidArgument("request_id", f"request {spec.request_id!r} is already running on {self.name}")
-        if not cmd.solo and self.link is None:
-            raise WorkerFailed(f"{self.name} has no peer link for a paired request")
+        link = None
+        if not cmd.solo:
+            if self.links is None:
+                raise WorkerFailed(f"{self.name} has no data plane for a paired request")
+            link = self.links(cmd.peer_address)
         a = self.adapter
         cond = a.encode(spec.prompt, spec.negative_prompt, spec.guided, spec.height, spec.width)
         timeline = a.new_timeline(spec.num_steps, spec.seed, spec.height, spec.width)
         latents = a.initial_latents(timeline, spec.height, spec.width)
         split = None if cmd.solo else a.make_split(cmd.split_cut)
         self.mailbox.open(spec.request_id)
-        self._active[spec.request_id] = _Active(cmd, cond, timeline, latents, split)
+        self._active[spec.request_id] = _Active(cmd, cond, timeline, latents, split, link)
         return time.perf_counter() - start
 
     @torch.no_grad()
@@ -145,7 +150,7 @@ class WorkerEngine:
         return out
 
     def _send(self, st: _Active, step: int, kind: int, tensors: dict[str, torch.Tensor], cmd: StepCommand) -> None:
-        self._sent += self.link.send(st.spec.request_id, step, kind, tensors, cmd.trace_context)
+        self._sent += st.link.send(st.spec.request_id, step, kind, tensors, cmd.trace_context)
 
     def _recv(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
         msg = self.mailbox.take(st.spec.request_id, kind, step, self.peer_timeout)

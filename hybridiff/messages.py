@@ -29,6 +29,7 @@ class BeginCommand:
     window_guidance: WindowGuidance
     split_cut: int | None = None
     solo: bool = False  # the worker runs the request alone (SINGLE)
+    peer_address: str = ""  # the peer's data-plane address (paired requests over ZeroMQ)
     trace_context: dict[str, str] = field(default_factory=dict)
 
 
@@ -61,3 +62,104 @@ class FinishReport:
     latents: torch.Tensor
     image_png: bytes | None
     decode_seconds: float
+
+
+# --- the same messages on the worker control API (proto/hybridiff/api/v1/worker.proto) ---------
+
+def _wpb():
+    from hybridiff.api.v1 import worker_pb2
+
+    return worker_pb2
+
+
+_ROLE_TO_PB = {Role.U: 1, Role.C: 2}
+_ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
+
+
+def spec_to_proto(spec: GenerationSpec):
+    wpb = _wpb()
+    msg = wpb.ResolvedRequest(
+        request_id=spec.request_id, prompt=spec.prompt, width=spec.width, height=spec.height,
+        num_steps=spec.num_steps, guidance_scale=spec.guidance_scale, seed=spec.seed, mode=spec.mode,
+        l_slope=spec.l_slope, eps_slope=spec.eps_slope, k=spec.k, tau_cap=spec.tau_cap,
+        window_guidance=spec.window_guidance, output_format=spec.output_format, model=spec.model,
+    )
+    if spec.negative_prompt is not None:
+        msg.negative_prompt = spec.negative_prompt
+    return msg
+
+
+def spec_from_proto(msg) -> GenerationSpec:
+    return GenerationSpec(
+        request_id=msg.request_id, prompt=msg.prompt,
+        negative_prompt=msg.negative_prompt if msg.HasField("negative_prompt") else None,
+        width=msg.width, height=msg.height, num_steps=msg.num_steps, guidance_scale=msg.guidance_scale,
+        seed=msg.seed, mode=msg.mode, l_slope=msg.l_slope, eps_slope=msg.eps_slope, k=msg.k, tau_cap=msg.tau_cap,
+        window_guidance=msg.window_guidance, output_format=msg.output_format, model=msg.model,
+    )
+
+
+def begin_to_proto(cmd: BeginCommand):
+    wpb = _wpb()
+    begin = wpb.BeginCommand(request=spec_to_proto(cmd.spec), role=_ROLE_TO_PB[cmd.role],
+                             window_guidance=int(cmd.window_guidance), solo=cmd.solo,
+                             peer_data_address=cmd.peer_address)
+    if cmd.split_cut is not None:
+        begin.split_cut = cmd.split_cut
+    return wpb.WorkerCommand(request_id=cmd.spec.request_id, trace_context=cmd.trace_context, begin=begin)
+
+
+def begin_from_proto(msg) -> BeginCommand:
+    b = msg.begin
+    if b.role not in _ROLE_FROM_PB:
+        from hybridiff.errors import InvalidArgument
+
+        raise InvalidArgument("role", f"unknown role {b.role}")
+    return BeginCommand(
+        spec=spec_from_proto(b.request), role=_ROLE_FROM_PB[b.role], window_guidance=WindowGuidance(b.window_guidance),
+        split_cut=b.split_cut if b.HasField("split_cut") else None, solo=b.solo,
+        trace_context=dict(msg.trace_context), peer_address=b.peer_data_address,
+    )
+
+
+def step_to_proto(cmd: StepCommand):
+    wpb = _wpb()
+    return wpb.WorkerCommand(request_id=cmd.request_id, trace_context=cmd.trace_context,
+                             step=wpb.StepCommand(step=cmd.step, phase=int(cmd.phase), last_in_window=cmd.last_in_window))
+
+
+def step_from_proto(msg) -> StepCommand:
+    s = msg.step
+    return StepCommand(request_id=msg.request_id, step=s.step, phase=Phase(s.phase), last_in_window=s.last_in_window,
+                       trace_context=dict(msg.trace_context))
+
+
+def step_report_to_proto(r: StepReport):
+    wpb = _wpb()
+    done = wpb.StepDone(step=r.step, phase=int(r.phase), bytes_sent=r.bytes_sent,
+                        compute_seconds=r.compute_seconds, wall_seconds=r.wall_seconds)
+    if r.rel_mae is not None:
+        done.rel_mae = r.rel_mae
+    return wpb.WorkerEvent(request_id=r.request_id, worker_id=r.worker, step=done)
+
+
+def step_report_from_proto(ev) -> StepReport:
+    s = ev.step
+    return StepReport(ev.request_id, ev.worker_id, s.step, Phase(s.phase), s.rel_mae if s.HasField("rel_mae") else None,
+                      s.bytes_sent, s.compute_seconds, s.wall_seconds)
+
+
+def finish_report_to_proto(r: FinishReport):
+    wpb = _wpb()
+    latents = r.latents.contiguous()
+    done = wpb.FinishDone(latents_digest=r.latents_digest, latents=latents.numpy().astype("<f4").tobytes(),
+                          latent_shape=list(latents.shape), image_png=r.image_png or b"", decode_seconds=r.decode_seconds)
+    return wpb.WorkerEvent(request_id=r.request_id, worker_id=r.worker, finish=done)
+
+
+def finish_report_from_proto(ev) -> FinishReport:
+    import numpy as np
+
+    f = ev.finish
+    latents = torch.from_numpy(np.frombuffer(f.latents, dtype="<f4").copy()).reshape(tuple(f.latent_shape))
+    return FinishReport(ev.request_id, ev.worker_id, f.latents_digest, latents, f.image_png or None, f.decode_seconds)

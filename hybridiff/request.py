@@ -39,6 +39,20 @@ class HybridParams:
 
 
 @dataclass(frozen=True)
+class ModelDefaults:
+    hybrid: HybridParams
+    steps: int
+    guidance_scale: float
+
+
+# Reference defaults (DESIGN section 1).
+MODEL_DEFAULTS = {
+    "sdxl": ModelDefaults(HybridParams(l_slope=12, eps_slope=4e-4, k=5, tau_cap=15), steps=50, guidance_scale=5.0),
+    "sd3": ModelDefaults(HybridParams(l_slope=15, eps_slope=5e-4, k=5, tau_cap=40), steps=50, guidance_scale=7.0),
+}
+
+
+@dataclass(frozen=True)
 class SizeLimits:
     """What sizes a model accepts: sides are multiples of ``multiple`` within [min_side, max_side]."""
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from hybridiff.request import SizeLimits
+
 # Branch inputs are the per-branch conditioning tensors (batch 1 each), keyed by the name the
 # denoiser's forward expects; ``cat_branches`` builds the pipeline's [uncond, cond] batch.
 BranchInputs = dict[str, torch.Tensor]
@@ -97,9 +99,27 @@ class ModelAdapter(ABC):
     def default_size(self) -> int:
         return int(self.pipe.default_sample_size * self.vae_scale_factor)
 
-    @abstractmethod
+    def size_limits(self) -> SizeLimits:
+        """Sizes the model accepts: multiples of the latent grid its denoiser needs, up to 2x default."""
+        vae = self.vae_scale_factor
+        denoiser = self.denoiser
+        if self.arch == "sd3":
+            multiple = grid = vae * denoiser.config.patch_size
+        else:
+            multiple = vae
+            grid = vae * 2 ** sum(1 for b in denoiser.down_blocks if b.downsamplers is not None)
+        return SizeLimits(multiple=multiple, min_side=grid, max_side=2 * self.default_size, default_side=self.default_size)
+
     def encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning:
-        """Encode as the pipeline's ``__call__`` does (``negative_prompt=None`` when none given)."""
+        """Encode as the pipeline's ``__call__`` does (``negative_prompt=None`` when none given).
+
+        Serialised: the fast tokenizers change their padding/truncation state per call, which
+        is not safe when two in-process workers share one pipeline."""
+        with self._pipe_lock:
+            return self._encode(prompt, negative_prompt, guidance, height, width)
+
+    @abstractmethod
+    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning: ...
 
     @abstractmethod
     def new_timeline(self, num_steps: int, seed: int, height: int, width: int) -> RequestTimeline: ...

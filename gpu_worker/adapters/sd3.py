@@ -17,7 +17,7 @@ class SD3Adapter(ModelAdapter):
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
 
-    def encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning:
+    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning:
         prompt_embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt,
             do_classifier_free_guidance=guidance, device=self.device, num_images_per_prompt=1,

@@ -17,7 +17,7 @@ class SDXLAdapter(ModelAdapter):
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.unet
 
-    def encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning:
+    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning:
         pipe = self.pipe
         prompt_embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
             prompt=prompt, device=self.device, num_images_per_prompt=1,

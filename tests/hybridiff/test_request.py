@@ -3,9 +3,8 @@ import math
 
 import pytest
 
-from coordinator.schedule import MODEL_DEFAULTS
 from hybridiff.errors import InvalidArgument
-from hybridiff.request import RequestInput, SizeLimits, resolve_spec
+from hybridiff.request import MODEL_DEFAULTS, RequestInput, SizeLimits, resolve_spec
 
 LIMITS = SizeLimits(multiple=8, min_side=16, max_side=128, default_side=64)
 

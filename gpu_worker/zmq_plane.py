@@ -1,0 +1,118 @@
+"""The ZeroMQ data plane between workers (DESIGN sections 2 and 6).
+
+Each worker binds one PULL socket; its IO thread receives multipart messages (header frame +
+raw buffer frames, ``hybridiff.wire``) and files them in the worker's ``Mailbox``, which
+decodes and checks them — a malformed frame or an unknown request id is rejected and logged,
+and the worker keeps serving. To send, a worker keeps one PUSH socket per peer address
+(``ZmqLinks``). PUSH/PULL over TCP reconnects by itself (PAIR does not); ``IMMEDIATE`` keeps
+messages from queueing for a peer that is not connected yet; ``MAXMSGSIZE`` bounds what a
+peer can make us buffer.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import zmq
+
+from gpu_worker.dataplane import Mailbox, PeerLink
+from hybridiff.wire import MAX_TENSOR_BYTES
+
+log = logging.getLogger(__name__)
+
+HWM = 64  # messages; a step has at most a few in flight per direction
+MAX_MESSAGE_BYTES = 4 * MAX_TENSOR_BYTES
+
+
+class DataPlaneReceiver:
+    """Binds ``tcp://host:port`` and feeds every received message to ``mailbox``."""
+
+    def __init__(self, context: zmq.Context, mailbox: Mailbox, host: str, port: int) -> None:
+        self.mailbox = mailbox
+        self._socket = context.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.RCVHWM, HWM)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        if port == 0:
+            self.port = self._socket.bind_to_random_port(f"tcp://{host}")
+        else:
+            self._socket.bind(f"tcp://{host}:{port}")
+            self.port = port
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dataplane-rx", daemon=True)
+
+    def start(self) -> "DataPlaneReceiver":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            try:
+                frames = self._socket.recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                if self._stop.is_set():
+                    break
+                log.warning("data plane receive failed: %s", exc)
+                continue
+            self.mailbox.deliver([f.buffer for f in frames])
+        self._socket.close(linger=0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+class ZmqLink(PeerLink):
+    """A PUSH socket connected to one peer's receiver; used only by the worker's compute thread."""
+
+    def __init__(self, context: zmq.Context, sender: str, address: str, send_timeout_ms: int = 60_000) -> None:
+        super().__init__(sender)
+        self.address = address
+        self._socket = context.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.SNDHWM, HWM)
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        self._socket.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(address)
+
+    def _send_frames(self, frames: list[bytes | memoryview]) -> None:
+        # copy=True: the tensors behind these views may be reused right after this call returns.
+        try:
+            self._socket.send_multipart(frames, copy=True)
+        except zmq.Again:
+            from hybridiff.errors import PeerTimeout
+
+            raise PeerTimeout(f"{self.sender}: peer {self.address} did not take data-plane frames in time") from None
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+class ZmqLinks:
+    """One link per peer address, created on first use (the ``links`` factory of WorkerEngine)."""
+
+    def __init__(self, context: zmq.Context, sender: str) -> None:
+        self.context = context
+        self.sender = sender
+        self._links: dict[str, ZmqLink] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, address: str) -> ZmqLink:
+        if not address.startswith("tcp://"):
+            from hybridiff.errors import InvalidArgument
+
+            raise InvalidArgument("peer_data_address", f"expected tcp://host:port, got {address!r}")
+        with self._lock:
+            if address not in self._links:
+                self._links[address] = ZmqLink(self.context, self.sender, address)
+            return self._links[address]
+
+    def close(self) -> None:
+        with self._lock:
+            for link in self._links.values():
+                link.close()
+            self._links.clear()

@@ -1,0 +1,81 @@
+"""OpenTelemetry for both roles: one trace per request across client, coordinator and workers.
+
+Configured by the standard variables: spans are exported over OTLP/gRPC when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is set, ``OTEL_SERVICE_NAME``
+names the service, ``OTEL_SDK_DISABLED=true`` turns it off. Context crosses gRPC in metadata
+(the grpc instrumentation's interceptors) and crosses the worker control stream and the
+ZeroMQ header as a W3C ``traceparent`` dict (``inject`` / ``extract``).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from contextlib import contextmanager
+
+import grpc
+from opentelemetry import propagate, trace
+
+log = logging.getLogger(__name__)
+
+_provider = None
+
+
+def setup_tracing(default_service_name: str):
+    """Install the global tracer provider once per process; returns it."""
+    global _provider
+    if _provider is not None:
+        return _provider
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    name = os.environ.get("OTEL_SERVICE_NAME", default_service_name)
+    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    disabled = os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true"
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if endpoint and not disabled:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=500))
+        log.info("exporting traces over OTLP/gRPC to %s as %s", endpoint, name)
+    trace.set_tracer_provider(provider)
+    atexit.register(provider.shutdown)
+    _provider = provider
+    return provider
+
+
+def shutdown_tracing() -> None:
+    if _provider is not None:
+        _provider.force_flush(timeout_millis=5000)
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def inject() -> dict[str, str]:
+    """The current span's context as a carrier dict (traceparent/tracestate)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+@contextmanager
+def span_from(carrier: dict[str, str] | None, tracer_: trace.Tracer, name: str, **attributes):
+    """A span whose parent is the context in ``carrier`` (a remote parent)."""
+    ctx = propagate.extract(carrier or {})
+    with tracer_.start_as_current_span(name, context=ctx, attributes=attributes or None) as span:
+        yield span
+
+
+def server_interceptors() -> list:
+    from opentelemetry.instrumentation.grpc import server_interceptor
+
+    return [server_interceptor()]
+
+
+def traced_channel(channel: grpc.Channel) -> grpc.Channel:
+    from opentelemetry.instrumentation.grpc import client_interceptor
+
+    return grpc.intercept_channel(channel, client_interceptor())
