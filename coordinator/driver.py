@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
+from opentelemetry import trace
 
 from coordinator.schedule import HybridParams, Mode, Phase, StepSchedule
-from hybridiff.errors import Cancelled, WorkerFailed
+from hybridiff import telemetry
+from hybridiff.errors import WorkerFailed
 from hybridiff.messages import BeginCommand, FinishReport, Role, StepCommand, StepReport
 from hybridiff.phases import WindowGuidance, mode_name
 from hybridiff.request import GenerationSpec
@@ -104,12 +106,13 @@ def drive_request(
     workers: list[WorkerHandle],
     split_cut: int | None = None,
     on_step: Callable[[StepStat, int], None] | None = None,
-    should_stop: Callable[[], str | None] | None = None,
+    check_alive: Callable[[], None] | None = None,
     step_timeout: float = 600.0,
 ) -> GenerationResult:
     """Run ``spec`` in ``mode`` (not AUTO) on ``workers`` (one for SINGLE, two otherwise).
 
-    ``should_stop`` is polled between steps; a non-empty answer cancels the request with it.
+    ``check_alive`` is called between steps and raises (Cancelled, DeadlineExceeded) to stop.
+    Trace context: commands carry the current span (begin/finish) or their phase's span (steps).
     """
     params = HybridParams(spec.l_slope, spec.eps_slope, spec.k, spec.tau_cap)
     schedule = StepSchedule(mode, spec.num_steps, params, spec.guided)
@@ -125,12 +128,12 @@ def drive_request(
     roles = [Role.U, Role.C]
     try:
         begins = [
-            w.begin(BeginCommand(spec, roles[i], policy, split_cut, solo,
+            w.begin(BeginCommand(spec, roles[i], policy, split_cut, solo, trace_context=telemetry.inject(),
                                  peer_address="" if solo else used[1 - i].data_address))
             for i, w in enumerate(used)
         ]
         encoding = max(_results(begins, step_timeout, "begin"))
-        steps, denoise_seconds = _run_steps(rid, schedule, used, on_step, should_stop, step_timeout)
+        steps, denoise_seconds = _run_steps(rid, schedule, used, on_step, check_alive, step_timeout)
         finishes: list[FinishReport] = _results(
             [w.finish(rid, decode=(i == 0)) for i, w in enumerate(used)], step_timeout, "finish")
     except BaseException:
@@ -154,36 +157,77 @@ def drive_request(
     return GenerationResult(rid, finishes[0].image_png, finishes[0].latents, stats)
 
 
-def _run_steps(rid: str, schedule: StepSchedule, used: list[WorkerHandle], on_step, should_stop,
+class _PhaseSpans:
+    """One child span per run of consecutive steps in the same phase family (single, data
+    parallel, pipeline window), opened when its first step is issued, ended when its last
+    step has completed."""
+
+    FAMILY = {Phase.SINGLE: "single", Phase.DATA_PARALLEL: "data_parallel",
+              Phase.PIPELINE_FILL: "pipeline", Phase.PIPELINE: "pipeline"}
+
+    def __init__(self) -> None:
+        self._tracer = telemetry.tracer("hybridiff.coordinator")
+        self._open: list[list] = []  # [family, first, last or None, span, carrier]
+
+    def carrier_for(self, step: int, phase: Phase) -> dict[str, str]:
+        family = self.FAMILY[phase]
+        if not self._open or self._open[-1][0] != family or self._open[-1][2] is not None:
+            if self._open:
+                self._open[-1][2] = step - 1
+            span = self._tracer.start_span(f"phase {family}", attributes={"hybridiff.phase": family,
+                                                                         "hybridiff.first_step": step})
+            with trace.use_span(span, end_on_exit=False):
+                self._open.append([family, step, None, span, telemetry.inject()])
+        return self._open[-1][4]
+
+    def done(self, step: int, last_step: int) -> None:
+        for seg in list(self._open):
+            if seg[2] == step or (seg[2] is None and step == last_step):
+                seg[3].set_attribute("hybridiff.last_step", step)
+                seg[3].end()
+                self._open.remove(seg)
+
+    def close(self) -> None:
+        for seg in self._open:
+            seg[3].end()
+        self._open.clear()
+
+
+def _run_steps(rid: str, schedule: StepSchedule, used: list[WorkerHandle], on_step, check_alive,
                step_timeout: float) -> tuple[list[StepStat], float]:
     issued = 0
     pending: dict[int, list[Future]] = {}
     stats: list[StepStat] = []
+    spans = _PhaseSpans()
     start = time.perf_counter()
     last_done = start
-    for step in range(schedule.num_steps):
-        reason = should_stop() if should_stop else None
-        if reason:
-            raise Cancelled(reason)
-        while issued <= schedule.decided_through():
-            window = schedule.window()
-            phase = schedule.phase(issued)
-            cmd = StepCommand(rid, issued, phase, last_in_window=bool(window) and issued == window[1])
-            pending[issued] = [w.step(cmd) for w in used]
-            issued += 1
-        reports: list[StepReport] = _results(pending.pop(step), step_timeout, f"step {step}")
-        now = time.perf_counter()
-        d = next((r.rel_mae for r in reports if r.rel_mae is not None), None)
-        schedule.observe(step, d)
-        stat = StepStat(
-            step=step, phase=Phase(reports[0].phase).name.lower(), rel_mae=d,
-            bytes_sent=sum(r.bytes_sent for r in reports), wall_seconds=now - last_done,
-            compute_seconds=max(r.compute_seconds for r in reports),
-            workers={r.worker: {"compute_seconds": r.compute_seconds, "wall_seconds": r.wall_seconds,
-                                "bytes_sent": r.bytes_sent} for r in reports},
-        )
-        last_done = now
-        stats.append(stat)
-        if on_step:
-            on_step(stat, schedule.num_steps)
+    try:
+        for step in range(schedule.num_steps):
+            if check_alive:
+                check_alive()
+            while issued <= schedule.decided_through():
+                window = schedule.window()
+                phase = schedule.phase(issued)
+                cmd = StepCommand(rid, issued, phase, last_in_window=bool(window) and issued == window[1],
+                                  trace_context=spans.carrier_for(issued, phase))
+                pending[issued] = [w.step(cmd) for w in used]
+                issued += 1
+            reports: list[StepReport] = _results(pending.pop(step), step_timeout, f"step {step}")
+            now = time.perf_counter()
+            d = next((r.rel_mae for r in reports if r.rel_mae is not None), None)
+            schedule.observe(step, d)
+            spans.done(step, schedule.last)
+            stat = StepStat(
+                step=step, phase=Phase(reports[0].phase).name.lower(), rel_mae=d,
+                bytes_sent=sum(r.bytes_sent for r in reports), wall_seconds=now - last_done,
+                compute_seconds=max(r.compute_seconds for r in reports),
+                workers={r.worker: {"compute_seconds": r.compute_seconds, "wall_seconds": r.wall_seconds,
+                                    "bytes_sent": r.bytes_sent} for r in reports},
+            )
+            last_done = now
+            stats.append(stat)
+            if on_step:
+                on_step(stat, schedule.num_steps)
+    finally:
+        spans.close()
     return stats, time.perf_counter() - start

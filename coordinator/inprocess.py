@@ -71,14 +71,14 @@ class InProcessEngine:
             self._plans[(height, width)] = balanced_plan(self.adapter, measure_unit_costs(self.adapter, height, width))
         return self._plans[(height, width)]
 
-    def generate(self, spec: GenerationSpec, on_step=None, should_stop=None) -> GenerationResult:
+    def generate(self, spec: GenerationSpec, on_step=None, check_alive=None) -> GenerationResult:
         mode = MODE_NAMES[spec.mode]
         if mode == Mode.AUTO:
             mode = Mode.HYBRID if spec.guided else Mode.SINGLE  # a pair is always free in-process
         cut = self._split_cut
         if cut is None and mode in (Mode.HYBRID, Mode.PIPELINE):
             cut = self.split_plan(spec.height, spec.width).cut
-        return drive_request(spec, mode, self.workers, split_cut=cut, on_step=on_step, should_stop=should_stop)
+        return drive_request(spec, mode, self.workers, split_cut=cut, on_step=on_step, check_alive=check_alive)
 
     def close(self) -> None:
         for w in self.workers:

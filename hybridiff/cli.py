@@ -87,6 +87,79 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from gpu_worker.server import pin_cpus, serve_worker
+
+    pin_cpus(args.cpus)
+    serve_worker(args.model_dir or str(default_model_dir()), args.port, args.data_port, host=args.host,
+                 advertise_host=args.advertise_host, device=args.device, dtype=args.dtype,
+                 model_name=args.model_name, worker_id=args.worker_id)
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.server import serve_coordinator
+    from coordinator.service import ServiceConfig
+
+    if args.discovery == "kubernetes":
+        from coordinator.discovery.kubernetes import KubernetesDiscovery
+
+        discovery = KubernetesDiscovery(args.namespace, args.selector, args.worker_port)
+    else:
+        if not args.workers:
+            print("error: --workers HOST:PORT,... is required with --discovery static", file=sys.stderr)
+            return 2
+        discovery = None
+    serve_coordinator(workers=(args.workers or "").split(","), discovery=discovery, host=args.host, port=args.port,
+                      metrics_port=args.metrics_port, queue_size=args.queue_size,
+                      config=ServiceConfig(step_timeout=args.step_timeout))
+    return 0
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from hybridiff.launcher import run_local
+
+    return run_local(str(args.model_dir or default_model_dir()), args.workers, args.port, args.metrics_port,
+                     args.queue_size)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+    from tqdm import tqdm
+
+    from hybridiff.client import DiffusionClient
+
+    client = DiffusionClient(args.target)
+    bar = tqdm(unit="step", disable=args.quiet)
+
+    def on_progress(p) -> None:
+        bar.total = p.total_steps
+        phase = ("single", "data-parallel", "pipeline-fill", "pipeline")[max(0, p.phase - 1)]
+        bar.set_postfix_str(phase + (f" rel-MAE {p.rel_mae:.4f}" if p.HasField("rel_mae") else ""))
+        bar.update(1)
+
+    try:
+        response = client.generate(request_input(args), timeout=args.timeout, on_progress=on_progress)
+    except grpc.RpcError as err:
+        bar.close()
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    bar.close()
+    from google.protobuf.json_format import MessageToDict
+
+    stats = MessageToDict(response.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(response.image)
+    print(f"wrote {out}")
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(stats, indent=2))
+        print(f"wrote {args.stats_json}")
+    return 0
+
+
 def write_outputs(args: argparse.Namespace, image_png: bytes | None, latents, stats: dict) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +194,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_generation_flags(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("worker", help="one GPU worker: control API over gRPC, data plane over ZeroMQ")
+    p.add_argument("--model-dir", default=None, help="diffusers model directory (default: the embedded tiny model)")
+    p.add_argument("--model-name", default=None, help="name clients use (default: the directory name)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--advertise-host", default=None, help="host peers reach this worker at (default: hostname)")
+    p.add_argument("--port", type=int, default=50061)
+    p.add_argument("--data-port", type=int, default=50062)
+    p.add_argument("--worker-id", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--cpus", default=None, help="pin to these cores (e.g. 0 or 0-3), one torch thread per core")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("coordinator", help="the public API, admission queue, pair allocator and monitor")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=9090)
+    p.add_argument("--discovery", choices=("static", "kubernetes"), default="static")
+    p.add_argument("--workers", default="", help="static discovery: HOST:PORT,... of the workers' control APIs")
+    p.add_argument("--namespace", default="default", help="kubernetes discovery: namespace of the worker pods")
+    p.add_argument("--selector", default="app.kubernetes.io/component=worker", help="kubernetes discovery: label selector")
+    p.add_argument("--worker-port", type=int, default=50061, help="kubernetes discovery: workers' control port")
+    p.add_argument("--queue-size", type=int, default=16)
+    p.add_argument("--step-timeout", type=float, default=600.0, help="seconds to wait for one step before failing")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("local", help="coordinator + workers as local processes (the embedded default)")
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=9090)
+    p.add_argument("--queue-size", type=int, default=16)
+    p.set_defaults(func=cmd_local)
+
+    p = sub.add_parser("generate", help="send one request to a running service")
+    p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the coordinator")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--quiet", action="store_true")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

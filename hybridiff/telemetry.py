@@ -76,6 +76,8 @@ def server_interceptors() -> list:
 
 
 def traced_channel(channel: grpc.Channel) -> grpc.Channel:
+    # The instrumentation's interceptor speaks its own channel-wrapping API (grpcext), not grpc's.
     from opentelemetry.instrumentation.grpc import client_interceptor
+    from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
-    return grpc.intercept_channel(channel, client_interceptor())
+    return intercept_channel(channel, client_interceptor())

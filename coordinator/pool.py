@@ -1,0 +1,231 @@
+"""The worker pool and pair allocator (DESIGN section 2).
+
+Discovery reports workers (``worker_ready`` / ``worker_gone``); the pool connects to each,
+reads its ``WorkerInfo`` and keeps its state: joining -> idle <-> busy, draining (gone while
+busy: no new work), unhealthy (a failed request; probed until it answers again). Requests wait
+in one FIFO admission queue of bounded length; the head of the queue takes the workers it
+needs — two idle workers serving its model (one per guidance branch), or in AUTO mode a lone
+idle worker rather than waiting. A worker is never in two requests at once.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from hybridiff.api.v1 import worker_pb2
+from hybridiff.api.v1 import worker_pb2_grpc
+from hybridiff.errors import ModelNotFound, QueueFull, Unavailable
+
+log = logging.getLogger(__name__)
+
+JOINING, IDLE, BUSY, DRAINING, UNHEALTHY = "joining", "idle", "busy", "draining", "unhealthy"
+STATES = (JOINING, IDLE, BUSY, DRAINING, UNHEALTHY)
+
+
+@dataclass
+class WorkerEntry:
+    worker_id: str
+    address: str
+    channel: grpc.Channel
+    state: str = JOINING
+    info: worker_pb2.WorkerInfo | None = None
+    request_id: str = ""
+    gone: bool = False
+    stub: worker_pb2_grpc.WorkerControlStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stub = worker_pb2_grpc.WorkerControlStub(self.channel)
+
+    @property
+    def model(self) -> str:
+        return self.info.model_name if self.info else ""
+
+
+class WorkerPool:
+    def __init__(self, channel_factory: Callable[[str], grpc.Channel], queue_capacity: int = 16,
+                 probe_interval: float = 1.0, on_change: Callable[["WorkerPool"], None] | None = None) -> None:
+        self._channel_factory = channel_factory
+        self.queue_capacity = queue_capacity
+        self.probe_interval = probe_interval
+        self._on_change = on_change
+        self._cond = threading.Condition()
+        self._workers: dict[str, WorkerEntry] = {}
+        self._waiting: list[int] = []
+        self._tickets = itertools.count()
+        self._closed = False
+        self._split_cuts: dict[tuple[str, int, int], int] = {}
+
+    # --- discovery sink -------------------------------------------------------------
+    def worker_ready(self, worker_id: str, address: str) -> None:
+        with self._cond:
+            entry = self._workers.get(worker_id)
+            if entry is not None and entry.address == address and not entry.gone:
+                return
+            if entry is not None and entry.state == BUSY:
+                entry.gone = True  # replaced: the old one finishes its request, then leaves
+            entry = WorkerEntry(worker_id, address, self._channel_factory(address))
+            self._workers[worker_id] = entry
+        threading.Thread(target=self._probe, args=(entry,), name=f"probe-{worker_id}", daemon=True).start()
+        self._changed()
+
+    def worker_gone(self, worker_id: str) -> None:
+        with self._cond:
+            entry = self._workers.get(worker_id)
+            if entry is None:
+                return
+            entry.gone = True
+            if entry.state == BUSY:
+                entry.state = DRAINING
+            else:
+                self._remove(entry)
+            self._cond.notify_all()
+        self._changed()
+
+    def _remove(self, entry: WorkerEntry) -> None:
+        if self._workers.get(entry.worker_id) is entry:
+            del self._workers[entry.worker_id]
+        entry.channel.close()
+
+    def _probe(self, entry: WorkerEntry) -> None:
+        """Read the worker's info until it answers (it may still be loading its model)."""
+        while not self._closed and not entry.gone:
+            try:
+                info = entry.stub.Info(worker_pb2.WorkerInfoRequest(), timeout=5)
+            except grpc.RpcError as err:
+                log.debug("worker %s not ready: %s", entry.worker_id, err.code())
+                time.sleep(self.probe_interval)
+                continue
+            with self._cond:
+                if entry.gone:
+                    return
+                entry.info = info
+                entry.state = IDLE
+                self._cond.notify_all()
+            log.info("worker %s joined: model %s (%s) on %s", entry.worker_id, info.model_name, info.arch, info.device)
+            self._changed()
+            return
+
+    def _changed(self) -> None:
+        if self._on_change:
+            self._on_change(self)
+
+    # --- allocation -----------------------------------------------------------------
+    def model_info(self, model: str) -> worker_pb2.WorkerInfo:
+        """Info of a worker serving ``model`` ("" = the only served model)."""
+        with self._cond:
+            infos = {e.model: e.info for e in self._workers.values() if e.info is not None and not e.gone}
+        if not infos:
+            raise Unavailable("no workers are ready")
+        if not model:
+            if len(infos) > 1:
+                from hybridiff.errors import InvalidArgument
+
+                raise InvalidArgument("model", f"several models are served ({', '.join(sorted(infos))}); name one")
+            return next(iter(infos.values()))
+        if model not in infos:
+            raise ModelNotFound(f"model {model!r} is not served here; served: {', '.join(sorted(infos))}")
+        return infos[model]
+
+    def acquire(self, model: str, want: int, accept_one: bool, request_id: str, timeout: float,
+                check_alive: Callable[[], None] | None = None) -> list[WorkerEntry]:
+        """Wait in the admission queue for ``want`` idle workers of ``model`` (or one when
+        ``accept_one``); ``QueueFull`` at once when the queue is full."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self._closed:
+                raise Unavailable("the coordinator is draining")
+            if len(self._waiting) >= self.queue_capacity:
+                raise QueueFull(f"admission queue is full ({self.queue_capacity} waiting)")
+            ticket = next(self._tickets)
+            self._waiting.append(ticket)
+            self._changed_locked()
+            try:
+                while True:
+                    if self._closed:
+                        raise Unavailable("the coordinator is draining")
+                    serving = [e for e in self._workers.values() if e.model == model and not e.gone]
+                    if not serving:
+                        raise Unavailable(f"no worker serves model {model!r} any more")
+                    idle = [e for e in serving if e.state == IDLE]
+                    if self._waiting[0] == ticket:
+                        take = want if len(idle) >= want else (1 if accept_one and idle else 0)
+                        if take:
+                            chosen = sorted(idle, key=lambda e: e.worker_id)[:take]
+                            for e in chosen:
+                                e.state, e.request_id = BUSY, request_id
+                            return chosen
+                        if want > len(serving) and not accept_one:
+                            raise Unavailable(f"{want} workers needed, {len(serving)} serve model {model!r}")
+                    if check_alive:
+                        self._cond.release()
+                        try:
+                            check_alive()
+                        finally:
+                            self._cond.acquire()
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        from hybridiff.errors import DeadlineExceeded
+
+                        raise DeadlineExceeded("no workers became free in time")
+                    self._cond.wait(min(remaining, 0.5))
+            finally:
+                self._waiting.remove(ticket)
+                self._cond.notify_all()
+                self._changed_locked()
+
+    def release(self, entries: list[WorkerEntry], failed: bool = False) -> None:
+        with self._cond:
+            for e in entries:
+                e.request_id = ""
+                if e.gone:
+                    self._remove(e)
+                elif failed:
+                    e.state = UNHEALTHY
+                    threading.Thread(target=self._probe, args=(e,), daemon=True).start()
+                else:
+                    e.state = IDLE
+            self._cond.notify_all()
+        self._changed()
+
+    def _changed_locked(self) -> None:
+        if self._on_change:
+            threading.Thread(target=self._on_change, args=(self,), daemon=True).start()
+
+    # --- split cut ------------------------------------------------------------------
+    def split_cut(self, entry: WorkerEntry, height: int, width: int, timeout: float = 300.0) -> int:
+        """The balanced stage cut for this model and size, measured once on one worker."""
+        key = (entry.model, height, width)
+        if key not in self._split_cuts:
+            resp = entry.stub.MeasureSplit(worker_pb2.MeasureSplitRequest(width=width, height=height), timeout=timeout)
+            self._split_cuts[key] = resp.cut
+        return self._split_cuts[key]
+
+    # --- introspection ----------------------------------------------------------------
+    def snapshot(self) -> list[WorkerEntry]:
+        with self._cond:
+            return list(self._workers.values())
+
+    def counts(self) -> dict[str, int]:
+        with self._cond:
+            counts = dict.fromkeys(STATES, 0)
+            for e in self._workers.values():
+                counts[e.state] += 1
+            return counts
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def has_idle_or_busy(self) -> bool:
+        return any(e.state in (IDLE, BUSY) for e in self.snapshot())
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

@@ -1,0 +1,57 @@
+"""A client of the public API (``hybridiff generate``), usable from Python too."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+from hybridiff import telemetry
+from hybridiff.api.v1 import diffusion_pb2 as pb
+from hybridiff.api.v1 import diffusion_pb2_grpc
+from hybridiff.request import RequestInput
+
+_MODE_TO_PB = {"auto": pb.AUTO, "single": pb.SINGLE, "cfg-parallel": pb.CFG_PARALLEL, "pipeline": pb.PIPELINE,
+               "hybrid": pb.HYBRID}
+_POLICY_TO_PB = {"default": pb.WINDOW_GUIDANCE_UNSPECIFIED, "conditional": pb.CONDITIONAL,
+                 "last-difference": pb.LAST_DIFFERENCE, "full-cfg": pb.FULL_CFG}
+_FORMAT_TO_PB = {"png": pb.PNG, "raw-latents": pb.RAW_LATENTS}
+
+
+def request_to_proto(raw: RequestInput) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(model=raw.model, prompt=raw.prompt, negative_prompt=raw.negative_prompt or "",
+                             seed=raw.seed, mode=_MODE_TO_PB[raw.mode], request_id=raw.request_id,
+                             window_guidance=_POLICY_TO_PB[raw.window_guidance],
+                             output_format=_FORMAT_TO_PB[raw.output_format])
+    for name, value in (("width", raw.width), ("height", raw.height), ("num_inference_steps", raw.num_steps),
+                        ("guidance_scale", raw.guidance_scale)):
+        if value is not None:
+            setattr(req, name, value)
+    for name in ("l_slope", "eps_slope", "k", "tau_cap"):
+        value = getattr(raw, name)
+        if value is not None:
+            setattr(req.hybrid, name, value)
+    return req
+
+
+class DiffusionClient:
+    def __init__(self, target: str, channel: grpc.Channel | None = None) -> None:
+        telemetry.setup_tracing("hybridiff-client")
+        self.channel = channel or telemetry.traced_channel(grpc.insecure_channel(
+            target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]))
+        self.stub = diffusion_pb2_grpc.DiffusionServiceStub(self.channel)
+        self._tracer = telemetry.tracer("hybridiff.client")
+
+    def generate(self, raw: RequestInput, timeout: float | None = None,
+                 on_progress: Callable[[pb.StepProgress], None] | None = None) -> pb.GenerateResponse:
+        """Stream a request; ``on_progress`` sees every step. Raises ``grpc.RpcError`` on failure."""
+        with self._tracer.start_as_current_span("hybridiff.client.generate"):
+            for event in self.stub.GenerateStream(request_to_proto(raw), timeout=timeout, wait_for_ready=True):
+                if event.HasField("progress"):
+                    if on_progress:
+                        on_progress(event.progress)
+                else:
+                    return event.result
+        raise grpc.RpcError("the stream ended without a result")
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,150 @@
+"""``hybridiff local``: the coordinator and its workers as local processes on loopback.
+
+Each worker gets its own share of the CPU cores (pinned, one torch thread per core it owns),
+as each pod gets its own GPU. Children die with the launcher (PR_SET_PDEATHSIG) and are
+stopped on SIGTERM/SIGINT: SIGTERM first, SIGKILL after a grace period — no orphans.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hybridiff.api.v1 import diffusion_pb2, diffusion_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def core_shares(workers: int, cores: list[int] | None = None) -> list[str]:
+    """Cores for each worker: disjoint blocks when there are enough, else round robin."""
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if workers <= len(cores):
+        per = len(cores) // workers
+        return [",".join(str(c) for c in cores[i * per:(i + 1) * per]) for i in range(workers)]
+    return [str(cores[i % len(cores)]) for i in range(workers)]
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class LocalCluster:
+    def __init__(self, model_dir: str | Path, workers: int = 2, port: int = 0, metrics_port: int = 0,
+                 queue_size: int = 16, log_dir: str | Path | None = None, extra_env: dict[str, str] | None = None,
+                 cores: list[int] | None = None) -> None:
+        self.model_dir = str(model_dir)
+        self.num_workers = workers
+        self.port = port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.queue_size = queue_size
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(extra_env or {})}
+        self.cores = cores
+        self.procs: list[subprocess.Popen] = []
+        self.worker_addresses: list[str] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        out = open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL
+        proc = subprocess.Popen([sys.executable, "-m", "hybridiff.cli", *args], env=self.env, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self.procs.append(proc)
+        return proc
+
+    def start(self, timeout: float = 300.0) -> "LocalCluster":
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i, cpus in enumerate(core_shares(self.num_workers, self.cores)):
+            port, data_port = free_port(), free_port()
+            self._spawn(f"worker{i}", ["worker", "--model-dir", self.model_dir, "--host", "127.0.0.1",
+                                       "--port", str(port), "--data-port", str(data_port), "--cpus", cpus,
+                                       "--worker-id", f"worker{i}"])
+            self.worker_addresses.append(f"127.0.0.1:{port}")
+        self._spawn("coordinator", ["coordinator", "--host", "127.0.0.1", "--port", str(self.port),
+                                    "--metrics-port", str(self.metrics_port), "--workers", ",".join(self.worker_addresses),
+                                    "--queue-size", str(self.queue_size)])
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the coordinator is SERVING and every worker is idle."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+            while time.monotonic() < deadline:
+                dead = [p.args[3] for p in self.procs if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"a local process exited during start-up: {dead}")
+                try:
+                    if health_stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                        status = stub.ClusterStatus(diffusion_pb2.ClusterStatusRequest(), timeout=2)
+                        if sum(w.state == "idle" for w in status.workers) == self.num_workers:
+                            return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"the local cluster was not ready within {timeout:.0f}s")
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the coordinator (it drains), then the workers; SIGKILL what is left."""
+        for proc in reversed(self.procs):  # the coordinator was started last
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        self.procs.clear()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run_local(model_dir: str, workers: int, port: int, metrics_port: int, queue_size: int) -> int:
+    cluster = LocalCluster(model_dir, workers=workers, port=port, metrics_port=metrics_port, queue_size=queue_size)
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cluster.start()
+    print(f"hybridiff local cluster ready at {cluster.address} ({workers} workers, cores "
+          f"{' | '.join(core_shares(workers))}); metrics at http://127.0.0.1:{cluster.metrics_port}/metrics", flush=True)
+    try:
+        while not stop["now"]:
+            if any(p.poll() is not None for p in cluster.procs):
+                print("a local process exited; stopping", file=sys.stderr, flush=True)
+                break
+            time.sleep(0.2)
+    finally:
+        cluster.stop()
+    return 0

@@ -1,0 +1,106 @@
+{{/* Chart name, truncated to the 63 characters a label allows. */}}
+{{- define "hybridiff.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name used for every object. */}}
+{{- define "hybridiff.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "hybridiff.coordinatorName" -}}
+{{- printf "%s-coordinator" (include "hybridiff.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "hybridiff.workerName" -}}
+{{- printf "%s-worker" (include "hybridiff.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "hybridiff.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "hybridiff.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: hybridiff
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one role: include "hybridiff.selectorLabels" (list . "worker") */}}
+{{- define "hybridiff.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "hybridiff.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* The label the coordinator's discovery selects worker pods by (one KEY=VALUE). */}}
+{{- define "hybridiff.poolLabelKey" -}}hybridiff/pool{{- end }}
+{{- define "hybridiff.poolLabelValue" -}}{{ include "hybridiff.workerName" . }}{{- end }}
+
+{{- define "hybridiff.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "hybridiff.modelClaimName" -}}
+{{- default (printf "%s-models" (include "hybridiff.fullname" .)) .Values.model.pvc.claimName }}
+{{- end }}
+
+{{- define "hybridiff.modelDir" -}}
+{{- if eq .Values.model.source "tiny" -}}
+/models/tiny-{{ .Values.model.tiny.arch }}
+{{- else -}}
+/models/{{ .Values.model.pvc.path | trimPrefix "/" }}
+{{- end -}}
+{{- end }}
+
+{{- define "hybridiff.authSecretName" -}}
+{{- default (printf "%s-auth" (include "hybridiff.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/* Downward-API env shared by both roles, plus OpenTelemetry settings. */}}
+{{- define "hybridiff.commonEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- with .Values.otel.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+- name: OTEL_EXPORTER_OTLP_INSECURE
+  value: {{ $.Values.otel.insecure | quote }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),service.instance.id=$(POD_NAME)%s" (ternary (printf ",%s" .Values.otel.resourceAttributes) "" (ne .Values.otel.resourceAttributes "")) | quote }}
+{{- end }}
+
+{{/* Model source checks, so that a bad value fails at render time and not in the cluster. */}}
+{{- define "hybridiff.validate" -}}
+{{- if not (has .Values.model.source (list "tiny" "pvc")) }}
+{{- fail (printf "model.source must be tiny or pvc, got %q" .Values.model.source) }}
+{{- end }}
+{{- if and (eq .Values.model.source "pvc") (not .Values.model.pvc.claimName) (not .Values.model.pvc.create) }}
+{{- fail "model.source=pvc needs model.pvc.claimName or model.pvc.create=true" }}
+{{- end }}
+{{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
+{{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret)" }}
+{{- end }}
+{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.token) }}
+{{- fail "auth.enabled needs auth.existingSecret or auth.token" }}
+{{- end }}
+{{- end }}
