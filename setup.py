@@ -18,6 +18,9 @@ class BuildPyWithProtos(build_py):
         from hybridiff.api.generate import generate
 
         generate()
+        # The generated package did not exist when setuptools listed the packages.
+        if self.packages is not None and "hybridiff.api.v1" not in self.packages:
+            self.packages.append("hybridiff.api.v1")
         super().run()
 
 

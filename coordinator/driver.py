@@ -48,7 +48,7 @@ class StepStat:
     bytes_sent: int
     wall_seconds: float
     compute_seconds: float
-    workers: dict[str, dict[str, float]] = field(default_factory=dict)
+    workers: dict[str, dict] = field(default_factory=dict)  # per worker: phase, compute/wall seconds, bytes
 
 
 @dataclass
@@ -221,8 +221,8 @@ def _run_steps(rid: str, schedule: StepSchedule, used: list[WorkerHandle], on_st
                 step=step, phase=Phase(reports[0].phase).name.lower(), rel_mae=d,
                 bytes_sent=sum(r.bytes_sent for r in reports), wall_seconds=now - last_done,
                 compute_seconds=max(r.compute_seconds for r in reports),
-                workers={r.worker: {"compute_seconds": r.compute_seconds, "wall_seconds": r.wall_seconds,
-                                    "bytes_sent": r.bytes_sent} for r in reports},
+                workers={r.worker: {"phase": Phase(r.phase).name.lower(), "compute_seconds": r.compute_seconds,
+                                    "wall_seconds": r.wall_seconds, "bytes_sent": r.bytes_sent} for r in reports},
             )
             last_done = now
             stats.append(stat)

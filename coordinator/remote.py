@@ -35,6 +35,8 @@ def error_from_rpc(worker: str, err: grpc.RpcError) -> HybridiffError:
         return DeadlineExceeded(text)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument("worker", text)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Unavailable(text)
     return WorkerFailed(text)
 
 

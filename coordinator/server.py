@@ -7,10 +7,12 @@ in flight finish within the grace period.
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -50,7 +52,7 @@ class Coordinator:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._set_health(False)
         self.port = self.server.add_insecure_port(f"{host}:{port}")
-        self.metrics_port = self.metrics.serve(metrics_port) if metrics_port is not None else None
+        self.metrics_port = self.metrics.serve(metrics_port, host) if metrics_port is not None else None
         self.discovery = discovery
         self._stopped = threading.Event()
 
@@ -86,9 +88,15 @@ class Coordinator:
         self._stopped.wait()
 
 
-def serve_coordinator(workers: list[str] | None = None, discovery=None, **kwargs) -> None:
+def serve_coordinator(workers: list[str] | None = None, discovery=None, ready_file: str | None = None,
+                      **kwargs) -> None:
+    """Serve until SIGTERM/SIGINT; ``ready_file`` receives {"port": P, "metrics_port": M} once listening."""
     coordinator = Coordinator(discovery or StaticDiscovery(workers or []), **kwargs).start()
     print(f"coordinator ready on port {coordinator.port}", flush=True)
+    if ready_file:
+        tmp = Path(ready_file).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"port": coordinator.port, "metrics_port": coordinator.metrics_port}))
+        tmp.replace(ready_file)
 
     def on_signal(signum, frame):
         threading.Thread(target=coordinator.drain_and_stop, daemon=True).start()

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from coordinator.driver import GenerationResult, StepStat, drive_request
@@ -61,7 +62,10 @@ def _model_rules(info) -> tuple[SizeLimits, ModelDefaults]:
 
 def step_stat_to_proto(s: StepStat) -> pb.StepStat:
     msg = pb.StepStat(step=s.step, phase=int(Phase[s.phase.upper()]), bytes_sent=s.bytes_sent,
-                      wall_seconds=s.wall_seconds, compute_seconds=s.compute_seconds)
+                      wall_seconds=s.wall_seconds, compute_seconds=s.compute_seconds,
+                      workers=[pb.WorkerStep(worker=name, phase=int(Phase[w["phase"].upper()]),
+                                             compute_seconds=w["compute_seconds"], wall_seconds=w["wall_seconds"],
+                                             bytes_sent=w["bytes_sent"]) for name, w in s.workers.items()])
     if s.rel_mae is not None:
         msg.rel_mae = s.rel_mae
     return msg
@@ -118,11 +122,16 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 progress.rel_mae = stat.rel_mae
             events.put(pb.GenerateEvent(progress=progress))
 
+        parent = otel_context.get_current()  # the RPC's server span: contexts are per thread
+
         def work() -> None:
+            token = otel_context.attach(parent)
             try:
                 events.put(pb.GenerateEvent(result=self._generate(request, context, on_step)))
             except BaseException as exc:  # handed to the stream below
                 events.put(exc)
+            finally:
+                otel_context.detach(token)
 
         worker = threading.Thread(target=work, name="generate-stream", daemon=True)
         worker.start()

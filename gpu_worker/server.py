@@ -8,6 +8,7 @@ the handler thread; the coordinator sends steps ahead, so the next command is al
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -97,7 +98,9 @@ class WorkerService(worker_pb2_grpc.WorkerControlServicer):
 
     def Session(self, request_iterator, context):
         self._ready(context)
-        if not self._busy.acquire(blocking=False):
+        # The previous session may still be unwinding after its last event reached the
+        # coordinator, which then hands this worker on: wait a little before refusing.
+        if not self._busy.acquire(timeout=10):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"worker {self.worker_id} is busy with another request")
         request_id = None
         try:
@@ -157,7 +160,9 @@ def pin_cpus(cpus: str | None) -> None:
 
 def serve_worker(model_dir: str, port: int, data_port: int, host: str = "0.0.0.0", advertise_host: str | None = None,
                  device: str | None = None, dtype: str | None = None, model_name: str | None = None,
-                 worker_id: str | None = None, grace: float = 30.0, ready: threading.Event | None = None) -> None:
+                 worker_id: str | None = None, grace: float = 30.0, ready_file: str | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. Port 0 picks a free port; ``ready_file`` receives a JSON
+    {"control": "host:port", "data": "tcp://host:port"} once the model is loaded."""
     telemetry.setup_tracing("hybridiff-worker")
     advertise = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "::") else host)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -199,8 +204,10 @@ def serve_worker(model_dir: str, port: int, data_port: int, host: str = "0.0.0.0
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    if ready is not None:
-        ready.set()
+    if ready_file:
+        tmp = Path(ready_file).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"control": f"{advertise}:{bound}", "data": service.data_address}))
+        tmp.replace(ready_file)
     stop.wait()
     server.stop(grace).wait()
     receiver.stop()

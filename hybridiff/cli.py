@@ -93,7 +93,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     pin_cpus(args.cpus)
     serve_worker(args.model_dir or str(default_model_dir()), args.port, args.data_port, host=args.host,
                  advertise_host=args.advertise_host, device=args.device, dtype=args.dtype,
-                 model_name=args.model_name, worker_id=args.worker_id)
+                 model_name=args.model_name, worker_id=args.worker_id, ready_file=args.ready_file)
     return 0
 
 
@@ -112,7 +112,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         discovery = None
     serve_coordinator(workers=(args.workers or "").split(","), discovery=discovery, host=args.host, port=args.port,
                       metrics_port=args.metrics_port, queue_size=args.queue_size,
-                      config=ServiceConfig(step_timeout=args.step_timeout))
+                      config=ServiceConfig(step_timeout=args.step_timeout), ready_file=args.ready_file)
     return 0
 
 
@@ -174,6 +174,12 @@ def write_outputs(args: argparse.Namespace, image_png: bytes | None, latents, st
         print(f"wrote {args.stats_json}")
 
 
+def cmd_gpu_profile(args: argparse.Namespace) -> int:
+    from hybridiff.bench.gpu_profile import main as gpu_profile_main
+
+    return gpu_profile_main(args.profile_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridiff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -206,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--cpus", default=None, help="pin to these cores (e.g. 0 or 0-3), one torch thread per core")
+    p.add_argument("--ready-file", default=None, help="write the bound addresses here as JSON once serving")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("coordinator", help="the public API, admission queue, pair allocator and monitor")
@@ -219,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-port", type=int, default=50061, help="kubernetes discovery: workers' control port")
     p.add_argument("--queue-size", type=int, default=16)
     p.add_argument("--step-timeout", type=float, default=600.0, help="seconds to wait for one step before failing")
+    p.add_argument("--ready-file", default=None, help="write the bound ports here as JSON once serving")
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("local", help="coordinator + workers as local processes (the embedded default)")
@@ -235,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     add_generation_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("gpu-profile", add_help=False,
+                       help="time full-size SDXL/SD3 denoisers per stage and predict two-GPU latency (see --help)")
+    p.add_argument("profile_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_gpu_profile)
     return parser
 
 

@@ -7,11 +7,13 @@ stopped on SIGTERM/SIGINT: SIGTERM first, SIGKILL after a grace period — no or
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,12 +21,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hybridiff.api.v1 import diffusion_pb2, diffusion_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def core_shares(workers: int, cores: list[int] | None = None) -> list[str]:
@@ -47,8 +43,8 @@ class LocalCluster:
                  cores: list[int] | None = None) -> None:
         self.model_dir = str(model_dir)
         self.num_workers = workers
-        self.port = port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        self.port = port  # 0: the coordinator picks a free port
+        self.metrics_port = metrics_port
         self.queue_size = queue_size
         self.log_dir = Path(log_dir) if log_dir else None
         self.env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(extra_env or {})}
@@ -68,23 +64,48 @@ class LocalCluster:
         return proc
 
     def start(self, timeout: float = 300.0) -> "LocalCluster":
+        """Start the workers on ports they pick themselves, then the coordinator, and wait
+        until the coordinator is SERVING with every worker idle."""
+        deadline = time.monotonic() + timeout
+        run_dir = Path(tempfile.mkdtemp(prefix="hybridiff-local-"))
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-        for i, cpus in enumerate(core_shares(self.num_workers, self.cores)):
-            port, data_port = free_port(), free_port()
-            self._spawn(f"worker{i}", ["worker", "--model-dir", self.model_dir, "--host", "127.0.0.1",
-                                       "--port", str(port), "--data-port", str(data_port), "--cpus", cpus,
-                                       "--worker-id", f"worker{i}"])
-            self.worker_addresses.append(f"127.0.0.1:{port}")
-        self._spawn("coordinator", ["coordinator", "--host", "127.0.0.1", "--port", str(self.port),
-                                    "--metrics-port", str(self.metrics_port), "--workers", ",".join(self.worker_addresses),
-                                    "--queue-size", str(self.queue_size)])
         try:
-            self.wait_ready(timeout)
+            ready = []
+            for i, cpus in enumerate(core_shares(self.num_workers, self.cores)):
+                ready.append(run_dir / f"worker{i}.json")
+                self._spawn(f"worker{i}", ["worker", "--model-dir", self.model_dir, "--host", "127.0.0.1",
+                                           "--port", "0", "--data-port", "0", "--cpus", cpus,
+                                           "--worker-id", f"worker{i}", "--ready-file", str(ready[-1])])
+            self.worker_addresses = [self._await_file(f, deadline)["control"] for f in ready]
+            coordinator_file = run_dir / "coordinator.json"
+            self._spawn("coordinator", ["coordinator", "--host", "127.0.0.1", "--port", str(self.port),
+                                        "--metrics-port", str(self.metrics_port), "--queue-size", str(self.queue_size),
+                                        "--workers", ",".join(self.worker_addresses),
+                                        "--ready-file", str(coordinator_file)])
+            ports = self._await_file(coordinator_file, deadline)
+            self.port, self.metrics_port = ports["port"], ports["metrics_port"]
+            self.wait_ready(max(1.0, deadline - time.monotonic()))
         except BaseException:
             self.stop()
             raise
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
         return self
+
+    def _await_file(self, path: Path, deadline: float) -> dict:
+        while time.monotonic() < deadline:
+            if path.exists():
+                return json.loads(path.read_text())
+            self._check_alive()
+            time.sleep(0.1)
+        raise TimeoutError(f"the local cluster was not ready in time ({path.stem} never reported)")
+
+    def _check_alive(self) -> None:
+        dead = [f"{p.args[3]} (exit {p.returncode})" for p in self.procs if p.poll() is not None]
+        if dead:
+            hint = f"; see the logs in {self.log_dir}" if self.log_dir else ""
+            raise RuntimeError(f"a local process exited during start-up: {', '.join(dead)}{hint}")
 
     def wait_ready(self, timeout: float) -> None:
         """Until the coordinator is SERVING and every worker is idle."""
@@ -93,9 +114,7 @@ class LocalCluster:
             health_stub = health_pb2_grpc.HealthStub(channel)
             stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
             while time.monotonic() < deadline:
-                dead = [p.args[3] for p in self.procs if p.poll() is not None]
-                if dead:
-                    raise RuntimeError(f"a local process exited during start-up: {dead}")
+                self._check_alive()
                 try:
                     if health_stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
                         status = stub.ClusterStatus(diffusion_pb2.ClusterStatusRequest(), timeout=2)

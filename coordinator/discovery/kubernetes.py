@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -87,6 +88,8 @@ class KubernetesDiscovery:
     is built at ``start()`` from the in-cluster service account or the kubeconfig.
     """
 
+    MIN_WATCH_S = 1.0  # a list+watch cycle shorter than this is paced with the backoff
+
     def __init__(
         self,
         namespace: str | None,
@@ -111,7 +114,8 @@ class KubernetesDiscovery:
         self._api_client = api_client
         self._api: Any = None
         self._sink: WorkerSink | None = None
-        self._known: dict[str, _Known] = {}
+        self._known: dict[str, _Known] = {}  # written by the discovery thread only
+        self._known_lock = threading.Lock()
         self._stop = threading.Event()
         self._resp_lock = threading.Lock()
         self._resp: Any = None
@@ -145,17 +149,17 @@ class KubernetesDiscovery:
 
     def known_workers(self) -> dict[str, str]:
         """Worker id -> address of the workers currently reported ready."""
-        return {name: k.address for name, k in self._known.items()}
+        with self._known_lock:
+            return {name: k.address for name, k in self._known.items()}
 
     # -- the reflector loop ------------------------------------------------------------------
 
     def _run(self) -> None:
         delay = self.backoff_initial_s
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
-                resource_version = self._relist()
-                delay = self.backoff_initial_s  # the API answered: reset the backoff
-                self._watch(resource_version)
+                self._watch(self._relist())
             except WatchExpired as e:
                 log.info("kubernetes discovery: watch expired (%s); listing again", e)
             except Exception as e:  # noqa: BLE001 - any API/transport error: back off and retry
@@ -165,6 +169,14 @@ class KubernetesDiscovery:
                             type(e).__name__, _short(e), delay)
                 self._stop.wait(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self.backoff_max_s)
+                continue
+            # A watch that keeps ending at once (a misbehaving server or proxy) must not turn
+            # into a tight list/watch loop: pace it like an error; a long watch resets that.
+            if time.monotonic() - started < self.MIN_WATCH_S:
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.backoff_max_s)
+            else:
+                delay = self.backoff_initial_s
         log.info("kubernetes discovery stopped")
 
     def _relist(self) -> str:
@@ -242,13 +254,16 @@ class KubernetesDiscovery:
             self._gone(name, "pod replaced")  # same name, new pod: a different worker process
             known = None
         if known is None or known.address != address:
-            self._known[name] = _Known(uid, address)
+            with self._known_lock:
+                self._known[name] = _Known(uid, address)
             log.info("worker %s ready at %s", name, address)
             assert self._sink is not None
             self._sink.worker_ready(name, address)
 
     def _gone(self, name: str, why: str) -> None:
-        if self._known.pop(name, None) is not None:
+        with self._known_lock:
+            known = self._known.pop(name, None)
+        if known is not None:
             log.info("worker %s drained: %s", name, why)
             assert self._sink is not None
             self._sink.worker_gone(name)

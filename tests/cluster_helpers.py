@@ -1,0 +1,45 @@
+"""Shared pieces of the cluster tests: an OTLP/gRPC trace receiver and request helpers."""
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace endpoint that keeps every span it receives."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        self._lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    def Export(self, request, context):
+        with self._lock:
+            for rs in request.resource_spans:
+                service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        attrs = {}
+                        for a in span.attributes:
+                            v = a.value
+                            attrs[a.key] = getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+                        self.spans.append({"service": service, "name": span.name, "trace_id": span.trace_id.hex(),
+                                           "span_id": span.span_id.hex(), "parent": span.parent_span_id.hex(),
+                                           "attributes": attrs})
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return list(self.spans)
+
+    def start(self) -> "OtlpReceiver":
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop(0)
