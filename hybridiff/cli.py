@@ -180,6 +180,12 @@ def cmd_gpu_profile(args: argparse.Namespace) -> int:
     return gpu_profile_main(args.profile_args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hybridiff.bench.runner import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridiff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -248,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time full-size SDXL/SD3 denoisers per stage and predict two-GPU latency (see --help)")
     p.add_argument("profile_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_gpu_profile)
+
+    p = sub.add_parser("bench", add_help=False, help="all modes side by side through the service (see --help)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

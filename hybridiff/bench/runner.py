@@ -1,0 +1,326 @@
+"""``hybridiff bench``: every mode side by side through the gRPC service (DESIGN section 4).
+
+Starts a local cluster (each worker pinned to its own core with one torch thread: the CPU
+stand-in for one GPU each), or targets a running one, and for each prompt and seed runs
+SINGLE, CFG_PARALLEL, PIPELINE and HYBRID (with both window-guidance policies), interleaved
+and repeated so machine noise hits every mode alike, after one discarded warm-up per mode;
+then the diffusers pipeline in-process on one core as the outside reference. It reports
+latency (median, spread), speedup vs SINGLE, the schedule's ideal speedup from the measured
+compute times (``perfmodel`` with a free link) and measured/ideal, per-step overhead (step
+wall time minus compute), data-plane bytes, tau1/tau2, and PSNR/SSIM of every mode's image
+against SINGLE (and of the hybrid policies against CFG_PARALLEL, the exact CFG).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hybridiff.bench.perfmodel import ComputeTimes, FixedCosts, LinkModel, StageTimes, TensorBytes, simulate
+from hybridiff.quality import psnr, ssim
+
+DEFAULT_PROMPTS = ("a red circle on the left", "a blue square at the top", "a green triangle at the bottom",
+                   "a yellow star on the right")
+# (label, mode, window guidance): the modes of DESIGN section 4 plus the second window policy.
+VARIANTS = (("single", "single", "default"), ("cfg-parallel", "cfg-parallel", "default"),
+            ("pipeline", "pipeline", "default"), ("hybrid", "hybrid", "conditional"),
+            ("hybrid-last-difference", "hybrid", "last-difference"))
+PHASE_NAMES = {1: "single", 2: "data_parallel", 3: "pipeline_fill", 4: "pipeline"}
+
+
+@dataclass
+class Run:
+    label: str
+    prompt: str
+    seed: int
+    latency: float
+    stats: dict
+    image: bytes
+
+
+def _stats_dict(stats) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
+                         use_integers_for_enums=True)
+
+
+def run_variant(client, label: str, mode: str, policy: str, prompt: str, seed: int, args) -> Run:
+    from hybridiff.request import RequestInput
+
+    raw = RequestInput(prompt=prompt, seed=seed, num_steps=args.steps, guidance_scale=args.guidance, mode=mode,
+                       window_guidance=policy, l_slope=args.l_slope, eps_slope=args.eps_slope, k=args.k,
+                       tau_cap=args.tau_cap)
+    start = time.perf_counter()
+    resp = client.generate(raw, timeout=args.request_timeout)
+    return Run(label, prompt, seed, time.perf_counter() - start, _stats_dict(resp.stats), resp.image)
+
+
+def diffusers_reference(model_dir: str, prompt: str, seed: int, steps: int, guidance: float, core: int | None):
+    """The diffusers pipeline in this process, on one core with one thread (the outside reference)."""
+    import torch
+
+    from gpu_worker.loader import load_adapter
+    from hybridiff.api.v1 import diffusion_pb2  # noqa: F401  (import before pinning: no effect on timing)
+
+    affinity = os.sched_getaffinity(0)
+    threads = torch.get_num_threads()
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    try:
+        pipe = load_adapter(model_dir).pipe
+        start = time.perf_counter()
+        with torch.no_grad():
+            image = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
+                         generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        return time.perf_counter() - start, image
+    finally:
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+
+
+# --- analysis ---------------------------------------------------------------------------
+def _steps(run: Run) -> list[dict]:
+    return run.stats.get("steps", [])
+
+
+def _phase(step: dict) -> str:
+    return PHASE_NAMES[int(step["phase"])]
+
+
+def measured_compute(runs: list[Run]) -> dict[str, float]:
+    """Median per-worker compute seconds of each kind of step, from the runs themselves."""
+    buckets: dict[str, list[float]] = {"b2": [], "b1": [], "stage1_b1": [], "stage2_b1": [], "stage1_b2": [],
+                                       "stage2_b2": [], "update": []}
+    for run in runs:
+        for step in _steps(run):
+            workers = step.get("workers", [])
+            phase = _phase(step)
+            if phase == "single":
+                buckets["b2"] += [w["compute_seconds"] for w in workers]
+            elif phase == "data_parallel":
+                buckets["b1"] += [w["compute_seconds"] for w in workers]
+            elif phase == "pipeline" and len(workers) == 2:
+                batch = "b2" if run.label == "pipeline" else "b1"
+                u, c = workers  # the driver lists U first
+                if u["compute_seconds"] > 0 and c["compute_seconds"] > 0:
+                    buckets[f"stage1_{batch}"].append(u["compute_seconds"])
+                    buckets[f"stage2_{batch}"].append(c["compute_seconds"])
+    return {k: statistics.median(v) if v else 0.0 for k, v in buckets.items()}
+
+
+def ideal_latency(run: Run, compute: dict[str, float], topology: str) -> float:
+    """The run's own phase list replayed by the schedule model with measured compute and a free link."""
+    def stages(b: str) -> StageTimes:
+        s1, s2 = compute[f"stage1_{b}"], compute[f"stage2_{b}"]
+        # Nested split: with a free link the steady pipelined step is max(pre+post, core), whatever
+        # the pre/post proportion; half and half stands in for it.
+        return StageTimes.nested(s1 / 2, s2, s1 / 2) if topology == "nested" else StageTimes(s1, s2)
+
+    times = ComputeTimes(topology, compute["b1"], compute["b2"], stages("b1"), stages("b2"))
+    phases = [_phase(s) for s in _steps(run)]
+    s = run.stats
+    fixed = FixedCosts(encode=s.get("encoding_seconds", 0.0), decode=s.get("decoding_seconds", 0.0))
+    window_batch = 2 if run.label == "pipeline" else 1
+    return simulate(phases, times, TensorBytes(prediction=0), LinkModel.ideal(), window_batch, fixed).latency
+
+
+def step_overheads(run: Run) -> list[float]:
+    """Per step: wall time minus the compute on the critical path (max of the workers' compute,
+    sum of both on a fill step, where the stages run one after the other)."""
+    out = []
+    for step in _steps(run):
+        workers = step.get("workers", [])
+        if not workers:
+            continue
+        comp = [w["compute_seconds"] for w in workers]
+        critical = sum(comp) if _phase(step) == "pipeline_fill" else max(comp)
+        out.append(step["wall_seconds"] - critical)
+    return out
+
+
+def summarize(runs: list[Run], reference: list[tuple[str, int, float, Any]], topology: str) -> dict:
+    compute = measured_compute(runs)
+    labels = [v[0] for v in VARIANTS]
+    by_label = {lab: [r for r in runs if r.label == lab] for lab in labels}
+    singles = {(r.prompt, r.seed): r for r in by_label["single"]}
+    exact = {(r.prompt, r.seed): r for r in by_label["cfg-parallel"]}
+    modes: dict[str, dict] = {}
+    for lab in labels:
+        rs = by_label[lab]
+        if not rs:
+            continue
+        lat = [r.latency for r in rs]
+        ideal = [ideal_latency(r, compute, topology) for r in rs]
+        over = [o for r in rs for o in step_overheads(r)]
+        step_wall = [s["wall_seconds"] for r in rs for s in _steps(r)]
+        vs_single = [(psnr(r.image, singles[(r.prompt, r.seed)].image), ssim(r.image, singles[(r.prompt, r.seed)].image))
+                     for r in rs if (r.prompt, r.seed) in singles]
+        vs_exact = [(psnr(r.image, exact[(r.prompt, r.seed)].image), ssim(r.image, exact[(r.prompt, r.seed)].image))
+                    for r in rs if (r.prompt, r.seed) in exact]
+        bytes_req = [int(r.stats.get("data_plane_bytes", 0)) for r in rs]
+        per_phase_bytes: dict[str, list[int]] = {}
+        for r in rs:
+            for s in _steps(r):
+                per_phase_bytes.setdefault(_phase(s), []).append(int(s.get("bytes_sent", 0)))
+        modes[lab] = {
+            "runs": len(rs),
+            "latency_median": statistics.median(lat), "latency_min": min(lat), "latency_max": max(lat),
+            "latencies": lat,
+            "ideal_latency_median": statistics.median(ideal),
+            "tau1": sorted({r.stats.get("tau1", -1) for r in rs}), "tau2": sorted({r.stats.get("tau2", -1) for r in rs}),
+            "tau1_source": sorted({r.stats.get("tau1_source", "") for r in rs}),
+            "overhead_per_step_median_s": statistics.median(over) if over else 0.0,
+            "step_wall_median_s": statistics.median(step_wall) if step_wall else 0.0,
+            "bytes_per_request": statistics.median(bytes_req),
+            "bytes_per_step_by_phase": {p: statistics.median(v) for p, v in per_phase_bytes.items()},
+            "psnr_vs_single": min((p for p, _ in vs_single), default=None),
+            "ssim_vs_single": min((s for _, s in vs_single), default=None),
+            "psnr_vs_cfg_parallel": min((p for p, _ in vs_exact), default=None),
+            "ssim_vs_cfg_parallel": min((s for _, s in vs_exact), default=None),
+        }
+    base = modes["single"]
+    for rec in modes.values():
+        rec["speedup"] = base["latency_median"] / rec["latency_median"]
+        rec["ideal_speedup"] = base["ideal_latency_median"] / rec["ideal_latency_median"]
+        rec["efficiency"] = rec["speedup"] / rec["ideal_speedup"]
+        step = rec["step_wall_median_s"]
+        rec["overhead_fraction_of_step"] = rec["overhead_per_step_median_s"] / step if step else 0.0
+    result = {"compute_seconds": compute, "modes": modes}
+    if reference:
+        lat = [r[2] for r in reference]
+        result["diffusers_reference"] = {
+            "latency_median": statistics.median(lat), "latencies": lat,
+            "speedup_vs_single": base["latency_median"] / statistics.median(lat) if lat else None,
+            "psnr_vs_single": min(psnr(img, singles[(p, s)].image) for p, s, _, img in reference if (p, s) in singles),
+        }
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'mode':24} {'median s':>9} {'spread s':>13} {'speedup':>8} {'ideal x':>8} {'eff':>6} "
+             f"{'ovh/step':>9} {'KiB/req':>9} {'tau1,tau2':>10} {'PSNR/single':>11} {'SSIM':>6}"]
+    for lab, m in result["modes"].items():
+        psnr_s = "inf" if m["psnr_vs_single"] == float("inf") else f"{m['psnr_vs_single']:.1f}"
+        taus = f"{m['tau1'][0]},{m['tau2'][0]}"
+        lines.append(f"{lab:24} {m['latency_median']:9.2f} {m['latency_min']:6.2f}-{m['latency_max']:<6.2f} "
+                     f"{m['speedup']:8.2f} {m['ideal_speedup']:8.2f} {m['efficiency']:6.1%} "
+                     f"{m['overhead_per_step_median_s'] * 1e6:7.0f}us {m['bytes_per_request'] / 1024:9.0f} "
+                     f"{taus:>10} {psnr_s:>11} {m['ssim_vs_single']:6.3f}")
+    ref = result.get("diffusers_reference")
+    if ref:
+        lines.append(f"{'diffusers (in-process)':24} {ref['latency_median']:9.2f} {'':13} "
+                     f"{ref['speedup_vs_single']:8.2f}   PSNR vs single {ref['psnr_vs_single']:.1f} dB")
+    return "\n".join(lines)
+
+
+# --- the command ------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hybridiff bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", default=None, help="default: the SDXL-shaped bench model (built once, ~30M params)")
+    p.add_argument("--target", default=None, help="HOST:PORT of a running coordinator (default: start a local cluster)")
+    p.add_argument("--prompts", type=int, default=2, help=f"how many of the built-in prompts (max {len(DEFAULT_PROMPTS)})")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2, help="runs of every mode per prompt and seed")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--l-slope", type=int, default=None)
+    p.add_argument("--eps-slope", type=float, default=None)
+    p.add_argument("--k", type=int, default=None)
+    p.add_argument("--tau-cap", type=int, default=None)
+    p.add_argument("--no-reference", action="store_true", help="skip the in-process diffusers reference")
+    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--out-dir", type=Path, default=Path("out/bench"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if not 1 <= args.prompts <= len(DEFAULT_PROMPTS) or args.seeds < 1 or args.repeats < 1 or args.steps < 1:
+        p.error("--prompts must be 1..4; --seeds, --repeats and --steps >= 1")
+    return args
+
+
+def bench_model_dir() -> Path:
+    from hybridiff.cli import default_model_dir
+
+    cache = default_model_dir().parent / "bench-sdxl"
+    if not (cache / "model_index.json").is_file():
+        from hybridiff.tiny_model import write_tiny_model
+
+        print(f"building the SDXL-shaped bench model in {cache}", file=sys.stderr)
+        write_tiny_model("sdxl", cache, size="bench")
+    return cache
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    from gpu_worker.loader import detect_arch
+    from hybridiff.bench import plots
+    from hybridiff.client import DiffusionClient
+    from hybridiff.launcher import LocalCluster
+
+    args = parse_args(argv)
+    model_dir = str(args.model_dir or bench_model_dir())
+    topology = "nested" if detect_arch(model_dir) == "sdxl" else "sequential"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cluster = None
+    if args.target is None:
+        cluster = LocalCluster(model_dir, workers=2, log_dir=args.out_dir / "logs").start()
+    target = args.target or cluster.address
+    client = DiffusionClient(target)
+    pairs = [(p, s) for p in DEFAULT_PROMPTS[: args.prompts] for s in range(args.seeds)]
+    total = len(VARIANTS) * (1 + args.repeats * len(pairs)) + (0 if args.no_reference else len(pairs))
+    bar = tqdm(total=total, unit="run", disable=args.quiet, desc="bench")
+    runs: list[Run] = []
+    reference = []
+    try:
+        for label, mode, policy in VARIANTS:  # warm-up, discarded
+            run_variant(client, label, mode, policy, pairs[0][0], pairs[0][1], args)
+            bar.update(1)
+        for r in range(args.repeats):
+            for i, (prompt, seed) in enumerate(pairs):
+                shift = (r + i) % len(VARIANTS)  # rotate the order: noise hits every mode alike
+                for label, mode, policy in VARIANTS[shift:] + VARIANTS[:shift]:
+                    runs.append(run_variant(client, label, mode, policy, prompt, seed, args))
+                    bar.set_postfix_str(f"{label} {runs[-1].latency:.1f}s")
+                    bar.update(1)
+        if not args.no_reference:
+            for prompt, seed in pairs:
+                latency, image = diffusers_reference(model_dir, prompt, seed, args.steps, args.guidance, core=0)
+                from gpu_worker.adapters.base import png_bytes
+
+                reference.append((prompt, seed, latency, png_bytes(image)))
+                bar.update(1)
+    finally:
+        bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.stop()
+    result = summarize(runs, reference, topology)
+    result["config"] = {"model_dir": model_dir, "topology": topology, "steps": args.steps, "guidance": args.guidance,
+                        "prompts": [p for p, _ in pairs], "seeds": args.seeds, "repeats": args.repeats,
+                        "cores": sorted(os.sched_getaffinity(0)), "target": args.target or "local cluster, 2 workers"}
+    result["wall_seconds"] = time.perf_counter() - started
+    hybrid = next(r for r in runs if r.label == "hybrid")
+    result["example_hybrid_stats"] = hybrid.stats
+    (args.out_dir / "bench.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    plots.latency_bars(result, args.out_dir / "latency.png")
+    plots.rel_mae_curve(next(r for r in runs if r.label == "cfg-parallel").stats | {
+        "tau1": hybrid.stats.get("tau1", -1), "tau2": hybrid.stats.get("tau2", -1)},
+        args.out_dir / "rel_mae.png", "rel-MAE per step (exact CFG run) and the hybrid window")
+    plots.timeline(hybrid.stats, args.out_dir / "timeline_hybrid.png", "One hybrid request: what each worker computed")
+    print(format_table(result))
+    print(f"wrote {args.out_dir / 'bench.json'}, latency.png, rel_mae.png, timeline_hybrid.png "
+          f"({result['wall_seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
