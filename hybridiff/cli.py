@@ -174,16 +174,20 @@ def write_outputs(args: argparse.Namespace, image_png: bytes | None, latents, st
         print(f"wrote {args.stats_json}")
 
 
-def cmd_gpu_profile(args: argparse.Namespace) -> int:
+def cmd_gpu_profile(argv: list[str]) -> int:
     from hybridiff.bench.gpu_profile import main as gpu_profile_main
 
-    return gpu_profile_main(args.profile_args)
+    return gpu_profile_main(argv)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(argv: list[str]) -> int:
     from hybridiff.bench.runner import main as bench_main
 
-    return bench_main(args.bench_args)
+    return bench_main(argv)
+
+
+# Subcommands with parsers of their own: everything after the name is theirs.
+DELEGATED = {"gpu-profile": cmd_gpu_profile, "bench": cmd_bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,19 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_flags(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("gpu-profile", add_help=False,
-                       help="time full-size SDXL/SD3 denoisers per stage and predict two-GPU latency (see --help)")
-    p.add_argument("profile_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_gpu_profile)
-
-    p = sub.add_parser("bench", add_help=False, help="all modes side by side through the service (see --help)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
+    sub.add_parser("gpu-profile", add_help=False,
+                   help="time full-size SDXL/SD3 denoisers per stage and predict two-GPU latency (see --help)")
+    sub.add_parser("bench", add_help=False, help="all modes side by side through the service (see --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time chatter on a CLI
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            return DELEGATED[argv[0]](argv[1:])
+        except HybridiffError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
