@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import context as otel_context
@@ -53,11 +53,13 @@ def request_input_from_proto(req: pb.GenerateRequest) -> RequestInput:
     )
 
 
-def _model_rules(info) -> tuple[SizeLimits, ModelDefaults]:
+def _model_rules(info, overrides: dict[str, float | int]) -> tuple[SizeLimits, ModelDefaults]:
+    """Size limits and defaults of the model a worker serves; ``overrides`` replace hybrid defaults."""
     lim, hd = info.limits, info.hybrid_defaults
+    params = {"l_slope": hd.l_slope, "eps_slope": hd.eps_slope, "k": hd.k, "tau_cap": hd.tau_cap}
+    params.update({k: v for k, v in overrides.items() if v is not None})
     return (SizeLimits(lim.multiple, lim.min_side, lim.max_side, lim.default_side),
-            ModelDefaults(HybridParams(hd.l_slope, hd.eps_slope, hd.k, hd.tau_cap), info.default_steps,
-                          info.default_guidance_scale))
+            ModelDefaults(HybridParams(**params).validate(), info.default_steps, info.default_guidance_scale))
 
 
 def step_stat_to_proto(s: StepStat) -> pb.StepStat:
@@ -95,6 +97,8 @@ def response_to_proto(result: GenerationResult, width: int, height: int) -> pb.G
 class ServiceConfig:
     acquire_timeout: float = 600.0
     step_timeout: float = 600.0
+    # Operator overrides of the models' hybrid defaults (l_slope, eps_slope, k, tau_cap); None keeps the model's.
+    hybrid_defaults: dict = field(default_factory=dict)
 
 
 class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
@@ -175,7 +179,7 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 raw = request_input_from_proto(request)
                 info = self.pool.model_info(raw.model)
                 raw.model = info.model_name
-                spec = resolve_spec(raw, *_model_rules(info))
+                spec = resolve_spec(raw, *_model_rules(info, self.config.hybrid_defaults))
                 span.set_attributes({"hybridiff.request_id": spec.request_id, "hybridiff.model": spec.model,
                                      "hybridiff.mode_requested": spec.mode, "hybridiff.steps": spec.num_steps})
                 result = self._run(spec, context, on_step)
@@ -198,11 +202,11 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
 
     def _run(self, spec, context, on_step) -> GenerationResult:
         def check_alive() -> None:
-            if not context.is_active():
-                raise Cancelled("the client cancelled the request")
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the client's deadline passed")
+            if not context.is_active():
+                raise Cancelled("the client cancelled the request")
 
         mode = MODE_NAMES[spec.mode]
         want = 1 if (mode == Mode.SINGLE or not spec.guided and mode != Mode.PIPELINE) else 2

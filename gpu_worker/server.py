@@ -28,7 +28,7 @@ from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter
 from gpu_worker.split_balance import balanced_plan, measure_unit_costs
 from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLinks
-from hybridiff import telemetry
+from hybridiff import security, telemetry
 from hybridiff.api.v1 import diffusion_pb2, worker_pb2, worker_pb2_grpc
 from hybridiff.errors import HybridiffError, InvalidArgument
 from hybridiff.request import MODEL_DEFAULTS
@@ -160,9 +160,13 @@ def pin_cpus(cpus: str | None) -> None:
 
 def serve_worker(model_dir: str, port: int, data_port: int, host: str = "0.0.0.0", advertise_host: str | None = None,
                  device: str | None = None, dtype: str | None = None, model_name: str | None = None,
-                 worker_id: str | None = None, grace: float = 30.0, ready_file: str | None = None) -> None:
+                 worker_id: str | None = None, grace: float = 30.0, ready_file: str | None = None,
+                 tls: tuple[str | None, str | None, str | None] = (None, None, None),
+                 curve_keys_dir: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Port 0 picks a free port; ``ready_file`` receives a JSON
-    {"control": "host:port", "data": "tcp://host:port"} once the model is loaded."""
+    {"control": "host:port", "data": "tcp://host:port"} once the model is loaded. ``tls`` =
+    (cert, key, client CA): with a client CA only the coordinator (a cert that CA signed) may
+    control this worker. ``curve_keys_dir``: ZeroMQ CURVE with the pool keypair found there."""
     telemetry.setup_tracing("hybridiff-worker")
     advertise = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "::") else host)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -175,7 +179,10 @@ def serve_worker(model_dir: str, port: int, data_port: int, host: str = "0.0.0.0
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    credentials = security.server_credentials(*tls)
+    curve = security.load_curve_keys(curve_keys_dir) if curve_keys_dir else None
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     worker_id = worker_id or f"{advertise}:{bound}"
     service = WorkerService(worker_id, model_name or Path(model_dir).name)
     worker_pb2_grpc.add_WorkerControlServicer_to_server(service, server)
@@ -185,8 +192,8 @@ def serve_worker(model_dir: str, port: int, data_port: int, host: str = "0.0.0.0
     adapter = load_adapter(model_dir, device, dtype)
     context = zmq.Context()
     mailbox = Mailbox(worker_id, adapter.device)
-    receiver = DataPlaneReceiver(context, mailbox, host, data_port).start()
-    links = ZmqLinks(context, worker_id)
+    receiver = DataPlaneReceiver(context, mailbox, host, data_port, curve=curve).start()
+    links = ZmqLinks(context, worker_id, curve=curve)
     engine = WorkerEngine(adapter, worker_id, mailbox, links)
     service.attach(engine, f"tcp://{advertise}:{receiver.port}")
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

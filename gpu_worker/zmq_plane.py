@@ -24,12 +24,41 @@ HWM = 64  # messages; a step has at most a few in flight per direction
 MAX_MESSAGE_BYTES = 4 * MAX_TENSOR_BYTES
 
 
-class DataPlaneReceiver:
-    """Binds ``tcp://host:port`` and feeds every received message to ``mailbox``."""
+CurveKeys = tuple[bytes, bytes]  # (public, secret) of the pool keypair (hybridiff.security)
 
-    def __init__(self, context: zmq.Context, mailbox: Mailbox, host: str, port: int) -> None:
+
+class _PoolKeyOnly:
+    """ZAP credentials provider: admit a CURVE client only if it holds the pool keypair."""
+
+    def __init__(self, public: bytes) -> None:
+        self.public = public
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        from zmq.utils import z85
+
+        allowed = key in (self.public, z85.decode(self.public))
+        if not allowed:
+            log.warning("data plane: refused a CURVE client with an unknown key")
+        return allowed
+
+
+class DataPlaneReceiver:
+    """Binds ``tcp://host:port`` and feeds every received message to ``mailbox``; with ``curve``
+    the socket is a CURVE server that only admits clients holding the pool keypair."""
+
+    def __init__(self, context: zmq.Context, mailbox: Mailbox, host: str, port: int,
+                 curve: CurveKeys | None = None) -> None:
         self.mailbox = mailbox
+        self._auth = None
         self._socket = context.socket(zmq.PULL)
+        if curve is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(context)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="*", credentials_provider=_PoolKeyOnly(curve[0]))
+            self._socket.curve_publickey, self._socket.curve_secretkey = curve
+            self._socket.curve_server = True
         self._socket.setsockopt(zmq.RCVHWM, HWM)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -64,15 +93,21 @@ class DataPlaneReceiver:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+        if self._auth is not None:
+            self._auth.stop()
 
 
 class ZmqLink(PeerLink):
     """A PUSH socket connected to one peer's receiver; used only by the worker's compute thread."""
 
-    def __init__(self, context: zmq.Context, sender: str, address: str, send_timeout_ms: int = 60_000) -> None:
+    def __init__(self, context: zmq.Context, sender: str, address: str, send_timeout_ms: int = 60_000,
+                 curve: CurveKeys | None = None) -> None:
         super().__init__(sender)
         self.address = address
         self._socket = context.socket(zmq.PUSH)
+        if curve is not None:
+            self._socket.curve_serverkey = curve[0]
+            self._socket.curve_publickey, self._socket.curve_secretkey = curve
         self._socket.setsockopt(zmq.SNDHWM, HWM)
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
         self._socket.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
@@ -95,9 +130,10 @@ class ZmqLink(PeerLink):
 class ZmqLinks:
     """One link per peer address, created on first use (the ``links`` factory of WorkerEngine)."""
 
-    def __init__(self, context: zmq.Context, sender: str) -> None:
+    def __init__(self, context: zmq.Context, sender: str, curve: CurveKeys | None = None) -> None:
         self.context = context
         self.sender = sender
+        self.curve = curve
         self._links: dict[str, ZmqLink] = {}
         self._lock = threading.Lock()
 
@@ -108,7 +144,7 @@ class ZmqLinks:
             raise InvalidArgument("peer_data_address", f"expected tcp://host:port, got {address!r}")
         with self._lock:
             if address not in self._links:
-                self._links[address] = ZmqLink(self.context, self.sender, address)
+                self._links[address] = ZmqLink(self.context, self.sender, address, curve=self.curve)
             return self._links[address]
 
     def close(self) -> None:

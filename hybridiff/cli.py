@@ -93,13 +93,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     pin_cpus(args.cpus)
     serve_worker(args.model_dir or str(default_model_dir()), args.port, args.data_port, host=args.host,
                  advertise_host=args.advertise_host, device=args.device, dtype=args.dtype,
-                 model_name=args.model_name, worker_id=args.worker_id, ready_file=args.ready_file)
+                 model_name=args.model_name, worker_id=args.worker_id, ready_file=args.ready_file,
+                 tls=(args.tls_cert, args.tls_key, args.tls_client_ca), curve_keys_dir=args.curve_keys)
     return 0
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.server import serve_coordinator
     from coordinator.service import ServiceConfig
+    from hybridiff import security
 
     if args.discovery == "kubernetes":
         from coordinator.discovery.kubernetes import KubernetesDiscovery
@@ -112,7 +114,12 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         discovery = None
     serve_coordinator(workers=(args.workers or "").split(","), discovery=discovery, host=args.host, port=args.port,
                       metrics_port=args.metrics_port, queue_size=args.queue_size,
-                      config=ServiceConfig(step_timeout=args.step_timeout), ready_file=args.ready_file)
+                      config=ServiceConfig(step_timeout=args.step_timeout, hybrid_defaults={
+                          "l_slope": args.l_slope, "eps_slope": args.eps_slope, "k": args.k, "tau_cap": args.tau_cap}),
+                      ready_file=args.ready_file, tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
+                      token=security.read_token(args.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"),
+                      worker_credentials=security.channel_credentials(args.worker_tls_ca, args.worker_tls_cert,
+                                                                      args.worker_tls_key))
     return 0
 
 
@@ -129,7 +136,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from hybridiff.client import DiffusionClient
 
-    client = DiffusionClient(args.target)
+    from hybridiff import security
+
+    client = DiffusionClient(args.target, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                             token=security.read_token(args.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"))
     bar = tqdm(unit="step", disable=args.quiet)
 
     def on_progress(p) -> None:
@@ -172,6 +182,14 @@ def write_outputs(args: argparse.Namespace, image_png: bytes | None, latents, st
         Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.stats_json).write_text(json.dumps(stats, indent=2))
         print(f"wrote {args.stats_json}")
+
+
+def cmd_curve_keys(args: argparse.Namespace) -> int:
+    from hybridiff.security import write_curve_keys
+
+    out = write_curve_keys(args.out)
+    print(f"wrote the CURVE pool keypair to {out} (pool.key, pool.key_secret); mount it on every worker")
+    return 0
 
 
 def cmd_gpu_profile(argv: list[str]) -> int:
@@ -223,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.add_argument("--cpus", default=None, help="pin to these cores (e.g. 0 or 0-3), one torch thread per core")
     p.add_argument("--ready-file", default=None, help="write the bound addresses here as JSON once serving")
+    p.add_argument("--tls-cert", default=None, help="control API: TLS certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="control API: TLS private key (PEM)")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="control API: accept only clients (the coordinator) with a certificate from this CA")
+    p.add_argument("--curve-keys", default=None, help="data plane: directory with the CURVE pool keypair")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("coordinator", help="the public API, admission queue, pair allocator and monitor")
@@ -237,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=16)
     p.add_argument("--step-timeout", type=float, default=600.0, help="seconds to wait for one step before failing")
     p.add_argument("--ready-file", default=None, help="write the bound ports here as JSON once serving")
+    p.add_argument("--l-slope", type=int, default=None, help="override every model's default L_slope")
+    p.add_argument("--eps-slope", type=float, default=None, help="override every model's default eps_slope")
+    p.add_argument("--k", type=int, default=None, help="override every model's default k")
+    p.add_argument("--tau-cap", type=int, default=None, help="override every model's default tau_cap")
+    p.add_argument("--tls-cert", default=None, help="public API: TLS certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="public API: TLS private key (PEM)")
+    p.add_argument("--tls-client-ca", default=None, help="public API: require client certificates from this CA")
+    p.add_argument("--auth-token-file", default=None,
+                   help="public API: require this bearer token (default: $HYBRIDIFF_AUTH_TOKEN if set)")
+    p.add_argument("--worker-tls-ca", default=None, help="control channels: CA of the workers' certificates")
+    p.add_argument("--worker-tls-cert", default=None, help="control channels: the coordinator's client certificate")
+    p.add_argument("--worker-tls-key", default=None, help="control channels: the coordinator's client key")
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("local", help="coordinator + workers as local processes (the embedded default)")
@@ -250,9 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="send one request to a running service")
     p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the coordinator")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--tls-ca", default=None, help="TLS: the coordinator's CA certificate")
+    p.add_argument("--tls-cert", default=None, help="mutual TLS: this client's certificate")
+    p.add_argument("--tls-key", default=None, help="mutual TLS: this client's key")
+    p.add_argument("--auth-token-file", default=None, help="bearer token (default: $HYBRIDIFF_AUTH_TOKEN if set)")
     p.add_argument("--quiet", action="store_true")
     add_generation_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("curve-keys", help="create the ZeroMQ CURVE keypair the workers of a pool share")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_curve_keys)
 
     sub.add_parser("gpu-profile", add_help=False,
                    help="time full-size SDXL/SD3 denoisers per stage and predict two-GPU latency (see --help)")

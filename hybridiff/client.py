@@ -34,10 +34,25 @@ def request_to_proto(raw: RequestInput) -> pb.GenerateRequest:
 
 
 class DiffusionClient:
-    def __init__(self, target: str, channel: grpc.Channel | None = None) -> None:
+    def __init__(self, target: str, channel: grpc.Channel | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, token: str | None = None) -> None:
+        """Plaintext by default; TLS with ``tls_ca`` (mutual with ``tls_cert``/``tls_key``); a
+        bearer ``token`` rides on TLS (gRPC sends call credentials only over a secure channel)."""
+        from hybridiff import security
+
         telemetry.setup_tracing("hybridiff-client")
-        self.channel = channel or telemetry.traced_channel(grpc.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]))
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        creds = security.channel_credentials(tls_ca, tls_cert, tls_key)
+        if token:
+            call = grpc.metadata_call_credentials(security.TokenAuth(token))
+            creds = grpc.composite_channel_credentials(creds, call) if creds else None
+            self._token_metadata = None if creds else (("authorization", f"Bearer {token}"),)
+        else:
+            self._token_metadata = None
+        if channel is None:
+            raw = grpc.secure_channel(target, creds, options=options) if creds else grpc.insecure_channel(target, options=options)
+            channel = telemetry.traced_channel(raw)
+        self.channel = channel
         self.stub = diffusion_pb2_grpc.DiffusionServiceStub(self.channel)
         self._tracer = telemetry.tracer("hybridiff.client")
 
@@ -45,7 +60,8 @@ class DiffusionClient:
                  on_progress: Callable[[pb.StepProgress], None] | None = None) -> pb.GenerateResponse:
         """Stream a request; ``on_progress`` sees every step. Raises ``grpc.RpcError`` on failure."""
         with self._tracer.start_as_current_span("hybridiff.client.generate"):
-            for event in self.stub.GenerateStream(request_to_proto(raw), timeout=timeout, wait_for_ready=True):
+            for event in self.stub.GenerateStream(request_to_proto(raw), timeout=timeout, wait_for_ready=True,
+                                                  metadata=self._token_metadata):
                 if event.HasField("progress"):
                     if on_progress:
                         on_progress(event.progress)

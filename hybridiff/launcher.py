@@ -116,7 +116,9 @@ class LocalCluster:
             while time.monotonic() < deadline:
                 self._check_alive()
                 try:
-                    if health_stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    ready = health_stub.Check(health_pb2.HealthCheckRequest(service="hybridiff.v1.DiffusionService"),
+                                              timeout=2)
+                    if ready.status == health_pb2.HealthCheckResponse.SERVING:
                         status = stub.ClusterStatus(diffusion_pb2.ClusterStatusRequest(), timeout=2)
                         if sum(w.state == "idle" for w in status.workers) == self.num_workers:
                             return

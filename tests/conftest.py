@@ -26,3 +26,33 @@ def engines(model_dirs):
     yield made
     for e in made.values():
         e.close()
+
+
+# --- clusters shared by the cluster, reliability and trace tests (real processes) --------------
+@pytest.fixture(scope="session")
+def otlp():
+    from cluster_helpers import OtlpReceiver
+
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def sdxl_cluster(model_dirs, otlp, tmp_path_factory):
+    from hybridiff.launcher import LocalCluster
+
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    with LocalCluster(model_dirs["sdxl"], workers=4, log_dir=tmp_path_factory.mktemp("logs"), extra_env=env,
+                      queue_size=16) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def sd3_cluster(model_dirs, tmp_path_factory):
+    from hybridiff.launcher import LocalCluster
+
+    with LocalCluster(model_dirs["sd3"], workers=2, log_dir=tmp_path_factory.mktemp("logs")) as cluster:
+        yield cluster
+
+

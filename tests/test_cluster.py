@@ -17,34 +17,11 @@ import torch
 import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster_helpers import OtlpReceiver
 from hybridiff.api.v1 import diffusion_pb2 as pb
 from hybridiff.api.v1 import diffusion_pb2_grpc
 from hybridiff.client import DiffusionClient
-from hybridiff.launcher import LocalCluster
 from hybridiff.quality import psnr
 from hybridiff.request import RequestInput
-
-
-@pytest.fixture(scope="module")
-def otlp():
-    receiver = OtlpReceiver().start()
-    yield receiver
-    receiver.stop()
-
-
-@pytest.fixture(scope="module")
-def sdxl_cluster(model_dirs, otlp, tmp_path_factory):
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
-    with LocalCluster(model_dirs["sdxl"], workers=4, log_dir=tmp_path_factory.mktemp("logs"), extra_env=env,
-                      queue_size=16) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def sd3_cluster(model_dirs, tmp_path_factory):
-    with LocalCluster(model_dirs["sd3"], workers=2, log_dir=tmp_path_factory.mktemp("logs")) as cluster:
-        yield cluster
 
 
 def _client(cluster) -> DiffusionClient:

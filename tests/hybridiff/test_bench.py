@@ -25,6 +25,7 @@ def test_bench_json_is_complete_and_consistent(model_dirs, tmp_path):
         assert m["ideal_speedup"] == pytest.approx(single["ideal_latency_median"] / m["ideal_latency_median"])
         assert m["efficiency"] == pytest.approx(m["speedup"] / m["ideal_speedup"])
         assert m["latency_min"] <= m["latency_median"] <= m["latency_max"]
+        assert 0 < m["system_efficiency"] <= 1.0
         assert m["psnr_vs_single"] is not None and m["ssim_vs_single"] is not None
     assert single["psnr_vs_single"] == float("inf") and single["bytes_per_request"] == 0
     assert modes["cfg-parallel"]["psnr_vs_single"] >= 45

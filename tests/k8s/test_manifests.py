@@ -339,8 +339,7 @@ def test_helm_rejects_incomplete_values():
 # Flags of the CLI contract (DESIGN section 3 and the deployment issue) that the chart renders
 # only when auth, TLS or hybrid defaults are configured. Until the CLI accepts them, a render
 # that uses them is reported as skipped (never as passing); once it does, they are checked.
-PENDING_CLI_FLAGS = {"--auth-token-file", "--tls-cert", "--tls-key", "--tls-client-ca",
-                     "--l-slope", "--eps-slope", "--k", "--tau-cap"}
+PENDING_CLI_FLAGS: set[str] = set()
 
 
 @pytest.mark.parametrize("key", sorted(RENDERS))

@@ -1,0 +1,197 @@
+"""Reliability (DESIGN section 5) through a running cluster: bad input never crashes or leaks a
+trace, deadlines and cancellation free the pair, a full queue answers at once."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hybridiff.api.v1 import diffusion_pb2 as pb
+from hybridiff.api.v1 import diffusion_pb2_grpc
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _req(**fields) -> pb.GenerateRequest:
+    hybrid = fields.pop("hybrid", {})
+    req = pb.GenerateRequest(prompt=fields.pop("prompt", "a red circle"), **fields)
+    for k, v in hybrid.items():
+        setattr(req.hybrid, k, v)
+    return req
+
+
+BAD_REQUESTS = [
+    (dict(prompt=""), INVALID, "prompt"),
+    (dict(prompt="   "), INVALID, "prompt"),
+    (dict(prompt="x" * 5000), INVALID, "prompt"),
+    (dict(negative_prompt="x" * 5000), INVALID, "negative_prompt"),
+    (dict(width=60), INVALID, "width"),
+    (dict(width=0), INVALID, "width"),
+    (dict(width=-8), INVALID, "width"),
+    (dict(width=4096), INVALID, "width"),
+    (dict(height=7), INVALID, "height"),
+    (dict(height=8), INVALID, "height"),
+    (dict(num_inference_steps=0), INVALID, "num_inference_steps"),
+    (dict(num_inference_steps=-1), INVALID, "num_inference_steps"),
+    (dict(num_inference_steps=100_000), INVALID, "num_inference_steps"),
+    (dict(guidance_scale=-1.0), INVALID, "guidance_scale"),
+    (dict(guidance_scale=math.nan), INVALID, "guidance_scale"),
+    (dict(guidance_scale=math.inf), INVALID, "guidance_scale"),
+    (dict(guidance_scale=1000.0), INVALID, "guidance_scale"),
+    (dict(hybrid={"l_slope": 0}), INVALID, "hybrid.l_slope"),
+    (dict(hybrid={"l_slope": -5}), INVALID, "hybrid.l_slope"),
+    (dict(hybrid={"eps_slope": 0.0}), INVALID, "hybrid.eps_slope"),
+    (dict(hybrid={"eps_slope": math.nan}), INVALID, "hybrid.eps_slope"),
+    (dict(hybrid={"eps_slope": 2.0}), INVALID, "hybrid.eps_slope"),
+    (dict(hybrid={"k": -1}), INVALID, "hybrid.k"),
+    (dict(hybrid={"k": 5000}), INVALID, "hybrid.k"),
+    (dict(hybrid={"tau_cap": 0}), INVALID, "hybrid.tau_cap"),
+    (dict(mode=99), INVALID, "mode"),
+    (dict(window_guidance=42), INVALID, "window_guidance"),
+    (dict(output_format=7), INVALID, "output_format"),
+    (dict(request_id="bad\x00id"), INVALID, "request_id"),
+    (dict(model="no-such-model"), grpc.StatusCode.NOT_FOUND, "model"),
+]
+
+
+@pytest.fixture(scope="module")
+def stub(sdxl_cluster):
+    channel = grpc.insecure_channel(sdxl_cluster.address)
+    yield diffusion_pb2_grpc.DiffusionServiceStub(channel)
+    channel.close()
+
+
+def _all_idle(stub, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        status = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+        if all(w.state == "idle" for w in status.workers) and status.queue_depth == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("fields,code,field", BAD_REQUESTS, ids=[f"{f}-{i}" for i, (_, _, f) in enumerate(BAD_REQUESTS)])
+def test_bad_request_table(stub, fields, code, field):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(_req(**fields), timeout=30)
+    assert err.value.code() == code
+    assert field in err.value.details() and "Traceback" not in err.value.details()
+
+
+def test_the_table_is_big_enough():
+    assert len(BAD_REQUESTS) >= 25
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompt=st.text(max_size=50), negative=st.text(max_size=20),
+    width=st.one_of(st.none(), st.integers(-100, 300)), height=st.one_of(st.none(), st.integers(-100, 300)),
+    steps=st.one_of(st.none(), st.integers(-3, 3)),
+    guidance=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+    mode=st.integers(-2, 8), seed=st.integers(0, 2**64 - 1),
+    l_slope=st.one_of(st.none(), st.integers(-10, 2000)), eps=st.one_of(st.none(), st.floats()),
+    k=st.one_of(st.none(), st.integers(-10, 2000)), tau_cap=st.one_of(st.none(), st.integers(-10, 2000)),
+)
+def test_random_requests_always_get_a_proper_answer(stub, prompt, negative, width, height, steps, guidance, mode, seed,
+                                                    l_slope, eps, k, tau_cap):
+    fields = dict(prompt=prompt, negative_prompt=negative, mode=mode, seed=seed)
+    for name, value in (("width", width), ("height", height), ("num_inference_steps", steps),
+                        ("guidance_scale", guidance)):
+        if value is not None:
+            fields[name] = value
+    hybrid = {k_: v for k_, v in (("l_slope", l_slope), ("eps_slope", eps), ("k", k), ("tau_cap", tau_cap))
+              if v is not None}
+    try:
+        resp = stub.Generate(_req(hybrid=hybrid, **fields), timeout=60)
+        assert resp.image
+    except grpc.RpcError as err:
+        assert err.code() in (INVALID, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED), err.details()
+        assert "Traceback" not in (err.details() or "")
+
+
+def test_still_serving_after_the_fuzzing(stub):
+    assert stub.Generate(_req(num_inference_steps=3), timeout=60).image.startswith(b"\x89PNG")
+    assert _all_idle(stub, 5)
+
+
+def test_deadline_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
+    step_time = _step_time(stub)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(_req(num_inference_steps=400, mode=pb.HYBRID), timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _all_idle(stub, within=max(1.0, 5 * step_time))
+    assert 'code="DEADLINE_EXCEEDED"' in _metrics(sdxl_cluster)
+
+
+def test_client_cancel_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
+    step_time = _step_time(stub)
+    call = stub.GenerateStream(_req(num_inference_steps=400, mode=pb.CFG_PARALLEL), timeout=120)
+    seen = 0
+    for event in call:
+        seen += event.HasField("progress")
+        if seen == 3:
+            call.cancel()
+            break
+    assert _all_idle(stub, within=max(1.0, 5 * step_time))
+    deadline = time.monotonic() + 5
+    while 'code="CANCELLED"' not in _metrics(sdxl_cluster) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert 'code="CANCELLED"' in _metrics(sdxl_cluster)
+
+
+def _step_time(stub) -> float:
+    resp = stub.Generate(_req(num_inference_steps=4, mode=pb.CFG_PARALLEL), timeout=60)
+    return max(s.wall_seconds for s in resp.stats.steps)
+
+
+def _metrics(cluster) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=5).read().decode()
+
+
+def _rss_kib(pids) -> int:
+    total = 0
+    for pid in pids:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_load_small_queue_every_request_succeeds_or_is_refused(model_dirs, tmp_path):
+    from hybridiff.client import DiffusionClient
+    from hybridiff.launcher import LocalCluster
+    from hybridiff.request import RequestInput
+
+    with LocalCluster(model_dirs["sdxl"], workers=4, queue_size=2, log_dir=tmp_path / "logs") as cluster:
+        clients = [DiffusionClient(cluster.address) for _ in range(8)]
+        modes = ["hybrid", "cfg-parallel", "single", "auto"]
+
+        def one(i: int) -> str:
+            raw = RequestInput(prompt="a star", num_steps=6, seed=i, mode=modes[i % 4], tau_cap=3, k=2)
+            try:
+                clients[i % 8].generate(raw, timeout=120)
+                return "OK"
+            except grpc.RpcError as err:
+                return err.code().name
+
+        rss = []
+        for _ in range(2):
+            with ThreadPoolExecutor(8) as pool:
+                outcomes = list(pool.map(one, range(24)))
+            assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, outcomes
+            assert outcomes.count("OK") >= 4
+            with grpc.insecure_channel(cluster.address) as ch:
+                assert _all_idle(diffusion_pb2_grpc.DiffusionServiceStub(ch), 10)
+            rss.append(_rss_kib([p.pid for p in cluster.procs]))
+        # memory does not grow across rounds (allow 15% for allocator noise)
+        assert rss[1] <= rss[0] * 1.15, rss
+        for c in clients:
+            c.close()
