@@ -20,8 +20,8 @@ from opentelemetry import trace
 
 from coordinator.schedule import HybridParams, Mode, Phase, StepSchedule
 from hybridiff import telemetry
-from hybridiff.errors import WorkerFailed
-from hybridiff.messages import BeginCommand, FinishReport, Role, StepCommand, StepReport
+from hybridiff.errors import Cancelled, DeadlineExceeded, InvalidArgument, WorkerFailed
+from hybridiff.messages import BeginCommand, Checkpoint, FinishReport, Role, StepCommand, StepReport
 from hybridiff.phases import WindowGuidance, mode_name
 from hybridiff.request import GenerationSpec
 
@@ -89,15 +89,34 @@ def default_window_guidance(mode: Mode, requested: str) -> WindowGuidance:
     return WindowGuidance.FULL_CFG if mode == Mode.PIPELINE else WindowGuidance.CONDITIONAL
 
 
-def _results(futures: list[Future], timeout: float, what: str) -> list:
+class WorkerStepFailed(Exception):
+    """Internal: ``worker`` failed with ``cause`` (the driver may resume elsewhere)."""
+
+    def __init__(self, worker: WorkerHandle, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.worker = worker
+        self.cause = cause
+
+
+def _results(futures: list[Future], workers: list[WorkerHandle], timeout: float, what: str) -> list:
     """All results, or the first failure as soon as any worker fails (its peer may be blocked)."""
     done, not_done = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
-    for fut in futures:
+    for fut, worker in zip(futures, workers):
         if fut in done and fut.exception() is not None:
-            raise fut.exception()
+            cause = fut.exception()
+            if "from the peer" in str(cause) and len(workers) == 2:
+                worker = workers[1 - workers.index(worker)]  # it waited in vain: blame the silent peer
+            raise WorkerStepFailed(worker, cause)
     if not_done:
-        raise WorkerFailed(f"{what}: no answer within {timeout:.0f}s")
+        raise WorkerStepFailed(workers[futures.index(next(iter(not_done)))],
+                               WorkerFailed(f"{what}: no answer within {timeout:.0f}s"))
     return [f.result() for f in futures]
+
+
+# Given the failed worker and the survivors, the workers to continue on (one or two); raises
+# (e.g. Unavailable) when there is nothing to continue on.
+Recover = Callable[[WorkerHandle, list[WorkerHandle]], list[WorkerHandle]]
+UNRECOVERABLE = (Cancelled, DeadlineExceeded, InvalidArgument)
 
 
 def drive_request(
@@ -108,53 +127,147 @@ def drive_request(
     on_step: Callable[[StepStat, int], None] | None = None,
     check_alive: Callable[[], None] | None = None,
     step_timeout: float = 600.0,
+    recover: Recover | None = None,
+    max_recoveries: int = 2,
 ) -> GenerationResult:
     """Run ``spec`` in ``mode`` (not AUTO) on ``workers`` (one for SINGLE, two otherwise).
 
     ``check_alive`` is called between steps and raises (Cancelled, DeadlineExceeded) to stop.
+    With ``recover``, worker U reports the latents after every step (the checkpoint) and a
+    worker that dies or stops answering is replaced: the request resumes from the last
+    completed step on the workers ``recover`` gives (DESIGN section 5).
     Trace context: commands carry the current span (begin/finish) or their phase's span (steps).
     """
-    params = HybridParams(spec.l_slope, spec.eps_slope, spec.k, spec.tau_cap)
-    schedule = StepSchedule(mode, spec.num_steps, params, spec.guided)
-    policy = default_window_guidance(schedule.mode, spec.window_guidance)
-    solo = schedule.mode == Mode.SINGLE
-    used = workers[:1] if solo else workers[:2]
-    if not solo and len(used) < 2:
-        raise WorkerFailed(f"{mode_name(schedule.mode)} needs two workers, got {len(used)}")
-    notes = []
-    if schedule.mode != mode:
-        notes.append(f"{mode_name(mode)} needs guidance_scale > 1; ran {mode_name(schedule.mode)}")
-    rid = spec.request_id
-    roles = [Role.U, Role.C]
-    try:
-        begins = [
-            w.begin(BeginCommand(spec, roles[i], policy, split_cut, solo, trace_context=telemetry.inject(),
-                                 peer_address="" if solo else used[1 - i].data_address))
-            for i, w in enumerate(used)
+    return _RequestRun(spec, mode, workers, split_cut, on_step, check_alive, step_timeout, recover,
+                       max_recoveries).execute()
+
+
+class _RequestRun:
+    def __init__(self, spec, mode, workers, split_cut, on_step, check_alive, step_timeout, recover,
+                 max_recoveries) -> None:
+        params = HybridParams(spec.l_slope, spec.eps_slope, spec.k, spec.tau_cap)
+        self.spec, self.rid = spec, spec.request_id
+        self.schedule = StepSchedule(mode, spec.num_steps, params, spec.guided)
+        self.policy = default_window_guidance(self.schedule.mode, spec.window_guidance)
+        single = self.schedule.mode == Mode.SINGLE
+        self.used: list[WorkerHandle] = workers[:1] if single else workers[:2]
+        if not single and len(self.used) < 2:
+            raise WorkerFailed(f"{mode_name(self.schedule.mode)} needs two workers, got {len(self.used)}")
+        self.split_cut, self.on_step, self.check_alive = split_cut, on_step, check_alive
+        self.step_timeout, self.recover, self.max_recoveries = step_timeout, recover, max_recoveries
+        self.notes: list[str] = []
+        if self.schedule.mode != mode:
+            self.notes.append(f"{mode_name(mode)} needs guidance_scale > 1; ran {mode_name(self.schedule.mode)}")
+        self.stats: list[StepStat] = []
+        self.checkpoint: Checkpoint | None = None
+        self.encoding = 0.0
+        self.denoise = 0.0
+        self.ever_used: list[str] = []
+
+    @property
+    def solo(self) -> bool:
+        return len(self.used) == 1
+
+    def execute(self) -> GenerationResult:
+        recoveries = 0
+        while True:
+            try:
+                self._begin()
+                self._steps()
+                finishes = self._finish()
+                break
+            except WorkerStepFailed as failure:
+                self._abort()
+                cause = failure.cause
+                if self.recover is None or recoveries >= self.max_recoveries or isinstance(cause, UNRECOVERABLE):
+                    raise cause from None
+                survivors = [w for w in self.used if w is not failure.worker]
+                self.used = self.recover(failure.worker, survivors)
+                recoveries += 1
+                at = self.checkpoint.next_step if self.checkpoint else 0
+                self.notes.append(f"worker {failure.worker.name} failed ({cause}); resumed at step {at} on "
+                                  f"{', '.join(w.name for w in self.used)}")
+                log.warning("request %s: %s", self.rid, self.notes[-1])
+            except BaseException:
+                self._abort()
+                raise
+        if len({f.latents_digest for f in finishes}) != 1:
+            raise WorkerFailed(f"workers ended with different latents ({', '.join(f.latents_digest for f in finishes)})")
+        window = self.schedule.window()
+        single = self.schedule.mode == Mode.SINGLE
+        stats = GenerationStats(
+            mode_used=mode_name(self.schedule.mode),
+            window_guidance=self.policy.name.lower().replace("_", "-") if window else "",
+            tau1=self.schedule.tau1, tau2=self.schedule.tau2, tau1_source=self.schedule.tau1_source,
+            split_cut=None if single else self.split_cut, workers=self.ever_used, steps=self.stats,
+            data_plane_bytes=sum(s.bytes_sent for s in self.stats), encoding_seconds=self.encoding,
+            denoising_seconds=self.denoise, decoding_seconds=finishes[0].decode_seconds, notes=self.notes,
+        )
+        return GenerationResult(self.rid, finishes[0].image_png, finishes[0].latents, stats)
+
+    def _begin(self) -> None:
+        roles = [Role.U, Role.C]
+        for w in self.used:
+            if w.name not in self.ever_used:
+                self.ever_used.append(w.name)
+        futures = [
+            w.begin(BeginCommand(self.spec, roles[i], self.policy, self.split_cut, self.solo,
+                                 trace_context=telemetry.inject(), resume=self.checkpoint,
+                                 peer_address="" if self.solo else self.used[1 - i].data_address))
+            for i, w in enumerate(self.used)
         ]
-        encoding = max(_results(begins, step_timeout, "begin"))
-        steps, denoise_seconds = _run_steps(rid, schedule, used, on_step, check_alive, step_timeout)
-        finishes: list[FinishReport] = _results(
-            [w.finish(rid, decode=(i == 0)) for i, w in enumerate(used)], step_timeout, "finish")
-    except BaseException:
-        for w in used:
-            w.abort(rid)
-        raise
-    digests = {f.latents_digest for f in finishes}
-    if len(digests) != 1:
-        raise WorkerFailed(f"workers ended with different latents ({', '.join(sorted(digests))})")
-    window = schedule.window()
-    stats = GenerationStats(
-        mode_used=mode_name(schedule.mode),
-        window_guidance=policy.name.lower().replace("_", "-") if window else "",
-        tau1=schedule.tau1, tau2=schedule.tau2, tau1_source=schedule.tau1_source,
-        split_cut=split_cut if not solo else None,
-        workers=[w.name for w in used], steps=steps,
-        data_plane_bytes=sum(s.bytes_sent for s in steps),
-        encoding_seconds=encoding, denoising_seconds=denoise_seconds,
-        decoding_seconds=finishes[0].decode_seconds, notes=notes,
-    )
-    return GenerationResult(rid, finishes[0].image_png, finishes[0].latents, stats)
+        self.encoding = max(self.encoding, max(_results(futures, self.used, self.step_timeout, "begin")))
+
+    def _abort(self) -> None:
+        for w in self.used:
+            w.abort(self.rid)
+
+    def _finish(self) -> list[FinishReport]:
+        futures = [w.finish(self.rid, decode=(i == 0)) for i, w in enumerate(self.used)]
+        return _results(futures, self.used, self.step_timeout, "finish")
+
+    def _steps(self) -> None:
+        schedule, used = self.schedule, self.used
+        first = len(self.stats)
+        issued = first
+        pending: dict[int, list[Future]] = {}
+        spans = _PhaseSpans()
+        start = time.perf_counter()
+        last_done = start
+        try:
+            for step in range(first, schedule.num_steps):
+                if self.check_alive:
+                    self.check_alive()
+                while issued <= schedule.decided_through():
+                    window = schedule.window()
+                    phase = schedule.phase(issued)
+                    if issued == first > 0 and phase == Phase.PIPELINE:
+                        phase = Phase.PIPELINE_FILL  # resumed mid-window: the new pair has no stale activations
+                    cmd = StepCommand(self.rid, issued, phase, last_in_window=bool(window) and issued == window[1],
+                                      trace_context=spans.carrier_for(issued, phase),
+                                      report_latents=self.recover is not None)
+                    pending[issued] = [w.step(cmd) for w in used]
+                    issued += 1
+                reports: list[StepReport] = _results(pending.pop(step), used, self.step_timeout, f"step {step}")
+                now = time.perf_counter()
+                d = next((r.rel_mae for r in reports if r.rel_mae is not None), None)
+                schedule.observe(step, d)
+                spans.done(step, schedule.last)
+                self.checkpoint = reports[0].checkpoint or self.checkpoint
+                stat = StepStat(
+                    step=step, phase=Phase(reports[0].phase).name.lower(), rel_mae=d,
+                    bytes_sent=sum(r.bytes_sent for r in reports), wall_seconds=now - last_done,
+                    compute_seconds=max(r.compute_seconds for r in reports),
+                    workers={r.worker: {"phase": Phase(r.phase).name.lower(), "compute_seconds": r.compute_seconds,
+                                        "wall_seconds": r.wall_seconds, "bytes_sent": r.bytes_sent} for r in reports},
+                )
+                last_done = now
+                self.stats.append(stat)
+                if self.on_step:
+                    self.on_step(stat, schedule.num_steps)
+        finally:
+            spans.close()
+            self.denoise += time.perf_counter() - start
 
 
 class _PhaseSpans:
@@ -191,43 +304,3 @@ class _PhaseSpans:
         for seg in self._open:
             seg[3].end()
         self._open.clear()
-
-
-def _run_steps(rid: str, schedule: StepSchedule, used: list[WorkerHandle], on_step, check_alive,
-               step_timeout: float) -> tuple[list[StepStat], float]:
-    issued = 0
-    pending: dict[int, list[Future]] = {}
-    stats: list[StepStat] = []
-    spans = _PhaseSpans()
-    start = time.perf_counter()
-    last_done = start
-    try:
-        for step in range(schedule.num_steps):
-            if check_alive:
-                check_alive()
-            while issued <= schedule.decided_through():
-                window = schedule.window()
-                phase = schedule.phase(issued)
-                cmd = StepCommand(rid, issued, phase, last_in_window=bool(window) and issued == window[1],
-                                  trace_context=spans.carrier_for(issued, phase))
-                pending[issued] = [w.step(cmd) for w in used]
-                issued += 1
-            reports: list[StepReport] = _results(pending.pop(step), step_timeout, f"step {step}")
-            now = time.perf_counter()
-            d = next((r.rel_mae for r in reports if r.rel_mae is not None), None)
-            schedule.observe(step, d)
-            spans.done(step, schedule.last)
-            stat = StepStat(
-                step=step, phase=Phase(reports[0].phase).name.lower(), rel_mae=d,
-                bytes_sent=sum(r.bytes_sent for r in reports), wall_seconds=now - last_done,
-                compute_seconds=max(r.compute_seconds for r in reports),
-                workers={r.worker: {"phase": Phase(r.phase).name.lower(), "compute_seconds": r.compute_seconds,
-                                    "wall_seconds": r.wall_seconds, "bytes_sent": r.bytes_sent} for r in reports},
-            )
-            last_done = now
-            stats.append(stat)
-            if on_step:
-                on_step(stat, schedule.num_steps)
-    finally:
-        spans.close()
-    return stats, time.perf_counter() - start

@@ -16,6 +16,7 @@ class CoordinatorMetrics:
                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.request_seconds = Histogram("hybridiff_request_seconds", "End-to-end request latency by mode used",
                                          ["mode"], buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        self.recoveries = Counter("hybridiff_recoveries_total", "Requests resumed after a worker failed", registry=r)
         self.data_plane_bytes = Counter("hybridiff_data_plane_bytes_total", "Bytes workers sent each other",
                                         registry=r)
 

@@ -179,6 +179,18 @@ class WorkerPool:
                 self._cond.notify_all()
                 self._changed_locked()
 
+    def take_idle(self, model: str, count: int, request_id: str) -> list[WorkerEntry]:
+        """Up to ``count`` idle workers of ``model`` at once, ahead of the queue: a request that
+        lost a worker mid-way resumes before new requests start."""
+        with self._cond:
+            idle = sorted((e for e in self._workers.values() if e.model == model and e.state == IDLE and not e.gone),
+                          key=lambda e: e.worker_id)[:count]
+            for e in idle:
+                e.state, e.request_id = BUSY, request_id
+        if idle:
+            self._changed()
+        return idle
+
     def release(self, entries: list[WorkerEntry], failed: bool = False) -> None:
         with self._cond:
             for e in entries:

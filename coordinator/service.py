@@ -222,8 +222,22 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
             if mode in (Mode.HYBRID, Mode.PIPELINE) and len(entries) == 2:
                 cut = self.pool.split_cut(entries[0], spec.height, spec.width)
             handles = [RemoteWorker(e.worker_id, e.channel, e.info.data_address) for e in entries]
+
+            def recover(failed_handle, survivors):
+                """Swap a failed worker for an idle one, or go on with the survivor alone."""
+                dead = next(e for e in entries if e.worker_id == failed_handle.name)
+                entries.remove(dead)
+                self.pool.release([dead], failed=True)
+                keep = [e for e in entries if e.worker_id in {h.name for h in survivors}]
+                want = 1 if mode == Mode.SINGLE else 2
+                entries.extend(self.pool.take_idle(spec.model, want - len(keep), spec.request_id))
+                if not entries:
+                    raise Unavailable(f"worker {failed_handle.name} failed and no other worker is free")
+                self.metrics.recoveries.inc()
+                return [RemoteWorker(e.worker_id, e.channel, e.info.data_address) for e in entries]
+
             result = drive_request(spec, mode, handles, split_cut=cut, on_step=on_step, check_alive=check_alive,
-                                   step_timeout=self.config.step_timeout)
+                                   step_timeout=self.config.step_timeout, recover=recover)
             result.stats.queued_seconds = queued
             return result
         except HybridiffError as exc:

@@ -25,7 +25,7 @@ from gpu_worker.adapters.base import Conditioning, ModelAdapter, RequestTimeline
 from gpu_worker.dataplane import Mailbox, PeerLink
 from gpu_worker.split_balance import device_clock
 from hybridiff.errors import InvalidArgument, WorkerFailed
-from hybridiff.messages import BeginCommand, FinishReport, Role, StepCommand, StepReport
+from hybridiff.messages import BeginCommand, Checkpoint, FinishReport, Role, StepCommand, StepReport
 from hybridiff.phases import Phase, WindowGuidance
 from hybridiff.request import GenerationSpec
 from hybridiff.wire import FrameKind
@@ -93,7 +93,13 @@ class WorkerEngine:
         a = self.adapter
         cond = a.encode(spec.prompt, spec.negative_prompt, spec.guided, spec.height, spec.width)
         timeline = a.new_timeline(spec.num_steps, spec.seed, spec.height, spec.width)
-        latents = a.initial_latents(timeline, spec.height, spec.width)
+        if cmd.resume is None:
+            latents = a.initial_latents(timeline, spec.height, spec.width)
+        else:  # continue where another worker stopped: same latents, generator and step index
+            latents = cmd.resume.latents.to(device=a.device, dtype=a.dtype)
+            timeline.generator.set_state(torch.frombuffer(bytearray(cmd.resume.generator_state), dtype=torch.uint8))
+            if hasattr(timeline.scheduler, "set_begin_index"):
+                timeline.scheduler.set_begin_index(cmd.resume.next_step)
         split = None if cmd.solo else a.make_split(cmd.split_cut)
         self.mailbox.open(spec.request_id)
         self._active[spec.request_id] = _Active(cmd, cond, timeline, latents, split, link)
@@ -140,8 +146,12 @@ class WorkerEngine:
         self._compute = 0.0
         self._sent = 0
         d = run(st, cmd)
+        checkpoint = None
+        if cmd.report_latents:
+            state = st.timeline.generator.get_state().numpy().tobytes()
+            checkpoint = Checkpoint(cmd.step + 1, st.latents.detach().float().cpu(), state)
         return StepReport(cmd.request_id, self.name, cmd.step, cmd.phase, d, self._sent, self._compute,
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, checkpoint)
 
     def _timed(self, fn, *args) -> Any:
         start = self._clock()
@@ -176,10 +186,16 @@ class WorkerEngine:
         a, t = self.adapter, st.timeline.timesteps[cmd.step]
         role = st.cmd.role
         x_in = a.model_input(st.timeline, st.latents, t)
-        mine = self._timed(a.forward, x_in, t, st.cond.for_branches("uncond" if role == Role.U else "cond"))
-        self._send(st, cmd.step, FrameKind.BRANCH_PREDICTION, {"prediction": mine}, cmd)
-        other = self._recv(st, cmd.step, FrameKind.BRANCH_PREDICTION)["prediction"]
-        e_u, e_c = (mine, other) if role == Role.U else (other, mine)
+        if st.cmd.solo:
+            # A lone survivor of a pair runs the two branches one after the other at batch 1:
+            # the same arithmetic as the pair, so the image does not change.
+            e_u = self._timed(a.forward, x_in, t, st.cond.for_branches("uncond"))
+            e_c = self._timed(a.forward, x_in, t, st.cond.for_branches("cond"))
+        else:
+            mine = self._timed(a.forward, x_in, t, st.cond.for_branches("uncond" if role == Role.U else "cond"))
+            self._send(st, cmd.step, FrameKind.BRANCH_PREDICTION, {"prediction": mine}, cmd)
+            other = self._recv(st, cmd.step, FrameKind.BRANCH_PREDICTION)["prediction"]
+            e_u, e_c = (mine, other) if role == Role.U else (other, mine)
         if st.cmd.window_guidance == WindowGuidance.LAST_DIFFERENCE:
             st.last_difference = e_c - e_u
         eps = guide(e_u, e_c, st.spec.guidance_scale)
@@ -205,10 +221,17 @@ class WorkerEngine:
         return raw + (s - 1.0) * st.last_difference  # = e_u + s (e_c - e_u) with the last measured difference
 
     def _window(self, st: _Active, cmd: StepCommand) -> None:
-        if st.split.topology == "sequential":
-            self._window_sequential(st, cmd)
-        else:
-            self._window_nested(st, cmd)
+        a, i = self.adapter, cmd.step
+        t = st.timeline.timesteps[i]
+        inputs = self._window_inputs(st)
+        x_in = a.model_input(st.timeline, st.latents, t)
+        if st.cmd.solo:
+            # Alone, a window step is a full forward of the window's branch(es): a fill every step.
+            raw = self._timed(a.forward, x_in, t, inputs)
+            self._update(st, self._window_prediction(st, raw), t)
+            return None
+        run = self._window_sequential if st.split.topology == "sequential" else self._window_nested
+        run(st, cmd, i, t, cmd.phase == Phase.PIPELINE_FILL, inputs, x_in)
         return None
 
     def _boundary(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
@@ -218,13 +241,8 @@ class WorkerEngine:
             st.stale, st.stale_step = self._recv(st, step, kind), step
         return st.stale
 
-    def _window_sequential(self, st: _Active, cmd: StepCommand) -> None:
+    def _window_sequential(self, st: _Active, cmd: StepCommand, i: int, t, fill: bool, inputs, x_in) -> None:
         """DiT: U runs stage 1 on x_i; C runs stage 2 on stage 1's output of step i-1 (fresh on fill)."""
-        a, i = self.adapter, cmd.step
-        t = st.timeline.timesteps[i]
-        fill = cmd.phase == Phase.PIPELINE_FILL
-        inputs = self._window_inputs(st)
-        x_in = a.model_input(st.timeline, st.latents, t)
         if st.cmd.role == Role.U:
             if fill or not cmd.last_in_window:
                 boundary = self._timed(st.split.stage1_fwd, x_in, t, inputs)
@@ -237,14 +255,9 @@ class WorkerEngine:
             self._send(st, i, FrameKind.GUIDED_PREDICTION, {"prediction": eps}, cmd)
         self._update(st, eps, t)
 
-    def _window_nested(self, st: _Active, cmd: StepCommand) -> None:
+    def _window_nested(self, st: _Active, cmd: StepCommand, i: int, t, fill: bool, inputs, x_in) -> None:
         """UNet: U runs the outer ring on x_i around the core's output of step i-1 (fresh on fill);
         C runs the core on the outer ring's step-i input."""
-        a, i = self.adapter, cmd.step
-        t = st.timeline.timesteps[i]
-        fill = cmd.phase == Phase.PIPELINE_FILL
-        inputs = self._window_inputs(st)
-        x_in = a.model_input(st.timeline, st.latents, t)
         if st.cmd.role == Role.U:
             core_in, state = self._timed(st.split.stage1_pre, x_in, t, inputs)
             if fill or not cmd.last_in_window:

@@ -30,6 +30,7 @@ class BeginCommand:
     split_cut: int | None = None
     solo: bool = False  # the worker runs the request alone (SINGLE)
     peer_address: str = ""  # the peer's data-plane address (paired requests over ZeroMQ)
+    resume: "Checkpoint | None" = None  # continue another worker's request from this checkpoint
     trace_context: dict[str, str] = field(default_factory=dict)
 
 
@@ -40,6 +41,7 @@ class StepCommand:
     phase: Phase
     last_in_window: bool = False
     trace_context: dict[str, str] = field(default_factory=dict)
+    report_latents: bool = False
 
 
 @dataclass
@@ -52,6 +54,7 @@ class StepReport:
     bytes_sent: int
     compute_seconds: float
     wall_seconds: float
+    checkpoint: "Checkpoint | None" = None  # the latents after this step, when asked for
 
 
 @dataclass
@@ -62,6 +65,16 @@ class FinishReport:
     latents: torch.Tensor
     image_png: bytes | None
     decode_seconds: float
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything needed to continue a request at ``next_step`` on another worker: the latents
+    after step ``next_step - 1`` (float32) and the sampling generator's state."""
+
+    next_step: int
+    latents: torch.Tensor
+    generator_state: bytes
 
 
 # --- the same messages on the worker control API (proto/hybridiff/api/v1/worker.proto) ---------
@@ -106,6 +119,12 @@ def begin_to_proto(cmd: BeginCommand):
                              peer_data_address=cmd.peer_address)
     if cmd.split_cut is not None:
         begin.split_cut = cmd.split_cut
+    if cmd.resume is not None:
+        latents = cmd.resume.latents.float().contiguous()
+        begin.resume_step = cmd.resume.next_step
+        begin.resume_latents = latents.numpy().astype("<f4").tobytes()
+        begin.resume_latent_shape.extend(latents.shape)
+        begin.resume_generator_state = cmd.resume.generator_state
     return wpb.WorkerCommand(request_id=cmd.spec.request_id, trace_context=cmd.trace_context, begin=begin)
 
 
@@ -119,19 +138,36 @@ def begin_from_proto(msg) -> BeginCommand:
         spec=spec_from_proto(b.request), role=_ROLE_FROM_PB[b.role], window_guidance=WindowGuidance(b.window_guidance),
         split_cut=b.split_cut if b.HasField("split_cut") else None, solo=b.solo,
         trace_context=dict(msg.trace_context), peer_address=b.peer_data_address,
+        resume=_checkpoint_from(b.resume_step, b.resume_latents, b.resume_latent_shape, b.resume_generator_state)
+        if b.resume_latents else None,
     )
+
+
+def _checkpoint_from(next_step: int, latents: bytes, shape, generator_state: bytes) -> Checkpoint:
+    import numpy as np
+
+    n = 1
+    for d in shape:
+        n *= d
+    if len(latents) != 4 * n:
+        from hybridiff.errors import InvalidArgument
+
+        raise InvalidArgument("resume_latents", f"{len(latents)} bytes do not hold shape {list(shape)} in float32")
+    tensor = torch.from_numpy(np.frombuffer(latents, dtype="<f4").copy()).reshape(tuple(shape))
+    return Checkpoint(next_step, tensor, bytes(generator_state))
 
 
 def step_to_proto(cmd: StepCommand):
     wpb = _wpb()
     return wpb.WorkerCommand(request_id=cmd.request_id, trace_context=cmd.trace_context,
-                             step=wpb.StepCommand(step=cmd.step, phase=int(cmd.phase), last_in_window=cmd.last_in_window))
+                             step=wpb.StepCommand(step=cmd.step, phase=int(cmd.phase), last_in_window=cmd.last_in_window,
+                                                  report_latents=cmd.report_latents))
 
 
 def step_from_proto(msg) -> StepCommand:
     s = msg.step
     return StepCommand(request_id=msg.request_id, step=s.step, phase=Phase(s.phase), last_in_window=s.last_in_window,
-                       trace_context=dict(msg.trace_context))
+                       trace_context=dict(msg.trace_context), report_latents=s.report_latents)
 
 
 def step_report_to_proto(r: StepReport):
@@ -140,13 +176,19 @@ def step_report_to_proto(r: StepReport):
                         compute_seconds=r.compute_seconds, wall_seconds=r.wall_seconds)
     if r.rel_mae is not None:
         done.rel_mae = r.rel_mae
+    if r.checkpoint is not None:
+        latents = r.checkpoint.latents.float().contiguous()
+        done.latents = latents.numpy().astype("<f4").tobytes()
+        done.latent_shape.extend(latents.shape)
+        done.generator_state = r.checkpoint.generator_state
     return wpb.WorkerEvent(request_id=r.request_id, worker_id=r.worker, step=done)
 
 
 def step_report_from_proto(ev) -> StepReport:
     s = ev.step
+    checkpoint = (_checkpoint_from(s.step + 1, s.latents, s.latent_shape, s.generator_state) if s.latents else None)
     return StepReport(ev.request_id, ev.worker_id, s.step, Phase(s.phase), s.rel_mae if s.HasField("rel_mae") else None,
-                      s.bytes_sent, s.compute_seconds, s.wall_seconds)
+                      s.bytes_sent, s.compute_seconds, s.wall_seconds, checkpoint)
 
 
 def finish_report_to_proto(r: FinishReport):

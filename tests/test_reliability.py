@@ -128,7 +128,7 @@ def test_deadline_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
         stub.Generate(_req(num_inference_steps=400, mode=pb.HYBRID), timeout=1.0)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _all_idle(stub, within=max(1.0, 5 * step_time))
-    assert 'code="DEADLINE_EXCEEDED"' in _metrics(sdxl_cluster)
+    _await_metric(sdxl_cluster, 'code="DEADLINE_EXCEEDED"')
 
 
 def test_client_cancel_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
@@ -141,10 +141,15 @@ def test_client_cancel_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
             call.cancel()
             break
     assert _all_idle(stub, within=max(1.0, 5 * step_time))
-    deadline = time.monotonic() + 5
-    while 'code="CANCELLED"' not in _metrics(sdxl_cluster) and time.monotonic() < deadline:
+    _await_metric(sdxl_cluster, 'code="CANCELLED"')
+
+
+def _await_metric(cluster, needle: str, within: float = 5.0) -> None:
+    """The request counter is bumped as the RPC unwinds, just after the pair is released."""
+    deadline = time.monotonic() + within
+    while needle not in _metrics(cluster) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert 'code="CANCELLED"' in _metrics(sdxl_cluster)
+    assert needle in _metrics(cluster)
 
 
 def _step_time(stub) -> float:

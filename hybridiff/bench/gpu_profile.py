@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from gpu_worker.split_balance import device_clock
 from hybridiff.bench.perfmodel import (ComputeTimes, LinkModel, ScheduleParams, StageTimes, TensorBytes,
                                        predict_modes)
 
@@ -102,15 +103,6 @@ def tiny_shapes(name: str, cfg: dict[str, Any]) -> tuple[tuple[int, int, int], i
 
 
 # --- timing -----------------------------------------------------------------------------
-def clock_for(device: torch.device) -> Callable[[], float]:
-    if device.type == "cuda":
-        def clock() -> float:
-            torch.cuda.synchronize(device)
-            return time.perf_counter()
-        return clock
-    return time.perf_counter
-
-
 # With --cuda-graphs every timed call is captured once into a CUDA graph and replayed, which
 # takes the host's kernel-launch cost out of the measurement (eager PyTorch on a fast GPU is
 # launch-bound at batch 1; a serving worker would use graphs or torch.compile).
@@ -271,7 +263,7 @@ def profile_model(name: str, args: argparse.Namespace, device: torch.device, dty
     model = build_model(name, cfg, device, dtype)
     latent, text_len = tiny_shapes(name, cfg) if args.tiny else (spec.latent, spec.text_len)
     inputs = {b: make_inputs(name, cfg, latent, text_len, b, device, dtype) for b in (1, 2)}
-    clock = clock_for(device)
+    clock = device_clock(device)
     run = profile_unet if name == "sdxl" else profile_dit
     with torch.inference_mode():
         profile = run(model, inputs, clock, args.warmup, args.repeats)

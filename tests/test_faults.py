@@ -1,0 +1,80 @@
+"""A worker's death does not lose the request (DESIGN section 5): kill -9 during phase 1, during
+the pipeline window and at the end (decode); the coordinator resumes from its checkpoint."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import grpc
+import pytest
+
+from hybridiff.api.v1 import diffusion_pb2 as pb
+from hybridiff.api.v1 import diffusion_pb2_grpc
+from hybridiff.client import DiffusionClient
+from hybridiff.launcher import LocalCluster
+from hybridiff.request import RequestInput
+
+
+def _busy_workers(cluster) -> list[str]:
+    with grpc.insecure_channel(cluster.address) as ch:
+        status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+    return sorted(w.address for w in status.workers if w.state == "busy")
+
+
+def _kill(cluster, address: str) -> None:
+    proc = cluster.procs[cluster.worker_addresses.index(address)]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def _generate_killing(cluster, raw: RequestInput, kill_after: int, pick=lambda busy: busy[0]):
+    """Run ``raw`` and kill one of its workers when progress event ``kill_after`` arrives."""
+    client = DiffusionClient(cluster.address)
+    killed: list[str] = []
+    lock = threading.Lock()
+
+    def on_progress(p) -> None:
+        with lock:
+            if p.step + 1 == kill_after and not killed:
+                victim = pick(_busy_workers(cluster))
+                _kill(cluster, victim)
+                killed.append(victim)
+
+    try:
+        return client.generate(raw, timeout=300, on_progress=on_progress), killed
+    finally:
+        client.close()
+
+
+def test_kill_in_phase_one_gives_the_same_png_on_the_lone_survivor(model_dirs, tmp_path):
+    raw = RequestInput(prompt="a blue circle", num_steps=16, seed=5, mode="cfg-parallel")
+    with LocalCluster(model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs") as cluster:
+        client = DiffusionClient(cluster.address)
+        fault_free = client.generate(raw, timeout=120)
+        client.close()
+        resp, killed = _generate_killing(cluster, raw, kill_after=5)
+    assert killed and resp.image == fault_free.image  # byte for byte
+    notes = " ".join(resp.stats.notes)
+    assert "failed" in notes and "resumed at step" in notes
+    assert len(resp.stats.steps) == 16
+
+
+def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tmp_path):
+    with LocalCluster(model_dirs["sdxl"], workers=3, log_dir=tmp_path / "logs") as cluster:
+        window = RequestInput(prompt="a red square", num_steps=20, seed=7, mode="hybrid", tau_cap=3, k=12)
+        resp, killed = _generate_killing(cluster, window, kill_after=8)  # steps 3..15 are the window
+        assert killed and resp.image.startswith(b"\x89PNG")
+        assert resp.stats.tau1 == 3 and any("resumed at step" in n for n in resp.stats.notes)
+        assert len(resp.stats.workers) == 3  # the survivor and a replacement took over
+
+        # kill worker U (it decodes) as the last step completes: the image still comes back
+        last = RequestInput(prompt="a green star", num_steps=8, seed=9, mode="cfg-parallel")
+        resp, killed = _generate_killing(cluster, last, kill_after=8, pick=lambda busy: busy[0])
+        assert killed and resp.image.startswith(b"\x89PNG")
+        client = DiffusionClient(cluster.address)
+        try:
+            with pytest.raises(grpc.RpcError):  # only one worker is left, and it is not a pair
+                client.generate(RequestInput(prompt="x", num_steps=2, mode="hybrid"), timeout=5)
+        finally:
+            client.close()
