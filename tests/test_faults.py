@@ -78,3 +78,82 @@ def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tm
                 client.generate(RequestInput(prompt="x", num_steps=2, mode="hybrid"), timeout=5)
         finally:
             client.close()
+
+
+def test_a_restarted_worker_rejoins_the_pool(model_dirs, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    with LocalCluster(model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs") as cluster:
+        address = cluster.worker_addresses[0]
+        _kill(cluster, address)
+        port = address.rsplit(":", 1)[1]
+        restarted = subprocess.Popen([sys.executable, "-m", "hybridiff.cli", "worker", "--model-dir",
+                                      str(model_dirs["sdxl"]), "--host", "127.0.0.1", "--port", port,
+                                      "--data-port", "0", "--worker-id", "worker0-again"],
+                                     env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        try:
+            deadline = time.monotonic() + 60
+            states = {}
+            while time.monotonic() < deadline:
+                with grpc.insecure_channel(cluster.address) as ch:
+                    status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+                states = {w.address: w.state for w in status.workers}
+                if states.get(address) == "idle":
+                    break
+                time.sleep(0.5)
+            assert states.get(address) == "idle", states
+            client = DiffusionClient(cluster.address)
+            try:  # and it serves: a pair request runs on both workers again
+                resp = client.generate(RequestInput(prompt="a circle", num_steps=4, mode="cfg-parallel"), timeout=60)
+                assert len(resp.stats.workers) == 2
+            finally:
+                client.close()
+        finally:
+            restarted.terminate()
+            restarted.wait(timeout=30)
+
+
+def test_sigterm_drains_the_coordinator(model_dirs, tmp_path):
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with LocalCluster(model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs") as cluster:
+        client = DiffusionClient(cluster.address)
+        result = {}
+        progress = threading.Event()
+
+        def long_request():
+            try:
+                result["resp"] = client.generate(RequestInput(prompt="a star", num_steps=40, mode="cfg-parallel"),
+                                                 timeout=120, on_progress=lambda p: progress.set())
+            except grpc.RpcError as err:
+                result["error"] = err
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        assert progress.wait(60)
+        coordinator = cluster.procs[-1]
+        coordinator.send_signal(signal.SIGTERM)
+        with grpc.insecure_channel(cluster.address) as ch:
+            deadline = time.monotonic() + 10
+            status = None
+            while time.monotonic() < deadline:
+                try:
+                    status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                except grpc.RpcError:
+                    status = None
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING or status is None:
+                    break
+                time.sleep(0.05)
+            assert status != health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as err:  # new requests are refused
+                diffusion_pb2_grpc.DiffusionServiceStub(ch).Generate(pb.GenerateRequest(prompt="x"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        worker.join(timeout=120)
+        assert "resp" in result, result.get("error")  # the request in flight finished
+        assert len(result["resp"].stats.steps) == 40
+        assert coordinator.wait(timeout=30) == 0
+        client.close()
