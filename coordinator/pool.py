@@ -234,9 +234,6 @@ class WorkerPool:
     def queue_depth(self) -> int:
         return len(self._waiting)
 
-    def has_idle_or_busy(self) -> bool:
-        return any(e.state in (IDLE, BUSY) for e in self.snapshot())
-
     def close(self) -> None:
         with self._cond:
             self._closed = True

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from hybridiff.errors import InvalidArgument
 
@@ -85,9 +85,6 @@ class GenerationSpec:
     def guided(self) -> bool:
         """Classifier-free guidance is on (two branches) — as diffusers: ``guidance_scale > 1``."""
         return self.guidance_scale > 1.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

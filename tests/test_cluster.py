@@ -2,7 +2,6 @@
 ZeroMQ, compared with the diffusers pipelines and with the in-process engine."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -3,7 +3,6 @@ trace, deadlines and cancellation free the pair, a full queue answers at once.""
 from __future__ import annotations
 
 import math
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
