@@ -144,7 +144,7 @@ class WorkerPool:
                 raise QueueFull(f"admission queue is full ({self.queue_capacity} waiting)")
             ticket = next(self._tickets)
             self._waiting.append(ticket)
-            self._changed_locked()
+            self._changed()  # the condition's lock is reentrant
             try:
                 while True:
                     if self._closed:
@@ -177,7 +177,7 @@ class WorkerPool:
             finally:
                 self._waiting.remove(ticket)
                 self._cond.notify_all()
-                self._changed_locked()
+                self._changed()  # the condition's lock is reentrant
 
     def take_idle(self, model: str, count: int, request_id: str) -> list[WorkerEntry]:
         """Up to ``count`` idle workers of ``model`` at once, ahead of the queue: a request that
@@ -204,10 +204,6 @@ class WorkerPool:
                     e.state = IDLE
             self._cond.notify_all()
         self._changed()
-
-    def _changed_locked(self) -> None:
-        if self._on_change:
-            threading.Thread(target=self._on_change, args=(self,), daemon=True).start()
 
     # --- split cut ------------------------------------------------------------------
     def split_cut(self, entry: WorkerEntry, height: int, width: int, timeout: float = 300.0) -> int:

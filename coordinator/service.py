@@ -25,16 +25,15 @@ from hybridiff import telemetry
 from hybridiff.api.v1 import diffusion_pb2 as pb
 from hybridiff.api.v1 import diffusion_pb2_grpc
 from hybridiff.errors import Cancelled, DeadlineExceeded, HybridiffError, Unavailable
-from hybridiff.phases import MODE_NAMES, Mode, Phase
+from hybridiff.phases import MODE_NAMES, OUTPUT_FORMAT_NAMES, WINDOW_GUIDANCE_WIRE, Mode, Phase
 from hybridiff.request import HybridParams, ModelDefaults, RequestInput, SizeLimits, resolve_spec
 
 log = logging.getLogger(__name__)
 
-_MODE_FROM_PB = {pb.MODE_UNSPECIFIED: "auto", pb.AUTO: "auto", pb.SINGLE: "single", pb.CFG_PARALLEL: "cfg-parallel",
-                 pb.PIPELINE: "pipeline", pb.HYBRID: "hybrid"}
-_POLICY_FROM_PB = {pb.WINDOW_GUIDANCE_UNSPECIFIED: "default", pb.CONDITIONAL: "conditional",
-                   pb.LAST_DIFFERENCE: "last-difference", pb.FULL_CFG: "full-cfg"}
-_FORMAT_FROM_PB = {pb.OUTPUT_FORMAT_UNSPECIFIED: "png", pb.PNG: "png", pb.RAW_LATENTS: "raw-latents"}
+# Wire enum -> the names RequestInput takes (one table each, in hybridiff.phases); unset = default.
+_MODE_FROM_PB = {int(v): k for k, v in MODE_NAMES.items()} | {pb.MODE_UNSPECIFIED: "auto"}
+_POLICY_FROM_PB = {v: k for k, v in WINDOW_GUIDANCE_WIRE.items()}
+_FORMAT_FROM_PB = {v: k for k, v in OUTPUT_FORMAT_NAMES.items()} | {pb.OUTPUT_FORMAT_UNSPECIFIED: "png"}
 
 
 def request_input_from_proto(req: pb.GenerateRequest) -> RequestInput:
@@ -81,8 +80,7 @@ def response_to_proto(result: GenerationResult, width: int, height: int) -> pb.G
         workers=st.workers, data_plane_bytes=st.data_plane_bytes, queued_seconds=st.queued_seconds,
         encoding_seconds=st.encoding_seconds, denoising_seconds=st.denoising_seconds,
         decoding_seconds=st.decoding_seconds, tau1_source=st.tau1_source, notes=st.notes,
-        window_guidance={"": 0, "conditional": pb.CONDITIONAL, "last-difference": pb.LAST_DIFFERENCE,
-                         "full-cfg": pb.FULL_CFG}[st.window_guidance],
+        window_guidance=WINDOW_GUIDANCE_WIRE[st.window_guidance or "default"],
     )
     if result.image_png is not None:
         return pb.GenerateResponse(request_id=result.request_id, image=result.image_png, mime_type="image/png",

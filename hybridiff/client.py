@@ -8,20 +8,14 @@ import grpc
 from hybridiff import telemetry
 from hybridiff.api.v1 import diffusion_pb2 as pb
 from hybridiff.api.v1 import diffusion_pb2_grpc
+from hybridiff.phases import MODE_NAMES, OUTPUT_FORMAT_NAMES, WINDOW_GUIDANCE_WIRE
 from hybridiff.request import RequestInput
-
-_MODE_TO_PB = {"auto": pb.AUTO, "single": pb.SINGLE, "cfg-parallel": pb.CFG_PARALLEL, "pipeline": pb.PIPELINE,
-               "hybrid": pb.HYBRID}
-_POLICY_TO_PB = {"default": pb.WINDOW_GUIDANCE_UNSPECIFIED, "conditional": pb.CONDITIONAL,
-                 "last-difference": pb.LAST_DIFFERENCE, "full-cfg": pb.FULL_CFG}
-_FORMAT_TO_PB = {"png": pb.PNG, "raw-latents": pb.RAW_LATENTS}
-
 
 def request_to_proto(raw: RequestInput) -> pb.GenerateRequest:
     req = pb.GenerateRequest(model=raw.model, prompt=raw.prompt, negative_prompt=raw.negative_prompt or "",
-                             seed=raw.seed, mode=_MODE_TO_PB[raw.mode], request_id=raw.request_id,
-                             window_guidance=_POLICY_TO_PB[raw.window_guidance],
-                             output_format=_FORMAT_TO_PB[raw.output_format])
+                             seed=raw.seed, mode=int(MODE_NAMES[raw.mode]), request_id=raw.request_id,
+                             window_guidance=WINDOW_GUIDANCE_WIRE[raw.window_guidance],
+                             output_format=OUTPUT_FORMAT_NAMES[raw.output_format])
     for name, value in (("width", raw.width), ("height", raw.height), ("num_inference_steps", raw.num_steps),
                         ("guidance_scale", raw.guidance_scale)):
         if value is not None:

@@ -36,5 +36,10 @@ WINDOW_GUIDANCE_NAMES = {"conditional": WindowGuidance.CONDITIONAL, "last-differ
                          "full-cfg": WindowGuidance.FULL_CFG}
 
 
+# What the public API carries: "default" is the unset enum value; the same names as the CLI.
+WINDOW_GUIDANCE_WIRE = {"default": pb.WINDOW_GUIDANCE_UNSPECIFIED, **{k: int(v) for k, v in WINDOW_GUIDANCE_NAMES.items()}}
+OUTPUT_FORMAT_NAMES = {"png": pb.PNG, "raw-latents": pb.RAW_LATENTS}
+
+
 def mode_name(mode: Mode) -> str:
     return {v: k for k, v in MODE_NAMES.items()}[mode]
