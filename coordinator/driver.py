@@ -98,15 +98,24 @@ class WorkerStepFailed(Exception):
         self.cause = cause
 
 
+# A worker's PeerTimeout texts (gpu_worker.dataplane, gpu_worker.zmq_plane): it waited in vain for its peer.
+_PEER_WAITS = ("from the peer", "did not take data-plane frames")
+
+
+def _waited_for_peer(cause: BaseException) -> bool:
+    return any(text in str(cause) for text in _PEER_WAITS)
+
+
 def _results(futures: list[Future], workers: list[WorkerHandle], timeout: float, what: str) -> list:
     """All results, or the first failure as soon as any worker fails (its peer may be blocked)."""
     done, not_done = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
-    for fut, worker in zip(futures, workers):
-        if fut in done and fut.exception() is not None:
-            cause = fut.exception()
-            if "from the peer" in str(cause) and len(workers) == 2:
-                worker = workers[1 - workers.index(worker)]  # it waited in vain: blame the silent peer
-            raise WorkerStepFailed(worker, cause)
+    failed = [(w, f.exception()) for f, w in zip(futures, workers) if f in done and f.exception() is not None]
+    if failed:
+        # A worker that failed by itself is to blame over one that only waited for its peer.
+        worker, cause = next(((w, c) for w, c in failed if not _waited_for_peer(c)), failed[0])
+        if _waited_for_peer(cause) and len(workers) == 2:
+            worker = workers[1 - workers.index(worker)]  # it waited in vain: blame the silent peer
+        raise WorkerStepFailed(worker, cause)
     if not_done:
         raise WorkerStepFailed(workers[futures.index(next(iter(not_done)))],
                                WorkerFailed(f"{what}: no answer within {timeout:.0f}s"))

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -34,6 +34,10 @@ class Mailbox:
     def open(self, request_id: str) -> None:
         with self._cond:
             self._open.add(request_id)
+
+    def is_open(self, request_id: str) -> bool:
+        with self._cond:
+            return request_id in self._open
 
     def close(self, request_id: str) -> None:
         """Forget a request and drop what it left unread (e.g. the last window activations)."""
@@ -81,13 +85,14 @@ class PeerLink(ABC):
         self.sender = sender
 
     def send(self, request_id: str, step: int, kind: int, tensors: Mapping[str, torch.Tensor],
-             trace_context: Mapping[str, str] | None = None) -> int:
+             trace_context: Mapping[str, str] | None = None, cancelled: Callable[[], bool] | None = None) -> int:
+        """``cancelled()`` turning true (the request was aborted) ends a send still waiting for the peer."""
         frames = encode_frames(request_id, step, kind, tensors, trace_context, sender=self.sender)
-        self._send_frames(frames)
+        self._send_frames(frames, cancelled)
         return sum(memoryview(f).nbytes for f in frames)
 
     @abstractmethod
-    def _send_frames(self, frames: list[bytes | memoryview]) -> None: ...
+    def _send_frames(self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None) -> None: ...
 
     def close(self) -> None:
         pass
@@ -100,6 +105,6 @@ class InMemoryLink(PeerLink):
         super().__init__(sender)
         self.peer_mailbox = peer_mailbox
 
-    def _send_frames(self, frames: list[bytes | memoryview]) -> None:
+    def _send_frames(self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None) -> None:
         # Copy the buffers: the sender may reuse its tensors before the peer reads them.
         self.peer_mailbox.deliver([bytes(f) for f in frames])

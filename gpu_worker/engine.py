@@ -160,7 +160,9 @@ class WorkerEngine:
         return out
 
     def _send(self, st: _Active, step: int, kind: int, tensors: dict[str, torch.Tensor], cmd: StepCommand) -> None:
-        self._sent += st.link.send(st.spec.request_id, step, kind, tensors, cmd.trace_context)
+        rid = st.spec.request_id
+        self._sent += st.link.send(rid, step, kind, tensors, cmd.trace_context,
+                                   cancelled=lambda: not self.mailbox.is_open(rid))  # closed on abort/cancel
 
     def _recv(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
         msg = self.mailbox.take(st.spec.request_id, kind, step, self.peer_timeout)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 import zmq
 
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 HWM = 64  # messages; a step has at most a few in flight per direction
 MAX_MESSAGE_BYTES = 4 * MAX_TENSOR_BYTES
+SEND_SLICE_MS = 100  # a blocked send checks this often whether its request was aborted
 
 
 CurveKeys = tuple[bytes, bytes]  # (public, secret) of the pool keypair (hybridiff.security)
@@ -108,20 +111,31 @@ class ZmqLink(PeerLink):
         if curve is not None:
             self._socket.curve_serverkey = curve[0]
             self._socket.curve_publickey, self._socket.curve_secretkey = curve
+        self.send_timeout = send_timeout_ms / 1000
         self._socket.setsockopt(zmq.SNDHWM, HWM)
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
-        self._socket.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+        self._socket.setsockopt(zmq.SNDTIMEO, min(send_timeout_ms, SEND_SLICE_MS))
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(address)
 
-    def _send_frames(self, frames: list[bytes | memoryview]) -> None:
-        # copy=True: the tensors behind these views may be reused right after this call returns.
-        try:
-            self._socket.send_multipart(frames, copy=True)
-        except zmq.Again:
-            from hybridiff.errors import PeerTimeout
+    def _send_frames(self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None) -> None:
+        # A dead peer leaves no pipe (IMMEDIATE), so the send blocks: wait in short slices and
+        # give up as soon as the request is aborted, or the handler thread would stay stuck here
+        # (holding the worker) long after the coordinator moved the request on.
+        from hybridiff.errors import PeerTimeout
 
-            raise PeerTimeout(f"{self.sender}: peer {self.address} did not take data-plane frames in time") from None
+        deadline = time.monotonic() + self.send_timeout
+        while True:
+            try:
+                # copy=True: the tensors behind these views may be reused right after this call returns.
+                # A multipart message goes all or nothing: Again means no frame was queued.
+                self._socket.send_multipart(frames, copy=True)
+                return
+            except zmq.Again:
+                if cancelled is not None and cancelled():
+                    raise PeerTimeout(f"{self.sender}: the request was closed while sending to {self.address}") from None
+                if time.monotonic() >= deadline:
+                    raise PeerTimeout(f"{self.sender}: peer {self.address} did not take data-plane frames in time") from None
 
     def close(self) -> None:
         self._socket.close(linger=0)

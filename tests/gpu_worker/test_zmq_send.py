@@ -1,0 +1,53 @@
+"""A data-plane send to a peer that is gone must not outlive its request: the worker's handler
+thread would hold the worker busy, and the request resumed on it would be refused."""
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from gpu_worker.dataplane import Mailbox
+from gpu_worker.zmq_plane import ZmqLink
+from hybridiff.errors import PeerTimeout
+from hybridiff.wire import FrameKind
+
+
+def _unused_address(ctx: zmq.Context) -> str:
+    probe = ctx.socket(zmq.PULL)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)
+    return f"tcp://127.0.0.1:{port}"  # nothing listens there: the send cannot be taken
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.term()
+
+
+def test_a_send_to_a_gone_peer_ends_when_its_request_is_closed(ctx):
+    box = Mailbox("worker")
+    box.open("r")
+    link = ZmqLink(ctx, "worker", _unused_address(ctx), send_timeout_ms=30_000)
+    threading.Timer(0.2, box.close, args=("r",)).start()  # what the Session's cancel callback does
+    start = time.monotonic()
+    try:
+        with pytest.raises(PeerTimeout, match="closed while sending"):
+            link.send("r", 5, FrameKind.BRANCH_PREDICTION, {"prediction": torch.ones(4)},
+                      cancelled=lambda: not box.is_open("r"))
+    finally:
+        link.close()
+    assert time.monotonic() - start < 5.0  # not the 30 s send timeout
+
+
+def test_a_send_to_a_gone_peer_still_times_out(ctx):
+    link = ZmqLink(ctx, "worker", _unused_address(ctx), send_timeout_ms=300)
+    start = time.monotonic()
+    try:
+        with pytest.raises(PeerTimeout, match="did not take data-plane frames in time"):
+            link.send("r", 5, FrameKind.BRANCH_PREDICTION, {"prediction": torch.ones(4)}, cancelled=lambda: False)
+    finally:
+        link.close()
+    assert 0.25 < time.monotonic() - start < 5.0
