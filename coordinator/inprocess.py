@@ -16,7 +16,7 @@ from gpu_worker.loader import load_adapter
 from gpu_worker.split_balance import SplitPlan, balanced_plan, measure_unit_costs
 from hybridiff.messages import BeginCommand, StepCommand
 from hybridiff.phases import MODE_NAMES, Mode
-from hybridiff.request import MODEL_DEFAULTS, GenerationSpec, RequestInput, resolve_spec
+from hybridiff.request import GenerationSpec, RequestInput, resolve_spec
 
 
 class InProcessWorker:
@@ -53,7 +53,7 @@ class InProcessEngine:
                  split_cut: int | None = None) -> None:
         self.adapter = load_adapter(model_dir, device, dtype)
         self.limits = self.adapter.size_limits()
-        self.defaults = MODEL_DEFAULTS[self.adapter.arch]
+        self.defaults = self.adapter.defaults
         self._split_cut = split_cut
         self._plans: dict[tuple[int, int], SplitPlan] = {}
         boxes = [Mailbox("U", self.adapter.device), Mailbox("C", self.adapter.device)]

@@ -9,6 +9,7 @@ import torch
 
 from gpu_worker.adapters.base import ModelAdapter
 from hybridiff.errors import InvalidArgument, ModelLoadError
+from hybridiff.request import MODEL_DEFAULTS_FILE, ModelDefaults, model_defaults
 
 log = logging.getLogger(__name__)
 
@@ -90,4 +91,16 @@ def load_adapter(model_dir: str | Path, device: str | None = None, dtype: str | 
         if module is not None:
             module.eval().requires_grad_(False)
     log.info("loaded %s model from %s on %s (%s)", arch, model_dir, dev, dt)
-    return adapter_cls(pipe, dev, dt)
+    return adapter_cls(pipe, dev, dt, read_model_defaults(model_dir, arch))
+
+
+def read_model_defaults(model_dir: str | Path, arch: str) -> ModelDefaults:
+    """The model's own defaults from ``hybridiff.json`` when it has one, else the architecture's."""
+    path = Path(model_dir) / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return model_defaults(arch)
+    try:
+        recorded = json.loads(path.read_text())["defaults"]
+        return model_defaults(arch, recorded)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, InvalidArgument) as exc:
+        raise ModelLoadError(f"{path} has invalid defaults: {exc}") from None

@@ -31,7 +31,6 @@ from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLinks
 from hybridiff import security, telemetry
 from hybridiff.api.v1 import diffusion_pb2, worker_pb2, worker_pb2_grpc
 from hybridiff.errors import HybridiffError, InvalidArgument
-from hybridiff.request import MODEL_DEFAULTS
 from hybridiff.messages import (begin_from_proto, finish_report_to_proto, step_from_proto,
                                 step_report_to_proto)
 
@@ -66,7 +65,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServicer):
     def Info(self, request, context):
         self._ready(context)
         limits = self.adapter.size_limits()
-        d = MODEL_DEFAULTS[self.adapter.arch]
+        d = self.adapter.defaults
         return worker_pb2.WorkerInfo(
             worker_id=self.worker_id, model_name=self.model_name, arch=self.adapter.arch,
             data_address=self.data_address,

@@ -12,21 +12,32 @@ from hybridiff.errors import HybridiffError
 from hybridiff.request import MODES, WINDOW_GUIDANCE, RequestInput
 
 DEFAULT_MODEL_ENV = "HYBRIDIFF_MODEL_DIR"
+# The trained default model (hybridiff train-default-model), committed next to the packages.
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes-sdxl"
 
 
 def default_model_dir() -> Path:
-    """The embedded default model: ``$HYBRIDIFF_MODEL_DIR``, else a tiny SDXL model built once
-    into the user cache (random weights, no download)."""
+    """The embedded default model: ``$HYBRIDIFF_MODEL_DIR``, else the trained shapes model
+    committed in the repository (``models/shapes-sdxl``), else — in an install without the
+    repository — a tiny random SDXL model built once into the user cache (no download)."""
     env = os.environ.get(DEFAULT_MODEL_ENV)
     if env:
         return Path(env)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hybridiff" / "tiny-sdxl"
+    if (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+        return EMBEDDED_MODEL_DIR
+    cache = tiny_model_cache() / "tiny-sdxl"
     if not (cache / "model_index.json").is_file():
         from hybridiff.tiny_model import write_tiny_model
 
-        print(f"building the default tiny SDXL model in {cache}", file=sys.stderr)
+        print(f"no embedded model at {EMBEDDED_MODEL_DIR}; building a tiny random SDXL model in {cache}",
+              file=sys.stderr)
         write_tiny_model("sdxl", cache)
     return cache
+
+
+def tiny_model_cache() -> Path:
+    """Where the benchmark and other helpers keep the models they build."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hybridiff"
 
 
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -64,6 +75,26 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
     out = write_tiny_model(args.arch, args.out, seed=args.seed, size=args.size)
     print(f"wrote {args.size} {args.arch} model to {out}")
+    return 0
+
+
+def cmd_train_default_model(args: argparse.Namespace) -> int:
+    from hybridiff.shapes.train import TrainConfig, train_default_model
+
+    overrides = {"unet_steps": args.steps, "vae_steps": args.vae_steps, "threads": args.threads}
+    config = TrainConfig(seed=args.seed, **{k: v for k, v in overrides.items() if v is not None})
+    record = train_default_model(args.out, config, progress=lambda line: print(line, flush=True),
+                                 checkpoint_dir=args.checkpoint_dir)
+    print(f"wrote the trained model to {args.out} in {record['seconds'] / 60:.1f} min")
+    return 0
+
+
+def cmd_adherence(args: argparse.Namespace) -> int:
+    from hybridiff.shapes.evaluate import study
+
+    study(args.model_dir or default_model_dir(), args.out_dir, steps=args.steps, curve_steps=args.curve_steps,
+          guidances=tuple(args.guidance), progress=lambda line: print(line, flush=True))
+    print(f"wrote {args.out_dir}/evaluation.json and its plots")
     return 0
 
 
@@ -219,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=("tiny", "bench"), default="tiny")
     p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("train-default-model",
+                       help="train the embedded default model (coloured shapes, SDXL architecture) on CPU")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="denoiser training steps (default 4000)")
+    p.add_argument("--vae-steps", type=int, default=None, help="autoencoder training steps (default 500)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    p.add_argument("--checkpoint-dir", default=None, help="also write EMA snapshots here every 1000 steps")
+    p.set_defaults(func=cmd_train_default_model)
+
+    p = sub.add_parser("adherence", help="the default model's prompt adherence on held-out prompts, and its "
+                                         "rel-MAE curve (in-process)")
+    p.add_argument("--model-dir", default=None, help="diffusers model directory (default: the embedded model)")
+    p.add_argument("--out-dir", default="docs/default_model")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps of the adherence images")
+    p.add_argument("--curve-steps", type=int, default=50, help="denoising steps of the rel-MAE curves")
+    p.add_argument("--guidance", type=float, nargs="+", default=[5.0, 1.0])
+    p.set_defaults(func=cmd_adherence)
 
     p = sub.add_parser("run", help="the engine in one process, no servers")
     p.add_argument("--model-dir", default=None, help="diffusers model directory (default: the embedded tiny model)")

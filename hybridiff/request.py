@@ -52,6 +52,24 @@ MODEL_DEFAULTS = {
 }
 
 
+MODEL_DEFAULTS_FILE = "hybridiff.json"  # optional, in a model directory: {"defaults": {...}}
+
+
+def model_defaults(arch: str, recorded: dict | None = None) -> ModelDefaults:
+    """The architecture's defaults, overridden by what a model directory records for itself
+    (``{"steps": 50, "guidance_scale": 5.0, "hybrid": {"l_slope": ..., ...}}``)."""
+    base = MODEL_DEFAULTS[arch]
+    if not recorded:
+        return base
+    hybrid = {**vars(base.hybrid), **recorded.get("hybrid", {})}
+    return ModelDefaults(
+        HybridParams(int(hybrid["l_slope"]), float(hybrid["eps_slope"]), int(hybrid["k"]),
+                     int(hybrid["tau_cap"])).validate(),
+        steps=int(recorded.get("steps", base.steps)),
+        guidance_scale=float(recorded.get("guidance_scale", base.guidance_scale)),
+    )
+
+
 @dataclass(frozen=True)
 class SizeLimits:
     """What sizes a model accepts: sides are multiples of ``multiple`` within [min_side, max_side]."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from hybridiff.request import SizeLimits
+from hybridiff.request import MODEL_DEFAULTS, ModelDefaults, SizeLimits
 
 # Branch inputs are the per-branch conditioning tensors (batch 1 each), keyed by the name the
 # denoiser's forward expects; ``cat_branches`` builds the pipeline's [uncond, cond] batch.
@@ -79,10 +79,12 @@ class StageSplit(ABC):
 class ModelAdapter(ABC):
     arch: str
 
-    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype,
+                 defaults: ModelDefaults | None = None) -> None:
         self.pipe = pipe
         self.device = device
         self.dtype = dtype
+        self.defaults = defaults or MODEL_DEFAULTS[self.arch]  # steps, guidance, hybrid parameters
         # prepare_latents reads pipe.scheduler; requests assign their own scheduler under this lock.
         self._pipe_lock = threading.Lock()
 

@@ -8,7 +8,9 @@ then the diffusers pipeline in-process on one core as the outside reference. It 
 latency (median, spread), speedup vs SINGLE, the schedule's ideal speedup from the measured
 compute times (``perfmodel`` with a free link) and measured/ideal, per-step overhead (step
 wall time minus compute), data-plane bytes, tau1/tau2, and PSNR/SSIM of every mode's image
-against SINGLE (and of the hybrid policies against CFG_PARALLEL, the exact CFG).
+against SINGLE (and of the hybrid policies against CFG_PARALLEL, the exact CFG). A second,
+short pass on the trained default model measures prompt adherence per mode and policy
+(``hybridiff.bench.adherence``).
 """
 from __future__ import annotations
 
@@ -251,6 +253,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true", help="skip the in-process diffusers reference")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--out-dir", type=Path, default=Path("out/bench"))
+    p.add_argument("--adherence-seeds", type=int, default=2,
+                   help="seeds per held-out prompt in the adherence pass on the trained default model (0: skip)")
+    p.add_argument("--adherence-steps", type=int, default=30)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if not 1 <= args.prompts <= len(DEFAULT_PROMPTS) or args.seeds < 1 or args.repeats < 1 or args.steps < 1:
@@ -259,9 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench_model_dir() -> Path:
-    from hybridiff.cli import default_model_dir
+    from hybridiff.cli import tiny_model_cache
 
-    cache = default_model_dir().parent / "bench-sdxl"
+    cache = tiny_model_cache() / "bench-sdxl"
     if not (cache / "model_index.json").is_file():
         from hybridiff.tiny_model import write_tiny_model
 
@@ -275,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpu_worker.loader import detect_arch
     from hybridiff.bench import plots
+    from hybridiff.bench.adherence import adherence_by_variant, format_adherence
+    from hybridiff.cli import default_model_dir
+    from hybridiff.shapes.grammar import held_out_prompts
     from hybridiff.client import DiffusionClient
     from hybridiff.launcher import LocalCluster
 
@@ -289,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target or cluster.address
     client = DiffusionClient(target)
     pairs = [(p, s) for p in DEFAULT_PROMPTS[: args.prompts] for s in range(args.seeds)]
-    total = len(VARIANTS) * (1 + args.repeats * len(pairs)) + (0 if args.no_reference else 1)
+    adherence_runs = len(VARIANTS) * len(held_out_prompts()) * args.adherence_seeds
+    total = len(VARIANTS) * (1 + args.repeats * len(pairs)) + (0 if args.no_reference else 1) + adherence_runs
     bar = tqdm(total=total, unit="run", disable=args.quiet, desc="bench")
     runs: list[Run] = []
     reference = []
@@ -312,12 +321,22 @@ def main(argv: list[str] | None = None) -> int:
             latency, image = diffusers_reference(model_dir, prompt, seed, args.steps, args.guidance, core=0)
             reference.append((prompt, seed, latency, png_bytes(image)))
             bar.update(1)
+        if cluster is not None:  # the timing cluster goes before the adherence pass starts its own
+            cluster.stop()
+            cluster = None
+        if adherence_runs:
+            adherence = adherence_by_variant(str(default_model_dir()), VARIANTS, args.adherence_seeds,
+                                             args.adherence_steps, args.out_dir / "logs-adherence",
+                                             on_run=lambda label: (bar.set_postfix_str(f"adherence {label}"),
+                                                                   bar.update(1)))
     finally:
         bar.close()
         client.close()
         if cluster is not None:
             cluster.stop()
     result = summarize(runs, reference, topology)
+    if adherence_runs:
+        result["adherence"] = adherence
     result["config"] = {"model_dir": model_dir, "topology": topology, "steps": args.steps, "guidance": args.guidance,
                         "prompts": [p for p, _ in pairs], "seeds": args.seeds, "repeats": args.repeats,
                         "cores": sorted(os.sched_getaffinity(0)), "target": args.target or "local cluster, 2 workers"}
@@ -331,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out_dir / "rel_mae.png", "rel-MAE per step (exact CFG run) and the hybrid window")
     plots.timeline(hybrid.stats, args.out_dir / "timeline_hybrid.png", "One hybrid request: what each worker computed")
     print(format_table(result))
+    if adherence_runs:
+        print(format_adherence(adherence))
     print(f"wrote {args.out_dir / 'bench.json'}, latency.png, rel_mae.png, timeline_hybrid.png "
           f"({result['wall_seconds']:.0f}s)")
     return 0

@@ -1,0 +1,65 @@
+"""The benchmark's quality pass on the trained default model: prompt adherence of every mode
+and window-guidance policy on the held-out prompts, next to PSNR/SSIM against the exact CFG
+(``cfg-parallel``) image, all through the gRPC service of a local cluster.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from hybridiff.quality import psnr, ssim
+from hybridiff.request import RequestInput
+from hybridiff.shapes.adherence import AdherenceReport
+from hybridiff.shapes.evaluate import EVAL_SEEDS, held_out_requests, run_adherence
+
+
+def adherence_by_variant(model_dir: str, variants: tuple[tuple[str, str, str], ...], seeds: int, steps: int,
+                         log_dir: Path, on_run: Callable[[str], None] = lambda _: None) -> dict:
+    """For each (label, mode, policy): adherence accuracy (whole prompt and per attribute) over
+    the held-out prompts x ``seeds`` seeds, and min PSNR/SSIM against ``cfg-parallel``."""
+    from hybridiff.client import DiffusionClient
+    from hybridiff.launcher import LocalCluster
+
+    images: dict[str, dict[tuple[str, int], bytes]] = {}
+    results: dict[str, dict] = {}
+    with LocalCluster(model_dir, workers=2, log_dir=log_dir) as cluster:
+        client = DiffusionClient(cluster.address)
+        try:
+            for label, mode, policy in variants:
+                def generate(raw: RequestInput, mode=mode, policy=policy) -> tuple[bytes, object]:
+                    raw.mode, raw.window_guidance = mode, policy
+                    resp = client.generate(raw, timeout=300)
+                    on_run(label)
+                    return resp.image, resp.stats
+
+                report, samples = run_adherence(generate, held_out_requests(EVAL_SEEDS[:seeds], num_steps=steps))
+                images[label] = {(s.caption.text, s.seed): s.image_png for s in samples}
+                results[label] = _summary(report, [s.stats for s in samples])
+        finally:
+            client.close()
+    exact = images.get("cfg-parallel", {})
+    for label, by_key in images.items():
+        pairs = [(img, exact[key]) for key, img in by_key.items() if key in exact]
+        results[label]["psnr_vs_cfg_parallel"] = min((psnr(a, b) for a, b in pairs), default=None)
+        results[label]["ssim_vs_cfg_parallel"] = min((ssim(a, b) for a, b in pairs), default=None)
+    return {"model_dir": model_dir, "steps": steps, "seeds": list(EVAL_SEEDS[:seeds]), "variants": results}
+
+
+def _summary(report: AdherenceReport, stats: list) -> dict:
+    sources = [s.tau1_source for s in stats if s.tau1_source]
+    return {**report.as_dict(), "tau1": sorted({s.tau1 for s in stats if s.tau1_source}),
+            "tau1_by_slope": sum(src == "slope" for src in sources), "tau1_decided": len(sources)}
+
+
+def format_adherence(result: dict) -> str:
+    lines = [f"{'mode (default model)':24} {'adherence':>9} {'colour':>7} {'shape':>6} {'position':>8} "
+             f"{'PSNR/cfg':>8} {'SSIM':>6} {'tau1 by slope':>13}"]
+    for label, r in result["variants"].items():
+        a = r["attributes"]
+        p = r["psnr_vs_cfg_parallel"]
+        psnr_s = "-" if p is None else "inf" if p == float("inf") else f"{p:.1f}"
+        ssim_s = "-" if r["ssim_vs_cfg_parallel"] is None else f"{r['ssim_vs_cfg_parallel']:.3f}"
+        slope = f"{r['tau1_by_slope']}/{r['tau1_decided']}" if r["tau1_decided"] else "-"
+        lines.append(f"{label:24} {r['accuracy']:9.0%} {a.get('colour', 0):7.0%} {a.get('shape', 0):6.0%} "
+                     f"{a.get('position', 0):8.0%} {psnr_s:>8} {ssim_s:>6} {slope:>13}")
+    return "\n".join(lines)

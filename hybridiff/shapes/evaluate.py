@@ -1,0 +1,153 @@
+"""Evaluate the default model: prompt adherence over the fixed held-out prompts and seeds,
+and its rel-MAE curve with the tau1 the slope rule finds (``hybridiff adherence``).
+
+Generation goes through any ``generate(RequestInput) -> (png, stats)`` callable, so the same
+evaluation runs on the in-process engine here and through the gRPC service in the benchmark.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from hybridiff.request import HybridParams, RequestInput
+from hybridiff.shapes.adherence import AdherenceReport, Verdict, check
+from hybridiff.shapes.grammar import Caption, held_out_prompts
+
+EVAL_SEEDS = (11, 22, 33, 44)  # fixed: with the 8 held-out prompts, 32 images per setting
+
+Generate = Callable[[RequestInput], tuple[bytes, object]]
+
+
+@dataclass
+class Sample:
+    caption: Caption
+    seed: int
+    image_png: bytes
+    stats: object
+    verdict: Verdict
+
+
+def held_out_requests(seeds: tuple[int, ...] = EVAL_SEEDS, **request: object) -> list[tuple[Caption, RequestInput]]:
+    """One request per held-out prompt and seed; ``request`` sets the other fields."""
+    return [(c, RequestInput(prompt=c.text, seed=s, **request)) for c in held_out_prompts() for s in seeds]
+
+
+def run_adherence(generate: Generate, requests: list[tuple[Caption, RequestInput]],
+                  on_sample: Callable[[Sample], None] | None = None) -> tuple[AdherenceReport, list[Sample]]:
+    samples = []
+    for caption, raw in requests:
+        png, stats = generate(raw)
+        sample = Sample(caption, raw.seed, png, stats, check(png, caption))
+        samples.append(sample)
+        if on_sample:
+            on_sample(sample)
+    return AdherenceReport([s.verdict for s in samples]), samples
+
+
+def slope_rule_outcomes(curves: list[list[float]], params: HybridParams) -> list[tuple[int, str]]:
+    """(tau1, source) the discrepancy monitor finds on each rel-MAE curve with ``params``."""
+    from coordinator.schedule import DiscrepancyMonitor
+
+    out = []
+    for curve in curves:
+        monitor = DiscrepancyMonitor(params)
+        for value in curve:
+            monitor.observe(value)
+            if monitor.tau1 is not None:
+                break
+        out.append((monitor.tau1 if monitor.tau1 is not None else -1, monitor.tau1_source or "none"))
+    return out
+
+
+def plot_rel_mae(curves: dict[str, list[float]], tau1: dict[str, int], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (label, curve) in enumerate(curves.items()):
+        line, = ax.plot(range(len(curve)), curve, lw=1.2, label=label)
+        if tau1.get(label, -1) >= 0:
+            ax.axvline(tau1[label], color=line.get_color(), ls=":", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("rel-MAE(e_c, e_u)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def save_grid(samples: list[Sample], out: Path, columns: int, scale: int = 3) -> None:
+    """The images in a grid (rows in ``samples`` order), a thin red border marking misses."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    images = [Image.open(io.BytesIO(s.image_png)).convert("RGB") for s in samples]
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w * scale, rows * h * scale), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, s) in enumerate(zip(images, samples)):
+        x, y = (i % columns) * w * scale, (i // columns) * h * scale
+        grid.paste(img.resize((w * scale, h * scale), Image.NEAREST), (x, y))
+        if not s.verdict.adheres:
+            draw.rectangle([x, y, x + w * scale - 1, y + h * scale - 1], outline=(255, 0, 0))
+    grid.save(out)
+
+
+def in_process_generate(model_dir: str | Path) -> tuple[Generate, Callable[[], None]]:
+    """A ``Generate`` over the in-process engine, and its ``close``."""
+    from coordinator.inprocess import InProcessEngine
+
+    engine = InProcessEngine(model_dir)
+
+    def generate(raw: RequestInput) -> tuple[bytes, object]:
+        result = engine.generate(engine.resolve(raw))
+        return result.image_png, result.stats
+
+    return generate, engine.close
+
+
+def study(model_dir: str | Path, out_dir: str | Path, steps: int = 30, curve_steps: int = 50,
+          guidances: tuple[float, ...] = (5.0, 1.0), progress: Callable[[str], None] = print) -> dict:
+    """Adherence at each guidance (exact CFG), the rel-MAE curves over ``curve_steps`` steps
+    and the slope rule's tau1 on them, written to ``out_dir`` (JSON and PNGs)."""
+    from gpu_worker.loader import detect_arch, read_model_defaults
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generate, close = in_process_generate(model_dir)
+    defaults = read_model_defaults(model_dir, detect_arch(model_dir))
+    record: dict = {"model_dir": str(model_dir), "steps": steps, "seeds": list(EVAL_SEEDS), "adherence": {}}
+    try:
+        for g in guidances:
+            report, samples = run_adherence(generate, held_out_requests(num_steps=steps, guidance_scale=g,
+                                                                        mode="cfg-parallel"))
+            record["adherence"][str(g)] = report.as_dict()
+            progress(f"guidance {g}: adherence {report.accuracy:.0%} {report.attribute_accuracy()}")
+            save_grid(samples, out / f"held_out_guidance_{g:g}.png", columns=len(EVAL_SEEDS))
+        curves: dict[str, list[float]] = {}
+        for caption, raw in held_out_requests(seeds=EVAL_SEEDS[:2], num_steps=curve_steps,
+                                              guidance_scale=defaults.guidance_scale, mode="cfg-parallel"):
+            _, stats = generate(raw)
+            curves[f"{caption.text} (seed {raw.seed})"] = [s.rel_mae for s in stats.steps]
+        outcomes = slope_rule_outcomes(list(curves.values()), defaults.hybrid)
+        tau1 = {label: t for label, (t, _) in zip(curves, outcomes)}
+        record["rel_mae"] = {"steps": curve_steps, "params": vars(defaults.hybrid), "curves": curves,
+                             "tau1": [t for t, _ in outcomes], "tau1_source": [s for _, s in outcomes]}
+        by_slope = sum(s == "slope" for _, s in outcomes)
+        progress(f"rel-MAE: tau1 by the slope rule on {by_slope}/{len(outcomes)} curves "
+                 f"(tau1 {sorted(t for t, _ in outcomes)})")
+        plot_rel_mae(curves, tau1, out / "rel_mae.png",
+                     f"default model, {curve_steps} steps, guidance {defaults.guidance_scale:g}: "
+                     f"rel-MAE per step, tau1 (dotted) by the slope rule on {by_slope}/{len(outcomes)}")
+    finally:
+        close()
+    (out / "evaluation.json").write_text(json.dumps(record, indent=1))
+    return record
