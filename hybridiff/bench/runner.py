@@ -253,7 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true", help="skip the in-process diffusers reference")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--out-dir", type=Path, default=Path("out/bench"))
-    p.add_argument("--adherence-seeds", type=int, default=2,
+    p.add_argument("--adherence-seeds", type=int, default=1,
                    help="seeds per held-out prompt in the adherence pass on the trained default model (0: skip)")
     p.add_argument("--adherence-steps", type=int, default=30)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -4,8 +4,8 @@ colour, position, size and shape class, and compare them with what the prompt as
 - the shape is the largest 4-connected region of saturated pixels (backgrounds are neutral);
 - colour: the hue of the region's median pixel, nearest to the palette's hues;
 - position: the region's centroid, nearest of the five anchors;
-- shape class: taper (top rows vs bottom rows), filled box corners, and the fill ratio of the
-  bounding box (square ~1.0, circle ~pi/4, triangle ~1/2);
+- shape class: the fill ratio of the bounding box of its solid core (square ~1.0, circle ~pi/4,
+  triangle ~1/2), and its taper (top rows vs bottom rows) for small triangles;
 - size: its area against the midpoint of the two nominal sizes.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ from hybridiff.shapes.render import ANCHORS, AREA_PER_RADIUS2, PALETTE, RADII
 
 SATURATION_MIN = 0.22   # max(rgb) - min(rgb) above which a pixel belongs to a shape
 MIN_AREA_FRACTION = 0.004  # smaller regions are noise, not a shape
-SQUARE_FILL, TRIANGLE_FILL = 0.93, 0.6  # fill-ratio boundaries: square > 0.93 > circle > 0.6 > triangle
+SQUARE_FILL, TRIANGLE_FILL = 0.87, 0.64  # fill-ratio boundaries: square > 0.87 > circle > 0.64 > triangle
 TAPER_MAX = 0.7  # a triangle's top third is much narrower than its bottom third
-CIRCLE_FILL_MIN = 0.75  # a small circle's rows taper too, but it fills more of its box
+CIRCLE_FILL_MIN = 0.70  # a small circle's rows taper too, but it fills more of its box than a triangle
 _HUES = {name: colorsys.rgb_to_hsv(*rgb)[0] for name, rgb in PALETTE.items()}
 
 
@@ -86,15 +86,14 @@ def _nearest_hue(hue: float) -> str:
 
 
 def _shape_class(box: np.ndarray, fill: float) -> str:
-    """Triangle: rows narrow towards the top; square: the box's corners are filled; else circle.
-    Fill ratio decides when the shape is too small for the corners to say much."""
+    """Square: it fills its bounding box; triangle: about half of it, or its rows narrow towards
+    the top; circle: in between (pi/4)."""
     rows = box.sum(axis=1).astype(np.float32)
     third = max(1, len(rows) // 3)
     taper = rows[:third].mean() / max(rows[-third:].mean(), 1.0)
     if fill < TRIANGLE_FILL or (taper < TAPER_MAX and fill < CIRCLE_FILL_MIN):
         return "triangle"
-    corners = (int(box[0, 0]) + int(box[0, -1]) + int(box[-1, 0]) + int(box[-1, -1])) / 4
-    return "square" if corners >= 0.75 or fill > SQUARE_FILL else "circle"
+    return "square" if fill >= SQUARE_FILL else "circle"
 
 
 def read_image(image: np.ndarray) -> Reading:
@@ -103,17 +102,22 @@ def read_image(image: np.ndarray) -> Reading:
     if img.max() > 1.5:
         img = img / 255.0
     h, w, _ = img.shape
-    region = _largest_region((img.max(axis=2) - img.min(axis=2)) > SATURATION_MIN)
+    saturation = img.max(axis=2) - img.min(axis=2)
+    region = _largest_region(saturation > SATURATION_MIN)
     area = int(region.sum())
     if area < MIN_AREA_FRACTION * h * w:
         return Reading(found=False, area_fraction=area / (h * w))
-    ys, xs = np.nonzero(region)
-    fill = area / float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    # The outline for the shape class: pixels at least half as saturated as the shape's median,
+    # so anti-aliased edge pixels do not square off a small circle.
+    core = region & (saturation >= 0.5 * np.median(saturation[region]))
+    ys, xs = np.nonzero(core)
+    fill = int(core.sum()) / float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    shape = _shape_class(core[ys.min():ys.max() + 1, xs.min():xs.max() + 1], fill)
     r, g, b = np.median(img[region], axis=0)
     colour = _nearest_hue(colorsys.rgb_to_hsv(float(r), float(g), float(b))[0])
+    ys, xs = np.nonzero(region)
     cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
     position = min(ANCHORS, key=lambda p: (ANCHORS[p][0] - cx) ** 2 + (ANCHORS[p][1] - cy) ** 2)
-    shape = _shape_class(region[ys.min():ys.max() + 1, xs.min():xs.max() + 1], fill)
     radius = np.sqrt(area / AREA_PER_RADIUS2[shape] / (h * w))
     size = "large" if radius > (RADII["small"] + RADII["large"]) / 2 else "small"
     return Reading(True, colour, shape, position, size, fill=float(fill), area_fraction=area / (h * w))

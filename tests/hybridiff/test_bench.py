@@ -11,7 +11,8 @@ def test_bench_json_is_complete_and_consistent(model_dirs, tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "-m", "hybridiff.cli", "bench", "--model-dir", str(model_dirs["sdxl"]), "--prompts", "2",
-         "--repeats", "1", "--steps", "8", "--tau-cap", "3", "--k", "3", "--out-dir", str(out), "--quiet"],
+         "--repeats", "1", "--steps", "8", "--tau-cap", "3", "--k", "3", "--out-dir", str(out), "--quiet",
+         "--adherence-seeds", "1", "--adherence-steps", "6"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
@@ -39,3 +40,11 @@ def test_bench_json_is_complete_and_consistent(model_dirs, tmp_path):
     for png in ("latency.png", "rel_mae.png", "timeline_hybrid.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     assert "hybrid" in proc.stdout and "speedup" in proc.stdout
+    # the quality pass on the trained default model: adherence per mode and window policy
+    adherence = result["adherence"]["variants"]
+    assert set(adherence) == set(modes)
+    for name, a in adherence.items():
+        assert a["n"] == 8 and 0 <= a["accuracy"] <= 1 and set(a["attributes"]) == {"colour", "shape", "position"}
+    assert adherence["cfg-parallel"]["psnr_vs_cfg_parallel"] == float("inf")
+    assert adherence["single"]["psnr_vs_cfg_parallel"] >= 45
+    assert "adherence" in proc.stdout

@@ -56,3 +56,21 @@ def test_sd3_needs_multiples_of_16():
     limits = SizeLimits(multiple=16, min_side=16, max_side=128, default_side=64)
     with pytest.raises(InvalidArgument, match="multiple of 16"):
         resolve_spec(RequestInput(prompt="p", width=40), limits, MODEL_DEFAULTS["sd3"])
+
+
+def test_a_model_directory_records_its_own_defaults(tmp_path):
+    import json
+
+    from gpu_worker.loader import read_model_defaults
+    from hybridiff.errors import ModelLoadError
+    from hybridiff.request import MODEL_DEFAULTS
+
+    assert read_model_defaults(tmp_path, "sdxl") == MODEL_DEFAULTS["sdxl"]
+    (tmp_path / "hybridiff.json").write_text(json.dumps(
+        {"defaults": {"steps": 40, "hybrid": {"eps_slope": 2e-3, "tau_cap": 20}}}))
+    d = read_model_defaults(tmp_path, "sdxl")
+    assert (d.steps, d.guidance_scale) == (40, MODEL_DEFAULTS["sdxl"].guidance_scale)
+    assert (d.hybrid.l_slope, d.hybrid.eps_slope, d.hybrid.k, d.hybrid.tau_cap) == (12, 2e-3, 5, 20)
+    (tmp_path / "hybridiff.json").write_text(json.dumps({"defaults": {"hybrid": {"eps_slope": 7}}}))
+    with pytest.raises(ModelLoadError, match="eps_slope"):
+        read_model_defaults(tmp_path, "sdxl")
