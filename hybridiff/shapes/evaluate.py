@@ -61,6 +61,19 @@ def slope_rule_outcomes(curves: list[list[float]], params: HybridParams) -> list
     return out
 
 
+def rel_mae_section(curves: dict[str, list[float]], params: HybridParams, guidance: float, plot: Path) -> dict:
+    """Where the slope rule puts tau1 on each curve with ``params``, plotted to ``plot``."""
+    outcomes = slope_rule_outcomes(list(curves.values()), params)
+    by_slope = sum(s == "slope" for _, s in outcomes)
+    steps = max(len(c) for c in curves.values())
+    plot_rel_mae(curves, {label: t for label, (t, _) in zip(curves, outcomes)}, plot,
+                 f"default model, {steps} steps, guidance {guidance:g}: rel-MAE per step;\n"
+                 f"tau1 (dotted) by the slope rule (L={params.l_slope}, eps={params.eps_slope:g}) on "
+                 f"{by_slope}/{len(outcomes)}, else tau_cap={params.tau_cap}")
+    return {"steps": steps, "params": vars(params), "curves": curves, "tau1": [t for t, _ in outcomes],
+            "tau1_source": [s for _, s in outcomes], "by_slope": by_slope}
+
+
 def plot_rel_mae(curves: dict[str, list[float]], tau1: dict[str, int], out: Path, title: str) -> None:
     import matplotlib
 
@@ -68,7 +81,7 @@ def plot_rel_mae(curves: dict[str, list[float]], tau1: dict[str, int], out: Path
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (label, curve) in enumerate(curves.items()):
+    for label, curve in curves.items():
         line, = ax.plot(range(len(curve)), curve, lw=1.2, label=label)
         if tau1.get(label, -1) >= 0:
             ax.axvline(tau1[label], color=line.get_color(), ls=":", lw=1)
@@ -137,16 +150,9 @@ def study(model_dir: str | Path, out_dir: str | Path, steps: int = 30, curve_ste
                                               guidance_scale=defaults.guidance_scale, mode="cfg-parallel"):
             _, stats = generate(raw)
             curves[f"{caption.text} (seed {raw.seed})"] = [s.rel_mae for s in stats.steps]
-        outcomes = slope_rule_outcomes(list(curves.values()), defaults.hybrid)
-        tau1 = {label: t for label, (t, _) in zip(curves, outcomes)}
-        record["rel_mae"] = {"steps": curve_steps, "params": vars(defaults.hybrid), "curves": curves,
-                             "tau1": [t for t, _ in outcomes], "tau1_source": [s for _, s in outcomes]}
-        by_slope = sum(s == "slope" for _, s in outcomes)
-        progress(f"rel-MAE: tau1 by the slope rule on {by_slope}/{len(outcomes)} curves "
-                 f"(tau1 {sorted(t for t, _ in outcomes)})")
-        plot_rel_mae(curves, tau1, out / "rel_mae.png",
-                     f"default model, {curve_steps} steps, guidance {defaults.guidance_scale:g}: "
-                     f"rel-MAE per step, tau1 (dotted) by the slope rule on {by_slope}/{len(outcomes)}")
+        record["rel_mae"] = rel_mae_section(curves, defaults.hybrid, defaults.guidance_scale, out / "rel_mae.png")
+        progress(f"rel-MAE: tau1 by the slope rule on {record['rel_mae']['by_slope']}/{len(curves)} curves "
+                 f"(tau1 {sorted(record['rel_mae']['tau1'])})")
     finally:
         close()
     (out / "evaluation.json").write_text(json.dumps(record, indent=1))
