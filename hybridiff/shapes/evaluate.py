@@ -95,6 +95,27 @@ def plot_rel_mae(curves: dict[str, list[float]], tau1: dict[str, int], out: Path
     plt.close(fig)
 
 
+def plot_training_losses(log: dict, out: Path) -> None:
+    """The logged losses of both training stages (``training_log.json``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, stage, title in zip(axes, ("vae", "denoiser"), ("autoencoder", "denoiser + text encoders")):
+        rows = [r for r in log["losses"] if r["stage"] == stage]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"{title} ({rows[-1]['elapsed_s'] / 60:.0f} min in)" if rows else title)
+    axes[0].set_ylabel("training loss (mean of 50 steps)")
+    fig.suptitle(f"default model training: {log['seconds'] / 60:.1f} min on {log['config']['threads']} CPU threads")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def save_grid(samples: list[Sample], out: Path, columns: int, scale: int = 3) -> None:
     """The images in a grid (rows in ``samples`` order), a thin red border marking misses."""
     import io
@@ -155,5 +176,8 @@ def study(model_dir: str | Path, out_dir: str | Path, steps: int = 30, curve_ste
                  f"(tau1 {sorted(record['rel_mae']['tau1'])})")
     finally:
         close()
+    log = Path(model_dir) / "training_log.json"
+    if log.is_file():
+        plot_training_losses(json.loads(log.read_text()), out / "training_loss.png")
     (out / "evaluation.json").write_text(json.dumps(record, indent=1))
     return record

@@ -1,5 +1,6 @@
 """A data-plane send to a peer that is gone must not outlive its request: the worker's handler
 thread would hold the worker busy, and the request resumed on it would be refused."""
+import socket
 import threading
 import time
 
@@ -13,11 +14,15 @@ from hybridiff.errors import PeerTimeout
 from hybridiff.wire import FrameKind
 
 
-def _unused_address(ctx: zmq.Context) -> str:
-    probe = ctx.socket(zmq.PULL)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
-    return f"tcp://127.0.0.1:{port}"  # nothing listens there: the send cannot be taken
+@pytest.fixture
+def silent_address():
+    """A TCP port held by a plain socket that never speaks ZeroMQ: the handshake never completes,
+    so (with IMMEDIATE) no send can be taken, and no other process can take the port meanwhile."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    yield f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
 
 
 @pytest.fixture
@@ -27,10 +32,10 @@ def ctx():
     context.term()
 
 
-def test_a_send_to_a_gone_peer_ends_when_its_request_is_closed(ctx):
+def test_a_send_to_a_gone_peer_ends_when_its_request_is_closed(ctx, silent_address):
     box = Mailbox("worker")
     box.open("r")
-    link = ZmqLink(ctx, "worker", _unused_address(ctx), send_timeout_ms=30_000)
+    link = ZmqLink(ctx, "worker", silent_address, send_timeout_ms=30_000)
     threading.Timer(0.2, box.close, args=("r",)).start()  # what the Session's cancel callback does
     start = time.monotonic()
     try:
@@ -42,8 +47,8 @@ def test_a_send_to_a_gone_peer_ends_when_its_request_is_closed(ctx):
     assert time.monotonic() - start < 5.0  # not the 30 s send timeout
 
 
-def test_a_send_to_a_gone_peer_still_times_out(ctx):
-    link = ZmqLink(ctx, "worker", _unused_address(ctx), send_timeout_ms=300)
+def test_a_send_to_a_gone_peer_still_times_out(ctx, silent_address):
+    link = ZmqLink(ctx, "worker", silent_address, send_timeout_ms=300)
     start = time.monotonic()
     try:
         with pytest.raises(PeerTimeout, match="did not take data-plane frames in time"):
