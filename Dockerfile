@@ -23,15 +23,17 @@ COPY proto ./proto
 COPY hybridiff ./hybridiff
 COPY coordinator ./coordinator
 COPY gpu_worker ./gpu_worker
+COPY launch ./launch
+COPY tools ./tools
 # The [build-system] requirements from pyproject.toml (setuptools, grpcio-tools), then the
-# gRPC code generated into the tree first, so that package discovery sees hybridiff.api.v1,
-# then the wheel.
+# gRPC code generated into the tree first, so that package discovery sees hybridiff.v1 and
+# hybridiff.internal.v1, then the wheel.
 RUN (python -c "import tomllib" 2>/dev/null || python -m pip install tomli) \
  && python -c "import sys; t = __import__('tomllib' if sys.version_info >= (3, 11) else 'tomli'); \
 print('\n'.join(t.load(open('pyproject.toml', 'rb'))['build-system']['requires']))" \
     > /tmp/build-requirements.txt
 RUN python -m pip install -r /tmp/build-requirements.txt \
- && python -m hybridiff.api.generate \
+ && python -m hybridiff.codegen \
  && python -m pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # -- runtime ---------------------------------------------------------------------------------
@@ -46,7 +48,7 @@ RUN if [ -n "${TORCH_SPEC}" ]; then \
       python -m pip install ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} "${TORCH_SPEC}"; \
     fi
 COPY --from=build /wheels /wheels
-RUN python -m pip install /wheels/hybridiff-*.whl && rm -rf /wheels
+RUN python -m pip install "$(ls /wheels/hybridiff-*.whl)[server]" && rm -rf /wheels
 
 # Non-root, numeric (so Kubernetes' runAsNonRoot can verify it). The root filesystem is
 # read-only in the manifests: caches go to /tmp, an emptyDir there.

@@ -1,8 +1,8 @@
 """Build hook: generate the gRPC/protobuf Python modules from proto/ before packaging.
 
 The generated modules are never committed or edited (DESIGN section 2, proto/); they are
-written into hybridiff/api/v1/ together with a stamp of the .proto sources so that a stale
-generation is detected at import time (hybridiff/api/__init__.py).
+written into hybridiff/v1/ and hybridiff/internal/v1/ with a digest of the .proto sources, so
+that a stale generation is detected (hybridiff.codegen.assert_fresh).
 """
 import os
 import sys
@@ -12,15 +12,17 @@ from setuptools.command.build_py import build_py
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+GENERATED = ("hybridiff.v1", "hybridiff.internal", "hybridiff.internal.v1")
+
 
 class BuildPyWithProtos(build_py):
     def run(self) -> None:
-        from hybridiff.api.generate import generate
+        from hybridiff.codegen import generate
 
         generate()
-        # The generated package did not exist when setuptools listed the packages.
-        if self.packages is not None and "hybridiff.api.v1" not in self.packages:
-            self.packages.append("hybridiff.api.v1")
+        # The generated packages did not exist when setuptools listed the packages.
+        if self.packages is not None:
+            self.packages.extend(p for p in GENERATED if p not in self.packages)
         super().run()
 
 

@@ -12,49 +12,56 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Protocol
 
-import torch
 from opentelemetry import trace
 
-from coordinator.schedule import HybridParams, Mode, Phase, StepSchedule
+from coordinator.schedule import StepSchedule
 from hybridiff import telemetry
-from hybridiff.errors import Cancelled, DeadlineExceeded, InvalidArgument, WorkerFailed
-from hybridiff.messages import BeginCommand, Checkpoint, FinishReport, Role, StepCommand, StepReport
-from hybridiff.phases import WindowGuidance, mode_name
+from hybridiff.errors import Cancelled, DeadlineExceeded, InvalidArgument, PeerTimeout, WorkerFailed
+from hybridiff.internal.v1 import dataplane_pb2, worker_pb2
+from hybridiff.protocol import Mode, OutputFormat, Phase, Role, WindowGuidance, label
 from hybridiff.request import GenerationSpec
 
 log = logging.getLogger(__name__)
 
 
 class WorkerHandle(Protocol):
-    """The coordinator's view of one worker: commands run in order, results come as futures."""
+    """The coordinator's view of one worker: commands (``SessionRequest``) run in order and
+    their events (``SessionResponse``) come back as futures."""
 
     name: str
     data_address: str  # where its peer pushes data-plane frames ("" in process)
 
-    def begin(self, cmd: BeginCommand) -> Future: ...
-    def step(self, cmd: StepCommand) -> Future: ...
-    def finish(self, request_id: str, decode: bool) -> Future: ...
+    def send(self, cmd: worker_pb2.SessionRequest) -> Future: ...
     def abort(self, request_id: str) -> None: ...
+
+
+@dataclass
+class WorkerStepStat:
+    phase: Phase
+    compute_seconds: float
+    wall_seconds: float
+    bytes_sent: int
 
 
 @dataclass
 class StepStat:
     step: int
-    phase: str
+    phase: Phase
     rel_mae: float | None
     bytes_sent: int
     wall_seconds: float
     compute_seconds: float
-    workers: dict[str, dict] = field(default_factory=dict)  # per worker: phase, compute/wall seconds, bytes
+    workers: dict[str, WorkerStepStat] = field(default_factory=dict)
 
 
 @dataclass
 class GenerationStats:
-    mode_used: str
-    window_guidance: str
+    mode_used: Mode
+    window_guidance: WindowGuidance | None  # None when no window was opened
     tau1: int | None
     tau2: int | None
     tau1_source: str
@@ -69,24 +76,47 @@ class GenerationStats:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The stats as JSON-ready data (enums by their edge names)."""
+        return _jsonable(self)
+
+
+def _jsonable(value):
+    if isinstance(value, IntEnum):
+        return label(value)
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 @dataclass
 class GenerationResult:
     request_id: str
-    image_png: bytes | None
-    latents: torch.Tensor
+    seed: int
+    images: list[bytes]  # encoded as the request asked; empty for raw latents
+    mime_type: str
+    latents: dataplane_pb2.Tensor  # the final latents (float32)
     stats: GenerationStats
 
 
-def default_window_guidance(mode: Mode, requested: str) -> WindowGuidance:
+def window_policy(mode: Mode, requested: WindowGuidance | None) -> WindowGuidance:
     """The window policy: as requested, else CONDITIONAL for HYBRID and FULL_CFG for PIPELINE."""
-    from hybridiff.phases import WINDOW_GUIDANCE_NAMES
-
-    if requested != "default":
-        return WINDOW_GUIDANCE_NAMES[requested]
+    if requested is not None:
+        return requested
     return WindowGuidance.FULL_CFG if mode == Mode.PIPELINE else WindowGuidance.CONDITIONAL
+
+
+def worker_request(spec: GenerationSpec) -> worker_pb2.WorkerRequest:
+    """What a worker needs of the request (the schedule's parameters stay here)."""
+    req = worker_pb2.WorkerRequest(prompt=spec.prompt, width=spec.width, height=spec.height,
+                                   num_steps=spec.num_steps, guidance_scale=spec.guidance_scale, seed=spec.seed,
+                                   num_images=spec.num_images)
+    if spec.negative_prompt is not None:
+        req.negative_prompt = spec.negative_prompt
+    return req
 
 
 class WorkerStepFailed(Exception):
@@ -98,22 +128,14 @@ class WorkerStepFailed(Exception):
         self.cause = cause
 
 
-# A worker's PeerTimeout texts (gpu_worker.dataplane, gpu_worker.zmq_plane): it waited in vain for its peer.
-_PEER_WAITS = ("from the peer", "did not take data-plane frames")
-
-
-def _waited_for_peer(cause: BaseException) -> bool:
-    return any(text in str(cause) for text in _PEER_WAITS)
-
-
 def _results(futures: list[Future], workers: list[WorkerHandle], timeout: float, what: str) -> list:
     """All results, or the first failure as soon as any worker fails (its peer may be blocked)."""
     done, not_done = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
     failed = [(w, f.exception()) for f, w in zip(futures, workers) if f in done and f.exception() is not None]
     if failed:
         # A worker that failed by itself is to blame over one that only waited for its peer.
-        worker, cause = next(((w, c) for w, c in failed if not _waited_for_peer(c)), failed[0])
-        if _waited_for_peer(cause) and len(workers) == 2:
+        worker, cause = next(((w, c) for w, c in failed if not isinstance(c, PeerTimeout)), failed[0])
+        if isinstance(cause, PeerTimeout) and len(workers) == 2:
             worker = workers[1 - workers.index(worker)]  # it waited in vain: blame the silent peer
         raise WorkerStepFailed(worker, cause)
     if not_done:
@@ -154,21 +176,21 @@ def drive_request(
 class _RequestRun:
     def __init__(self, spec, mode, workers, split_cut, on_step, check_alive, step_timeout, recover,
                  max_recoveries) -> None:
-        params = HybridParams(spec.l_slope, spec.eps_slope, spec.k, spec.tau_cap)
         self.spec, self.rid = spec, spec.request_id
-        self.schedule = StepSchedule(mode, spec.num_steps, params, spec.guided)
-        self.policy = default_window_guidance(self.schedule.mode, spec.window_guidance)
+        self.schedule = StepSchedule(mode, spec.num_steps, spec.hybrid, spec.guided)
+        self.policy = window_policy(self.schedule.mode, spec.window_guidance)
+        self.request = worker_request(spec)
         single = self.schedule.mode == Mode.SINGLE
         self.used: list[WorkerHandle] = workers[:1] if single else workers[:2]
         if not single and len(self.used) < 2:
-            raise WorkerFailed(f"{mode_name(self.schedule.mode)} needs two workers, got {len(self.used)}")
+            raise WorkerFailed(f"{label(self.schedule.mode)} needs two workers, got {len(self.used)}")
         self.split_cut, self.on_step, self.check_alive = split_cut, on_step, check_alive
         self.step_timeout, self.recover, self.max_recoveries = step_timeout, recover, max_recoveries
         self.notes: list[str] = []
         if self.schedule.mode != mode:
-            self.notes.append(f"{mode_name(mode)} needs guidance_scale > 1; ran {mode_name(self.schedule.mode)}")
+            self.notes.append(f"{label(mode)} needs guidance_scale > 1; ran {label(self.schedule.mode)}")
         self.stats: list[StepStat] = []
-        self.checkpoint: Checkpoint | None = None
+        self.checkpoint: worker_pb2.Checkpoint | None = None
         self.encoding = 0.0
         self.denoise = 0.0
         self.ever_used: list[str] = []
@@ -176,6 +198,10 @@ class _RequestRun:
     @property
     def solo(self) -> bool:
         return len(self.used) == 1
+
+    def _command(self, trace_context: dict[str, str] | None = None, **which) -> worker_pb2.SessionRequest:
+        return worker_pb2.SessionRequest(request_id=self.rid, trace_context=trace_context or telemetry.inject(),
+                                         **which)
 
     def execute(self) -> GenerationResult:
         recoveries = 0
@@ -205,35 +231,42 @@ class _RequestRun:
         window = self.schedule.window()
         single = self.schedule.mode == Mode.SINGLE
         stats = GenerationStats(
-            mode_used=mode_name(self.schedule.mode),
-            window_guidance=self.policy.name.lower().replace("_", "-") if window else "",
+            mode_used=self.schedule.mode, window_guidance=self.policy if window else None,
             tau1=self.schedule.tau1, tau2=self.schedule.tau2, tau1_source=self.schedule.tau1_source,
             split_cut=None if single else self.split_cut, workers=self.ever_used, steps=self.stats,
             data_plane_bytes=sum(s.bytes_sent for s in self.stats), encoding_seconds=self.encoding,
             denoising_seconds=self.denoise, decoding_seconds=finishes[0].decode_seconds, notes=self.notes,
         )
-        return GenerationResult(self.rid, finishes[0].image_png, finishes[0].latents, stats)
+        image = finishes[0]
+        images = list(image.images) if self.spec.output_format != OutputFormat.RAW_LATENTS else []
+        return GenerationResult(self.rid, self.spec.seed, images, image.mime_type, image.latents, stats)
 
     def _begin(self) -> None:
-        roles = [Role.U, Role.C]
         for w in self.used:
             if w.name not in self.ever_used:
                 self.ever_used.append(w.name)
-        futures = [
-            w.begin(BeginCommand(self.spec, roles[i], self.policy, self.split_cut, self.solo,
-                                 trace_context=telemetry.inject(), resume=self.checkpoint,
-                                 peer_address="" if self.solo else self.used[1 - i].data_address))
-            for i, w in enumerate(self.used)
-        ]
-        self.encoding = max(self.encoding, max(_results(futures, self.used, self.step_timeout, "begin")))
+        futures = []
+        for i, w in enumerate(self.used):
+            begin = worker_pb2.BeginCommand(request=self.request, role=(Role.U, Role.C)[i], window_guidance=self.policy,
+                                            solo=self.solo,
+                                            peer_data_address="" if self.solo else self.used[1 - i].data_address)
+            if self.split_cut is not None:
+                begin.split_cut = self.split_cut
+            if self.checkpoint is not None:
+                begin.resume.CopyFrom(self.checkpoint)
+            futures.append(w.send(self._command(begin=begin)))
+        events = _results(futures, self.used, self.step_timeout, "begin")
+        self.encoding = max(self.encoding, max(e.begin.encoding_seconds for e in events))
 
     def _abort(self) -> None:
         for w in self.used:
             w.abort(self.rid)
 
-    def _finish(self) -> list[FinishReport]:
-        futures = [w.finish(self.rid, decode=(i == 0)) for i, w in enumerate(self.used)]
-        return _results(futures, self.used, self.step_timeout, "finish")
+    def _finish(self) -> list[worker_pb2.FinishDone]:
+        encoding = worker_pb2.Encoding(format=self.spec.output_format, quality=self.spec.quality)
+        futures = [w.send(self._command(finish=worker_pb2.FinishCommand(decode=(i == 0), encoding=encoding)))
+                   for i, w in enumerate(self.used)]
+        return [e.finish for e in _results(futures, self.used, self.step_timeout, "finish")]
 
     def _steps(self) -> None:
         schedule, used = self.schedule, self.used
@@ -252,23 +285,25 @@ class _RequestRun:
                     phase = schedule.phase(issued)
                     if issued == first > 0 and phase == Phase.PIPELINE:
                         phase = Phase.PIPELINE_FILL  # resumed mid-window: the new pair has no stale activations
-                    cmd = StepCommand(self.rid, issued, phase, last_in_window=bool(window) and issued == window[1],
-                                      trace_context=spans.carrier_for(issued, phase),
-                                      report_latents=self.recover is not None)
-                    pending[issued] = [w.step(cmd) for w in used]
+                    cmd = worker_pb2.StepCommand(step=issued, phase=phase,
+                                                 last_in_window=bool(window) and issued == window[1],
+                                                 report_latents=self.recover is not None)
+                    pending[issued] = [w.send(self._command(spans.carrier_for(issued, phase), step=cmd)) for w in used]
                     issued += 1
-                reports: list[StepReport] = _results(pending.pop(step), used, self.step_timeout, f"step {step}")
+                events = _results(pending.pop(step), used, self.step_timeout, f"step {step}")
                 now = time.perf_counter()
-                d = next((r.rel_mae for r in reports if r.rel_mae is not None), None)
+                reports = [(e.worker_id, e.step) for e in events]
+                d = next((r.rel_mae for _, r in reports if r.HasField("rel_mae")), None)
                 schedule.observe(step, d)
                 spans.done(step, schedule.last)
-                self.checkpoint = reports[0].checkpoint or self.checkpoint
+                if reports[0][1].HasField("checkpoint"):
+                    self.checkpoint = reports[0][1].checkpoint
                 stat = StepStat(
-                    step=step, phase=Phase(reports[0].phase).name.lower(), rel_mae=d,
-                    bytes_sent=sum(r.bytes_sent for r in reports), wall_seconds=now - last_done,
-                    compute_seconds=max(r.compute_seconds for r in reports),
-                    workers={r.worker: {"phase": Phase(r.phase).name.lower(), "compute_seconds": r.compute_seconds,
-                                        "wall_seconds": r.wall_seconds, "bytes_sent": r.bytes_sent} for r in reports},
+                    step=step, phase=Phase(reports[0][1].phase), rel_mae=d,
+                    bytes_sent=sum(r.bytes_sent for _, r in reports), wall_seconds=now - last_done,
+                    compute_seconds=max(r.compute_seconds for _, r in reports),
+                    workers={name: WorkerStepStat(Phase(r.phase), r.compute_seconds, r.wall_seconds, r.bytes_sent)
+                             for name, r in reports},
                 )
                 last_done = now
                 self.stats.append(stat)

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from hybridiff.api.v1 import worker_pb2
-from hybridiff.api.v1 import worker_pb2_grpc
-from hybridiff.errors import ModelNotFound, QueueFull, Unavailable
+from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, QueueFull, Unavailable
+from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +33,13 @@ class WorkerEntry:
     address: str
     channel: grpc.Channel
     state: str = JOINING
-    info: worker_pb2.WorkerInfo | None = None
+    info: worker_pb2.InfoResponse | None = None
     request_id: str = ""
     gone: bool = False
-    stub: worker_pb2_grpc.WorkerControlStub = field(init=False)
+    stub: worker_pb2_grpc.WorkerControlServiceStub = field(init=False)
 
     def __post_init__(self) -> None:
-        self.stub = worker_pb2_grpc.WorkerControlStub(self.channel)
+        self.stub = worker_pb2_grpc.WorkerControlServiceStub(self.channel)
 
     @property
     def model(self) -> str:
@@ -59,7 +58,6 @@ class WorkerPool:
         self._waiting: list[int] = []
         self._tickets = itertools.count()
         self._closed = False
-        self._split_cuts: dict[tuple[str, int, int], int] = {}
 
     # --- discovery sink -------------------------------------------------------------
     def worker_ready(self, worker_id: str, address: str) -> None:
@@ -96,7 +94,7 @@ class WorkerPool:
         """Read the worker's info until it answers (it may still be loading its model)."""
         while not self._closed and not entry.gone:
             try:
-                info = entry.stub.Info(worker_pb2.WorkerInfoRequest(), timeout=5)
+                info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=5)
             except grpc.RpcError as err:
                 log.debug("worker %s not ready: %s", entry.worker_id, err.code())
                 time.sleep(self.probe_interval)
@@ -116,7 +114,7 @@ class WorkerPool:
             self._on_change(self)
 
     # --- allocation -----------------------------------------------------------------
-    def model_info(self, model: str) -> worker_pb2.WorkerInfo:
+    def model_info(self, model: str) -> worker_pb2.InfoResponse:
         """Info of a worker serving ``model`` ("" = the only served model)."""
         with self._cond:
             infos = {e.model: e.info for e in self._workers.values() if e.info is not None and not e.gone}
@@ -124,8 +122,6 @@ class WorkerPool:
             raise Unavailable("no workers are ready")
         if not model:
             if len(infos) > 1:
-                from hybridiff.errors import InvalidArgument
-
                 raise InvalidArgument("model", f"several models are served ({', '.join(sorted(infos))}); name one")
             return next(iter(infos.values()))
         if model not in infos:
@@ -170,8 +166,6 @@ class WorkerPool:
                             self._cond.acquire()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        from hybridiff.errors import DeadlineExceeded
-
                         raise DeadlineExceeded("no workers became free in time")
                     self._cond.wait(min(remaining, 0.5))
             finally:
@@ -205,14 +199,10 @@ class WorkerPool:
             self._cond.notify_all()
         self._changed()
 
-    # --- split cut ------------------------------------------------------------------
-    def split_cut(self, entry: WorkerEntry, height: int, width: int, timeout: float = 300.0) -> int:
-        """The balanced stage cut for this model and size, measured once on one worker."""
-        key = (entry.model, height, width)
-        if key not in self._split_cuts:
-            resp = entry.stub.MeasureSplit(worker_pb2.MeasureSplitRequest(width=width, height=height), timeout=timeout)
-            self._split_cuts[key] = resp.cut
-        return self._split_cuts[key]
+    def lease(self, model: str, want: int, accept_one: bool, request_id: str, timeout: float,
+              check_alive: Callable[[], None] | None = None) -> Lease:
+        """``acquire`` as a ``Lease`` that owns the request's workers until released."""
+        return Lease(self, model, request_id, self.acquire(model, want, accept_one, request_id, timeout, check_alive))
 
     # --- introspection ----------------------------------------------------------------
     def snapshot(self) -> list[WorkerEntry]:
@@ -234,3 +224,37 @@ class WorkerPool:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+class Lease:
+    """The workers one request holds: it swaps a failed one for an idle one (``replace_failed``)
+    and gives them all back at the end (``release``), each exactly once."""
+
+    def __init__(self, pool: WorkerPool, model: str, request_id: str, entries: list[WorkerEntry]) -> None:
+        self.pool, self.model, self.request_id = pool, model, request_id
+        self.entries = list(entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def replace_failed(self, worker_id: str, keep: set[str], want: int) -> list[WorkerEntry]:
+        """Mark ``worker_id`` unhealthy and return it; keep the workers named in ``keep``; top up to
+        ``want`` with idle workers ahead of the queue. ``Unavailable`` when none is left."""
+        failed = [e for e in self.entries if e.worker_id == worker_id]
+        self.pool.release(failed, failed=True)
+        others = [e for e in self.entries if e.worker_id != worker_id]
+        kept = [e for e in others if e.worker_id in keep]
+        self.pool.release([e for e in others if e.worker_id not in keep])
+        self.entries = kept + self.pool.take_idle(self.model, want - len(kept), self.request_id)
+        if not self.entries:
+            raise Unavailable(f"worker {worker_id} failed and no other worker is free")
+        return self.entries
+
+    def release(self, failed: bool = False) -> None:
+        entries, self.entries = self.entries, []
+        self.pool.release(entries, failed=failed)
+
+    def split_cut(self, height: int, width: int, timeout: float = 300.0) -> int:
+        """The balanced stage cut at this size (each worker measures a size once and keeps it)."""
+        request = worker_pb2.MeasureSplitRequest(width=width, height=height)
+        return self.entries[0].stub.MeasureSplit(request, timeout=timeout).cut

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hybridiff.errors import InvalidArgument
-from hybridiff.phases import Mode, Phase
+from hybridiff.protocol import Mode, Phase
 from hybridiff.request import HybridParams
 
 

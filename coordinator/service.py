@@ -2,8 +2,9 @@
 
 Every request: validate (INVALID_ARGUMENT naming the field, NOT_FOUND for an unknown model),
 wait in the admission queue for a pair (RESOURCE_EXHAUSTED at once when full), resolve AUTO
-against what was free, drive the steps, answer the image and the stats. Every error leaves
-through ``_abort`` as one gRPC status — never a stack trace.
+against what was free, drive the steps, answer the images and the stats. Every error leaves
+through ``serving.abort`` as one gRPC status with its ``google.rpc`` details — never a stack
+trace.
 """
 from __future__ import annotations
 
@@ -19,21 +20,17 @@ from opentelemetry import trace
 
 from coordinator.driver import GenerationResult, StepStat, drive_request
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.pool import WorkerPool
+from coordinator.pool import Lease, WorkerPool
 from coordinator.remote import RemoteWorker
-from hybridiff import telemetry
-from hybridiff.api.v1 import diffusion_pb2 as pb
-from hybridiff.api.v1 import diffusion_pb2_grpc
-from hybridiff.errors import Cancelled, DeadlineExceeded, HybridiffError, Unavailable
-from hybridiff.phases import MODE_NAMES, OUTPUT_FORMAT_NAMES, WINDOW_GUIDANCE_WIRE, Mode, Phase
-from hybridiff.request import HybridParams, ModelDefaults, RequestInput, SizeLimits, resolve_spec
+from hybridiff import serving, telemetry
+from hybridiff.errors import Cancelled, DeadlineExceeded, HybridiffError, Unavailable, WorkerFailed
+from hybridiff.internal.v1 import worker_pb2
+from hybridiff.protocol import MIME_TYPES, Mode, OutputFormat, label
+from hybridiff.request import MAX_STEPS, HybridParams, ModelDefaults, RequestInput, SizeLimits, resolve_spec
+from hybridiff.v1 import diffusion_pb2 as pb
+from hybridiff.v1 import diffusion_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-# Wire enum -> the names RequestInput takes (one table each, in hybridiff.phases); unset = default.
-_MODE_FROM_PB = {int(v): k for k, v in MODE_NAMES.items()} | {pb.MODE_UNSPECIFIED: "auto"}
-_POLICY_FROM_PB = {v: k for k, v in WINDOW_GUIDANCE_WIRE.items()}
-_FORMAT_FROM_PB = {v: k for k, v in OUTPUT_FORMAT_NAMES.items()} | {pb.OUTPUT_FORMAT_UNSPECIFIED: "png"}
 
 
 def request_input_from_proto(req: pb.GenerateRequest) -> RequestInput:
@@ -42,53 +39,69 @@ def request_input_from_proto(req: pb.GenerateRequest) -> RequestInput:
 
     h = req.hybrid
     return RequestInput(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, width=opt(req, "width"), height=opt(req, "height"),
-        num_steps=opt(req, "num_inference_steps"), guidance_scale=opt(req, "guidance_scale"), seed=req.seed,
-        mode=_MODE_FROM_PB.get(req.mode, f"<enum {req.mode}>"),
-        l_slope=opt(h, "l_slope"), eps_slope=opt(h, "eps_slope"), k=opt(h, "k"), tau_cap=opt(h, "tau_cap"),
-        window_guidance=_POLICY_FROM_PB.get(req.window_guidance, f"<enum {req.window_guidance}>"),
-        output_format=_FORMAT_FROM_PB.get(req.output_format, f"<enum {req.output_format}>"),
-        request_id=req.request_id, model=req.model,
+        prompt=req.prompt, negative_prompt=opt(req, "negative_prompt"), width=opt(req, "width"),
+        height=opt(req, "height"), num_steps=opt(req, "num_inference_steps"),
+        guidance_scale=opt(req, "guidance_scale"), seed=opt(req, "seed"), mode=req.mode,
+        hybrid={name: opt(h, name) for name in ("l_slope", "eps_slope", "k", "tau_cap")},
+        window_guidance=req.window_guidance, output_format=req.output_format, quality=req.quality,
+        num_images=req.num_images, request_id=req.request_id, model=req.model,
     )
 
 
-def _model_rules(info, overrides: dict[str, float | int]) -> tuple[SizeLimits, ModelDefaults]:
+def model_rules(info: worker_pb2.InfoResponse, overrides: dict[str, float | int | None]) -> tuple[SizeLimits,
+                                                                                                  ModelDefaults]:
     """Size limits and defaults of the model a worker serves; ``overrides`` replace hybrid defaults."""
     lim, hd = info.limits, info.hybrid_defaults
-    params = {"l_slope": hd.l_slope, "eps_slope": hd.eps_slope, "k": hd.k, "tau_cap": hd.tau_cap}
-    params.update({k: v for k, v in overrides.items() if v is not None})
-    return (SizeLimits(lim.multiple, lim.min_side, lim.max_side, lim.default_side),
-            ModelDefaults(HybridParams(**params).validate(), info.default_steps, info.default_guidance_scale))
+    params = HybridParams(hd.l_slope, hd.eps_slope, hd.k, hd.tau_cap).replace(**overrides).validate()
+    return (SizeLimits(lim.multiple, lim.min_side, lim.max_side, lim.default_side, lim.max_images or 1),
+            ModelDefaults(params, info.default_steps, info.default_guidance_scale))
 
 
 def step_stat_to_proto(s: StepStat) -> pb.StepStat:
-    msg = pb.StepStat(step=s.step, phase=int(Phase[s.phase.upper()]), bytes_sent=s.bytes_sent,
-                      wall_seconds=s.wall_seconds, compute_seconds=s.compute_seconds,
-                      workers=[pb.WorkerStep(worker=name, phase=int(Phase[w["phase"].upper()]),
-                                             compute_seconds=w["compute_seconds"], wall_seconds=w["wall_seconds"],
-                                             bytes_sent=w["bytes_sent"]) for name, w in s.workers.items()])
+    msg = pb.StepStat(step=s.step, phase=s.phase, bytes_sent=s.bytes_sent, wall_seconds=s.wall_seconds,
+                      compute_seconds=s.compute_seconds,
+                      workers=[pb.WorkerStep(worker=name, phase=w.phase, compute_seconds=w.compute_seconds,
+                                             wall_seconds=w.wall_seconds, bytes_sent=w.bytes_sent)
+                               for name, w in s.workers.items()])
     if s.rel_mae is not None:
         msg.rel_mae = s.rel_mae
     return msg
 
 
-def response_to_proto(result: GenerationResult, width: int, height: int) -> pb.GenerateResponse:
+def response_to_proto(result: GenerationResult, width: int, height: int, fmt: OutputFormat) -> pb.GenerateResponse:
     st = result.stats
     stats = pb.GenerateStats(
-        tau1=-1 if st.tau1 is None else st.tau1, tau2=-1 if st.tau2 is None else st.tau2,
-        mode_used=int(MODE_NAMES[st.mode_used]), steps=[step_stat_to_proto(s) for s in st.steps],
-        workers=st.workers, data_plane_bytes=st.data_plane_bytes, queued_seconds=st.queued_seconds,
+        mode_used=st.mode_used, steps=[step_stat_to_proto(s) for s in st.steps], workers=st.workers,
+        data_plane_bytes=st.data_plane_bytes, queued_seconds=st.queued_seconds,
         encoding_seconds=st.encoding_seconds, denoising_seconds=st.denoising_seconds,
         decoding_seconds=st.decoding_seconds, tau1_source=st.tau1_source, notes=st.notes,
-        window_guidance=WINDOW_GUIDANCE_WIRE[st.window_guidance or "default"],
+        window_guidance=st.window_guidance or 0,
     )
-    if result.image_png is not None:
-        return pb.GenerateResponse(request_id=result.request_id, image=result.image_png, mime_type="image/png",
-                                   width=width, height=height, stats=stats)
-    latents = result.latents.contiguous()
-    return pb.GenerateResponse(request_id=result.request_id, image=latents.numpy().astype("<f4").tobytes(),
-                               mime_type="application/x-hybridiff-latents-f32le", width=width, height=height,
-                               latent_shape=list(latents.shape), stats=stats)
+    if st.tau1 is not None:
+        stats.tau1 = st.tau1
+    if st.tau2 is not None:
+        stats.tau2 = st.tau2
+    response = pb.GenerateResponse(request_id=result.request_id, width=width, height=height, stats=stats,
+                                   seed=result.seed)
+    if fmt == OutputFormat.RAW_LATENTS:
+        # One image per latent of the batch: [1, C, h, w] each, float32 little-endian.
+        shape = list(result.latents.shape)
+        per_image = len(result.latents.data) // max(1, shape[0])
+        for i in range(shape[0]):
+            response.images.add(data=result.latents.data[i * per_image:(i + 1) * per_image],
+                                mime_type=MIME_TYPES[fmt], latent_shape=[1, *shape[1:]])
+    else:
+        response.images.extend(pb.Image(data=image, mime_type=result.mime_type) for image in result.images)
+    return response
+
+
+def model_info_to_proto(info: worker_pb2.InfoResponse) -> pb.ModelInfo:
+    lim = info.limits
+    return pb.ModelInfo(name=info.model_name, arch=info.arch, default_width=lim.default_side,
+                        default_height=lim.default_side, max_width=lim.max_side, max_height=lim.max_side,
+                        hybrid_defaults=info.hybrid_defaults, default_guidance_scale=info.default_guidance_scale,
+                        default_steps=info.default_steps, size_multiple=lim.multiple, min_side=lim.min_side,
+                        max_images=lim.max_images or 1, max_steps=MAX_STEPS)
 
 
 @dataclass
@@ -112,38 +125,38 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         try:
             return self._generate(request, context, on_step=None)
         except HybridiffError as exc:
-            self._abort(context, exc)
+            serving.abort(context, exc)
 
     def GenerateStream(self, request, context):
         events: queue.Queue = queue.Queue()
+        request_id: list[str] = []  # the server's id, known once the request is resolved
 
         def on_step(stat: StepStat, total: int) -> None:
-            progress = pb.StepProgress(request_id=request.request_id, step=stat.step, total_steps=total,
-                                       phase=int(Phase[stat.phase.upper()]))
+            progress = pb.StepProgress(request_id=request_id[0], step=stat.step, total_steps=total, phase=stat.phase)
             if stat.rel_mae is not None:
                 progress.rel_mae = stat.rel_mae
-            events.put(pb.GenerateEvent(progress=progress))
+            events.put(pb.GenerateStreamResponse(progress=progress))
 
         parent = otel_context.get_current()  # the RPC's server span: contexts are per thread
 
         def work() -> None:
             token = otel_context.attach(parent)
             try:
-                events.put(pb.GenerateEvent(result=self._generate(request, context, on_step)))
+                events.put(pb.GenerateStreamResponse(
+                    result=self._generate(request.request, context, on_step, on_resolved=request_id.append)))
             except BaseException as exc:  # handed to the stream below
                 events.put(exc)
             finally:
                 otel_context.detach(token)
 
-        worker = threading.Thread(target=work, name="generate-stream", daemon=True)
-        worker.start()
+        threading.Thread(target=work, name="generate-stream", daemon=True).start()
         while True:
             item = events.get()
             if isinstance(item, HybridiffError):
-                self._abort(context, item)
+                serving.abort(context, item)
             if isinstance(item, BaseException):
                 log.error("request failed: %r", item)
-                context.abort(grpc.StatusCode.INTERNAL, "internal error; see the coordinator log")
+                serving.abort(context, WorkerFailed("internal error; see the coordinator log"))
             yield item
             if item.HasField("result"):
                 return
@@ -151,13 +164,8 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
     def ListModels(self, request, context):
         seen: dict[str, pb.ModelInfo] = {}
         for e in self.pool.snapshot():
-            if e.info is None or e.gone or e.model in seen:
-                continue
-            i = e.info
-            seen[e.model] = pb.ModelInfo(
-                name=i.model_name, arch=i.arch, default_width=i.limits.default_side, default_height=i.limits.default_side,
-                max_width=i.limits.max_side, max_height=i.limits.max_side, hybrid_defaults=i.hybrid_defaults,
-                default_guidance_scale=i.default_guidance_scale, default_steps=i.default_steps)
+            if e.info is not None and not e.gone and e.model not in seen:
+                seen[e.model] = model_info_to_proto(e.info)
         return pb.ListModelsResponse(models=list(seen.values()))
 
     def ClusterStatus(self, request, context):
@@ -167,7 +175,7 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                                         queue_capacity=self.pool.queue_capacity, draining=self.draining)
 
     # --- one request ----------------------------------------------------------------
-    def _generate(self, request, context, on_step) -> pb.GenerateResponse:
+    def _generate(self, request, context, on_step, on_resolved=None) -> pb.GenerateResponse:
         received = time.perf_counter()
         mode_label, code = "unknown", grpc.StatusCode.OK
         with self._tracer.start_as_current_span("hybridiff.generate") as span:
@@ -177,23 +185,28 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 raw = request_input_from_proto(request)
                 info = self.pool.model_info(raw.model)
                 raw.model = info.model_name
-                spec = resolve_spec(raw, *_model_rules(info, self.config.hybrid_defaults))
+                spec = resolve_spec(raw, *model_rules(info, self.config.hybrid_defaults))
+                if on_resolved:
+                    on_resolved(spec.request_id)
                 span.set_attributes({"hybridiff.request_id": spec.request_id, "hybridiff.model": spec.model,
-                                     "hybridiff.mode_requested": spec.mode, "hybridiff.steps": spec.num_steps})
+                                     "hybridiff.mode_requested": label(spec.mode), "hybridiff.steps": spec.num_steps})
                 result = self._run(spec, context, on_step)
-                mode_label = result.stats.mode_used
-                span.set_attributes({"hybridiff.mode": result.stats.mode_used,
+                mode_label = label(result.stats.mode_used)
+                span.set_attributes({"hybridiff.mode": mode_label,
                                      "hybridiff.tau1": -1 if result.stats.tau1 is None else result.stats.tau1,
                                      "hybridiff.tau2": -1 if result.stats.tau2 is None else result.stats.tau2,
                                      "hybridiff.workers": ",".join(result.stats.workers)})
                 for s in result.stats.steps:
-                    self.metrics.step_seconds.labels(s.phase).observe(s.wall_seconds)
+                    self.metrics.step_seconds.labels(label(s.phase)).observe(s.wall_seconds)
                 self.metrics.data_plane_bytes.inc(result.stats.data_plane_bytes)
                 self.metrics.request_seconds.labels(mode_label).observe(time.perf_counter() - received)
-                return response_to_proto(result, spec.width, spec.height)
+                return response_to_proto(result, spec.width, spec.height, spec.output_format)
             except HybridiffError as exc:
                 code = exc.code
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
+                raise
+            except BaseException:
+                code = grpc.StatusCode.INTERNAL
                 raise
             finally:
                 self.metrics.requests.labels(mode_label, code.name).inc()
@@ -206,44 +219,37 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
             if not context.is_active():
                 raise Cancelled("the client cancelled the request")
 
-        mode = MODE_NAMES[spec.mode]
+        mode = spec.mode
         want = 1 if (mode == Mode.SINGLE or not spec.guided and mode != Mode.PIPELINE) else 2
         start = time.perf_counter()
-        entries = self.pool.acquire(spec.model, want, accept_one=(mode == Mode.AUTO), request_id=spec.request_id,
-                                    timeout=self.config.acquire_timeout, check_alive=check_alive)
+        lease = self.pool.lease(spec.model, want, accept_one=(mode == Mode.AUTO), request_id=spec.request_id,
+                                timeout=self.config.acquire_timeout, check_alive=check_alive)
         queued = time.perf_counter() - start
         failed = False
         try:
             if mode == Mode.AUTO:
-                mode = Mode.HYBRID if (len(entries) == 2 and spec.guided) else Mode.SINGLE
+                mode = Mode.HYBRID if (len(lease) == 2 and spec.guided) else Mode.SINGLE
             cut = None
-            if mode in (Mode.HYBRID, Mode.PIPELINE) and len(entries) == 2:
-                cut = self.pool.split_cut(entries[0], spec.height, spec.width)
-            handles = [RemoteWorker(e.worker_id, e.channel, e.info.data_address) for e in entries]
+            if mode in (Mode.HYBRID, Mode.PIPELINE) and len(lease) == 2:
+                cut = lease.split_cut(spec.height, spec.width)
 
             def recover(failed_handle, survivors):
                 """Swap a failed worker for an idle one, or go on with the survivor alone."""
-                dead = next(e for e in entries if e.worker_id == failed_handle.name)
-                entries.remove(dead)
-                self.pool.release([dead], failed=True)
-                keep = [e for e in entries if e.worker_id in {h.name for h in survivors}]
-                want = 1 if mode == Mode.SINGLE else 2
-                entries.extend(self.pool.take_idle(spec.model, want - len(keep), spec.request_id))
-                if not entries:
-                    raise Unavailable(f"worker {failed_handle.name} failed and no other worker is free")
+                lease.replace_failed(failed_handle.name, {h.name for h in survivors},
+                                     want=1 if mode == Mode.SINGLE else 2)
                 self.metrics.recoveries.inc()
-                return [RemoteWorker(e.worker_id, e.channel, e.info.data_address) for e in entries]
+                return _handles(lease)
 
-            result = drive_request(spec, mode, handles, split_cut=cut, on_step=on_step, check_alive=check_alive,
-                                   step_timeout=self.config.step_timeout, recover=recover)
+            result = drive_request(spec, mode, _handles(lease), split_cut=cut, on_step=on_step,
+                                   check_alive=check_alive, step_timeout=self.config.step_timeout, recover=recover)
             result.stats.queued_seconds = queued
             return result
         except HybridiffError as exc:
             failed = not isinstance(exc, (Cancelled, DeadlineExceeded))
             raise
         finally:
-            self.pool.release(entries, failed=failed)
+            lease.release(failed=failed)
 
-    @staticmethod
-    def _abort(context, exc: HybridiffError) -> None:
-        context.abort(exc.code, str(exc))
+
+def _handles(lease: Lease) -> list[RemoteWorker]:
+    return [RemoteWorker(e.worker_id, e.channel, e.info.data_address) for e in lease.entries]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from hybridiff.errors import PeerTimeout
+from hybridiff.errors import Cancelled, PeerTimeout
 from hybridiff.wire import FrameError, TensorMessage, decode_frames, encode_frames
 
 log = logging.getLogger(__name__)
@@ -64,16 +64,19 @@ class Mailbox:
             self._cond.notify_all()
         return True
 
-    def take(self, request_id: str, kind: int, step: int, timeout: float) -> TensorMessage:
+    def take(self, request_id: str, kind: int, step: int, timeout: float, peer: str = "") -> TensorMessage:
+        """The message of ``kind`` for ``step``; ``PeerTimeout`` naming ``peer`` when it does not come in
+        time, ``Cancelled`` when the request is closed (aborted) meanwhile."""
         deadline = time.monotonic() + timeout
         key = (request_id, kind, step)
         with self._cond:
             while key not in self._messages:
                 if request_id not in self._open:
-                    raise PeerTimeout(f"{self.owner}: request {request_id} was closed while waiting for step {step}")
+                    raise Cancelled(f"{self.owner}: request {request_id} was closed while waiting for step {step}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise PeerTimeout(f"{self.owner}: no message kind {kind} for step {step} from the peer within {timeout:.1f}s")
+                    raise PeerTimeout(f"{self.owner}: no message kind {kind} for step {step} from the peer "
+                                      f"{peer or '(unknown)'} within {timeout:.1f}s", peer=peer)
                 self._cond.wait(remaining)
             return self._messages.pop(key)
 

@@ -1,9 +1,10 @@
 """The worker's per-step engine: runs a branch, a stage or the whole CFG batch, as told.
 
-One ``WorkerEngine`` per worker. The coordinator (or the in-process driver) sends ``begin``,
-then one ``step`` per denoising step with the phase the schedule chose, then ``finish``. The
-engine exchanges exactly what each phase needs with its peer through the data plane
-(DESIGN section 1):
+One ``WorkerEngine`` per worker. It takes the control API's own messages
+(``hybridiff.internal.v1.SessionRequest``: begin, then one step per denoising step with the
+phase the schedule chose, then finish) and answers each with a ``SessionResponse``, in the
+cluster and in one process alike. It exchanges exactly what each phase needs with its peer
+through the data plane (DESIGN section 1):
 
 - SINGLE: nothing (one worker, the CFG batch of 2).
 - DATA_PARALLEL: one branch prediction each way; both compute the same guided update.
@@ -16,19 +17,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from gpu_worker.adapters.base import Conditioning, ModelAdapter, RequestTimeline, StageSplit, png_bytes
+from gpu_worker.adapters.base import Conditioning, ModelAdapter, RequestTimeline, StageSplit, encode_image
 from gpu_worker.dataplane import Mailbox, PeerLink
 from gpu_worker.split_balance import device_clock
-from hybridiff.errors import InvalidArgument, WorkerFailed
-from hybridiff.messages import BeginCommand, Checkpoint, FinishReport, Role, StepCommand, StepReport
-from hybridiff.phases import Phase, WindowGuidance
-from hybridiff.request import GenerationSpec
-from hybridiff.wire import FrameKind
+from hybridiff.errors import BadCommand, WorkerFailed
+from hybridiff.internal.v1 import worker_pb2 as wpb
+from hybridiff.protocol import MIME_TYPES, OutputFormat, Phase, Role, WindowGuidance
+from hybridiff.wire import FrameError, FrameKind, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,30 @@ def latents_digest(latents: torch.Tensor) -> str:
 
 @dataclass
 class _Active:
-    cmd: BeginCommand
+    """One running request on this worker."""
+
+    request_id: str
+    request: wpb.WorkerRequest
+    role: Role
+    policy: WindowGuidance
+    solo: bool
     cond: Conditioning
     timeline: RequestTimeline
     latents: torch.Tensor
     split: StageSplit | None
     link: PeerLink | None
+    peer: str
     last_difference: torch.Tensor | None = None
     stale: dict[str, torch.Tensor] | None = None
     stale_step: int = -1
 
     @property
-    def spec(self) -> GenerationSpec:
-        return self.cmd.spec
+    def guided(self) -> bool:
+        return self.request.guidance_scale > 1.0
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.request.guidance_scale
 
 
 class WorkerEngine:
@@ -77,41 +89,76 @@ class WorkerEngine:
         self._clock = device_clock(adapter.device)
         self._active: dict[str, _Active] = {}
 
+    def handle(self, cmd: wpb.SessionRequest) -> wpb.SessionResponse:
+        """Run one command of a session and answer its event."""
+        which = cmd.WhichOneof("command")
+        out = wpb.SessionResponse(request_id=cmd.request_id, worker_id=self.name)
+        if which == "begin":
+            out.begin.encoding_seconds = self.begin(cmd.request_id, cmd.begin)
+        elif which == "step":
+            out.step.CopyFrom(self.step(cmd.request_id, cmd.step, cmd.trace_context))
+        elif which == "finish":
+            out.finish.CopyFrom(self.finish(cmd.request_id, cmd.finish))
+        else:
+            raise BadCommand("command", "empty worker command")
+        return out
+
     # --- lifecycle ------------------------------------------------------------------
     @torch.no_grad()
-    def begin(self, cmd: BeginCommand) -> float:
-        """Encode prompts and draw the initial latents; returns the seconds it took."""
+    def begin(self, request_id: str, cmd: wpb.BeginCommand) -> float:
+        """Encode prompts and draw the initial latents (or take a checkpoint's); returns the seconds it took."""
         start = time.perf_counter()
-        spec = cmd.spec
-        if spec.request_id in self._active:
-            raise InvalidArgument("request_id", f"request {spec.request_id!r} is already running on {self.name}")
+        req = cmd.request
+        if request_id in self._active:
+            raise BadCommand("request_id", f"request {request_id!r} is already running on {self.name}")
+        if cmd.role not in (Role.U, Role.C):
+            raise BadCommand("role", f"unknown role {cmd.role}")
+        if cmd.window_guidance not in WindowGuidance.__members__.values():
+            raise BadCommand("window_guidance", f"unknown policy {cmd.window_guidance}")
         link = None
         if not cmd.solo:
             if self.links is None:
                 raise WorkerFailed(f"{self.name} has no data plane for a paired request")
-            link = self.links(cmd.peer_address)
+            link = self.links(cmd.peer_data_address)
         a = self.adapter
-        cond = a.encode(spec.prompt, spec.negative_prompt, spec.guided, spec.height, spec.width)
-        timeline = a.new_timeline(spec.num_steps, spec.seed, spec.height, spec.width)
-        if cmd.resume is None:
-            latents = a.initial_latents(timeline, spec.height, spec.width)
+        negative = req.negative_prompt if req.HasField("negative_prompt") else None
+        guided = req.guidance_scale > 1.0
+        cond = a.encode(req.prompt, negative, guided, req.height, req.width)
+        timeline = a.new_timeline(req.num_steps, req.seed, req.height, req.width)
+        if not cmd.HasField("resume"):
+            latents = a.initial_latents(timeline, req.height, req.width)
         else:  # continue where another worker stopped: same latents, generator and step index
-            latents = cmd.resume.latents.to(device=a.device, dtype=a.dtype)
-            timeline.generator.set_state(torch.frombuffer(bytearray(cmd.resume.generator_state), dtype=torch.uint8))
-            if hasattr(timeline.scheduler, "set_begin_index"):
-                timeline.scheduler.set_begin_index(cmd.resume.next_step)
-        split = None if cmd.solo else a.make_split(cmd.split_cut)
-        self.mailbox.open(spec.request_id)
-        self._active[spec.request_id] = _Active(cmd, cond, timeline, latents, split, link)
+            latents = self._resume(cmd.resume, timeline)
+        split = None if cmd.solo else a.make_split(cmd.split_cut if cmd.HasField("split_cut") else None)
+        self.mailbox.open(request_id)
+        self._active[request_id] = _Active(request_id, req, Role(cmd.role), WindowGuidance(cmd.window_guidance),
+                                           cmd.solo, cond, timeline, latents, split, link, cmd.peer_data_address)
         return time.perf_counter() - start
 
+    def _resume(self, checkpoint: wpb.Checkpoint, timeline: RequestTimeline) -> torch.Tensor:
+        try:
+            latents = tensor_from_proto(checkpoint.latents)
+        except FrameError as exc:
+            raise BadCommand("resume.latents", str(exc)) from None
+        if checkpoint.next_step >= len(timeline.timesteps):
+            raise BadCommand("resume.next_step", f"{checkpoint.next_step} is past the last step")
+        timeline.generator.set_state(torch.frombuffer(bytearray(checkpoint.generator_state), dtype=torch.uint8))
+        if hasattr(timeline.scheduler, "set_begin_index"):
+            timeline.scheduler.set_begin_index(checkpoint.next_step)
+        return latents.to(device=self.adapter.device, dtype=self.adapter.dtype)
+
     @torch.no_grad()
-    def finish(self, request_id: str, decode: bool) -> FinishReport:
+    def finish(self, request_id: str, cmd: wpb.FinishCommand) -> wpb.FinishDone:
         st = self._take(request_id)
         start = time.perf_counter()
-        image = png_bytes(self.adapter.decode(st.latents)) if decode and st.spec.output_format == "png" else None
-        return FinishReport(request_id, self.name, latents_digest(st.latents), st.latents.detach().float().cpu(),
-                            image, time.perf_counter() - start)
+        latents = st.latents.detach().float().cpu()
+        done = wpb.FinishDone(latents_digest=latents_digest(st.latents), latents=tensor_to_proto(latents, "latents"))
+        fmt = OutputFormat(cmd.encoding.format or OutputFormat.PNG)
+        if cmd.decode and fmt != OutputFormat.RAW_LATENTS:
+            done.images.extend(encode_image(image, fmt, cmd.encoding.quality) for image in self.adapter.decode(st.latents))
+            done.mime_type = MIME_TYPES[fmt]
+        done.decode_seconds = time.perf_counter() - start
+        return done
 
     def abort(self, request_id: str) -> None:
         self._active.pop(request_id, None)
@@ -121,37 +168,45 @@ class WorkerEngine:
         st = self._active.pop(request_id, None)
         self.mailbox.close(request_id)
         if st is None:
-            raise InvalidArgument("request_id", f"request {request_id!r} is not running on {self.name}")
+            raise BadCommand("request_id", f"request {request_id!r} is not running on {self.name}")
         return st
 
     def active(self, request_id: str) -> _Active:
         try:
             return self._active[request_id]
         except KeyError:
-            raise InvalidArgument("request_id", f"request {request_id!r} is not running on {self.name}") from None
+            raise BadCommand("request_id", f"request {request_id!r} is not running on {self.name}") from None
 
     # --- one step -------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, cmd: StepCommand) -> StepReport:
-        st = self.active(cmd.request_id)
+    def step(self, request_id: str, cmd: wpb.StepCommand, trace_context: Mapping[str, str] = ()) -> wpb.StepDone:
+        st = self.active(request_id)
         if not 0 <= cmd.step < len(st.timeline.timesteps):
-            raise InvalidArgument("step", f"step {cmd.step} outside 0..{len(st.timeline.timesteps) - 1}")
+            raise BadCommand("step", f"step {cmd.step} outside 0..{len(st.timeline.timesteps) - 1}")
+        try:
+            phase = Phase(cmd.phase)
+        except ValueError:
+            raise BadCommand("phase", f"unknown phase {cmd.phase}") from None
         start = time.perf_counter()
         run = {
             Phase.SINGLE: self._single,
             Phase.DATA_PARALLEL: self._data_parallel,
             Phase.PIPELINE_FILL: self._window,
             Phase.PIPELINE: self._window,
-        }[cmd.phase]
+        }[phase]
         self._compute = 0.0
         self._sent = 0
+        self._trace_context = dict(trace_context)
         d = run(st, cmd)
-        checkpoint = None
+        done = wpb.StepDone(step=cmd.step, phase=phase, bytes_sent=self._sent, compute_seconds=self._compute,
+                            wall_seconds=time.perf_counter() - start)
+        if d is not None:
+            done.rel_mae = d
         if cmd.report_latents:
-            state = st.timeline.generator.get_state().numpy().tobytes()
-            checkpoint = Checkpoint(cmd.step + 1, st.latents.detach().float().cpu(), state)
-        return StepReport(cmd.request_id, self.name, cmd.step, cmd.phase, d, self._sent, self._compute,
-                          time.perf_counter() - start, checkpoint)
+            done.checkpoint.next_step = cmd.step + 1
+            done.checkpoint.latents.CopyFrom(tensor_to_proto(st.latents.detach().float().cpu(), "latents"))
+            done.checkpoint.generator_state = st.timeline.generator.get_state().numpy().tobytes()
+        return done
 
     def _timed(self, fn, *args) -> Any:
         start = self._clock()
@@ -159,36 +214,36 @@ class WorkerEngine:
         self._compute += self._clock() - start
         return out
 
-    def _send(self, st: _Active, step: int, kind: int, tensors: dict[str, torch.Tensor], cmd: StepCommand) -> None:
-        rid = st.spec.request_id
-        self._sent += st.link.send(rid, step, kind, tensors, cmd.trace_context,
+    def _send(self, st: _Active, step: int, kind: int, tensors: dict[str, torch.Tensor], cmd: wpb.StepCommand) -> None:
+        rid = st.request_id
+        self._sent += st.link.send(rid, step, kind, tensors, self._trace_context,
                                    cancelled=lambda: not self.mailbox.is_open(rid))  # closed on abort/cancel
 
     def _recv(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
-        msg = self.mailbox.take(st.spec.request_id, kind, step, self.peer_timeout)
+        msg = self.mailbox.take(st.request_id, kind, step, self.peer_timeout, peer=st.peer)
         return {k: v.to(self.adapter.device) for k, v in msg.tensors.items()}
 
     def _update(self, st: _Active, eps: torch.Tensor, t: torch.Tensor) -> None:
         st.latents = self.adapter.scheduler_step(st.timeline, eps, t, st.latents)
 
-    def _single(self, st: _Active, cmd: StepCommand) -> float | None:
+    def _single(self, st: _Active, cmd: wpb.StepCommand) -> float | None:
         a, t = self.adapter, st.timeline.timesteps[cmd.step]
         x_in = a.model_input(st.timeline, st.latents, t)
         d = None
-        if st.spec.guided:
+        if st.guided:
             e_u, e_c = self._timed(a.forward, x_in, t, st.cond.for_branches("both")).chunk(2)
             d = rel_mae(e_u, e_c)
-            eps = guide(e_u, e_c, st.spec.guidance_scale)
+            eps = guide(e_u, e_c, st.guidance_scale)
         else:
             eps = self._timed(a.forward, x_in, t, st.cond.cond)
         self._update(st, eps, t)
         return d
 
-    def _data_parallel(self, st: _Active, cmd: StepCommand) -> float:
+    def _data_parallel(self, st: _Active, cmd: wpb.StepCommand) -> float:
         a, t = self.adapter, st.timeline.timesteps[cmd.step]
-        role = st.cmd.role
+        role = st.role
         x_in = a.model_input(st.timeline, st.latents, t)
-        if st.cmd.solo:
+        if st.solo:
             # A lone survivor of a pair runs the two branches one after the other at batch 1:
             # the same arithmetic as the pair, so the image does not change.
             e_u = self._timed(a.forward, x_in, t, st.cond.for_branches("uncond"))
@@ -198,22 +253,22 @@ class WorkerEngine:
             self._send(st, cmd.step, FrameKind.BRANCH_PREDICTION, {"prediction": mine}, cmd)
             other = self._recv(st, cmd.step, FrameKind.BRANCH_PREDICTION)["prediction"]
             e_u, e_c = (mine, other) if role == Role.U else (other, mine)
-        if st.cmd.window_guidance == WindowGuidance.LAST_DIFFERENCE:
+        if st.policy == WindowGuidance.LAST_DIFFERENCE:
             st.last_difference = e_c - e_u
-        eps = guide(e_u, e_c, st.spec.guidance_scale)
+        eps = guide(e_u, e_c, st.guidance_scale)
         self._update(st, eps, t)
         return rel_mae(e_u, e_c)
 
     # --- the pipeline window --------------------------------------------------------
     def _window_inputs(self, st: _Active):
-        if st.spec.guided and st.cmd.window_guidance == WindowGuidance.FULL_CFG:
+        if st.guided and st.policy == WindowGuidance.FULL_CFG:
             return st.cond.for_branches("both")
         return st.cond.cond
 
     def _window_prediction(self, st: _Active, raw: torch.Tensor) -> torch.Tensor:
         """The window's prediction from the stage output, by window-guidance policy."""
-        policy, s = st.cmd.window_guidance, st.spec.guidance_scale
-        if not st.spec.guided or policy == WindowGuidance.CONDITIONAL:
+        policy, s = st.policy, st.guidance_scale
+        if not st.guided or policy == WindowGuidance.CONDITIONAL:
             return raw
         if policy == WindowGuidance.FULL_CFG:
             e_u, e_c = raw.chunk(2)
@@ -222,12 +277,12 @@ class WorkerEngine:
             return raw  # no phase-1 step has measured e_c - e_u yet (cannot happen in HYBRID)
         return raw + (s - 1.0) * st.last_difference  # = e_u + s (e_c - e_u) with the last measured difference
 
-    def _window(self, st: _Active, cmd: StepCommand) -> None:
+    def _window(self, st: _Active, cmd: wpb.StepCommand) -> None:
         a, i = self.adapter, cmd.step
         t = st.timeline.timesteps[i]
         inputs = self._window_inputs(st)
         x_in = a.model_input(st.timeline, st.latents, t)
-        if st.cmd.solo:
+        if st.solo:
             # Alone, a window step is a full forward of the window's branch(es): a fill every step.
             raw = self._timed(a.forward, x_in, t, inputs)
             self._update(st, self._window_prediction(st, raw), t)
@@ -243,9 +298,9 @@ class WorkerEngine:
             st.stale, st.stale_step = self._recv(st, step, kind), step
         return st.stale
 
-    def _window_sequential(self, st: _Active, cmd: StepCommand, i: int, t, fill: bool, inputs, x_in) -> None:
+    def _window_sequential(self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in) -> None:
         """DiT: U runs stage 1 on x_i; C runs stage 2 on stage 1's output of step i-1 (fresh on fill)."""
-        if st.cmd.role == Role.U:
+        if st.role == Role.U:
             if fill or not cmd.last_in_window:
                 boundary = self._timed(st.split.stage1_fwd, x_in, t, inputs)
                 self._send(st, i, FrameKind.STAGE_ACTIVATIONS, boundary, cmd)
@@ -257,10 +312,10 @@ class WorkerEngine:
             self._send(st, i, FrameKind.GUIDED_PREDICTION, {"prediction": eps}, cmd)
         self._update(st, eps, t)
 
-    def _window_nested(self, st: _Active, cmd: StepCommand, i: int, t, fill: bool, inputs, x_in) -> None:
+    def _window_nested(self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in) -> None:
         """UNet: U runs the outer ring on x_i around the core's output of step i-1 (fresh on fill);
         C runs the core on the outer ring's step-i input."""
-        if st.cmd.role == Role.U:
+        if st.role == Role.U:
             core_in, state = self._timed(st.split.stage1_pre, x_in, t, inputs)
             if fill or not cmd.last_in_window:
                 self._send(st, i, FrameKind.STAGE_ACTIVATIONS, core_in, cmd)

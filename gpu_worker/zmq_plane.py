@@ -16,8 +16,11 @@ import time
 from collections.abc import Callable
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from gpu_worker.dataplane import Mailbox, PeerLink
+from hybridiff.errors import BadCommand, Cancelled, PeerTimeout
 from hybridiff.wire import MAX_TENSOR_BYTES
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,6 @@ class _PoolKeyOnly:
         self.public = public
 
     def callback(self, domain: str, key: bytes) -> bool:
-        from zmq.utils import z85
-
         allowed = key in (self.public, z85.decode(self.public))
         if not allowed:
             log.warning("data plane: refused a CURVE client with an unknown key")
@@ -55,8 +56,6 @@ class DataPlaneReceiver:
         self._auth = None
         self._socket = context.socket(zmq.PULL)
         if curve is not None:
-            from zmq.auth.thread import ThreadAuthenticator
-
             self._auth = ThreadAuthenticator(context)
             self._auth.start()
             self._auth.configure_curve_callback(domain="*", credentials_provider=_PoolKeyOnly(curve[0]))
@@ -122,8 +121,6 @@ class ZmqLink(PeerLink):
         # A dead peer leaves no pipe (IMMEDIATE), so the send blocks: wait in short slices and
         # give up as soon as the request is aborted, or the handler thread would stay stuck here
         # (holding the worker) long after the coordinator moved the request on.
-        from hybridiff.errors import PeerTimeout
-
         deadline = time.monotonic() + self.send_timeout
         while True:
             try:
@@ -133,9 +130,10 @@ class ZmqLink(PeerLink):
                 return
             except zmq.Again:
                 if cancelled is not None and cancelled():
-                    raise PeerTimeout(f"{self.sender}: the request was closed while sending to {self.address}") from None
+                    raise Cancelled(f"{self.sender}: the request was closed while sending to {self.address}") from None
                 if time.monotonic() >= deadline:
-                    raise PeerTimeout(f"{self.sender}: peer {self.address} did not take data-plane frames in time") from None
+                    raise PeerTimeout(f"{self.sender}: peer {self.address} did not take data-plane frames in time",
+                                      peer=self.address) from None
 
     def close(self) -> None:
         self._socket.close(linger=0)
@@ -153,9 +151,7 @@ class ZmqLinks:
 
     def __call__(self, address: str) -> ZmqLink:
         if not address.startswith("tcp://"):
-            from hybridiff.errors import InvalidArgument
-
-            raise InvalidArgument("peer_data_address", f"expected tcp://host:port, got {address!r}")
+            raise BadCommand("peer_data_address", f"expected tcp://host:port, got {address!r}")
         with self._lock:
             if address not in self._links:
                 self._links[address] = ZmqLink(self.context, self.sender, address, curve=self.curve)

@@ -1,9 +1,11 @@
 """Tensor wire format of the data plane: one typed header frame plus one raw buffer per tensor.
 
 ``encode_frames`` / ``decode_frames`` are the only way tensors cross between workers, in the
-in-process engine and over ZeroMQ alike (DESIGN section 2). bf16 travels as a uint8 view;
-an unknown dtype, a version mismatch or a size that does not match the header is rejected
-with ``FrameError`` — never a pickle fallback.
+in-process engine and over ZeroMQ alike (DESIGN section 2); ``tensor_to_proto`` /
+``tensor_from_proto`` carry a tensor inside another message (checkpoints, final latents) as the
+same ``Tensor`` message with its bytes inline. bf16 travels as a uint8 view; an unknown dtype,
+a version mismatch or a size that does not match the header is rejected with ``FrameError``
+— never a pickle fallback.
 """
 from __future__ import annotations
 
@@ -13,23 +15,31 @@ from dataclasses import dataclass, field
 import torch
 from google.protobuf.message import DecodeError
 
-from hybridiff.api.v1 import dataplane_pb2 as pb
+from hybridiff.internal.v1 import dataplane_pb2 as pb
 
 WIRE_VERSION = 1
 # A single tensor larger than this is refused (a full-size SDXL activation is ~40 MiB in fp32).
 MAX_TENSOR_BYTES = 512 * 1024 * 1024
 
-FrameKind = pb.FrameKind
+
+
+class FrameKind:
+    """What a data-plane message carries (the wire enum's values, short names)."""
+
+    BRANCH_PREDICTION = pb.FRAME_KIND_BRANCH_PREDICTION
+    STAGE_ACTIVATIONS = pb.FRAME_KIND_STAGE_ACTIVATIONS
+    STAGE_RETURN = pb.FRAME_KIND_STAGE_RETURN
+    GUIDED_PREDICTION = pb.FRAME_KIND_GUIDED_PREDICTION
 
 _TO_WIRE: dict[torch.dtype, int] = {
-    torch.float32: pb.FLOAT32,
-    torch.float16: pb.FLOAT16,
-    torch.bfloat16: pb.BFLOAT16,
-    torch.float64: pb.FLOAT64,
-    torch.int64: pb.INT64,
-    torch.int32: pb.INT32,
-    torch.uint8: pb.UINT8,
-    torch.bool: pb.BOOL,
+    torch.float32: pb.ELEMENT_TYPE_FLOAT32,
+    torch.float16: pb.ELEMENT_TYPE_FLOAT16,
+    torch.bfloat16: pb.ELEMENT_TYPE_BFLOAT16,
+    torch.float64: pb.ELEMENT_TYPE_FLOAT64,
+    torch.int64: pb.ELEMENT_TYPE_INT64,
+    torch.int32: pb.ELEMENT_TYPE_INT32,
+    torch.uint8: pb.ELEMENT_TYPE_UINT8,
+    torch.bool: pb.ELEMENT_TYPE_BOOL,
 }
 _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
 
@@ -121,7 +131,21 @@ def decode_frames(frames: Sequence[bytes | memoryview], device: torch.device | s
     )
 
 
-def _tensor_from_buffer(spec: pb.TensorSpec, buf: bytes | memoryview, device: torch.device | str) -> torch.Tensor:
+def tensor_to_proto(tensor: torch.Tensor, name: str = "") -> pb.Tensor:
+    """A tensor as one ``Tensor`` message with its bytes inline."""
+    if tensor.dtype not in _TO_WIRE:
+        raise FrameError(f"tensor {name!r}: dtype {tensor.dtype} has no wire encoding")
+    buf = _raw_view(tensor)
+    return pb.Tensor(name=name, dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape), nbytes=buf.nbytes,
+                     data=buf.tobytes())
+
+
+def tensor_from_proto(msg: pb.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tensor of a ``Tensor`` message, checked like a frame (``FrameError`` when it does not hold)."""
+    return _tensor_from_buffer(msg, msg.data, device)
+
+
+def _tensor_from_buffer(spec: pb.Tensor, buf: bytes | memoryview, device: torch.device | str) -> torch.Tensor:
     dtype = _FROM_WIRE.get(spec.dtype)
     if dtype is None:
         raise FrameError(f"tensor {spec.name!r}: unknown wire dtype {spec.dtype}")

@@ -12,7 +12,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """Tiny random SDXL and SD3 models in diffusers format, built once per session."""
-    from hybridiff.tiny_model import write_tiny_model
+    from launch.tiny_model import write_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     return {arch: write_tiny_model(arch, root / arch) for arch in ("sdxl", "sd3")}
@@ -20,7 +20,7 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engines(model_dirs):
-    from coordinator.inprocess import InProcessEngine
+    from launch.inprocess import InProcessEngine
 
     made = {arch: InProcessEngine(path) for arch, path in model_dirs.items()}
     yield made
@@ -40,7 +40,7 @@ def otlp():
 
 @pytest.fixture(scope="session")
 def sdxl_cluster(model_dirs, otlp, tmp_path_factory):
-    from hybridiff.launcher import LocalCluster
+    from launch.local_cluster import LocalCluster
 
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
     with LocalCluster(model_dirs["sdxl"], workers=4, log_dir=tmp_path_factory.mktemp("logs"), extra_env=env,
@@ -50,7 +50,7 @@ def sdxl_cluster(model_dirs, otlp, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd3_cluster(model_dirs, tmp_path_factory):
-    from hybridiff.launcher import LocalCluster
+    from launch.local_cluster import LocalCluster
 
     with LocalCluster(model_dirs["sd3"], workers=2, log_dir=tmp_path_factory.mktemp("logs")) as cluster:
         yield cluster

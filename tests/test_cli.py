@@ -10,7 +10,7 @@ ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def hybridiff(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "hybridiff.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
                           env=ENV, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)

@@ -16,10 +16,10 @@ import torch
 import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hybridiff.api.v1 import diffusion_pb2 as pb
-from hybridiff.api.v1 import diffusion_pb2_grpc
-from hybridiff.client import DiffusionClient
-from hybridiff.quality import psnr
+from hybridiff.v1 import diffusion_pb2 as pb
+from hybridiff.v1 import diffusion_pb2_grpc
+from launch.client import DiffusionClient
+from tools.quality import psnr
 from hybridiff.request import RequestInput
 
 
@@ -189,7 +189,7 @@ def test_one_trace_per_request_across_processes(sdxl_cluster, otlp, tmp_path):
     env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}",
            "OTEL_EXPORTER_OTLP_INSECURE": "true", "TRANSFORMERS_VERBOSITY": "error"}
     out = tmp_path / "t.png"
-    subprocess.run([sys.executable, "-m", "hybridiff.cli", "generate", "--target", sdxl_cluster.address,
+    subprocess.run([sys.executable, "-m", "launch.cli", "generate", "--target", sdxl_cluster.address,
                     "--prompt", "a red circle", "--steps", "8", "--mode", "hybrid", "--tau-cap", "3", "--k", "2",
                     "--request-id", "traced-1", "--out", str(out), "--quiet"], env=env, check=True, timeout=120)
     deadline = time.monotonic() + 20
@@ -205,7 +205,7 @@ def test_one_trace_per_request_across_processes(sdxl_cluster, otlp, tmp_path):
     by_id = {s["span_id"]: s for s in tree}
     services = {s["service"] for s in tree}
     assert services >= {"hybridiff-client", "hybridiff-coordinator", "hybridiff-worker"}
-    client_span = next(s for s in tree if s["name"] == "hybridiff.client.generate")
+    client_span = next(s for s in tree if s["name"] == "launch.client.generate")
     assert client_span["parent"] == ""  # the trace starts at the client
     a = root["attributes"]
     assert a["hybridiff.mode"] == "hybrid" and a["hybridiff.tau1"] == 3 and a["hybridiff.tau2"] == 5
@@ -225,7 +225,7 @@ def test_one_trace_per_request_across_processes(sdxl_cluster, otlp, tmp_path):
 
 
 def test_local_leaves_no_process_behind(model_dirs, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "hybridiff.cli", "local", "--model-dir", str(model_dirs["sdxl"]),
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "local", "--model-dir", str(model_dirs["sdxl"]),
                              "--port", "0", "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     deadline = time.monotonic() + 120

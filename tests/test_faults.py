@@ -9,10 +9,10 @@ import threading
 import grpc
 import pytest
 
-from hybridiff.api.v1 import diffusion_pb2 as pb
-from hybridiff.api.v1 import diffusion_pb2_grpc
-from hybridiff.client import DiffusionClient
-from hybridiff.launcher import LocalCluster
+from hybridiff.v1 import diffusion_pb2 as pb
+from hybridiff.v1 import diffusion_pb2_grpc
+from launch.client import DiffusionClient
+from launch.local_cluster import LocalCluster
 from hybridiff.request import RequestInput
 
 
@@ -89,7 +89,7 @@ def test_a_restarted_worker_rejoins_the_pool(model_dirs, tmp_path):
         address = cluster.worker_addresses[0]
         _kill(cluster, address)
         port = address.rsplit(":", 1)[1]
-        restarted = subprocess.Popen([sys.executable, "-m", "hybridiff.cli", "worker", "--model-dir",
+        restarted = subprocess.Popen([sys.executable, "-m", "launch.cli", "worker", "--model-dir",
                                       str(model_dirs["sdxl"]), "--host", "127.0.0.1", "--port", port,
                                       "--data-port", "0", "--worker-id", "worker0-again"],
                                      env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})

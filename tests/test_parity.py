@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
-from hybridiff.quality import psnr
+from tools.quality import psnr
 from hybridiff.request import RequestInput
 
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybridiff.api.v1 import diffusion_pb2 as pb
-from hybridiff.api.v1 import diffusion_pb2_grpc
+from hybridiff.v1 import diffusion_pb2 as pb
+from hybridiff.v1 import diffusion_pb2_grpc
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -170,8 +170,8 @@ def _rss_kib(pids) -> int:
 
 
 def test_load_small_queue_every_request_succeeds_or_is_refused(model_dirs, tmp_path):
-    from hybridiff.client import DiffusionClient
-    from hybridiff.launcher import LocalCluster
+    from launch.client import DiffusionClient
+    from launch.local_cluster import LocalCluster
     from hybridiff.request import RequestInput
 
     with LocalCluster(model_dirs["sdxl"], workers=4, queue_size=2, log_dir=tmp_path / "logs") as cluster:

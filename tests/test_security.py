@@ -13,8 +13,9 @@ import pytest
 import torch
 import zmq
 
-from hybridiff.api.v1 import diffusion_pb2 as pb
-from hybridiff.api.v1 import diffusion_pb2_grpc, worker_pb2, worker_pb2_grpc
+from hybridiff.v1 import diffusion_pb2 as pb
+from hybridiff.v1 import diffusion_pb2_grpc
+from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 from hybridiff.security import load_curve_keys, write_curve_keys
 from hybridiff.wire import FrameKind, encode_frames
 
@@ -118,7 +119,7 @@ def test_tls_and_mutual_tls_on_the_public_api(pki):
 def test_worker_accepts_control_only_from_the_coordinator(pki, model_dirs, tmp_path):
     ready = tmp_path / "ready.json"
     crt, key = pki["server"]
-    proc = subprocess.Popen([sys.executable, "-m", "hybridiff.cli", "worker", "--model-dir", str(model_dirs["sdxl"]),
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "worker", "--model-dir", str(model_dirs["sdxl"]),
                              "--host", "127.0.0.1", "--port", "0", "--data-port", "0", "--ready-file", str(ready),
                              "--tls-cert", str(crt), "--tls-key", str(key), "--tls-client-ca", str(pki["ca"])],
                             env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from hybridiff.shapes.adherence import AdherenceReport, check, read_image
-from hybridiff.shapes.grammar import (
+from tools.shapes.adherence import AdherenceReport, check, read_image
+from tools.shapes.grammar import (
     COLOURS, HELD_OUT, POSITIONS, SHAPES, VOCABULARY, Caption, all_scenes, caption_for, held_out_prompts,
     parse_caption, training_scenes,
 )
-from hybridiff.shapes.render import render
+from tools.shapes.render import render
 
 
 def test_held_out_triples_are_never_trained_but_every_pair_is():
@@ -76,7 +76,7 @@ def test_checker_rejects_wrong_attributes_and_empty_images():
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
-    from hybridiff.shapes.train import TrainConfig, train_default_model
+    from tools.shapes.train import TrainConfig, train_default_model
 
     config = TrainConfig(images=64, vae_steps=2, vae_batch=4, unet_steps=3, unet_batch=4, warmup=1, threads=1,
                          log_every=1)
@@ -95,9 +95,9 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
 
 @pytest.mark.parametrize("prompt", list(itertools.islice((c.text for c in held_out_prompts()), 1)))
 def test_the_committed_model_draws_a_held_out_prompt(prompt):
-    from hybridiff.cli import EMBEDDED_MODEL_DIR
+    from launch.model_dirs import EMBEDDED_MODEL_DIR
     from hybridiff.request import RequestInput
-    from hybridiff.shapes.evaluate import in_process_generate
+    from tools.shapes.evaluate import in_process_generate
 
     generate, close = in_process_generate(EMBEDDED_MODEL_DIR)
     try:

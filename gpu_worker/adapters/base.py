@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from hybridiff.protocol import OutputFormat
 from hybridiff.request import MODEL_DEFAULTS, ModelDefaults, SizeLimits
 
 # Branch inputs are the per-branch conditioning tensors (batch 1 each), keyed by the name the
@@ -153,15 +154,29 @@ class ModelAdapter(ABC):
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         """Undo the latent scaling as the pipeline does before ``vae.decode``."""
 
-    def decode(self, latents: torch.Tensor) -> Image.Image:
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """The batch's images, as the pipeline decodes and post-processes them."""
         vae = self.pipe.vae
         z = self.vae_input(latents).to(device=self.device, dtype=vae.dtype)
         image = vae.decode(z, return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil")
 
 
 def png_bytes(image: Image.Image) -> bytes:
     """PNG without timestamps or other metadata, so equal images give equal bytes."""
+    return encode_image(image, OutputFormat.PNG)
+
+
+def encode_image(image: Image.Image, fmt: OutputFormat, quality: int = 0) -> bytes:
+    """The image in ``fmt`` (PNG lossless; JPEG and WebP at ``quality``, 0 meaning 90), with no
+    metadata, so equal images give equal bytes."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=False)
+    if fmt == OutputFormat.PNG:
+        image.save(buf, format="PNG", optimize=False)
+    elif fmt == OutputFormat.JPEG:
+        image.convert("RGB").save(buf, format="JPEG", quality=quality or 90)
+    elif fmt == OutputFormat.WEBP:
+        image.save(buf, format="WEBP", quality=quality or 90)
+    else:
+        raise ValueError(f"{fmt!r} is not an image format")
     return buf.getvalue()

@@ -10,7 +10,7 @@ import pytest
 def test_bench_json_is_complete_and_consistent(model_dirs, tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "hybridiff.cli", "bench", "--model-dir", str(model_dirs["sdxl"]), "--prompts", "2",
+        [sys.executable, "-m", "launch.cli", "bench", "--model-dir", str(model_dirs["sdxl"]), "--prompts", "2",
          "--repeats", "1", "--steps", "8", "--tau-cap", "3", "--k", "3", "--out-dir", str(out), "--quiet",
          "--adherence-seeds", "1", "--adherence-steps", "6"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from hybridiff.bench import gpu_profile
-from hybridiff.bench.perfmodel import LinkModel, ScheduleParams, predict_modes
+from tools.bench import gpu_profile
+from tools.bench.perfmodel import LinkModel, ScheduleParams, predict_modes
 
 MODES = ("single", "cfg-parallel", "pipeline", "hybrid")
 

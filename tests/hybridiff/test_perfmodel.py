@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from hybridiff.bench.perfmodel import (DATA_PARALLEL, PIPELINE, PIPELINE_FILL, PIPELINE_WARMUP_STEPS, SINGLE,
+from tools.bench.perfmodel import (DATA_PARALLEL, PIPELINE, PIPELINE_FILL, PIPELINE_WARMUP_STEPS, SINGLE,
                                        ComputeTimes, FixedCosts, LinkModel, ScheduleParams, StageTimes, TensorBytes,
                                        hybrid_window, predict_modes, schedule_phases, simulate)
 
@@ -146,7 +146,7 @@ def _schedule_of(mode, num_steps, params, values):
 
 @pytest.mark.parametrize("source", ["tau_cap", "slope"])
 def test_phase_lists_match_the_coordinator_schedule(source):
-    from hybridiff.phases import Mode
+    from hybridiff.protocol import Mode
     from hybridiff.request import HybridParams
 
     if source == "tau_cap":  # a rising rel-MAE never has a slope in [0, eps): fallback at tau_cap
@@ -163,7 +163,7 @@ def test_phase_lists_match_the_coordinator_schedule(source):
 def test_pipeline_mode_matches_the_coordinator_schedule():
     from coordinator.schedule import PIPELINE_WARMUP_STEPS as COORDINATOR_WARMUP
     from coordinator.schedule import StepSchedule
-    from hybridiff.phases import Mode
+    from hybridiff.protocol import Mode
     from hybridiff.request import HybridParams
 
     assert PIPELINE_WARMUP_STEPS == COORDINATOR_WARMUP

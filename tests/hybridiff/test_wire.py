@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hybridiff.api.v1 import dataplane_pb2 as pb
+from hybridiff.internal.v1 import dataplane_pb2 as pb
 from hybridiff.wire import FrameError, FrameKind, decode_frames, encode_frames
 
 

@@ -345,7 +345,7 @@ PENDING_CLI_FLAGS: set[str] = set()
 @pytest.mark.parametrize("key", sorted(RENDERS))
 def test_container_args_parse_with_the_real_cli(key):
     """The rendered command lines are accepted by ``hybridiff``'s own argument parser."""
-    from hybridiff.cli import build_parser
+    from launch.cli import build_parser
 
     parser = build_parser()
     commands = set(next(a for a in parser._actions if a.dest == "command").choices)

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hybridiff.api.v1 import diffusion_pb2, diffusion_pb2_grpc
+from hybridiff.v1 import diffusion_pb2, diffusion_pb2_grpc
 
 
 def core_shares(workers: int, cores: list[int] | None = None) -> list[str]:
@@ -58,7 +58,7 @@ class LocalCluster:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         out = open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL
-        proc = subprocess.Popen([sys.executable, "-m", "hybridiff.cli", *args], env=self.env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], env=self.env, stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         self.procs.append(proc)
         return proc

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from hybridiff.request import HybridParams, RequestInput
-from hybridiff.shapes.adherence import AdherenceReport, Verdict, check
-from hybridiff.shapes.grammar import Caption, held_out_prompts
+from tools.shapes.adherence import AdherenceReport, Verdict, check
+from tools.shapes.grammar import Caption, held_out_prompts
 
 EVAL_SEEDS = (11, 22, 33, 44)  # fixed: with the 8 held-out prompts, 32 images per setting
 
@@ -137,7 +137,7 @@ def save_grid(samples: list[Sample], out: Path, columns: int, scale: int = 3) ->
 
 def in_process_generate(model_dir: str | Path) -> tuple[Generate, Callable[[], None]]:
     """A ``Generate`` over the in-process engine, and its ``close``."""
-    from coordinator.inprocess import InProcessEngine
+    from launch.inprocess import InProcessEngine
 
     engine = InProcessEngine(model_dir)
 

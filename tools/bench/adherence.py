@@ -7,18 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from hybridiff.quality import psnr, ssim
+from tools.quality import psnr, ssim
 from hybridiff.request import RequestInput
-from hybridiff.shapes.adherence import AdherenceReport
-from hybridiff.shapes.evaluate import EVAL_SEEDS, held_out_requests, run_adherence
+from tools.shapes.adherence import AdherenceReport
+from tools.shapes.evaluate import EVAL_SEEDS, held_out_requests, run_adherence
 
 
 def adherence_by_variant(model_dir: str, variants: tuple[tuple[str, str, str], ...], seeds: int, steps: int,
                          log_dir: Path, on_run: Callable[[str], None] = lambda _: None) -> dict:
     """For each (label, mode, policy): adherence accuracy (whole prompt and per attribute) over
     the held-out prompts x ``seeds`` seeds, and min PSNR/SSIM against ``cfg-parallel``."""
-    from hybridiff.client import DiffusionClient
-    from hybridiff.launcher import LocalCluster
+    from launch.client import DiffusionClient
+    from launch.local_cluster import LocalCluster
 
     images: dict[str, dict[tuple[str, int], bytes]] = {}
     results: dict[str, dict] = {}

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybridiff.shapes.grammar import VOCABULARY, caption_for, training_scenes
-from hybridiff.shapes.render import render
+from tools.shapes.grammar import VOCABULARY, caption_for, training_scenes
+from tools.shapes.render import render
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def build_pipeline(seed: int, side: int = 32):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from hybridiff.tiny_model import build_clip_tokenizer
+    from launch.tiny_model import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(max_length=MAX_TOKENS, extra_words=VOCABULARY)
     tokenizer_2 = build_clip_tokenizer(max_length=MAX_TOKENS, extra_words=VOCABULARY)

@@ -10,7 +10,7 @@ compute times (``perfmodel`` with a free link) and measured/ideal, per-step over
 wall time minus compute), data-plane bytes, tau1/tau2, and PSNR/SSIM of every mode's image
 against SINGLE (and of the hybrid policies against CFG_PARALLEL, the exact CFG). A second,
 short pass on the trained default model measures prompt adherence per mode and policy
-(``hybridiff.bench.adherence``).
+(``tools.bench.adherence``).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hybridiff.bench.perfmodel import ComputeTimes, FixedCosts, LinkModel, StageTimes, TensorBytes, simulate
-from hybridiff.quality import psnr, ssim
+from tools.bench.perfmodel import ComputeTimes, FixedCosts, LinkModel, StageTimes, TensorBytes, simulate
+from tools.quality import psnr, ssim
 
 DEFAULT_PROMPTS = ("a red circle on the left", "a blue square at the top", "a green triangle at the bottom",
                    "a yellow star on the right")
@@ -69,7 +69,7 @@ def diffusers_reference(model_dir: str, prompt: str, seed: int, steps: int, guid
     import torch
 
     from gpu_worker.loader import load_adapter
-    from hybridiff.api.v1 import diffusion_pb2  # noqa: F401  (import before pinning: no effect on timing)
+    from hybridiff.v1 import diffusion_pb2  # noqa: F401  (import before pinning: no effect on timing)
 
     affinity = os.sched_getaffinity(0)
     threads = torch.get_num_threads()
@@ -264,11 +264,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench_model_dir() -> Path:
-    from hybridiff.cli import tiny_model_cache
+    from launch.model_dirs import tiny_model_cache
 
     cache = tiny_model_cache() / "bench-sdxl"
     if not (cache / "model_index.json").is_file():
-        from hybridiff.tiny_model import write_tiny_model
+        from launch.tiny_model import write_tiny_model
 
         print(f"building the SDXL-shaped bench model in {cache}", file=sys.stderr)
         write_tiny_model("sdxl", cache, size="bench")
@@ -279,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from gpu_worker.loader import detect_arch
-    from hybridiff.bench import plots
-    from hybridiff.bench.adherence import adherence_by_variant, format_adherence
-    from hybridiff.cli import default_model_dir
-    from hybridiff.shapes.grammar import held_out_prompts
-    from hybridiff.client import DiffusionClient
-    from hybridiff.launcher import LocalCluster
+    from tools.bench import plots
+    from tools.bench.adherence import adherence_by_variant, format_adherence
+    from launch.model_dirs import default_model_dir
+    from tools.shapes.grammar import held_out_prompts
+    from launch.client import DiffusionClient
+    from launch.local_cluster import LocalCluster
 
     args = parse_args(argv)
     model_dir = str(args.model_dir or bench_model_dir())

@@ -1,4 +1,4 @@
-"""Draw a :class:`~hybridiff.shapes.grammar.Scene` as an RGB image, deterministically.
+"""Draw a :class:`~tools.shapes.grammar.Scene` as an RGB image, deterministically.
 
 Shapes are anti-aliased by 4x supersampling. Placement, size and shade jitter come from the
 caller's ``numpy.random.Generator``, so a seed fixes the whole dataset.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hybridiff.shapes.grammar import Scene
+from tools.shapes.grammar import Scene
 
 # Nominal RGB of each colour word (0..1); rendered with a little jitter.
 PALETTE = {

@@ -1,21 +1,23 @@
 """The engine in one process (``hybridiff run``): two worker engines, one thread each.
 
 The two engines share one loaded model (weights are read-only) but nothing else: each has its
-own mailbox, scheduler and latents, and they exchange tensors only as encoded data-plane
-frames through ``InMemoryLink`` — the same messages the cluster carries over ZeroMQ.
+own mailbox, scheduler and latents. The driver sends them the control API's own messages, and
+they exchange tensors only as encoded data-plane frames through ``InMemoryLink`` — the same
+messages the cluster carries over gRPC and ZeroMQ.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from coordinator.driver import GenerationResult, drive_request
+from coordinator.driver import GenerationResult, StepStat, drive_request
 from gpu_worker.dataplane import InMemoryLink, Mailbox
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter
-from gpu_worker.split_balance import SplitPlan, balanced_plan, measure_unit_costs
-from hybridiff.messages import BeginCommand, StepCommand
-from hybridiff.phases import MODE_NAMES, Mode
+from gpu_worker.split_balance import SplitPlan, SplitPlanner
+from hybridiff.internal.v1 import worker_pb2
+from hybridiff.protocol import Mode
 from hybridiff.request import GenerationSpec, RequestInput, resolve_spec
 
 
@@ -28,14 +30,8 @@ class InProcessWorker:
         self.data_address = ""
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker-{engine.name}")
 
-    def begin(self, cmd: BeginCommand) -> Future:
-        return self._thread.submit(self.engine.begin, cmd)
-
-    def step(self, cmd: StepCommand) -> Future:
-        return self._thread.submit(self.engine.step, cmd)
-
-    def finish(self, request_id: str, decode: bool) -> Future:
-        return self._thread.submit(self.engine.finish, request_id, decode)
+    def send(self, cmd: worker_pb2.SessionRequest) -> Future:
+        return self._thread.submit(self.engine.handle, cmd)
 
     def abort(self, request_id: str) -> None:
         # Closing the mailbox first wakes a step that waits for its peer; the abort itself is queued.
@@ -55,7 +51,7 @@ class InProcessEngine:
         self.limits = self.adapter.size_limits()
         self.defaults = self.adapter.defaults
         self._split_cut = split_cut
-        self._plans: dict[tuple[int, int], SplitPlan] = {}
+        self.planner = SplitPlanner(self.adapter)
         boxes = [Mailbox("U", self.adapter.device), Mailbox("C", self.adapter.device)]
         self.workers = [
             InProcessWorker(WorkerEngine(self.adapter, "U", boxes[0], lambda _: InMemoryLink("U", boxes[1]))),
@@ -67,12 +63,11 @@ class InProcessEngine:
 
     def split_plan(self, height: int, width: int) -> SplitPlan:
         """The balanced cut at this resolution, measured once and cached."""
-        if (height, width) not in self._plans:
-            self._plans[(height, width)] = balanced_plan(self.adapter, measure_unit_costs(self.adapter, height, width))
-        return self._plans[(height, width)]
+        return self.planner.plan(height, width)
 
-    def generate(self, spec: GenerationSpec, on_step=None, check_alive=None) -> GenerationResult:
-        mode = MODE_NAMES[spec.mode]
+    def generate(self, spec: GenerationSpec, on_step: Callable[[StepStat, int], None] | None = None,
+                 check_alive: Callable[[], None] | None = None) -> GenerationResult:
+        mode = spec.mode
         if mode == Mode.AUTO:
             mode = Mode.HYBRID if spec.guided else Mode.SINGLE  # a pair is always free in-process
         cut = self._split_cut

@@ -7,7 +7,7 @@ and 2 at that cut, measures the bytes that cross the link, and feeds all of it w
 model into ``perfmodel`` to predict the latency and speedup of every mode. ``--device cpu
 --tiny`` runs the same code on tiny configs of the same structure (what the tests use).
 
-    python -m hybridiff.bench.gpu_profile --out gpu_profile.json
+    python -m tools.bench.gpu_profile --out gpu_profile.json
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from gpu_worker.split_balance import device_clock
-from hybridiff.bench.perfmodel import (ComputeTimes, LinkModel, ScheduleParams, StageTimes, TensorBytes,
+from gpu_worker.split_balance import choose_cut, device_clock, stage_costs
+from tools.bench.perfmodel import (ComputeTimes, LinkModel, ScheduleParams, StageTimes, TensorBytes,
                                        predict_modes)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -140,19 +140,6 @@ def nbytes(*tensors: torch.Tensor) -> int:
 
 
 # --- per-architecture profiles ----------------------------------------------------------
-def _best_cut(stage1_of: Callable[[int], list[str]], cuts: range, units: dict[str, float]) -> tuple[int, float, float]:
-    """The cut whose stages are closest in summed unit cost: (cut, stage1 s, stage2 s)."""
-    best = None
-    for cut in cuts:
-        names = set(stage1_of(cut))
-        s1 = sum(v for k, v in units.items() if k in names)
-        s2 = sum(v for k, v in units.items() if k not in names)
-        ratio = max(s1, s2) / max(min(s1, s2), 1e-12)
-        if best is None or ratio < best[0]:
-            best = (ratio, cut, s1, s2)
-    return best[1], best[2], best[3]
-
-
 def _median_units(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -173,7 +160,7 @@ def profile_unet(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, r
     x1 = inputs[1]
     ctx1 = probe.context(x1["sample"], x1["t"], x1["encoder_hidden_states"], x1["added_cond_kwargs"])
     units = _median_units([time_units(probe, x1["sample"], ctx1, clock) for _ in range(repeats + 1)][1:])
-    cut, _, _ = _best_cut(lambda c: NestedUNetSplit(model, c).stage1_units(), range(1, probe.num_units + 1), units)
+    cut = choose_cut(range(1, probe.num_units + 1), lambda c: stage_costs(NestedUNetSplit(model, c).stage1_units(), units))
     split = NestedUNetSplit(model, cut)
     sizes: dict[str, int] = {"prediction": nbytes(forward(x1))}
     for b in (1, 2):
@@ -213,7 +200,7 @@ def profile_dit(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, re
     temb1 = probe.temb(x1["t"], x1["pooled"])
     units = _median_units([time_units(probe, x1["sample"], x1["encoder_hidden_states"], temb1, clock)
                            for _ in range(repeats + 1)][1:])
-    cut, _, _ = _best_cut(lambda c: SequentialDiTSplit(model, c).stage1_units(), range(1, probe.num_units), units)
+    cut = choose_cut(range(1, probe.num_units), lambda c: stage_costs(SequentialDiTSplit(model, c).stage1_units(), units))
     split = SequentialDiTSplit(model, cut)
     sizes: dict[str, int] = {"prediction": nbytes(forward(x1))}
     h, w = x1["sample"].shape[-2:]

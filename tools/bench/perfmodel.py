@@ -143,7 +143,7 @@ class FixedCosts:
 
 # --- phase lists --------------------------------------------------------------------
 def phase_name(phase: Any) -> str:
-    """Accepts our strings or ``hybridiff.phases.Phase`` members (by name)."""
+    """Accepts our strings or ``hybridiff.protocol.Phase`` members (by name)."""
     name = phase if isinstance(phase, str) else getattr(phase, "name", None)
     if not isinstance(name, str) or name.lower() not in PHASES:
         raise ValueError(f"unknown phase {phase!r}")

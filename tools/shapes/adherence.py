@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hybridiff.shapes.grammar import Caption, parse_caption
-from hybridiff.shapes.render import ANCHORS, AREA_PER_RADIUS2, PALETTE, RADII
+from tools.shapes.grammar import Caption, parse_caption
+from tools.shapes.render import ANCHORS, AREA_PER_RADIUS2, PALETTE, RADII
 
 SATURATION_MIN = 0.22   # max(rgb) - min(rgb) above which a pixel belongs to a shape
 MIN_AREA_FRACTION = 0.004  # smaller regions are noise, not a shape

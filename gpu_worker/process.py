@@ -1,0 +1,107 @@
+"""The worker process (``hybridiff worker``), in named steps: start (control API first, so
+health answers while the model loads; then the model and the data plane), serve until
+signalled, shut down.
+
+Health is NOT_SERVING until the model is loaded, SERVING after, NOT_SERVING again while it
+drains on SIGTERM.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+
+import torch
+import zmq
+
+from gpu_worker.dataplane import Mailbox
+from gpu_worker.engine import WorkerEngine
+from gpu_worker.loader import load_adapter
+from gpu_worker.service import SERVICE_NAME, WorkerService
+from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLinks
+from hybridiff import security, serving, telemetry
+from hybridiff.internal.v1 import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def pin_cpus(cpus: str | None) -> None:
+    """Pin this process to ``cpus`` ("0", "0,1", "2-3") with one torch thread per core."""
+    if cpus:
+        chosen: set[int] = set()
+        for part in cpus.split(","):
+            lo, _, hi = part.partition("-")
+            chosen.update(range(int(lo), int(hi or lo) + 1))
+        os.sched_setaffinity(0, chosen)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_interop_threads(1)
+
+
+class WorkerProcess:
+    def __init__(self, model_dir: str, port: int, data_port: int, host: str = "0.0.0.0",
+                 advertise_host: str | None = None, device: str | None = None, dtype: str | None = None,
+                 model_name: str | None = None, worker_id: str | None = None, grace: float = 30.0,
+                 tls: serving.TlsFiles = (None, None, None), curve_keys_dir: str | None = None) -> None:
+        """Port 0 picks a free port. ``tls`` = (cert, key, client CA): with a client CA only the
+        coordinator (a cert that CA signed) may control this worker. ``curve_keys_dir``: ZeroMQ
+        CURVE with the pool keypair found there."""
+        telemetry.setup_tracing("hybridiff-worker")
+        self.model_dir, self.host, self.data_port, self.grace = model_dir, host, data_port, grace
+        self.device, self.dtype = device, dtype
+        self.advertise = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "::") else host)
+        self.curve = security.load_curve_keys(curve_keys_dir) if curve_keys_dir else None
+        self.server = serving.new_server(8, telemetry.server_interceptors())
+        self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
+        self.port = serving.bind(self.server, f"{host}:{port}", tls)
+        self.worker_id = worker_id or f"{self.advertise}:{self.port}"
+        self.service = WorkerService(self.worker_id, model_name or Path(model_dir).name)
+        worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self.service, self.server)
+        self._stop = threading.Event()
+
+    def start(self) -> WorkerProcess:
+        """Answer health at once, then load the model and open the data plane; SERVING after."""
+        self.server.start()
+        log.info("worker control API on %s:%d (loading model)", self.host, self.port)
+        adapter = load_adapter(self.model_dir, self.device, self.dtype)
+        self.context = zmq.Context()
+        mailbox = Mailbox(self.worker_id, adapter.device)
+        self.receiver = DataPlaneReceiver(self.context, mailbox, self.host, self.data_port, curve=self.curve).start()
+        self.links = ZmqLinks(self.context, self.worker_id, curve=self.curve)
+        engine = WorkerEngine(adapter, self.worker_id, mailbox, self.links)
+        self.service.attach(engine, f"tcp://{self.advertise}:{self.receiver.port}")
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, serving.SERVING)
+        log.info("worker %s serving %s (%s) on %s, data plane %s", self.worker_id, self.service.model_name,
+                 adapter.arch, adapter.device, self.service.data_address)
+        print(f"worker ready: control {self.advertise}:{self.port} data {self.service.data_address}", flush=True)
+        return self
+
+    def serve_until_signalled(self, ready_file: str | None = None) -> None:
+        serving.write_ready_file(ready_file, {"control": f"{self.advertise}:{self.port}",
+                                              "data": self.service.data_address})
+        serving.on_termination(self.request_stop)
+        self._stop.wait()
+
+    def request_stop(self) -> None:
+        self.health.enter_graceful_shutdown()
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        """Finish the session in flight (within the grace period), then close everything."""
+        self.server.stop(self.grace).wait()
+        self.receiver.stop()
+        self.links.close()
+        self.context.term()
+        telemetry.shutdown_tracing()
+
+
+def serve_worker(model_dir: str, port: int, data_port: int, ready_file: str | None = None, **kwargs) -> None:
+    """Serve until SIGTERM/SIGINT; ``ready_file`` receives {"control": "host:port", "data": "tcp://host:port"}
+    once the model is loaded."""
+    process = WorkerProcess(model_dir, port, data_port, **kwargs).start()
+    try:
+        process.serve_until_signalled(ready_file)
+    finally:
+        process.shutdown()

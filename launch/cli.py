@@ -1,0 +1,393 @@
+"""The ``hybridiff`` command line (DESIGN section 3).
+
+Exit codes: 0 ok; 2 bad usage or an invalid argument; 3 the service is unavailable or the
+deadline passed; 4 any other server error; 130 interrupted. Serving commands import their role
+only when run, so the client commands start fast and work where only the light client is
+installed. The tool commands (bench, gpu-profile, train-default-model, adherence) are found
+through the ``hybridiff.tools`` entry points: the launch layer never imports the tools.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, entry_points, version
+from pathlib import Path
+
+import grpc
+
+from hybridiff import security
+from hybridiff.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DiffusionClient, default_target, request_to_proto
+from hybridiff.errors import DeadlineExceeded, HybridiffError, InvalidArgument, Unavailable
+from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label, labels, parse
+from hybridiff.request import RequestInput
+
+EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_SERVER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+TOOLS_GROUP = "hybridiff.tools"
+
+
+def exit_code(exc: HybridiffError) -> int:
+    if isinstance(exc, InvalidArgument) or exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return EXIT_USAGE
+    if isinstance(exc, (Unavailable, DeadlineExceeded)) or exc.code in (grpc.StatusCode.UNAVAILABLE,
+                                                                        grpc.StatusCode.DEADLINE_EXCEEDED):
+        return EXIT_UNAVAILABLE
+    return EXIT_SERVER_ERROR
+
+
+def package_version() -> str:
+    try:
+        return version("hybridiff")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# --- flags ------------------------------------------------------------------------------
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """The generation flags shared by ``run`` and ``generate``."""
+    p.add_argument("--prompt", required=True, help="what to draw (at most 4000 characters)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from (default: none; an empty string is encoded as such)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps, 1..500 (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, 0..100; <= 1 runs one branch only (default: the model's)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the initial noise, as diffusers' Generator('cpu').manual_seed (default: random, "
+                        "reported in the stats)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--num-images", type=int, default=1,
+                   help="images of the prompt, as diffusers' num_images_per_prompt; the outputs are numbered "
+                        "OUT-0.png, OUT-1.png, ... when more than one")
+    p.add_argument("--mode", choices=labels(Mode), default="auto",
+                   help="auto: hybrid when a pair is free and guidance > 1; single: one worker (the baseline); "
+                        "cfg-parallel: one guidance branch per worker; pipeline: two-stage pipeline (AsyncDiff); "
+                        "hybrid: cfg-parallel, the pipeline from tau1 to tau2, cfg-parallel again")
+    p.add_argument("--model", default="", help="the served model's name (default: the only one)")
+    p.add_argument("--l-slope", type=int, default=None,
+                   help="hybrid: L, the window of the rel-MAE slope in steps. rel-MAE = mean|e_c - e_u| / mean|e_u|, "
+                        "the relative gap between the conditional and unconditional predictions (default: the model's)")
+    p.add_argument("--eps-slope", type=float, default=None,
+                   help="hybrid: tau1, the step the pipeline window opens, is the first step where the rel-MAE slope "
+                        "(d[-L] - d[-1]) / L lies in [0, eps_slope) (default: the model's)")
+    p.add_argument("--k", type=int, default=None,
+                   help="hybrid: the window's length after tau1; tau2 = min(tau1 + k, last step) (default: the model's)")
+    p.add_argument("--tau-cap", type=int, default=None,
+                   help="hybrid: tau1 when the slope never flattens (default: the model's)")
+    p.add_argument("--window-guidance", choices=["default", *labels(WindowGuidance)], default="default",
+                   help="the pipeline window's prediction: conditional (hybrid's default), last-difference "
+                        "(e_c + (s - 1) times the last measured e_c - e_u) or full-cfg (pipeline's default)")
+    p.add_argument("--format", choices=labels(OutputFormat), default="png", help="the output's encoding")
+    p.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality, 1..100 (default 90)")
+    p.add_argument("--request-id", default="", help="your id for the request (default: one is assigned)")
+    p.add_argument("--out", required=True, help="where to write the image")
+    p.add_argument("--stats-json", default=None, help="also write the run's statistics as JSON here")
+
+
+def request_input(args: argparse.Namespace) -> RequestInput:
+    return RequestInput(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, mode=parse(Mode, args.mode),
+        hybrid={"l_slope": args.l_slope, "eps_slope": args.eps_slope, "k": args.k, "tau_cap": args.tau_cap},
+        window_guidance=0 if args.window_guidance == "default" else parse(WindowGuidance, args.window_guidance),
+        output_format=parse(OutputFormat, args.format), quality=args.quality, num_images=args.num_images,
+        request_id=args.request_id, model=args.model,
+    )
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def write_outputs(args: argparse.Namespace, images: list[bytes], stats: dict) -> None:
+    for path, data in zip(output_paths(args.out, len(images)), images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        print(f"wrote {path}")
+    if args.stats_json:
+        Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.stats_json).write_text(json.dumps(stats, indent=2))
+        print(f"wrote {args.stats_json}")
+
+
+# --- serving commands -------------------------------------------------------------------
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from launch.tiny_model import write_tiny_model  # deferred: torch and diffusers, slow to import
+
+    out = write_tiny_model(args.arch, args.out, seed=args.seed, size=args.size)
+    print(f"wrote {args.size} {args.arch} model to {out}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # Deferred: the engine imports torch and diffusers (seconds), which client commands never need.
+    from tqdm import tqdm
+
+    from launch.inprocess import InProcessEngine
+    from launch.model_dirs import default_model_dir
+
+    engine = InProcessEngine(args.model_dir or default_model_dir(), args.device, args.dtype, args.split_cut)
+    try:
+        spec = engine.resolve(request_input(args))
+        with tqdm(total=spec.num_steps, desc=label(spec.mode), unit="step", disable=args.quiet) as bar:
+            def on_step(stat, total):
+                bar.set_postfix_str(label(stat.phase) + (f" rel-MAE {stat.rel_mae:.4f}"
+                                                         if stat.rel_mae is not None else ""))
+                bar.update(1)
+
+            result = engine.generate(spec, on_step=on_step)
+    finally:
+        engine.close()
+    images = result.images or [result.latents.data]
+    write_outputs(args, images, {"seed": result.seed, **result.stats.to_dict()})
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from gpu_worker.process import pin_cpus, serve_worker  # deferred: the worker role (torch, diffusers, zmq)
+    from launch.model_dirs import default_model_dir
+
+    pin_cpus(args.cpus)
+    serve_worker(args.model_dir or str(default_model_dir()), args.port, args.data_port, host=args.host,
+                 advertise_host=args.advertise_host, device=args.device, dtype=args.dtype,
+                 model_name=args.model_name, worker_id=args.worker_id, ready_file=args.ready_file,
+                 tls=(args.tls_cert, args.tls_key, args.tls_client_ca), curve_keys_dir=args.curve_keys)
+    return EXIT_OK
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    # Deferred: the coordinator role (prometheus, the OpenTelemetry SDK, the kubernetes client).
+    from coordinator.discovery import StaticDiscovery
+    from coordinator.server import serve_coordinator
+    from coordinator.service import ServiceConfig
+
+    if args.discovery == "kubernetes":
+        from coordinator.discovery.kubernetes import KubernetesDiscovery  # deferred: the kubernetes client
+
+        discovery = KubernetesDiscovery(args.namespace, args.selector, args.worker_port)
+    else:
+        if not args.workers:
+            print("error: --workers HOST:PORT,... is required with --discovery static", file=sys.stderr)
+            return EXIT_USAGE
+        discovery = StaticDiscovery(args.workers.split(","))
+    serve_coordinator(discovery=discovery, host=args.host, port=args.port,
+                      metrics_port=args.metrics_port, queue_size=args.queue_size,
+                      config=ServiceConfig(step_timeout=args.step_timeout, hybrid_defaults={
+                          "l_slope": args.l_slope, "eps_slope": args.eps_slope, "k": args.k, "tau_cap": args.tau_cap}),
+                      ready_file=args.ready_file, tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
+                      token=security.read_token(args.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"),
+                      worker_credentials=security.channel_credentials(args.worker_tls_ca, args.worker_tls_cert,
+                                                                      args.worker_tls_key))
+    return EXIT_OK
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from launch.local_cluster import run_local  # deferred: builds the default model with torch if needed
+    from launch.model_dirs import default_model_dir
+
+    return run_local(str(args.model_dir or default_model_dir()), args.workers, args.port, args.metrics_port,
+                     args.queue_size)
+
+
+def cmd_curve_keys(args: argparse.Namespace) -> int:
+    out = security.write_curve_keys(args.out)
+    print(f"wrote the CURVE pool keypair to {out} (pool.key, pool.key_secret); mount it on every worker")
+    return EXIT_OK
+
+
+# --- client commands --------------------------------------------------------------------
+def client_for(args: argparse.Namespace) -> DiffusionClient:
+    return DiffusionClient(args.target, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                           token=security.read_token(args.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"),
+                           timeout=args.timeout, connect_timeout=args.connect_timeout)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+    from tqdm import tqdm
+
+    request = request_to_proto(request_input(args))
+    bar = tqdm(unit="step", disable=args.quiet)
+
+    def on_progress(p) -> None:
+        bar.total = p.total_steps
+        bar.set_postfix_str(label(Phase(p.phase)) + (f" rel-MAE {p.rel_mae:.4f}" if p.HasField("rel_mae") else ""))
+        bar.update(1)
+
+    with client_for(args) as client:
+        try:
+            response = client.generate_request(request, on_progress=on_progress)
+        finally:
+            bar.close()
+    stats = MessageToDict(response.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    write_outputs(args, [image.data for image in response.images],
+                  {"request_id": response.request_id, "seed": str(response.seed), **stats})
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with client_for(args) as client:
+        models = client.list_models()
+    print(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in models], indent=2))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with client_for(args) as client:
+        status = client.cluster_status()
+    print(json.dumps(MessageToDict(status, preserving_proto_field_name=True,
+                                   always_print_fields_with_no_presence=True), indent=2))
+    return EXIT_OK
+
+
+def add_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=default_target(),
+                   help="HOST:PORT of the coordinator (default: $HYBRIDIFF_TARGET, else 127.0.0.1:50051)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline of the call in seconds")
+    p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+                   help="give up after this many seconds when the target cannot be reached")
+    p.add_argument("--tls-ca", default=None, help="TLS: the coordinator's CA certificate (PEM)")
+    p.add_argument("--tls-cert", default=None, help="mutual TLS: this client's certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="mutual TLS: this client's key (PEM)")
+    p.add_argument("--auth-token-file", default=None, help="bearer token file (default: $HYBRIDIFF_AUTH_TOKEN if set)")
+
+
+# --- the parser -------------------------------------------------------------------------
+def tool_commands() -> dict[str, object]:
+    """The tool commands installed as ``hybridiff.tools`` entry points (name -> entry point)."""
+    return {ep.name: ep for ep in entry_points(group=TOOLS_GROUP)}
+
+
+def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridiff", description=__doc__.split("\n\n")[0],
+                                     epilog="Exit codes: 0 ok, 2 bad usage or invalid argument, 3 unavailable or "
+                                            "deadline exceeded, 4 other server error.")
+    parser.add_argument("--version", action="version", version=f"hybridiff {package_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="write a small random SDXL- or SD3-shaped model (diffusers format)")
+    p.add_argument("--arch", required=True, choices=("sdxl", "sd3"), help="the architecture")
+    p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--size", choices=("tiny", "bench"), default="tiny",
+                   help="tiny: for tests; bench: the ~30M-parameter benchmark UNet")
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("run", help="the engine in one process, no servers")
+    p.add_argument("--model-dir", default=None, help="diffusers model directory (default: the embedded model)")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--split-cut", type=int, default=None, help="stage cut (default: balanced by measured cost)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("worker", help="one GPU worker: control API over gRPC, data plane over ZeroMQ")
+    p.add_argument("--model-dir", default=None, help="diffusers model directory (default: the embedded model)")
+    p.add_argument("--model-name", default=None, help="name clients use (default: the directory name)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--advertise-host", default=None, help="host peers reach this worker at (default: hostname)")
+    p.add_argument("--port", type=int, default=50061, help="control API port (0: any free port)")
+    p.add_argument("--data-port", type=int, default=50062, help="data-plane port (0: any free port)")
+    p.add_argument("--worker-id", default=None, help="name in logs and stats (default: HOST:PORT)")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--cpus", default=None, help="pin to these cores (e.g. 0 or 0-3), one torch thread per core")
+    p.add_argument("--ready-file", default=None, help="write the bound addresses here as JSON once serving")
+    p.add_argument("--tls-cert", default=None, help="control API: TLS certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="control API: TLS private key (PEM)")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="control API: accept only clients (the coordinator) with a certificate from this CA")
+    p.add_argument("--curve-keys", default=None, help="data plane: directory with the CURVE pool keypair")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("coordinator", help="the public API, admission queue, pair allocator and monitor")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=int, default=50051, help="public API port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: any free port)")
+    p.add_argument("--discovery", choices=("static", "kubernetes"), default="static",
+                   help="how workers are found: a fixed list, or the Kubernetes API")
+    p.add_argument("--workers", default="", help="static discovery: HOST:PORT,... of the workers' control APIs")
+    p.add_argument("--namespace", default="default", help="kubernetes discovery: namespace of the worker pods")
+    p.add_argument("--selector", default="app.kubernetes.io/component=worker",
+                   help="kubernetes discovery: label selector")
+    p.add_argument("--worker-port", type=int, default=50061, help="kubernetes discovery: workers' control port")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for workers")
+    p.add_argument("--step-timeout", type=float, default=600.0, help="seconds to wait for one step before failing")
+    p.add_argument("--ready-file", default=None, help="write the bound ports here as JSON once serving")
+    p.add_argument("--l-slope", type=int, default=None, help="override every model's default L_slope")
+    p.add_argument("--eps-slope", type=float, default=None, help="override every model's default eps_slope")
+    p.add_argument("--k", type=int, default=None, help="override every model's default k")
+    p.add_argument("--tau-cap", type=int, default=None, help="override every model's default tau_cap")
+    p.add_argument("--tls-cert", default=None, help="public API: TLS certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="public API: TLS private key (PEM)")
+    p.add_argument("--tls-client-ca", default=None, help="public API: require client certificates from this CA")
+    p.add_argument("--auth-token-file", default=None,
+                   help="public API: require this bearer token (default: $HYBRIDIFF_AUTH_TOKEN if set)")
+    p.add_argument("--worker-tls-ca", default=None, help="control channels: CA of the workers' certificates")
+    p.add_argument("--worker-tls-cert", default=None, help="control channels: the coordinator's client certificate")
+    p.add_argument("--worker-tls-key", default=None, help="control channels: the coordinator's client key")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("local", help="coordinator + workers as local processes (the embedded default)")
+    p.add_argument("--model-dir", default=None, help="diffusers model directory (default: the embedded model)")
+    p.add_argument("--workers", type=int, default=2, help="how many workers (each gets its own cores)")
+    p.add_argument("--port", type=int, default=50051, help="public API port")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for workers")
+    p.set_defaults(func=cmd_local)
+
+    p = sub.add_parser("generate", help="send one request to a running service")
+    add_client_flags(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("models", help="list the models a running service serves, with their limits (JSON)")
+    add_client_flags(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("status", help="a running service's workers and queue (JSON)")
+    add_client_flags(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("curve-keys", help="create the ZeroMQ CURVE keypair the workers of a pool share")
+    p.add_argument("--out", required=True, help="directory to write pool.key and pool.key_secret into")
+    p.set_defaults(func=cmd_curve_keys)
+
+    for name, ep in sorted((tools or {}).items()):
+        sub.add_parser(name, add_help=False, help=f"a tool ({ep.value}); see `hybridiff {name} --help`")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time chatter on a CLI
+    argv = sys.argv[1:] if argv is None else argv
+    tools = tool_commands()
+    try:
+        if argv and argv[0] in tools:  # a tool parses its own arguments
+            logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            return tools[argv[0]].load()(argv[1:])
+        args = build_parser(tools).parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return args.func(args)
+    except HybridiffError as exc:
+        print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
