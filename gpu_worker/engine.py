@@ -123,10 +123,11 @@ class WorkerEngine:
         a = self.adapter
         negative = req.negative_prompt if req.HasField("negative_prompt") else None
         guided = req.guidance_scale > 1.0
-        cond = a.encode(req.prompt, negative, guided, req.height, req.width)
+        num_images = req.num_images or 1
+        cond = a.encode(req.prompt, negative, guided, req.height, req.width, num_images)
         timeline = a.new_timeline(req.num_steps, req.seed, req.height, req.width)
         if not cmd.HasField("resume"):
-            latents = a.initial_latents(timeline, req.height, req.width)
+            latents = a.initial_latents(timeline, req.height, req.width, num_images)
         else:  # continue where another worker stopped: same latents, generator and step index
             latents = self._resume(cmd.resume, timeline)
         split = None if cmd.solo else a.make_split(cmd.split_cut if cmd.HasField("split_cut") else None)

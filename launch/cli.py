@@ -20,7 +20,7 @@ import grpc
 
 from hybridiff import security
 from hybridiff.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DiffusionClient, default_target, request_to_proto
-from hybridiff.errors import DeadlineExceeded, HybridiffError, InvalidArgument, Unavailable
+from hybridiff.errors import DeadlineExceeded, HybridiffError, InvalidArgument, ModelLoadError, Unavailable
 from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label, labels, parse
 from hybridiff.request import RequestInput
 
@@ -29,8 +29,8 @@ TOOLS_GROUP = "hybridiff.tools"
 
 
 def exit_code(exc: HybridiffError) -> int:
-    if isinstance(exc, InvalidArgument) or exc.code == grpc.StatusCode.INVALID_ARGUMENT:
-        return EXIT_USAGE
+    if isinstance(exc, (InvalidArgument, ModelLoadError)) or exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return EXIT_USAGE  # a bad flag, field or --model-dir
     if isinstance(exc, (Unavailable, DeadlineExceeded)) or exc.code in (grpc.StatusCode.UNAVAILABLE,
                                                                         grpc.StatusCode.DEADLINE_EXCEEDED):
         return EXIT_UNAVAILABLE

@@ -43,3 +43,21 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
 
     def stop(self) -> None:
         self.server.stop(0)
+
+
+def make_input(mode: str = "auto", window_guidance: str = "default", output_format: str = "png",
+               l_slope=None, eps_slope=None, k=None, tau_cap=None, **fields):
+    """A ``RequestInput`` from the CLI's names (``mode="cfg-parallel"``, flat hybrid parameters)."""
+    from hybridiff.protocol import Mode, OutputFormat, WindowGuidance, parse
+    from hybridiff.request import RequestInput
+
+    return RequestInput(mode=parse(Mode, mode), output_format=parse(OutputFormat, output_format),
+                        window_guidance=0 if window_guidance == "default" else parse(WindowGuidance, window_guidance),
+                        hybrid={"l_slope": l_slope, "eps_slope": eps_slope, "k": k, "tau_cap": tau_cap}, **fields)
+
+
+def send(client, raw, timeout=None):
+    """Send a ``RequestInput`` through a ``DiffusionClient``; the ``GenerateResponse``."""
+    from hybridiff.client import request_to_proto
+
+    return client.generate_request(request_to_proto(raw), timeout=timeout)

@@ -29,6 +29,13 @@ def cat_branches(uncond: BranchInputs, cond: BranchInputs) -> BranchInputs:
     return {k: torch.cat([uncond[k], cond[k]], dim=0) for k in cond}
 
 
+def repeat_to_batch(sample: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
+    """The latents repeated to the conditioning's batch, as the pipelines' ``torch.cat([latents] * 2)``
+    ([x_0..x_{n-1}, x_0..x_{n-1}] for n images of a prompt under guidance)."""
+    batch = inputs["encoder_hidden_states"].shape[0]
+    return sample if sample.shape[0] == batch else torch.cat([sample] * (batch // sample.shape[0]))
+
+
 @dataclass
 class Conditioning:
     """Encoded prompts of one request: ``uncond`` is None without classifier-free guidance."""
@@ -113,26 +120,31 @@ class ModelAdapter(ABC):
             grid = vae * 2 ** sum(1 for b in denoiser.down_blocks if b.downsamplers is not None)
         return SizeLimits(multiple=multiple, min_side=grid, max_side=2 * self.default_size, default_side=self.default_size)
 
-    def encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning:
-        """Encode as the pipeline's ``__call__`` does (``negative_prompt=None`` when none given).
+    def encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int,
+               num_images: int = 1) -> Conditioning:
+        """Encode as the pipeline's ``__call__`` does (``negative_prompt=None`` when none given),
+        ``num_images`` rows per branch as its ``num_images_per_prompt``.
 
         Serialised: the fast tokenizers change their padding/truncation state per call, which
         is not safe when two in-process workers share one pipeline."""
         with self._pipe_lock:
-            return self._encode(prompt, negative_prompt, guidance, height, width)
+            return self._encode(prompt, negative_prompt, guidance, height, width, num_images)
 
     @abstractmethod
-    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning: ...
+    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int,
+                num_images: int) -> Conditioning: ...
 
     @abstractmethod
     def new_timeline(self, num_steps: int, seed: int, height: int, width: int) -> RequestTimeline: ...
 
-    def initial_latents(self, timeline: RequestTimeline, height: int, width: int) -> torch.Tensor:
-        """Latents as ``pipe.prepare_latents`` draws them from ``Generator("cpu").manual_seed(seed)``."""
+    def initial_latents(self, timeline: RequestTimeline, height: int, width: int, num_images: int = 1) -> torch.Tensor:
+        """Latents as ``pipe.prepare_latents`` draws them from ``Generator("cpu").manual_seed(seed)``:
+        one draw of the whole batch of ``num_images``."""
         channels = self.denoiser.config.in_channels
         with self._pipe_lock:
             self.pipe.scheduler = timeline.scheduler
-            return self.pipe.prepare_latents(1, channels, height, width, self.dtype, self.device, timeline.generator)
+            return self.pipe.prepare_latents(num_images, channels, height, width, self.dtype, self.device,
+                                             timeline.generator)
 
     # --- one step -------------------------------------------------------------------
     @abstractmethod

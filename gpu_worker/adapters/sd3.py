@@ -6,8 +6,8 @@ from typing import Any
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
-from gpu_worker.adapters.base import BranchInputs, Conditioning, ModelAdapter, RequestTimeline
-from gpu_worker.adapters.dit_split import SequentialDiTSplit
+from gpu_worker.adapters.base import BranchInputs, Conditioning, ModelAdapter, RequestTimeline, repeat_to_batch
+from gpu_worker.adapters.dit_split import SequentialDiTSplit, time_units
 
 
 class SD3Adapter(ModelAdapter):
@@ -17,10 +17,11 @@ class SD3Adapter(ModelAdapter):
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
 
-    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning:
+    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int,
+                num_images: int) -> Conditioning:
         prompt_embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt,
-            do_classifier_free_guidance=guidance, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=guidance, device=self.device, num_images_per_prompt=num_images,
         )
         cond = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
         uncond = {"encoder_hidden_states": neg_embeds, "pooled_projections": neg_pooled} if guidance else None
@@ -41,13 +42,8 @@ class SD3Adapter(ModelAdapter):
     def model_input(self, timeline: RequestTimeline, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return latents  # flow matching: the pipeline feeds latents unscaled
 
-    @staticmethod
-    def _batched(sample: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
-        batch = inputs["encoder_hidden_states"].shape[0]
-        return sample if sample.shape[0] == batch else torch.cat([sample] * batch)
-
     def forward(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
-        sample = self._batched(sample, inputs)
+        sample = repeat_to_batch(sample, inputs)
         return self.pipe.transformer(
             hidden_states=sample, timestep=t.expand(sample.shape[0]),
             encoder_hidden_states=inputs["encoder_hidden_states"], pooled_projections=inputs["pooled_projections"],
@@ -68,7 +64,7 @@ class SD3Split(SequentialDiTSplit):
         super().__init__(adapter.pipe.transformer, cut if cut is not None else n // 2)
 
     def prepare(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        sample = SD3Adapter._batched(sample, inputs)
+        sample = repeat_to_batch(sample, inputs)
         return sample, self.temb(t.expand(sample.shape[0]), inputs["pooled_projections"])
 
     # Engine-facing stage API (sequential topology).
@@ -81,7 +77,5 @@ class SD3Split(SequentialDiTSplit):
         return self.stage2(boundary, temb, sample.shape[-2], sample.shape[-1])
 
     def unit_costs(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs, clock) -> dict[str, float]:
-        from gpu_worker.adapters.dit_split import time_units
-
         sample, temb = self.prepare(sample, t, inputs)
         return time_units(self, sample, inputs["encoder_hidden_states"], temb, clock)

@@ -6,8 +6,8 @@ from typing import Any
 import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
-from gpu_worker.adapters.base import BranchInputs, Conditioning, ModelAdapter, RequestTimeline
-from gpu_worker.adapters.unet_split import NestedUNetSplit
+from gpu_worker.adapters.base import BranchInputs, Conditioning, ModelAdapter, RequestTimeline, repeat_to_batch
+from gpu_worker.adapters.unet_split import NestedUNetSplit, time_units
 
 
 class SDXLAdapter(ModelAdapter):
@@ -17,10 +17,11 @@ class SDXLAdapter(ModelAdapter):
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.unet
 
-    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int) -> Conditioning:
+    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int,
+                num_images: int) -> Conditioning:
         pipe = self.pipe
         prompt_embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
-            prompt=prompt, device=self.device, num_images_per_prompt=1,
+            prompt=prompt, device=self.device, num_images_per_prompt=num_images,
             do_classifier_free_guidance=guidance, negative_prompt=negative_prompt,
         )
         projection_dim = (
@@ -29,7 +30,7 @@ class SDXLAdapter(ModelAdapter):
         time_ids = pipe._get_add_time_ids(
             (height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
             text_encoder_projection_dim=projection_dim,
-        ).to(self.device)
+        ).to(self.device).repeat(num_images, 1)  # the pipeline's add_time_ids.repeat(batch * num_images, 1)
         cond = {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled, "time_ids": time_ids}
         uncond = None
         if guidance:
@@ -50,14 +51,9 @@ class SDXLAdapter(ModelAdapter):
     def model_input(self, timeline: RequestTimeline, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return timeline.scheduler.scale_model_input(latents, t)
 
-    @staticmethod
-    def _batched(sample: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
-        batch = inputs["encoder_hidden_states"].shape[0]
-        return sample if sample.shape[0] == batch else torch.cat([sample] * batch)
-
     def forward(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
         return self.pipe.unet(
-            self._batched(sample, inputs), t, encoder_hidden_states=inputs["encoder_hidden_states"],
+            repeat_to_batch(sample, inputs), t, encoder_hidden_states=inputs["encoder_hidden_states"],
             timestep_cond=None, cross_attention_kwargs=None,
             added_cond_kwargs={"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]},
             return_dict=False,
@@ -85,7 +81,7 @@ class SDXLSplit(NestedUNetSplit):
         super().__init__(adapter.pipe.unet, cut if cut is not None else max(1, n // 2))
 
     def prepare(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> Any:
-        sample = SDXLAdapter._batched(sample, inputs)
+        sample = repeat_to_batch(sample, inputs)
         ctx = self.context(sample, t, inputs["encoder_hidden_states"],
                            {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]})
         return sample, ctx
@@ -105,7 +101,5 @@ class SDXLSplit(NestedUNetSplit):
         return self.outer_post(core_out["core_output"], residuals, ctx)
 
     def unit_costs(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs, clock) -> dict[str, float]:
-        from gpu_worker.adapters.unet_split import time_units
-
         sample, ctx = self.prepare(sample, t, inputs)
         return time_units(self, sample, ctx, clock)

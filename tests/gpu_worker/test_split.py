@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from gpu_worker.split_balance import balanced_plan, measure_unit_costs, valid_cuts
-from hybridiff.request import RequestInput
+from cluster_helpers import make_input
+
+from hybridiff.wire import tensor_from_proto
 
 
 def _step_inputs(engine, guided=True):
@@ -98,7 +100,7 @@ def _reference_run(a, spec, window, cut):
 def test_hybrid_engine_matches_plain_stale_recurrence(engines, arch):
     eng = engines[arch]
     # l_slope beyond the run disables detection: the tau_cap fallback opens the window at step 3.
-    spec = eng.resolve(RequestInput(prompt="a green triangle", num_steps=10, seed=5, mode="hybrid",
+    spec = eng.resolve(make_input(prompt="a green triangle", num_steps=10, seed=5, mode="hybrid",
                                     guidance_scale=4.0, l_slope=50, tau_cap=3, k=4))
     cut = 2
     eng._split_cut = cut
@@ -108,7 +110,7 @@ def test_hybrid_engine_matches_plain_stale_recurrence(engines, arch):
         eng._split_cut = None
     assert (result.stats.tau1, result.stats.tau2) == (3, 7)
     expected = _reference_run(eng.adapter, spec, (3, 7), cut)
-    assert torch.equal(result.latents, expected.float().cpu())
+    assert torch.equal(tensor_from_proto(result.latents), expected.float().cpu())
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd3"])

@@ -4,20 +4,28 @@ import math
 import pytest
 
 from hybridiff.errors import InvalidArgument
-from hybridiff.request import MODEL_DEFAULTS, RequestInput, SizeLimits, resolve_spec
+from hybridiff.protocol import Mode, OutputFormat, WindowGuidance
+from hybridiff.request import MODEL_DEFAULTS, HybridParams, RequestInput, SizeLimits, resolve_spec
 
 LIMITS = SizeLimits(multiple=8, min_side=16, max_side=128, default_side=64)
 
 
+HYBRID_KEYS = ("l_slope", "eps_slope", "k", "tau_cap")
+
+
 def resolve(**kw):
-    return resolve_spec(RequestInput(**{"prompt": "a red circle", **kw}), LIMITS, MODEL_DEFAULTS["sdxl"])
+    hybrid = {k: kw.pop(k) for k in HYBRID_KEYS if k in kw}
+    return resolve_spec(RequestInput(**{"prompt": "a red circle", "hybrid": hybrid, **kw}), LIMITS,
+                        MODEL_DEFAULTS["sdxl"])
 
 
 def test_defaults_applied():
     spec = resolve()
     assert (spec.width, spec.height, spec.num_steps, spec.guidance_scale) == (64, 64, 50, 5.0)
-    assert (spec.l_slope, spec.eps_slope, spec.k, spec.tau_cap) == (12, 4e-4, 5, 15)
+    assert spec.hybrid == HybridParams(12, 4e-4, 5, 15)
     assert spec.negative_prompt is None and spec.request_id
+    assert (spec.mode, spec.window_guidance, spec.output_format) == (Mode.AUTO, None, OutputFormat.PNG)
+    assert (spec.num_images, spec.quality) == (1, 90)
 
 
 @pytest.mark.parametrize("kw,field", [
@@ -39,10 +47,14 @@ def test_defaults_applied():
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x" * 5000}, "prompt"),
     ({"negative_prompt": "x" * 5000}, "negative_prompt"),
-    ({"mode": "turbo"}, "mode"),
-    ({"window_guidance": "sometimes"}, "window_guidance"),
+    ({"mode": 99}, "mode"),
+    ({"window_guidance": 7}, "window_guidance"),
     ({"seed": -1}, "seed"),
-    ({"output_format": "gif"}, "output_format"),
+    ({"seed": 2**64}, "seed"),
+    ({"output_format": 42}, "output_format"),
+    ({"num_images": 5}, "num_images"),
+    ({"quality": 101}, "quality"),
+    ({"negative_prompt": 3}, "negative_prompt"),
     ({"request_id": "\x00bad"}, "request_id"),
 ])
 def test_bad_fields_are_named(kw, field):
@@ -58,19 +70,26 @@ def test_sd3_needs_multiples_of_16():
         resolve_spec(RequestInput(prompt="p", width=40), limits, MODEL_DEFAULTS["sd3"])
 
 
-def test_a_model_directory_records_its_own_defaults(tmp_path):
-    import json
+def test_unset_seed_is_random_and_reported():
+    seeds = {resolve().seed for _ in range(5)}
+    assert len(seeds) == 5 and all(0 <= s < 2**64 for s in seeds)
+    assert resolve(seed=0).seed == 0
 
-    from gpu_worker.loader import read_model_defaults
-    from hybridiff.errors import ModelLoadError
-    from hybridiff.request import MODEL_DEFAULTS
 
-    assert read_model_defaults(tmp_path, "sdxl") == MODEL_DEFAULTS["sdxl"]
-    (tmp_path / "hybridiff.json").write_text(json.dumps(
-        {"defaults": {"steps": 40, "hybrid": {"eps_slope": 2e-3, "tau_cap": 20}}}))
-    d = read_model_defaults(tmp_path, "sdxl")
-    assert (d.steps, d.guidance_scale) == (40, MODEL_DEFAULTS["sdxl"].guidance_scale)
-    assert (d.hybrid.l_slope, d.hybrid.eps_slope, d.hybrid.k, d.hybrid.tau_cap) == (12, 2e-3, 5, 20)
-    (tmp_path / "hybridiff.json").write_text(json.dumps({"defaults": {"hybrid": {"eps_slope": 7}}}))
-    with pytest.raises(ModelLoadError, match="eps_slope"):
-        read_model_defaults(tmp_path, "sdxl")
+def test_an_empty_negative_prompt_is_not_none():
+    assert resolve(negative_prompt="").negative_prompt == ""
+    assert resolve().negative_prompt is None
+
+
+def test_enums_resolve_and_unset_means_default():
+    spec = resolve(mode=Mode.CFG_PARALLEL, window_guidance=int(WindowGuidance.FULL_CFG), output_format=0,
+                   num_images=0, quality=0)
+    assert (spec.mode, spec.window_guidance, spec.output_format) == (Mode.CFG_PARALLEL, WindowGuidance.FULL_CFG,
+                                                                     OutputFormat.PNG)
+    assert spec.num_images == 1 and resolve(num_images=4).num_images == 4
+
+
+def test_unknown_hybrid_parameter_is_named():
+    with pytest.raises(InvalidArgument) as err:
+        resolve_spec(RequestInput(prompt="p", hybrid={"tau": 3}), LIMITS, MODEL_DEFAULTS["sdxl"])
+    assert err.value.field == "hybrid.tau"

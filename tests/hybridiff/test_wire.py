@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from hybridiff.internal.v1 import dataplane_pb2 as pb
-from hybridiff.wire import FrameError, FrameKind, decode_frames, encode_frames
+from hybridiff.codegen import assert_fresh
+from hybridiff.wire import FrameError, FrameKind, decode_frames, encode_frames, tensor_from_proto, tensor_to_proto
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool])
@@ -79,6 +80,19 @@ def test_unknown_dtype_never_pickled():
 
 
 def test_generated_code_matches_protos():
-    from hybridiff.api import assert_fresh
-
     assert_fresh()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_inline_tensor_round_trip(dtype):
+    t = (torch.randn(1, 4, 3, 3) * 5).to(dtype)
+    msg = tensor_to_proto(t.transpose(2, 3), "latents")
+    back = tensor_from_proto(pb.Tensor.FromString(msg.SerializeToString()))
+    assert back.dtype == dtype and torch.equal(back, t.transpose(2, 3))
+
+
+def test_inline_tensor_with_wrong_size_is_rejected():
+    msg = tensor_to_proto(torch.zeros(2, 2), "x")
+    msg.data = msg.data[:-4]
+    with pytest.raises(FrameError, match="needs 16 bytes"):
+        tensor_from_proto(msg)

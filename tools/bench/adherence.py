@@ -4,62 +4,73 @@ and window-guidance policy on the held-out prompts, next to PSNR/SSIM against th
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from tools.quality import psnr, ssim
+from hybridiff.client import DiffusionClient, request_to_proto
+from hybridiff.protocol import Mode, WindowGuidance
 from hybridiff.request import RequestInput
+from hybridiff.v1 import diffusion_pb2 as pb
+from launch.local_cluster import LocalCluster
+from tools.quality import psnr, ssim
 from tools.shapes.adherence import AdherenceReport
 from tools.shapes.evaluate import EVAL_SEEDS, held_out_requests, run_adherence
 
 
-def adherence_by_variant(model_dir: str, variants: tuple[tuple[str, str, str], ...], seeds: int, steps: int,
-                         log_dir: Path, on_run: Callable[[str], None] = lambda _: None) -> dict:
-    """For each (label, mode, policy): adherence accuracy (whole prompt and per attribute) over
-    the held-out prompts x ``seeds`` seeds, and min PSNR/SSIM against ``cfg-parallel``."""
-    from launch.client import DiffusionClient
-    from launch.local_cluster import LocalCluster
+@dataclass(frozen=True)
+class Variant:
+    """One way to run a request: its ``label`` names it in the JSON, the tables and the plots."""
 
+    label: str
+    mode: Mode
+    window_guidance: WindowGuidance | None = None  # None: the mode's default
+
+
+def adherence_by_variant(model_dir: str, variants: tuple[Variant, ...], seeds: int, steps: int, log_dir: Path,
+                         on_run: Callable[[str], None] = lambda _: None) -> dict:
+    """For each variant: adherence accuracy (whole prompt and per attribute) over the held-out
+    prompts x ``seeds`` seeds, and min PSNR/SSIM against ``cfg-parallel``."""
     images: dict[str, dict[tuple[str, int], bytes]] = {}
     results: dict[str, dict] = {}
     with LocalCluster(model_dir, workers=2, log_dir=log_dir) as cluster:
         client = DiffusionClient(cluster.address)
         try:
-            for label, mode, policy in variants:
-                def generate(raw: RequestInput, mode=mode, policy=policy) -> tuple[bytes, object]:
-                    raw.mode, raw.window_guidance = mode, policy
-                    resp = client.generate(raw, timeout=300)
-                    on_run(label)
-                    return resp.image, resp.stats
+            for variant in variants:
+                def generate(raw: RequestInput, variant: Variant = variant) -> tuple[bytes, pb.GenerateStats]:
+                    raw.mode, raw.window_guidance = variant.mode, variant.window_guidance or 0
+                    response = client.generate_request(request_to_proto(raw), timeout=300)
+                    on_run(variant.label)
+                    return response.images[0].data, response.stats
 
                 report, samples = run_adherence(generate, held_out_requests(EVAL_SEEDS[:seeds], num_steps=steps))
-                images[label] = {(s.caption.text, s.seed): s.image_png for s in samples}
-                results[label] = _summary(report, [s.stats for s in samples])
+                images[variant.label] = {(s.caption.text, s.seed): s.image_png for s in samples}
+                results[variant.label] = _summary(report, [s.stats for s in samples])
         finally:
             client.close()
     exact = images.get("cfg-parallel", {})
-    for label, by_key in images.items():
+    for name, by_key in images.items():
         pairs = [(img, exact[key]) for key, img in by_key.items() if key in exact]
-        results[label]["psnr_vs_cfg_parallel"] = min((psnr(a, b) for a, b in pairs), default=None)
-        results[label]["ssim_vs_cfg_parallel"] = min((ssim(a, b) for a, b in pairs), default=None)
+        results[name]["psnr_vs_cfg_parallel"] = min((psnr(a, b) for a, b in pairs), default=None)
+        results[name]["ssim_vs_cfg_parallel"] = min((ssim(a, b) for a, b in pairs), default=None)
     return {"model_dir": model_dir, "steps": steps, "seeds": list(EVAL_SEEDS[:seeds]), "variants": results}
 
 
-def _summary(report: AdherenceReport, stats: list) -> dict:
-    sources = [s.tau1_source for s in stats if s.tau1_source]
-    return {**report.as_dict(), "tau1": sorted({s.tau1 for s in stats if s.tau1_source}),
-            "tau1_by_slope": sum(src == "slope" for src in sources), "tau1_decided": len(sources)}
+def _summary(report: AdherenceReport, stats: list[pb.GenerateStats]) -> dict:
+    decided = [s for s in stats if s.HasField("tau1")]
+    return {**report.as_dict(), "tau1": sorted({s.tau1 for s in decided}),
+            "tau1_by_slope": sum(s.tau1_source == "slope" for s in decided), "tau1_decided": len(decided)}
 
 
 def format_adherence(result: dict) -> str:
     lines = [f"{'mode (default model)':24} {'adherence':>9} {'colour':>7} {'shape':>6} {'position':>8} "
              f"{'PSNR/cfg':>8} {'SSIM':>6} {'tau1 by slope':>13}"]
-    for label, r in result["variants"].items():
+    for name, r in result["variants"].items():
         a = r["attributes"]
         p = r["psnr_vs_cfg_parallel"]
         psnr_s = "-" if p is None else "inf" if p == float("inf") else f"{p:.1f}"
         ssim_s = "-" if r["ssim_vs_cfg_parallel"] is None else f"{r['ssim_vs_cfg_parallel']:.3f}"
         slope = f"{r['tau1_by_slope']}/{r['tau1_decided']}" if r["tau1_decided"] else "-"
-        lines.append(f"{label:24} {r['accuracy']:9.0%} {a.get('colour', 0):7.0%} {a.get('shape', 0):6.0%} "
+        lines.append(f"{name:24} {r['accuracy']:9.0%} {a.get('colour', 0):7.0%} {a.get('shape', 0):6.0%} "
                      f"{a.get('position', 0):8.0%} {psnr_s:>8} {ssim_s:>6} {slope:>13}")
     return "\n".join(lines)

@@ -16,15 +16,17 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from gpu_worker.adapters import dit_split, unet_split
 from gpu_worker.split_balance import choose_cut, device_clock, stage_costs
-from tools.bench.perfmodel import (ComputeTimes, LinkModel, ScheduleParams, StageTimes, TensorBytes,
-                                       predict_modes)
+from tools.bench.perfmodel import ComputeTimes, LinkModel, ScheduleParams, StageTimes, TensorBytes, predict_modes
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PAPER_SPEEDUP = {"sdxl": 2.31, "sd3": 2.07}  # Jung et al., CVPR 2026: HYBRID vs one GPU, two RTX 3090s
@@ -65,7 +67,7 @@ def load_config(name: str, tiny: bool) -> dict[str, Any]:
 
 
 def build_model(name: str, cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel  # deferred: diffusers is slow to import
 
     cls = UNet2DConditionModel if name == "sdxl" else SD3Transformer2DModel
     torch.manual_seed(0)
@@ -145,8 +147,6 @@ def _median_units(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def profile_unet(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, repeats: int) -> dict[str, Any]:
-    from gpu_worker.adapters.unet_split import NestedUNetSplit, time_units
-
     def forward(x: dict[str, Any]) -> torch.Tensor:
         return model(x["sample"], x["t"], encoder_hidden_states=x["encoder_hidden_states"],
                      added_cond_kwargs=x["added_cond_kwargs"], return_dict=False)[0]
@@ -156,12 +156,13 @@ def profile_unet(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, r
         forward(inputs[b])  # first calls: kernel selection, allocator growth
     for b in (1, 2):
         times[f"forward_b{b}"] = median_seconds(lambda: forward(inputs[b]), clock, warmup, repeats)
-    probe = NestedUNetSplit(model, 1)
+    probe = unet_split.NestedUNetSplit(model, 1)
     x1 = inputs[1]
     ctx1 = probe.context(x1["sample"], x1["t"], x1["encoder_hidden_states"], x1["added_cond_kwargs"])
-    units = _median_units([time_units(probe, x1["sample"], ctx1, clock) for _ in range(repeats + 1)][1:])
-    cut = choose_cut(range(1, probe.num_units + 1), lambda c: stage_costs(NestedUNetSplit(model, c).stage1_units(), units))
-    split = NestedUNetSplit(model, cut)
+    units = _median_units([unet_split.time_units(probe, x1["sample"], ctx1, clock) for _ in range(repeats + 1)][1:])
+    cut = choose_cut(range(1, probe.num_units + 1),
+                     lambda c: stage_costs(unet_split.NestedUNetSplit(model, c).stage1_units(), units))
+    split = unet_split.NestedUNetSplit(model, cut)
     sizes: dict[str, int] = {"prediction": nbytes(forward(x1))}
     for b in (1, 2):
         x = inputs[b]
@@ -184,8 +185,6 @@ def profile_unet(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, r
 
 
 def profile_dit(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, repeats: int) -> dict[str, Any]:
-    from gpu_worker.adapters.dit_split import SequentialDiTSplit, time_units
-
     def forward(x: dict[str, Any]) -> torch.Tensor:
         return model(hidden_states=x["sample"], timestep=x["t"], encoder_hidden_states=x["encoder_hidden_states"],
                      pooled_projections=x["pooled"], return_dict=False)[0]
@@ -195,13 +194,14 @@ def profile_dit(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, re
         forward(inputs[b])  # first calls: kernel selection, allocator growth
     for b in (1, 2):
         times[f"forward_b{b}"] = median_seconds(lambda: forward(inputs[b]), clock, warmup, repeats)
-    probe = SequentialDiTSplit(model, 1)
+    probe = dit_split.SequentialDiTSplit(model, 1)
     x1 = inputs[1]
     temb1 = probe.temb(x1["t"], x1["pooled"])
-    units = _median_units([time_units(probe, x1["sample"], x1["encoder_hidden_states"], temb1, clock)
+    units = _median_units([dit_split.time_units(probe, x1["sample"], x1["encoder_hidden_states"], temb1, clock)
                            for _ in range(repeats + 1)][1:])
-    cut = choose_cut(range(1, probe.num_units), lambda c: stage_costs(SequentialDiTSplit(model, c).stage1_units(), units))
-    split = SequentialDiTSplit(model, cut)
+    cut = choose_cut(range(1, probe.num_units),
+                     lambda c: stage_costs(dit_split.SequentialDiTSplit(model, c).stage1_units(), units))
+    split = dit_split.SequentialDiTSplit(model, cut)
     sizes: dict[str, int] = {"prediction": nbytes(forward(x1))}
     h, w = x1["sample"].shape[-2:]
     for b in (1, 2):
@@ -257,7 +257,7 @@ def profile_model(name: str, args: argparse.Namespace, device: torch.device, dty
     sched = schedule_for(name, args.steps, args.tau1.get(name), args.k, args.tau1_source)
     t = profile["times"]
     profile.update(
-        config=str(Path("hybridiff/bench/configs") / spec.config), tiny=args.tiny,
+        config=str(Path("tools/bench/configs") / spec.config), tiny=args.tiny,
         parameters=sum(p.numel() for p in model.parameters()),
         latent_shape=list(latent), text_len=text_len, guidance_scale=spec.guidance,
         checks={f"b{b}": {"stage_sum_over_forward": (t[f"stage1_b{b}"] + t[f"stage2_b{b}"]) / t[f"forward_b{b}"],
@@ -357,13 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
     link = LinkModel(bandwidth=args.link_gbps * 1e9, latency=args.link_latency_us * 1e-6, copies=args.link_copies)
     start = time.perf_counter()
-    import diffusers
-
     result: dict[str, Any] = {
         "schema": "hybridiff.gpu_profile/1",
         "device": {"type": device.type, "dtype": str(dtype).removeprefix("torch."),
                    "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda},
+                   "torch": torch.__version__, "diffusers": version("diffusers"), "cuda": torch.version.cuda},
         "link": asdict(link),
         "cuda_graphs": args.cuda_graphs,
         "timing": {"warmup": args.warmup, "repeats": args.repeats, "statistic": "median"},

@@ -1,7 +1,9 @@
 """The schedule latency model: predicted latency of every mode from compute times and a link model.
 
-Pure (no torch): it replays the step protocol of ``gpu_worker/engine.py`` on two worker clocks,
-U and C, and returns when every step ends. Each step follows exactly what the engine does:
+Pure (no torch, no generated code): the phase of every step comes from the coordinator's own
+schedule (``coordinator.schedule.StepSchedule``, fed a rel-MAE curve that puts tau1 where asked),
+and the model replays the step protocol of ``gpu_worker/engine.py`` on two worker clocks, U and
+C, and returns when every step ends. Each step follows exactly what the engine does:
 
 - SINGLE: one worker runs the CFG batch of 2 (``forward_b2``).
 - DATA_PARALLEL: both run one branch at batch 1 (``forward_b1``) at once, then send their
@@ -29,16 +31,18 @@ blocks the sender. The "ideal" prediction is the same replay with a free link.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+from enum import IntEnum
+from typing import Any
 
-SINGLE, DATA_PARALLEL, PIPELINE_FILL, PIPELINE = "single", "data_parallel", "pipeline_fill", "pipeline"
-PHASES = (SINGLE, DATA_PARALLEL, PIPELINE_FILL, PIPELINE)
-MODES = ("single", "cfg-parallel", "pipeline", "hybrid")
+from coordinator.schedule import PIPELINE_WARMUP_STEPS, StepSchedule
+from hybridiff.protocol import Mode, Phase, label
+from hybridiff.request import HybridParams
+
+MODES = (Mode.SINGLE, Mode.CFG_PARALLEL, Mode.PIPELINE, Mode.HYBRID)
 TOPOLOGIES = ("sequential", "nested")
-# Mirrors coordinator.schedule.PIPELINE_WARMUP_STEPS (a test keeps them equal); not imported so
-# that this module needs neither torch nor the generated protobuf code.
-PIPELINE_WARMUP_STEPS = 3
+TAU1_SOURCES = ("tau_cap", "slope")
 
 
 # --- inputs -------------------------------------------------------------------------
@@ -141,71 +145,38 @@ class FixedCosts:
     decode: float = 0.0
 
 
-# --- phase lists --------------------------------------------------------------------
-def phase_name(phase: Any) -> str:
-    """Accepts our strings or ``hybridiff.protocol.Phase`` members (by name)."""
-    name = phase if isinstance(phase, str) else getattr(phase, "name", None)
-    if not isinstance(name, str) or name.lower() not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}")
-    return name.lower()
-
-
-def hybrid_window(num_steps: int, tau1: int, k: int, tau1_source: str = "tau_cap") -> tuple[int, int] | None:
-    """The pipeline window as ``coordinator.schedule.StepSchedule`` opens it: a slope detection at
-    step tau1 opens it at tau1 + 1 (step tau1 already ran in phase 1), the tau_cap fallback at
-    tau1; it closes at ``min(tau1 + k, last)``; None when that leaves no step."""
-    if tau1_source not in ("tau_cap", "slope"):
-        raise ValueError(f"tau1_source must be 'tau_cap' or 'slope', got {tau1_source!r}")
-    start = tau1 + 1 if tau1_source == "slope" else tau1
-    end = min(tau1 + k, num_steps - 1)
-    return (start, end) if start <= end else None
-
-
-def schedule_phases(mode: str, num_steps: int, tau1: int | None = None, k: int = 5, tau1_source: str = "tau_cap",
-                    pipeline_warmup: int = PIPELINE_WARMUP_STEPS) -> list[str]:
-    """Phase of every step of a guided request, as the coordinator's schedule assigns them."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if mode == "single":
-        return [SINGLE] * num_steps
-    if mode == "cfg-parallel":
-        return [DATA_PARALLEL] * num_steps
-    if mode == "pipeline":
-        fill = min(max(1, pipeline_warmup), num_steps)
-        return [PIPELINE_FILL] * fill + [PIPELINE] * (num_steps - fill)
-    if mode == "hybrid":
-        if tau1 is None:
-            raise ValueError("hybrid needs tau1")
-        phases = [DATA_PARALLEL] * num_steps
-        window = hybrid_window(num_steps, tau1, k, tau1_source)
-        if window:
-            phases[window[0]] = PIPELINE_FILL
-            for i in range(window[0] + 1, window[1] + 1):
-                phases[i] = PIPELINE
-        return phases
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
 # --- the replay ---------------------------------------------------------------------
 @dataclass
 class ModePrediction:
-    phases: list[str]
+    phases: list[Phase]
     latency: float  # encode + denoising + decode
     denoise: float
     step_seconds: list[float]
-    phase_seconds: dict[str, float]
-    phase_steps: dict[str, int]
+    phase_seconds: dict[Phase, float]
+    phase_steps: dict[Phase, int]
     link_bytes: int  # both directions, whole request
-    phase_link_bytes: dict[str, int] = field(default_factory=dict)
+    phase_link_bytes: dict[Phase, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready: phases by their edge names (``label``)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, IntEnum):
+        return label(value)
+    if isinstance(value, dict):
+        return {_jsonable(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 class _Replay:
     """Two worker clocks and the arrival times of the messages still to be consumed."""
 
-    def __init__(self, compute: ComputeTimes, tensors: TensorBytes, link: LinkModel, window_batch: int, t0: float) -> None:
+    def __init__(self, compute: ComputeTimes, tensors: TensorBytes, link: LinkModel, window_batch: int,
+                 t0: float) -> None:
         self.ct, self.tb, self.link, self.wb = compute, tensors, link, window_batch
         self.u = self.c = t0
         self.arrival: dict[tuple[str, int], float] = {}  # (kind, step) -> when usable on the receiver
@@ -218,15 +189,15 @@ class _Replay:
         self.bytes += nbytes
         return free
 
-    def step(self, i: int, phase: str, last_in_window: bool) -> None:
-        if phase == SINGLE:
+    def step(self, i: int, phase: Phase, last_in_window: bool) -> None:
+        if phase == Phase.SINGLE:
             self.u = self.c = self.u + self.ct.forward_b2 + self.ct.update
-        elif phase == DATA_PARALLEL:
+        elif phase == Phase.DATA_PARALLEL:
             self._data_parallel(i)
         elif self.ct.topology == "sequential":
-            self._window_sequential(i, phase == PIPELINE_FILL, last_in_window)
+            self._window_sequential(i, phase == Phase.PIPELINE_FILL, last_in_window)
         else:
-            self._window_nested(i, phase == PIPELINE_FILL, last_in_window)
+            self._window_nested(i, phase == Phase.PIPELINE_FILL, last_in_window)
 
     def _data_parallel(self, i: int) -> None:
         f, L = self.ct.forward_b1, self.tb.prediction
@@ -260,36 +231,40 @@ class _Replay:
         self.c = max(c, self.arrival[("pred", i)]) + self.ct.update
 
 
-def _last_in_window(phases: list[str], i: int) -> bool:
+_WINDOW = (Phase.PIPELINE_FILL, Phase.PIPELINE)
+
+
+def _last_in_window(phases: list[Phase], i: int) -> bool:
     """As the driver sets it: the window's last step is the one no PIPELINE step follows."""
-    return phases[i] in (PIPELINE_FILL, PIPELINE) and (i + 1 == len(phases) or phases[i + 1] != PIPELINE)
+    return phases[i] in _WINDOW and (i + 1 == len(phases) or phases[i + 1] != Phase.PIPELINE)
 
 
-def _check(phases: list[str]) -> None:
+def _check(phases: list[Phase]) -> None:
     if not phases:
         raise ValueError("no steps")
-    if SINGLE in phases and set(phases) != {SINGLE}:
+    if Phase.SINGLE in phases and set(phases) != {Phase.SINGLE}:
         raise ValueError("SINGLE steps run on one worker and cannot mix with paired phases")
     for i, p in enumerate(phases):
-        if p == PIPELINE and (i == 0 or phases[i - 1] not in (PIPELINE_FILL, PIPELINE)):
+        if p == Phase.PIPELINE and (i == 0 or phases[i - 1] not in _WINDOW):
             raise ValueError(f"step {i}: a PIPELINE step must follow a PIPELINE_FILL or PIPELINE step")
 
 
-def simulate(phases: Iterable[Any], compute: ComputeTimes, tensors: TensorBytes, link: LinkModel,
+def simulate(phases: Iterable[Phase], compute: ComputeTimes, tensors: TensorBytes, link: LinkModel,
              window_batch: int = 1, fixed: FixedCosts = FixedCosts()) -> ModePrediction:
-    """Replay one request; ``window_batch`` is the stage batch in the window (1, or 2 for FULL_CFG)."""
+    """Replay one request given the phase of every step (``Phase`` members or their wire numbers);
+    ``window_batch`` is the stage batch in the window (1, or 2 for FULL_CFG)."""
     if window_batch not in (1, 2):
         raise ValueError(f"window_batch must be 1 or 2, got {window_batch}")
-    names = [phase_name(p) for p in phases]
-    _check(names)
+    steps = [Phase(p) for p in phases]  # ValueError for anything that is not a phase
+    _check(steps)
     replay = _Replay(compute, tensors, link, window_batch, fixed.encode)
     step_seconds: list[float] = []
-    phase_seconds = {p: 0.0 for p in PHASES}
-    phase_steps = {p: 0 for p in PHASES}
-    phase_bytes = {p: 0 for p in PHASES}
+    phase_seconds = {p: 0.0 for p in Phase}
+    phase_steps = {p: 0 for p in Phase}
+    phase_bytes = {p: 0 for p in Phase}
     prev_end, prev_bytes = fixed.encode, 0
-    for i, p in enumerate(names):
-        replay.step(i, p, _last_in_window(names, i))
+    for i, p in enumerate(steps):
+        replay.step(i, p, _last_in_window(steps, i))
         end = max(replay.u, replay.c)
         step_seconds.append(end - prev_end)
         phase_seconds[p] += end - prev_end
@@ -297,7 +272,7 @@ def simulate(phases: Iterable[Any], compute: ComputeTimes, tensors: TensorBytes,
         phase_bytes[p] += replay.bytes - prev_bytes
         prev_end, prev_bytes = end, replay.bytes
     denoise = prev_end - fixed.encode
-    return ModePrediction(names, fixed.encode + denoise + fixed.decode, denoise, step_seconds,
+    return ModePrediction(steps, fixed.encode + denoise + fixed.decode, denoise, step_seconds,
                           {p: v for p, v in phase_seconds.items() if phase_steps[p]},
                           {p: v for p, v in phase_steps.items() if v}, replay.bytes,
                           {p: v for p, v in phase_bytes.items() if phase_steps[p]})
@@ -306,6 +281,10 @@ def simulate(phases: Iterable[Any], compute: ComputeTimes, tensors: TensorBytes,
 # --- all modes side by side ---------------------------------------------------------
 @dataclass(frozen=True)
 class ScheduleParams:
+    """Where the hybrid window opens: ``tau1``, found by the slope rule (``tau1_source="slope"``:
+    the window opens at tau1 + 1, step tau1 having run in phase 1) or the ``tau_cap`` fallback
+    (it opens at tau1); it closes at ``min(tau1 + k, last step)``."""
+
     num_steps: int
     tau1: int
     k: int = 5
@@ -314,26 +293,59 @@ class ScheduleParams:
     hybrid_window_batch: int = 1  # CONDITIONAL / LAST_DIFFERENCE; 2 for FULL_CFG
     pipeline_window_batch: int = 2  # PIPELINE mode runs FULL_CFG
 
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.tau1_source not in TAU1_SOURCES:
+            raise ValueError(f"tau1_source must be one of {TAU1_SOURCES}, got {self.tau1_source!r}")
+        if self.tau1 < 1 or self.k < 0:  # the schedule's L and tau_cap are at least 1
+            raise ValueError(f"tau1 must be >= 1 and k >= 0, got tau1={self.tau1}, k={self.k}")
+
+    def _hybrid_params(self) -> tuple[HybridParams, float, float]:
+        """Schedule parameters and a rel-MAE curve (first value, per-step change) under which the
+        discrepancy monitor puts tau1 at ``tau1`` by ``tau1_source``."""
+        if self.tau1_source == "slope":
+            # A flat curve has slope 0 as soon as more than L values exist: tau1 = L.
+            return HybridParams(l_slope=self.tau1, eps_slope=1e-3, k=self.k, tau_cap=self.tau1 + 1), 0.1, 0.0
+        # The fallback fires at tau_cap, before the slope exists (L values past it) and on a
+        # rising curve, whose slope is never in [0, eps).
+        return HybridParams(l_slope=self.tau1, eps_slope=1e-3, k=self.k, tau_cap=self.tau1), 0.1, 0.01
+
+    def schedule(self, mode: Mode) -> StepSchedule:
+        """The coordinator's schedule of a guided request in ``mode``, every step decided."""
+        params, first, change = self._hybrid_params()
+        sched = StepSchedule(mode, self.num_steps, params, guidance=True,
+                             pipeline_warmup=self.pipeline_warmup)
+        step = 0
+        while sched.decided_through() < sched.last:
+            sched.observe(step, first + change * step)
+            step += 1
+        return sched
+
+    def phases(self, mode: Mode) -> list[Phase]:
+        return self.schedule(mode).phases()
+
     @property
     def tau2(self) -> int | None:
-        window = hybrid_window(self.num_steps, self.tau1, self.k, self.tau1_source)
-        return window[1] if window else None
+        return self.schedule(Mode.HYBRID).tau2
 
 
 def predict_modes(compute: ComputeTimes, tensors: TensorBytes, link: LinkModel, schedule: ScheduleParams,
                   fixed: FixedCosts = FixedCosts()) -> dict[str, dict[str, Any]]:
-    """Latency, per-phase breakdown and speedup vs SINGLE of every mode, with ``link`` and ideal."""
-    batches = {"single": 1, "cfg-parallel": 1, "pipeline": schedule.pipeline_window_batch,
-               "hybrid": schedule.hybrid_window_batch}
+    """Latency, per-phase breakdown and speedup vs SINGLE of every mode, with ``link`` and ideal,
+    JSON-ready (modes and phases by their edge names)."""
+    batches = {Mode.SINGLE: 1, Mode.CFG_PARALLEL: 1, Mode.PIPELINE: schedule.pipeline_window_batch,
+               Mode.HYBRID: schedule.hybrid_window_batch}
     out: dict[str, dict[str, Any]] = {}
     for mode in MODES:
-        phases = schedule_phases(mode, schedule.num_steps, schedule.tau1, schedule.k, schedule.tau1_source,
-                                 schedule.pipeline_warmup)
+        phases = schedule.phases(mode)
         real = simulate(phases, compute, tensors, link, batches[mode], fixed)
         ideal = simulate(phases, compute, tensors, LinkModel.ideal(), batches[mode], fixed)
-        out[mode] = {"predicted": real.to_dict(), "ideal": ideal.to_dict(), "window_batch": batches[mode]}
-    for mode, rec in out.items():
-        rec["speedup"] = out["single"]["predicted"]["latency"] / rec["predicted"]["latency"]
-        rec["ideal_speedup"] = out["single"]["ideal"]["latency"] / rec["ideal"]["latency"]
+        out[label(mode)] = {"predicted": real.to_dict(), "ideal": ideal.to_dict(),
+                            "window_batch": batches[mode]}
+    single = out[label(Mode.SINGLE)]
+    for rec in out.values():
+        rec["speedup"] = single["predicted"]["latency"] / rec["predicted"]["latency"]
+        rec["ideal_speedup"] = single["ideal"]["latency"] / rec["ideal"]["latency"]
         rec["efficiency"] = rec["speedup"] / rec["ideal_speedup"]  # measured-vs-ideal analogue
     return out

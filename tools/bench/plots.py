@@ -3,15 +3,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PHASE_COLORS = {1: "#7f7f7f", 2: "#1f77b4", 3: "#ff7f0e", 4: "#2ca02c"}
-PHASE_LABELS = {1: "single (CFG batch 2)", 2: "data parallel (one branch)", 3: "pipeline fill", 4: "pipelined stage"}
+from hybridiff.protocol import Phase
+from hybridiff.v1 import diffusion_pb2 as pb
+
+PHASE_COLORS = {Phase.SINGLE: "#7f7f7f", Phase.DATA_PARALLEL: "#1f77b4", Phase.PIPELINE_FILL: "#ff7f0e",
+                Phase.PIPELINE: "#2ca02c"}
+PHASE_LABELS = {Phase.SINGLE: "single (CFG batch 2)", Phase.DATA_PARALLEL: "data parallel (one branch)",
+                Phase.PIPELINE_FILL: "pipeline fill", Phase.PIPELINE: "pipelined stage"}
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is optional (the bench extra) and slow to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after choosing the headless backend
 
     return plt
 
@@ -42,15 +47,15 @@ def latency_bars(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def rel_mae_curve(stats: dict, path: Path, title: str) -> None:
+def rel_mae_curve(stats: pb.GenerateStats, window: tuple[int, int] | None, path: Path, title: str) -> None:
+    """The rel-MAE of every step of a run that measured it, and a pipeline ``window`` (tau1, tau2)."""
     plt = _plt()
-    steps = stats["steps"]
-    xs = [s["step"] for s in steps if "rel_mae" in s]
-    ys = [s["rel_mae"] for s in steps if "rel_mae" in s]
+    measured = [s for s in stats.steps if s.HasField("rel_mae")]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(xs, ys, marker=".", color="#1f77b4", label="rel-MAE  mean|e_c - e_u| / mean|e_u|")
-    tau1, tau2 = stats.get("tau1", -1), stats.get("tau2", -1)
-    if tau1 >= 0:
+    ax.plot([s.step for s in measured], [s.rel_mae for s in measured], marker=".", color="#1f77b4",
+            label="rel-MAE  mean|e_c - e_u| / mean|e_u|")
+    if window is not None:
+        tau1, tau2 = window
         ax.axvspan(tau1, tau2, color="#2ca02c", alpha=0.15, label=f"pipeline window (tau1={tau1}, tau2={tau2})")
         ax.axvline(tau1, color="#2ca02c", ls="--")
         ax.axvline(tau2, color="#2ca02c", ls=":")
@@ -63,22 +68,22 @@ def rel_mae_curve(stats: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def timeline(stats: dict, path: Path, title: str) -> None:
+def timeline(stats: pb.GenerateStats, path: Path, title: str) -> None:
     """What each worker computed at each step: bars of compute time on a wall-clock axis."""
     plt = _plt()
-    steps = stats["steps"]
-    workers = [w["worker"] for w in steps[0]["workers"]] if steps else []
+    steps = stats.steps
+    workers = [w.worker for w in steps[0].workers] if steps else []
     fig, ax = plt.subplots(figsize=(11, 2.2 + 0.5 * len(workers)))
     t = 0.0
     seen = set()
     for s in steps:
-        for row, w in enumerate(s["workers"]):
-            phase = int(w["phase"])
-            label = PHASE_LABELS[phase] if phase not in seen else None
+        for row, w in enumerate(s.workers):
+            phase = Phase(w.phase)
+            legend = PHASE_LABELS[phase] if phase not in seen else None
             seen.add(phase)
-            ax.barh(row, w["compute_seconds"], left=t, color=PHASE_COLORS[phase], edgecolor="white", lw=0.3,
-                    label=label)
-        t += s["wall_seconds"]
+            ax.barh(row, w.compute_seconds, left=t, color=PHASE_COLORS[phase], edgecolor="white", lw=0.3,
+                    label=legend)
+        t += s.wall_seconds
     ax.set_yticks(range(len(workers)), [f"worker {'UC'[i]} ({w})" for i, w in enumerate(workers)])
     ax.set_xlabel("seconds since the first step (bar = compute; gaps = waiting)")
     ax.set_title(title)

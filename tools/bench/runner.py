@@ -24,16 +24,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from google.protobuf.json_format import MessageToDict
+from PIL import Image
+from tqdm import tqdm
+
+from gpu_worker.adapters.base import png_bytes
+from gpu_worker.loader import detect_arch, load_adapter
+from hybridiff.client import DiffusionClient
+from hybridiff.protocol import Mode, Phase, WindowGuidance, label
+from hybridiff.v1 import diffusion_pb2 as pb
+from launch.local_cluster import LocalCluster
+from launch.model_dirs import default_model_dir, tiny_model_cache
+from launch.tiny_model import write_tiny_model
+from tools.bench import plots
+from tools.bench.adherence import Variant, adherence_by_variant, format_adherence
 from tools.bench.perfmodel import ComputeTimes, FixedCosts, LinkModel, StageTimes, TensorBytes, simulate
 from tools.quality import psnr, ssim
+from tools.shapes.grammar import held_out_prompts
 
 DEFAULT_PROMPTS = ("a red circle on the left", "a blue square at the top", "a green triangle at the bottom",
                    "a yellow star on the right")
-# (label, mode, window guidance): the modes of DESIGN section 4 plus the second window policy.
-VARIANTS = (("single", "single", "default"), ("cfg-parallel", "cfg-parallel", "default"),
-            ("pipeline", "pipeline", "default"), ("hybrid", "hybrid", "conditional"),
-            ("hybrid-last-difference", "hybrid", "last-difference"))
-PHASE_NAMES = {1: "single", 2: "data_parallel", 3: "pipeline_fill", 4: "pipeline"}
+# (label, mode, window guidance; None: the mode's default): the modes of DESIGN section 4 plus
+# the second window policy. The labels name the variants in the JSON, the table and the plots.
+VARIANTS: tuple[Variant, ...] = (
+    Variant("single", Mode.SINGLE), Variant("cfg-parallel", Mode.CFG_PARALLEL), Variant("pipeline", Mode.PIPELINE),
+    Variant("hybrid", Mode.HYBRID, WindowGuidance.CONDITIONAL),
+    Variant("hybrid-last-difference", Mode.HYBRID, WindowGuidance.LAST_DIFFERENCE),
+)
 
 
 @dataclass
@@ -42,35 +60,26 @@ class Run:
     prompt: str
     seed: int
     latency: float
-    stats: dict
+    stats: pb.GenerateStats
     image: bytes
 
 
-def _stats_dict(stats) -> dict:
-    from google.protobuf.json_format import MessageToDict
-
-    return MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
-                         use_integers_for_enums=True)
+def stats_json(stats: pb.GenerateStats) -> dict:
+    """The stats as ``hybridiff generate --stats-json`` writes them."""
+    return MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-def run_variant(client, label: str, mode: str, policy: str, prompt: str, seed: int, args) -> Run:
-    from hybridiff.request import RequestInput
-
-    raw = RequestInput(prompt=prompt, seed=seed, num_steps=args.steps, guidance_scale=args.guidance, mode=mode,
-                       window_guidance=policy, l_slope=args.l_slope, eps_slope=args.eps_slope, k=args.k,
-                       tau_cap=args.tau_cap)
+def run_variant(client: DiffusionClient, variant: Variant, prompt: str, seed: int, args: argparse.Namespace) -> Run:
+    hybrid = {"l_slope": args.l_slope, "eps_slope": args.eps_slope, "k": args.k, "tau_cap": args.tau_cap}
     start = time.perf_counter()
-    resp = client.generate(raw, timeout=args.request_timeout)
-    return Run(label, prompt, seed, time.perf_counter() - start, _stats_dict(resp.stats), resp.image)
+    gen = client.generate(prompt, seed=seed, steps=args.steps, guidance_scale=args.guidance, mode=variant.mode,
+                          hybrid=hybrid, window_guidance=variant.window_guidance or 0, timeout=args.request_timeout)
+    return Run(variant.label, prompt, seed, time.perf_counter() - start, gen.stats, gen.data[0])
 
 
-def diffusers_reference(model_dir: str, prompt: str, seed: int, steps: int, guidance: float, core: int | None):
+def diffusers_reference(model_dir: str, prompt: str, seed: int, steps: int, guidance: float,
+                        core: int | None) -> tuple[float, Image.Image]:
     """The diffusers pipeline in this process, on one core with one thread (the outside reference)."""
-    import torch
-
-    from gpu_worker.loader import load_adapter
-    from hybridiff.v1 import diffusion_pb2  # noqa: F401  (import before pinning: no effect on timing)
-
     affinity = os.sched_getaffinity(0)
     threads = torch.get_num_threads()
     if core is not None:
@@ -89,12 +98,9 @@ def diffusers_reference(model_dir: str, prompt: str, seed: int, steps: int, guid
 
 
 # --- analysis ---------------------------------------------------------------------------
-def _steps(run: Run) -> list[dict]:
-    return run.stats.get("steps", [])
-
-
-def _phase(step: dict) -> str:
-    return PHASE_NAMES[int(step["phase"])]
+def window_batch(stats: pb.GenerateStats) -> int:
+    """The stage batch of the run's pipeline window: 2 for FULL_CFG (both branches), else 1."""
+    return 2 if stats.window_guidance == WindowGuidance.FULL_CFG else 1
 
 
 def measured_compute(runs: list[Run]) -> dict[str, float]:
@@ -102,19 +108,19 @@ def measured_compute(runs: list[Run]) -> dict[str, float]:
     buckets: dict[str, list[float]] = {"b2": [], "b1": [], "stage1_b1": [], "stage2_b1": [], "stage1_b2": [],
                                        "stage2_b2": [], "update": []}
     for run in runs:
-        for step in _steps(run):
-            workers = step.get("workers", [])
-            phase = _phase(step)
-            if phase == "single":
-                buckets["b2"] += [w["compute_seconds"] for w in workers]
-            elif phase == "data_parallel":
-                buckets["b1"] += [w["compute_seconds"] for w in workers]
-            elif phase == "pipeline" and len(workers) == 2:
-                batch = "b2" if run.label == "pipeline" else "b1"
+        for step in run.stats.steps:
+            workers = step.workers
+            phase = Phase(step.phase)
+            if phase == Phase.SINGLE:
+                buckets["b2"] += [w.compute_seconds for w in workers]
+            elif phase == Phase.DATA_PARALLEL:
+                buckets["b1"] += [w.compute_seconds for w in workers]
+            elif phase == Phase.PIPELINE and len(workers) == 2:
+                batch = f"b{window_batch(run.stats)}"
                 u, c = workers  # the driver lists U first
-                if u["compute_seconds"] > 0 and c["compute_seconds"] > 0:
-                    buckets[f"stage1_{batch}"].append(u["compute_seconds"])
-                    buckets[f"stage2_{batch}"].append(c["compute_seconds"])
+                if u.compute_seconds > 0 and c.compute_seconds > 0:
+                    buckets[f"stage1_{batch}"].append(u.compute_seconds)
+                    buckets[f"stage2_{batch}"].append(c.compute_seconds)
     return {k: statistics.median(v) if v else 0.0 for k, v in buckets.items()}
 
 
@@ -127,40 +133,41 @@ def ideal_latency(run: Run, compute: dict[str, float], topology: str) -> float:
         return StageTimes.nested(s1 / 2, s2, s1 / 2) if topology == "nested" else StageTimes(s1, s2)
 
     times = ComputeTimes(topology, compute["b1"], compute["b2"], stages("b1"), stages("b2"))
-    phases = [_phase(s) for s in _steps(run)]
-    s = run.stats
-    fixed = FixedCosts(encode=s.get("encoding_seconds", 0.0), decode=s.get("decoding_seconds", 0.0))
-    window_batch = 2 if run.label == "pipeline" else 1
-    return simulate(phases, times, TensorBytes(prediction=0), LinkModel.ideal(), window_batch, fixed).latency
+    phases = [Phase(s.phase) for s in run.stats.steps]
+    fixed = FixedCosts(encode=run.stats.encoding_seconds, decode=run.stats.decoding_seconds)
+    return simulate(phases, times, TensorBytes(prediction=0), LinkModel.ideal(), window_batch(run.stats),
+                    fixed).latency
+
+
+def critical_compute(step: pb.StepStat) -> float:
+    """The compute on a step's critical path: the max of the workers', the sum of both on a fill
+    step (where the stages run one after the other)."""
+    comp = [w.compute_seconds for w in step.workers]
+    if not comp:
+        return 0.0
+    return sum(comp) if step.phase == Phase.PIPELINE_FILL else max(comp)
 
 
 def step_overheads(run: Run) -> list[float]:
-    """Per step: wall time minus the compute on the critical path (max of the workers' compute,
-    sum of both on a fill step, where the stages run one after the other)."""
-    out = []
-    for step in _steps(run):
-        workers = step.get("workers", [])
-        if not workers:
-            continue
-        comp = [w["compute_seconds"] for w in workers]
-        critical = sum(comp) if _phase(step) == "pipeline_fill" else max(comp)
-        out.append(step["wall_seconds"] - critical)
-    return out
+    """Per step: wall time minus the compute on the critical path."""
+    return [step.wall_seconds - critical_compute(step) for step in run.stats.steps if step.workers]
 
 
 def compute_bound_latency(run: Run) -> float:
     """What the run would take if nothing but its own compute were on the critical path (its
     measured per-step compute, max of the workers, both on a fill step, plus encode and decode)."""
-    total = run.stats.get("encoding_seconds", 0.0) + run.stats.get("decoding_seconds", 0.0)
-    for step in _steps(run):
-        comp = [w["compute_seconds"] for w in step.get("workers", [])]
-        total += (sum(comp) if _phase(step) == "pipeline_fill" else max(comp)) if comp else 0.0
-    return total
+    return (run.stats.encoding_seconds + run.stats.decoding_seconds
+            + sum(critical_compute(step) for step in run.stats.steps))
 
 
-def summarize(runs: list[Run], reference: list[tuple[str, int, float, Any]], topology: str) -> dict:
+def window_bounds(stats: pb.GenerateStats) -> tuple[int, int] | None:
+    """(tau1, tau2) of the run's pipeline window; None when none was opened."""
+    return (stats.tau1, stats.tau2) if stats.HasField("tau1") and stats.HasField("tau2") else None
+
+
+def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], topology: str) -> dict:
     compute = measured_compute(runs)
-    labels = [v[0] for v in VARIANTS]
+    labels = [v.label for v in VARIANTS]
     by_label = {lab: [r for r in runs if r.label == lab] for lab in labels}
     singles = {(r.prompt, r.seed): r for r in by_label["single"]}
     exact = {(r.prompt, r.seed): r for r in by_label["cfg-parallel"]}
@@ -172,16 +179,17 @@ def summarize(runs: list[Run], reference: list[tuple[str, int, float, Any]], top
         lat = [r.latency for r in rs]
         ideal = [ideal_latency(r, compute, topology) for r in rs]
         over = [o for r in rs for o in step_overheads(r)]
-        step_wall = [s["wall_seconds"] for r in rs for s in _steps(r)]
-        vs_single = [(psnr(r.image, singles[(r.prompt, r.seed)].image), ssim(r.image, singles[(r.prompt, r.seed)].image))
-                     for r in rs if (r.prompt, r.seed) in singles]
+        step_wall = [s.wall_seconds for r in rs for s in r.stats.steps]
+        vs_single = [(psnr(r.image, singles[(r.prompt, r.seed)].image),
+                      ssim(r.image, singles[(r.prompt, r.seed)].image)) for r in rs if (r.prompt, r.seed) in singles]
         vs_exact = [(psnr(r.image, exact[(r.prompt, r.seed)].image), ssim(r.image, exact[(r.prompt, r.seed)].image))
                     for r in rs if (r.prompt, r.seed) in exact]
-        bytes_req = [int(r.stats.get("data_plane_bytes", 0)) for r in rs]
+        bytes_req = [r.stats.data_plane_bytes for r in rs]
         per_phase_bytes: dict[str, list[int]] = {}
         for r in rs:
-            for s in _steps(r):
-                per_phase_bytes.setdefault(_phase(s), []).append(int(s.get("bytes_sent", 0)))
+            for s in r.stats.steps:
+                per_phase_bytes.setdefault(label(Phase(s.phase)), []).append(s.bytes_sent)
+        windows = [window_bounds(r.stats) for r in rs]
         modes[lab] = {
             "runs": len(rs),
             "latency_median": statistics.median(lat), "latency_min": min(lat), "latency_max": max(lat),
@@ -190,8 +198,9 @@ def summarize(runs: list[Run], reference: list[tuple[str, int, float, Any]], top
             # per run, its own compute-bound time over its latency: the system's overhead, free of
             # the machine noise that moves whole runs (and so the ratios between modes)
             "system_efficiency": statistics.median(compute_bound_latency(r) / r.latency for r in rs),
-            "tau1": sorted({r.stats.get("tau1", -1) for r in rs}), "tau2": sorted({r.stats.get("tau2", -1) for r in rs}),
-            "tau1_source": sorted({r.stats.get("tau1_source", "") for r in rs}),
+            # the windows the runs opened (empty: none opened one)
+            "tau1": sorted({w[0] for w in windows if w}), "tau2": sorted({w[1] for w in windows if w}),
+            "tau1_source": sorted({r.stats.tau1_source for r in rs if r.stats.tau1_source}),
             "overhead_per_step_median_s": statistics.median(over) if over else 0.0,
             "step_wall_median_s": statistics.median(step_wall) if step_wall else 0.0,
             "bytes_per_request": statistics.median(bytes_req),
@@ -214,21 +223,22 @@ def summarize(runs: list[Run], reference: list[tuple[str, int, float, Any]], top
         result["diffusers_reference"] = {
             "latency_median": statistics.median(lat), "latencies": lat,
             "speedup_vs_single": base["latency_median"] / statistics.median(lat) if lat else None,
-            "psnr_vs_single": min(psnr(img, singles[(p, s)].image) for p, s, _, img in reference if (p, s) in singles),
+            "psnr_vs_single": min(psnr(img, singles[(p, s)].image) for p, s, _, img in reference
+                                  if (p, s) in singles),
         }
     return result
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'mode':24} {'median s':>9} {'spread s':>13} {'speedup':>8} {'ideal x':>8} {'eff':>6} {'sys eff':>7} "
-             f"{'ovh/step':>9} {'KiB/req':>9} {'tau1,tau2':>10} {'PSNR/single':>11} {'SSIM':>6}"]
+    lines = [f"{'mode':24} {'median s':>9} {'spread s':>13} {'speedup':>8} {'ideal x':>8} {'eff':>6} "
+             f"{'sys eff':>7} {'ovh/step':>9} {'KiB/req':>9} {'tau1,tau2':>10} {'PSNR/single':>11} {'SSIM':>6}"]
     for lab, m in result["modes"].items():
         psnr_s = "inf" if m["psnr_vs_single"] == float("inf") else f"{m['psnr_vs_single']:.1f}"
-        taus = f"{m['tau1'][0]},{m['tau2'][0]}"
+        taus = f"{m['tau1'][0]},{m['tau2'][0]}" if m["tau1"] else "-"
         lines.append(f"{lab:24} {m['latency_median']:9.2f} {m['latency_min']:6.2f}-{m['latency_max']:<6.2f} "
-                     f"{m['speedup']:8.2f} {m['ideal_speedup']:8.2f} {m['efficiency']:6.1%} {m['system_efficiency']:7.1%} "
-                     f"{m['overhead_per_step_median_s'] * 1e6:7.0f}us {m['bytes_per_request'] / 1024:9.0f} "
-                     f"{taus:>10} {psnr_s:>11} {m['ssim_vs_single']:6.3f}")
+                     f"{m['speedup']:8.2f} {m['ideal_speedup']:8.2f} {m['efficiency']:6.1%} "
+                     f"{m['system_efficiency']:7.1%} {m['overhead_per_step_median_s'] * 1e6:7.0f}us "
+                     f"{m['bytes_per_request'] / 1024:9.0f} {taus:>10} {psnr_s:>11} {m['ssim_vs_single']:6.3f}")
     ref = result.get("diffusers_reference")
     if ref:
         lines.append(f"{'diffusers (in-process)':24} {ref['latency_median']:9.2f} {'':13} "
@@ -239,9 +249,12 @@ def format_table(result: dict) -> str:
 # --- the command ------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hybridiff bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", default=None, help="default: the SDXL-shaped bench model (built once, ~30M params)")
-    p.add_argument("--target", default=None, help="HOST:PORT of a running coordinator (default: start a local cluster)")
-    p.add_argument("--prompts", type=int, default=1, help=f"how many of the built-in prompts (max {len(DEFAULT_PROMPTS)})")
+    p.add_argument("--model-dir", default=None,
+                   help="default: the SDXL-shaped bench model (built once, ~30M params)")
+    p.add_argument("--target", default=None,
+                   help="HOST:PORT of a running coordinator (default: start a local cluster)")
+    p.add_argument("--prompts", type=int, default=1,
+                   help=f"how many of the built-in prompts (max {len(DEFAULT_PROMPTS)})")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="runs of every mode per prompt and seed")
     p.add_argument("--steps", type=int, default=30)
@@ -264,28 +277,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench_model_dir() -> Path:
-    from launch.model_dirs import tiny_model_cache
-
     cache = tiny_model_cache() / "bench-sdxl"
     if not (cache / "model_index.json").is_file():
-        from launch.tiny_model import write_tiny_model
-
         print(f"building the SDXL-shaped bench model in {cache}", file=sys.stderr)
         write_tiny_model("sdxl", cache, size="bench")
     return cache
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tqdm import tqdm
-
-    from gpu_worker.loader import detect_arch
-    from tools.bench import plots
-    from tools.bench.adherence import adherence_by_variant, format_adherence
-    from launch.model_dirs import default_model_dir
-    from tools.shapes.grammar import held_out_prompts
-    from launch.client import DiffusionClient
-    from launch.local_cluster import LocalCluster
-
     args = parse_args(argv)
     model_dir = str(args.model_dir or bench_model_dir())
     topology = "nested" if detect_arch(model_dir) == "sdxl" else "sequential"
@@ -304,19 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     reference = []
     try:
         warm = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 4)})
-        for label, mode, policy in VARIANTS:  # warm-up (a few steps of every mode), discarded
-            run_variant(client, label, mode, policy, pairs[0][0], pairs[0][1], warm)
+        for variant in VARIANTS:  # warm-up (a few steps of every mode), discarded
+            run_variant(client, variant, pairs[0][0], pairs[0][1], warm)
             bar.update(1)
         for r in range(args.repeats):
             for i, (prompt, seed) in enumerate(pairs):
                 shift = (r + i) % len(VARIANTS)  # rotate the order: noise hits every mode alike
-                for label, mode, policy in VARIANTS[shift:] + VARIANTS[:shift]:
-                    runs.append(run_variant(client, label, mode, policy, prompt, seed, args))
-                    bar.set_postfix_str(f"{label} {runs[-1].latency:.1f}s")
+                for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+                    runs.append(run_variant(client, variant, prompt, seed, args))
+                    bar.set_postfix_str(f"{variant.label} {runs[-1].latency:.1f}s")
                     bar.update(1)
         if not args.no_reference:  # once: it takes as long as SINGLE
-            from gpu_worker.adapters.base import png_bytes
-
             prompt, seed = pairs[0]
             latency, image = diffusers_reference(model_dir, prompt, seed, args.steps, args.guidance, core=0)
             reference.append((prompt, seed, latency, png_bytes(image)))
@@ -327,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         if adherence_runs:
             adherence = adherence_by_variant(str(default_model_dir()), VARIANTS, args.adherence_seeds,
                                              args.adherence_steps, args.out_dir / "logs-adherence",
-                                             on_run=lambda label: (bar.set_postfix_str(f"adherence {label}"),
-                                                                   bar.update(1)))
+                                             on_run=lambda name: (bar.set_postfix_str(f"adherence {name}"),
+                                                                  bar.update(1)))
     finally:
         bar.close()
         client.close()
@@ -342,12 +339,11 @@ def main(argv: list[str] | None = None) -> int:
                         "cores": sorted(os.sched_getaffinity(0)), "target": args.target or "local cluster, 2 workers"}
     result["wall_seconds"] = time.perf_counter() - started
     hybrid = next(r for r in runs if r.label == "hybrid")
-    result["example_hybrid_stats"] = hybrid.stats
+    result["example_hybrid_stats"] = stats_json(hybrid.stats)
     (args.out_dir / "bench.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     plots.latency_bars(result, args.out_dir / "latency.png")
-    plots.rel_mae_curve(next(r for r in runs if r.label == "cfg-parallel").stats | {
-        "tau1": hybrid.stats.get("tau1", -1), "tau2": hybrid.stats.get("tau2", -1)},
-        args.out_dir / "rel_mae.png", "rel-MAE per step (exact CFG run) and the hybrid window")
+    plots.rel_mae_curve(next(r for r in runs if r.label == "cfg-parallel").stats, window_bounds(hybrid.stats),
+                        args.out_dir / "rel_mae.png", "rel-MAE per step (exact CFG run) and the hybrid window")
     plots.timeline(hybrid.stats, args.out_dir / "timeline_hybrid.png", "One hybrid request: what each worker computed")
     print(format_table(result))
     if adherence_runs:

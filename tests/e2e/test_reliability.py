@@ -110,21 +110,21 @@ def test_random_requests_always_get_a_proper_answer(stub, prompt, negative, widt
               if v is not None}
     try:
         resp = stub.Generate(_req(hybrid=hybrid, **fields), timeout=60)
-        assert resp.image
+        assert resp.images[0].data
     except grpc.RpcError as err:
         assert err.code() in (INVALID, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED), err.details()
         assert "Traceback" not in (err.details() or "")
 
 
 def test_still_serving_after_the_fuzzing(stub):
-    assert stub.Generate(_req(num_inference_steps=3), timeout=60).image.startswith(b"\x89PNG")
+    assert stub.Generate(_req(num_inference_steps=3), timeout=60).images[0].data.startswith(b"\x89PNG")
     assert _all_idle(stub, 5)
 
 
 def test_deadline_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
     step_time = _step_time(stub)
     with pytest.raises(grpc.RpcError) as err:
-        stub.Generate(_req(num_inference_steps=400, mode=pb.HYBRID), timeout=1.0)
+        stub.Generate(_req(num_inference_steps=400, mode=pb.MODE_HYBRID), timeout=1.0)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _all_idle(stub, within=max(1.0, 5 * step_time))
     _await_metric(sdxl_cluster, 'code="DEADLINE_EXCEEDED"')
@@ -132,7 +132,7 @@ def test_deadline_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
 
 def test_client_cancel_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
     step_time = _step_time(stub)
-    call = stub.GenerateStream(_req(num_inference_steps=400, mode=pb.CFG_PARALLEL), timeout=120)
+    call = stub.GenerateStream(_req(num_inference_steps=400, mode=pb.MODE_CFG_PARALLEL), timeout=120)
     seen = 0
     for event in call:
         seen += event.HasField("progress")
@@ -152,7 +152,7 @@ def _await_metric(cluster, needle: str, within: float = 15.0) -> None:
 
 
 def _step_time(stub) -> float:
-    resp = stub.Generate(_req(num_inference_steps=4, mode=pb.CFG_PARALLEL), timeout=60)
+    resp = stub.Generate(_req(num_inference_steps=4, mode=pb.MODE_CFG_PARALLEL), timeout=60)
     return max(s.wall_seconds for s in resp.stats.steps)
 
 
@@ -170,7 +170,7 @@ def _rss_kib(pids) -> int:
 
 
 def test_load_small_queue_every_request_succeeds_or_is_refused(model_dirs, tmp_path):
-    from launch.client import DiffusionClient
+    from hybridiff.client import DiffusionClient
     from launch.local_cluster import LocalCluster
     from hybridiff.request import RequestInput
 
@@ -179,7 +179,7 @@ def test_load_small_queue_every_request_succeeds_or_is_refused(model_dirs, tmp_p
         modes = ["hybrid", "cfg-parallel", "single", "auto"]
 
         def one(i: int) -> str:
-            raw = RequestInput(prompt="a star", num_steps=6, seed=i, mode=modes[i % 4], tau_cap=3, k=2)
+            raw = make_input(prompt="a star", num_steps=6, seed=i, mode=modes[i % 4], tau_cap=3, k=2)
             try:
                 clients[i % 8].generate(raw, timeout=120)
                 return "OK"

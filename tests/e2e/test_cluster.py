@@ -18,9 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
-from launch.client import DiffusionClient
+from hybridiff.client import DiffusionClient
 from tools.quality import psnr
-from hybridiff.request import RequestInput
+from cluster_helpers import make_input, send
 
 
 def _client(cluster) -> DiffusionClient:
@@ -30,7 +30,7 @@ def _client(cluster) -> DiffusionClient:
 def _request(**kw) -> RequestInput:
     base = dict(prompt="a blue square at the top", num_steps=10, seed=21, guidance_scale=5.0, tau_cap=4, k=3)
     base.update(kw)
-    return RequestInput(**base)
+    return make_input(**base)
 
 
 def _diffusers_image(engines, arch, req: RequestInput):
@@ -54,9 +54,9 @@ def test_single_and_cfg_parallel_equal_diffusers_through_the_cluster(arch, reque
     client = _client(cluster)
     reference = _diffusers_image(engines, arch, _request())
     for mode in ("single", "cfg-parallel"):
-        resp = client.generate(_request(mode=mode), timeout=120)
+        resp = send(client, _request(mode=mode), timeout=120)
         assert pb.Mode.Name(resp.stats.mode_used) == mode.upper().replace("-", "_")
-        assert psnr(resp.image, reference) >= 45.0
+        assert psnr(resp.images[0].data, reference) >= 45.0
     client.close()
 
 
@@ -65,7 +65,7 @@ def test_hybrid_switches_at_the_same_step_on_both_workers(arch, request, engines
     cluster = request.getfixturevalue(f"{arch}_cluster")
     client = _client(cluster)
     progress = []
-    resp = client.generate(_request(mode="hybrid"), timeout=120, on_progress=progress.append)
+    resp = send(client, _request(mode="hybrid"), timeout=120, on_progress=progress.append)
     s = resp.stats
     assert s.tau1_source == "tau_cap" and s.tau1 == 4 and s.tau2 == 7
     assert len(s.workers) == 2 and len(progress) == 10
@@ -77,7 +77,7 @@ def test_hybrid_switches_at_the_same_step_on_both_workers(arch, request, engines
     assert s.steps[s.tau1].phase == pb.PHASE_PIPELINE_FILL
     # the cluster runs the same arithmetic as the in-process engine
     local = engines[arch].generate(engines[arch].resolve(_request(mode="hybrid")))
-    assert psnr(resp.image, local.image_png) >= 45.0
+    assert psnr(resp.images[0].data, local.images[0]) >= 45.0
     client.close()
 
 
@@ -85,7 +85,7 @@ def test_four_workers_eight_concurrent_mixed_requests(sdxl_cluster):
     modes = ["single", "cfg-parallel", "pipeline", "hybrid", "auto", "hybrid", "cfg-parallel", "single"]
     reqs = [_request(mode=m, seed=100 + i, request_id=f"mixed-{i}") for i, m in enumerate(modes)]
     client = _client(sdxl_cluster)
-    alone = {r.request_id: client.generate(r, timeout=120) for r in reqs}
+    alone = {r.request_id: send(client, r, timeout=120) for r in reqs}
 
     seen_assignments: list[dict[str, str]] = []
     stop = threading.Event()
@@ -102,7 +102,7 @@ def test_four_workers_eight_concurrent_mixed_requests(sdxl_cluster):
     watcher.start()
     try:
         with ThreadPoolExecutor(8) as pool:
-            together = list(pool.map(lambda r: client.generate(r, timeout=300), reqs))
+            together = list(pool.map(lambda r: send(client, r, timeout=300), reqs))
     finally:
         stop.set()
         watcher.join()
@@ -110,11 +110,11 @@ def test_four_workers_eight_concurrent_mixed_requests(sdxl_cluster):
         before = alone[req.request_id]
         if req.mode == "auto" and resp.stats.mode_used != before.stats.mode_used:
             # AUTO takes what is free: under load a lone worker runs SINGLE rather than waiting
-            assert resp.stats.mode_used == pb.SINGLE
+            assert resp.stats.mode_used == pb.MODE_SINGLE
             single = _request(mode="single", seed=req.seed, request_id="auto-as-single")
-            assert resp.image == client.generate(single, timeout=120).image
+            assert resp.images[0].data == send(client, single, timeout=120).images[0].data
         else:
-            assert resp.image == before.image, req.request_id  # equal to the same request alone
+            assert resp.images[0].data == before.images[0].data, req.request_id  # equal to the same request alone
     for snapshot in seen_assignments:  # a request holds at most a pair; a worker one request
         per_request: dict[str, int] = {}
         for rid in snapshot.values():
@@ -155,7 +155,7 @@ def test_malformed_data_plane_frames_are_rejected_and_the_worker_keeps_serving(s
     assert "needs 16 bytes" in text and "unknown request 'no-such-request'" in text
     client = _client(sdxl_cluster)
     for mode in ("cfg-parallel", "hybrid"):
-        assert client.generate(_request(mode=mode), timeout=120).image
+        assert send(client, _request(mode=mode), timeout=120).images[0].data
     client.close()
 
 
@@ -205,7 +205,7 @@ def test_one_trace_per_request_across_processes(sdxl_cluster, otlp, tmp_path):
     by_id = {s["span_id"]: s for s in tree}
     services = {s["service"] for s in tree}
     assert services >= {"hybridiff-client", "hybridiff-coordinator", "hybridiff-worker"}
-    client_span = next(s for s in tree if s["name"] == "launch.client.generate")
+    client_span = next(s for s in tree if s["name"] == "hybridiff.client.generate")
     assert client_span["parent"] == ""  # the trace starts at the client
     a = root["attributes"]
     assert a["hybridiff.mode"] == "hybrid" and a["hybridiff.tau1"] == 3 and a["hybridiff.tau2"] == 5

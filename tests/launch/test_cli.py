@@ -3,8 +3,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+
+from launch.cli import build_parser
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -54,3 +57,21 @@ def test_not_a_diffusers_model(tmp_path):
     empty.mkdir()
     proc = hybridiff("run", "--model-dir", str(empty), "--prompt", "x", "--out", "o.png", check=False)
     assert proc.returncode == 2 and "not a diffusers model" in proc.stderr
+
+
+def test_an_unreachable_target_exits_3_within_seconds(tmp_path):
+    start = time.monotonic()
+    proc = hybridiff("generate", "--target", "127.0.0.1:1", "--prompt", "x", "--out", str(tmp_path / "o.png"),
+                     "--quiet", check=False)
+    assert proc.returncode == 3 and time.monotonic() - start < 10
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: UNAVAILABLE: cannot reach 127.0.0.1:1"), proc.stderr
+
+
+def test_version_and_help_on_every_flag():
+    assert hybridiff("--version").stdout.startswith("hybridiff ")
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"hybridiff {name} {action.option_strings[0]} has no help"

@@ -1,14 +1,20 @@
 """The in-process engine: every mode, determinism, data-plane traffic per phase."""
-import pytest
+import io
 
-from hybridiff.request import RequestInput
+import pytest
+import torch
+from cluster_helpers import make_input
+from PIL import Image
+
+from hybridiff.protocol import Phase, WindowGuidance, label
+from hybridiff.wire import tensor_from_proto
 
 
 def _run(eng, **kw):
     base = dict(prompt="a blue circle on the left", num_steps=12, seed=11, guidance_scale=5.0,
                 l_slope=3, tau_cap=6, k=3)
     base.update(kw)
-    return eng.generate(eng.resolve(RequestInput(**base)))
+    return eng.generate(eng.resolve(make_input(**base)))
 
 
 def _strip_timings(stats):
@@ -24,9 +30,9 @@ def _strip_timings(stats):
 def test_same_request_twice_is_identical(engines, arch, mode):
     a = _run(engines[arch], mode=mode, request_id="same")
     b = _run(engines[arch], mode=mode, request_id="same")
-    assert a.image_png == b.image_png
+    assert a.images[0] == b.images[0]
     assert _strip_timings(a.stats) == _strip_timings(b.stats)
-    assert a.image_png.startswith(b"\x89PNG")
+    assert a.images[0].startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd3"])
@@ -36,18 +42,18 @@ def test_bytes_per_phase(engines, arch):
     s = r.stats
     assert s.tau1_source == "tau_cap" and (s.tau1, s.tau2) == (6, 9)
     phases = [p.phase for p in s.steps]
-    assert phases == ["data_parallel"] * 6 + ["pipeline_fill"] + ["pipeline"] * 3 + ["data_parallel"] * 2
+    assert phases == [Phase.DATA_PARALLEL] * 6 + [Phase.PIPELINE_FILL] + [Phase.PIPELINE] * 3 + [Phase.DATA_PARALLEL] * 2
     latent_bytes = 4 * eng.adapter.denoiser.config.in_channels * (eng.adapter.default_size // 8) ** 2
     for step in s.steps:
-        per_worker = [w["bytes_sent"] for w in step.workers.values()]
-        if step.phase == "data_parallel":
+        per_worker = [w.bytes_sent for w in step.workers.values()]
+        if step.phase == Phase.DATA_PARALLEL:
             # one prediction each way, nothing else (plus the small header frame)
             assert all(latent_bytes <= b < latent_bytes + 256 for b in per_worker)
             assert step.rel_mae is not None and step.rel_mae > 0
         else:
             assert step.rel_mae is None
     assert s.data_plane_bytes == sum(p.bytes_sent for p in s.steps)
-    assert s.workers == ["U", "C"] and s.window_guidance == "conditional"
+    assert s.workers == ["U", "C"] and s.window_guidance == WindowGuidance.CONDITIONAL
 
 
 @pytest.mark.parametrize("policy", ["conditional", "last-difference", "full-cfg"])
@@ -55,7 +61,7 @@ def test_window_policies_run_and_differ_only_in_the_window(engines, policy):
     eng = engines["sdxl"]
     exact = _run(eng, mode="cfg-parallel")
     r = _run(eng, mode="hybrid", window_guidance=policy)
-    assert r.stats.window_guidance == policy
+    assert label(r.stats.window_guidance) == policy
     # before the window both are the same exact CFG run
     assert [s.rel_mae for s in r.stats.steps[:6]] == [s.rel_mae for s in exact.stats.steps[:6]]
 
@@ -63,9 +69,19 @@ def test_window_policies_run_and_differ_only_in_the_window(engines, policy):
 def test_single_needs_no_peer_traffic(engines):
     r = _run(engines["sdxl"], mode="single")
     assert r.stats.data_plane_bytes == 0 and r.stats.workers == ["U"]
-    assert all(s.phase == "single" and s.rel_mae is not None for s in r.stats.steps)
+    assert all(s.phase == Phase.SINGLE and s.rel_mae is not None for s in r.stats.steps)
 
 
 def test_raw_latents_output(engines):
     r = _run(engines["sd3"], mode="cfg-parallel", output_format="raw-latents")
-    assert r.image_png is None and r.latents.dtype.is_floating_point
+    latents = tensor_from_proto(r.latents)
+    assert r.images == [] and latents.dtype == torch.float32 and latents.shape[0] == 1
+
+
+@pytest.mark.parametrize("fmt,magic", [("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF"), ("png", b"\x89PNG")])
+def test_image_formats_decode(engines, fmt, magic):
+    r = _run(engines["sdxl"], mode="single", output_format=fmt)
+    assert r.images[0].startswith(magic) and r.mime_type == f"image/{fmt}"
+    image = Image.open(io.BytesIO(r.images[0]))
+    image.load()
+    assert image.size == (engines["sdxl"].adapter.default_size,) * 2

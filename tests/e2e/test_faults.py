@@ -11,9 +11,9 @@ import pytest
 
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
-from launch.client import DiffusionClient
+from hybridiff.client import DiffusionClient
 from launch.local_cluster import LocalCluster
-from hybridiff.request import RequestInput
+from cluster_helpers import make_input, send
 
 
 def _busy_workers(cluster) -> list[str]:
@@ -42,19 +42,19 @@ def _generate_killing(cluster, raw: RequestInput, kill_after: int, pick=lambda b
                 killed.append(victim)
 
     try:
-        return client.generate(raw, timeout=300, on_progress=on_progress), killed
+        return send(client, raw, timeout=300, on_progress=on_progress), killed
     finally:
         client.close()
 
 
 def test_kill_in_phase_one_gives_the_same_png_on_the_lone_survivor(model_dirs, tmp_path):
-    raw = RequestInput(prompt="a blue circle", num_steps=16, seed=5, mode="cfg-parallel")
+    raw = make_input(prompt="a blue circle", num_steps=16, seed=5, mode="cfg-parallel")
     with LocalCluster(model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs") as cluster:
         client = DiffusionClient(cluster.address)
-        fault_free = client.generate(raw, timeout=120)
+        fault_free = send(client, raw, timeout=120)
         client.close()
         resp, killed = _generate_killing(cluster, raw, kill_after=5)
-    assert killed and resp.image == fault_free.image  # byte for byte
+    assert killed and resp.images[0].data == fault_free.images[0].data  # byte for byte
     notes = " ".join(resp.stats.notes)
     assert "failed" in notes and "resumed at step" in notes
     assert len(resp.stats.steps) == 16
@@ -62,20 +62,20 @@ def test_kill_in_phase_one_gives_the_same_png_on_the_lone_survivor(model_dirs, t
 
 def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tmp_path):
     with LocalCluster(model_dirs["sdxl"], workers=3, log_dir=tmp_path / "logs") as cluster:
-        window = RequestInput(prompt="a red square", num_steps=20, seed=7, mode="hybrid", tau_cap=3, k=12)
+        window = make_input(prompt="a red square", num_steps=20, seed=7, mode="hybrid", tau_cap=3, k=12)
         resp, killed = _generate_killing(cluster, window, kill_after=8)  # steps 3..15 are the window
-        assert killed and resp.image.startswith(b"\x89PNG")
+        assert killed and resp.images[0].data.startswith(b"\x89PNG")
         assert resp.stats.tau1 == 3 and any("resumed at step" in n for n in resp.stats.notes)
         assert len(resp.stats.workers) == 3  # the survivor and a replacement took over
 
         # kill worker U (it decodes) as the last step completes: the image still comes back
-        last = RequestInput(prompt="a green star", num_steps=8, seed=9, mode="cfg-parallel")
+        last = make_input(prompt="a green star", num_steps=8, seed=9, mode="cfg-parallel")
         resp, killed = _generate_killing(cluster, last, kill_after=8, pick=lambda busy: busy[0])
-        assert killed and resp.image.startswith(b"\x89PNG")
+        assert killed and resp.images[0].data.startswith(b"\x89PNG")
         client = DiffusionClient(cluster.address)
         try:
             with pytest.raises(grpc.RpcError):  # only one worker is left, and it is not a pair
-                client.generate(RequestInput(prompt="x", num_steps=2, mode="hybrid"), timeout=5)
+                send(client, make_input(prompt="x", num_steps=2, mode="hybrid"), timeout=5)
         finally:
             client.close()
 
@@ -106,7 +106,7 @@ def test_a_restarted_worker_rejoins_the_pool(model_dirs, tmp_path):
             assert states.get(address) == "idle", states
             client = DiffusionClient(cluster.address)
             try:  # and it serves: a pair request runs on both workers again
-                resp = client.generate(RequestInput(prompt="a circle", num_steps=4, mode="cfg-parallel"), timeout=60)
+                resp = send(client, make_input(prompt="a circle", num_steps=4, mode="cfg-parallel"), timeout=60)
                 assert len(resp.stats.workers) == 2
             finally:
                 client.close()
@@ -127,7 +127,7 @@ def test_sigterm_drains_the_coordinator(model_dirs, tmp_path):
 
         def long_request():
             try:
-                result["resp"] = client.generate(RequestInput(prompt="a star", num_steps=40, mode="cfg-parallel"),
+                result["resp"] = send(client, make_input(prompt="a star", num_steps=40, mode="cfg-parallel"),
                                                  timeout=120, on_progress=lambda p: progress.set())
             except grpc.RpcError as err:
                 result["error"] = err

@@ -5,9 +5,13 @@ import math
 
 import pytest
 
-from tools.bench.perfmodel import (DATA_PARALLEL, PIPELINE, PIPELINE_FILL, PIPELINE_WARMUP_STEPS, SINGLE,
-                                       ComputeTimes, FixedCosts, LinkModel, ScheduleParams, StageTimes, TensorBytes,
-                                       hybrid_window, predict_modes, schedule_phases, simulate)
+from hybridiff.protocol import Mode, Phase
+from tools.bench.perfmodel import (ComputeTimes, FixedCosts, LinkModel, ScheduleParams, StageTimes, TensorBytes,
+                                   predict_modes, simulate)
+
+SINGLE, DATA_PARALLEL, PIPELINE_FILL, PIPELINE = Phase.SINGLE, Phase.DATA_PARALLEL, Phase.PIPELINE_FILL, Phase.PIPELINE
+# The predictions are JSON-ready: phases by their edge names.
+DP_, FILL_, PIPE_ = "data-parallel", "pipeline-fill", "pipeline"
 
 # b1 = 1, b2 = 2, balanced stages; nested: outer ring 0.25 before + 0.25 after a 0.5 core.
 SEQ = ComputeTimes("sequential", 1.0, 2.0, StageTimes(0.5, 0.5), StageTimes(1.0, 1.0))
@@ -29,8 +33,8 @@ def test_ideal_latencies_of_every_mode(compute):
     # fill 0.5 + 0.5, then 5 stale steps x max(stage1, stage2) = 0.5.
     assert ideal == pytest.approx({"single": 60.0, "cfg-parallel": 30.0, "pipeline": 33.0, "hybrid": 27.5})
     hybrid = out["hybrid"]["ideal"]
-    assert hybrid["phase_seconds"] == pytest.approx({DATA_PARALLEL: 24.0, PIPELINE_FILL: 1.0, PIPELINE: 2.5})
-    assert hybrid["phase_steps"] == {DATA_PARALLEL: 24, PIPELINE_FILL: 1, PIPELINE: 5}
+    assert hybrid["phase_seconds"] == pytest.approx({DP_: 24.0, FILL_: 1.0, PIPE_: 2.5})
+    assert hybrid["phase_steps"] == {DP_: 24, FILL_: 1, PIPE_: 5}
     assert out["hybrid"]["ideal_speedup"] == pytest.approx(60.0 / 27.5)
     for rec in out.values():  # a free link: predicted == ideal
         assert rec["predicted"]["latency"] == pytest.approx(rec["ideal"]["latency"])
@@ -50,8 +54,7 @@ def test_message_latency_adds_where_the_protocol_sends():
     h = out["hybrid"]["predicted"]
     # Fill: boundary then prediction in series (2 lam). Stale steps: the U -> C -> U cycle spans
     # two steps, so lam lands on every other step (4 lam over 5 steps; the last sends no boundary).
-    assert h["phase_seconds"] == pytest.approx({DATA_PARALLEL: 24 * (1 + lam), PIPELINE_FILL: 1 + 2 * lam,
-                                                PIPELINE: 2.5 + 4 * lam})
+    assert h["phase_seconds"] == pytest.approx({DP_: 24 * (1 + lam), FILL_: 1 + 2 * lam, PIPE_: 2.5 + 4 * lam})
     assert h["step_seconds"][11:16] == pytest.approx([0.5, 0.5 + 2 * lam, 0.5, 0.5 + 2 * lam, 0.5])
     assert out["hybrid"]["speedup"] == pytest.approx(60.0 / (27.5 + 30 * lam))
     assert out["hybrid"]["ideal_speedup"] == pytest.approx(60.0 / 27.5)
@@ -115,10 +118,12 @@ def test_speedups_are_latency_ratios():
 
 
 def test_window_is_clamped_to_the_last_step():
-    assert hybrid_window(30, 28, 5) == (28, 29)
-    assert hybrid_window(30, 30, 5) is None  # tau_cap fallback on the last step: no window
-    assert schedule_phases("hybrid", 30, 30, 5) == [DATA_PARALLEL] * 30
-    assert schedule_phases("hybrid", 30, 28, 5)[27:] == [DATA_PARALLEL, PIPELINE_FILL, PIPELINE]
+    assert ScheduleParams(30, 28, 5).schedule(Mode.HYBRID).window() == (28, 29)
+    assert ScheduleParams(30, 28, 5).tau2 == 29
+    assert ScheduleParams(30, 30, 5).schedule(Mode.HYBRID).window() is None  # tau_cap on the last step: no window
+    assert ScheduleParams(30, 30, 5).tau2 is None
+    assert ScheduleParams(30, 30, 5).phases(Mode.HYBRID) == [DATA_PARALLEL] * 30
+    assert ScheduleParams(30, 28, 5).phases(Mode.HYBRID)[27:] == [DATA_PARALLEL, PIPELINE_FILL, PIPELINE]
 
 
 def test_invalid_phase_lists_are_refused():
@@ -130,43 +135,7 @@ def test_invalid_phase_lists_are_refused():
         simulate(["warp"], SEQ, NO_BYTES, LinkModel.ideal())
     with pytest.raises(ValueError):
         ComputeTimes("nested", 1.0, 2.0, StageTimes(0.5, 0.5, 0.1, 0.1), StageTimes.nested(0.5, 1.0, 0.5))
-
-
-# --- agreement with the coordinator's schedule -----------------------------------------------
-def _schedule_of(mode, num_steps, params, values):
-    from coordinator.schedule import StepSchedule
-
-    sched = StepSchedule(mode, num_steps, params, guidance=True)
-    step = 0
-    while sched.decided_through() < num_steps - 1:
-        sched.observe(step, values(step))
-        step += 1
-    return sched
-
-
-@pytest.mark.parametrize("source", ["tau_cap", "slope"])
-def test_phase_lists_match_the_coordinator_schedule(source):
-    from hybridiff.protocol import Mode
-    from hybridiff.request import HybridParams
-
-    if source == "tau_cap":  # a rising rel-MAE never has a slope in [0, eps): fallback at tau_cap
-        params, values = HybridParams(l_slope=12, eps_slope=4e-4, k=5, tau_cap=10), lambda i: 0.1 + 0.01 * i
-    else:  # a flat curve has slope 0 as soon as more than L values exist: tau1 = L
-        params, values = HybridParams(l_slope=12, eps_slope=4e-4, k=5, tau_cap=15), lambda i: 0.1
-    sched = _schedule_of(Mode.HYBRID, 30, params, values)
-    ours = schedule_phases("hybrid", 30, sched.tau1, 5, source)
-    assert sched.tau1_source == source
-    assert simulate(sched.phases(), SEQ, NO_BYTES, LinkModel.ideal()).phases == ours
-    assert (sched.tau1, sched.tau2) == ((10, 15) if source == "tau_cap" else (12, 17))
-
-
-def test_pipeline_mode_matches_the_coordinator_schedule():
-    from coordinator.schedule import PIPELINE_WARMUP_STEPS as COORDINATOR_WARMUP
-    from coordinator.schedule import StepSchedule
-    from hybridiff.protocol import Mode
-    from hybridiff.request import HybridParams
-
-    assert PIPELINE_WARMUP_STEPS == COORDINATOR_WARMUP
-    sched = StepSchedule(Mode.PIPELINE, 30, HybridParams(12, 4e-4, 5, 15), guidance=True)
-    assert [p.name.lower() for p in sched.phases()] == schedule_phases("pipeline", 30)
-    assert schedule_phases("single", 3) == [SINGLE] * 3
+    with pytest.raises(ValueError):
+        ScheduleParams(30, 0)  # the schedule's tau_cap and L are at least 1
+    with pytest.raises(ValueError):
+        ScheduleParams(30, 10, tau1_source="guess")
