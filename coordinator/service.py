@@ -31,6 +31,7 @@ from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 
 log = logging.getLogger(__name__)
+DEADLINE_SLACK_SECONDS = 0.25
 
 
 def request_input_from_proto(req: pb.GenerateRequest) -> RequestInput:
@@ -217,6 +218,10 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the client's deadline passed")
             if not context.is_active():
+                # gRPC ends the call when its deadline passes, a moment before time_remaining()
+                # reaches 0 on this side: a call that ends at its deadline timed out, not cancelled.
+                if remaining is not None and remaining < DEADLINE_SLACK_SECONDS:
+                    raise DeadlineExceeded("the client's deadline passed")
                 raise Cancelled("the client cancelled the request")
 
         mode = spec.mode

@@ -141,7 +141,7 @@ class WorkerEngine:
             latents = tensor_from_proto(checkpoint.latents)
         except FrameError as exc:
             raise BadCommand("resume.latents", str(exc)) from None
-        if checkpoint.next_step >= len(timeline.timesteps):
+        if checkpoint.next_step > len(timeline.timesteps):
             raise BadCommand("resume.next_step", f"{checkpoint.next_step} is past the last step")
         timeline.generator.set_state(torch.frombuffer(bytearray(checkpoint.generator_state), dtype=torch.uint8))
         if hasattr(timeline.scheduler, "set_begin_index"):

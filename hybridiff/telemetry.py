@@ -45,6 +45,15 @@ def setup_tracing(default_service_name: str):
     return provider
 
 
+def setup_tracing_if_installed(default_service_name: str):
+    """``setup_tracing`` where the OpenTelemetry SDK is installed (the servers, the full CLI); the
+    light client's install has only the API, and then traces nothing. Returns the provider or None."""
+    try:
+        return setup_tracing(default_service_name)
+    except ImportError:
+        return None
+
+
 def shutdown_tracing() -> None:
     if _provider is not None:
         _provider.force_flush(timeout_millis=5000)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from hybridiff import security
+from hybridiff import security, telemetry
 from hybridiff.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DiffusionClient, default_target, request_to_proto
 from hybridiff.errors import DeadlineExceeded, HybridiffError, InvalidArgument, ModelLoadError, Unavailable
 from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label, labels, parse
@@ -211,6 +211,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
     from tqdm import tqdm
 
+    # The CLI is an application: it configures the OpenTelemetry SDK (from OTEL_* variables) when installed.
+    telemetry.setup_tracing_if_installed("hybridiff-client")
     request = request_to_proto(request_input(args))
     bar = tqdm(unit="step", disable=args.quiet)
 
@@ -224,6 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             response = client.generate_request(request, on_progress=on_progress)
         finally:
             bar.close()
+            telemetry.shutdown_tracing()
     stats = MessageToDict(response.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     write_outputs(args, [image.data for image in response.images],
                   {"request_id": response.request_id, "seed": str(response.seed), **stats})

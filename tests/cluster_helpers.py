@@ -56,8 +56,8 @@ def make_input(mode: str = "auto", window_guidance: str = "default", output_form
                         hybrid={"l_slope": l_slope, "eps_slope": eps_slope, "k": k, "tau_cap": tau_cap}, **fields)
 
 
-def send(client, raw, timeout=None):
+def send(client, raw, timeout=None, on_progress=None):
     """Send a ``RequestInput`` through a ``DiffusionClient``; the ``GenerateResponse``."""
     from hybridiff.client import request_to_proto
 
-    return client.generate_request(request_to_proto(raw), timeout=timeout)
+    return client.generate_request(request_to_proto(raw), timeout=timeout, on_progress=on_progress)

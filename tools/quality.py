@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 
@@ -26,8 +27,6 @@ def psnr(a, b, peak: float = 255.0) -> float:
 
 def ssim(a, b, peak: float = 255.0) -> float:
     """Mean SSIM (Wang et al. 2004) over channels with a 7x7 uniform window."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
     x, y = to_array(a), to_array(b)
     if x.shape != y.shape:
         raise ValueError(f"shapes differ: {x.shape} vs {y.shape}")

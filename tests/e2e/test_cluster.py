@@ -14,13 +14,16 @@ import grpc
 import pytest
 import torch
 import zmq
+from cluster_helpers import make_input, send
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hybridiff.client import DiffusionClient
+from hybridiff.errors import status_details
+from hybridiff.protocol import Mode
+from hybridiff.request import RequestInput
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
-from hybridiff.client import DiffusionClient
 from tools.quality import psnr
-from cluster_helpers import make_input, send
 
 
 def _client(cluster) -> DiffusionClient:
@@ -55,7 +58,7 @@ def test_single_and_cfg_parallel_equal_diffusers_through_the_cluster(arch, reque
     reference = _diffusers_image(engines, arch, _request())
     for mode in ("single", "cfg-parallel"):
         resp = send(client, _request(mode=mode), timeout=120)
-        assert pb.Mode.Name(resp.stats.mode_used) == mode.upper().replace("-", "_")
+        assert pb.Mode.Name(resp.stats.mode_used) == "MODE_" + mode.upper().replace("-", "_")
         assert psnr(resp.images[0].data, reference) >= 45.0
     client.close()
 
@@ -108,7 +111,7 @@ def test_four_workers_eight_concurrent_mixed_requests(sdxl_cluster):
         watcher.join()
     for req, resp in zip(reqs, together):
         before = alone[req.request_id]
-        if req.mode == "auto" and resp.stats.mode_used != before.stats.mode_used:
+        if req.mode == Mode.AUTO and resp.stats.mode_used != before.stats.mode_used:
             # AUTO takes what is free: under load a lone worker runs SINGLE rather than waiting
             assert resp.stats.mode_used == pb.MODE_SINGLE
             single = _request(mode="single", seed=req.seed, request_id="auto-as-single")
@@ -179,9 +182,13 @@ def test_health_metrics_reflection_and_models(sdxl_cluster):
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(pb.GenerateRequest(prompt="x", width=60))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "width" in err.value.details()
+    details = status_details(err.value)  # the field, read without parsing text
+    assert details["BadRequest"].field_violations[0].field == "width"
+    assert details["ErrorInfo"].reason == "INVALID_ARGUMENT" and details["ErrorInfo"].domain == "hybridiff.ai"
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(pb.GenerateRequest(prompt="x", model="nope"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert status_details(err.value)["ErrorInfo"].reason == "MODEL_NOT_FOUND"
     channel.close()
 
 

@@ -12,6 +12,7 @@ import pytest
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 from hybridiff.client import DiffusionClient
+from hybridiff.errors import HybridiffError
 from launch.local_cluster import LocalCluster
 from cluster_helpers import make_input, send
 
@@ -74,7 +75,7 @@ def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tm
         assert killed and resp.images[0].data.startswith(b"\x89PNG")
         client = DiffusionClient(cluster.address)
         try:
-            with pytest.raises(grpc.RpcError):  # only one worker is left, and it is not a pair
+            with pytest.raises(HybridiffError):  # only one worker is left, and it is not a pair
                 send(client, make_input(prompt="x", num_steps=2, mode="hybrid"), timeout=5)
         finally:
             client.close()
@@ -129,7 +130,7 @@ def test_sigterm_drains_the_coordinator(model_dirs, tmp_path):
             try:
                 result["resp"] = send(client, make_input(prompt="a star", num_steps=40, mode="cfg-parallel"),
                                                  timeout=120, on_progress=lambda p: progress.set())
-            except grpc.RpcError as err:
+            except HybridiffError as err:
                 result["error"] = err
 
         worker = threading.Thread(target=long_request)

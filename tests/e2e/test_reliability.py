@@ -12,8 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cluster_helpers import make_input, send
+
+from hybridiff.client import DiffusionClient
+from hybridiff.errors import HybridiffError
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
+from launch.local_cluster import LocalCluster
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -132,7 +137,8 @@ def test_deadline_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
 
 def test_client_cancel_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
     step_time = _step_time(stub)
-    call = stub.GenerateStream(_req(num_inference_steps=400, mode=pb.MODE_CFG_PARALLEL), timeout=120)
+    call = stub.GenerateStream(pb.GenerateStreamRequest(request=_req(num_inference_steps=400,
+                                                                     mode=pb.MODE_CFG_PARALLEL)), timeout=120)
     seen = 0
     for event in call:
         seen += event.HasField("progress")
@@ -170,10 +176,6 @@ def _rss_kib(pids) -> int:
 
 
 def test_load_small_queue_every_request_succeeds_or_is_refused(model_dirs, tmp_path):
-    from hybridiff.client import DiffusionClient
-    from launch.local_cluster import LocalCluster
-    from hybridiff.request import RequestInput
-
     with LocalCluster(model_dirs["sdxl"], workers=4, queue_size=2, log_dir=tmp_path / "logs") as cluster:
         clients = [DiffusionClient(cluster.address) for _ in range(8)]
         modes = ["hybrid", "cfg-parallel", "single", "auto"]
@@ -181,10 +183,10 @@ def test_load_small_queue_every_request_succeeds_or_is_refused(model_dirs, tmp_p
         def one(i: int) -> str:
             raw = make_input(prompt="a star", num_steps=6, seed=i, mode=modes[i % 4], tau_cap=3, k=2)
             try:
-                clients[i % 8].generate(raw, timeout=120)
+                send(clients[i % 8], raw, timeout=120)
                 return "OK"
-            except grpc.RpcError as err:
-                return err.code().name
+            except HybridiffError as err:
+                return err.code.name
 
         rss = []
         for _ in range(2):

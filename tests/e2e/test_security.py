@@ -74,7 +74,8 @@ def test_bearer_token_required_on_the_public_api_but_not_on_health(tmp_path):
                     _list_models(ch, metadata)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(grpc.RpcError) as err:  # streaming RPCs too
-                next(diffusion_pb2_grpc.DiffusionServiceStub(ch).GenerateStream(pb.GenerateRequest(prompt="x"), timeout=5))
+                next(diffusion_pb2_grpc.DiffusionServiceStub(ch).GenerateStream(
+                    pb.GenerateStreamRequest(request=pb.GenerateRequest(prompt="x")), timeout=5))
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert _list_models(ch, (("authorization", "Bearer s3cret"),)).models == []
             from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -136,13 +137,13 @@ def test_worker_accepts_control_only_from_the_coordinator(pki, model_dirs, tmp_p
         def info(pair):
             creds = grpc.ssl_channel_credentials(ca, private_key=pair[1].read_bytes(), certificate_chain=pair[0].read_bytes())
             with grpc.secure_channel(address, creds, options=options) as ch:
-                return worker_pb2_grpc.WorkerControlStub(ch).Info(worker_pb2.WorkerInfoRequest(), timeout=10)
+                return worker_pb2_grpc.WorkerControlServiceStub(ch).Info(worker_pb2.InfoRequest(), timeout=10)
 
         assert info(pki["client"]).arch == "sdxl"  # the coordinator's certificate
         with pytest.raises(grpc.RpcError):
             info(pki["rogue_client"])
         with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError):
-            worker_pb2_grpc.WorkerControlStub(ch).Info(worker_pb2.WorkerInfoRequest(), timeout=5)
+            worker_pb2_grpc.WorkerControlServiceStub(ch).Info(worker_pb2.InfoRequest(), timeout=5)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

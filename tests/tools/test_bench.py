@@ -10,9 +10,9 @@ import pytest
 def test_bench_json_is_complete_and_consistent(model_dirs, tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "bench", "--model-dir", str(model_dirs["sdxl"]), "--prompts", "2",
-         "--repeats", "1", "--steps", "8", "--tau-cap", "3", "--k", "3", "--out-dir", str(out), "--quiet",
-         "--adherence-seeds", "1", "--adherence-steps", "6"],
+        [sys.executable, "-m", "launch.cli", "bench", "--model-dir", str(model_dirs["sdxl"]),
+         "--prompts", "2", "--repeats", "1", "--steps", "8", "--tau-cap", "3", "--k", "3",
+         "--out-dir", str(out), "--quiet", "--adherence-seeds", "1", "--adherence-steps", "6"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
@@ -31,7 +31,7 @@ def test_bench_json_is_complete_and_consistent(model_dirs, tmp_path):
     assert single["psnr_vs_single"] == float("inf") and single["bytes_per_request"] == 0
     assert modes["cfg-parallel"]["psnr_vs_single"] >= 45
     assert modes["hybrid"]["tau1"] == [3] and modes["hybrid"]["tau2"] == [6]
-    assert modes["hybrid"]["bytes_per_step_by_phase"]["data_parallel"] > 0
+    assert modes["hybrid"]["bytes_per_step_by_phase"]["data-parallel"] > 0
     # the ideal comes from the reported compute times: SINGLE's ideal is its steps at batch-2 cost
     c = result["compute_seconds"]
     assert c["b1"] > 0 and c["b2"] > 0 and c["stage1_b1"] > 0 and c["stage2_b1"] > 0
@@ -40,11 +40,18 @@ def test_bench_json_is_complete_and_consistent(model_dirs, tmp_path):
     for png in ("latency.png", "rel_mae.png", "timeline_hybrid.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     assert "hybrid" in proc.stdout and "speedup" in proc.stdout
+    # the example stats speak the JSON edge: enums by their labels
+    example = result["example_hybrid_stats"]
+    assert example["mode_used"] == "hybrid" and example["window_guidance"] == "conditional"
+    assert (example["tau1"], example["tau2"]) == (3, 6)
+    phases = [s["phase"] for s in example["steps"]]
+    assert phases == ["data-parallel"] * 3 + ["pipeline-fill"] + ["pipeline"] * 3 + ["data-parallel"]
     # the quality pass on the trained default model: adherence per mode and window policy
     adherence = result["adherence"]["variants"]
     assert set(adherence) == set(modes)
     for name, a in adherence.items():
-        assert a["n"] == 8 and 0 <= a["accuracy"] <= 1 and set(a["attributes"]) == {"colour", "shape", "position"}
+        assert a["n"] == 8 and 0 <= a["accuracy"] <= 1
+        assert set(a["attributes"]) == {"colour", "shape", "position"}
     assert adherence["cfg-parallel"]["psnr_vs_cfg_parallel"] == float("inf")
     assert adherence["single"]["psnr_vs_cfg_parallel"] >= 45
     assert "adherence" in proc.stdout

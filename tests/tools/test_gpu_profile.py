@@ -16,9 +16,11 @@ MODES = ("single", "cfg-parallel", "pipeline", "hybrid")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_profile") / "profile.json"
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread times steadily on a shared machine (as the benchmark pins one per worker)
+    # one thread times steadily on a shared machine (as the benchmark pins one per worker)
+    torch.set_num_threads(1)
     try:
-        rc = gpu_profile.main(["--device", "cpu", "--tiny", "--warmup", "1", "--repeats", "3", "--out", str(out)])
+        rc = gpu_profile.main(["--device", "cpu", "--tiny", "--warmup", "1", "--repeats", "3",
+                               "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -46,15 +48,17 @@ def test_schedule_defaults(run):
     for p in run["models"].values():
         for rec in p["modes"].values():
             assert sum(rec["predicted"]["phase_steps"].values()) == 50
-        assert rec["predicted"]["phase_steps"] == {"data_parallel": 44, "pipeline_fill": 1, "pipeline": 5}
+        assert rec["predicted"]["phase_steps"] == {"data-parallel": 44, "pipeline-fill": 1, "pipeline": 5}
 
 
 def test_speedups_are_latency_ratios(run):
     for p in run["models"].values():
         modes = p["modes"]
+        single = modes["single"]
         for rec in modes.values():
-            assert rec["speedup"] == pytest.approx(modes["single"]["predicted"]["latency"] / rec["predicted"]["latency"])
-            assert rec["ideal_speedup"] == pytest.approx(modes["single"]["ideal"]["latency"] / rec["ideal"]["latency"])
+            assert rec["speedup"] == pytest.approx(single["predicted"]["latency"]
+                                                   / rec["predicted"]["latency"])
+            assert rec["ideal_speedup"] == pytest.approx(single["ideal"]["latency"] / rec["ideal"]["latency"])
             assert rec["predicted"]["latency"] >= rec["ideal"]["latency"]
         assert modes["single"]["predicted"]["latency"] == pytest.approx(50 * p["times"]["forward_b2"])
         assert modes["cfg-parallel"]["ideal"]["latency"] == pytest.approx(50 * p["times"]["forward_b1"])
@@ -96,8 +100,9 @@ def test_predictions_recompute_from_reported_times(run):
         sched = ScheduleParams(**{k: v for k, v in p["schedule"].items() if k != "tau2"})
         again = predict_modes(gpu_profile.compute_times(p), gpu_profile.tensor_bytes(p), link, sched)
         for mode in MODES:
-            assert again[mode]["predicted"]["latency"] == pytest.approx(p["modes"][mode]["predicted"]["latency"])
-            assert again[mode]["ideal_speedup"] == pytest.approx(p["modes"][mode]["ideal_speedup"])
+            reported = p["modes"][mode]
+            assert again[mode]["predicted"]["latency"] == pytest.approx(reported["predicted"]["latency"])
+            assert again[mode]["ideal_speedup"] == pytest.approx(reported["ideal_speedup"])
 
 
 def test_table_and_arguments(run, capsys):

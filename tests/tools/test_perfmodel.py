@@ -6,10 +6,19 @@ import math
 import pytest
 
 from hybridiff.protocol import Mode, Phase
-from tools.bench.perfmodel import (ComputeTimes, FixedCosts, LinkModel, ScheduleParams, StageTimes, TensorBytes,
-                                   predict_modes, simulate)
+from tools.bench.perfmodel import (
+    ComputeTimes,
+    FixedCosts,
+    LinkModel,
+    ScheduleParams,
+    StageTimes,
+    TensorBytes,
+    predict_modes,
+    simulate,
+)
 
-SINGLE, DATA_PARALLEL, PIPELINE_FILL, PIPELINE = Phase.SINGLE, Phase.DATA_PARALLEL, Phase.PIPELINE_FILL, Phase.PIPELINE
+SINGLE, DATA_PARALLEL = Phase.SINGLE, Phase.DATA_PARALLEL
+PIPELINE_FILL, PIPELINE = Phase.PIPELINE_FILL, Phase.PIPELINE
 # The predictions are JSON-ready: phases by their edge names.
 DP_, FILL_, PIPE_ = "data-parallel", "pipeline-fill", "pipeline"
 
@@ -50,11 +59,13 @@ def test_message_latency_adds_where_the_protocol_sends():
     lam = 0.01
     out = predict_modes(SEQ, NO_BYTES, latency_only(lam), SCHED)
     assert out["single"]["predicted"]["latency"] == pytest.approx(60.0)  # nothing crosses
-    assert out["cfg-parallel"]["predicted"]["latency"] == pytest.approx(30 * (1 + lam))  # one exchange per step
+    # one exchange per step
+    assert out["cfg-parallel"]["predicted"]["latency"] == pytest.approx(30 * (1 + lam))
     h = out["hybrid"]["predicted"]
     # Fill: boundary then prediction in series (2 lam). Stale steps: the U -> C -> U cycle spans
     # two steps, so lam lands on every other step (4 lam over 5 steps; the last sends no boundary).
-    assert h["phase_seconds"] == pytest.approx({DP_: 24 * (1 + lam), FILL_: 1 + 2 * lam, PIPE_: 2.5 + 4 * lam})
+    assert h["phase_seconds"] == pytest.approx({DP_: 24 * (1 + lam), FILL_: 1 + 2 * lam,
+                                                PIPE_: 2.5 + 4 * lam})
     assert h["step_seconds"][11:16] == pytest.approx([0.5, 0.5 + 2 * lam, 0.5, 0.5 + 2 * lam, 0.5])
     assert out["hybrid"]["speedup"] == pytest.approx(60.0 / (27.5 + 30 * lam))
     assert out["hybrid"]["ideal_speedup"] == pytest.approx(60.0 / 27.5)
@@ -73,7 +84,8 @@ def test_nested_window_with_message_latency():
 
 def test_bandwidth_and_host_staging():
     bw, lam = 1e6, 1e-3
-    tb = TensorBytes(prediction=1000, boundary_b1=4000, boundary_b2=8000, stage_return_b1=2000, stage_return_b2=4000)
+    tb = TensorBytes(prediction=1000, boundary_b1=4000, boundary_b2=8000, stage_return_b1=2000,
+                     stage_return_b2=4000)
     staged = LinkModel(bandwidth=bw, latency=lam, copies=2)
     t = lambda b: lam + 2 * b / bw  # noqa: E731 - one message through host memory: two copies
     assert staged.transfer(1000) == pytest.approx(t(1000))
@@ -89,7 +101,8 @@ def test_bandwidth_and_host_staging():
 
 
 def test_bytes_per_request():
-    tb = TensorBytes(prediction=10, boundary_b1=100, boundary_b2=200, stage_return_b1=1000, stage_return_b2=2000)
+    tb = TensorBytes(prediction=10, boundary_b1=100, boundary_b2=200, stage_return_b1=1000,
+                     stage_return_b2=2000)
     seq = predict_modes(SEQ, tb, LinkModel.ideal(), SCHED)
     # 24 exchanges of two predictions; fill and 4 stale steps send a boundary and a prediction;
     # the last window step only the prediction.
@@ -111,16 +124,18 @@ def test_fixed_costs_and_update_count_once_per_request_and_step():
 
 def test_speedups_are_latency_ratios():
     out = predict_modes(NEST, TensorBytes(1, 2, 4, 2, 4), LinkModel(1e3, 1e-3), SCHED)
+    single = out["single"]
     for rec in out.values():
-        assert rec["speedup"] == pytest.approx(out["single"]["predicted"]["latency"] / rec["predicted"]["latency"])
-        assert rec["ideal_speedup"] == pytest.approx(out["single"]["ideal"]["latency"] / rec["ideal"]["latency"])
+        assert rec["speedup"] == pytest.approx(single["predicted"]["latency"] / rec["predicted"]["latency"])
+        assert rec["ideal_speedup"] == pytest.approx(single["ideal"]["latency"] / rec["ideal"]["latency"])
         assert rec["predicted"]["latency"] >= rec["ideal"]["latency"]
 
 
 def test_window_is_clamped_to_the_last_step():
     assert ScheduleParams(30, 28, 5).schedule(Mode.HYBRID).window() == (28, 29)
     assert ScheduleParams(30, 28, 5).tau2 == 29
-    assert ScheduleParams(30, 30, 5).schedule(Mode.HYBRID).window() is None  # tau_cap on the last step: no window
+    # the tau_cap fallback on the last step: no window
+    assert ScheduleParams(30, 30, 5).schedule(Mode.HYBRID).window() is None
     assert ScheduleParams(30, 30, 5).tau2 is None
     assert ScheduleParams(30, 30, 5).phases(Mode.HYBRID) == [DATA_PARALLEL] * 30
     assert ScheduleParams(30, 28, 5).phases(Mode.HYBRID)[27:] == [DATA_PARALLEL, PIPELINE_FILL, PIPELINE]

@@ -7,13 +7,28 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from hybridiff.protocol import Mode
+from hybridiff.request import RequestInput
+from launch.model_dirs import EMBEDDED_MODEL_DIR
 from tools.shapes.adherence import AdherenceReport, check, read_image
+from tools.shapes.evaluate import in_process_generate
 from tools.shapes.grammar import (
-    COLOURS, HELD_OUT, POSITIONS, SHAPES, VOCABULARY, Caption, all_scenes, caption_for, held_out_prompts,
-    parse_caption, training_scenes,
+    COLOURS,
+    HELD_OUT,
+    POSITIONS,
+    SHAPES,
+    VOCABULARY,
+    Caption,
+    all_scenes,
+    caption_for,
+    held_out_prompts,
+    parse_caption,
+    training_scenes,
 )
 from tools.shapes.render import render
+from tools.shapes.train import TrainConfig, train_default_model
 
 
 def test_held_out_triples_are_never_trained_but_every_pair_is():
@@ -60,7 +75,8 @@ def test_checker_reads_the_rendered_scenes():
     attributes = report.attribute_accuracy()
     assert attributes["colour"] == attributes["position"] == 1.0
     # a small circle is 7 pixels across at 32x32: a few read as squares or triangles
-    assert attributes["shape"] >= 0.97 and attributes["size"] >= 0.98, [v for v in verdicts if not v.adheres][:3]
+    misses = [v for v in verdicts if not v.adheres][:3]
+    assert attributes["shape"] >= 0.97 and attributes["size"] >= 0.98, misses
 
 
 def test_checker_rejects_wrong_attributes_and_empty_images():
@@ -76,33 +92,26 @@ def test_checker_rejects_wrong_attributes_and_empty_images():
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
-    from tools.shapes.train import TrainConfig, train_default_model
-
     config = TrainConfig(images=64, vae_steps=2, vae_batch=4, unet_steps=3, unet_batch=4, warmup=1, threads=1,
                          log_every=1)
     records = [train_default_model(tmp_path / name, config, progress=lambda _: None) for name in ("a", "b")]
     losses = [[(r["stage"], r["step"], r["loss"]) for r in record["losses"]] for record in records]
     assert losses[0] == losses[1]
     assert [r["stage"] for r in records[0]["losses"]] == ["vae"] * 2 + ["denoiser"] * 3
-    from safetensors.torch import load_file
-
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         a = load_file(next((tmp_path / "a" / part).glob("*.safetensors")))
         b = load_file(next((tmp_path / "b" / part).glob("*.safetensors")))
         assert all(torch.equal(a[k], b[k]) for k in a), part
-    assert (tmp_path / "a" / "model_index.json").is_file() and (tmp_path / "a" / "training_log.json").is_file()
+    assert (tmp_path / "a" / "model_index.json").is_file()
+    assert (tmp_path / "a" / "training_log.json").is_file()
 
 
 @pytest.mark.parametrize("prompt", list(itertools.islice((c.text for c in held_out_prompts()), 1)))
 def test_the_committed_model_draws_a_held_out_prompt(prompt):
-    from launch.model_dirs import EMBEDDED_MODEL_DIR
-    from hybridiff.request import RequestInput
-    from tools.shapes.evaluate import in_process_generate
-
     generate, close = in_process_generate(EMBEDDED_MODEL_DIR)
     try:
         png, stats = generate(RequestInput(prompt=prompt, seed=11, num_steps=20, guidance_scale=5.0,
-                                           mode="cfg-parallel"))
+                                           mode=Mode.CFG_PARALLEL))
     finally:
         close()
     verdict = check(png, prompt)

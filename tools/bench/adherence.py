@@ -43,7 +43,8 @@ def adherence_by_variant(model_dir: str, variants: tuple[Variant, ...], seeds: i
                     on_run(variant.label)
                     return response.images[0].data, response.stats
 
-                report, samples = run_adherence(generate, held_out_requests(EVAL_SEEDS[:seeds], num_steps=steps))
+                requests = held_out_requests(EVAL_SEEDS[:seeds], num_steps=steps)
+                report, samples = run_adherence(generate, requests)
                 images[variant.label] = {(s.caption.text, s.seed): s.image_png for s in samples}
                 results[variant.label] = _summary(report, [s.stats for s in samples])
         finally:

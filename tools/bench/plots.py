@@ -56,7 +56,8 @@ def rel_mae_curve(stats: pb.GenerateStats, window: tuple[int, int] | None, path:
             label="rel-MAE  mean|e_c - e_u| / mean|e_u|")
     if window is not None:
         tau1, tau2 = window
-        ax.axvspan(tau1, tau2, color="#2ca02c", alpha=0.15, label=f"pipeline window (tau1={tau1}, tau2={tau2})")
+        ax.axvspan(tau1, tau2, color="#2ca02c", alpha=0.15,
+                   label=f"pipeline window (tau1={tau1}, tau2={tau2})")
         ax.axvline(tau1, color="#2ca02c", ls="--")
         ax.axvline(tau2, color="#2ca02c", ls=":")
     ax.set_xlabel("step")

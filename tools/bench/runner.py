@@ -22,10 +22,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from PIL import Image
 from tqdm import tqdm
 
@@ -48,7 +47,8 @@ DEFAULT_PROMPTS = ("a red circle on the left", "a blue square at the top", "a gr
 # (label, mode, window guidance; None: the mode's default): the modes of DESIGN section 4 plus
 # the second window policy. The labels name the variants in the JSON, the table and the plots.
 VARIANTS: tuple[Variant, ...] = (
-    Variant("single", Mode.SINGLE), Variant("cfg-parallel", Mode.CFG_PARALLEL), Variant("pipeline", Mode.PIPELINE),
+    Variant("single", Mode.SINGLE), Variant("cfg-parallel", Mode.CFG_PARALLEL),
+    Variant("pipeline", Mode.PIPELINE),
     Variant("hybrid", Mode.HYBRID, WindowGuidance.CONDITIONAL),
     Variant("hybrid-last-difference", Mode.HYBRID, WindowGuidance.LAST_DIFFERENCE),
 )
@@ -64,16 +64,36 @@ class Run:
     image: bytes
 
 
-def stats_json(stats: pb.GenerateStats) -> dict:
-    """The stats as ``hybridiff generate --stats-json`` writes them."""
-    return MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+_ENUMS = {"Mode": Mode, "Phase": Phase, "WindowGuidance": WindowGuidance}
 
 
-def run_variant(client: DiffusionClient, variant: Variant, prompt: str, seed: int, args: argparse.Namespace) -> Run:
+def message_json(msg: Message) -> dict:
+    """A public-API message (e.g. ``GenerateStats``) as JSON-ready data: every field by its name,
+    enums by their edge names (``label``), unset optional fields and unspecified enums as None."""
+    def value_of(field, value):
+        if field.enum_type is not None:
+            return label(_ENUMS[field.enum_type.name](value)) if value else None
+        return message_json(value) if field.message_type is not None else value
+
+    out = {}
+    for f in msg.DESCRIPTOR.fields:
+        value = getattr(msg, f.name)
+        if f.is_repeated:
+            out[f.name] = [value_of(f, v) for v in value]
+        elif f.has_presence and f.message_type is None and not msg.HasField(f.name):
+            out[f.name] = None
+        else:
+            out[f.name] = value_of(f, value)
+    return out
+
+
+def run_variant(client: DiffusionClient, variant: Variant, prompt: str, seed: int,
+                args: argparse.Namespace) -> Run:
     hybrid = {"l_slope": args.l_slope, "eps_slope": args.eps_slope, "k": args.k, "tau_cap": args.tau_cap}
     start = time.perf_counter()
-    gen = client.generate(prompt, seed=seed, steps=args.steps, guidance_scale=args.guidance, mode=variant.mode,
-                          hybrid=hybrid, window_guidance=variant.window_guidance or 0, timeout=args.request_timeout)
+    gen = client.generate(prompt, seed=seed, steps=args.steps, guidance_scale=args.guidance,
+                          mode=variant.mode, hybrid=hybrid, window_guidance=variant.window_guidance or 0,
+                          timeout=args.request_timeout)
     return Run(variant.label, prompt, seed, time.perf_counter() - start, gen.stats, gen.data[0])
 
 
@@ -165,6 +185,12 @@ def window_bounds(stats: pb.GenerateStats) -> tuple[int, int] | None:
     return (stats.tau1, stats.tau2) if stats.HasField("tau1") and stats.HasField("tau2") else None
 
 
+def _similarity(runs: list[Run], against: dict[tuple[str, int], Run]) -> list[tuple[float, float]]:
+    """(PSNR, SSIM) of each run's image against the image of the same prompt and seed in ``against``."""
+    return [(psnr(r.image, against[key].image), ssim(r.image, against[key].image))
+            for r in runs if (key := (r.prompt, r.seed)) in against]
+
+
 def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], topology: str) -> dict:
     compute = measured_compute(runs)
     labels = [v.label for v in VARIANTS]
@@ -180,10 +206,8 @@ def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], t
         ideal = [ideal_latency(r, compute, topology) for r in rs]
         over = [o for r in rs for o in step_overheads(r)]
         step_wall = [s.wall_seconds for r in rs for s in r.stats.steps]
-        vs_single = [(psnr(r.image, singles[(r.prompt, r.seed)].image),
-                      ssim(r.image, singles[(r.prompt, r.seed)].image)) for r in rs if (r.prompt, r.seed) in singles]
-        vs_exact = [(psnr(r.image, exact[(r.prompt, r.seed)].image), ssim(r.image, exact[(r.prompt, r.seed)].image))
-                    for r in rs if (r.prompt, r.seed) in exact]
+        vs_single = _similarity(rs, singles)
+        vs_exact = _similarity(rs, exact)
         bytes_req = [r.stats.data_plane_bytes for r in rs]
         per_phase_bytes: dict[str, list[int]] = {}
         for r in rs:
@@ -231,14 +255,16 @@ def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], t
 
 def format_table(result: dict) -> str:
     lines = [f"{'mode':24} {'median s':>9} {'spread s':>13} {'speedup':>8} {'ideal x':>8} {'eff':>6} "
-             f"{'sys eff':>7} {'ovh/step':>9} {'KiB/req':>9} {'tau1,tau2':>10} {'PSNR/single':>11} {'SSIM':>6}"]
+             f"{'sys eff':>7} {'ovh/step':>9} {'KiB/req':>9} {'tau1,tau2':>10} {'PSNR/single':>11} "
+             f"{'SSIM':>6}"]
     for lab, m in result["modes"].items():
         psnr_s = "inf" if m["psnr_vs_single"] == float("inf") else f"{m['psnr_vs_single']:.1f}"
         taus = f"{m['tau1'][0]},{m['tau2'][0]}" if m["tau1"] else "-"
         lines.append(f"{lab:24} {m['latency_median']:9.2f} {m['latency_min']:6.2f}-{m['latency_max']:<6.2f} "
                      f"{m['speedup']:8.2f} {m['ideal_speedup']:8.2f} {m['efficiency']:6.1%} "
                      f"{m['system_efficiency']:7.1%} {m['overhead_per_step_median_s'] * 1e6:7.0f}us "
-                     f"{m['bytes_per_request'] / 1024:9.0f} {taus:>10} {psnr_s:>11} {m['ssim_vs_single']:6.3f}")
+                     f"{m['bytes_per_request'] / 1024:9.0f} {taus:>10} {psnr_s:>11} "
+                     f"{m['ssim_vs_single']:6.3f}")
     ref = result.get("diffusers_reference")
     if ref:
         lines.append(f"{'diffusers (in-process)':24} {ref['latency_median']:9.2f} {'':13} "
@@ -267,7 +293,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--out-dir", type=Path, default=Path("out/bench"))
     p.add_argument("--adherence-seeds", type=int, default=1,
-                   help="seeds per held-out prompt in the adherence pass on the trained default model (0: skip)")
+                   help="seeds per held-out prompt in the adherence pass on the trained default model "
+                        "(0: skip)")
     p.add_argument("--adherence-steps", type=int, default=30)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -334,17 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     result = summarize(runs, reference, topology)
     if adherence_runs:
         result["adherence"] = adherence
-    result["config"] = {"model_dir": model_dir, "topology": topology, "steps": args.steps, "guidance": args.guidance,
-                        "prompts": [p for p, _ in pairs], "seeds": args.seeds, "repeats": args.repeats,
-                        "cores": sorted(os.sched_getaffinity(0)), "target": args.target or "local cluster, 2 workers"}
+    result["config"] = {"model_dir": model_dir, "topology": topology, "steps": args.steps,
+                        "guidance": args.guidance, "prompts": [p for p, _ in pairs], "seeds": args.seeds,
+                        "repeats": args.repeats, "cores": sorted(os.sched_getaffinity(0)),
+                        "target": args.target or "local cluster, 2 workers"}
     result["wall_seconds"] = time.perf_counter() - started
     hybrid = next(r for r in runs if r.label == "hybrid")
-    result["example_hybrid_stats"] = stats_json(hybrid.stats)
+    result["example_hybrid_stats"] = message_json(hybrid.stats)
     (args.out_dir / "bench.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     plots.latency_bars(result, args.out_dir / "latency.png")
-    plots.rel_mae_curve(next(r for r in runs if r.label == "cfg-parallel").stats, window_bounds(hybrid.stats),
-                        args.out_dir / "rel_mae.png", "rel-MAE per step (exact CFG run) and the hybrid window")
-    plots.timeline(hybrid.stats, args.out_dir / "timeline_hybrid.png", "One hybrid request: what each worker computed")
+    exact = next(r for r in runs if r.label == "cfg-parallel")
+    plots.rel_mae_curve(exact.stats, window_bounds(hybrid.stats), args.out_dir / "rel_mae.png",
+                        "rel-MAE per step (exact CFG run) and the hybrid window")
+    plots.timeline(hybrid.stats, args.out_dir / "timeline_hybrid.png",
+                   "One hybrid request: what each worker computed")
     print(format_table(result))
     if adherence_runs:
         print(format_adherence(adherence))

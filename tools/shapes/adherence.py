@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from tools.shapes.grammar import Caption, parse_caption
 from tools.shapes.render import ANCHORS, AREA_PER_RADIUS2, PALETTE, RADII
@@ -126,8 +127,6 @@ def read_image(image: np.ndarray) -> Reading:
 def check(image: np.ndarray | bytes, prompt: str | Caption) -> Verdict:
     """Score ``image`` (array or PNG bytes) against a grammar prompt."""
     if isinstance(image, (bytes, bytearray)):
-        from PIL import Image
-
         image = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
     caption = prompt if isinstance(prompt, Caption) else parse_caption(prompt)
     reading = read_image(image)

@@ -11,8 +11,8 @@ from tools.shapes.train import TrainConfig, train_default_model
 
 def train_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hybridiff train-default-model",
-                                description="train the embedded default model (coloured shapes, SDXL architecture) "
-                                            "on CPU")
+                                description="train the embedded default model (coloured shapes, SDXL "
+                                            "architecture) on CPU")
     p.add_argument("--out", required=True, help="the model directory to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the initial weights")
     p.add_argument("--steps", type=int, default=None, help="denoiser training steps (default 3600)")
@@ -30,9 +30,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def adherence_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hybridiff adherence",
-                                description="the default model's prompt adherence on held-out prompts, and its "
-                                            "rel-MAE curve (in-process)")
-    p.add_argument("--model-dir", default=None, help="diffusers model directory (default: the embedded model)")
+                                description="the default model's prompt adherence on held-out prompts, and "
+                                            "its rel-MAE curve (in-process)")
+    p.add_argument("--model-dir", default=None,
+                   help="diffusers model directory (default: the embedded model)")
     p.add_argument("--out-dir", default="docs/default_model", help="where the JSON and the plots go")
     p.add_argument("--steps", type=int, default=30, help="denoising steps of the adherence images")
     p.add_argument("--curve-steps", type=int, default=50, help="denoising steps of the rel-MAE curves")

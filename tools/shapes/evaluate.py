@@ -6,17 +6,26 @@ evaluation runs on the in-process engine here and through the gRPC service in th
 """
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from PIL import Image, ImageDraw
+
+from coordinator.schedule import DiscrepancyMonitor
+from gpu_worker.loader import detect_arch, read_model_defaults
+from hybridiff.protocol import Mode
 from hybridiff.request import HybridParams, RequestInput
+from launch.inprocess import InProcessEngine
 from tools.shapes.adherence import AdherenceReport, Verdict, check
 from tools.shapes.grammar import Caption, held_out_prompts
 
 EVAL_SEEDS = (11, 22, 33, 44)  # fixed: with the 8 held-out prompts, 32 images per setting
 
+# A request -> (its first image as PNG, the run's stats: the driver's ``GenerationStats`` in
+# process, the public API's ``GenerateStats`` through the service).
 Generate = Callable[[RequestInput], tuple[bytes, object]]
 
 
@@ -29,7 +38,8 @@ class Sample:
     verdict: Verdict
 
 
-def held_out_requests(seeds: tuple[int, ...] = EVAL_SEEDS, **request: object) -> list[tuple[Caption, RequestInput]]:
+def held_out_requests(seeds: tuple[int, ...] = EVAL_SEEDS,
+                      **request: object) -> list[tuple[Caption, RequestInput]]:
     """One request per held-out prompt and seed; ``request`` sets the other fields."""
     return [(c, RequestInput(prompt=c.text, seed=s, **request)) for c in held_out_prompts() for s in seeds]
 
@@ -48,8 +58,6 @@ def run_adherence(generate: Generate, requests: list[tuple[Caption, RequestInput
 
 def slope_rule_outcomes(curves: list[list[float]], params: HybridParams) -> list[tuple[int, str]]:
     """(tau1, source) the discrepancy monitor finds on each rel-MAE curve with ``params``."""
-    from coordinator.schedule import DiscrepancyMonitor
-
     out = []
     for curve in curves:
         monitor = DiscrepancyMonitor(params)
@@ -61,7 +69,8 @@ def slope_rule_outcomes(curves: list[list[float]], params: HybridParams) -> list
     return out
 
 
-def rel_mae_section(curves: dict[str, list[float]], params: HybridParams, guidance: float, plot: Path) -> dict:
+def rel_mae_section(curves: dict[str, list[float]], params: HybridParams, guidance: float,
+                    plot: Path) -> dict:
     """Where the slope rule puts tau1 on each curve with ``params``, plotted to ``plot``."""
     outcomes = slope_rule_outcomes(list(curves.values()), params)
     by_slope = sum(s == "slope" for _, s in outcomes)
@@ -74,12 +83,17 @@ def rel_mae_section(curves: dict[str, list[float]], params: HybridParams, guidan
             "tau1_source": [s for _, s in outcomes], "by_slope": by_slope}
 
 
-def plot_rel_mae(curves: dict[str, list[float]], tau1: dict[str, int], out: Path, title: str) -> None:
-    import matplotlib
+def _plt():
+    import matplotlib  # deferred: matplotlib is optional (the bench extra) and slow to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after choosing the headless backend
 
+    return plt
+
+
+def plot_rel_mae(curves: dict[str, list[float]], tau1: dict[str, int], out: Path, title: str) -> None:
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, curve in curves.items():
         line, = ax.plot(range(len(curve)), curve, lw=1.2, label=label)
@@ -97,11 +111,7 @@ def plot_rel_mae(curves: dict[str, list[float]], tau1: dict[str, int], out: Path
 
 def plot_training_losses(log: dict, out: Path) -> None:
     """The logged losses of both training stages (``training_log.json``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, stage, title in zip(axes, ("vae", "denoiser"), ("autoencoder", "denoiser + text encoders")):
         rows = [r for r in log["losses"] if r["stage"] == stage]
@@ -110,7 +120,8 @@ def plot_training_losses(log: dict, out: Path) -> None:
         ax.set_xlabel("step")
         ax.set_title(f"{title} ({rows[-1]['elapsed_s'] / 60:.0f} min in)" if rows else title)
     axes[0].set_ylabel("training loss (mean of 50 steps)")
-    fig.suptitle(f"default model training: {log['seconds'] / 60:.1f} min on {log['config']['threads']} CPU threads")
+    fig.suptitle(f"default model training: {log['seconds'] / 60:.1f} min on "
+                 f"{log['config']['threads']} CPU threads")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -118,10 +129,6 @@ def plot_training_losses(log: dict, out: Path) -> None:
 
 def save_grid(samples: list[Sample], out: Path, columns: int, scale: int = 3) -> None:
     """The images in a grid (rows in ``samples`` order), a thin red border marking misses."""
-    import io
-
-    from PIL import Image, ImageDraw
-
     images = [Image.open(io.BytesIO(s.image_png)).convert("RGB") for s in samples]
     w, h = images[0].size
     rows = (len(images) + columns - 1) // columns
@@ -137,13 +144,11 @@ def save_grid(samples: list[Sample], out: Path, columns: int, scale: int = 3) ->
 
 def in_process_generate(model_dir: str | Path) -> tuple[Generate, Callable[[], None]]:
     """A ``Generate`` over the in-process engine, and its ``close``."""
-    from launch.inprocess import InProcessEngine
-
     engine = InProcessEngine(model_dir)
 
     def generate(raw: RequestInput) -> tuple[bytes, object]:
         result = engine.generate(engine.resolve(raw))
-        return result.image_png, result.stats
+        return result.images[0], result.stats
 
     return generate, engine.close
 
@@ -152,8 +157,6 @@ def study(model_dir: str | Path, out_dir: str | Path, steps: int = 30, curve_ste
           guidances: tuple[float, ...] = (5.0, 1.0), progress: Callable[[str], None] = print) -> dict:
     """Adherence at each guidance (exact CFG), the rel-MAE curves over ``curve_steps`` steps
     and the slope rule's tau1 on them, written to ``out_dir`` (JSON and PNGs)."""
-    from gpu_worker.loader import detect_arch, read_model_defaults
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     generate, close = in_process_generate(model_dir)
@@ -162,16 +165,17 @@ def study(model_dir: str | Path, out_dir: str | Path, steps: int = 30, curve_ste
     try:
         for g in guidances:
             report, samples = run_adherence(generate, held_out_requests(num_steps=steps, guidance_scale=g,
-                                                                        mode="cfg-parallel"))
+                                                                        mode=Mode.CFG_PARALLEL))
             record["adherence"][str(g)] = report.as_dict()
             progress(f"guidance {g}: adherence {report.accuracy:.0%} {report.attribute_accuracy()}")
             save_grid(samples, out / f"held_out_guidance_{g:g}.png", columns=len(EVAL_SEEDS))
         curves: dict[str, list[float]] = {}
         for caption, raw in held_out_requests(seeds=EVAL_SEEDS[:2], num_steps=curve_steps,
-                                              guidance_scale=defaults.guidance_scale, mode="cfg-parallel"):
+                                              guidance_scale=defaults.guidance_scale, mode=Mode.CFG_PARALLEL):
             _, stats = generate(raw)
             curves[f"{caption.text} (seed {raw.seed})"] = [s.rel_mae for s in stats.steps]
-        record["rel_mae"] = rel_mae_section(curves, defaults.hybrid, defaults.guidance_scale, out / "rel_mae.png")
+        record["rel_mae"] = rel_mae_section(curves, defaults.hybrid, defaults.guidance_scale,
+                                            out / "rel_mae.png")
         progress(f"rel-MAE: tau1 by the slope rule on {record['rel_mae']['by_slope']}/{len(curves)} curves "
                  f"(tau1 {sorted(record['rel_mae']['tau1'])})")
     finally:

@@ -18,15 +18,16 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from launch.tiny_model import build_clip_tokenizer
 from tools.shapes.grammar import VOCABULARY, caption_for, training_scenes
 from tools.shapes.render import render
 
@@ -62,10 +63,17 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- components
 def build_pipeline(seed: int, side: int = 32):
     """The untrained components as a ``StableDiffusionXLPipeline`` (random weights)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from launch.tiny_model import build_clip_tokenizer
+    from diffusers import (  # deferred: slow to import (seconds); the data and the config need none of it
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (  # deferred: slow to import (seconds); the data and the config need none of it
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
 
     tokenizer = build_clip_tokenizer(max_length=MAX_TOKENS, extra_words=VOCABULARY)
     tokenizer_2 = build_clip_tokenizer(max_length=MAX_TOKENS, extra_words=VOCABULARY)
@@ -97,7 +105,8 @@ def build_pipeline(seed: int, side: int = 32):
     torch.manual_seed(seed + 4)
     time_dim = 16
     unet = UNet2DConditionModel(
-        sample_size=side // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, block_out_channels=(48, 96, 96), layers_per_block=1,
+        sample_size=side // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        block_out_channels=(48, 96, 96), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 1), norm_num_groups=16,
@@ -130,7 +139,8 @@ def make_dataset(config: TrainConfig) -> Dataset:
     pool = training_scenes()
     scenes = [pool[i] for i in rng.integers(0, len(pool), config.images)]
     images = np.stack([render(s, rng, config.side) for s in scenes])
-    return Dataset(torch.from_numpy((images * 255 + 0.5).astype(np.uint8)).permute(0, 3, 1, 2).contiguous(), scenes)
+    pixels = torch.from_numpy((images * 255 + 0.5).astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+    return Dataset(pixels, scenes)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -188,7 +198,8 @@ class LossLog:
             mean = float(np.mean(self._acc))
             self._acc = []
             elapsed = time.perf_counter() - self.start
-            self.records.append({"stage": stage, "step": step + 1, "loss": mean, "elapsed_s": round(elapsed, 1)})
+            self.records.append({"stage": stage, "step": step + 1, "loss": mean,
+                                 "elapsed_s": round(elapsed, 1)})
             self.progress(f"{stage} step {step + 1}/{total} loss {mean:.4f} ({elapsed:.0f}s)")
 
 
@@ -228,7 +239,7 @@ def encode_latents(vae, data: Dataset, batch: int = 256) -> torch.Tensor:
 
 def train_denoiser(pipe, latents: torch.Tensor, data: Dataset, config: TrainConfig, losses: LossLog,
                    checkpoint_dir: Path | None = None) -> None:
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # deferred: diffusers is slow to import (seconds)
 
     unet, enc_1, enc_2 = pipe.unet, pipe.text_encoder, pipe.text_encoder_2
     modules = [unet, enc_1, enc_2]
@@ -243,7 +254,8 @@ def train_denoiser(pipe, latents: torch.Tensor, data: Dataset, config: TrainConf
     snr = alphas / (1 - alphas)
     weights = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)  # min-SNR for v-prediction
     time_ids = pipe._get_add_time_ids((config.side, config.side), (0, 0), (config.side, config.side),
-                                      dtype=torch.float32, text_encoder_projection_dim=enc_2.config.projection_dim)
+                                      dtype=torch.float32,
+                                      text_encoder_projection_dim=enc_2.config.projection_dim)
     rng = np.random.default_rng(config.seed + 20)
     captions_rng = random.Random(config.seed + 21)
     gen = torch.Generator().manual_seed(config.seed + 22)
@@ -281,7 +293,8 @@ def train_denoiser(pipe, latents: torch.Tensor, data: Dataset, config: TrainConf
 
 
 def train_default_model(out: str | Path, config: TrainConfig | None = None,
-                        progress: Callable[[str], None] = print, checkpoint_dir: str | Path | None = None) -> dict:
+                        progress: Callable[[str], None] = print,
+                        checkpoint_dir: str | Path | None = None) -> dict:
     """Train and save the default model to ``out``; return the training record."""
     config = config or TrainConfig()
     torch.set_num_threads(config.threads)
