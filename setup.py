@@ -4,6 +4,7 @@ The generated modules are never committed or edited (DESIGN section 2, proto/); 
 written into hybridiff/v1/ and hybridiff/internal/v1/ with a digest of the .proto sources, so
 that a stale generation is detected (hybridiff.codegen.assert_fresh).
 """
+
 import os
 import sys
 

@@ -6,6 +6,7 @@ the steps before the monitor could possibly fire, then one step per observed rel
 tau1 is known — so both workers run each step with the same phase at the same index, and the
 control round trip is off the critical path wherever the schedule allows.
 """
+
 from __future__ import annotations
 
 import logging
@@ -111,9 +112,15 @@ def window_policy(mode: Mode, requested: WindowGuidance | None) -> WindowGuidanc
 
 def worker_request(spec: GenerationSpec) -> worker_pb2.WorkerRequest:
     """What a worker needs of the request (the schedule's parameters stay here)."""
-    req = worker_pb2.WorkerRequest(prompt=spec.prompt, width=spec.width, height=spec.height,
-                                   num_steps=spec.num_steps, guidance_scale=spec.guidance_scale, seed=spec.seed,
-                                   num_images=spec.num_images)
+    req = worker_pb2.WorkerRequest(
+        prompt=spec.prompt,
+        width=spec.width,
+        height=spec.height,
+        num_steps=spec.num_steps,
+        guidance_scale=spec.guidance_scale,
+        seed=spec.seed,
+        num_images=spec.num_images,
+    )
     if spec.negative_prompt is not None:
         req.negative_prompt = spec.negative_prompt
     return req
@@ -139,8 +146,10 @@ def _results(futures: list[Future], workers: list[WorkerHandle], timeout: float,
             worker = workers[1 - workers.index(worker)]  # it waited in vain: blame the silent peer
         raise WorkerStepFailed(worker, cause)
     if not_done:
-        raise WorkerStepFailed(workers[futures.index(next(iter(not_done)))],
-                               WorkerFailed(f"{what}: no answer within {timeout:.0f}s"))
+        raise WorkerStepFailed(
+            workers[futures.index(next(iter(not_done)))],
+            WorkerFailed(f"{what}: no answer within {timeout:.0f}s"),
+        )
     return [f.result() for f in futures]
 
 
@@ -169,13 +178,15 @@ def drive_request(
     completed step on the workers ``recover`` gives (DESIGN section 5).
     Trace context: commands carry the current span (begin/finish) or their phase's span (steps).
     """
-    return _RequestRun(spec, mode, workers, split_cut, on_step, check_alive, step_timeout, recover,
-                       max_recoveries).execute()
+    return _RequestRun(
+        spec, mode, workers, split_cut, on_step, check_alive, step_timeout, recover, max_recoveries
+    ).execute()
 
 
 class _RequestRun:
-    def __init__(self, spec, mode, workers, split_cut, on_step, check_alive, step_timeout, recover,
-                 max_recoveries) -> None:
+    def __init__(
+        self, spec, mode, workers, split_cut, on_step, check_alive, step_timeout, recover, max_recoveries
+    ) -> None:
         self.spec, self.rid = spec, spec.request_id
         self.schedule = StepSchedule(mode, spec.num_steps, spec.hybrid, spec.guided)
         self.policy = window_policy(self.schedule.mode, spec.window_guidance)
@@ -200,8 +211,9 @@ class _RequestRun:
         return len(self.used) == 1
 
     def _command(self, trace_context: dict[str, str] | None = None, **which) -> worker_pb2.SessionRequest:
-        return worker_pb2.SessionRequest(request_id=self.rid, trace_context=trace_context or telemetry.inject(),
-                                         **which)
+        return worker_pb2.SessionRequest(
+            request_id=self.rid, trace_context=trace_context or telemetry.inject(), **which
+        )
 
     def execute(self) -> GenerationResult:
         recoveries = 0
@@ -214,28 +226,44 @@ class _RequestRun:
             except WorkerStepFailed as failure:
                 self._abort()
                 cause = failure.cause
-                if self.recover is None or recoveries >= self.max_recoveries or isinstance(cause, UNRECOVERABLE):
+                if (
+                    self.recover is None
+                    or recoveries >= self.max_recoveries
+                    or isinstance(cause, UNRECOVERABLE)
+                ):
                     raise cause from None
                 survivors = [w for w in self.used if w is not failure.worker]
                 self.used = self.recover(failure.worker, survivors)
                 recoveries += 1
                 at = self.checkpoint.next_step if self.checkpoint else 0
-                self.notes.append(f"worker {failure.worker.name} failed ({cause}); resumed at step {at} on "
-                                  f"{', '.join(w.name for w in self.used)}")
+                self.notes.append(
+                    f"worker {failure.worker.name} failed ({cause}); resumed at step {at} on "
+                    f"{', '.join(w.name for w in self.used)}"
+                )
                 log.warning("request %s: %s", self.rid, self.notes[-1])
             except BaseException:
                 self._abort()
                 raise
         if len({f.latents_digest for f in finishes}) != 1:
-            raise WorkerFailed(f"workers ended with different latents ({', '.join(f.latents_digest for f in finishes)})")
+            raise WorkerFailed(
+                f"workers ended with different latents ({', '.join(f.latents_digest for f in finishes)})"
+            )
         window = self.schedule.window()
         single = self.schedule.mode == Mode.SINGLE
         stats = GenerationStats(
-            mode_used=self.schedule.mode, window_guidance=self.policy if window else None,
-            tau1=self.schedule.tau1, tau2=self.schedule.tau2, tau1_source=self.schedule.tau1_source,
-            split_cut=None if single else self.split_cut, workers=self.ever_used, steps=self.stats,
-            data_plane_bytes=sum(s.bytes_sent for s in self.stats), encoding_seconds=self.encoding,
-            denoising_seconds=self.denoise, decoding_seconds=finishes[0].decode_seconds, notes=self.notes,
+            mode_used=self.schedule.mode,
+            window_guidance=self.policy if window else None,
+            tau1=self.schedule.tau1,
+            tau2=self.schedule.tau2,
+            tau1_source=self.schedule.tau1_source,
+            split_cut=None if single else self.split_cut,
+            workers=self.ever_used,
+            steps=self.stats,
+            data_plane_bytes=sum(s.bytes_sent for s in self.stats),
+            encoding_seconds=self.encoding,
+            denoising_seconds=self.denoise,
+            decoding_seconds=finishes[0].decode_seconds,
+            notes=self.notes,
         )
         image = finishes[0]
         images = list(image.images) if self.spec.output_format != OutputFormat.RAW_LATENTS else []
@@ -247,9 +275,13 @@ class _RequestRun:
                 self.ever_used.append(w.name)
         futures = []
         for i, w in enumerate(self.used):
-            begin = worker_pb2.BeginCommand(request=self.request, role=(Role.U, Role.C)[i], window_guidance=self.policy,
-                                            solo=self.solo,
-                                            peer_data_address="" if self.solo else self.used[1 - i].data_address)
+            begin = worker_pb2.BeginCommand(
+                request=self.request,
+                role=(Role.U, Role.C)[i],
+                window_guidance=self.policy,
+                solo=self.solo,
+                peer_data_address="" if self.solo else self.used[1 - i].data_address,
+            )
             if self.split_cut is not None:
                 begin.split_cut = self.split_cut
             if self.checkpoint is not None:
@@ -264,8 +296,10 @@ class _RequestRun:
 
     def _finish(self) -> list[worker_pb2.FinishDone]:
         encoding = worker_pb2.Encoding(format=self.spec.output_format, quality=self.spec.quality)
-        futures = [w.send(self._command(finish=worker_pb2.FinishCommand(decode=(i == 0), encoding=encoding)))
-                   for i, w in enumerate(self.used)]
+        futures = [
+            w.send(self._command(finish=worker_pb2.FinishCommand(decode=(i == 0), encoding=encoding)))
+            for i, w in enumerate(self.used)
+        ]
         return [e.finish for e in _results(futures, self.used, self.step_timeout, "finish")]
 
     def _steps(self) -> None:
@@ -284,11 +318,18 @@ class _RequestRun:
                     window = schedule.window()
                     phase = schedule.phase(issued)
                     if issued == first > 0 and phase == Phase.PIPELINE:
-                        phase = Phase.PIPELINE_FILL  # resumed mid-window: the new pair has no stale activations
-                    cmd = worker_pb2.StepCommand(step=issued, phase=phase,
-                                                 last_in_window=bool(window) and issued == window[1],
-                                                 report_latents=self.recover is not None)
-                    pending[issued] = [w.send(self._command(spans.carrier_for(issued, phase), step=cmd)) for w in used]
+                        phase = (
+                            Phase.PIPELINE_FILL
+                        )  # resumed mid-window: the new pair has no stale activations
+                    cmd = worker_pb2.StepCommand(
+                        step=issued,
+                        phase=phase,
+                        last_in_window=bool(window) and issued == window[1],
+                        report_latents=self.recover is not None,
+                    )
+                    pending[issued] = [
+                        w.send(self._command(spans.carrier_for(issued, phase), step=cmd)) for w in used
+                    ]
                     issued += 1
                 events = _results(pending.pop(step), used, self.step_timeout, f"step {step}")
                 now = time.perf_counter()
@@ -299,11 +340,16 @@ class _RequestRun:
                 if reports[0][1].HasField("checkpoint"):
                     self.checkpoint = reports[0][1].checkpoint
                 stat = StepStat(
-                    step=step, phase=Phase(reports[0][1].phase), rel_mae=d,
-                    bytes_sent=sum(r.bytes_sent for _, r in reports), wall_seconds=now - last_done,
+                    step=step,
+                    phase=Phase(reports[0][1].phase),
+                    rel_mae=d,
+                    bytes_sent=sum(r.bytes_sent for _, r in reports),
+                    wall_seconds=now - last_done,
                     compute_seconds=max(r.compute_seconds for _, r in reports),
-                    workers={name: WorkerStepStat(Phase(r.phase), r.compute_seconds, r.wall_seconds, r.bytes_sent)
-                             for name, r in reports},
+                    workers={
+                        name: WorkerStepStat(Phase(r.phase), r.compute_seconds, r.wall_seconds, r.bytes_sent)
+                        for name, r in reports
+                    },
                 )
                 last_done = now
                 self.stats.append(stat)
@@ -319,8 +365,12 @@ class _PhaseSpans:
     parallel, pipeline window), opened when its first step is issued, ended when its last
     step has completed."""
 
-    FAMILY = {Phase.SINGLE: "single", Phase.DATA_PARALLEL: "data_parallel",
-              Phase.PIPELINE_FILL: "pipeline", Phase.PIPELINE: "pipeline"}
+    FAMILY = {
+        Phase.SINGLE: "single",
+        Phase.DATA_PARALLEL: "data_parallel",
+        Phase.PIPELINE_FILL: "pipeline",
+        Phase.PIPELINE: "pipeline",
+    }
 
     def __init__(self) -> None:
         self._tracer = telemetry.tracer("hybridiff.coordinator")
@@ -331,8 +381,9 @@ class _PhaseSpans:
         if not self._open or self._open[-1][0] != family or self._open[-1][2] is not None:
             if self._open:
                 self._open[-1][2] = step - 1
-            span = self._tracer.start_span(f"phase {family}", attributes={"hybridiff.phase": family,
-                                                                         "hybridiff.first_step": step})
+            span = self._tracer.start_span(
+                f"phase {family}", attributes={"hybridiff.phase": family, "hybridiff.first_step": step}
+            )
             with trace.use_span(span, end_on_exit=False):
                 self._open.append([family, step, None, span, telemetry.inject()])
         return self._open[-1][4]

@@ -1,4 +1,5 @@
 """Prometheus metrics of the coordinator (served on ``--metrics-port``, path /metrics)."""
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -10,15 +11,32 @@ class CoordinatorMetrics:
         r = self.registry
         self.queue_depth = Gauge("hybridiff_queue_depth", "Requests waiting for workers", registry=r)
         self.workers = Gauge("hybridiff_workers", "Workers by state", ["state"], registry=r)
-        self.requests = Counter("hybridiff_requests_total", "Finished requests by mode used and status code",
-                                ["mode", "code"], registry=r)
-        self.step_seconds = Histogram("hybridiff_step_seconds", "Wall time of a denoising step by phase", ["phase"],
-                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
-        self.request_seconds = Histogram("hybridiff_request_seconds", "End-to-end request latency by mode used",
-                                         ["mode"], buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
-        self.recoveries = Counter("hybridiff_recoveries_total", "Requests resumed after a worker failed", registry=r)
-        self.data_plane_bytes = Counter("hybridiff_data_plane_bytes_total", "Bytes workers sent each other",
-                                        registry=r)
+        self.requests = Counter(
+            "hybridiff_requests_total",
+            "Finished requests by mode used and status code",
+            ["mode", "code"],
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "hybridiff_step_seconds",
+            "Wall time of a denoising step by phase",
+            ["phase"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "hybridiff_request_seconds",
+            "End-to-end request latency by mode used",
+            ["mode"],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.recoveries = Counter(
+            "hybridiff_recoveries_total", "Requests resumed after a worker failed", registry=r
+        )
+        self.data_plane_bytes = Counter(
+            "hybridiff_data_plane_bytes_total", "Bytes workers sent each other", registry=r
+        )
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

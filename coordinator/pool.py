@@ -7,6 +7,7 @@ in one FIFO admission queue of bounded length; the head of the queue takes the w
 needs — two idle workers serving its model (one per guidance branch), or in AUTO mode a lone
 idle worker rather than waiting. A worker is never in two requests at once.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,8 +48,13 @@ class WorkerEntry:
 
 
 class WorkerPool:
-    def __init__(self, channel_factory: Callable[[str], grpc.Channel], queue_capacity: int = 16,
-                 probe_interval: float = 1.0, on_change: Callable[["WorkerPool"], None] | None = None) -> None:
+    def __init__(
+        self,
+        channel_factory: Callable[[str], grpc.Channel],
+        queue_capacity: int = 16,
+        probe_interval: float = 1.0,
+        on_change: Callable[[WorkerPool], None] | None = None,
+    ) -> None:
         self._channel_factory = channel_factory
         self.queue_capacity = queue_capacity
         self.probe_interval = probe_interval
@@ -105,7 +111,13 @@ class WorkerPool:
                 entry.info = info
                 entry.state = IDLE
                 self._cond.notify_all()
-            log.info("worker %s joined: model %s (%s) on %s", entry.worker_id, info.model_name, info.arch, info.device)
+            log.info(
+                "worker %s joined: model %s (%s) on %s",
+                entry.worker_id,
+                info.model_name,
+                info.arch,
+                info.device,
+            )
             self._changed()
             return
 
@@ -122,14 +134,23 @@ class WorkerPool:
             raise Unavailable("no workers are ready")
         if not model:
             if len(infos) > 1:
-                raise InvalidArgument("model", f"several models are served ({', '.join(sorted(infos))}); name one")
+                raise InvalidArgument(
+                    "model", f"several models are served ({', '.join(sorted(infos))}); name one"
+                )
             return next(iter(infos.values()))
         if model not in infos:
             raise ModelNotFound(f"model {model!r} is not served here; served: {', '.join(sorted(infos))}")
         return infos[model]
 
-    def acquire(self, model: str, want: int, accept_one: bool, request_id: str, timeout: float,
-                check_alive: Callable[[], None] | None = None) -> list[WorkerEntry]:
+    def acquire(
+        self,
+        model: str,
+        want: int,
+        accept_one: bool,
+        request_id: str,
+        timeout: float,
+        check_alive: Callable[[], None] | None = None,
+    ) -> list[WorkerEntry]:
         """Wait in the admission queue for ``want`` idle workers of ``model`` (or one when
         ``accept_one``); ``QueueFull`` at once when the queue is full."""
         deadline = time.monotonic() + timeout
@@ -177,8 +198,10 @@ class WorkerPool:
         """Up to ``count`` idle workers of ``model`` at once, ahead of the queue: a request that
         lost a worker mid-way resumes before new requests start."""
         with self._cond:
-            idle = sorted((e for e in self._workers.values() if e.model == model and e.state == IDLE and not e.gone),
-                          key=lambda e: e.worker_id)[:count]
+            idle = sorted(
+                (e for e in self._workers.values() if e.model == model and e.state == IDLE and not e.gone),
+                key=lambda e: e.worker_id,
+            )[:count]
             for e in idle:
                 e.state, e.request_id = BUSY, request_id
         if idle:
@@ -199,10 +222,19 @@ class WorkerPool:
             self._cond.notify_all()
         self._changed()
 
-    def lease(self, model: str, want: int, accept_one: bool, request_id: str, timeout: float,
-              check_alive: Callable[[], None] | None = None) -> Lease:
+    def lease(
+        self,
+        model: str,
+        want: int,
+        accept_one: bool,
+        request_id: str,
+        timeout: float,
+        check_alive: Callable[[], None] | None = None,
+    ) -> Lease:
         """``acquire`` as a ``Lease`` that owns the request's workers until released."""
-        return Lease(self, model, request_id, self.acquire(model, want, accept_one, request_id, timeout, check_alive))
+        return Lease(
+            self, model, request_id, self.acquire(model, want, accept_one, request_id, timeout, check_alive)
+        )
 
     # --- introspection ----------------------------------------------------------------
     def snapshot(self) -> list[WorkerEntry]:

@@ -5,6 +5,7 @@ worker answers each with one event, in order, which resolves the oldest pending 
 broken stream fails every pending future with the typed error the worker sent
 (``hybridiff.errors.from_rpc_error``), naming the worker.
 """
+
 from __future__ import annotations
 
 import logging

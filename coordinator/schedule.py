@@ -4,6 +4,7 @@ Pure and deterministic: the phase of a step depends only on the request and on t
 values of earlier steps, never on message timing. ``StepSchedule.decided_through()`` tells the
 driver how far ahead it may issue steps without waiting for another rel-MAE value.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +12,6 @@ from dataclasses import dataclass, field
 from hybridiff.errors import InvalidArgument
 from hybridiff.protocol import Mode, Phase
 from hybridiff.request import HybridParams
-
 
 # PIPELINE mode (the AsyncDiff baseline) warms up with synchronous full forwards before the
 # stale pipeline starts; AsyncDiff-style, these steps run the exact CFG batch.
@@ -55,8 +55,14 @@ class DiscrepancyMonitor:
 class StepSchedule:
     """Phase of every step of one request, for a concrete (non-AUTO) mode."""
 
-    def __init__(self, mode: Mode, num_steps: int, params: HybridParams, guidance: bool,
-                 pipeline_warmup: int = PIPELINE_WARMUP_STEPS) -> None:
+    def __init__(
+        self,
+        mode: Mode,
+        num_steps: int,
+        params: HybridParams,
+        guidance: bool,
+        pipeline_warmup: int = PIPELINE_WARMUP_STEPS,
+    ) -> None:
         if mode == Mode.AUTO:
             raise ValueError("resolve AUTO to a concrete mode before scheduling")
         if num_steps < 1:

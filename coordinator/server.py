@@ -6,6 +6,7 @@ liveness probe); the service's own status ("hybridiff.v1.DiffusionService") is S
 while at least one worker is idle or busy (the readiness probe). SIGTERM drains: health flips
 to NOT_SERVING, new requests get UNAVAILABLE, requests in flight finish within the grace period.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,29 +25,45 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
 
 
-def worker_channel_factory(credentials: grpc.ChannelCredentials | None = None, server_name: str = "hybridiff-worker"):
+def worker_channel_factory(
+    credentials: grpc.ChannelCredentials | None = None, server_name: str = "hybridiff-worker"
+):
     """Channels to workers' control APIs; with TLS the workers' certificates are checked against
     ``server_name`` (pods come and go by IP, so certificates name the role, not the address)."""
+
     def make(address: str) -> grpc.Channel:
         if credentials is None:
             return telemetry.traced_channel(grpc.insecure_channel(address, options=serving.message_options()))
         options = serving.message_options() + [("grpc.ssl_target_name_override", server_name)]
         return telemetry.traced_channel(grpc.secure_channel(address, credentials, options=options))
+
     return make
 
 
 class Coordinator:
-    def __init__(self, discovery, host: str = "0.0.0.0", port: int = 50051, metrics_port: int | None = 9090,
-                 queue_size: int = 16, config: ServiceConfig | None = None, grace: float = 60.0,
-                 tls: serving.TlsFiles = (None, None, None), token: str | None = None,
-                 worker_credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(
+        self,
+        discovery,
+        host: str = "0.0.0.0",
+        port: int = 50051,
+        metrics_port: int | None = 9090,
+        queue_size: int = 16,
+        config: ServiceConfig | None = None,
+        grace: float = 60.0,
+        tls: serving.TlsFiles = (None, None, None),
+        token: str | None = None,
+        worker_credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         """``tls`` = (cert, key, client CA) of the public API (mutual TLS with a client CA);
         ``token``: bearer token required on the public API; ``worker_credentials``: TLS to workers."""
         telemetry.setup_tracing("hybridiff-coordinator")
         self.grace = grace
         self.metrics = CoordinatorMetrics()
-        self.pool = WorkerPool(worker_channel_factory(worker_credentials), queue_capacity=queue_size,
-                               on_change=self._pool_changed)
+        self.pool = WorkerPool(
+            worker_channel_factory(worker_credentials),
+            queue_capacity=queue_size,
+            on_change=self._pool_changed,
+        )
         self.service = DiffusionService(self.pool, self.metrics, config)
         interceptors = telemetry.server_interceptors()
         if token:
@@ -63,7 +80,9 @@ class Coordinator:
     def _set_health(self, has_workers: bool) -> None:
         draining = self.service.draining
         self.health.set("", serving.NOT_SERVING if draining else serving.SERVING)
-        self.health.set(SERVICE_NAME, serving.SERVING if has_workers and not draining else serving.NOT_SERVING)
+        self.health.set(
+            SERVICE_NAME, serving.SERVING if has_workers and not draining else serving.NOT_SERVING
+        )
 
     def _pool_changed(self, pool: WorkerPool) -> None:
         self.metrics.observe_pool(pool)
@@ -95,7 +114,10 @@ class Coordinator:
         self._stopped.wait()
 
 
-def serve_coordinator(workers: list[str] | None = None, discovery=None, ready_file: str | None = None,
-                      **kwargs) -> None:
+def serve_coordinator(
+    workers: list[str] | None = None, discovery=None, ready_file: str | None = None, **kwargs
+) -> None:
     """Serve until SIGTERM/SIGINT; ``ready_file`` receives {"port": P, "metrics_port": M} once listening."""
-    Coordinator(discovery or StaticDiscovery(workers or []), **kwargs).start().serve_until_signalled(ready_file)
+    Coordinator(discovery or StaticDiscovery(workers or []), **kwargs).start().serve_until_signalled(
+        ready_file
+    )

@@ -6,6 +6,7 @@ against what was free, drive the steps, answer the images and the stats. Every e
 through ``serving.abort`` as one gRPC status with its ``google.rpc`` details — never a stack
 trace.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,57 +41,93 @@ def request_input_from_proto(req: pb.GenerateRequest) -> RequestInput:
 
     h = req.hybrid
     return RequestInput(
-        prompt=req.prompt, negative_prompt=opt(req, "negative_prompt"), width=opt(req, "width"),
-        height=opt(req, "height"), num_steps=opt(req, "num_inference_steps"),
-        guidance_scale=opt(req, "guidance_scale"), seed=opt(req, "seed"), mode=req.mode,
+        prompt=req.prompt,
+        negative_prompt=opt(req, "negative_prompt"),
+        width=opt(req, "width"),
+        height=opt(req, "height"),
+        num_steps=opt(req, "num_inference_steps"),
+        guidance_scale=opt(req, "guidance_scale"),
+        seed=opt(req, "seed"),
+        mode=req.mode,
         hybrid={name: opt(h, name) for name in ("l_slope", "eps_slope", "k", "tau_cap")},
-        window_guidance=req.window_guidance, output_format=req.output_format, quality=req.quality,
-        num_images=req.num_images, request_id=req.request_id, model=req.model,
+        window_guidance=req.window_guidance,
+        output_format=req.output_format,
+        quality=req.quality,
+        num_images=req.num_images,
+        request_id=req.request_id,
+        model=req.model,
     )
 
 
-def model_rules(info: worker_pb2.InfoResponse, overrides: dict[str, float | int | None]) -> tuple[SizeLimits,
-                                                                                                  ModelDefaults]:
+def model_rules(
+    info: worker_pb2.InfoResponse, overrides: dict[str, float | int | None]
+) -> tuple[SizeLimits, ModelDefaults]:
     """Size limits and defaults of the model a worker serves; ``overrides`` replace hybrid defaults."""
     lim, hd = info.limits, info.hybrid_defaults
     params = HybridParams(hd.l_slope, hd.eps_slope, hd.k, hd.tau_cap).replace(**overrides).validate()
-    return (SizeLimits(lim.multiple, lim.min_side, lim.max_side, lim.default_side, lim.max_images or 1),
-            ModelDefaults(params, info.default_steps, info.default_guidance_scale))
+    return (
+        SizeLimits(lim.multiple, lim.min_side, lim.max_side, lim.default_side, lim.max_images or 1),
+        ModelDefaults(params, info.default_steps, info.default_guidance_scale),
+    )
 
 
 def step_stat_to_proto(s: StepStat) -> pb.StepStat:
-    msg = pb.StepStat(step=s.step, phase=s.phase, bytes_sent=s.bytes_sent, wall_seconds=s.wall_seconds,
-                      compute_seconds=s.compute_seconds,
-                      workers=[pb.WorkerStep(worker=name, phase=w.phase, compute_seconds=w.compute_seconds,
-                                             wall_seconds=w.wall_seconds, bytes_sent=w.bytes_sent)
-                               for name, w in s.workers.items()])
+    msg = pb.StepStat(
+        step=s.step,
+        phase=s.phase,
+        bytes_sent=s.bytes_sent,
+        wall_seconds=s.wall_seconds,
+        compute_seconds=s.compute_seconds,
+        workers=[
+            pb.WorkerStep(
+                worker=name,
+                phase=w.phase,
+                compute_seconds=w.compute_seconds,
+                wall_seconds=w.wall_seconds,
+                bytes_sent=w.bytes_sent,
+            )
+            for name, w in s.workers.items()
+        ],
+    )
     if s.rel_mae is not None:
         msg.rel_mae = s.rel_mae
     return msg
 
 
-def response_to_proto(result: GenerationResult, width: int, height: int, fmt: OutputFormat) -> pb.GenerateResponse:
+def response_to_proto(
+    result: GenerationResult, width: int, height: int, fmt: OutputFormat
+) -> pb.GenerateResponse:
     st = result.stats
     stats = pb.GenerateStats(
-        mode_used=st.mode_used, steps=[step_stat_to_proto(s) for s in st.steps], workers=st.workers,
-        data_plane_bytes=st.data_plane_bytes, queued_seconds=st.queued_seconds,
-        encoding_seconds=st.encoding_seconds, denoising_seconds=st.denoising_seconds,
-        decoding_seconds=st.decoding_seconds, tau1_source=st.tau1_source, notes=st.notes,
+        mode_used=st.mode_used,
+        steps=[step_stat_to_proto(s) for s in st.steps],
+        workers=st.workers,
+        data_plane_bytes=st.data_plane_bytes,
+        queued_seconds=st.queued_seconds,
+        encoding_seconds=st.encoding_seconds,
+        denoising_seconds=st.denoising_seconds,
+        decoding_seconds=st.decoding_seconds,
+        tau1_source=st.tau1_source,
+        notes=st.notes,
         window_guidance=st.window_guidance or 0,
     )
     if st.tau1 is not None:
         stats.tau1 = st.tau1
     if st.tau2 is not None:
         stats.tau2 = st.tau2
-    response = pb.GenerateResponse(request_id=result.request_id, width=width, height=height, stats=stats,
-                                   seed=result.seed)
+    response = pb.GenerateResponse(
+        request_id=result.request_id, width=width, height=height, stats=stats, seed=result.seed
+    )
     if fmt == OutputFormat.RAW_LATENTS:
         # One image per latent of the batch: [1, C, h, w] each, float32 little-endian.
         shape = list(result.latents.shape)
         per_image = len(result.latents.data) // max(1, shape[0])
         for i in range(shape[0]):
-            response.images.add(data=result.latents.data[i * per_image:(i + 1) * per_image],
-                                mime_type=MIME_TYPES[fmt], latent_shape=[1, *shape[1:]])
+            response.images.add(
+                data=result.latents.data[i * per_image : (i + 1) * per_image],
+                mime_type=MIME_TYPES[fmt],
+                latent_shape=[1, *shape[1:]],
+            )
     else:
         response.images.extend(pb.Image(data=image, mime_type=result.mime_type) for image in result.images)
     return response
@@ -98,23 +135,36 @@ def response_to_proto(result: GenerationResult, width: int, height: int, fmt: Ou
 
 def model_info_to_proto(info: worker_pb2.InfoResponse) -> pb.ModelInfo:
     lim = info.limits
-    return pb.ModelInfo(name=info.model_name, arch=info.arch, default_width=lim.default_side,
-                        default_height=lim.default_side, max_width=lim.max_side, max_height=lim.max_side,
-                        hybrid_defaults=info.hybrid_defaults, default_guidance_scale=info.default_guidance_scale,
-                        default_steps=info.default_steps, size_multiple=lim.multiple, min_side=lim.min_side,
-                        max_images=lim.max_images or 1, max_steps=MAX_STEPS)
+    return pb.ModelInfo(
+        name=info.model_name,
+        arch=info.arch,
+        default_width=lim.default_side,
+        default_height=lim.default_side,
+        max_width=lim.max_side,
+        max_height=lim.max_side,
+        hybrid_defaults=info.hybrid_defaults,
+        default_guidance_scale=info.default_guidance_scale,
+        default_steps=info.default_steps,
+        size_multiple=lim.multiple,
+        min_side=lim.min_side,
+        max_images=lim.max_images or 1,
+        max_steps=MAX_STEPS,
+    )
 
 
 @dataclass
 class ServiceConfig:
     acquire_timeout: float = 600.0
     step_timeout: float = 600.0
-    # Operator overrides of the models' hybrid defaults (l_slope, eps_slope, k, tau_cap); None keeps the model's.
+    # Operator overrides of the models' hybrid defaults (l_slope, eps_slope, k, tau_cap);
+    # None keeps the model's.
     hybrid_defaults: dict = field(default_factory=dict)
 
 
 class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
-    def __init__(self, pool: WorkerPool, metrics: CoordinatorMetrics, config: ServiceConfig | None = None) -> None:
+    def __init__(
+        self, pool: WorkerPool, metrics: CoordinatorMetrics, config: ServiceConfig | None = None
+    ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.config = config or ServiceConfig()
@@ -133,7 +183,9 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         request_id: list[str] = []  # the server's id, known once the request is resolved
 
         def on_step(stat: StepStat, total: int) -> None:
-            progress = pb.StepProgress(request_id=request_id[0], step=stat.step, total_steps=total, phase=stat.phase)
+            progress = pb.StepProgress(
+                request_id=request_id[0], step=stat.step, total_steps=total, phase=stat.phase
+            )
             if stat.rel_mae is not None:
                 progress.rel_mae = stat.rel_mae
             events.put(pb.GenerateStreamResponse(progress=progress))
@@ -143,8 +195,13 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         def work() -> None:
             token = otel_context.attach(parent)
             try:
-                events.put(pb.GenerateStreamResponse(
-                    result=self._generate(request.request, context, on_step, on_resolved=request_id.append)))
+                events.put(
+                    pb.GenerateStreamResponse(
+                        result=self._generate(
+                            request.request, context, on_step, on_resolved=request_id.append
+                        )
+                    )
+                )
             except BaseException as exc:  # handed to the stream below
                 events.put(exc)
             finally:
@@ -170,10 +227,16 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         return pb.ListModelsResponse(models=list(seen.values()))
 
     def ClusterStatus(self, request, context):
-        workers = [pb.WorkerStatus(address=e.address, state=e.state, model=e.model, current_request_id=e.request_id)
-                   for e in self.pool.snapshot()]
-        return pb.ClusterStatusResponse(workers=workers, queue_depth=self.pool.queue_depth,
-                                        queue_capacity=self.pool.queue_capacity, draining=self.draining)
+        workers = [
+            pb.WorkerStatus(address=e.address, state=e.state, model=e.model, current_request_id=e.request_id)
+            for e in self.pool.snapshot()
+        ]
+        return pb.ClusterStatusResponse(
+            workers=workers,
+            queue_depth=self.pool.queue_depth,
+            queue_capacity=self.pool.queue_capacity,
+            draining=self.draining,
+        )
 
     # --- one request ----------------------------------------------------------------
     def _generate(self, request, context, on_step, on_resolved=None) -> pb.GenerateResponse:
@@ -189,14 +252,24 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 spec = resolve_spec(raw, *model_rules(info, self.config.hybrid_defaults))
                 if on_resolved:
                     on_resolved(spec.request_id)
-                span.set_attributes({"hybridiff.request_id": spec.request_id, "hybridiff.model": spec.model,
-                                     "hybridiff.mode_requested": label(spec.mode), "hybridiff.steps": spec.num_steps})
+                span.set_attributes(
+                    {
+                        "hybridiff.request_id": spec.request_id,
+                        "hybridiff.model": spec.model,
+                        "hybridiff.mode_requested": label(spec.mode),
+                        "hybridiff.steps": spec.num_steps,
+                    }
+                )
                 result = self._run(spec, context, on_step)
                 mode_label = label(result.stats.mode_used)
-                span.set_attributes({"hybridiff.mode": mode_label,
-                                     "hybridiff.tau1": -1 if result.stats.tau1 is None else result.stats.tau1,
-                                     "hybridiff.tau2": -1 if result.stats.tau2 is None else result.stats.tau2,
-                                     "hybridiff.workers": ",".join(result.stats.workers)})
+                span.set_attributes(
+                    {
+                        "hybridiff.mode": mode_label,
+                        "hybridiff.tau1": -1 if result.stats.tau1 is None else result.stats.tau1,
+                        "hybridiff.tau2": -1 if result.stats.tau2 is None else result.stats.tau2,
+                        "hybridiff.workers": ",".join(result.stats.workers),
+                    }
+                )
                 for s in result.stats.steps:
                     self.metrics.step_seconds.labels(label(s.phase)).observe(s.wall_seconds)
                 self.metrics.data_plane_bytes.inc(result.stats.data_plane_bytes)
@@ -227,8 +300,14 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         mode = spec.mode
         want = 1 if (mode == Mode.SINGLE or not spec.guided and mode != Mode.PIPELINE) else 2
         start = time.perf_counter()
-        lease = self.pool.lease(spec.model, want, accept_one=(mode == Mode.AUTO), request_id=spec.request_id,
-                                timeout=self.config.acquire_timeout, check_alive=check_alive)
+        lease = self.pool.lease(
+            spec.model,
+            want,
+            accept_one=(mode == Mode.AUTO),
+            request_id=spec.request_id,
+            timeout=self.config.acquire_timeout,
+            check_alive=check_alive,
+        )
         queued = time.perf_counter() - start
         failed = False
         try:
@@ -240,13 +319,22 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
 
             def recover(failed_handle, survivors):
                 """Swap a failed worker for an idle one, or go on with the survivor alone."""
-                lease.replace_failed(failed_handle.name, {h.name for h in survivors},
-                                     want=1 if mode == Mode.SINGLE else 2)
+                lease.replace_failed(
+                    failed_handle.name, {h.name for h in survivors}, want=1 if mode == Mode.SINGLE else 2
+                )
                 self.metrics.recoveries.inc()
                 return _handles(lease)
 
-            result = drive_request(spec, mode, _handles(lease), split_cut=cut, on_step=on_step,
-                                   check_alive=check_alive, step_timeout=self.config.step_timeout, recover=recover)
+            result = drive_request(
+                spec,
+                mode,
+                _handles(lease),
+                split_cut=cut,
+                on_step=on_step,
+                check_alive=check_alive,
+                step_timeout=self.config.step_timeout,
+                recover=recover,
+            )
             result.stats.queued_seconds = queued
             return result
         except HybridiffError as exc:

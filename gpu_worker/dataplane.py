@@ -6,6 +6,7 @@ does not parse, or names a request the worker is not running, is rejected and lo
 ``PeerLink`` sends to the peer; ``InMemoryLink`` connects two engines in one process (the
 ZeroMQ link of the cluster carries the very same frames).
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,7 +59,12 @@ class Mailbox:
         with self._cond:
             if msg.request_id not in self._open:
                 self.rejected += 1
-                log.warning("%s: rejected message for unknown request %r (step %d)", self.owner, msg.request_id, msg.step)
+                log.warning(
+                    "%s: rejected message for unknown request %r (step %d)",
+                    self.owner,
+                    msg.request_id,
+                    msg.step,
+                )
                 return False
             self._messages[(msg.request_id, msg.kind, msg.step)] = msg
             self._cond.notify_all()
@@ -72,11 +78,16 @@ class Mailbox:
         with self._cond:
             while key not in self._messages:
                 if request_id not in self._open:
-                    raise Cancelled(f"{self.owner}: request {request_id} was closed while waiting for step {step}")
+                    raise Cancelled(
+                        f"{self.owner}: request {request_id} was closed while waiting for step {step}"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise PeerTimeout(f"{self.owner}: no message kind {kind} for step {step} from the peer "
-                                      f"{peer or '(unknown)'} within {timeout:.1f}s", peer=peer)
+                    raise PeerTimeout(
+                        f"{self.owner}: no message kind {kind} for step {step} from the peer "
+                        f"{peer or '(unknown)'} within {timeout:.1f}s",
+                        peer=peer,
+                    )
                 self._cond.wait(remaining)
             return self._messages.pop(key)
 
@@ -87,15 +98,24 @@ class PeerLink(ABC):
     def __init__(self, sender: str) -> None:
         self.sender = sender
 
-    def send(self, request_id: str, step: int, kind: int, tensors: Mapping[str, torch.Tensor],
-             trace_context: Mapping[str, str] | None = None, cancelled: Callable[[], bool] | None = None) -> int:
+    def send(
+        self,
+        request_id: str,
+        step: int,
+        kind: int,
+        tensors: Mapping[str, torch.Tensor],
+        trace_context: Mapping[str, str] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> int:
         """``cancelled()`` turning true (the request was aborted) ends a send still waiting for the peer."""
         frames = encode_frames(request_id, step, kind, tensors, trace_context, sender=self.sender)
         self._send_frames(frames, cancelled)
         return sum(memoryview(f).nbytes for f in frames)
 
     @abstractmethod
-    def _send_frames(self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None) -> None: ...
+    def _send_frames(
+        self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None
+    ) -> None: ...
 
     def close(self) -> None:
         pass
@@ -108,6 +128,8 @@ class InMemoryLink(PeerLink):
         super().__init__(sender)
         self.peer_mailbox = peer_mailbox
 
-    def _send_frames(self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None) -> None:
+    def _send_frames(
+        self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None
+    ) -> None:
         # Copy the buffers: the sender may reuse its tensors before the peer reads them.
         self.peer_mailbox.deliver([bytes(f) for f in frames])

@@ -12,6 +12,7 @@ through the data plane (DESIGN section 1):
   guided prediction the other way; the stale activations of the previous step make both
   stages run at once (AsyncDiff), the fill step is a synchronous full forward.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,9 @@ def guide(e_u: torch.Tensor, e_c: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def latents_digest(latents: torch.Tensor) -> str:
-    return hashlib.sha256(latents.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(
+        latents.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    ).hexdigest()[:16]
 
 
 @dataclass
@@ -78,8 +81,14 @@ class _Active:
 
 
 class WorkerEngine:
-    def __init__(self, adapter: ModelAdapter, name: str, mailbox: Mailbox,
-                 links: Callable[[str], PeerLink] | None, peer_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        name: str,
+        mailbox: Mailbox,
+        links: Callable[[str], PeerLink] | None,
+        peer_timeout: float = 120.0,
+    ) -> None:
         """``links(peer_address)`` gives the link to a peer (cached by the caller as it likes)."""
         self.adapter = adapter
         self.name = name
@@ -106,7 +115,7 @@ class WorkerEngine:
     # --- lifecycle ------------------------------------------------------------------
     @torch.no_grad()
     def begin(self, request_id: str, cmd: wpb.BeginCommand) -> float:
-        """Encode prompts and draw the initial latents (or take a checkpoint's); returns the seconds it took."""
+        """Encode prompts and draw the initial latents (or take a checkpoint's); the seconds it took."""
         start = time.perf_counter()
         req = cmd.request
         if request_id in self._active:
@@ -132,8 +141,19 @@ class WorkerEngine:
             latents = self._resume(cmd.resume, timeline)
         split = None if cmd.solo else a.make_split(cmd.split_cut if cmd.HasField("split_cut") else None)
         self.mailbox.open(request_id)
-        self._active[request_id] = _Active(request_id, req, Role(cmd.role), WindowGuidance(cmd.window_guidance),
-                                           cmd.solo, cond, timeline, latents, split, link, cmd.peer_data_address)
+        self._active[request_id] = _Active(
+            request_id,
+            req,
+            Role(cmd.role),
+            WindowGuidance(cmd.window_guidance),
+            cmd.solo,
+            cond,
+            timeline,
+            latents,
+            split,
+            link,
+            cmd.peer_data_address,
+        )
         return time.perf_counter() - start
 
     def _resume(self, checkpoint: wpb.Checkpoint, timeline: RequestTimeline) -> torch.Tensor:
@@ -143,7 +163,9 @@ class WorkerEngine:
             raise BadCommand("resume.latents", str(exc)) from None
         if checkpoint.next_step > len(timeline.timesteps):
             raise BadCommand("resume.next_step", f"{checkpoint.next_step} is past the last step")
-        timeline.generator.set_state(torch.frombuffer(bytearray(checkpoint.generator_state), dtype=torch.uint8))
+        timeline.generator.set_state(
+            torch.frombuffer(bytearray(checkpoint.generator_state), dtype=torch.uint8)
+        )
         if hasattr(timeline.scheduler, "set_begin_index"):
             timeline.scheduler.set_begin_index(checkpoint.next_step)
         return latents.to(device=self.adapter.device, dtype=self.adapter.dtype)
@@ -153,10 +175,14 @@ class WorkerEngine:
         st = self._take(request_id)
         start = time.perf_counter()
         latents = st.latents.detach().float().cpu()
-        done = wpb.FinishDone(latents_digest=latents_digest(st.latents), latents=tensor_to_proto(latents, "latents"))
+        done = wpb.FinishDone(
+            latents_digest=latents_digest(st.latents), latents=tensor_to_proto(latents, "latents")
+        )
         fmt = OutputFormat(cmd.encoding.format or OutputFormat.PNG)
         if cmd.decode and fmt != OutputFormat.RAW_LATENTS:
-            done.images.extend(encode_image(image, fmt, cmd.encoding.quality) for image in self.adapter.decode(st.latents))
+            done.images.extend(
+                encode_image(image, fmt, cmd.encoding.quality) for image in self.adapter.decode(st.latents)
+            )
             done.mime_type = MIME_TYPES[fmt]
         done.decode_seconds = time.perf_counter() - start
         return done
@@ -180,7 +206,9 @@ class WorkerEngine:
 
     # --- one step -------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, request_id: str, cmd: wpb.StepCommand, trace_context: Mapping[str, str] = ()) -> wpb.StepDone:
+    def step(
+        self, request_id: str, cmd: wpb.StepCommand, trace_context: Mapping[str, str] = ()
+    ) -> wpb.StepDone:
         st = self.active(request_id)
         if not 0 <= cmd.step < len(st.timeline.timesteps):
             raise BadCommand("step", f"step {cmd.step} outside 0..{len(st.timeline.timesteps) - 1}")
@@ -199,8 +227,13 @@ class WorkerEngine:
         self._sent = 0
         self._trace_context = dict(trace_context)
         d = run(st, cmd)
-        done = wpb.StepDone(step=cmd.step, phase=phase, bytes_sent=self._sent, compute_seconds=self._compute,
-                            wall_seconds=time.perf_counter() - start)
+        done = wpb.StepDone(
+            step=cmd.step,
+            phase=phase,
+            bytes_sent=self._sent,
+            compute_seconds=self._compute,
+            wall_seconds=time.perf_counter() - start,
+        )
         if d is not None:
             done.rel_mae = d
         if cmd.report_latents:
@@ -215,10 +248,13 @@ class WorkerEngine:
         self._compute += self._clock() - start
         return out
 
-    def _send(self, st: _Active, step: int, kind: int, tensors: dict[str, torch.Tensor], cmd: wpb.StepCommand) -> None:
+    def _send(
+        self, st: _Active, step: int, kind: int, tensors: dict[str, torch.Tensor], cmd: wpb.StepCommand
+    ) -> None:
         rid = st.request_id
-        self._sent += st.link.send(rid, step, kind, tensors, self._trace_context,
-                                   cancelled=lambda: not self.mailbox.is_open(rid))  # closed on abort/cancel
+        self._sent += st.link.send(
+            rid, step, kind, tensors, self._trace_context, cancelled=lambda: not self.mailbox.is_open(rid)
+        )  # closed on abort/cancel
 
     def _recv(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
         msg = self.mailbox.take(st.request_id, kind, step, self.peer_timeout, peer=st.peer)
@@ -250,7 +286,9 @@ class WorkerEngine:
             e_u = self._timed(a.forward, x_in, t, st.cond.for_branches("uncond"))
             e_c = self._timed(a.forward, x_in, t, st.cond.for_branches("cond"))
         else:
-            mine = self._timed(a.forward, x_in, t, st.cond.for_branches("uncond" if role == Role.U else "cond"))
+            mine = self._timed(
+                a.forward, x_in, t, st.cond.for_branches("uncond" if role == Role.U else "cond")
+            )
             self._send(st, cmd.step, FrameKind.BRANCH_PREDICTION, {"prediction": mine}, cmd)
             other = self._recv(st, cmd.step, FrameKind.BRANCH_PREDICTION)["prediction"]
             e_u, e_c = (mine, other) if role == Role.U else (other, mine)
@@ -299,7 +337,9 @@ class WorkerEngine:
             st.stale, st.stale_step = self._recv(st, step, kind), step
         return st.stale
 
-    def _window_sequential(self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in) -> None:
+    def _window_sequential(
+        self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in
+    ) -> None:
         """DiT: U runs stage 1 on x_i; C runs stage 2 on stage 1's output of step i-1 (fresh on fill)."""
         if st.role == Role.U:
             if fill or not cmd.last_in_window:

@@ -1,4 +1,5 @@
 """Load a diffusers-format model directory (offline) into the matching adapter."""
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,13 @@ def load_adapter(model_dir: str | Path, device: str | None = None, dtype: str | 
     pipe.to(dev)
     if dt == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
         pipe.vae.to(torch.float32)  # the VAE overflows in fp16 (the pipelines upcast it too)
-    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "unet", None),
-                   getattr(pipe, "transformer", None)):
+    for module in (
+        pipe.vae,
+        pipe.text_encoder,
+        pipe.text_encoder_2,
+        getattr(pipe, "unet", None),
+        getattr(pipe, "transformer", None),
+    ):
         if module is not None:
             module.eval().requires_grad_(False)
     log.info("loaded %s model from %s on %s (%s)", arch, model_dir, dev, dt)

@@ -5,6 +5,7 @@ signalled, shut down.
 Health is NOT_SERVING until the model is loaded, SERVING after, NOT_SERVING again while it
 drains on SIGTERM.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,10 +41,21 @@ def pin_cpus(cpus: str | None) -> None:
 
 
 class WorkerProcess:
-    def __init__(self, model_dir: str, port: int, data_port: int, host: str = "0.0.0.0",
-                 advertise_host: str | None = None, device: str | None = None, dtype: str | None = None,
-                 model_name: str | None = None, worker_id: str | None = None, grace: float = 30.0,
-                 tls: serving.TlsFiles = (None, None, None), curve_keys_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        port: int,
+        data_port: int,
+        host: str = "0.0.0.0",
+        advertise_host: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        model_name: str | None = None,
+        worker_id: str | None = None,
+        grace: float = 30.0,
+        tls: serving.TlsFiles = (None, None, None),
+        curve_keys_dir: str | None = None,
+    ) -> None:
         """Port 0 picks a free port. ``tls`` = (cert, key, client CA): with a client CA only the
         coordinator (a cert that CA signed) may control this worker. ``curve_keys_dir``: ZeroMQ
         CURVE with the pool keypair found there."""
@@ -67,20 +79,31 @@ class WorkerProcess:
         adapter = load_adapter(self.model_dir, self.device, self.dtype)
         self.context = zmq.Context()
         mailbox = Mailbox(self.worker_id, adapter.device)
-        self.receiver = DataPlaneReceiver(self.context, mailbox, self.host, self.data_port, curve=self.curve).start()
+        self.receiver = DataPlaneReceiver(
+            self.context, mailbox, self.host, self.data_port, curve=self.curve
+        ).start()
         self.links = ZmqLinks(self.context, self.worker_id, curve=self.curve)
         engine = WorkerEngine(adapter, self.worker_id, mailbox, self.links)
         self.service.attach(engine, f"tcp://{self.advertise}:{self.receiver.port}")
         for name in ("", SERVICE_NAME):
             self.health.set(name, serving.SERVING)
-        log.info("worker %s serving %s (%s) on %s, data plane %s", self.worker_id, self.service.model_name,
-                 adapter.arch, adapter.device, self.service.data_address)
-        print(f"worker ready: control {self.advertise}:{self.port} data {self.service.data_address}", flush=True)
+        log.info(
+            "worker %s serving %s (%s) on %s, data plane %s",
+            self.worker_id,
+            self.service.model_name,
+            adapter.arch,
+            adapter.device,
+            self.service.data_address,
+        )
+        print(
+            f"worker ready: control {self.advertise}:{self.port} data {self.service.data_address}", flush=True
+        )
         return self
 
     def serve_until_signalled(self, ready_file: str | None = None) -> None:
-        serving.write_ready_file(ready_file, {"control": f"{self.advertise}:{self.port}",
-                                              "data": self.service.data_address})
+        serving.write_ready_file(
+            ready_file, {"control": f"{self.advertise}:{self.port}", "data": self.service.data_address}
+        )
         serving.on_termination(self.request_stop)
         self._stop.wait()
 

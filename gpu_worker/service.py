@@ -7,6 +7,7 @@ the coordinator sends steps ahead, so the next command is already queued. Every 
 leaves as a typed status (``hybridiff.errors.to_status``): the coordinator reads its reason,
 never its text.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,14 @@ import grpc
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.split_balance import SplitPlanner
 from hybridiff import serving, telemetry
-from hybridiff.errors import BadCommand, HybridiffError, InvalidArgument, Unavailable, WorkerBusy, WorkerFailed
+from hybridiff.errors import (
+    BadCommand,
+    HybridiffError,
+    InvalidArgument,
+    Unavailable,
+    WorkerBusy,
+    WorkerFailed,
+)
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 from hybridiff.protocol import Phase
 from hybridiff.v1 import diffusion_pb2
@@ -55,14 +63,24 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         limits = self.adapter.size_limits()
         d = self.adapter.defaults
         return worker_pb2.InfoResponse(
-            worker_id=self.worker_id, model_name=self.model_name, arch=self.adapter.arch,
+            worker_id=self.worker_id,
+            model_name=self.model_name,
+            arch=self.adapter.arch,
             data_address=self.data_address,
-            limits=worker_pb2.SizeLimits(multiple=limits.multiple, min_side=limits.min_side, max_side=limits.max_side,
-                                         default_side=limits.default_side, max_images=limits.max_images),
-            default_steps=d.steps, default_guidance_scale=d.guidance_scale,
-            hybrid_defaults=diffusion_pb2.HybridParams(l_slope=d.hybrid.l_slope, eps_slope=d.hybrid.eps_slope,
-                                                       k=d.hybrid.k, tau_cap=d.hybrid.tau_cap),
-            device=str(self.adapter.device), dtype=str(self.adapter.dtype).removeprefix("torch."),
+            limits=worker_pb2.SizeLimits(
+                multiple=limits.multiple,
+                min_side=limits.min_side,
+                max_side=limits.max_side,
+                default_side=limits.default_side,
+                max_images=limits.max_images,
+            ),
+            default_steps=d.steps,
+            default_guidance_scale=d.guidance_scale,
+            hybrid_defaults=diffusion_pb2.HybridParams(
+                l_slope=d.hybrid.l_slope, eps_slope=d.hybrid.eps_slope, k=d.hybrid.k, tau_cap=d.hybrid.tau_cap
+            ),
+            device=str(self.adapter.device),
+            dtype=str(self.adapter.dtype).removeprefix("torch."),
             protocol_version=PROTOCOL_VERSION,
         )
 
@@ -73,8 +91,12 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             if side % limits.multiple or not limits.min_side <= side <= limits.max_side:
                 serving.abort(context, InvalidArgument(name, f"{side} is not a valid size for this model"))
         plan = self.planner.plan(request.height, request.width)
-        return worker_pb2.MeasureSplitResponse(cut=plan.cut, stage1_seconds=plan.stage1_seconds,
-                                               stage2_seconds=plan.stage2_seconds, unit_seconds=plan.unit_seconds)
+        return worker_pb2.MeasureSplitResponse(
+            cut=plan.cut,
+            stage1_seconds=plan.stage1_seconds,
+            stage2_seconds=plan.stage2_seconds,
+            unit_seconds=plan.unit_seconds,
+        )
 
     def Session(self, request_iterator, context):
         self._ready(context)
@@ -94,7 +116,9 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
                     request_id = cmd.request_id
                     context.add_callback(lambda rid=request_id: self.engine.mailbox.close(rid))
                 elif cmd.request_id != request_id:
-                    raise BadCommand("request_id", f"command for {cmd.request_id!r} in the session of {request_id!r}")
+                    raise BadCommand(
+                        "request_id", f"command for {cmd.request_id!r} in the session of {request_id!r}"
+                    )
                 yield self._run(cmd, which)
                 if which == "finish":
                     request_id = None
@@ -113,9 +137,17 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         """One command under its span; a step's frames carry the worker's step span."""
         attributes = {"hybridiff.worker": self.worker_id}
         if which == "step":
-            attributes.update({"hybridiff.step": cmd.step.step, "hybridiff.phase": Phase(cmd.step.phase).name
-                               if cmd.step.phase in Phase.__members__.values() else str(cmd.step.phase)})
-        with telemetry.span_from(dict(cmd.trace_context), self._tracer, f"worker.{which or 'empty'}", **attributes):
+            attributes.update(
+                {
+                    "hybridiff.step": cmd.step.step,
+                    "hybridiff.phase": Phase(cmd.step.phase).name
+                    if cmd.step.phase in Phase.__members__.values()
+                    else str(cmd.step.phase),
+                }
+            )
+        with telemetry.span_from(
+            dict(cmd.trace_context), self._tracer, f"worker.{which or 'empty'}", **attributes
+        ):
             if which == "step":
                 local = worker_pb2.SessionRequest()
                 local.CopyFrom(cmd)

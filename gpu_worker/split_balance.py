@@ -4,6 +4,7 @@ The cut must be the same on both workers of a pair, so it is decided once, on on
 (``SplitPlanner``, behind the control API's ``MeasureSplit``), and handed to both by the
 coordinator. ``choose_cut`` is the one rule, also used by the GPU profile.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,15 +37,19 @@ class SplitPlan:
 
 def device_clock(device: torch.device):
     if device.type == "cuda":
+
         def clock() -> float:
             torch.cuda.synchronize(device)
             return time.perf_counter()
+
         return clock
     return time.perf_counter
 
 
 @torch.no_grad()
-def measure_unit_costs(adapter: ModelAdapter, height: int, width: int, batch: int = 1, repeats: int = 3) -> dict[str, float]:
+def measure_unit_costs(
+    adapter: ModelAdapter, height: int, width: int, batch: int = 1, repeats: int = 3
+) -> dict[str, float]:
     """Median seconds per unit of a denoiser forward at ``height`` x ``width`` (random inputs)."""
     cond = adapter.encode("a photograph", None, guidance=batch == 2, height=height, width=width)
     inputs = cond.for_branches("both" if batch == 2 else "cond")
@@ -76,6 +81,7 @@ def valid_cuts(adapter: ModelAdapter) -> range:
 
 def choose_cut(cuts: Iterable[int], stage_seconds: Callable[[int], tuple[float, float]]) -> int:
     """The cut whose two stages are closest in cost (the smaller cut on a tie)."""
+
     def imbalance(cut: int) -> tuple[float, int]:
         lo, hi = sorted(stage_seconds(cut))
         return (hi / lo if lo > 0 else float("inf"), cut)
@@ -103,7 +109,14 @@ class SplitPlanner:
         with self._lock:
             if (height, width) not in self._plans:
                 plan = balanced_plan(self.adapter, measure_unit_costs(self.adapter, height, width))
-                log.info("split at %dx%d: cut %d, stages %.4fs / %.4fs (ratio %.3f)", width, height, plan.cut,
-                         plan.stage1_seconds, plan.stage2_seconds, plan.ratio)
+                log.info(
+                    "split at %dx%d: cut %d, stages %.4fs / %.4fs (ratio %.3f)",
+                    width,
+                    height,
+                    plan.cut,
+                    plan.stage1_seconds,
+                    plan.stage2_seconds,
+                    plan.ratio,
+                )
                 self._plans[(height, width)] = plan
             return self._plans[(height, width)]

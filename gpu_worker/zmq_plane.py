@@ -8,6 +8,7 @@ and the worker keeps serving. To send, a worker keeps one PUSH socket per peer a
 messages from queueing for a peer that is not connected yet; ``MAXMSGSIZE`` bounds what a
 peer can make us buffer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,9 @@ class DataPlaneReceiver:
     """Binds ``tcp://host:port`` and feeds every received message to ``mailbox``; with ``curve``
     the socket is a CURVE server that only admits clients holding the pool keypair."""
 
-    def __init__(self, context: zmq.Context, mailbox: Mailbox, host: str, port: int,
-                 curve: CurveKeys | None = None) -> None:
+    def __init__(
+        self, context: zmq.Context, mailbox: Mailbox, host: str, port: int, curve: CurveKeys | None = None
+    ) -> None:
         self.mailbox = mailbox
         self._auth = None
         self._socket = context.socket(zmq.PULL)
@@ -72,7 +74,7 @@ class DataPlaneReceiver:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dataplane-rx", daemon=True)
 
-    def start(self) -> "DataPlaneReceiver":
+    def start(self) -> DataPlaneReceiver:
         self._thread.start()
         return self
 
@@ -102,8 +104,14 @@ class DataPlaneReceiver:
 class ZmqLink(PeerLink):
     """A PUSH socket connected to one peer's receiver; used only by the worker's compute thread."""
 
-    def __init__(self, context: zmq.Context, sender: str, address: str, send_timeout_ms: int = 60_000,
-                 curve: CurveKeys | None = None) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        sender: str,
+        address: str,
+        send_timeout_ms: int = 60_000,
+        curve: CurveKeys | None = None,
+    ) -> None:
         super().__init__(sender)
         self.address = address
         self._socket = context.socket(zmq.PUSH)
@@ -117,7 +125,9 @@ class ZmqLink(PeerLink):
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(address)
 
-    def _send_frames(self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None) -> None:
+    def _send_frames(
+        self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None
+    ) -> None:
         # A dead peer leaves no pipe (IMMEDIATE), so the send blocks: wait in short slices and
         # give up as soon as the request is aborted, or the handler thread would stay stuck here
         # (holding the worker) long after the coordinator moved the request on.
@@ -130,10 +140,14 @@ class ZmqLink(PeerLink):
                 return
             except zmq.Again:
                 if cancelled is not None and cancelled():
-                    raise Cancelled(f"{self.sender}: the request was closed while sending to {self.address}") from None
+                    raise Cancelled(
+                        f"{self.sender}: the request was closed while sending to {self.address}"
+                    ) from None
                 if time.monotonic() >= deadline:
-                    raise PeerTimeout(f"{self.sender}: peer {self.address} did not take data-plane frames in time",
-                                      peer=self.address) from None
+                    raise PeerTimeout(
+                        f"{self.sender}: peer {self.address} did not take data-plane frames in time",
+                        peer=self.address,
+                    ) from None
 
     def close(self) -> None:
         self._socket.close(linger=0)

@@ -5,6 +5,7 @@ API ``hybridiff.v1`` and the internal protocols ``hybridiff.internal.v1``. The g
 never committed or edited; each generated package records a digest of the sources it came from,
 and ``assert_fresh()`` fails when they differ (a checkout whose generated code drifted).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,17 +42,26 @@ def generate(proto_root: Path = PROTO_ROOT, out_root: Path = PACKAGE_ROOT) -> No
     if not files:
         raise SystemExit(f"no .proto files under {proto_root}")
     include = Path(grpc_tools.__file__).parent / "_proto"
-    args = ["grpc_tools.protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={out_root}",
-            f"--pyi_out={out_root}", f"--grpc_python_out={out_root}", *[str(f) for f in files]]
+    args = [
+        "grpc_tools.protoc",
+        f"-I{proto_root}",
+        f"-I{include}",
+        f"--python_out={out_root}",
+        f"--pyi_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        *[str(f) for f in files],
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     digest = proto_digest(proto_root)
     for package in GENERATED_PACKAGES:
         (out_root / package / "__init__.py").write_text(
             f'"""Generated from proto/{package} by hybridiff.codegen; do not edit."""\n'
-            f'PROTO_DIGEST = "{digest}"\n')
+            f'PROTO_DIGEST = "{digest}"\n'
+        )
     (out_root / "hybridiff" / "internal" / "__init__.py").write_text(
-        '"""Internal protocols (generated from proto/hybridiff/internal); not the public API."""\n')
+        '"""Internal protocols (generated from proto/hybridiff/internal); not the public API."""\n'
+    )
 
 
 def assert_fresh() -> None:
@@ -59,8 +69,10 @@ def assert_fresh() -> None:
     from hybridiff import v1  # the generated package: absent until the build ran
 
     if proto_files() and v1.PROTO_DIGEST != proto_digest():
-        raise StaleGeneratedCode("the generated protobuf modules came from different .proto files; run "
-                                 "`pip install -e .` or `python -m hybridiff.codegen`")
+        raise StaleGeneratedCode(
+            "the generated protobuf modules came from different .proto files; run "
+            "`pip install -e .` or `python -m hybridiff.codegen`"
+        )
 
 
 if __name__ == "__main__":

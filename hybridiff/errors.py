@@ -5,6 +5,7 @@ An error keeps its type across a process boundary: ``to_status`` writes it as a 
 ``RetryInfo`` where a retry may succeed) and ``from_rpc_error`` reads it back into the same
 class. No code matches on message text.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -114,9 +115,12 @@ def _all_subclasses(cls: type) -> list[type]:
 
 _BY_REASON: dict[str, type[HybridiffError]] = {c.reason: c for c in _all_subclasses(HybridiffError)}
 _BY_CODE: dict[grpc.StatusCode, type[HybridiffError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: QueueFull, grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded, grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: QueueFull,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
@@ -129,10 +133,21 @@ def _pack(message) -> any_pb2.Any:
 
 def to_status(exc: HybridiffError) -> grpc.Status:
     """The error as a gRPC status with its ``google.rpc`` details (for ``context.abort_with_status``)."""
-    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata))]
+    details = [
+        _pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata))
+    ]
     if isinstance(exc, InvalidArgument):
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)])))
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=exc.field, description=exc.description
+                        )
+                    ]
+                )
+            )
+        )
     if exc.retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromTimedelta(datetime.timedelta(seconds=exc.retry_after))
@@ -142,7 +157,7 @@ def to_status(exc: HybridiffError) -> grpc.Status:
 
 
 def status_details(err: grpc.RpcError) -> dict[str, object]:
-    """The ``google.rpc`` details of a failed call: ``{"ErrorInfo": ..., "BadRequest": ..., "RetryInfo": ...}``."""
+    """The ``google.rpc`` details of a failed call by type name: ErrorInfo, BadRequest, RetryInfo."""
     try:
         status = rpc_status.from_call(err)
     except ValueError:  # details that do not match the status code
@@ -173,4 +188,3 @@ def from_rpc_error(err: grpc.RpcError, prefix: str = "") -> HybridiffError:
     else:
         exc = cls(text, **metadata)
     return exc
-

@@ -5,6 +5,7 @@ out here so that pure code (the schedule, the performance model) needs no genera
 test holds the two equal. Inside the program these enums travel; strings appear only at the
 edges (CLI flags, JSON, metric labels) through ``label`` and ``parse``.
 """
+
 from __future__ import annotations
 
 from enum import IntEnum
@@ -43,8 +44,12 @@ class Role(IntEnum):
     C = 2  # conditional branch; stage 2 in the pipeline window
 
 
-MIME_TYPES = {OutputFormat.PNG: "image/png", OutputFormat.JPEG: "image/jpeg", OutputFormat.WEBP: "image/webp",
-              OutputFormat.RAW_LATENTS: "application/x-hybridiff-latents-f32le"}
+MIME_TYPES = {
+    OutputFormat.PNG: "image/png",
+    OutputFormat.JPEG: "image/jpeg",
+    OutputFormat.WEBP: "image/webp",
+    OutputFormat.RAW_LATENTS: "application/x-hybridiff-latents-f32le",
+}
 
 
 def label(value: IntEnum) -> str:

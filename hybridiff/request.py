@@ -4,6 +4,7 @@
 every field against the model's limits and fills in its defaults, giving a ``GenerationSpec``,
 or raises ``InvalidArgument`` naming the field.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,11 @@ class HybridParams:
         """Range-check every parameter; ``InvalidArgument`` names the first bad one."""
         _check_int("hybrid.l_slope", self.l_slope, 1, 1000)
         eps = self.eps_slope
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and 0 < eps <= 1):
+        if (
+            isinstance(eps, bool)
+            or not isinstance(eps, (int, float))
+            or not (math.isfinite(eps) and 0 < eps <= 1)
+        ):
             raise InvalidArgument("hybrid.eps_slope", f"must be in (0, 1], got {eps!r}")
         _check_int("hybrid.k", self.k, 0, 1000)
         _check_int("hybrid.tau_cap", self.tau_cap, 1, 1000)
@@ -58,8 +63,12 @@ class ModelDefaults:
 
 # Reference defaults (DESIGN section 1).
 MODEL_DEFAULTS = {
-    "sdxl": ModelDefaults(HybridParams(l_slope=12, eps_slope=4e-4, k=5, tau_cap=15), steps=50, guidance_scale=5.0),
-    "sd3": ModelDefaults(HybridParams(l_slope=15, eps_slope=5e-4, k=5, tau_cap=40), steps=50, guidance_scale=7.0),
+    "sdxl": ModelDefaults(
+        HybridParams(l_slope=12, eps_slope=4e-4, k=5, tau_cap=15), steps=50, guidance_scale=5.0
+    ),
+    "sd3": ModelDefaults(
+        HybridParams(l_slope=15, eps_slope=5e-4, k=5, tau_cap=40), steps=50, guidance_scale=7.0
+    ),
 }
 
 MODEL_DEFAULTS_FILE = "hybridiff.json"  # optional, in a model directory: {"defaults": {...}}
@@ -73,8 +82,10 @@ def model_defaults(arch: str, recorded: dict | None = None) -> ModelDefaults:
         return base
     hybrid = recorded.get("hybrid", {})
     return ModelDefaults(
-        base.hybrid.replace(**{k: hybrid.get(k) for k in ("l_slope", "k", "tau_cap")},
-                            eps_slope=float(hybrid["eps_slope"]) if "eps_slope" in hybrid else None).validate(),
+        base.hybrid.replace(
+            **{k: hybrid.get(k) for k in ("l_slope", "k", "tau_cap")},
+            eps_slope=float(hybrid["eps_slope"]) if "eps_slope" in hybrid else None,
+        ).validate(),
         steps=int(recorded.get("steps", base.steps)),
         guidance_scale=float(recorded.get("guidance_scale", base.guidance_scale)),
     )
@@ -154,8 +165,9 @@ def _check_enum(name: str, enum, value: object, unset=None):
     try:
         return enum(value)
     except ValueError:
-        raise InvalidArgument(name, f"unknown value {value!r}; expected one of "
-                                    f"{', '.join(v.name for v in enum)}") from None
+        raise InvalidArgument(
+            name, f"unknown value {value!r}; expected one of {', '.join(v.name for v in enum)}"
+        ) from None
 
 
 def _default(value, default):
@@ -169,7 +181,9 @@ def _check_side(name: str, value: int | None, limits: SizeLimits) -> int:
     if value % limits.multiple != 0:
         raise InvalidArgument(name, f"must be a multiple of {limits.multiple} for this model, got {value}")
     if not limits.min_side <= value <= limits.max_side:
-        raise InvalidArgument(name, f"must be in {limits.min_side}..{limits.max_side} for this model, got {value}")
+        raise InvalidArgument(
+            name, f"must be in {limits.min_side}..{limits.max_side} for this model, got {value}"
+        )
     return value
 
 
@@ -195,7 +209,11 @@ def resolve_spec(raw: RequestInput, limits: SizeLimits, defaults: ModelDefaults)
         raise InvalidArgument("guidance_scale", f"must be in 0..{MAX_GUIDANCE}, got {guidance}")
     seed = secrets.randbits(63) if raw.seed is None else _check_int("seed", raw.seed, 0, MAX_SEED)
     mode = _check_enum("mode", Mode, raw.mode, unset=Mode.AUTO)
-    policy = None if raw.window_guidance == 0 else _check_enum("window_guidance", WindowGuidance, raw.window_guidance)
+    policy = (
+        None
+        if raw.window_guidance == 0
+        else _check_enum("window_guidance", WindowGuidance, raw.window_guidance)
+    )
     output_format = _check_enum("output_format", OutputFormat, raw.output_format, unset=OutputFormat.PNG)
     quality = DEFAULT_QUALITY if raw.quality == 0 else _check_int("quality", raw.quality, 1, 100)
     num_images = _check_int("num_images", raw.num_images or 1, 1, limits.max_images)
@@ -207,8 +225,19 @@ def resolve_spec(raw: RequestInput, limits: SizeLimits, defaults: ModelDefaults)
     if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
         raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
     return GenerationSpec(
-        request_id=request_id, prompt=raw.prompt, negative_prompt=raw.negative_prompt, width=width, height=height,
-        num_steps=steps, guidance_scale=float(guidance), seed=seed, mode=mode, hybrid=hybrid,
-        window_guidance=policy, output_format=output_format, quality=quality, num_images=num_images,
+        request_id=request_id,
+        prompt=raw.prompt,
+        negative_prompt=raw.negative_prompt,
+        width=width,
+        height=height,
+        num_steps=steps,
+        guidance_scale=float(guidance),
+        seed=seed,
+        mode=mode,
+        hybrid=hybrid,
+        window_guidance=policy,
+        output_format=output_format,
+        quality=quality,
+        num_images=num_images,
         model=raw.model,
     )

@@ -7,6 +7,7 @@
   handler admits only clients that hold that keypair, so a peer without it cannot feed a worker.
 Nothing here deserialises code; keys and certificates are read as PEM / Z85 text.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -28,7 +29,9 @@ def _read(path: str | Path, what: str) -> bytes:
         raise InvalidArgument(what, f"cannot read {path}: {exc.strerror}") from None
 
 
-def server_credentials(cert: str | None, key: str | None, client_ca: str | None = None) -> grpc.ServerCredentials | None:
+def server_credentials(
+    cert: str | None, key: str | None, client_ca: str | None = None
+) -> grpc.ServerCredentials | None:
     """TLS when ``cert`` and ``key`` are given; clients must present a cert from ``client_ca`` when given."""
     if not cert and not key:
         if client_ca:
@@ -38,12 +41,15 @@ def server_credentials(cert: str | None, key: str | None, client_ca: str | None 
         raise InvalidArgument("tls-cert", "--tls-cert and --tls-key go together")
     pair = [(_read(key, "tls-key"), _read(cert, "tls-cert"))]
     if client_ca:
-        return grpc.ssl_server_credentials(pair, root_certificates=_read(client_ca, "tls-client-ca"),
-                                           require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=_read(client_ca, "tls-client-ca"), require_client_auth=True
+        )
     return grpc.ssl_server_credentials(pair)
 
 
-def channel_credentials(ca: str | None, cert: str | None = None, key: str | None = None) -> grpc.ChannelCredentials | None:
+def channel_credentials(
+    ca: str | None, cert: str | None = None, key: str | None = None
+) -> grpc.ChannelCredentials | None:
     """TLS to a server signed by ``ca``; with ``cert``/``key`` also present a client certificate."""
     if not ca:
         if cert or key:
@@ -91,7 +97,9 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             deny(request_or_iterator, context)
             yield  # unreachable: abort raises; makes this a generator for streaming handlers
 
-        kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        kw = dict(
+            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(deny, **kw)
         if handler.unary_stream:
@@ -129,7 +137,9 @@ def load_curve_keys(directory: str | Path) -> tuple[bytes, bytes]:
 
     path = Path(directory) / f"{CURVE_KEY_NAME}.key_secret"
     if not path.is_file():
-        raise InvalidArgument("curve-keys", f"no {path.name} in {directory} (create it with `hybridiff curve-keys`)")
+        raise InvalidArgument(
+            "curve-keys", f"no {path.name} in {directory} (create it with `hybridiff curve-keys`)"
+        )
     public, secret = zmq.auth.load_certificate(str(path))
     if not secret:
         raise InvalidArgument("curve-keys", f"{path} holds no secret key")

@@ -1,5 +1,6 @@
 """What both server processes share: message limits, health and reflection, the TLS or plaintext
 port, the ready file, signal handling and the one way an error leaves an RPC."""
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,14 @@ def message_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]
     return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
 
 
-def new_server(max_workers: int, interceptors: list, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Server:
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
-                       options=message_options(max_message_bytes))
+def new_server(
+    max_workers: int, interceptors: list, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> grpc.Server:
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=interceptors,
+        options=message_options(max_message_bytes),
+    )
 
 
 def add_health_and_reflection(server: grpc.Server, services: Iterable[str]) -> health.HealthServicer:

@@ -6,6 +6,7 @@ names the service, ``OTEL_SDK_DISABLED=true`` turns it off. Context crosses gRPC
 (the grpc instrumentation's interceptors) and crosses the worker control stream and the
 ZeroMQ header as a W3C ``traceparent`` dict (``inject`` / ``extract``).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -32,7 +33,9 @@ def setup_tracing(default_service_name: str):
     name = os.environ.get("OTEL_SERVICE_NAME", default_service_name)
     provider = TracerProvider(resource=Resource.create({"service.name": name}))
     disabled = os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true"
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
     if endpoint and not disabled:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor

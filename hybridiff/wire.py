@@ -7,6 +7,7 @@ same ``Tensor`` message with its bytes inline. bf16 travels as a uint8 view; an 
 a version mismatch or a size that does not match the header is rejected with ``FrameError``
 — never a pickle fallback.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,6 @@ WIRE_VERSION = 1
 MAX_TENSOR_BYTES = 512 * 1024 * 1024
 
 
-
 class FrameKind:
     """What a data-plane message carries (the wire enum's values, short names)."""
 
@@ -30,6 +30,7 @@ class FrameKind:
     STAGE_ACTIVATIONS = pb.FRAME_KIND_STAGE_ACTIVATIONS
     STAGE_RETURN = pb.FRAME_KIND_STAGE_RETURN
     GUIDED_PREDICTION = pb.FRAME_KIND_GUIDED_PREDICTION
+
 
 _TO_WIRE: dict[torch.dtype, int] = {
     torch.float32: pb.ELEMENT_TYPE_FLOAT32,
@@ -95,7 +96,9 @@ def encode_frames(
         if tensor.dtype not in _TO_WIRE:
             raise FrameError(f"tensor {name!r}: dtype {tensor.dtype} has no wire encoding")
         buf = _raw_view(tensor)
-        header.tensors.add(name=name, dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape), nbytes=buf.nbytes)
+        header.tensors.add(
+            name=name, dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape), nbytes=buf.nbytes
+        )
         frames.append(buf)
     frames[0] = header.SerializeToString()
     return frames
@@ -136,8 +139,13 @@ def tensor_to_proto(tensor: torch.Tensor, name: str = "") -> pb.Tensor:
     if tensor.dtype not in _TO_WIRE:
         raise FrameError(f"tensor {name!r}: dtype {tensor.dtype} has no wire encoding")
     buf = _raw_view(tensor)
-    return pb.Tensor(name=name, dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape), nbytes=buf.nbytes,
-                     data=buf.tobytes())
+    return pb.Tensor(
+        name=name,
+        dtype=_TO_WIRE[tensor.dtype],
+        shape=list(tensor.shape),
+        nbytes=buf.nbytes,
+        data=buf.tobytes(),
+    )
 
 
 def tensor_from_proto(msg: pb.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

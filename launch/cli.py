@@ -6,6 +6,7 @@ only when run, so the client commands start fast and work where only the light c
 installed. The tool commands (bench, gpu-profile, train-default-model, adherence) are found
 through the ``hybridiff.tools`` entry points: the launch layer never imports the tools.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,13 @@ from pathlib import Path
 import grpc
 
 from hybridiff import security, telemetry
-from hybridiff.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DiffusionClient, default_target, request_to_proto
+from hybridiff.client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    DiffusionClient,
+    default_target,
+    request_to_proto,
+)
 from hybridiff.errors import DeadlineExceeded, HybridiffError, InvalidArgument, ModelLoadError, Unavailable
 from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label, labels, parse
 from hybridiff.request import RequestInput
@@ -31,8 +38,10 @@ TOOLS_GROUP = "hybridiff.tools"
 def exit_code(exc: HybridiffError) -> int:
     if isinstance(exc, (InvalidArgument, ModelLoadError)) or exc.code == grpc.StatusCode.INVALID_ARGUMENT:
         return EXIT_USAGE  # a bad flag, field or --model-dir
-    if isinstance(exc, (Unavailable, DeadlineExceeded)) or exc.code in (grpc.StatusCode.UNAVAILABLE,
-                                                                        grpc.StatusCode.DEADLINE_EXCEEDED):
+    if isinstance(exc, (Unavailable, DeadlineExceeded)) or exc.code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    ):
         return EXIT_UNAVAILABLE
     return EXIT_SERVER_ERROR
 
@@ -48,37 +57,76 @@ def package_version() -> str:
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
     """The generation flags shared by ``run`` and ``generate``."""
     p.add_argument("--prompt", required=True, help="what to draw (at most 4000 characters)")
-    p.add_argument("--negative-prompt", default=None,
-                   help="what to steer away from (default: none; an empty string is encoded as such)")
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="what to steer away from (default: none; an empty string is encoded as such)",
+    )
     p.add_argument("--steps", type=int, default=None, help="denoising steps, 1..500 (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale, 0..100; <= 1 runs one branch only (default: the model's)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the initial noise, as diffusers' Generator('cpu').manual_seed (default: random, "
-                        "reported in the stats)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale, 0..100; <= 1 runs one branch only (default: the model's)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the initial noise, as diffusers' Generator('cpu').manual_seed (default: random, "
+        "reported in the stats)",
+    )
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
-    p.add_argument("--num-images", type=int, default=1,
-                   help="images of the prompt, as diffusers' num_images_per_prompt; the outputs are numbered "
-                        "OUT-0.png, OUT-1.png, ... when more than one")
-    p.add_argument("--mode", choices=labels(Mode), default="auto",
-                   help="auto: hybrid when a pair is free and guidance > 1; single: one worker (the baseline); "
-                        "cfg-parallel: one guidance branch per worker; pipeline: two-stage pipeline (AsyncDiff); "
-                        "hybrid: cfg-parallel, the pipeline from tau1 to tau2, cfg-parallel again")
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=1,
+        help="images of the prompt, as diffusers' num_images_per_prompt; the outputs are numbered "
+        "OUT-0.png, OUT-1.png, ... when more than one",
+    )
+    p.add_argument(
+        "--mode",
+        choices=labels(Mode),
+        default="auto",
+        help="auto: hybrid when a pair is free and guidance > 1; single: one worker (the baseline); "
+        "cfg-parallel: one guidance branch per worker; pipeline: two-stage pipeline (AsyncDiff); "
+        "hybrid: cfg-parallel, the pipeline from tau1 to tau2, cfg-parallel again",
+    )
     p.add_argument("--model", default="", help="the served model's name (default: the only one)")
-    p.add_argument("--l-slope", type=int, default=None,
-                   help="hybrid: L, the window of the rel-MAE slope in steps. rel-MAE = mean|e_c - e_u| / mean|e_u|, "
-                        "the relative gap between the conditional and unconditional predictions (default: the model's)")
-    p.add_argument("--eps-slope", type=float, default=None,
-                   help="hybrid: tau1, the step the pipeline window opens, is the first step where the rel-MAE slope "
-                        "(d[-L] - d[-1]) / L lies in [0, eps_slope) (default: the model's)")
-    p.add_argument("--k", type=int, default=None,
-                   help="hybrid: the window's length after tau1; tau2 = min(tau1 + k, last step) (default: the model's)")
-    p.add_argument("--tau-cap", type=int, default=None,
-                   help="hybrid: tau1 when the slope never flattens (default: the model's)")
-    p.add_argument("--window-guidance", choices=["default", *labels(WindowGuidance)], default="default",
-                   help="the pipeline window's prediction: conditional (hybrid's default), last-difference "
-                        "(e_c + (s - 1) times the last measured e_c - e_u) or full-cfg (pipeline's default)")
+    p.add_argument(
+        "--l-slope",
+        type=int,
+        default=None,
+        help="hybrid: L, the window of the rel-MAE slope in steps. rel-MAE = mean|e_c - e_u| / mean|e_u|, "
+        "the relative gap between the conditional and unconditional predictions (default: the model's)",
+    )
+    p.add_argument(
+        "--eps-slope",
+        type=float,
+        default=None,
+        help="hybrid: tau1, the step the pipeline window opens, is the first step where the rel-MAE slope "
+        "(d[-L] - d[-1]) / L lies in [0, eps_slope) (default: the model's)",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="hybrid: the window's length after tau1; tau2 = min(tau1 + k, last step) (default: the model's)",
+    )
+    p.add_argument(
+        "--tau-cap",
+        type=int,
+        default=None,
+        help="hybrid: tau1 when the slope never flattens (default: the model's)",
+    )
+    p.add_argument(
+        "--window-guidance",
+        choices=["default", *labels(WindowGuidance)],
+        default="default",
+        help="the pipeline window's prediction: conditional (hybrid's default), last-difference "
+        "(e_c + (s - 1) times the last measured e_c - e_u) or full-cfg (pipeline's default)",
+    )
     p.add_argument("--format", choices=labels(OutputFormat), default="png", help="the output's encoding")
     p.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality, 1..100 (default 90)")
     p.add_argument("--request-id", default="", help="your id for the request (default: one is assigned)")
@@ -88,12 +136,23 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
 
 def request_input(args: argparse.Namespace) -> RequestInput:
     return RequestInput(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-        num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, mode=parse(Mode, args.mode),
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        mode=parse(Mode, args.mode),
         hybrid={"l_slope": args.l_slope, "eps_slope": args.eps_slope, "k": args.k, "tau_cap": args.tau_cap},
-        window_guidance=0 if args.window_guidance == "default" else parse(WindowGuidance, args.window_guidance),
-        output_format=parse(OutputFormat, args.format), quality=args.quality, num_images=args.num_images,
-        request_id=args.request_id, model=args.model,
+        window_guidance=0
+        if args.window_guidance == "default"
+        else parse(WindowGuidance, args.window_guidance),
+        output_format=parse(OutputFormat, args.format),
+        quality=args.quality,
+        num_images=args.num_images,
+        request_id=args.request_id,
+        model=args.model,
     )
 
 
@@ -135,9 +194,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         spec = engine.resolve(request_input(args))
         with tqdm(total=spec.num_steps, desc=label(spec.mode), unit="step", disable=args.quiet) as bar:
+
             def on_step(stat, total):
-                bar.set_postfix_str(label(stat.phase) + (f" rel-MAE {stat.rel_mae:.4f}"
-                                                         if stat.rel_mae is not None else ""))
+                bar.set_postfix_str(
+                    label(stat.phase) + (f" rel-MAE {stat.rel_mae:.4f}" if stat.rel_mae is not None else "")
+                )
                 bar.update(1)
 
             result = engine.generate(spec, on_step=on_step)
@@ -153,10 +214,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from launch.model_dirs import default_model_dir
 
     pin_cpus(args.cpus)
-    serve_worker(args.model_dir or str(default_model_dir()), args.port, args.data_port, host=args.host,
-                 advertise_host=args.advertise_host, device=args.device, dtype=args.dtype,
-                 model_name=args.model_name, worker_id=args.worker_id, ready_file=args.ready_file,
-                 tls=(args.tls_cert, args.tls_key, args.tls_client_ca), curve_keys_dir=args.curve_keys)
+    serve_worker(
+        args.model_dir or str(default_model_dir()),
+        args.port,
+        args.data_port,
+        host=args.host,
+        advertise_host=args.advertise_host,
+        device=args.device,
+        dtype=args.dtype,
+        model_name=args.model_name,
+        worker_id=args.worker_id,
+        ready_file=args.ready_file,
+        tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
+        curve_keys_dir=args.curve_keys,
+    )
     return EXIT_OK
 
 
@@ -175,14 +246,28 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             print("error: --workers HOST:PORT,... is required with --discovery static", file=sys.stderr)
             return EXIT_USAGE
         discovery = StaticDiscovery(args.workers.split(","))
-    serve_coordinator(discovery=discovery, host=args.host, port=args.port,
-                      metrics_port=args.metrics_port, queue_size=args.queue_size,
-                      config=ServiceConfig(step_timeout=args.step_timeout, hybrid_defaults={
-                          "l_slope": args.l_slope, "eps_slope": args.eps_slope, "k": args.k, "tau_cap": args.tau_cap}),
-                      ready_file=args.ready_file, tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
-                      token=security.read_token(args.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"),
-                      worker_credentials=security.channel_credentials(args.worker_tls_ca, args.worker_tls_cert,
-                                                                      args.worker_tls_key))
+    serve_coordinator(
+        discovery=discovery,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        queue_size=args.queue_size,
+        config=ServiceConfig(
+            step_timeout=args.step_timeout,
+            hybrid_defaults={
+                "l_slope": args.l_slope,
+                "eps_slope": args.eps_slope,
+                "k": args.k,
+                "tau_cap": args.tau_cap,
+            },
+        ),
+        ready_file=args.ready_file,
+        tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
+        token=security.read_token(args.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"),
+        worker_credentials=security.channel_credentials(
+            args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key
+        ),
+    )
     return EXIT_OK
 
 
@@ -190,8 +275,13 @@ def cmd_local(args: argparse.Namespace) -> int:
     from launch.local_cluster import run_local  # deferred: builds the default model with torch if needed
     from launch.model_dirs import default_model_dir
 
-    return run_local(str(args.model_dir or default_model_dir()), args.workers, args.port, args.metrics_port,
-                     args.queue_size)
+    return run_local(
+        str(args.model_dir or default_model_dir()),
+        args.workers,
+        args.port,
+        args.metrics_port,
+        args.queue_size,
+    )
 
 
 def cmd_curve_keys(args: argparse.Namespace) -> int:
@@ -202,9 +292,15 @@ def cmd_curve_keys(args: argparse.Namespace) -> int:
 
 # --- client commands --------------------------------------------------------------------
 def client_for(args: argparse.Namespace) -> DiffusionClient:
-    return DiffusionClient(args.target, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                           token=security.read_token(args.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"),
-                           timeout=args.timeout, connect_timeout=args.connect_timeout)
+    return DiffusionClient(
+        args.target,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token=security.read_token(args.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"),
+        timeout=args.timeout,
+        connect_timeout=args.connect_timeout,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -218,7 +314,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def on_progress(p) -> None:
         bar.total = p.total_steps
-        bar.set_postfix_str(label(Phase(p.phase)) + (f" rel-MAE {p.rel_mae:.4f}" if p.HasField("rel_mae") else ""))
+        bar.set_postfix_str(
+            label(Phase(p.phase)) + (f" rel-MAE {p.rel_mae:.4f}" if p.HasField("rel_mae") else "")
+        )
         bar.update(1)
 
     with client_for(args) as client:
@@ -227,9 +325,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         finally:
             bar.close()
             telemetry.shutdown_tracing()
-    stats = MessageToDict(response.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    write_outputs(args, [image.data for image in response.images],
-                  {"request_id": response.request_id, "seed": str(response.seed), **stats})
+    stats = MessageToDict(
+        response.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    write_outputs(
+        args,
+        [image.data for image in response.images],
+        {"request_id": response.request_id, "seed": str(response.seed), **stats},
+    )
     return EXIT_OK
 
 
@@ -247,21 +350,36 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     with client_for(args) as client:
         status = client.cluster_status()
-    print(json.dumps(MessageToDict(status, preserving_proto_field_name=True,
-                                   always_print_fields_with_no_presence=True), indent=2))
+    print(
+        json.dumps(
+            MessageToDict(
+                status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            ),
+            indent=2,
+        )
+    )
     return EXIT_OK
 
 
 def add_client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=default_target(),
-                   help="HOST:PORT of the coordinator (default: $HYBRIDIFF_TARGET, else 127.0.0.1:50051)")
+    p.add_argument(
+        "--target",
+        default=default_target(),
+        help="HOST:PORT of the coordinator (default: $HYBRIDIFF_TARGET, else 127.0.0.1:50051)",
+    )
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline of the call in seconds")
-    p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
-                   help="give up after this many seconds when the target cannot be reached")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=DEFAULT_CONNECT_TIMEOUT,
+        help="give up after this many seconds when the target cannot be reached",
+    )
     p.add_argument("--tls-ca", default=None, help="TLS: the coordinator's CA certificate (PEM)")
     p.add_argument("--tls-cert", default=None, help="mutual TLS: this client's certificate (PEM)")
     p.add_argument("--tls-key", default=None, help="mutual TLS: this client's key (PEM)")
-    p.add_argument("--auth-token-file", default=None, help="bearer token file (default: $HYBRIDIFF_AUTH_TOKEN if set)")
+    p.add_argument(
+        "--auth-token-file", default=None, help="bearer token file (default: $HYBRIDIFF_AUTH_TOKEN if set)"
+    )
 
 
 # --- the parser -------------------------------------------------------------------------
@@ -271,9 +389,12 @@ def tool_commands() -> dict[str, object]:
 
 
 def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybridiff", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit codes: 0 ok, 2 bad usage or invalid argument, 3 unavailable or "
-                                            "deadline exceeded, 4 other server error.")
+    parser = argparse.ArgumentParser(
+        prog="hybridiff",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit codes: 0 ok, 2 bad usage or invalid argument, 3 unavailable or "
+        "deadline exceeded, 4 other server error.",
+    )
     parser.add_argument("--version", action="version", version=f"hybridiff {package_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,51 +403,89 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.add_argument("--arch", required=True, choices=("sdxl", "sd3"), help="the architecture")
     p.add_argument("--out", required=True, help="the model directory to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--size", choices=("tiny", "bench"), default="tiny",
-                   help="tiny: for tests; bench: the ~30M-parameter benchmark UNet")
+    p.add_argument(
+        "--size",
+        choices=("tiny", "bench"),
+        default="tiny",
+        help="tiny: for tests; bench: the ~30M-parameter benchmark UNet",
+    )
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("run", help="the engine in one process, no servers")
-    p.add_argument("--model-dir", default=None, help="diffusers model directory (default: the embedded model)")
+    p.add_argument(
+        "--model-dir", default=None, help="diffusers model directory (default: the embedded model)"
+    )
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp16 on GPU, fp32 on CPU)")
-    p.add_argument("--split-cut", type=int, default=None, help="stage cut (default: balanced by measured cost)")
+    p.add_argument(
+        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp16 on GPU, fp32 on CPU)"
+    )
+    p.add_argument(
+        "--split-cut", type=int, default=None, help="stage cut (default: balanced by measured cost)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_generation_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("worker", help="one GPU worker: control API over gRPC, data plane over ZeroMQ")
-    p.add_argument("--model-dir", default=None, help="diffusers model directory (default: the embedded model)")
+    p.add_argument(
+        "--model-dir", default=None, help="diffusers model directory (default: the embedded model)"
+    )
     p.add_argument("--model-name", default=None, help="name clients use (default: the directory name)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument("--advertise-host", default=None, help="host peers reach this worker at (default: hostname)")
+    p.add_argument(
+        "--advertise-host", default=None, help="host peers reach this worker at (default: hostname)"
+    )
     p.add_argument("--port", type=int, default=50061, help="control API port (0: any free port)")
     p.add_argument("--data-port", type=int, default=50062, help="data-plane port (0: any free port)")
     p.add_argument("--worker-id", default=None, help="name in logs and stats (default: HOST:PORT)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp16 on GPU, fp32 on CPU)")
-    p.add_argument("--cpus", default=None, help="pin to these cores (e.g. 0 or 0-3), one torch thread per core")
+    p.add_argument(
+        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp16 on GPU, fp32 on CPU)"
+    )
+    p.add_argument(
+        "--cpus", default=None, help="pin to these cores (e.g. 0 or 0-3), one torch thread per core"
+    )
     p.add_argument("--ready-file", default=None, help="write the bound addresses here as JSON once serving")
     p.add_argument("--tls-cert", default=None, help="control API: TLS certificate (PEM)")
     p.add_argument("--tls-key", default=None, help="control API: TLS private key (PEM)")
-    p.add_argument("--tls-client-ca", default=None,
-                   help="control API: accept only clients (the coordinator) with a certificate from this CA")
+    p.add_argument(
+        "--tls-client-ca",
+        default=None,
+        help="control API: accept only clients (the coordinator) with a certificate from this CA",
+    )
     p.add_argument("--curve-keys", default=None, help="data plane: directory with the CURVE pool keypair")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("coordinator", help="the public API, admission queue, pair allocator and monitor")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument("--port", type=int, default=50051, help="public API port (0: any free port)")
-    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: any free port)")
-    p.add_argument("--discovery", choices=("static", "kubernetes"), default="static",
-                   help="how workers are found: a fixed list, or the Kubernetes API")
-    p.add_argument("--workers", default="", help="static discovery: HOST:PORT,... of the workers' control APIs")
-    p.add_argument("--namespace", default="default", help="kubernetes discovery: namespace of the worker pods")
-    p.add_argument("--selector", default="app.kubernetes.io/component=worker",
-                   help="kubernetes discovery: label selector")
-    p.add_argument("--worker-port", type=int, default=50061, help="kubernetes discovery: workers' control port")
+    p.add_argument(
+        "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: any free port)"
+    )
+    p.add_argument(
+        "--discovery",
+        choices=("static", "kubernetes"),
+        default="static",
+        help="how workers are found: a fixed list, or the Kubernetes API",
+    )
+    p.add_argument(
+        "--workers", default="", help="static discovery: HOST:PORT,... of the workers' control APIs"
+    )
+    p.add_argument(
+        "--namespace", default="default", help="kubernetes discovery: namespace of the worker pods"
+    )
+    p.add_argument(
+        "--selector",
+        default="app.kubernetes.io/component=worker",
+        help="kubernetes discovery: label selector",
+    )
+    p.add_argument(
+        "--worker-port", type=int, default=50061, help="kubernetes discovery: workers' control port"
+    )
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for workers")
-    p.add_argument("--step-timeout", type=float, default=600.0, help="seconds to wait for one step before failing")
+    p.add_argument(
+        "--step-timeout", type=float, default=600.0, help="seconds to wait for one step before failing"
+    )
     p.add_argument("--ready-file", default=None, help="write the bound ports here as JSON once serving")
     p.add_argument("--l-slope", type=int, default=None, help="override every model's default L_slope")
     p.add_argument("--eps-slope", type=float, default=None, help="override every model's default eps_slope")
@@ -334,16 +493,25 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.add_argument("--tau-cap", type=int, default=None, help="override every model's default tau_cap")
     p.add_argument("--tls-cert", default=None, help="public API: TLS certificate (PEM)")
     p.add_argument("--tls-key", default=None, help="public API: TLS private key (PEM)")
-    p.add_argument("--tls-client-ca", default=None, help="public API: require client certificates from this CA")
-    p.add_argument("--auth-token-file", default=None,
-                   help="public API: require this bearer token (default: $HYBRIDIFF_AUTH_TOKEN if set)")
+    p.add_argument(
+        "--tls-client-ca", default=None, help="public API: require client certificates from this CA"
+    )
+    p.add_argument(
+        "--auth-token-file",
+        default=None,
+        help="public API: require this bearer token (default: $HYBRIDIFF_AUTH_TOKEN if set)",
+    )
     p.add_argument("--worker-tls-ca", default=None, help="control channels: CA of the workers' certificates")
-    p.add_argument("--worker-tls-cert", default=None, help="control channels: the coordinator's client certificate")
+    p.add_argument(
+        "--worker-tls-cert", default=None, help="control channels: the coordinator's client certificate"
+    )
     p.add_argument("--worker-tls-key", default=None, help="control channels: the coordinator's client key")
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("local", help="coordinator + workers as local processes (the embedded default)")
-    p.add_argument("--model-dir", default=None, help="diffusers model directory (default: the embedded model)")
+    p.add_argument(
+        "--model-dir", default=None, help="diffusers model directory (default: the embedded model)"
+    )
     p.add_argument("--workers", type=int, default=2, help="how many workers (each gets its own cores)")
     p.add_argument("--port", type=int, default=50051, help="public API port")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port")
@@ -379,11 +547,15 @@ def main(argv: list[str] | None = None) -> int:
     tools = tool_commands()
     try:
         if argv and argv[0] in tools:  # a tool parses its own arguments
-            logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            logging.basicConfig(
+                level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
             return tools[argv[0]].load()(argv[1:])
         args = build_parser(tools).parse_args(argv)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         return args.func(args)
     except HybridiffError as exc:
         print(f"error: {exc.code.name}: {exc}", file=sys.stderr)

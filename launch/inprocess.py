@@ -5,6 +5,7 @@ own mailbox, scheduler and latents. The driver sends them the control API's own 
 they exchange tensors only as encoded data-plane frames through ``InMemoryLink`` — the same
 messages the cluster carries over gRPC and ZeroMQ.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -45,8 +46,13 @@ class InProcessWorker:
 class InProcessEngine:
     """Loads a model once and runs requests on an in-process pair of worker engines."""
 
-    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str | None = None,
-                 split_cut: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str | None = None,
+        dtype: str | None = None,
+        split_cut: int | None = None,
+    ) -> None:
         self.adapter = load_adapter(model_dir, device, dtype)
         self.limits = self.adapter.size_limits()
         self.defaults = self.adapter.defaults
@@ -65,15 +71,21 @@ class InProcessEngine:
         """The balanced cut at this resolution, measured once and cached."""
         return self.planner.plan(height, width)
 
-    def generate(self, spec: GenerationSpec, on_step: Callable[[StepStat, int], None] | None = None,
-                 check_alive: Callable[[], None] | None = None) -> GenerationResult:
+    def generate(
+        self,
+        spec: GenerationSpec,
+        on_step: Callable[[StepStat, int], None] | None = None,
+        check_alive: Callable[[], None] | None = None,
+    ) -> GenerationResult:
         mode = spec.mode
         if mode == Mode.AUTO:
             mode = Mode.HYBRID if spec.guided else Mode.SINGLE  # a pair is always free in-process
         cut = self._split_cut
         if cut is None and mode in (Mode.HYBRID, Mode.PIPELINE):
             cut = self.split_plan(spec.height, spec.width).cut
-        return drive_request(spec, mode, self.workers, split_cut=cut, on_step=on_step, check_alive=check_alive)
+        return drive_request(
+            spec, mode, self.workers, split_cut=cut, on_step=on_step, check_alive=check_alive
+        )
 
     def close(self) -> None:
         for w in self.workers:

@@ -4,6 +4,7 @@ Each worker gets its own share of the CPU cores (pinned, one torch thread per co
 as each pod gets its own GPU. Children die with the launcher (PR_SET_PDEATHSIG) and are
 stopped on SIGTERM/SIGINT: SIGTERM first, SIGKILL after a grace period — no orphans.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -28,7 +29,7 @@ def core_shares(workers: int, cores: list[int] | None = None) -> list[str]:
     cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
     if workers <= len(cores):
         per = len(cores) // workers
-        return [",".join(str(c) for c in cores[i * per:(i + 1) * per]) for i in range(workers)]
+        return [",".join(str(c) for c in cores[i * per : (i + 1) * per]) for i in range(workers)]
     return [str(cores[i % len(cores)]) for i in range(workers)]
 
 
@@ -38,9 +39,17 @@ def _die_with_parent() -> None:
 
 
 class LocalCluster:
-    def __init__(self, model_dir: str | Path, workers: int = 2, port: int = 0, metrics_port: int = 0,
-                 queue_size: int = 16, log_dir: str | Path | None = None, extra_env: dict[str, str] | None = None,
-                 cores: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        workers: int = 2,
+        port: int = 0,
+        metrics_port: int = 0,
+        queue_size: int = 16,
+        log_dir: str | Path | None = None,
+        extra_env: dict[str, str] | None = None,
+        cores: list[int] | None = None,
+    ) -> None:
         self.model_dir = str(model_dir)
         self.num_workers = workers
         self.port = port  # 0: the coordinator picks a free port
@@ -58,12 +67,17 @@ class LocalCluster:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         out = open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL
-        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], env=self.env, stdout=out,
-                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", *args],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
         self.procs.append(proc)
         return proc
 
-    def start(self, timeout: float = 300.0) -> "LocalCluster":
+    def start(self, timeout: float = 300.0) -> LocalCluster:
         """Start the workers on ports they pick themselves, then the coordinator, and wait
         until the coordinator is SERVING with every worker idle."""
         deadline = time.monotonic() + timeout
@@ -74,15 +88,46 @@ class LocalCluster:
             ready = []
             for i, cpus in enumerate(core_shares(self.num_workers, self.cores)):
                 ready.append(run_dir / f"worker{i}.json")
-                self._spawn(f"worker{i}", ["worker", "--model-dir", self.model_dir, "--host", "127.0.0.1",
-                                           "--port", "0", "--data-port", "0", "--cpus", cpus,
-                                           "--worker-id", f"worker{i}", "--ready-file", str(ready[-1])])
+                self._spawn(
+                    f"worker{i}",
+                    [
+                        "worker",
+                        "--model-dir",
+                        self.model_dir,
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        "0",
+                        "--data-port",
+                        "0",
+                        "--cpus",
+                        cpus,
+                        "--worker-id",
+                        f"worker{i}",
+                        "--ready-file",
+                        str(ready[-1]),
+                    ],
+                )
             self.worker_addresses = [self._await_file(f, deadline)["control"] for f in ready]
             coordinator_file = run_dir / "coordinator.json"
-            self._spawn("coordinator", ["coordinator", "--host", "127.0.0.1", "--port", str(self.port),
-                                        "--metrics-port", str(self.metrics_port), "--queue-size", str(self.queue_size),
-                                        "--workers", ",".join(self.worker_addresses),
-                                        "--ready-file", str(coordinator_file)])
+            self._spawn(
+                "coordinator",
+                [
+                    "coordinator",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--metrics-port",
+                    str(self.metrics_port),
+                    "--queue-size",
+                    str(self.queue_size),
+                    "--workers",
+                    ",".join(self.worker_addresses),
+                    "--ready-file",
+                    str(coordinator_file),
+                ],
+            )
             ports = self._await_file(coordinator_file, deadline)
             self.port, self.metrics_port = ports["port"], ports["metrics_port"]
             self.wait_ready(max(1.0, deadline - time.monotonic()))
@@ -116,8 +161,9 @@ class LocalCluster:
             while time.monotonic() < deadline:
                 self._check_alive()
                 try:
-                    ready = health_stub.Check(health_pb2.HealthCheckRequest(service="hybridiff.v1.DiffusionService"),
-                                              timeout=2)
+                    ready = health_stub.Check(
+                        health_pb2.HealthCheckRequest(service="hybridiff.v1.DiffusionService"), timeout=2
+                    )
                     if ready.status == health_pb2.HealthCheckResponse.SERVING:
                         status = stub.ClusterStatus(diffusion_pb2.ClusterStatusRequest(), timeout=2)
                         if sum(w.state == "idle" for w in status.workers) == self.num_workers:
@@ -141,7 +187,7 @@ class LocalCluster:
                 proc.wait(timeout=5)
         self.procs.clear()
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -149,7 +195,9 @@ class LocalCluster:
 
 
 def run_local(model_dir: str, workers: int, port: int, metrics_port: int, queue_size: int) -> int:
-    cluster = LocalCluster(model_dir, workers=workers, port=port, metrics_port=metrics_port, queue_size=queue_size)
+    cluster = LocalCluster(
+        model_dir, workers=workers, port=port, metrics_port=metrics_port, queue_size=queue_size
+    )
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -158,8 +206,11 @@ def run_local(model_dir: str, workers: int, port: int, metrics_port: int, queue_
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     cluster.start()
-    print(f"hybridiff local cluster ready at {cluster.address} ({workers} workers, cores "
-          f"{' | '.join(core_shares(workers))}); metrics at http://127.0.0.1:{cluster.metrics_port}/metrics", flush=True)
+    print(
+        f"hybridiff local cluster ready at {cluster.address} ({workers} workers, cores "
+        f"{' | '.join(core_shares(workers))}); metrics at http://127.0.0.1:{cluster.metrics_port}/metrics",
+        flush=True,
+    )
     try:
         while not stop["now"]:
             if any(p.poll() is not None for p in cluster.procs):

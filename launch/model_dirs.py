@@ -1,4 +1,5 @@
 """Where the launch layer finds a model when none is named: the embedded default."""
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,9 @@ def default_model_dir() -> Path:
         return EMBEDDED_MODEL_DIR
     cache = tiny_model_cache() / "tiny-sdxl"
     if not (cache / "model_index.json").is_file():
-        print(f"no embedded model at {EMBEDDED_MODEL_DIR}; building a tiny random SDXL model in {cache}",
-              file=sys.stderr)
+        print(
+            f"no embedded model at {EMBEDDED_MODEL_DIR}; building a tiny random SDXL model in {cache}",
+            file=sys.stderr,
+        )
         write_tiny_model("sdxl", cache)
     return cache

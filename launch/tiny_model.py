@@ -4,6 +4,7 @@ Used by the tests, the CPU demos and the benchmark (``hybridiff tiny-model``). T
 tokenizers are byte-level BPE tokenizers built from an in-memory vocabulary, so no hub is
 needed. ``size="bench"`` is the SDXL-shaped UNet of about 30M parameters of DESIGN section 4.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,15 +45,28 @@ def build_clip_tokenizer(max_length: int = 77, extra_words: tuple[str, ...] = ()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def _text_encoders(shape_1: TextEncoderShape, shape_2: TextEncoderShape, vocab_size: int, seed: int,
-                   first_with_projection: bool = False):
+def _text_encoders(
+    shape_1: TextEncoderShape,
+    shape_2: TextEncoderShape,
+    vocab_size: int,
+    seed: int,
+    first_with_projection: bool = False,
+):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     def config(s: TextEncoderShape) -> CLIPTextConfig:
         return CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=s.hidden, intermediate_size=s.hidden * 2,
-            num_hidden_layers=s.layers, num_attention_heads=s.heads, projection_dim=s.projection,
-            max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu",
+            vocab_size=vocab_size,
+            hidden_size=s.hidden,
+            intermediate_size=s.hidden * 2,
+            num_hidden_layers=s.layers,
+            num_attention_heads=s.heads,
+            projection_dim=s.projection,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_act="gelu",
         )
 
     torch.manual_seed(seed + 1)
@@ -66,12 +80,23 @@ def _vae(latent_channels: int, seed: int, sd3: bool):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed + 3)
-    extra = dict(shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False) if sd3 else {}
+    extra = (
+        dict(shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
+        if sd3
+        else {}
+    )
     # Four resolution levels: latents are 1/8 of the image side, as in SDXL and SD3.
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64, **extra,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+        **extra,
     )
 
 
@@ -81,24 +106,38 @@ def _sdxl_unet(size: str, cross_dim: int, pooled_dim: int, seed: int):
     torch.manual_seed(seed)
     time_dim = 8 if size == "tiny" else 32
     common = dict(
-        in_channels=4, out_channels=4, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=time_dim * 6 + pooled_dim, cross_attention_dim=cross_dim,
+        in_channels=4,
+        out_channels=4,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=time_dim * 6 + pooled_dim,
+        cross_attention_dim=cross_dim,
         use_linear_projection=True,
     )
     if size == "tiny":
         return UNet2DConditionModel(
-            sample_size=8, block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8,
+            sample_size=8,
+            block_out_channels=(16, 32),
+            layers_per_block=2,
+            norm_num_groups=8,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4), transformer_layers_per_block=(1, 1), **common,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 1),
+            **common,
         )
     # "bench": SDXL's three-level layout (no attention at the top level, deeper transformer
     # stacks further down), scaled to about 30M parameters at 64x64 latents.
     return UNet2DConditionModel(
-        sample_size=64, block_out_channels=(64, 128, 256), layers_per_block=2, norm_num_groups=32,
+        sample_size=64,
+        block_out_channels=(64, 128, 256),
+        layers_per_block=2,
+        norm_num_groups=32,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2), **common,
+        attention_head_dim=(2, 4, 8),
+        transformer_layers_per_block=(1, 1, 2),
+        **common,
     )
 
 
@@ -106,8 +145,13 @@ def _scheduler_sdxl():
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        timestep_spacing="leading", steps_offset=1, prediction_type="epsilon",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type="epsilon",
     )
 
 
@@ -118,10 +162,17 @@ def build_sdxl(size: str = "tiny", seed: int = 0):
     shape_1 = TextEncoderShape(hidden=32, layers=2, heads=4, projection=32)
     shape_2 = TextEncoderShape(hidden=32, layers=2, heads=4, projection=32)
     enc_1, enc_2 = _text_encoders(shape_1, shape_2, len(tok), seed)
-    unet = _sdxl_unet(size, cross_dim=shape_1.hidden + shape_2.hidden, pooled_dim=shape_2.projection, seed=seed)
+    unet = _sdxl_unet(
+        size, cross_dim=shape_1.hidden + shape_2.hidden, pooled_dim=shape_2.projection, seed=seed
+    )
     return StableDiffusionXLPipeline(
-        vae=_vae(4, seed, sd3=False), text_encoder=enc_1, text_encoder_2=enc_2, tokenizer=tok,
-        tokenizer_2=build_clip_tokenizer(), unet=unet, scheduler=_scheduler_sdxl(),
+        vae=_vae(4, seed, sd3=False),
+        text_encoder=enc_1,
+        text_encoder_2=enc_2,
+        tokenizer=tok,
+        tokenizer_2=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=_scheduler_sdxl(),
         force_zeros_for_empty_prompt=True,
     )
 
@@ -135,15 +186,28 @@ def build_sd3(size: str = "tiny", seed: int = 0):
     torch.manual_seed(seed)
     layers, heads, head_dim = (4, 2, 16) if size == "tiny" else (12, 6, 64)
     transformer = SD3Transformer2DModel(
-        sample_size=8 if size == "tiny" else 64, patch_size=2, in_channels=4, out_channels=4,
-        num_layers=layers, attention_head_dim=head_dim, num_attention_heads=heads,
-        joint_attention_dim=2 * shape.hidden, caption_projection_dim=heads * head_dim,
-        pooled_projection_dim=2 * shape.projection, pos_embed_max_size=96,
+        sample_size=8 if size == "tiny" else 64,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=2 * shape.hidden,
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=2 * shape.projection,
+        pos_embed_max_size=96,
     )
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(4, seed, sd3=True), text_encoder=enc_1, tokenizer=tok, text_encoder_2=enc_2,
-        tokenizer_2=build_clip_tokenizer(), text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(4, seed, sd3=True),
+        text_encoder=enc_1,
+        tokenizer=tok,
+        text_encoder_2=enc_2,
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
 
 

@@ -1,4 +1,5 @@
 """Shared pieces of the cluster tests: an OTLP/gRPC trace receiver and request helpers."""
+
 from __future__ import annotations
 
 import threading
@@ -21,23 +22,34 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request, context):
         with self._lock:
             for rs in request.resource_spans:
-                service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+                service = next(
+                    (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), ""
+                )
                 for ss in rs.scope_spans:
                     for span in ss.spans:
                         attrs = {}
                         for a in span.attributes:
                             v = a.value
-                            attrs[a.key] = getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
-                        self.spans.append({"service": service, "name": span.name, "trace_id": span.trace_id.hex(),
-                                           "span_id": span.span_id.hex(), "parent": span.parent_span_id.hex(),
-                                           "attributes": attrs})
+                            attrs[a.key] = (
+                                getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+                            )
+                        self.spans.append(
+                            {
+                                "service": service,
+                                "name": span.name,
+                                "trace_id": span.trace_id.hex(),
+                                "span_id": span.span_id.hex(),
+                                "parent": span.parent_span_id.hex(),
+                                "attributes": attrs,
+                            }
+                        )
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def snapshot(self) -> list[dict]:
         with self._lock:
             return list(self.spans)
 
-    def start(self) -> "OtlpReceiver":
+    def start(self) -> OtlpReceiver:
         self.server.start()
         return self
 
@@ -45,15 +57,27 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.server.stop(0)
 
 
-def make_input(mode: str = "auto", window_guidance: str = "default", output_format: str = "png",
-               l_slope=None, eps_slope=None, k=None, tau_cap=None, **fields):
+def make_input(
+    mode: str = "auto",
+    window_guidance: str = "default",
+    output_format: str = "png",
+    l_slope=None,
+    eps_slope=None,
+    k=None,
+    tau_cap=None,
+    **fields,
+):
     """A ``RequestInput`` from the CLI's names (``mode="cfg-parallel"``, flat hybrid parameters)."""
     from hybridiff.protocol import Mode, OutputFormat, WindowGuidance, parse
     from hybridiff.request import RequestInput
 
-    return RequestInput(mode=parse(Mode, mode), output_format=parse(OutputFormat, output_format),
-                        window_guidance=0 if window_guidance == "default" else parse(WindowGuidance, window_guidance),
-                        hybrid={"l_slope": l_slope, "eps_slope": eps_slope, "k": k, "tau_cap": tau_cap}, **fields)
+    return RequestInput(
+        mode=parse(Mode, mode),
+        output_format=parse(OutputFormat, output_format),
+        window_guidance=0 if window_guidance == "default" else parse(WindowGuidance, window_guidance),
+        hybrid={"l_slope": l_slope, "eps_slope": eps_slope, "k": k, "tau_cap": tau_cap},
+        **fields,
+    )
 
 
 def send(client, raw, timeout=None, on_progress=None):

@@ -42,9 +42,13 @@ def otlp():
 def sdxl_cluster(model_dirs, otlp, tmp_path_factory):
     from launch.local_cluster import LocalCluster
 
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
-    with LocalCluster(model_dirs["sdxl"], workers=4, log_dir=tmp_path_factory.mktemp("logs"), extra_env=env,
-                      queue_size=16) as cluster:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+    }
+    with LocalCluster(
+        model_dirs["sdxl"], workers=4, log_dir=tmp_path_factory.mktemp("logs"), extra_env=env, queue_size=16
+    ) as cluster:
         yield cluster
 
 
@@ -54,5 +58,3 @@ def sd3_cluster(model_dirs, tmp_path_factory):
 
     with LocalCluster(model_dirs["sd3"], workers=2, log_dir=tmp_path_factory.mktemp("logs")) as cluster:
         yield cluster
-
-

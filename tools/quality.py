@@ -1,4 +1,5 @@
 """Image comparison without downloaded metric weights: PSNR and SSIM on 8-bit RGB images."""
+
 from __future__ import annotations
 
 import io

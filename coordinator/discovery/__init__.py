@@ -6,6 +6,7 @@ and ``worker_gone`` when it turns unready or disappears (the pool drains it: no 
 requests in flight on it are resumed elsewhere). Backends: a static list (``static``) and the
 Kubernetes API (``kubernetes``).
 """
+
 from __future__ import annotations
 
 from typing import Protocol

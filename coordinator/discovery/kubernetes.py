@@ -19,6 +19,7 @@ watch was open is drained exactly once and a worker that stayed ready is not rep
 API errors are retried with a bounded exponential backoff. Everything runs on one daemon
 thread; ``stop()`` shuts the open watch socket down so that the thread ends promptly.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from coordinator.discovery import WorkerSink
 
@@ -57,8 +59,7 @@ def load_api_client(config_file: str | None = None, context: str | None = None) 
         config.load_incluster_config(client_configuration=configuration)
         log.info("kubernetes discovery: using the in-cluster service account")
     except config.ConfigException:
-        config.load_kube_config(config_file=config_file, context=context,
-                                client_configuration=configuration)
+        config.load_kube_config(config_file=config_file, context=context, client_configuration=configuration)
         log.info("kubernetes discovery: using kubeconfig (%s)", config_file or "default")
     return client.ApiClient(configuration)
 
@@ -73,8 +74,9 @@ def pod_address(pod: dict[str, Any], port: int) -> str | None:
     status = pod.get("status") or {}
     if metadata.get("deletionTimestamp") or status.get("phase") != "Running":
         return None
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
-                for c in status.get("conditions") or [])
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
     ip = status.get("podIP")
     if not ready or not ip:
         return None
@@ -135,8 +137,12 @@ class KubernetesDiscovery:
         self._sink = sink
         self._thread = threading.Thread(target=self._run, name="k8s-discovery", daemon=True)
         self._thread.start()
-        log.info("kubernetes discovery: watching pods %r in namespace %s (port %d)",
-                 self.selector, self.namespace, self.port)
+        log.info(
+            "kubernetes discovery: watching pods %r in namespace %s (port %d)",
+            self.selector,
+            self.namespace,
+            self.port,
+        )
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """End the watch thread; the workers already reported stay as they are."""
@@ -165,8 +171,12 @@ class KubernetesDiscovery:
             except Exception as e:  # noqa: BLE001 - any API/transport error: back off and retry
                 if self._stop.is_set():
                     break
-                log.warning("kubernetes discovery: API error (%s: %s); retrying in %.1fs",
-                            type(e).__name__, _short(e), delay)
+                log.warning(
+                    "kubernetes discovery: API error (%s: %s); retrying in %.1fs",
+                    type(e).__name__,
+                    _short(e),
+                    delay,
+                )
                 self._stop.wait(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self.backoff_max_s)
                 continue
@@ -182,7 +192,9 @@ class KubernetesDiscovery:
     def _relist(self) -> str:
         """LIST the pods, reconcile the known set with it, return the list's resourceVersion."""
         resp = self._api.list_namespaced_pod(
-            self.namespace, label_selector=self.selector, _preload_content=False,
+            self.namespace,
+            label_selector=self.selector,
+            _preload_content=False,
             _request_timeout=(self.connect_timeout_s, self.connect_timeout_s + 20),
         )
         try:
@@ -203,9 +215,13 @@ class KubernetesDiscovery:
         if self._stop.is_set():
             return
         resp = self._api.list_namespaced_pod(
-            self.namespace, label_selector=self.selector, watch=True,
-            resource_version=resource_version or None, timeout_seconds=self.watch_timeout_s,
-            allow_watch_bookmarks=True, _preload_content=False,
+            self.namespace,
+            label_selector=self.selector,
+            watch=True,
+            resource_version=resource_version or None,
+            timeout_seconds=self.watch_timeout_s,
+            allow_watch_bookmarks=True,
+            _preload_content=False,
             _request_timeout=(self.connect_timeout_s, self.watch_timeout_s + 30),
         )
         with self._resp_lock:

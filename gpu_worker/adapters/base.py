@@ -5,6 +5,7 @@ exposes the pieces of one step (DESIGN section 1) — prompt encoding, initial l
 denoiser forward for a branch or the CFG batch, the two-stage split, the scheduler step and
 the VAE decode — so that the worker engine can interleave them with its peer.
 """
+
 from __future__ import annotations
 
 import io
@@ -87,8 +88,9 @@ class StageSplit(ABC):
 class ModelAdapter(ABC):
     arch: str
 
-    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype,
-                 defaults: ModelDefaults | None = None) -> None:
+    def __init__(
+        self, pipe: Any, device: torch.device, dtype: torch.dtype, defaults: ModelDefaults | None = None
+    ) -> None:
         self.pipe = pipe
         self.device = device
         self.dtype = dtype
@@ -118,10 +120,19 @@ class ModelAdapter(ABC):
         else:
             multiple = vae
             grid = vae * 2 ** sum(1 for b in denoiser.down_blocks if b.downsamplers is not None)
-        return SizeLimits(multiple=multiple, min_side=grid, max_side=2 * self.default_size, default_side=self.default_size)
+        return SizeLimits(
+            multiple=multiple, min_side=grid, max_side=2 * self.default_size, default_side=self.default_size
+        )
 
-    def encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int,
-               num_images: int = 1) -> Conditioning:
+    def encode(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        guidance: bool,
+        height: int,
+        width: int,
+        num_images: int = 1,
+    ) -> Conditioning:
         """Encode as the pipeline's ``__call__`` does (``negative_prompt=None`` when none given),
         ``num_images`` rows per branch as its ``num_images_per_prompt``.
 
@@ -131,20 +142,30 @@ class ModelAdapter(ABC):
             return self._encode(prompt, negative_prompt, guidance, height, width, num_images)
 
     @abstractmethod
-    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int,
-                num_images: int) -> Conditioning: ...
+    def _encode(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        guidance: bool,
+        height: int,
+        width: int,
+        num_images: int,
+    ) -> Conditioning: ...
 
     @abstractmethod
     def new_timeline(self, num_steps: int, seed: int, height: int, width: int) -> RequestTimeline: ...
 
-    def initial_latents(self, timeline: RequestTimeline, height: int, width: int, num_images: int = 1) -> torch.Tensor:
+    def initial_latents(
+        self, timeline: RequestTimeline, height: int, width: int, num_images: int = 1
+    ) -> torch.Tensor:
         """Latents as ``pipe.prepare_latents`` draws them from ``Generator("cpu").manual_seed(seed)``:
         one draw of the whole batch of ``num_images``."""
         channels = self.denoiser.config.in_channels
         with self._pipe_lock:
             self.pipe.scheduler = timeline.scheduler
-            return self.pipe.prepare_latents(num_images, channels, height, width, self.dtype, self.device,
-                                             timeline.generator)
+            return self.pipe.prepare_latents(
+                num_images, channels, height, width, self.dtype, self.device, timeline.generator
+            )
 
     # --- one step -------------------------------------------------------------------
     @abstractmethod
@@ -155,7 +176,9 @@ class ModelAdapter(ABC):
     def forward(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
         """One full denoiser forward; the batch is that of ``inputs``."""
 
-    def scheduler_step(self, timeline: RequestTimeline, eps: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def scheduler_step(
+        self, timeline: RequestTimeline, eps: torch.Tensor, t: torch.Tensor, latents: torch.Tensor
+    ) -> torch.Tensor:
         return timeline.scheduler.step(eps, t, latents, **timeline.extra_step_kwargs, return_dict=False)[0]
 
     @abstractmethod

@@ -6,9 +6,11 @@ pair (hidden_states, encoder_hidden_states) *returned by block cut-1* and passed
 block ``cut`` — the reference implementation hands off one block late; this does not.
 Both stages compute the (cheap) time/pooled-text embedding ``temb`` from their own timestep.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -34,16 +36,20 @@ class SequentialDiTSplit(StageSplit):
     def temb(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return self.transformer.time_text_embed(t, pooled)
 
-    def embed(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         tr = self.transformer
         hidden = tr.pos_embed(sample).contiguous()
         return hidden, tr.context_embedder(encoder_hidden_states)
 
-    def blocks(self, hidden: torch.Tensor, context: torch.Tensor, temb: torch.Tensor,
-               start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def blocks(
+        self, hidden: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         for block in self.transformer.transformer_blocks[start:stop]:
-            context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
-                                    joint_attention_kwargs=None)
+            context, hidden = block(
+                hidden_states=hidden, encoder_hidden_states=context, temb=temb, joint_attention_kwargs=None
+            )
         return hidden, context
 
     def head(self, hidden: torch.Tensor, temb: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -56,18 +62,29 @@ class SequentialDiTSplit(StageSplit):
         hidden = torch.einsum("nhwpqc->nchpwq", hidden)
         return hidden.reshape(shape=(hidden.shape[0], tr.out_channels, h * p, w * p))
 
-    def stage1(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor) -> dict[str, torch.Tensor]:
+    def stage1(
+        self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         hidden, context = self.embed(sample, encoder_hidden_states)
         hidden, context = self.blocks(hidden, context, temb, 0, self.cut)
         return {"hidden_states": hidden, "encoder_hidden_states": context}
 
-    def stage2(self, boundary: dict[str, torch.Tensor], temb: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        hidden, _ = self.blocks(boundary["hidden_states"], boundary["encoder_hidden_states"], temb, self.cut, self.num_units)
+    def stage2(
+        self, boundary: dict[str, torch.Tensor], temb: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        hidden, _ = self.blocks(
+            boundary["hidden_states"], boundary["encoder_hidden_states"], temb, self.cut, self.num_units
+        )
         return self.head(hidden, temb, height, width)
 
 
-def time_units(split: SequentialDiTSplit, sample: torch.Tensor, encoder_hidden_states: torch.Tensor,
-               temb: torch.Tensor, clock: Callable[[], float]) -> dict[str, float]:
+def time_units(
+    split: SequentialDiTSplit,
+    sample: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    temb: torch.Tensor,
+    clock: Callable[[], float],
+) -> dict[str, float]:
     costs: dict[str, float] = {}
     start = clock()
     hidden, context = split.embed(sample, encoder_hidden_states)

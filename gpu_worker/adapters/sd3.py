@@ -1,12 +1,22 @@
 """SD3-style adapter: ``StableDiffusion3Pipeline`` components, MMDiT transformer, flow matching."""
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    calculate_shift,
+    retrieve_timesteps,
+)
 
-from gpu_worker.adapters.base import BranchInputs, Conditioning, ModelAdapter, RequestTimeline, repeat_to_batch
+from gpu_worker.adapters.base import (
+    BranchInputs,
+    Conditioning,
+    ModelAdapter,
+    RequestTimeline,
+    repeat_to_batch,
+)
 from gpu_worker.adapters.dit_split import SequentialDiTSplit, time_units
 
 
@@ -17,11 +27,23 @@ class SD3Adapter(ModelAdapter):
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
 
-    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int,
-                num_images: int) -> Conditioning:
+    def _encode(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        guidance: bool,
+        height: int,
+        width: int,
+        num_images: int,
+    ) -> Conditioning:
         prompt_embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, negative_prompt=negative_prompt,
-            do_classifier_free_guidance=guidance, device=self.device, num_images_per_prompt=num_images,
+            prompt=prompt,
+            prompt_2=None,
+            prompt_3=None,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=guidance,
+            device=self.device,
+            num_images_per_prompt=num_images,
         )
         cond = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
         uncond = {"encoder_hidden_states": neg_embeds, "pooled_projections": neg_pooled} if guidance else None
@@ -34,8 +56,13 @@ class SD3Adapter(ModelAdapter):
             p = self.pipe.transformer.config.patch_size
             seq_len = (height // self.vae_scale_factor // p) * (width // self.vae_scale_factor // p)
             cfg = scheduler.config
-            kwargs["mu"] = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+            kwargs["mu"] = calculate_shift(
+                seq_len,
+                cfg.get("base_image_seq_len", 256),
+                cfg.get("max_image_seq_len", 4096),
+                cfg.get("base_shift", 0.5),
+                cfg.get("max_shift", 1.16),
+            )
         timesteps, _ = retrieve_timesteps(scheduler, num_steps, self.device, **kwargs)
         return RequestTimeline(scheduler, timesteps, torch.Generator("cpu").manual_seed(seed))
 
@@ -45,12 +72,15 @@ class SD3Adapter(ModelAdapter):
     def forward(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
         sample = repeat_to_batch(sample, inputs)
         return self.pipe.transformer(
-            hidden_states=sample, timestep=t.expand(sample.shape[0]),
-            encoder_hidden_states=inputs["encoder_hidden_states"], pooled_projections=inputs["pooled_projections"],
-            joint_attention_kwargs=None, return_dict=False,
+            hidden_states=sample,
+            timestep=t.expand(sample.shape[0]),
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            pooled_projections=inputs["pooled_projections"],
+            joint_attention_kwargs=None,
+            return_dict=False,
         )[0]
 
-    def make_split(self, cut: int | None = None) -> "SD3Split":
+    def make_split(self, cut: int | None = None) -> SD3Split:
         return SD3Split(self, cut)
 
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
@@ -63,19 +93,27 @@ class SD3Split(SequentialDiTSplit):
         n = len(adapter.pipe.transformer.transformer_blocks)
         super().__init__(adapter.pipe.transformer, cut if cut is not None else n // 2)
 
-    def prepare(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(
+        self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         sample = repeat_to_batch(sample, inputs)
         return sample, self.temb(t.expand(sample.shape[0]), inputs["pooled_projections"])
 
     # Engine-facing stage API (sequential topology).
-    def stage1_fwd(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> dict[str, torch.Tensor]:
+    def stage1_fwd(
+        self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
+    ) -> dict[str, torch.Tensor]:
         sample, temb = self.prepare(sample, t, inputs)
         return self.stage1(sample, inputs["encoder_hidden_states"], temb)
 
-    def stage2_fwd(self, boundary: dict[str, torch.Tensor], sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
+    def stage2_fwd(
+        self, boundary: dict[str, torch.Tensor], sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
+    ) -> torch.Tensor:
         sample, temb = self.prepare(sample, t, inputs)
         return self.stage2(boundary, temb, sample.shape[-2], sample.shape[-1])
 
-    def unit_costs(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs, clock) -> dict[str, float]:
+    def unit_costs(
+        self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs, clock
+    ) -> dict[str, float]:
         sample, temb = self.prepare(sample, t, inputs)
         return time_units(self, sample, inputs["encoder_hidden_states"], temb, clock)

@@ -1,4 +1,5 @@
 """SDXL-style adapter: ``StableDiffusionXLPipeline`` components, UNet with text_time embeddings."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +7,13 @@ from typing import Any
 import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
-from gpu_worker.adapters.base import BranchInputs, Conditioning, ModelAdapter, RequestTimeline, repeat_to_batch
+from gpu_worker.adapters.base import (
+    BranchInputs,
+    Conditioning,
+    ModelAdapter,
+    RequestTimeline,
+    repeat_to_batch,
+)
 from gpu_worker.adapters.unet_split import NestedUNetSplit, time_units
 
 
@@ -17,20 +24,39 @@ class SDXLAdapter(ModelAdapter):
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.unet
 
-    def _encode(self, prompt: str, negative_prompt: str | None, guidance: bool, height: int, width: int,
-                num_images: int) -> Conditioning:
+    def _encode(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        guidance: bool,
+        height: int,
+        width: int,
+        num_images: int,
+    ) -> Conditioning:
         pipe = self.pipe
         prompt_embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
-            prompt=prompt, device=self.device, num_images_per_prompt=num_images,
-            do_classifier_free_guidance=guidance, negative_prompt=negative_prompt,
+            prompt=prompt,
+            device=self.device,
+            num_images_per_prompt=num_images,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=negative_prompt,
         )
         projection_dim = (
-            int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+            int(pooled.shape[-1])
+            if pipe.text_encoder_2 is None
+            else pipe.text_encoder_2.config.projection_dim
         )
-        time_ids = pipe._get_add_time_ids(
-            (height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
-            text_encoder_projection_dim=projection_dim,
-        ).to(self.device).repeat(num_images, 1)  # the pipeline's add_time_ids.repeat(batch * num_images, 1)
+        time_ids = (
+            pipe._get_add_time_ids(
+                (height, width),
+                (0, 0),
+                (height, width),
+                dtype=prompt_embeds.dtype,
+                text_encoder_projection_dim=projection_dim,
+            )
+            .to(self.device)
+            .repeat(num_images, 1)
+        )  # the pipeline's add_time_ids.repeat(batch * num_images, 1)
         cond = {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled, "time_ids": time_ids}
         uncond = None
         if guidance:
@@ -53,13 +79,16 @@ class SDXLAdapter(ModelAdapter):
 
     def forward(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
         return self.pipe.unet(
-            repeat_to_batch(sample, inputs), t, encoder_hidden_states=inputs["encoder_hidden_states"],
-            timestep_cond=None, cross_attention_kwargs=None,
+            repeat_to_batch(sample, inputs),
+            t,
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            timestep_cond=None,
+            cross_attention_kwargs=None,
             added_cond_kwargs={"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]},
             return_dict=False,
         )[0]
 
-    def make_split(self, cut: int | None = None) -> "SDXLSplit":
+    def make_split(self, cut: int | None = None) -> SDXLSplit:
         return SDXLSplit(self, cut)
 
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
@@ -82,17 +111,25 @@ class SDXLSplit(NestedUNetSplit):
 
     def prepare(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> Any:
         sample = repeat_to_batch(sample, inputs)
-        ctx = self.context(sample, t, inputs["encoder_hidden_states"],
-                           {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]})
+        ctx = self.context(
+            sample,
+            t,
+            inputs["encoder_hidden_states"],
+            {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]},
+        )
         return sample, ctx
 
     # Engine-facing stage API (nested topology): stage 1 = outer ring (pre, then post), stage 2 = core.
-    def stage1_pre(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> tuple[dict[str, torch.Tensor], Any]:
+    def stage1_pre(
+        self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
+    ) -> tuple[dict[str, torch.Tensor], Any]:
         sample, ctx = self.prepare(sample, t, inputs)
         residuals = self.outer_pre(sample, ctx)
         return {"core_input": residuals[-1]}, (residuals, ctx)
 
-    def stage2(self, core_in: dict[str, torch.Tensor], sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> dict[str, torch.Tensor]:
+    def stage2(
+        self, core_in: dict[str, torch.Tensor], sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
+    ) -> dict[str, torch.Tensor]:
         sample, ctx = self.prepare(sample, t, inputs)
         return {"core_output": self.core(core_in["core_input"], ctx)}
 
@@ -100,6 +137,8 @@ class SDXLSplit(NestedUNetSplit):
         residuals, ctx = state
         return self.outer_post(core_out["core_output"], residuals, ctx)
 
-    def unit_costs(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs, clock) -> dict[str, float]:
+    def unit_costs(
+        self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs, clock
+    ) -> dict[str, float]:
         sample, ctx = self.prepare(sample, t, inputs)
         return time_units(self, sample, ctx, clock)

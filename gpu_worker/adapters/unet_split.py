@@ -12,10 +12,12 @@ The units call the UNet's own submodules in the order and with the arguments of
 ``UNet2DConditionModel.forward`` and its blocks, so outer(core(outer_pre)) equals a full
 forward exactly.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -87,7 +89,13 @@ class NestedUNetSplit(StageSplit):
         return units
 
     def unit_names(self) -> list[str]:
-        return ["conv_in"] + [u.name for u in self.down_units] + ["mid"] + [u.name for u in self.up_units] + ["head"]
+        return (
+            ["conv_in"]
+            + [u.name for u in self.down_units]
+            + ["mid"]
+            + [u.name for u in self.up_units]
+            + ["head"]
+        )
 
     def stage1_units(self) -> list[str]:
         """Units on the outer ring for this cut (the rest, mid included, is the core)."""
@@ -96,18 +104,29 @@ class NestedUNetSplit(StageSplit):
         return down + up + ["head"]
 
     # --- context --------------------------------------------------------------------
-    def context(self, sample: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                added_cond_kwargs: dict[str, torch.Tensor]) -> UNetContext:
+    def context(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor],
+    ) -> UNetContext:
         """The prologue of ``UNet2DConditionModel.forward``: time, class and added embeddings."""
         unet = self.unet
-        up_factor = 2 ** unet.num_upsamplers
+        up_factor = 2**unet.num_upsamplers
         forward_upsample_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
         t_emb = unet.get_time_embed(sample=sample, timestep=t)
         emb = unet.time_embedding(t_emb, None)
         class_emb = unet.get_class_embed(sample=sample, class_labels=None)
         if class_emb is not None:
-            emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
-        aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+            emb = (
+                torch.cat([emb, class_emb], dim=-1)
+                if unet.config.class_embeddings_concat
+                else emb + class_emb
+            )
+        aug_emb = unet.get_aug_embed(
+            emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+        )
         emb = emb + aug_emb if aug_emb is not None else emb
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
@@ -140,7 +159,9 @@ class NestedUNetSplit(StageSplit):
         n_inner = len(residuals) - 1
         return self._up(h, residuals, n_inner, ctx)
 
-    def outer_post(self, core_out: torch.Tensor, residuals: list[torch.Tensor], ctx: UNetContext) -> torch.Tensor:
+    def outer_post(
+        self, core_out: torch.Tensor, residuals: list[torch.Tensor], ctx: UNetContext
+    ) -> torch.Tensor:
         """The up units that consume the outer residuals, then the output head."""
         h = self._up(core_out, residuals, len(residuals), ctx, start=len(self.up_units) - self.cut)
         unet = self.unet
@@ -159,12 +180,19 @@ class NestedUNetSplit(StageSplit):
         if mid is None:
             return h
         if getattr(mid, "has_cross_attention", False):
-            return mid(h, ctx.emb, encoder_hidden_states=ctx.encoder_hidden_states, attention_mask=None,
-                       cross_attention_kwargs=None, encoder_attention_mask=None)
+            return mid(
+                h,
+                ctx.emb,
+                encoder_hidden_states=ctx.encoder_hidden_states,
+                attention_mask=None,
+                cross_attention_kwargs=None,
+                encoder_attention_mask=None,
+            )
         return mid(h, ctx.emb)
 
-    def _up(self, h: torch.Tensor, residuals: list[torch.Tensor], n_consume: int, ctx: UNetContext,
-            start: int = 0) -> torch.Tensor:
+    def _up(
+        self, h: torch.Tensor, residuals: list[torch.Tensor], n_consume: int, ctx: UNetContext, start: int = 0
+    ) -> torch.Tensor:
         """Run up units ``start..start+n_consume`` consuming ``residuals`` from the end."""
         stack = list(residuals)
         for unit in self.up_units[start : start + n_consume]:
@@ -172,10 +200,18 @@ class NestedUNetSplit(StageSplit):
             h = torch.cat([h, res], dim=1)
             h = unit.resnet(h, ctx.emb)
             if unit.attn is not None:
-                h = unit.attn(h, encoder_hidden_states=ctx.encoder_hidden_states, cross_attention_kwargs=None,
-                              attention_mask=None, encoder_attention_mask=None, return_dict=False)[0]
+                h = unit.attn(
+                    h,
+                    encoder_hidden_states=ctx.encoder_hidden_states,
+                    cross_attention_kwargs=None,
+                    attention_mask=None,
+                    encoder_attention_mask=None,
+                    return_dict=False,
+                )[0]
             if unit.upsamplers is not None:
-                size = stack[-1].shape[2:] if (ctx.forward_upsample_size and not unit.is_final_block) else None
+                size = (
+                    stack[-1].shape[2:] if (ctx.forward_upsample_size and not unit.is_final_block) else None
+                )
                 for upsampler in unit.upsamplers:
                     h = upsampler(h, size)
         return h
@@ -185,9 +221,16 @@ def _layer(resnet: Any, attn: Any | None) -> Callable[[torch.Tensor, UNetContext
     def run(h: torch.Tensor, ctx: UNetContext) -> torch.Tensor:
         h = resnet(h, ctx.emb)
         if attn is not None:
-            h = attn(h, encoder_hidden_states=ctx.encoder_hidden_states, cross_attention_kwargs=None,
-                     attention_mask=None, encoder_attention_mask=None, return_dict=False)[0]
+            h = attn(
+                h,
+                encoder_hidden_states=ctx.encoder_hidden_states,
+                cross_attention_kwargs=None,
+                attention_mask=None,
+                encoder_attention_mask=None,
+                return_dict=False,
+            )[0]
         return h
+
     return run
 
 
@@ -196,10 +239,13 @@ def _downsample(downsamplers: Any) -> Callable[[torch.Tensor, UNetContext], torc
         for d in downsamplers:
             h = d(h)
         return h
+
     return run
 
 
-def time_units(split: NestedUNetSplit, sample: torch.Tensor, ctx: UNetContext, clock: Callable[[], float]) -> dict[str, float]:
+def time_units(
+    split: NestedUNetSplit, sample: torch.Tensor, ctx: UNetContext, clock: Callable[[], float]
+) -> dict[str, float]:
     """Seconds of every unit in one forward executed unit by unit (for choosing the cut)."""
     unet = split.unet
     costs: dict[str, float] = {}
@@ -218,5 +264,10 @@ def time_units(split: NestedUNetSplit, sample: torch.Tensor, ctx: UNetContext, c
     h = timed("mid", lambda: split._mid(h, ctx))
     for i, unit in enumerate(split.up_units):
         h = timed(unit.name, lambda: split._up(h, residuals[: len(residuals) - i], 1, ctx, start=i))
-    timed("head", lambda: unet.conv_out(unet.conv_act(unet.conv_norm_out(h))) if unet.conv_norm_out else unet.conv_out(h))
+    timed(
+        "head",
+        lambda: (
+            unet.conv_out(unet.conv_act(unet.conv_norm_out(h))) if unet.conv_norm_out else unet.conv_out(h)
+        ),
+    )
     return costs

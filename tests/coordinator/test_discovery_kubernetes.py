@@ -7,6 +7,7 @@ that answers ``GET /api/v1/namespaces/NS/pods`` as the API server does: a ``PodL
 ``resourceVersion``; ``ERROR`` with a 410 ``Status`` when that version was compacted away
 (also mid-stream), or an HTTP 410 answer. The official ``kubernetes`` client talks to it.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,22 +25,46 @@ from coordinator.discovery.kubernetes import KubernetesDiscovery, pod_address  #
 NS = "serving"
 SELECTOR = "app.kubernetes.io/component=worker"
 WORKER_LABELS = {"app.kubernetes.io/name": "hybridiff", "app.kubernetes.io/component": "worker"}
-GONE = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": "too old resource version", "reason": "Expired", "code": 410}
+GONE = {
+    "kind": "Status",
+    "apiVersion": "v1",
+    "metadata": {},
+    "status": "Failure",
+    "message": "too old resource version",
+    "reason": "Expired",
+    "code": 410,
+}
 
 
-def make_pod(name: str, ip: str | None = "127.0.10.1", ready: bool = True, uid: str | None = None,
-             labels: dict | None = None, terminating: bool = False) -> dict:
-    meta = {"name": name, "namespace": NS, "uid": uid or f"uid-{name}",
-            "labels": dict(WORKER_LABELS if labels is None else labels)}
+def make_pod(
+    name: str,
+    ip: str | None = "127.0.10.1",
+    ready: bool = True,
+    uid: str | None = None,
+    labels: dict | None = None,
+    terminating: bool = False,
+) -> dict:
+    meta = {
+        "name": name,
+        "namespace": NS,
+        "uid": uid or f"uid-{name}",
+        "labels": dict(WORKER_LABELS if labels is None else labels),
+    }
     if terminating:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    status = {"phase": "Running" if ip else "Pending",
-              "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    status = {
+        "phase": "Running" if ip else "Pending",
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
     if ip:
         status["podIP"] = ip
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-            "spec": {"containers": [{"name": "worker", "image": "hybridiff:test"}]}, "status": status}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": meta,
+        "spec": {"containers": [{"name": "worker", "image": "hybridiff:test"}]},
+        "status": status,
+    }
 
 
 class FakeApiServer:
@@ -68,8 +93,9 @@ class FakeApiServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -131,8 +157,9 @@ class FakeApiServer:
 
     def _matches(self, pod: dict, selector: str) -> bool:
         labels = pod["metadata"].get("labels") or {}
-        return all(labels.get(k) == v for k, v in
-                   (term.split("=", 1) for term in selector.split(",") if term))
+        return all(
+            labels.get(k) == v for k, v in (term.split("=", 1) for term in selector.split(",") if term)
+        )
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         url = urlparse(h.path)
@@ -141,17 +168,23 @@ class FakeApiServer:
             return self._send_json(h, 404, {"kind": "Status", "code": 404, "reason": "NotFound"})
         selector = q.get("labelSelector", "")
         if q.get("watch") == "true":
-            return self._watch(h, selector, int(q.get("resourceVersion") or 0),
-                               float(q.get("timeoutSeconds") or 30))
+            return self._watch(
+                h, selector, int(q.get("resourceVersion") or 0), float(q.get("timeoutSeconds") or 30)
+            )
         with self.cond:
             self.requests.append(("list", selector))
             if self.fail_lists > 0:
                 self.fail_lists -= 1
-                return self._send_json(h, 500, {"kind": "Status", "code": 500,
-                                                "reason": "InternalError", "status": "Failure"})
+                return self._send_json(
+                    h, 500, {"kind": "Status", "code": 500, "reason": "InternalError", "status": "Failure"}
+                )
             items = [p for p in self.pods.values() if self._matches(p, selector)]
-            body = {"kind": "PodList", "apiVersion": "v1",
-                    "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+            body = {
+                "kind": "PodList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self.rv)},
+                "items": items,
+            }
         self._send_json(h, 200, body)
 
     def _send_json(self, h: BaseHTTPRequestHandler, code: int, body: dict) -> None:
@@ -230,8 +263,9 @@ class RecordingSink:
 
     def wait_calls(self, n: int, timeout_s: float = 5.0) -> list[tuple]:
         with self.cond:
-            assert self.cond.wait_for(lambda: len(self.calls) >= n, timeout_s), \
+            assert self.cond.wait_for(lambda: len(self.calls) >= n, timeout_s), (
                 f"expected {n} sink calls, got {self.calls}"
+            )
             return list(self.calls)
 
 
@@ -245,8 +279,16 @@ def fake():
 def start_discovery(fake: FakeApiServer, sink: RecordingSink, **kw) -> KubernetesDiscovery:
     cfg = kubernetes.client.Configuration(host=fake.url, no_proxy="127.0.0.1,localhost")
     api = kubernetes.client.ApiClient(cfg)
-    discovery = KubernetesDiscovery(NS, SELECTOR, 50061, api_client=api, watch_timeout_s=10,
-                                    backoff_initial_s=0.02, backoff_max_s=0.1, **kw)
+    discovery = KubernetesDiscovery(
+        NS,
+        SELECTOR,
+        50061,
+        api_client=api,
+        watch_timeout_s=10,
+        backoff_initial_s=0.02,
+        backoff_max_s=0.1,
+        **kw,
+    )
     discovery.start(sink)
     return discovery
 
@@ -294,12 +336,20 @@ def test_410_mid_stream_relists_without_losing_or_doubling_workers(fake):
         fake.put(make_pod("worker-3", "127.0.10.4"), hidden=True)
         fake.expire()
         calls = sink.wait_calls(7)
-        assert sorted(calls[3:]) == sorted([("gone", "worker-1"), ("gone", "worker-2"),
-                                            ("ready", "worker-2", "127.0.10.22:50061"),
-                                            ("ready", "worker-3", "127.0.10.4:50061")])
+        assert sorted(calls[3:]) == sorted(
+            [
+                ("gone", "worker-1"),
+                ("gone", "worker-2"),
+                ("ready", "worker-2", "127.0.10.22:50061"),
+                ("ready", "worker-3", "127.0.10.4:50061"),
+            ]
+        )
         assert calls.index(("gone", "worker-2")) < calls.index(("ready", "worker-2", "127.0.10.22:50061"))
-        assert sink.pool == {"worker-0": "127.0.10.1:50061", "worker-2": "127.0.10.22:50061",
-                             "worker-3": "127.0.10.4:50061"}
+        assert sink.pool == {
+            "worker-0": "127.0.10.1:50061",
+            "worker-2": "127.0.10.22:50061",
+            "worker-3": "127.0.10.4:50061",
+        }
         assert discovery.known_workers() == sink.pool
         assert sum(1 for c in calls if c[:2] == ("ready", "worker-0")) == 1  # not doubled
         assert discovery.relists == 2
@@ -326,8 +376,7 @@ def test_http_410_and_ended_watch_relist_without_duplicates(fake):
         fake.end_watches()  # a watch that simply ends (server timeout): list again
         calls = sink.wait_calls(2)
         fake.open_watches_after(2)
-        assert calls == [("ready", "worker-0", "127.0.10.1:50061"),
-                         ("ready", "worker-1", "127.0.10.2:50061")]
+        assert calls == [("ready", "worker-0", "127.0.10.1:50061"), ("ready", "worker-1", "127.0.10.2:50061")]
         assert discovery.relists == 3
     finally:
         discovery.stop()

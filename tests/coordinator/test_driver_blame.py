@@ -1,5 +1,6 @@
 """Which worker the driver blames when a paired step fails (coordinator.driver._results): the
 worker that failed by itself, never its peer that only waited for it."""
+
 from concurrent.futures import Future
 
 import pytest

@@ -26,7 +26,9 @@ def test_detection_sets_tau1_at_the_detecting_step_and_window_follows():
     values = [1.0, 0.7, 0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]
     s = StepSchedule(Mode.HYBRID, len(values), P, guidance=True)
     phases = feed(s, values)
-    first_flat = next(i for i in range(4, len(values)) if 0 <= rel_mae_slope(values[: i + 1], 3) < P.eps_slope)
+    first_flat = next(
+        i for i in range(4, len(values)) if 0 <= rel_mae_slope(values[: i + 1], 3) < P.eps_slope
+    )
     assert s.tau1 == first_flat and s.tau1_source == "slope"
     assert s.tau2 == s.tau1 + P.k
     assert phases[: s.tau1 + 1] == [Phase.DATA_PARALLEL] * (s.tau1 + 1)
@@ -99,13 +101,16 @@ def test_deterministic_given_values():
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("field,params", [
-    ("hybrid.l_slope", HybridParams(0, 0.1, 1, 1)),
-    ("hybrid.eps_slope", HybridParams(1, -1.0, 1, 1)),
-    ("hybrid.eps_slope", HybridParams(1, float("nan"), 1, 1)),
-    ("hybrid.k", HybridParams(1, 0.1, -1, 1)),
-    ("hybrid.tau_cap", HybridParams(1, 0.1, 1, 0)),
-])
+@pytest.mark.parametrize(
+    "field,params",
+    [
+        ("hybrid.l_slope", HybridParams(0, 0.1, 1, 1)),
+        ("hybrid.eps_slope", HybridParams(1, -1.0, 1, 1)),
+        ("hybrid.eps_slope", HybridParams(1, float("nan"), 1, 1)),
+        ("hybrid.k", HybridParams(1, 0.1, -1, 1)),
+        ("hybrid.tau_cap", HybridParams(1, 0.1, 1, 0)),
+    ],
+)
 def test_param_validation_names_field(field, params):
     with pytest.raises(InvalidArgument) as err:
         params.validate()
@@ -119,7 +124,9 @@ from hypothesis import strategies as st  # noqa: E402
 @settings(max_examples=200, deadline=None)
 @given(
     values=st.lists(st.floats(0, 2, allow_nan=False), min_size=1, max_size=40),
-    l_slope=st.integers(1, 12), k=st.integers(0, 8), tau_cap=st.integers(1, 45),
+    l_slope=st.integers(1, 12),
+    k=st.integers(0, 8),
+    tau_cap=st.integers(1, 45),
     eps=st.sampled_from([1e-4, 1e-2, 0.1, 1.0]),
 )
 def test_a_decided_phase_never_changes(values, l_slope, k, tau_cap, eps):

@@ -1,5 +1,6 @@
 """The cluster as deployed: real worker and coordinator processes on loopback, real gRPC and
 ZeroMQ, compared with the diffusers pipelines and with the in-process engine."""
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,14 @@ def _diffusers_image(engines, arch, req: RequestInput):
     pipe.set_progress_bar_config(disable=True)
     size = engines[arch].adapter.default_size
     with torch.no_grad():
-        return pipe(prompt=req.prompt, num_inference_steps=req.num_steps, guidance_scale=req.guidance_scale,
-                    height=size, width=size, generator=torch.Generator("cpu").manual_seed(req.seed)).images[0]
+        return pipe(
+            prompt=req.prompt,
+            num_inference_steps=req.num_steps,
+            guidance_scale=req.guidance_scale,
+            height=size,
+            width=size,
+            generator=torch.Generator("cpu").manual_seed(req.seed),
+        ).images[0]
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd3"])
@@ -98,7 +105,9 @@ def test_four_workers_eight_concurrent_mixed_requests(sdxl_cluster):
     def watch():
         while not stop.is_set():
             status = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
-            seen_assignments.append({w.address: w.current_request_id for w in status.workers if w.state == "busy"})
+            seen_assignments.append(
+                {w.address: w.current_request_id for w in status.workers if w.state == "busy"}
+            )
             time.sleep(0.01)
 
     watcher = threading.Thread(target=watch)
@@ -117,7 +126,9 @@ def test_four_workers_eight_concurrent_mixed_requests(sdxl_cluster):
             single = _request(mode="single", seed=req.seed, request_id="auto-as-single")
             assert resp.images[0].data == send(client, single, timeout=120).images[0].data
         else:
-            assert resp.images[0].data == before.images[0].data, req.request_id  # equal to the same request alone
+            assert resp.images[0].data == before.images[0].data, (
+                req.request_id
+            )  # equal to the same request alone
     for snapshot in seen_assignments:  # a request holds at most a pair; a worker one request
         per_request: dict[str, int] = {}
         for rid in snapshot.values():
@@ -134,18 +145,25 @@ def test_malformed_data_plane_frames_are_rejected_and_the_worker_keeps_serving(s
     logs = sdxl_cluster.log_dir
     ctx = zmq.Context()
     # find the workers' data addresses from their start-up lines
-    data = [line.split("data ")[1].strip() for f in sorted(logs.glob("worker*.log"))
-            for line in f.read_text().splitlines() if line.startswith("worker ready")]
+    data = [
+        line.split("data ")[1].strip()
+        for f in sorted(logs.glob("worker*.log"))
+        for line in f.read_text().splitlines()
+        if line.startswith("worker ready")
+    ]
     assert len(data) == 4
     from hybridiff.wire import FrameKind, encode_frames
 
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 5000)  # deliver before close
     push.connect(data[0])
-    good = [bytes(f) for f in encode_frames("no-such-request", 0, FrameKind.BRANCH_PREDICTION, {"p": torch.zeros(4)})]
-    push.send_multipart([b"\x00garbage"])                       # not a header
-    push.send_multipart([good[0], good[1][:-2]])                # wrong size
-    push.send_multipart(good)                                   # unknown request id
+    good = [
+        bytes(f)
+        for f in encode_frames("no-such-request", 0, FrameKind.BRANCH_PREDICTION, {"p": torch.zeros(4)})
+    ]
+    push.send_multipart([b"\x00garbage"])  # not a header
+    push.send_multipart([good[0], good[1][:-2]])  # wrong size
+    push.send_multipart(good)  # unknown request id
     push.close()
     ctx.term()
     deadline = time.monotonic() + 10
@@ -154,7 +172,7 @@ def test_malformed_data_plane_frames_are_rejected_and_the_worker_keeps_serving(s
         time.sleep(0.1)
     text = log0.read_text()
     assert text.count("rejected") >= 3
-    assert ("not a TensorFrameHeader" in text or "unsupported wire version 0" in text)
+    assert "not a TensorFrameHeader" in text or "unsupported wire version 0" in text
     assert "needs 16 bytes" in text and "unknown request 'no-such-request'" in text
     client = _client(sdxl_cluster)
     for mode in ("cfg-parallel", "hybrid"):
@@ -175,9 +193,18 @@ def test_health_metrics_reflection_and_models(sdxl_cluster):
     answer = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in answer.list_services_response.service}
     assert "hybridiff.v1.DiffusionService" in names and "grpc.health.v1.Health" in names
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{sdxl_cluster.metrics_port}/metrics", timeout=5).read().decode()
-    for name in ("hybridiff_queue_depth", "hybridiff_workers{state=\"idle\"}", "hybridiff_requests_total",
-                 "hybridiff_step_seconds_bucket", "hybridiff_data_plane_bytes_total"):
+    metrics = (
+        urllib.request.urlopen(f"http://127.0.0.1:{sdxl_cluster.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    for name in (
+        "hybridiff_queue_depth",
+        'hybridiff_workers{state="idle"}',
+        "hybridiff_requests_total",
+        "hybridiff_step_seconds_bucket",
+        "hybridiff_data_plane_bytes_total",
+    ):
         assert name in metrics
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(pb.GenerateRequest(prompt="x", width=60))
@@ -193,18 +220,57 @@ def test_health_metrics_reflection_and_models(sdxl_cluster):
 
 
 def test_one_trace_per_request_across_processes(sdxl_cluster, otlp, tmp_path):
-    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}",
-           "OTEL_EXPORTER_OTLP_INSECURE": "true", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
     out = tmp_path / "t.png"
-    subprocess.run([sys.executable, "-m", "launch.cli", "generate", "--target", sdxl_cluster.address,
-                    "--prompt", "a red circle", "--steps", "8", "--mode", "hybrid", "--tau-cap", "3", "--k", "2",
-                    "--request-id", "traced-1", "--out", str(out), "--quiet"], env=env, check=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "generate",
+            "--target",
+            sdxl_cluster.address,
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "8",
+            "--mode",
+            "hybrid",
+            "--tau-cap",
+            "3",
+            "--k",
+            "2",
+            "--request-id",
+            "traced-1",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        env=env,
+        check=True,
+        timeout=120,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         spans = otlp.snapshot()
-        root = next((s for s in spans if s["name"] == "hybridiff.generate"
-                     and s["attributes"].get("hybridiff.request_id") == "traced-1"), None)
-        if root and sum(s["trace_id"] == root["trace_id"] and s["name"] == "worker.step" for s in spans) >= 16:
+        root = next(
+            (
+                s
+                for s in spans
+                if s["name"] == "hybridiff.generate"
+                and s["attributes"].get("hybridiff.request_id") == "traced-1"
+            ),
+            None,
+        )
+        if (
+            root
+            and sum(s["trace_id"] == root["trace_id"] and s["name"] == "worker.step" for s in spans) >= 16
+        ):
             break
         time.sleep(0.5)
     assert root is not None, "the coordinator's request span never arrived"
@@ -228,13 +294,29 @@ def test_one_trace_per_request_across_processes(sdxl_cluster, otlp, tmp_path):
         while span["parent"] in by_id:
             span = by_id[span["parent"]]
             yield span
+
     assert client_span in list(ancestors(root))
 
 
 def test_local_leaves_no_process_behind(model_dirs, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "local", "--model-dir", str(model_dirs["sdxl"]),
-                             "--port", "0", "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "local",
+            "--model-dir",
+            str(model_dirs["sdxl"]),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+    )
     deadline = time.monotonic() + 120
     line = ""
     while time.monotonic() < deadline and "ready at" not in line:
@@ -259,5 +341,9 @@ def test_local_leaves_no_process_behind(model_dirs, tmp_path):
     proc.send_signal(15)
     assert proc.wait(timeout=60) == 0
     time.sleep(0.5)
-    alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "Z" not in open(f"/proc/{k}/stat").read().split()[2]]
+    alive = [
+        k
+        for k in kids
+        if os.path.exists(f"/proc/{k}") and "Z" not in open(f"/proc/{k}/stat").read().split()[2]
+    ]
     assert alive == []

@@ -1,5 +1,6 @@
 """A worker's death does not lose the request (DESIGN section 5): kill -9 during phase 1, during
 the pipeline window and at the end (decode); the coordinator resumes from its checkpoint."""
+
 from __future__ import annotations
 
 import os
@@ -8,18 +9,21 @@ import threading
 
 import grpc
 import pytest
+from cluster_helpers import make_input, send
 
-from hybridiff.v1 import diffusion_pb2 as pb
-from hybridiff.v1 import diffusion_pb2_grpc
 from hybridiff.client import DiffusionClient
 from hybridiff.errors import HybridiffError
+from hybridiff.request import RequestInput
+from hybridiff.v1 import diffusion_pb2 as pb
+from hybridiff.v1 import diffusion_pb2_grpc
 from launch.local_cluster import LocalCluster
-from cluster_helpers import make_input, send
 
 
 def _busy_workers(cluster) -> list[str]:
     with grpc.insecure_channel(cluster.address) as ch:
-        status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+        status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(
+            pb.ClusterStatusRequest(), timeout=5
+        )
     return sorted(w.address for w in status.workers if w.state == "busy")
 
 
@@ -90,16 +94,33 @@ def test_a_restarted_worker_rejoins_the_pool(model_dirs, tmp_path):
         address = cluster.worker_addresses[0]
         _kill(cluster, address)
         port = address.rsplit(":", 1)[1]
-        restarted = subprocess.Popen([sys.executable, "-m", "launch.cli", "worker", "--model-dir",
-                                      str(model_dirs["sdxl"]), "--host", "127.0.0.1", "--port", port,
-                                      "--data-port", "0", "--worker-id", "worker0-again"],
-                                     env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        restarted = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch.cli",
+                "worker",
+                "--model-dir",
+                str(model_dirs["sdxl"]),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                port,
+                "--data-port",
+                "0",
+                "--worker-id",
+                "worker0-again",
+            ],
+            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+        )
         try:
             deadline = time.monotonic() + 60
             states = {}
             while time.monotonic() < deadline:
                 with grpc.insecure_channel(cluster.address) as ch:
-                    status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+                    status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(
+                        pb.ClusterStatusRequest(), timeout=5
+                    )
                 states = {w.address: w.state for w in status.workers}
                 if states.get(address) == "idle":
                     break
@@ -107,7 +128,9 @@ def test_a_restarted_worker_rejoins_the_pool(model_dirs, tmp_path):
             assert states.get(address) == "idle", states
             client = DiffusionClient(cluster.address)
             try:  # and it serves: a pair request runs on both workers again
-                resp = send(client, make_input(prompt="a circle", num_steps=4, mode="cfg-parallel"), timeout=60)
+                resp = send(
+                    client, make_input(prompt="a circle", num_steps=4, mode="cfg-parallel"), timeout=60
+                )
                 assert len(resp.stats.workers) == 2
             finally:
                 client.close()
@@ -128,8 +151,12 @@ def test_sigterm_drains_the_coordinator(model_dirs, tmp_path):
 
         def long_request():
             try:
-                result["resp"] = send(client, make_input(prompt="a star", num_steps=40, mode="cfg-parallel"),
-                                                 timeout=120, on_progress=lambda p: progress.set())
+                result["resp"] = send(
+                    client,
+                    make_input(prompt="a star", num_steps=40, mode="cfg-parallel"),
+                    timeout=120,
+                    on_progress=lambda p: progress.set(),
+                )
             except HybridiffError as err:
                 result["error"] = err
 
@@ -143,7 +170,11 @@ def test_sigterm_drains_the_coordinator(model_dirs, tmp_path):
             status = None
             while time.monotonic() < deadline:
                 try:
-                    status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    status = (
+                        health_pb2_grpc.HealthStub(ch)
+                        .Check(health_pb2.HealthCheckRequest(), timeout=2)
+                        .status
+                    )
                 except grpc.RpcError:
                     status = None
                 if status == health_pb2.HealthCheckResponse.NOT_SERVING or status is None:
@@ -151,7 +182,9 @@ def test_sigterm_drains_the_coordinator(model_dirs, tmp_path):
                 time.sleep(0.05)
             assert status != health_pb2.HealthCheckResponse.SERVING
             with pytest.raises(grpc.RpcError) as err:  # new requests are refused
-                diffusion_pb2_grpc.DiffusionServiceStub(ch).Generate(pb.GenerateRequest(prompt="x"), timeout=5)
+                diffusion_pb2_grpc.DiffusionServiceStub(ch).Generate(
+                    pb.GenerateRequest(prompt="x"), timeout=5
+                )
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         worker.join(timeout=120)
         assert "resp" in result, result.get("error")  # the request in flight finished

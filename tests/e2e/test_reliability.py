@@ -1,5 +1,6 @@
 """Reliability (DESIGN section 5) through a running cluster: bad input never crashes or leaks a
 trace, deadlines and cancellation free the pair, a full queue answers at once."""
+
 from __future__ import annotations
 
 import math
@@ -9,10 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from cluster_helpers import make_input, send
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from cluster_helpers import make_input, send
 
 from hybridiff.client import DiffusionClient
 from hybridiff.errors import HybridiffError
@@ -82,7 +82,9 @@ def _all_idle(stub, within: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize("fields,code,field", BAD_REQUESTS, ids=[f"{f}-{i}" for i, (_, _, f) in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "fields,code,field", BAD_REQUESTS, ids=[f"{f}-{i}" for i, (_, _, f) in enumerate(BAD_REQUESTS)]
+)
 def test_bad_request_table(stub, fields, code, field):
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(_req(**fields), timeout=30)
@@ -96,28 +98,43 @@ def test_the_table_is_big_enough():
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    prompt=st.text(max_size=50), negative=st.text(max_size=20),
-    width=st.one_of(st.none(), st.integers(-100, 300)), height=st.one_of(st.none(), st.integers(-100, 300)),
+    prompt=st.text(max_size=50),
+    negative=st.text(max_size=20),
+    width=st.one_of(st.none(), st.integers(-100, 300)),
+    height=st.one_of(st.none(), st.integers(-100, 300)),
     steps=st.one_of(st.none(), st.integers(-3, 3)),
     guidance=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
-    mode=st.integers(-2, 8), seed=st.integers(0, 2**64 - 1),
-    l_slope=st.one_of(st.none(), st.integers(-10, 2000)), eps=st.one_of(st.none(), st.floats()),
-    k=st.one_of(st.none(), st.integers(-10, 2000)), tau_cap=st.one_of(st.none(), st.integers(-10, 2000)),
+    mode=st.integers(-2, 8),
+    seed=st.integers(0, 2**64 - 1),
+    l_slope=st.one_of(st.none(), st.integers(-10, 2000)),
+    eps=st.one_of(st.none(), st.floats()),
+    k=st.one_of(st.none(), st.integers(-10, 2000)),
+    tau_cap=st.one_of(st.none(), st.integers(-10, 2000)),
 )
-def test_random_requests_always_get_a_proper_answer(stub, prompt, negative, width, height, steps, guidance, mode, seed,
-                                                    l_slope, eps, k, tau_cap):
+def test_random_requests_always_get_a_proper_answer(
+    stub, prompt, negative, width, height, steps, guidance, mode, seed, l_slope, eps, k, tau_cap
+):
     fields = dict(prompt=prompt, negative_prompt=negative, mode=mode, seed=seed)
-    for name, value in (("width", width), ("height", height), ("num_inference_steps", steps),
-                        ("guidance_scale", guidance)):
+    for name, value in (
+        ("width", width),
+        ("height", height),
+        ("num_inference_steps", steps),
+        ("guidance_scale", guidance),
+    ):
         if value is not None:
             fields[name] = value
-    hybrid = {k_: v for k_, v in (("l_slope", l_slope), ("eps_slope", eps), ("k", k), ("tau_cap", tau_cap))
-              if v is not None}
+    hybrid = {
+        k_: v
+        for k_, v in (("l_slope", l_slope), ("eps_slope", eps), ("k", k), ("tau_cap", tau_cap))
+        if v is not None
+    }
     try:
         resp = stub.Generate(_req(hybrid=hybrid, **fields), timeout=60)
         assert resp.images[0].data
     except grpc.RpcError as err:
-        assert err.code() in (INVALID, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED), err.details()
+        assert err.code() in (INVALID, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED), (
+            err.details()
+        )
         assert "Traceback" not in (err.details() or "")
 
 
@@ -137,8 +154,10 @@ def test_deadline_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
 
 def test_client_cancel_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
     step_time = _step_time(stub)
-    call = stub.GenerateStream(pb.GenerateStreamRequest(request=_req(num_inference_steps=400,
-                                                                     mode=pb.MODE_CFG_PARALLEL)), timeout=120)
+    call = stub.GenerateStream(
+        pb.GenerateStreamRequest(request=_req(num_inference_steps=400, mode=pb.MODE_CFG_PARALLEL)),
+        timeout=120,
+    )
     seen = 0
     for event in call:
         seen += event.HasField("progress")
@@ -163,7 +182,9 @@ def _step_time(stub) -> float:
 
 
 def _metrics(cluster) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=5).read().decode()
+    return (
+        urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=5).read().decode()
+    )
 
 
 def _rss_kib(pids) -> int:

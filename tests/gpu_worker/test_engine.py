@@ -1,4 +1,5 @@
 """The in-process engine: every mode, determinism, data-plane traffic per phase."""
+
 import io
 
 import pytest
@@ -11,8 +12,15 @@ from hybridiff.wire import tensor_from_proto
 
 
 def _run(eng, **kw):
-    base = dict(prompt="a blue circle on the left", num_steps=12, seed=11, guidance_scale=5.0,
-                l_slope=3, tau_cap=6, k=3)
+    base = dict(
+        prompt="a blue circle on the left",
+        num_steps=12,
+        seed=11,
+        guidance_scale=5.0,
+        l_slope=3,
+        tau_cap=6,
+        k=3,
+    )
     base.update(kw)
     return eng.generate(eng.resolve(make_input(**base)))
 
@@ -42,7 +50,13 @@ def test_bytes_per_phase(engines, arch):
     s = r.stats
     assert s.tau1_source == "tau_cap" and (s.tau1, s.tau2) == (6, 9)
     phases = [p.phase for p in s.steps]
-    assert phases == [Phase.DATA_PARALLEL] * 6 + [Phase.PIPELINE_FILL] + [Phase.PIPELINE] * 3 + [Phase.DATA_PARALLEL] * 2
+    assert (
+        phases
+        == [Phase.DATA_PARALLEL] * 6
+        + [Phase.PIPELINE_FILL]
+        + [Phase.PIPELINE] * 3
+        + [Phase.DATA_PARALLEL] * 2
+    )
     latent_bytes = 4 * eng.adapter.denoiser.config.in_channels * (eng.adapter.default_size // 8) ** 2
     for step in s.steps:
         per_worker = [w.bytes_sent for w in step.workers.values()]

@@ -1,10 +1,10 @@
 """The two-stage split: exact recomposition, the SD3 block hand-off, and the stale recurrence."""
+
 import pytest
 import torch
-
-from gpu_worker.split_balance import balanced_plan, measure_unit_costs, valid_cuts
 from cluster_helpers import make_input
 
+from gpu_worker.split_balance import balanced_plan, measure_unit_costs, valid_cuts
 from hybridiff.wire import tensor_from_proto
 
 
@@ -100,8 +100,18 @@ def _reference_run(a, spec, window, cut):
 def test_hybrid_engine_matches_plain_stale_recurrence(engines, arch):
     eng = engines[arch]
     # l_slope beyond the run disables detection: the tau_cap fallback opens the window at step 3.
-    spec = eng.resolve(make_input(prompt="a green triangle", num_steps=10, seed=5, mode="hybrid",
-                                    guidance_scale=4.0, l_slope=50, tau_cap=3, k=4))
+    spec = eng.resolve(
+        make_input(
+            prompt="a green triangle",
+            num_steps=10,
+            seed=5,
+            mode="hybrid",
+            guidance_scale=4.0,
+            l_slope=50,
+            tau_cap=3,
+            k=4,
+        )
+    )
     cut = 2
     eng._split_cut = cut
     try:

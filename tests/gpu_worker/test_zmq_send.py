@@ -1,5 +1,6 @@
 """A data-plane send to a peer that is gone must not outlive its request: the worker's handler
 thread would hold the worker busy, and the request resumed on it would be refused."""
+
 import socket
 import threading
 import time
@@ -40,8 +41,13 @@ def test_a_send_to_a_gone_peer_ends_when_its_request_is_closed(ctx, silent_addre
     start = time.monotonic()
     try:
         with pytest.raises(Cancelled, match="closed while sending"):
-            link.send("r", 5, FrameKind.BRANCH_PREDICTION, {"prediction": torch.ones(4)},
-                      cancelled=lambda: not box.is_open("r"))
+            link.send(
+                "r",
+                5,
+                FrameKind.BRANCH_PREDICTION,
+                {"prediction": torch.ones(4)},
+                cancelled=lambda: not box.is_open("r"),
+            )
     finally:
         link.close()
     assert time.monotonic() - start < 5.0  # not the 30 s send timeout
@@ -52,7 +58,9 @@ def test_a_send_to_a_gone_peer_still_times_out(ctx, silent_address):
     start = time.monotonic()
     try:
         with pytest.raises(PeerTimeout, match="did not take data-plane frames in time") as err:
-            link.send("r", 5, FrameKind.BRANCH_PREDICTION, {"prediction": torch.ones(4)}, cancelled=lambda: False)
+            link.send(
+                "r", 5, FrameKind.BRANCH_PREDICTION, {"prediction": torch.ones(4)}, cancelled=lambda: False
+            )
     finally:
         link.close()
     assert 0.25 < time.monotonic() - start < 5.0

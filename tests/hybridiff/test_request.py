@@ -1,4 +1,5 @@
 """Validation: every bad field is a named InvalidArgument, never an error from deep inside torch."""
+
 import math
 
 import pytest
@@ -15,8 +16,9 @@ HYBRID_KEYS = ("l_slope", "eps_slope", "k", "tau_cap")
 
 def resolve(**kw):
     hybrid = {k: kw.pop(k) for k in HYBRID_KEYS if k in kw}
-    return resolve_spec(RequestInput(**{"prompt": "a red circle", "hybrid": hybrid, **kw}), LIMITS,
-                        MODEL_DEFAULTS["sdxl"])
+    return resolve_spec(
+        RequestInput(**{"prompt": "a red circle", "hybrid": hybrid, **kw}), LIMITS, MODEL_DEFAULTS["sdxl"]
+    )
 
 
 def test_defaults_applied():
@@ -28,35 +30,38 @@ def test_defaults_applied():
     assert (spec.num_images, spec.quality) == (1, 90)
 
 
-@pytest.mark.parametrize("kw,field", [
-    ({"num_steps": 0}, "num_inference_steps"),
-    ({"num_steps": -3}, "num_inference_steps"),
-    ({"num_steps": 10_000}, "num_inference_steps"),
-    ({"width": 60}, "width"),
-    ({"height": 0}, "height"),
-    ({"width": 256}, "width"),
-    ({"height": 8}, "height"),
-    ({"guidance_scale": -1.0}, "guidance_scale"),
-    ({"guidance_scale": math.nan}, "guidance_scale"),
-    ({"guidance_scale": math.inf}, "guidance_scale"),
-    ({"k": -1}, "hybrid.k"),
-    ({"l_slope": 0}, "hybrid.l_slope"),
-    ({"eps_slope": 0.0}, "hybrid.eps_slope"),
-    ({"eps_slope": math.nan}, "hybrid.eps_slope"),
-    ({"tau_cap": 0}, "hybrid.tau_cap"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "x" * 5000}, "prompt"),
-    ({"negative_prompt": "x" * 5000}, "negative_prompt"),
-    ({"mode": 99}, "mode"),
-    ({"window_guidance": 7}, "window_guidance"),
-    ({"seed": -1}, "seed"),
-    ({"seed": 2**64}, "seed"),
-    ({"output_format": 42}, "output_format"),
-    ({"num_images": 5}, "num_images"),
-    ({"quality": 101}, "quality"),
-    ({"negative_prompt": 3}, "negative_prompt"),
-    ({"request_id": "\x00bad"}, "request_id"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"num_steps": 0}, "num_inference_steps"),
+        ({"num_steps": -3}, "num_inference_steps"),
+        ({"num_steps": 10_000}, "num_inference_steps"),
+        ({"width": 60}, "width"),
+        ({"height": 0}, "height"),
+        ({"width": 256}, "width"),
+        ({"height": 8}, "height"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"guidance_scale": math.nan}, "guidance_scale"),
+        ({"guidance_scale": math.inf}, "guidance_scale"),
+        ({"k": -1}, "hybrid.k"),
+        ({"l_slope": 0}, "hybrid.l_slope"),
+        ({"eps_slope": 0.0}, "hybrid.eps_slope"),
+        ({"eps_slope": math.nan}, "hybrid.eps_slope"),
+        ({"tau_cap": 0}, "hybrid.tau_cap"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x" * 5000}, "prompt"),
+        ({"negative_prompt": "x" * 5000}, "negative_prompt"),
+        ({"mode": 99}, "mode"),
+        ({"window_guidance": 7}, "window_guidance"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"output_format": 42}, "output_format"),
+        ({"num_images": 5}, "num_images"),
+        ({"quality": 101}, "quality"),
+        ({"negative_prompt": 3}, "negative_prompt"),
+        ({"request_id": "\x00bad"}, "request_id"),
+    ],
+)
 def test_bad_fields_are_named(kw, field):
     with pytest.raises(InvalidArgument) as err:
         resolve(**kw)
@@ -82,10 +87,18 @@ def test_an_empty_negative_prompt_is_not_none():
 
 
 def test_enums_resolve_and_unset_means_default():
-    spec = resolve(mode=Mode.CFG_PARALLEL, window_guidance=int(WindowGuidance.FULL_CFG), output_format=0,
-                   num_images=0, quality=0)
-    assert (spec.mode, spec.window_guidance, spec.output_format) == (Mode.CFG_PARALLEL, WindowGuidance.FULL_CFG,
-                                                                     OutputFormat.PNG)
+    spec = resolve(
+        mode=Mode.CFG_PARALLEL,
+        window_guidance=int(WindowGuidance.FULL_CFG),
+        output_format=0,
+        num_images=0,
+        quality=0,
+    )
+    assert (spec.mode, spec.window_guidance, spec.output_format) == (
+        Mode.CFG_PARALLEL,
+        WindowGuidance.FULL_CFG,
+        OutputFormat.PNG,
+    )
     assert spec.num_images == 1 and resolve(num_images=4).num_images == 4
 
 

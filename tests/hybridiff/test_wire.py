@@ -1,15 +1,27 @@
 import pytest
 import torch
 
-from hybridiff.internal.v1 import dataplane_pb2 as pb
 from hybridiff.codegen import assert_fresh
-from hybridiff.wire import FrameError, FrameKind, decode_frames, encode_frames, tensor_from_proto, tensor_to_proto
+from hybridiff.internal.v1 import dataplane_pb2 as pb
+from hybridiff.wire import (
+    FrameError,
+    FrameKind,
+    decode_frames,
+    encode_frames,
+    tensor_from_proto,
+    tensor_to_proto,
+)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool],
+)
 def test_round_trip_dtypes(dtype):
     t = (torch.randn(2, 3, 5) * 10).to(dtype)
-    frames = encode_frames("r1", 7, FrameKind.BRANCH_PREDICTION, {"x": t}, {"traceparent": "00-abc"}, sender="U")
+    frames = encode_frames(
+        "r1", 7, FrameKind.BRANCH_PREDICTION, {"x": t}, {"traceparent": "00-abc"}, sender="U"
+    )
     msg = decode_frames(frames)
     assert msg.request_id == "r1" and msg.step == 7 and msg.kind == FrameKind.BRANCH_PREDICTION
     assert msg.sender == "U" and msg.trace_context == {"traceparent": "00-abc"}

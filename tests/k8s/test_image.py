@@ -5,6 +5,7 @@ Needs a running Docker engine. The base image is taken from ``HYBRIDIFF_TEST_BAS
 local one; ``HYBRIDIFF_TEST_TORCH_SPEC`` overrides the torch requirement (empty: keep the
 base's torch). Skipped, saying why, where no engine answers.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ def docker_engine_problem() -> str | None:
     if not docker:
         return "no docker CLI on PATH"
     try:
-        out = subprocess.run([docker, "info", "--format", "{{.ServerVersion}}"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            [docker, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=20
+        )
     except subprocess.TimeoutExpired:
         return "the Docker engine did not answer `docker info` within 20 s"
     if out.returncode != 0 or not out.stdout.strip():
@@ -39,21 +41,47 @@ def test_image_builds_and_runs_help():
     if problem:
         pytest.skip(f"cannot build the image here: {problem}")
     tag = f"hybridiff-test:{uuid.uuid4().hex[:8]}"
-    build = ["docker", "build", "-t", tag,
-             "--build-arg", f"BASE_IMAGE={os.environ.get('HYBRIDIFF_TEST_BASE_IMAGE', 'python:3.11-slim-bookworm')}"]
+    build = [
+        "docker",
+        "build",
+        "-t",
+        tag,
+        "--build-arg",
+        f"BASE_IMAGE={os.environ.get('HYBRIDIFF_TEST_BASE_IMAGE', 'python:3.11-slim-bookworm')}",
+    ]
     if "HYBRIDIFF_TEST_TORCH_SPEC" in os.environ:
         build += ["--build-arg", f"TORCH_SPEC={os.environ['HYBRIDIFF_TEST_TORCH_SPEC']}"]
     try:
         out = subprocess.run([*build, str(ROOT)], capture_output=True, text=True, timeout=3000)
         assert out.returncode == 0, f"docker build failed:\n{out.stderr[-4000:]}"
-        run = subprocess.run(["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp",
-                              "--cap-drop", "ALL", "--security-opt", "no-new-privileges", tag, "--help"],
-                             capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [
+                "docker",
+                "run",
+                "--rm",
+                "--read-only",
+                "--tmpfs",
+                "/tmp",
+                "--cap-drop",
+                "ALL",
+                "--security-opt",
+                "no-new-privileges",
+                tag,
+                "--help",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr[-4000:]
         for role in ("coordinator", "worker", "tiny-model"):
             assert role in run.stdout
-        user = subprocess.run(["docker", "image", "inspect", "--format", "{{.Config.User}}", tag],
-                              capture_output=True, text=True, timeout=60).stdout.strip()
+        user = subprocess.run(
+            ["docker", "image", "inspect", "--format", "{{.Config.User}}", tag],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
         assert user and user.split(":")[0] not in ("root", "0")
     finally:
         subprocess.run(["docker", "image", "rm", "-f", tag], capture_output=True, timeout=120)

@@ -12,6 +12,7 @@
   renders request ``nvidia.com/gpu`` and mount the model read-only from a claim;
 - the rendered container arguments parse with the real ``hybridiff`` CLI.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,7 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,22 @@ WORKER_GRPC_PORT = 50061
 # the chart creates, autoscaling with a metric selector, SD3 defaults.
 PRODUCTION_VARIANT = {
     "worker": {"device": "cuda", "dtype": "bfloat16", "gpu": {"enabled": True, "count": 1}},
-    "model": {"source": "pvc", "pvc": {"create": True, "storageClassName": "filestore",
-                                       "accessModes": ["ReadWriteMany"], "path": "sd3-medium"}},
+    "model": {
+        "source": "pvc",
+        "pvc": {
+            "create": True,
+            "storageClassName": "filestore",
+            "accessModes": ["ReadWriteMany"],
+            "path": "sd3-medium",
+        },
+    },
     "hybrid": {"lSlope": 15, "epsSlope": 0.0005, "k": 5, "tauCap": 40},
     "auth": {"enabled": True, "token": "not-a-real-token"},
     "tls": {"enabled": True, "secretName": "hybridiff-tls", "clientCA": True},
-    "otel": {"endpoint": "http://otel-collector.observability:4317", "resourceAttributes": "deployment.environment=prod"},
+    "otel": {
+        "endpoint": "http://otel-collector.observability:4317",
+        "resourceAttributes": "deployment.environment=prod",
+    },
     "autoscaling": {"enabled": True, "metricSelector": {"matchLabels": {"service": "hybridiff"}}},
     "networkPolicy": {"enabled": False},
 }
@@ -59,10 +70,11 @@ def kubectl() -> str:
     return found
 
 
-@lru_cache(maxsize=None)
+@cache
 def render_overlay(name: str) -> tuple:
-    out = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / name)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(K8S / "overlays" / name)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, f"kubectl kustomize {name} failed:\n{out.stderr}"
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
@@ -83,11 +95,10 @@ def chart_values(name: str) -> dict:
     return copy.deepcopy(PRODUCTION_VARIANT)
 
 
-@lru_cache(maxsize=None)
+@cache
 def render_chart(name: str) -> tuple:
     with helm().Chart.load(CHART) as chart:
-        manifests = chart.render(chart_values(name), name="hybridiff", namespace="serving",
-                                 is_install=True)
+        manifests = chart.render(chart_values(name), name="hybridiff", namespace="serving", is_install=True)
     docs = []
     for path, text in sorted(manifests.items()):
         if path.endswith(".yaml"):
@@ -109,8 +120,12 @@ def objects(docs, kind: str) -> list[dict]:
 
 
 def workload(docs, component: str) -> dict:
-    found = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
-             and d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+    found = [
+        d
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+        and d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
     assert len(found) == 1, f"expected one {component} workload, got {len(found)}"
     return found[0]
 
@@ -163,8 +178,9 @@ def check_worker(sts: dict) -> None:
     worker = container(spec, "worker")
     port = next(p["containerPort"] for p in worker["ports"] if p["name"] == "grpc")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert (worker.get(probe) or {}).get("grpc", {}).get("port") == port, \
+        assert (worker.get(probe) or {}).get("grpc", {}).get("port") == port, (
             f"worker {probe} is not a native gRPC probe on the control port {port}"
+        )
     check_secure_container(worker, pod_sc, "worker")
     for init in spec.get("initContainers") or []:
         check_secure_container(init, pod_sc, f"init container {init['name']}")
@@ -181,8 +197,9 @@ def check_coordinator(dep: dict, tls: bool) -> None:
     for probe in ("readinessProbe", "livenessProbe"):
         p = c.get(probe) or {}
         # kubelet's gRPC probe is plaintext: with TLS on the port, a TCP check instead.
-        assert (p.get("tcpSocket") if tls else p.get("grpc", {}).get("port") == port), \
+        assert p.get("tcpSocket") if tls else p.get("grpc", {}).get("port") == port, (
             f"coordinator {probe} missing or wrong"
+        )
     check_secure_container(c, spec.get("securityContext") or {}, "coordinator")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
 
@@ -234,8 +251,10 @@ def test_the_worker_check_has_teeth():
     good = workload(render_overlay("gpu"), "worker")
     check_worker(good)
     removals = [
-        ("containers", 0, "readinessProbe"), ("containers", 0, "livenessProbe"),
-        ("containers", 0, "startupProbe"), ("containers", 0, "securityContext"),
+        ("containers", 0, "readinessProbe"),
+        ("containers", 0, "livenessProbe"),
+        ("containers", 0, "startupProbe"),
+        ("containers", 0, "securityContext"),
     ]
     for path in removals:
         broken = copy.deepcopy(good)
@@ -248,7 +267,9 @@ def test_the_worker_check_has_teeth():
     with pytest.raises(AssertionError):
         check_worker(broken)
     broken = copy.deepcopy(good)
-    container(broken["spec"]["template"]["spec"], "worker")["securityContext"]["readOnlyRootFilesystem"] = False
+    container(broken["spec"]["template"]["spec"], "worker")["securityContext"]["readOnlyRootFilesystem"] = (
+        False
+    )
     with pytest.raises(AssertionError):
         check_worker(broken)
 
@@ -261,10 +282,13 @@ def test_discovery_wiring_and_least_privilege(key):
     assert args[0] == "coordinator" and flag(args, "discovery") == "kubernetes"
     assert flag(args, "namespace") == "$(POD_NAMESPACE)"
     key_, value = flag(args, "selector").split("=", 1)
-    assert worker["spec"]["template"]["metadata"]["labels"].get(key_) == value, \
+    assert worker["spec"]["template"]["metadata"]["labels"].get(key_) == value, (
         "the coordinator's --selector does not select the worker pods"
+    )
     worker_c = container(worker["spec"]["template"]["spec"], "worker")
-    assert int(flag(args, "worker-port")) == next(p["containerPort"] for p in worker_c["ports"] if p["name"] == "grpc")
+    assert int(flag(args, "worker-port")) == next(
+        p["containerPort"] for p in worker_c["ports"] if p["name"] == "grpc"
+    )
     assert not objects(docs, "ClusterRole") and not objects(docs, "ClusterRoleBinding")
     (role,), (binding,) = objects(docs, "Role"), objects(docs, "RoleBinding")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
@@ -297,8 +321,11 @@ def test_gpu_renders_autoscale_on_queue_depth_with_gpus_and_a_model_claim(key):
     assert not spec.get("initContainers")
     (hpa,) = objects(docs, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
-                                             "name": worker["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": worker["metadata"]["name"],
+    }
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "External" and metric["external"]["metric"]["name"] == "hybridiff_queue_depth"
     assert "replicas" not in worker["spec"] or key == "kustomize:gpu"
@@ -323,15 +350,20 @@ def test_cpu_demo_is_one_coordinator_and_two_workers_on_a_generated_tiny_model(k
 
 def test_helm_lint_is_clean_for_every_values_set(tmp_path):
     for name in ("default", "production", "variant"):
-        report = helm().lint(CHART, chart_values(name), strict=True, namespace="serving",
-                             kube_version=f"v{KUBE_VERSION}.0")
+        report = helm().lint(
+            CHART, chart_values(name), strict=True, namespace="serving", kube_version=f"v{KUBE_VERSION}.0"
+        )
         problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
         assert not problems, f"helm lint ({name} values): {problems}"
 
 
 def test_helm_rejects_incomplete_values():
-    for bad in ({"model": {"source": "hub"}}, {"model": {"source": "pvc"}},
-                {"tls": {"enabled": True}}, {"auth": {"enabled": True}}):
+    for bad in (
+        {"model": {"source": "hub"}},
+        {"model": {"source": "pvc"}},
+        {"tls": {"enabled": True}},
+        {"auth": {"enabled": True}},
+    ):
         with helm().Chart.load(CHART) as chart, pytest.raises(helm().HelmError):
             chart.render(bad, name="hybridiff", namespace="serving")
 
@@ -382,6 +414,11 @@ def test_dockerfile_one_image_non_root_no_weights():
 
 
 def test_kubectl_can_render_without_a_cluster():
-    out = subprocess.run([kubectl(), "version", "--client"], capture_output=True, text=True, timeout=30,
-                         env={**os.environ, "KUBECONFIG": os.devnull})
+    out = subprocess.run(
+        [kubectl(), "version", "--client"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "KUBECONFIG": os.devnull},
+    )
     assert out.returncode == 0 and "Kustomize" in out.stdout

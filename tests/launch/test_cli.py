@@ -1,4 +1,5 @@
 """The command line as a user runs it: real subprocesses, no traceback on bad input."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def hybridiff(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, env=ENV, timeout=300
+    )
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)
     return proc
@@ -22,24 +24,48 @@ def hybridiff(*args, check=True):
 
 def test_tiny_model_and_run(tmp_path):
     model = tmp_path / "m"
-    assert "wrote tiny sd3 model" in hybridiff("tiny-model", "--arch", "sd3", "--out", str(model), "--seed", "3").stdout
+    assert (
+        "wrote tiny sd3 model"
+        in hybridiff("tiny-model", "--arch", "sd3", "--out", str(model), "--seed", "3").stdout
+    )
     out, stats = tmp_path / "img.png", tmp_path / "stats.json"
-    proc = hybridiff("run", "--model-dir", str(model), "--prompt", "a red circle", "--steps", "8", "--mode", "hybrid",
-                     "--tau-cap", "3", "--k", "2", "--out", str(out), "--stats-json", str(stats), "--quiet")
+    proc = hybridiff(
+        "run",
+        "--model-dir",
+        str(model),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "8",
+        "--mode",
+        "hybrid",
+        "--tau-cap",
+        "3",
+        "--k",
+        "2",
+        "--out",
+        str(out),
+        "--stats-json",
+        str(stats),
+        "--quiet",
+    )
     assert f"wrote {out}" in proc.stdout
     assert out.read_bytes().startswith(b"\x89PNG")
     s = json.loads(stats.read_text())
     assert s["mode_used"] == "hybrid" and s["tau2"] == s["tau1"] + 2 and len(s["steps"]) == 8
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["run", "--model-dir", "/nonexistent/model", "--prompt", "x", "--out", "o.png"], "does not exist"),
-    (["run", "--prompt", "x", "--steps", "0", "--out", "o.png"], "num_inference_steps"),
-    (["run", "--prompt", "x", "--width", "60", "--out", "o.png"], "width: must be a multiple of 8"),
-    (["run", "--prompt", "x", "--guidance", "-2", "--out", "o.png"], "guidance_scale"),
-    (["run", "--prompt", "x", "--k", "-1", "--out", "o.png"], "hybrid.k"),
-    (["tiny-model", "--arch", "sd9", "--out", "x"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["run", "--model-dir", "/nonexistent/model", "--prompt", "x", "--out", "o.png"], "does not exist"),
+        (["run", "--prompt", "x", "--steps", "0", "--out", "o.png"], "num_inference_steps"),
+        (["run", "--prompt", "x", "--width", "60", "--out", "o.png"], "width: must be a multiple of 8"),
+        (["run", "--prompt", "x", "--guidance", "-2", "--out", "o.png"], "guidance_scale"),
+        (["run", "--prompt", "x", "--k", "-1", "--out", "o.png"], "hybrid.k"),
+        (["tiny-model", "--arch", "sd9", "--out", "x"], "invalid choice"),
+    ],
+)
 def test_bad_input_is_a_clear_error(tmp_path, args, needle, model_dirs):
     if args[0] == "run" and "--model-dir" not in args:
         args = args[:1] + ["--model-dir", str(model_dirs["sdxl"])] + args[1:]
@@ -61,11 +87,22 @@ def test_not_a_diffusers_model(tmp_path):
 
 def test_an_unreachable_target_exits_3_within_seconds(tmp_path):
     start = time.monotonic()
-    proc = hybridiff("generate", "--target", "127.0.0.1:1", "--prompt", "x", "--out", str(tmp_path / "o.png"),
-                     "--quiet", check=False)
+    proc = hybridiff(
+        "generate",
+        "--target",
+        "127.0.0.1:1",
+        "--prompt",
+        "x",
+        "--out",
+        str(tmp_path / "o.png"),
+        "--quiet",
+        check=False,
+    )
     assert proc.returncode == 3 and time.monotonic() - start < 10
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: UNAVAILABLE: cannot reach 127.0.0.1:1"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: UNAVAILABLE: cannot reach 127.0.0.1:1"), (
+        proc.stderr
+    )
 
 
 def test_version_and_help_on_every_flag():

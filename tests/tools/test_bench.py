@@ -1,4 +1,5 @@
 """``hybridiff bench`` end to end on the tiny model: the JSON is complete and consistent."""
+
 import json
 import os
 import subprocess
@@ -10,10 +11,36 @@ import pytest
 def test_bench_json_is_complete_and_consistent(model_dirs, tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "bench", "--model-dir", str(model_dirs["sdxl"]),
-         "--prompts", "2", "--repeats", "1", "--steps", "8", "--tau-cap", "3", "--k", "3",
-         "--out-dir", str(out), "--quiet", "--adherence-seeds", "1", "--adherence-steps", "6"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "bench",
+            "--model-dir",
+            str(model_dirs["sdxl"]),
+            "--prompts",
+            "2",
+            "--repeats",
+            "1",
+            "--steps",
+            "8",
+            "--tau-cap",
+            "3",
+            "--k",
+            "3",
+            "--out-dir",
+            str(out),
+            "--quiet",
+            "--adherence-seeds",
+            "1",
+            "--adherence-steps",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     modes = result["modes"]

@@ -1,4 +1,5 @@
 """The GPU profile script, run on CPU with tiny configs of the same structure."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ def run(tmp_path_factory):
     # one thread times steadily on a shared machine (as the benchmark pins one per worker)
     torch.set_num_threads(1)
     try:
-        rc = gpu_profile.main(["--device", "cpu", "--tiny", "--warmup", "1", "--repeats", "3",
-                               "--out", str(out)])
+        rc = gpu_profile.main(
+            ["--device", "cpu", "--tiny", "--warmup", "1", "--repeats", "3", "--out", str(out)]
+        )
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -56,8 +58,9 @@ def test_speedups_are_latency_ratios(run):
         modes = p["modes"]
         single = modes["single"]
         for rec in modes.values():
-            assert rec["speedup"] == pytest.approx(single["predicted"]["latency"]
-                                                   / rec["predicted"]["latency"])
+            assert rec["speedup"] == pytest.approx(
+                single["predicted"]["latency"] / rec["predicted"]["latency"]
+            )
             assert rec["ideal_speedup"] == pytest.approx(single["ideal"]["latency"] / rec["ideal"]["latency"])
             assert rec["predicted"]["latency"] >= rec["ideal"]["latency"]
         assert modes["single"]["predicted"]["latency"] == pytest.approx(50 * p["times"]["forward_b2"])
@@ -72,7 +75,8 @@ def test_stage_times_are_consistent(run):
             # millisecond timings on a shared 2-core machine (on a GPU the ratio is reported, ~1.0).
             assert 1 / 3 < (t[f"stage1_b{b}"] + t[f"stage2_b{b}"]) / t[f"forward_b{b}"] < 3.0
             assert p["checks"][f"b{b}"]["stage_sum_over_forward"] == pytest.approx(
-                (t[f"stage1_b{b}"] + t[f"stage2_b{b}"]) / t[f"forward_b{b}"])
+                (t[f"stage1_b{b}"] + t[f"stage2_b{b}"]) / t[f"forward_b{b}"]
+            )
         if p["topology"] == "nested":
             assert t["stage1_b1"] == pytest.approx(t["pre_b1"] + t["post_b1"])
             assert t["stage1_b2"] == pytest.approx(t["pre_b2"] + t["post_b2"])

@@ -1,4 +1,5 @@
 """The schedule latency model against hand-computed cases of the step protocol."""
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,9 @@ def test_message_latency_adds_where_the_protocol_sends():
     h = out["hybrid"]["predicted"]
     # Fill: boundary then prediction in series (2 lam). Stale steps: the U -> C -> U cycle spans
     # two steps, so lam lands on every other step (4 lam over 5 steps; the last sends no boundary).
-    assert h["phase_seconds"] == pytest.approx({DP_: 24 * (1 + lam), FILL_: 1 + 2 * lam,
-                                                PIPE_: 2.5 + 4 * lam})
+    assert h["phase_seconds"] == pytest.approx(
+        {DP_: 24 * (1 + lam), FILL_: 1 + 2 * lam, PIPE_: 2.5 + 4 * lam}
+    )
     assert h["step_seconds"][11:16] == pytest.approx([0.5, 0.5 + 2 * lam, 0.5, 0.5 + 2 * lam, 0.5])
     assert out["hybrid"]["speedup"] == pytest.approx(60.0 / (27.5 + 30 * lam))
     assert out["hybrid"]["ideal_speedup"] == pytest.approx(60.0 / 27.5)
@@ -84,8 +86,9 @@ def test_nested_window_with_message_latency():
 
 def test_bandwidth_and_host_staging():
     bw, lam = 1e6, 1e-3
-    tb = TensorBytes(prediction=1000, boundary_b1=4000, boundary_b2=8000, stage_return_b1=2000,
-                     stage_return_b2=4000)
+    tb = TensorBytes(
+        prediction=1000, boundary_b1=4000, boundary_b2=8000, stage_return_b1=2000, stage_return_b2=4000
+    )
     staged = LinkModel(bandwidth=bw, latency=lam, copies=2)
     t = lambda b: lam + 2 * b / bw  # noqa: E731 - one message through host memory: two copies
     assert staged.transfer(1000) == pytest.approx(t(1000))
@@ -101,8 +104,9 @@ def test_bandwidth_and_host_staging():
 
 
 def test_bytes_per_request():
-    tb = TensorBytes(prediction=10, boundary_b1=100, boundary_b2=200, stage_return_b1=1000,
-                     stage_return_b2=2000)
+    tb = TensorBytes(
+        prediction=10, boundary_b1=100, boundary_b2=200, stage_return_b1=1000, stage_return_b2=2000
+    )
     seq = predict_modes(SEQ, tb, LinkModel.ideal(), SCHED)
     # 24 exchanges of two predictions; fill and 4 stale steps send a boundary and a prediction;
     # the last window step only the prediction.

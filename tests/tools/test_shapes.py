@@ -1,4 +1,5 @@
 """The default model's dataset, caption grammar, adherence checker and training script."""
+
 from __future__ import annotations
 
 import itertools
@@ -92,8 +93,9 @@ def test_checker_rejects_wrong_attributes_and_empty_images():
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
-    config = TrainConfig(images=64, vae_steps=2, vae_batch=4, unet_steps=3, unet_batch=4, warmup=1, threads=1,
-                         log_every=1)
+    config = TrainConfig(
+        images=64, vae_steps=2, vae_batch=4, unet_steps=3, unet_batch=4, warmup=1, threads=1, log_every=1
+    )
     records = [train_default_model(tmp_path / name, config, progress=lambda _: None) for name in ("a", "b")]
     losses = [[(r["stage"], r["step"], r["loss"]) for r in record["losses"]] for record in records]
     assert losses[0] == losses[1]
@@ -110,8 +112,9 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
 def test_the_committed_model_draws_a_held_out_prompt(prompt):
     generate, close = in_process_generate(EMBEDDED_MODEL_DIR)
     try:
-        png, stats = generate(RequestInput(prompt=prompt, seed=11, num_steps=20, guidance_scale=5.0,
-                                           mode=Mode.CFG_PARALLEL))
+        png, stats = generate(
+            RequestInput(prompt=prompt, seed=11, num_steps=20, guidance_scale=5.0, mode=Mode.CFG_PARALLEL)
+        )
     finally:
         close()
     verdict = check(png, prompt)

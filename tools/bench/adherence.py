@@ -2,6 +2,7 @@
 and window-guidance policy on the held-out prompts, next to PSNR/SSIM against the exact CFG
 (``cfg-parallel``) image, all through the gRPC service of a local cluster.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -27,8 +28,14 @@ class Variant:
     window_guidance: WindowGuidance | None = None  # None: the mode's default
 
 
-def adherence_by_variant(model_dir: str, variants: tuple[Variant, ...], seeds: int, steps: int, log_dir: Path,
-                         on_run: Callable[[str], None] = lambda _: None) -> dict:
+def adherence_by_variant(
+    model_dir: str,
+    variants: tuple[Variant, ...],
+    seeds: int,
+    steps: int,
+    log_dir: Path,
+    on_run: Callable[[str], None] = lambda _: None,
+) -> dict:
     """For each variant: adherence accuracy (whole prompt and per attribute) over the held-out
     prompts x ``seeds`` seeds, and min PSNR/SSIM against ``cfg-parallel``."""
     images: dict[str, dict[tuple[str, int], bytes]] = {}
@@ -37,6 +44,7 @@ def adherence_by_variant(model_dir: str, variants: tuple[Variant, ...], seeds: i
         client = DiffusionClient(cluster.address)
         try:
             for variant in variants:
+
                 def generate(raw: RequestInput, variant: Variant = variant) -> tuple[bytes, pb.GenerateStats]:
                     raw.mode, raw.window_guidance = variant.mode, variant.window_guidance or 0
                     response = client.generate_request(request_to_proto(raw), timeout=300)
@@ -59,19 +67,27 @@ def adherence_by_variant(model_dir: str, variants: tuple[Variant, ...], seeds: i
 
 def _summary(report: AdherenceReport, stats: list[pb.GenerateStats]) -> dict:
     decided = [s for s in stats if s.HasField("tau1")]
-    return {**report.as_dict(), "tau1": sorted({s.tau1 for s in decided}),
-            "tau1_by_slope": sum(s.tau1_source == "slope" for s in decided), "tau1_decided": len(decided)}
+    return {
+        **report.as_dict(),
+        "tau1": sorted({s.tau1 for s in decided}),
+        "tau1_by_slope": sum(s.tau1_source == "slope" for s in decided),
+        "tau1_decided": len(decided),
+    }
 
 
 def format_adherence(result: dict) -> str:
-    lines = [f"{'mode (default model)':24} {'adherence':>9} {'colour':>7} {'shape':>6} {'position':>8} "
-             f"{'PSNR/cfg':>8} {'SSIM':>6} {'tau1 by slope':>13}"]
+    lines = [
+        f"{'mode (default model)':24} {'adherence':>9} {'colour':>7} {'shape':>6} {'position':>8} "
+        f"{'PSNR/cfg':>8} {'SSIM':>6} {'tau1 by slope':>13}"
+    ]
     for name, r in result["variants"].items():
         a = r["attributes"]
         p = r["psnr_vs_cfg_parallel"]
         psnr_s = "-" if p is None else "inf" if p == float("inf") else f"{p:.1f}"
         ssim_s = "-" if r["ssim_vs_cfg_parallel"] is None else f"{r['ssim_vs_cfg_parallel']:.3f}"
         slope = f"{r['tau1_by_slope']}/{r['tau1_decided']}" if r["tau1_decided"] else "-"
-        lines.append(f"{name:24} {r['accuracy']:9.0%} {a.get('colour', 0):7.0%} {a.get('shape', 0):6.0%} "
-                     f"{a.get('position', 0):8.0%} {psnr_s:>8} {ssim_s:>6} {slope:>13}")
+        lines.append(
+            f"{name:24} {r['accuracy']:9.0%} {a.get('colour', 0):7.0%} {a.get('shape', 0):6.0%} "
+            f"{a.get('position', 0):8.0%} {psnr_s:>8} {ssim_s:>6} {slope:>13}"
+        )
     return "\n".join(lines)

@@ -9,6 +9,7 @@ model into ``perfmodel`` to predict the latency and speedup of every mode. ``--d
 
     python -m tools.bench.gpu_profile --out gpu_profile.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,13 +65,27 @@ def load_config(name: str, tiny: bool) -> dict[str, Any]:
     if not tiny:
         return cfg
     if name == "sdxl":  # same blocks, layers and unit list; small widths
-        cfg.update(block_out_channels=[32, 64, 64], attention_head_dim=[1, 2, 2],
-                   transformer_layers_per_block=[1, 1, 2], norm_num_groups=8, cross_attention_dim=32,
-                   addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16,
-                   sample_size=16)
+        cfg.update(
+            block_out_channels=[32, 64, 64],
+            attention_head_dim=[1, 2, 2],
+            transformer_layers_per_block=[1, 1, 2],
+            norm_num_groups=8,
+            cross_attention_dim=32,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=8 * 6 + 16,
+            sample_size=16,
+        )
     else:
-        cfg.update(num_layers=4, num_attention_heads=2, attention_head_dim=16, caption_projection_dim=32,
-                   joint_attention_dim=32, pooled_projection_dim=32, sample_size=16, pos_embed_max_size=16)
+        cfg.update(
+            num_layers=4,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            caption_projection_dim=32,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            sample_size=16,
+            pos_embed_max_size=16,
+        )
     return cfg
 
 
@@ -88,8 +103,15 @@ def build_model(name: str, cfg: dict[str, Any], device: torch.device, dtype: tor
     return cast().eval().requires_grad_(False)
 
 
-def make_inputs(name: str, cfg: dict[str, Any], spec_latent: tuple[int, int, int], text_len: int, batch: int,
-                device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def make_inputs(
+    name: str,
+    cfg: dict[str, Any],
+    spec_latent: tuple[int, int, int],
+    text_len: int,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
     g = torch.Generator("cpu").manual_seed(batch)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -99,12 +121,18 @@ def make_inputs(name: str, cfg: dict[str, Any], spec_latent: tuple[int, int, int
     if name == "sdxl":
         pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
         time_ids = torch.tensor([1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]).repeat(batch, 1).to(device, dtype)
-        return {"sample": sample, "t": torch.tensor(500.0, device=device),
-                "encoder_hidden_states": rand(batch, text_len, cfg["cross_attention_dim"]),
-                "added_cond_kwargs": {"text_embeds": rand(batch, pooled), "time_ids": time_ids}}
-    return {"sample": sample, "t": torch.full((batch,), 500.0, device=device, dtype=dtype),
-            "encoder_hidden_states": rand(batch, text_len, cfg["joint_attention_dim"]),
-            "pooled": rand(batch, cfg["pooled_projection_dim"])}
+        return {
+            "sample": sample,
+            "t": torch.tensor(500.0, device=device),
+            "encoder_hidden_states": rand(batch, text_len, cfg["cross_attention_dim"]),
+            "added_cond_kwargs": {"text_embeds": rand(batch, pooled), "time_ids": time_ids},
+        }
+    return {
+        "sample": sample,
+        "t": torch.full((batch,), 500.0, device=device, dtype=dtype),
+        "encoder_hidden_states": rand(batch, text_len, cfg["joint_attention_dim"]),
+        "pooled": rand(batch, cfg["pooled_projection_dim"]),
+    }
 
 
 def tiny_shapes(name: str, cfg: dict[str, Any]) -> tuple[tuple[int, int, int], int]:
@@ -154,11 +182,17 @@ def _median_units(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def profile_unet(model, inputs: dict[int, dict[str, Any]], clock, warmup: int,
-                 repeats: int) -> dict[str, Any]:
+def profile_unet(
+    model, inputs: dict[int, dict[str, Any]], clock, warmup: int, repeats: int
+) -> dict[str, Any]:
     def forward(x: dict[str, Any]) -> torch.Tensor:
-        return model(x["sample"], x["t"], encoder_hidden_states=x["encoder_hidden_states"],
-                     added_cond_kwargs=x["added_cond_kwargs"], return_dict=False)[0]
+        return model(
+            x["sample"],
+            x["t"],
+            encoder_hidden_states=x["encoder_hidden_states"],
+            added_cond_kwargs=x["added_cond_kwargs"],
+            return_dict=False,
+        )[0]
 
     times: dict[str, float] = {}
     for b in (1, 2):
@@ -168,10 +202,13 @@ def profile_unet(model, inputs: dict[int, dict[str, Any]], clock, warmup: int,
     probe = unet_split.NestedUNetSplit(model, 1)
     x1 = inputs[1]
     ctx1 = probe.context(x1["sample"], x1["t"], x1["encoder_hidden_states"], x1["added_cond_kwargs"])
-    units = _median_units([unet_split.time_units(probe, x1["sample"], ctx1, clock)
-                           for _ in range(repeats + 1)][1:])
-    cut = choose_cut(range(1, probe.num_units + 1),
-                     lambda c: stage_costs(unet_split.NestedUNetSplit(model, c).stage1_units(), units))
+    units = _median_units(
+        [unet_split.time_units(probe, x1["sample"], ctx1, clock) for _ in range(repeats + 1)][1:]
+    )
+    cut = choose_cut(
+        range(1, probe.num_units + 1),
+        lambda c: stage_costs(unet_split.NestedUNetSplit(model, c).stage1_units(), units),
+    )
     split = unet_split.NestedUNetSplit(model, cut)
     sizes: dict[str, int] = {"prediction": nbytes(forward(x1))}
     for b in (1, 2):
@@ -184,24 +221,38 @@ def profile_unet(model, inputs: dict[int, dict[str, Any]], clock, warmup: int,
         residuals = split.outer_pre(x["sample"], ctx)
         core_out = split.core(residuals[-1], ctx)
         # Each worker computes the (cheap) time/text embedding itself: counted in pre and in core.
-        times[f"pre_b{b}"] = median_seconds(lambda: split.outer_pre(x["sample"], context()), clock, warmup,
-                                            repeats)
-        times[f"stage2_b{b}"] = median_seconds(lambda: split.core(residuals[-1], context()), clock, warmup,
-                                               repeats)
-        times[f"post_b{b}"] = median_seconds(lambda: split.outer_post(core_out, residuals, ctx), clock,
-                                             warmup, repeats)
+        times[f"pre_b{b}"] = median_seconds(
+            lambda: split.outer_pre(x["sample"], context()), clock, warmup, repeats
+        )
+        times[f"stage2_b{b}"] = median_seconds(
+            lambda: split.core(residuals[-1], context()), clock, warmup, repeats
+        )
+        times[f"post_b{b}"] = median_seconds(
+            lambda: split.outer_post(core_out, residuals, ctx), clock, warmup, repeats
+        )
         times[f"stage1_b{b}"] = times[f"pre_b{b}"] + times[f"post_b{b}"]
         sizes[f"boundary_b{b}"] = nbytes(residuals[-1])
         sizes[f"stage_return_b{b}"] = nbytes(core_out)
-    return {"topology": "nested", "cut": cut, "num_units": probe.num_units,
-            "stage1_units": split.stage1_units(), "unit_seconds_b1": units, "times": times, "bytes": sizes}
+    return {
+        "topology": "nested",
+        "cut": cut,
+        "num_units": probe.num_units,
+        "stage1_units": split.stage1_units(),
+        "unit_seconds_b1": units,
+        "times": times,
+        "bytes": sizes,
+    }
 
 
 def profile_dit(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, repeats: int) -> dict[str, Any]:
     def forward(x: dict[str, Any]) -> torch.Tensor:
-        return model(hidden_states=x["sample"], timestep=x["t"],
-                     encoder_hidden_states=x["encoder_hidden_states"], pooled_projections=x["pooled"],
-                     return_dict=False)[0]
+        return model(
+            hidden_states=x["sample"],
+            timestep=x["t"],
+            encoder_hidden_states=x["encoder_hidden_states"],
+            pooled_projections=x["pooled"],
+            return_dict=False,
+        )[0]
 
     times: dict[str, float] = {}
     for b in (1, 2):
@@ -211,10 +262,16 @@ def profile_dit(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, re
     probe = dit_split.SequentialDiTSplit(model, 1)
     x1 = inputs[1]
     temb1 = probe.temb(x1["t"], x1["pooled"])
-    units = _median_units([dit_split.time_units(probe, x1["sample"], x1["encoder_hidden_states"], temb1,
-                                                clock) for _ in range(repeats + 1)][1:])
-    cut = choose_cut(range(1, probe.num_units),
-                     lambda c: stage_costs(dit_split.SequentialDiTSplit(model, c).stage1_units(), units))
+    units = _median_units(
+        [
+            dit_split.time_units(probe, x1["sample"], x1["encoder_hidden_states"], temb1, clock)
+            for _ in range(repeats + 1)
+        ][1:]
+    )
+    cut = choose_cut(
+        range(1, probe.num_units),
+        lambda c: stage_costs(dit_split.SequentialDiTSplit(model, c).stage1_units(), units),
+    )
     split = dit_split.SequentialDiTSplit(model, cut)
     sizes: dict[str, int] = {"prediction": nbytes(forward(x1))}
     h, w = x1["sample"].shape[-2:]
@@ -227,11 +284,19 @@ def profile_dit(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, re
         boundary = stage1()
         times[f"stage1_b{b}"] = median_seconds(stage1, clock, warmup, repeats)
         times[f"stage2_b{b}"] = median_seconds(
-            lambda: split.stage2(boundary, split.temb(x["t"], x["pooled"]), h, w), clock, warmup, repeats)
+            lambda: split.stage2(boundary, split.temb(x["t"], x["pooled"]), h, w), clock, warmup, repeats
+        )
         sizes[f"boundary_b{b}"] = nbytes(*boundary.values())
         sizes[f"stage_return_b{b}"] = 0
-    return {"topology": "sequential", "cut": cut, "num_units": probe.num_units,
-            "stage1_units": split.stage1_units(), "unit_seconds_b1": units, "times": times, "bytes": sizes}
+    return {
+        "topology": "sequential",
+        "cut": cut,
+        "num_units": probe.num_units,
+        "stage1_units": split.stage1_units(),
+        "unit_seconds_b1": units,
+        "times": times,
+        "bytes": sizes,
+    }
 
 
 # --- prediction -------------------------------------------------------------------------
@@ -252,8 +317,12 @@ def tensor_bytes(profile: dict[str, Any]) -> TensorBytes:
 
 def schedule_for(name: str, steps: int, tau1: int | None, k: int | None, source: str) -> ScheduleParams:
     spec = MODELS[name]
-    return ScheduleParams(num_steps=steps, tau1=spec.tau1 if tau1 is None else tau1,
-                          k=spec.k if k is None else k, tau1_source=source)
+    return ScheduleParams(
+        num_steps=steps,
+        tau1=spec.tau1 if tau1 is None else tau1,
+        k=spec.k if k is None else k,
+        tau1_source=source,
+    )
 
 
 def stage_checks(t: dict[str, float]) -> dict[str, Any]:
@@ -261,13 +330,16 @@ def stage_checks(t: dict[str, float]) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     for b in (1, 2):
         s1, s2 = t[f"stage1_b{b}"], t[f"stage2_b{b}"]
-        checks[f"b{b}"] = {"stage_sum_over_forward": (s1 + s2) / t[f"forward_b{b}"],
-                           "stage_ratio": max(s1, s2) / min(s1, s2)}
+        checks[f"b{b}"] = {
+            "stage_sum_over_forward": (s1 + s2) / t[f"forward_b{b}"],
+            "stage_ratio": max(s1, s2) / min(s1, s2),
+        }
     return checks | {"b2_over_b1": t["forward_b2"] / t["forward_b1"]}
 
 
-def profile_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-                  link: LinkModel) -> dict[str, Any]:
+def profile_model(
+    name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, link: LinkModel
+) -> dict[str, Any]:
     spec = MODELS[name]
     start = time.perf_counter()
     cfg = load_config(name, args.tiny)
@@ -281,13 +353,17 @@ def profile_model(name: str, args: argparse.Namespace, device: torch.device, dty
     sched = schedule_for(name, args.steps, args.tau1.get(name), args.k, args.tau1_source)
     t = profile["times"]
     profile.update(
-        config=str(Path("tools/bench/configs") / spec.config), tiny=args.tiny,
+        config=str(Path("tools/bench/configs") / spec.config),
+        tiny=args.tiny,
         parameters=sum(p.numel() for p in model.parameters()),
-        latent_shape=list(latent), text_len=text_len, guidance_scale=spec.guidance,
+        latent_shape=list(latent),
+        text_len=text_len,
+        guidance_scale=spec.guidance,
         checks=stage_checks(t),
         schedule=asdict(sched) | {"tau2": sched.tau2},
         modes=predict_modes(compute_times(profile), tensor_bytes(profile), link, sched),
-        paper_hybrid_speedup=PAPER_SPEEDUP[name], profile_seconds=time.perf_counter() - start,
+        paper_hybrid_speedup=PAPER_SPEEDUP[name],
+        profile_seconds=time.perf_counter() - start,
     )
     del model, inputs
     if device.type == "cuda":
@@ -297,9 +373,11 @@ def profile_model(name: str, args: argparse.Namespace, device: torch.device, dty
 
 # --- report -----------------------------------------------------------------------------
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"device: {result['device']['name']} ({result['device']['dtype']}); link: "
-             f"{result['link']['bandwidth'] / 1e9:.1f} GB/s x{result['link']['copies']} copies, "
-             f"{result['link']['latency'] * 1e6:.0f} us/message"]
+    lines = [
+        f"device: {result['device']['name']} ({result['device']['dtype']}); link: "
+        f"{result['link']['bandwidth'] / 1e9:.1f} GB/s x{result['link']['copies']} copies, "
+        f"{result['link']['latency'] * 1e6:.0f} us/message"
+    ]
     for name, p in result["models"].items():
         t, s, c = p["times"], p["schedule"], p["checks"]
         lines += [
@@ -314,9 +392,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"  {'mode':<13}{'latency s':>11}{'speedup':>9}{'ideal s':>10}{'ideal x':>9}{'MB/request':>12}",
         ]
         for mode, rec in p["modes"].items():
-            lines.append(f"  {mode:<13}{rec['predicted']['latency']:>11.3f}{rec['speedup']:>9.3f}"
-                         f"{rec['ideal']['latency']:>10.3f}{rec['ideal_speedup']:>9.3f}"
-                         f"{rec['predicted']['link_bytes'] / 1e6:>12.1f}")
+            lines.append(
+                f"  {mode:<13}{rec['predicted']['latency']:>11.3f}{rec['speedup']:>9.3f}"
+                f"{rec['ideal']['latency']:>10.3f}{rec['ideal_speedup']:>9.3f}"
+                f"{rec['predicted']['link_bytes'] / 1e6:>12.1f}"
+            )
         lines.append(f"  paper (HYBRID, 2x RTX 3090): {p['paper_hybrid_speedup']:.2f}x")
     return "\n".join(lines)
 
@@ -326,8 +406,9 @@ def _tau1_pairs(values: list[str]) -> dict[str, int]:
     for v in values:
         name, _, n = v.partition("=")
         if name not in MODELS or not n.isdigit():
-            raise argparse.ArgumentTypeError(f"--tau1 expects MODEL=N with MODEL in {sorted(MODELS)}, "
-                                             f"got {v!r}")
+            raise argparse.ArgumentTypeError(
+                f"--tau1 expects MODEL=N with MODEL in {sorted(MODELS)}, got {v!r}"
+            )
         out[name] = int(n)
     return out
 
@@ -336,26 +417,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hybridiff gpu-profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="sdxl,sd3", help="comma-separated subset of: sdxl, sd3")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default: float16 on a GPU, float32 on CPU")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on a GPU, float32 on CPU"
+    )
     p.add_argument("--tiny", action="store_true", help="tiny configs of the same structure (CPU tests)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed runs before each measurement (default 3; tiny 1)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed runs before each measurement (default 3; tiny 1)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed runs, median taken (default 10; tiny 3)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--tau1", action="append", default=[], metavar="MODEL=N",
-                   help="window start per model (default: tau_cap fallback, sdxl=15, sd3=40)")
+    p.add_argument(
+        "--tau1",
+        action="append",
+        default=[],
+        metavar="MODEL=N",
+        help="window start per model (default: tau_cap fallback, sdxl=15, sd3=40)",
+    )
     p.add_argument("--tau1-source", choices=("tau_cap", "slope"), default="tau_cap")
     p.add_argument("--k", type=int, default=None, help="window length after tau1 (default 5)")
-    p.add_argument("--link-gbps", type=float, default=25.0,
-                   help="effective bandwidth of one copy in GB/s (default 25: PCIe 4.0 x16 with pinned "
-                        "buffers)")
-    p.add_argument("--link-latency-us", type=float, default=250.0,
-                   help="per-message latency (default 250 us)")
-    p.add_argument("--link-copies", type=int, choices=(1, 2), default=2,
-                   help="2: staged through host memory (device->host->device), 1: peer-to-peer")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="time CUDA-graph replays (no kernel-launch overhead) instead of eager calls")
+    p.add_argument(
+        "--link-gbps",
+        type=float,
+        default=25.0,
+        help="effective bandwidth of one copy in GB/s (default 25: PCIe 4.0 x16 with pinned buffers)",
+    )
+    p.add_argument(
+        "--link-latency-us", type=float, default=250.0, help="per-message latency (default 250 us)"
+    )
+    p.add_argument(
+        "--link-copies",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="2: staged through host memory (device->host->device), 1: peer-to-peer",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="time CUDA-graph replays (no kernel-launch overhead) instead of eager calls",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -384,14 +484,20 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-profile: CUDA is not available (use --device cpu --tiny for a CPU run)", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
-    link = LinkModel(bandwidth=args.link_gbps * 1e9, latency=args.link_latency_us * 1e-6,
-                     copies=args.link_copies)
+    link = LinkModel(
+        bandwidth=args.link_gbps * 1e9, latency=args.link_latency_us * 1e-6, copies=args.link_copies
+    )
     start = time.perf_counter()
     result: dict[str, Any] = {
         "schema": "hybridiff.gpu_profile/1",
-        "device": {"type": device.type, "dtype": str(dtype).removeprefix("torch."),
-                   "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "torch": torch.__version__, "diffusers": version("diffusers"), "cuda": torch.version.cuda},
+        "device": {
+            "type": device.type,
+            "dtype": str(dtype).removeprefix("torch."),
+            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "diffusers": version("diffusers"),
+            "cuda": torch.version.cuda,
+        },
         "link": asdict(link),
         "cuda_graphs": args.cuda_graphs,
         "timing": {"warmup": args.warmup, "repeats": args.repeats, "statistic": "median"},

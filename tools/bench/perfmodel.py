@@ -28,6 +28,7 @@ copy blocks the sender's compute thread and the host-to-device copy is done on a
 receiver's IO thread (it only delays the message); with ``copies=1`` (peer-to-peer) nothing
 blocks the sender. The "ideal" prediction is the same replay with a free link.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,7 @@ class StageTimes:
     post: float = 0.0
 
     @classmethod
-    def nested(cls, pre: float, core: float, post: float) -> "StageTimes":
+    def nested(cls, pre: float, core: float, post: float) -> StageTimes:
         return cls(stage1=pre + post, stage2=core, pre=pre, post=post)
 
 
@@ -119,7 +120,7 @@ class LinkModel:
             raise ValueError("bandwidth must be > 0 and latency >= 0")
 
     @classmethod
-    def ideal(cls) -> "LinkModel":
+    def ideal(cls) -> LinkModel:
         return cls(bandwidth=math.inf, latency=0.0, copies=1)
 
     def _copy(self, nbytes: int) -> float:
@@ -175,8 +176,9 @@ def _jsonable(value: Any) -> Any:
 class _Replay:
     """Two worker clocks and the arrival times of the messages still to be consumed."""
 
-    def __init__(self, compute: ComputeTimes, tensors: TensorBytes, link: LinkModel, window_batch: int,
-                 t0: float) -> None:
+    def __init__(
+        self, compute: ComputeTimes, tensors: TensorBytes, link: LinkModel, window_batch: int, t0: float
+    ) -> None:
         self.ct, self.tb, self.link, self.wb = compute, tensors, link, window_batch
         self.u = self.c = t0
         self.arrival: dict[tuple[str, int], float] = {}  # (kind, step) -> when usable on the receiver
@@ -249,8 +251,14 @@ def _check(phases: list[Phase]) -> None:
             raise ValueError(f"step {i}: a PIPELINE step must follow a PIPELINE_FILL or PIPELINE step")
 
 
-def simulate(phases: Iterable[Phase], compute: ComputeTimes, tensors: TensorBytes, link: LinkModel,
-             window_batch: int = 1, fixed: FixedCosts = FixedCosts()) -> ModePrediction:
+def simulate(
+    phases: Iterable[Phase],
+    compute: ComputeTimes,
+    tensors: TensorBytes,
+    link: LinkModel,
+    window_batch: int = 1,
+    fixed: FixedCosts = FixedCosts(),
+) -> ModePrediction:
     """Replay one request given the phase of every step (``Phase`` members or their wire numbers);
     ``window_batch`` is the stage batch in the window (1, or 2 for FULL_CFG)."""
     if window_batch not in (1, 2):
@@ -272,10 +280,16 @@ def simulate(phases: Iterable[Phase], compute: ComputeTimes, tensors: TensorByte
         phase_bytes[p] += replay.bytes - prev_bytes
         prev_end, prev_bytes = end, replay.bytes
     denoise = prev_end - fixed.encode
-    return ModePrediction(steps, fixed.encode + denoise + fixed.decode, denoise, step_seconds,
-                          {p: v for p, v in phase_seconds.items() if phase_steps[p]},
-                          {p: v for p, v in phase_steps.items() if v}, replay.bytes,
-                          {p: v for p, v in phase_bytes.items() if phase_steps[p]})
+    return ModePrediction(
+        steps,
+        fixed.encode + denoise + fixed.decode,
+        denoise,
+        step_seconds,
+        {p: v for p, v in phase_seconds.items() if phase_steps[p]},
+        {p: v for p, v in phase_steps.items() if v},
+        replay.bytes,
+        {p: v for p, v in phase_bytes.items() if phase_steps[p]},
+    )
 
 
 # --- all modes side by side ---------------------------------------------------------
@@ -314,8 +328,9 @@ class ScheduleParams:
     def schedule(self, mode: Mode) -> StepSchedule:
         """The coordinator's schedule of a guided request in ``mode``, every step decided."""
         params, first, change = self._hybrid_params()
-        sched = StepSchedule(mode, self.num_steps, params, guidance=True,
-                             pipeline_warmup=self.pipeline_warmup)
+        sched = StepSchedule(
+            mode, self.num_steps, params, guidance=True, pipeline_warmup=self.pipeline_warmup
+        )
         step = 0
         while sched.decided_through() < sched.last:
             sched.observe(step, first + change * step)
@@ -330,19 +345,31 @@ class ScheduleParams:
         return self.schedule(Mode.HYBRID).tau2
 
 
-def predict_modes(compute: ComputeTimes, tensors: TensorBytes, link: LinkModel, schedule: ScheduleParams,
-                  fixed: FixedCosts = FixedCosts()) -> dict[str, dict[str, Any]]:
+def predict_modes(
+    compute: ComputeTimes,
+    tensors: TensorBytes,
+    link: LinkModel,
+    schedule: ScheduleParams,
+    fixed: FixedCosts = FixedCosts(),
+) -> dict[str, dict[str, Any]]:
     """Latency, per-phase breakdown and speedup vs SINGLE of every mode, with ``link`` and ideal,
     JSON-ready (modes and phases by their edge names)."""
-    batches = {Mode.SINGLE: 1, Mode.CFG_PARALLEL: 1, Mode.PIPELINE: schedule.pipeline_window_batch,
-               Mode.HYBRID: schedule.hybrid_window_batch}
+    batches = {
+        Mode.SINGLE: 1,
+        Mode.CFG_PARALLEL: 1,
+        Mode.PIPELINE: schedule.pipeline_window_batch,
+        Mode.HYBRID: schedule.hybrid_window_batch,
+    }
     out: dict[str, dict[str, Any]] = {}
     for mode in MODES:
         phases = schedule.phases(mode)
         real = simulate(phases, compute, tensors, link, batches[mode], fixed)
         ideal = simulate(phases, compute, tensors, LinkModel.ideal(), batches[mode], fixed)
-        out[label(mode)] = {"predicted": real.to_dict(), "ideal": ideal.to_dict(),
-                            "window_batch": batches[mode]}
+        out[label(mode)] = {
+            "predicted": real.to_dict(),
+            "ideal": ideal.to_dict(),
+            "window_batch": batches[mode],
+        }
     single = out[label(Mode.SINGLE)]
     for rec in out.values():
         rec["speedup"] = single["predicted"]["latency"] / rec["predicted"]["latency"]

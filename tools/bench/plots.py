@@ -1,4 +1,5 @@
 """PNG plots of a benchmark run (matplotlib, headless)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +7,18 @@ from pathlib import Path
 from hybridiff.protocol import Phase
 from hybridiff.v1 import diffusion_pb2 as pb
 
-PHASE_COLORS = {Phase.SINGLE: "#7f7f7f", Phase.DATA_PARALLEL: "#1f77b4", Phase.PIPELINE_FILL: "#ff7f0e",
-                Phase.PIPELINE: "#2ca02c"}
-PHASE_LABELS = {Phase.SINGLE: "single (CFG batch 2)", Phase.DATA_PARALLEL: "data parallel (one branch)",
-                Phase.PIPELINE_FILL: "pipeline fill", Phase.PIPELINE: "pipelined stage"}
+PHASE_COLORS = {
+    Phase.SINGLE: "#7f7f7f",
+    Phase.DATA_PARALLEL: "#1f77b4",
+    Phase.PIPELINE_FILL: "#ff7f0e",
+    Phase.PIPELINE: "#2ca02c",
+}
+PHASE_LABELS = {
+    Phase.SINGLE: "single (CFG batch 2)",
+    Phase.DATA_PARALLEL: "data parallel (one branch)",
+    Phase.PIPELINE_FILL: "pipeline fill",
+    Phase.PIPELINE: "pipelined stage",
+}
 
 
 def _plt():
@@ -52,12 +61,18 @@ def rel_mae_curve(stats: pb.GenerateStats, window: tuple[int, int] | None, path:
     plt = _plt()
     measured = [s for s in stats.steps if s.HasField("rel_mae")]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot([s.step for s in measured], [s.rel_mae for s in measured], marker=".", color="#1f77b4",
-            label="rel-MAE  mean|e_c - e_u| / mean|e_u|")
+    ax.plot(
+        [s.step for s in measured],
+        [s.rel_mae for s in measured],
+        marker=".",
+        color="#1f77b4",
+        label="rel-MAE  mean|e_c - e_u| / mean|e_u|",
+    )
     if window is not None:
         tau1, tau2 = window
-        ax.axvspan(tau1, tau2, color="#2ca02c", alpha=0.15,
-                   label=f"pipeline window (tau1={tau1}, tau2={tau2})")
+        ax.axvspan(
+            tau1, tau2, color="#2ca02c", alpha=0.15, label=f"pipeline window (tau1={tau1}, tau2={tau2})"
+        )
         ax.axvline(tau1, color="#2ca02c", ls="--")
         ax.axvline(tau2, color="#2ca02c", ls=":")
     ax.set_xlabel("step")
@@ -82,8 +97,15 @@ def timeline(stats: pb.GenerateStats, path: Path, title: str) -> None:
             phase = Phase(w.phase)
             legend = PHASE_LABELS[phase] if phase not in seen else None
             seen.add(phase)
-            ax.barh(row, w.compute_seconds, left=t, color=PHASE_COLORS[phase], edgecolor="white", lw=0.3,
-                    label=legend)
+            ax.barh(
+                row,
+                w.compute_seconds,
+                left=t,
+                color=PHASE_COLORS[phase],
+                edgecolor="white",
+                lw=0.3,
+                label=legend,
+            )
         t += s.wall_seconds
     ax.set_yticks(range(len(workers)), [f"worker {'UC'[i]} ({w})" for i, w in enumerate(workers)])
     ax.set_xlabel("seconds since the first step (bar = compute; gaps = waiting)")

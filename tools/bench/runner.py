@@ -12,6 +12,7 @@ against SINGLE (and of the hybrid policies against CFG_PARALLEL, the exact CFG).
 short pass on the trained default model measures prompt adherence per mode and policy
 (``tools.bench.adherence``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,17 @@ from tools.bench.perfmodel import ComputeTimes, FixedCosts, LinkModel, StageTime
 from tools.quality import psnr, ssim
 from tools.shapes.grammar import held_out_prompts
 
-DEFAULT_PROMPTS = ("a red circle on the left", "a blue square at the top", "a green triangle at the bottom",
-                   "a yellow star on the right")
+DEFAULT_PROMPTS = (
+    "a red circle on the left",
+    "a blue square at the top",
+    "a green triangle at the bottom",
+    "a yellow star on the right",
+)
 # (label, mode, window guidance; None: the mode's default): the modes of DESIGN section 4 plus
 # the second window policy. The labels name the variants in the JSON, the table and the plots.
 VARIANTS: tuple[Variant, ...] = (
-    Variant("single", Mode.SINGLE), Variant("cfg-parallel", Mode.CFG_PARALLEL),
+    Variant("single", Mode.SINGLE),
+    Variant("cfg-parallel", Mode.CFG_PARALLEL),
     Variant("pipeline", Mode.PIPELINE),
     Variant("hybrid", Mode.HYBRID, WindowGuidance.CONDITIONAL),
     Variant("hybrid-last-difference", Mode.HYBRID, WindowGuidance.LAST_DIFFERENCE),
@@ -70,6 +76,7 @@ _ENUMS = {"Mode": Mode, "Phase": Phase, "WindowGuidance": WindowGuidance}
 def message_json(msg: Message) -> dict:
     """A public-API message (e.g. ``GenerateStats``) as JSON-ready data: every field by its name,
     enums by their edge names (``label``), unset optional fields and unspecified enums as None."""
+
     def value_of(field, value):
         if field.enum_type is not None:
             return label(_ENUMS[field.enum_type.name](value)) if value else None
@@ -87,18 +94,27 @@ def message_json(msg: Message) -> dict:
     return out
 
 
-def run_variant(client: DiffusionClient, variant: Variant, prompt: str, seed: int,
-                args: argparse.Namespace) -> Run:
+def run_variant(
+    client: DiffusionClient, variant: Variant, prompt: str, seed: int, args: argparse.Namespace
+) -> Run:
     hybrid = {"l_slope": args.l_slope, "eps_slope": args.eps_slope, "k": args.k, "tau_cap": args.tau_cap}
     start = time.perf_counter()
-    gen = client.generate(prompt, seed=seed, steps=args.steps, guidance_scale=args.guidance,
-                          mode=variant.mode, hybrid=hybrid, window_guidance=variant.window_guidance or 0,
-                          timeout=args.request_timeout)
+    gen = client.generate(
+        prompt,
+        seed=seed,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        mode=variant.mode,
+        hybrid=hybrid,
+        window_guidance=variant.window_guidance or 0,
+        timeout=args.request_timeout,
+    )
     return Run(variant.label, prompt, seed, time.perf_counter() - start, gen.stats, gen.data[0])
 
 
-def diffusers_reference(model_dir: str, prompt: str, seed: int, steps: int, guidance: float,
-                        core: int | None) -> tuple[float, Image.Image]:
+def diffusers_reference(
+    model_dir: str, prompt: str, seed: int, steps: int, guidance: float, core: int | None
+) -> tuple[float, Image.Image]:
     """The diffusers pipeline in this process, on one core with one thread (the outside reference)."""
     affinity = os.sched_getaffinity(0)
     threads = torch.get_num_threads()
@@ -109,8 +125,12 @@ def diffusers_reference(model_dir: str, prompt: str, seed: int, steps: int, guid
         pipe = load_adapter(model_dir).pipe
         start = time.perf_counter()
         with torch.no_grad():
-            image = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
-                         generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+            image = pipe(
+                prompt=prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=torch.Generator("cpu").manual_seed(seed),
+            ).images[0]
         return time.perf_counter() - start, image
     finally:
         os.sched_setaffinity(0, affinity)
@@ -125,8 +145,15 @@ def window_batch(stats: pb.GenerateStats) -> int:
 
 def measured_compute(runs: list[Run]) -> dict[str, float]:
     """Median per-worker compute seconds of each kind of step, from the runs themselves."""
-    buckets: dict[str, list[float]] = {"b2": [], "b1": [], "stage1_b1": [], "stage2_b1": [], "stage1_b2": [],
-                                       "stage2_b2": [], "update": []}
+    buckets: dict[str, list[float]] = {
+        "b2": [],
+        "b1": [],
+        "stage1_b1": [],
+        "stage2_b1": [],
+        "stage1_b2": [],
+        "stage2_b2": [],
+        "update": [],
+    }
     for run in runs:
         for step in run.stats.steps:
             workers = step.workers
@@ -146,6 +173,7 @@ def measured_compute(runs: list[Run]) -> dict[str, float]:
 
 def ideal_latency(run: Run, compute: dict[str, float], topology: str) -> float:
     """The run's own phase list replayed by the schedule model with measured compute and a free link."""
+
     def stages(b: str) -> StageTimes:
         s1, s2 = compute[f"stage1_{b}"], compute[f"stage2_{b}"]
         # Nested split: with a free link the steady pipelined step is max(pre+post, core), whatever
@@ -155,8 +183,9 @@ def ideal_latency(run: Run, compute: dict[str, float], topology: str) -> float:
     times = ComputeTimes(topology, compute["b1"], compute["b2"], stages("b1"), stages("b2"))
     phases = [Phase(s.phase) for s in run.stats.steps]
     fixed = FixedCosts(encode=run.stats.encoding_seconds, decode=run.stats.decoding_seconds)
-    return simulate(phases, times, TensorBytes(prediction=0), LinkModel.ideal(), window_batch(run.stats),
-                    fixed).latency
+    return simulate(
+        phases, times, TensorBytes(prediction=0), LinkModel.ideal(), window_batch(run.stats), fixed
+    ).latency
 
 
 def critical_compute(step: pb.StepStat) -> float:
@@ -176,8 +205,11 @@ def step_overheads(run: Run) -> list[float]:
 def compute_bound_latency(run: Run) -> float:
     """What the run would take if nothing but its own compute were on the critical path (its
     measured per-step compute, max of the workers, both on a fill step, plus encode and decode)."""
-    return (run.stats.encoding_seconds + run.stats.decoding_seconds
-            + sum(critical_compute(step) for step in run.stats.steps))
+    return (
+        run.stats.encoding_seconds
+        + run.stats.decoding_seconds
+        + sum(critical_compute(step) for step in run.stats.steps)
+    )
 
 
 def window_bounds(stats: pb.GenerateStats) -> tuple[int, int] | None:
@@ -187,8 +219,11 @@ def window_bounds(stats: pb.GenerateStats) -> tuple[int, int] | None:
 
 def _similarity(runs: list[Run], against: dict[tuple[str, int], Run]) -> list[tuple[float, float]]:
     """(PSNR, SSIM) of each run's image against the image of the same prompt and seed in ``against``."""
-    return [(psnr(r.image, against[key].image), ssim(r.image, against[key].image))
-            for r in runs if (key := (r.prompt, r.seed)) in against]
+    return [
+        (psnr(r.image, against[key].image), ssim(r.image, against[key].image))
+        for r in runs
+        if (key := (r.prompt, r.seed)) in against
+    ]
 
 
 def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], topology: str) -> dict:
@@ -216,14 +251,17 @@ def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], t
         windows = [window_bounds(r.stats) for r in rs]
         modes[lab] = {
             "runs": len(rs),
-            "latency_median": statistics.median(lat), "latency_min": min(lat), "latency_max": max(lat),
+            "latency_median": statistics.median(lat),
+            "latency_min": min(lat),
+            "latency_max": max(lat),
             "latencies": lat,
             "ideal_latency_median": statistics.median(ideal),
             # per run, its own compute-bound time over its latency: the system's overhead, free of
             # the machine noise that moves whole runs (and so the ratios between modes)
             "system_efficiency": statistics.median(compute_bound_latency(r) / r.latency for r in rs),
             # the windows the runs opened (empty: none opened one)
-            "tau1": sorted({w[0] for w in windows if w}), "tau2": sorted({w[1] for w in windows if w}),
+            "tau1": sorted({w[0] for w in windows if w}),
+            "tau2": sorted({w[1] for w in windows if w}),
             "tau1_source": sorted({r.stats.tau1_source for r in rs if r.stats.tau1_source}),
             "overhead_per_step_median_s": statistics.median(over) if over else 0.0,
             "step_wall_median_s": statistics.median(step_wall) if step_wall else 0.0,
@@ -245,42 +283,56 @@ def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], t
     if reference:
         lat = [r[2] for r in reference]
         result["diffusers_reference"] = {
-            "latency_median": statistics.median(lat), "latencies": lat,
+            "latency_median": statistics.median(lat),
+            "latencies": lat,
             "speedup_vs_single": base["latency_median"] / statistics.median(lat) if lat else None,
-            "psnr_vs_single": min(psnr(img, singles[(p, s)].image) for p, s, _, img in reference
-                                  if (p, s) in singles),
+            "psnr_vs_single": min(
+                psnr(img, singles[(p, s)].image) for p, s, _, img in reference if (p, s) in singles
+            ),
         }
     return result
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'mode':24} {'median s':>9} {'spread s':>13} {'speedup':>8} {'ideal x':>8} {'eff':>6} "
-             f"{'sys eff':>7} {'ovh/step':>9} {'KiB/req':>9} {'tau1,tau2':>10} {'PSNR/single':>11} "
-             f"{'SSIM':>6}"]
+    lines = [
+        f"{'mode':24} {'median s':>9} {'spread s':>13} {'speedup':>8} {'ideal x':>8} {'eff':>6} "
+        f"{'sys eff':>7} {'ovh/step':>9} {'KiB/req':>9} {'tau1,tau2':>10} {'PSNR/single':>11} "
+        f"{'SSIM':>6}"
+    ]
     for lab, m in result["modes"].items():
         psnr_s = "inf" if m["psnr_vs_single"] == float("inf") else f"{m['psnr_vs_single']:.1f}"
         taus = f"{m['tau1'][0]},{m['tau2'][0]}" if m["tau1"] else "-"
-        lines.append(f"{lab:24} {m['latency_median']:9.2f} {m['latency_min']:6.2f}-{m['latency_max']:<6.2f} "
-                     f"{m['speedup']:8.2f} {m['ideal_speedup']:8.2f} {m['efficiency']:6.1%} "
-                     f"{m['system_efficiency']:7.1%} {m['overhead_per_step_median_s'] * 1e6:7.0f}us "
-                     f"{m['bytes_per_request'] / 1024:9.0f} {taus:>10} {psnr_s:>11} "
-                     f"{m['ssim_vs_single']:6.3f}")
+        lines.append(
+            f"{lab:24} {m['latency_median']:9.2f} {m['latency_min']:6.2f}-{m['latency_max']:<6.2f} "
+            f"{m['speedup']:8.2f} {m['ideal_speedup']:8.2f} {m['efficiency']:6.1%} "
+            f"{m['system_efficiency']:7.1%} {m['overhead_per_step_median_s'] * 1e6:7.0f}us "
+            f"{m['bytes_per_request'] / 1024:9.0f} {taus:>10} {psnr_s:>11} "
+            f"{m['ssim_vs_single']:6.3f}"
+        )
     ref = result.get("diffusers_reference")
     if ref:
-        lines.append(f"{'diffusers (in-process)':24} {ref['latency_median']:9.2f} {'':13} "
-                     f"{ref['speedup_vs_single']:8.2f}   PSNR vs single {ref['psnr_vs_single']:.1f} dB")
+        lines.append(
+            f"{'diffusers (in-process)':24} {ref['latency_median']:9.2f} {'':13} "
+            f"{ref['speedup_vs_single']:8.2f}   PSNR vs single {ref['psnr_vs_single']:.1f} dB"
+        )
     return "\n".join(lines)
 
 
 # --- the command ------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hybridiff bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", default=None,
-                   help="default: the SDXL-shaped bench model (built once, ~30M params)")
-    p.add_argument("--target", default=None,
-                   help="HOST:PORT of a running coordinator (default: start a local cluster)")
-    p.add_argument("--prompts", type=int, default=1,
-                   help=f"how many of the built-in prompts (max {len(DEFAULT_PROMPTS)})")
+    p.add_argument(
+        "--model-dir", default=None, help="default: the SDXL-shaped bench model (built once, ~30M params)"
+    )
+    p.add_argument(
+        "--target", default=None, help="HOST:PORT of a running coordinator (default: start a local cluster)"
+    )
+    p.add_argument(
+        "--prompts",
+        type=int,
+        default=1,
+        help=f"how many of the built-in prompts (max {len(DEFAULT_PROMPTS)})",
+    )
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="runs of every mode per prompt and seed")
     p.add_argument("--steps", type=int, default=30)
@@ -292,9 +344,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true", help="skip the in-process diffusers reference")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--out-dir", type=Path, default=Path("out/bench"))
-    p.add_argument("--adherence-seeds", type=int, default=1,
-                   help="seeds per held-out prompt in the adherence pass on the trained default model "
-                        "(0: skip)")
+    p.add_argument(
+        "--adherence-seeds",
+        type=int,
+        default=1,
+        help="seeds per held-out prompt in the adherence pass on the trained default model (0: skip)",
+    )
     p.add_argument("--adherence-steps", type=int, default=30)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -349,10 +404,14 @@ def main(argv: list[str] | None = None) -> int:
             cluster.stop()
             cluster = None
         if adherence_runs:
-            adherence = adherence_by_variant(str(default_model_dir()), VARIANTS, args.adherence_seeds,
-                                             args.adherence_steps, args.out_dir / "logs-adherence",
-                                             on_run=lambda name: (bar.set_postfix_str(f"adherence {name}"),
-                                                                  bar.update(1)))
+            adherence = adherence_by_variant(
+                str(default_model_dir()),
+                VARIANTS,
+                args.adherence_seeds,
+                args.adherence_steps,
+                args.out_dir / "logs-adherence",
+                on_run=lambda name: (bar.set_postfix_str(f"adherence {name}"), bar.update(1)),
+            )
     finally:
         bar.close()
         client.close()
@@ -361,25 +420,39 @@ def main(argv: list[str] | None = None) -> int:
     result = summarize(runs, reference, topology)
     if adherence_runs:
         result["adherence"] = adherence
-    result["config"] = {"model_dir": model_dir, "topology": topology, "steps": args.steps,
-                        "guidance": args.guidance, "prompts": [p for p, _ in pairs], "seeds": args.seeds,
-                        "repeats": args.repeats, "cores": sorted(os.sched_getaffinity(0)),
-                        "target": args.target or "local cluster, 2 workers"}
+    result["config"] = {
+        "model_dir": model_dir,
+        "topology": topology,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "prompts": [p for p, _ in pairs],
+        "seeds": args.seeds,
+        "repeats": args.repeats,
+        "cores": sorted(os.sched_getaffinity(0)),
+        "target": args.target or "local cluster, 2 workers",
+    }
     result["wall_seconds"] = time.perf_counter() - started
     hybrid = next(r for r in runs if r.label == "hybrid")
     result["example_hybrid_stats"] = message_json(hybrid.stats)
     (args.out_dir / "bench.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     plots.latency_bars(result, args.out_dir / "latency.png")
     exact = next(r for r in runs if r.label == "cfg-parallel")
-    plots.rel_mae_curve(exact.stats, window_bounds(hybrid.stats), args.out_dir / "rel_mae.png",
-                        "rel-MAE per step (exact CFG run) and the hybrid window")
-    plots.timeline(hybrid.stats, args.out_dir / "timeline_hybrid.png",
-                   "One hybrid request: what each worker computed")
+    plots.rel_mae_curve(
+        exact.stats,
+        window_bounds(hybrid.stats),
+        args.out_dir / "rel_mae.png",
+        "rel-MAE per step (exact CFG run) and the hybrid window",
+    )
+    plots.timeline(
+        hybrid.stats, args.out_dir / "timeline_hybrid.png", "One hybrid request: what each worker computed"
+    )
     print(format_table(result))
     if adherence_runs:
         print(format_adherence(adherence))
-    print(f"wrote {args.out_dir / 'bench.json'}, latency.png, rel_mae.png, timeline_hybrid.png "
-          f"({result['wall_seconds']:.0f}s)")
+    print(
+        f"wrote {args.out_dir / 'bench.json'}, latency.png, rel_mae.png, timeline_hybrid.png "
+        f"({result['wall_seconds']:.0f}s)"
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ colour, position, size and shape class, and compare them with what the prompt as
   triangle ~1/2), and its taper (top rows vs bottom rows) for small triangles;
 - size: its area against the midpoint of the two nominal sizes.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -21,7 +22,7 @@ from PIL import Image
 from tools.shapes.grammar import Caption, parse_caption
 from tools.shapes.render import ANCHORS, AREA_PER_RADIUS2, PALETTE, RADII
 
-SATURATION_MIN = 0.22   # max(rgb) - min(rgb) above which a pixel belongs to a shape
+SATURATION_MIN = 0.22  # max(rgb) - min(rgb) above which a pixel belongs to a shape
 MIN_AREA_FRACTION = 0.004  # smaller regions are noise, not a shape
 SQUARE_FILL, TRIANGLE_FILL = 0.87, 0.64  # fill-ratio boundaries: square > 0.87 > circle > 0.64 > triangle
 TAPER_MAX = 0.7  # a triangle's top third is much narrower than its bottom third
@@ -113,7 +114,7 @@ def read_image(image: np.ndarray) -> Reading:
     core = region & (saturation >= 0.5 * np.median(saturation[region]))
     ys, xs = np.nonzero(core)
     fill = int(core.sum()) / float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    shape = _shape_class(core[ys.min():ys.max() + 1, xs.min():xs.max() + 1], fill)
+    shape = _shape_class(core[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1], fill)
     r, g, b = np.median(img[region], axis=0)
     colour = _nearest_hue(colorsys.rgb_to_hsv(float(r), float(g), float(b))[0])
     ys, xs = np.nonzero(region)

@@ -4,6 +4,7 @@ and its rel-MAE curve with the tau1 the slope rule finds (``hybridiff adherence`
 Generation goes through any ``generate(RequestInput) -> (png, stats)`` callable, so the same
 evaluation runs on the in-process engine here and through the gRPC service in the benchmark.
 """
+
 from __future__ import annotations
 
 import io
@@ -38,14 +39,18 @@ class Sample:
     verdict: Verdict
 
 
-def held_out_requests(seeds: tuple[int, ...] = EVAL_SEEDS,
-                      **request: object) -> list[tuple[Caption, RequestInput]]:
+def held_out_requests(
+    seeds: tuple[int, ...] = EVAL_SEEDS, **request: object
+) -> list[tuple[Caption, RequestInput]]:
     """One request per held-out prompt and seed; ``request`` sets the other fields."""
     return [(c, RequestInput(prompt=c.text, seed=s, **request)) for c in held_out_prompts() for s in seeds]
 
 
-def run_adherence(generate: Generate, requests: list[tuple[Caption, RequestInput]],
-                  on_sample: Callable[[Sample], None] | None = None) -> tuple[AdherenceReport, list[Sample]]:
+def run_adherence(
+    generate: Generate,
+    requests: list[tuple[Caption, RequestInput]],
+    on_sample: Callable[[Sample], None] | None = None,
+) -> tuple[AdherenceReport, list[Sample]]:
     samples = []
     for caption, raw in requests:
         png, stats = generate(raw)
@@ -69,18 +74,29 @@ def slope_rule_outcomes(curves: list[list[float]], params: HybridParams) -> list
     return out
 
 
-def rel_mae_section(curves: dict[str, list[float]], params: HybridParams, guidance: float,
-                    plot: Path) -> dict:
+def rel_mae_section(
+    curves: dict[str, list[float]], params: HybridParams, guidance: float, plot: Path
+) -> dict:
     """Where the slope rule puts tau1 on each curve with ``params``, plotted to ``plot``."""
     outcomes = slope_rule_outcomes(list(curves.values()), params)
     by_slope = sum(s == "slope" for _, s in outcomes)
     steps = max(len(c) for c in curves.values())
-    plot_rel_mae(curves, {label: t for label, (t, _) in zip(curves, outcomes)}, plot,
-                 f"default model, {steps} steps, guidance {guidance:g}: rel-MAE per step;\n"
-                 f"tau1 (dotted) by the slope rule (L={params.l_slope}, eps={params.eps_slope:g}) on "
-                 f"{by_slope}/{len(outcomes)}, else tau_cap={params.tau_cap}")
-    return {"steps": steps, "params": vars(params), "curves": curves, "tau1": [t for t, _ in outcomes],
-            "tau1_source": [s for _, s in outcomes], "by_slope": by_slope}
+    plot_rel_mae(
+        curves,
+        {label: t for label, (t, _) in zip(curves, outcomes)},
+        plot,
+        f"default model, {steps} steps, guidance {guidance:g}: rel-MAE per step;\n"
+        f"tau1 (dotted) by the slope rule (L={params.l_slope}, eps={params.eps_slope:g}) on "
+        f"{by_slope}/{len(outcomes)}, else tau_cap={params.tau_cap}",
+    )
+    return {
+        "steps": steps,
+        "params": vars(params),
+        "curves": curves,
+        "tau1": [t for t, _ in outcomes],
+        "tau1_source": [s for _, s in outcomes],
+        "by_slope": by_slope,
+    }
 
 
 def _plt():
@@ -96,7 +112,7 @@ def plot_rel_mae(curves: dict[str, list[float]], tau1: dict[str, int], out: Path
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, curve in curves.items():
-        line, = ax.plot(range(len(curve)), curve, lw=1.2, label=label)
+        (line,) = ax.plot(range(len(curve)), curve, lw=1.2, label=label)
         if tau1.get(label, -1) >= 0:
             ax.axvline(tau1[label], color=line.get_color(), ls=":", lw=1)
     ax.set_xlabel("step")
@@ -120,8 +136,9 @@ def plot_training_losses(log: dict, out: Path) -> None:
         ax.set_xlabel("step")
         ax.set_title(f"{title} ({rows[-1]['elapsed_s'] / 60:.0f} min in)" if rows else title)
     axes[0].set_ylabel("training loss (mean of 50 steps)")
-    fig.suptitle(f"default model training: {log['seconds'] / 60:.1f} min on "
-                 f"{log['config']['threads']} CPU threads")
+    fig.suptitle(
+        f"default model training: {log['seconds'] / 60:.1f} min on {log['config']['threads']} CPU threads"
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -153,8 +170,14 @@ def in_process_generate(model_dir: str | Path) -> tuple[Generate, Callable[[], N
     return generate, engine.close
 
 
-def study(model_dir: str | Path, out_dir: str | Path, steps: int = 30, curve_steps: int = 50,
-          guidances: tuple[float, ...] = (5.0, 1.0), progress: Callable[[str], None] = print) -> dict:
+def study(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    steps: int = 30,
+    curve_steps: int = 50,
+    guidances: tuple[float, ...] = (5.0, 1.0),
+    progress: Callable[[str], None] = print,
+) -> dict:
     """Adherence at each guidance (exact CFG), the rel-MAE curves over ``curve_steps`` steps
     and the slope rule's tau1 on them, written to ``out_dir`` (JSON and PNGs)."""
     out = Path(out_dir)
@@ -164,20 +187,28 @@ def study(model_dir: str | Path, out_dir: str | Path, steps: int = 30, curve_ste
     record: dict = {"model_dir": str(model_dir), "steps": steps, "seeds": list(EVAL_SEEDS), "adherence": {}}
     try:
         for g in guidances:
-            report, samples = run_adherence(generate, held_out_requests(num_steps=steps, guidance_scale=g,
-                                                                        mode=Mode.CFG_PARALLEL))
+            report, samples = run_adherence(
+                generate, held_out_requests(num_steps=steps, guidance_scale=g, mode=Mode.CFG_PARALLEL)
+            )
             record["adherence"][str(g)] = report.as_dict()
             progress(f"guidance {g}: adherence {report.accuracy:.0%} {report.attribute_accuracy()}")
             save_grid(samples, out / f"held_out_guidance_{g:g}.png", columns=len(EVAL_SEEDS))
         curves: dict[str, list[float]] = {}
-        for caption, raw in held_out_requests(seeds=EVAL_SEEDS[:2], num_steps=curve_steps,
-                                              guidance_scale=defaults.guidance_scale, mode=Mode.CFG_PARALLEL):
+        for caption, raw in held_out_requests(
+            seeds=EVAL_SEEDS[:2],
+            num_steps=curve_steps,
+            guidance_scale=defaults.guidance_scale,
+            mode=Mode.CFG_PARALLEL,
+        ):
             _, stats = generate(raw)
             curves[f"{caption.text} (seed {raw.seed})"] = [s.rel_mae for s in stats.steps]
-        record["rel_mae"] = rel_mae_section(curves, defaults.hybrid, defaults.guidance_scale,
-                                            out / "rel_mae.png")
-        progress(f"rel-MAE: tau1 by the slope rule on {record['rel_mae']['by_slope']}/{len(curves)} curves "
-                 f"(tau1 {sorted(record['rel_mae']['tau1'])})")
+        record["rel_mae"] = rel_mae_section(
+            curves, defaults.hybrid, defaults.guidance_scale, out / "rel_mae.png"
+        )
+        progress(
+            f"rel-MAE: tau1 by the slope rule on {record['rel_mae']['by_slope']}/{len(curves)} curves "
+            f"(tau1 {sorted(record['rel_mae']['tau1'])})"
+        )
     finally:
         close()
     log = Path(model_dir) / "training_log.json"

@@ -5,6 +5,7 @@ A scene is one coloured shape on a plain neutral background. Its caption names a
 its attributes ("a small red circle on the left", "a square at the top", "something green"),
 so the model learns partial prompts too.
 """
+
 from __future__ import annotations
 
 import random
@@ -38,10 +39,15 @@ HELD_OUT: tuple[tuple[str, str, str], ...] = (
 )
 
 # Every word a caption can contain (the tokenizer merges each into one token).
-VOCABULARY: tuple[str, ...] = tuple(sorted(
-    set(COLOURS) | set(SHAPES) | set(SIZES) | {"a", "shape", "something", "on", "at", "in", "the"}
-    | {w for phrase in POSITION_PHRASES.values() for w in phrase.split()}
-))
+VOCABULARY: tuple[str, ...] = tuple(
+    sorted(
+        set(COLOURS)
+        | set(SHAPES)
+        | set(SIZES)
+        | {"a", "shape", "something", "on", "at", "in", "the"}
+        | {w for phrase in POSITION_PHRASES.values() for w in phrase.split()}
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,16 @@ class Caption:
 
     def asked(self) -> dict[str, str]:
         """The attributes the prompt names, by attribute name."""
-        return {k: v for k, v in (("colour", self.colour), ("shape", self.shape),
-                                  ("position", self.position), ("size", self.size)) if v}
+        return {
+            k: v
+            for k, v in (
+                ("colour", self.colour),
+                ("shape", self.shape),
+                ("position", self.position),
+                ("size", self.size),
+            )
+            if v
+        }
 
 
 def parse_caption(text: str) -> Caption:

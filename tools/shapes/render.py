@@ -3,6 +3,7 @@
 Shapes are anti-aliased by 4x supersampling. Placement, size and shade jitter come from the
 caller's ``numpy.random.Generator``, so a seed fixes the whole dataset.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,7 +28,7 @@ ANCHORS = {
 RADII = {"small": 0.12, "large": 0.19}  # "radius" as a fraction of the side
 JITTER = 0.03
 # area of each shape in units of radius^2 (the checker reads the size back from it)
-AREA_PER_RADIUS2 = {"circle": 3.1416, "square": 1.76 ** 2, "triangle": 1.299 * 1.25 ** 2}
+AREA_PER_RADIUS2 = {"circle": 3.1416, "square": 1.76**2, "triangle": 1.299 * 1.25**2}
 SUPERSAMPLE = 4
 
 

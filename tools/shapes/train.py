@@ -11,6 +11,7 @@ Two stages:
 
 EMA weights are what gets saved, in diffusers format (safetensors).
 """
+
 from __future__ import annotations
 
 import json
@@ -80,9 +81,17 @@ def build_pipeline(seed: int, side: int = 32):
 
     def text_config(hidden: int) -> CLIPTextConfig:
         return CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-            num_attention_heads=4, projection_dim=hidden, max_position_embeddings=MAX_TOKENS,
-            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu",
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=hidden,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_act="gelu",
         )
 
     torch.manual_seed(seed + 1)
@@ -93,9 +102,15 @@ def build_pipeline(seed: int, side: int = 32):
     # Three levels: latents are 1/4 of the image side (8x8 for 32x32 images), with 8 channels
     # so that a 4x4 patch's colours and edges survive a short training.
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=side,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=LATENT_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=side,
         # No attention in the mid blocks: every latent cell then describes its own 4x4 patch.
         # With attention the latents turned non-local and the denoiser placed shapes mirrored.
         mid_block_add_attention=False,
@@ -105,21 +120,40 @@ def build_pipeline(seed: int, side: int = 32):
     torch.manual_seed(seed + 4)
     time_dim = 16
     unet = UNet2DConditionModel(
-        sample_size=side // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        block_out_channels=(48, 96, 96), layers_per_block=1,
+        sample_size=side // 4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(48, 96, 96),
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 1), norm_num_groups=16,
-        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + 32, use_linear_projection=True,
+        attention_head_dim=(2, 4, 4),
+        transformer_layers_per_block=(1, 1, 1),
+        norm_num_groups=16,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + 32,
+        use_linear_projection=True,
     )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type="v_prediction",
     )
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
     )
 
 
@@ -182,6 +216,7 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * 0.95 + 0.05
+
     return f
 
 
@@ -198,8 +233,9 @@ class LossLog:
             mean = float(np.mean(self._acc))
             self._acc = []
             elapsed = time.perf_counter() - self.start
-            self.records.append({"stage": stage, "step": step + 1, "loss": mean,
-                                 "elapsed_s": round(elapsed, 1)})
+            self.records.append(
+                {"stage": stage, "step": step + 1, "loss": mean, "elapsed_s": round(elapsed, 1)}
+            )
             self.progress(f"{stage} step {step + 1}/{total} loss {mean:.4f} ({elapsed:.0f}s)")
 
 
@@ -232,13 +268,21 @@ def train_vae(vae, data: Dataset, config: TrainConfig, losses: LossLog) -> None:
 @torch.no_grad()
 def encode_latents(vae, data: Dataset, batch: int = 256) -> torch.Tensor:
     """The posterior means of every image (the UNet's training targets are built on them)."""
-    out = [vae.encode(data.batch(np.arange(i, min(i + batch, len(data.scenes))))).latent_dist.mean
-           for i in range(0, len(data.scenes), batch)]
+    out = [
+        vae.encode(data.batch(np.arange(i, min(i + batch, len(data.scenes))))).latent_dist.mean
+        for i in range(0, len(data.scenes), batch)
+    ]
     return torch.cat(out)
 
 
-def train_denoiser(pipe, latents: torch.Tensor, data: Dataset, config: TrainConfig, losses: LossLog,
-                   checkpoint_dir: Path | None = None) -> None:
+def train_denoiser(
+    pipe,
+    latents: torch.Tensor,
+    data: Dataset,
+    config: TrainConfig,
+    losses: LossLog,
+    checkpoint_dir: Path | None = None,
+) -> None:
     from diffusers import DDPMScheduler  # deferred: diffusers is slow to import (seconds)
 
     unet, enc_1, enc_2 = pipe.unet, pipe.text_encoder, pipe.text_encoder_2
@@ -253,9 +297,13 @@ def train_denoiser(pipe, latents: torch.Tensor, data: Dataset, config: TrainConf
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     weights = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1)  # min-SNR for v-prediction
-    time_ids = pipe._get_add_time_ids((config.side, config.side), (0, 0), (config.side, config.side),
-                                      dtype=torch.float32,
-                                      text_encoder_projection_dim=enc_2.config.projection_dim)
+    time_ids = pipe._get_add_time_ids(
+        (config.side, config.side),
+        (0, 0),
+        (config.side, config.side),
+        dtype=torch.float32,
+        text_encoder_projection_dim=enc_2.config.projection_dim,
+    )
     rng = np.random.default_rng(config.seed + 20)
     captions_rng = random.Random(config.seed + 21)
     gen = torch.Generator().manual_seed(config.seed + 22)
@@ -264,8 +312,12 @@ def train_denoiser(pipe, latents: torch.Tensor, data: Dataset, config: TrainConf
         idx = rng.integers(0, len(data.scenes), b)
         x0 = latents[torch.from_numpy(idx)]
         captions = [caption_for(data.scenes[i], captions_rng, config.caption_keep).text for i in idx]
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=torch.device("cpu"),
-                                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=captions,
+            device=torch.device("cpu"),
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
         keep = (torch.rand(b, generator=gen) >= config.cond_dropout).float()
         embeds = embeds * keep[:, None, None]
         pooled = pooled * keep[:, None]
@@ -273,8 +325,12 @@ def train_denoiser(pipe, latents: torch.Tensor, data: Dataset, config: TrainConf
         noise = torch.randn(x0.shape, generator=gen)
         noisy = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=embeds,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(b, 1)}).sample
+        pred = unet(
+            noisy,
+            t,
+            encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(b, 1)},
+        ).sample
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
         opt.zero_grad(set_to_none=True)
@@ -292,9 +348,12 @@ def train_denoiser(pipe, latents: torch.Tensor, data: Dataset, config: TrainConf
         m.eval()
 
 
-def train_default_model(out: str | Path, config: TrainConfig | None = None,
-                        progress: Callable[[str], None] = print,
-                        checkpoint_dir: str | Path | None = None) -> dict:
+def train_default_model(
+    out: str | Path,
+    config: TrainConfig | None = None,
+    progress: Callable[[str], None] = print,
+    checkpoint_dir: str | Path | None = None,
+) -> dict:
     """Train and save the default model to ``out``; return the training record."""
     config = config or TrainConfig()
     torch.set_num_threads(config.threads)
@@ -303,16 +362,26 @@ def train_default_model(out: str | Path, config: TrainConfig | None = None,
     pipe = build_pipeline(config.seed, config.side)
     losses = LossLog(config.log_every, progress)
     data = make_dataset(config)
-    progress(f"dataset: {len(data.scenes)} images of {config.side}x{config.side} "
-             f"({time.perf_counter() - started:.0f}s)")
+    progress(
+        f"dataset: {len(data.scenes)} images of {config.side}x{config.side} "
+        f"({time.perf_counter() - started:.0f}s)"
+    )
     train_vae(pipe.vae, data, config, losses)
     latents = encode_latents(pipe.vae, data)
     scaling = float(1.0 / latents.std())
     pipe.vae.register_to_config(scaling_factor=scaling)
-    progress(f"latents: mean {float(latents.mean()):.3f} std {float(latents.std()):.3f}; "
-             f"scaling_factor {scaling:.4f}")
-    train_denoiser(pipe, latents * scaling, data, config, losses,
-                   Path(checkpoint_dir) if checkpoint_dir is not None else None)
+    progress(
+        f"latents: mean {float(latents.mean()):.3f} std {float(latents.std()):.3f}; "
+        f"scaling_factor {scaling:.4f}"
+    )
+    train_denoiser(
+        pipe,
+        latents * scaling,
+        data,
+        config,
+        losses,
+        Path(checkpoint_dir) if checkpoint_dir is not None else None,
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -320,8 +389,10 @@ def train_default_model(out: str | Path, config: TrainConfig | None = None,
         "config": asdict(config),
         "seconds": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
-        "parameters": {name: sum(p.numel() for p in getattr(pipe, name).parameters())
-                       for name in ("unet", "vae", "text_encoder", "text_encoder_2")},
+        "parameters": {
+            name: sum(p.numel() for p in getattr(pipe, name).parameters())
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        },
         "losses": losses.records,
     }
     (out / "training_log.json").write_text(json.dumps(record, indent=1))
