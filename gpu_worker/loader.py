@@ -6,9 +6,14 @@ import json
 import logging
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
+from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
 from gpu_worker.adapters.base import ModelAdapter
+from gpu_worker.adapters.sd3 import SD3Adapter
+from gpu_worker.adapters.sdxl import SDXLAdapter
 from hybridiff.errors import InvalidArgument, ModelLoadError
 from hybridiff.request import MODEL_DEFAULTS_FILE, ModelDefaults, model_defaults
 
@@ -59,24 +64,13 @@ def load_adapter(model_dir: str | Path, device: str | None = None, dtype: str | 
     arch = detect_arch(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    import diffusers
-    import transformers
-
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     try:
         if arch == "sdxl":
-            from diffusers import StableDiffusionXLPipeline
-
-            from gpu_worker.adapters.sdxl import SDXLAdapter
-
             pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), dtype=dt, local_files_only=True)
             adapter_cls = SDXLAdapter
         else:
-            from diffusers import StableDiffusion3Pipeline
-
-            from gpu_worker.adapters.sd3 import SD3Adapter
-
             pipe = StableDiffusion3Pipeline.from_pretrained(
                 str(model_dir), dtype=dt, local_files_only=True, text_encoder_3=None, tokenizer_3=None
             )

@@ -1,7 +1,11 @@
-"""Hybridiff: hybrid data-pipeline parallel CFG diffusion serving (shared package).
+"""Hybridiff's bottom layer: what every process and every client shares.
 
-What both roles use lives here: the wire format, request model and validation, errors,
-telemetry and the generated API code (hybridiff.v1, hybridiff.internal.v1: generated from proto/ at build).
+Lives here: the wire format (``wire``), the step protocol's vocabulary (``protocol``), request
+validation (``request``), typed errors and their gRPC status details (``errors``), telemetry,
+security, the servers' shared helpers (``serving``), the light client (``client``) and the
+generated API code (``hybridiff.v1`` public, ``hybridiff.internal.v1`` internal; generated from
+proto/ at build by ``codegen``). May import: nothing of this project above it — neither role
+(coordinator/, gpu_worker/), nor launch/ or tools/ (tests/test_layers.py holds this).
 """
 
 __version__ = "0.1.0"

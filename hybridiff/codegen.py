@@ -34,7 +34,7 @@ def proto_digest(root: Path = PROTO_ROOT) -> str:
 
 
 def generate(proto_root: Path = PROTO_ROOT, out_root: Path = PACKAGE_ROOT) -> None:
-    # grpcio-tools is a build-time dependency only: imported here, not by the package.
+    # deferred: grpcio-tools is a build-time dependency only, not the installed package's.
     import grpc_tools
     from grpc_tools import protoc
 
@@ -66,7 +66,7 @@ def generate(proto_root: Path = PROTO_ROOT, out_root: Path = PACKAGE_ROOT) -> No
 
 def assert_fresh() -> None:
     """Raise ``StaleGeneratedCode`` when the generated modules came from other .proto files."""
-    from hybridiff import v1  # the generated package: absent until the build ran
+    from hybridiff import v1  # deferred: the generated package, absent until the build ran
 
     if proto_files() and v1.PROTO_DIGEST != proto_digest():
         raise StaleGeneratedCode(

@@ -122,7 +122,7 @@ class TokenAuth(grpc.AuthMetadataPlugin):
 # --- ZeroMQ CURVE ---------------------------------------------------------------------------
 def write_curve_keys(directory: str | Path) -> Path:
     """Create the pool keypair (``pool.key`` public, ``pool.key_secret`` secret) in ``directory``."""
-    import zmq.auth
+    import zmq.auth  # deferred: zmq is a server dependency, not the light client's
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def write_curve_keys(directory: str | Path) -> Path:
 
 def load_curve_keys(directory: str | Path) -> tuple[bytes, bytes]:
     """(public, secret) of the pool keypair."""
-    import zmq.auth
+    import zmq.auth  # deferred: zmq is a server dependency, not the light client's
 
     path = Path(directory) / f"{CURVE_KEY_NAME}.key_secret"
     if not path.is_file():

@@ -27,6 +27,7 @@ def setup_tracing(default_service_name: str):
     global _provider
     if _provider is not None:
         return _provider
+    # deferred: the OpenTelemetry SDK is a server dependency; the light client has only the API.
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -37,6 +38,7 @@ def setup_tracing(default_service_name: str):
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     )
     if endpoint and not disabled:
+        # deferred: the OTLP exporter is a server dependency (see above).
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -82,13 +84,14 @@ def span_from(carrier: dict[str, str] | None, tracer_: trace.Tracer, name: str, 
 
 
 def server_interceptors() -> list:
-    from opentelemetry.instrumentation.grpc import server_interceptor
+    from opentelemetry.instrumentation.grpc import server_interceptor  # deferred: a server dependency
 
     return [server_interceptor()]
 
 
 def traced_channel(channel: grpc.Channel) -> grpc.Channel:
     # The instrumentation's interceptor speaks its own channel-wrapping API (grpcext), not grpc's.
+    # deferred: the gRPC instrumentation is a server dependency.
     from opentelemetry.instrumentation.grpc import client_interceptor
     from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 

@@ -18,6 +18,8 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 
 import grpc
+from google.protobuf.json_format import MessageToDict
+from tqdm import tqdm
 
 from hybridiff import security, telemetry
 from hybridiff.client import (
@@ -184,9 +186,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # Deferred: the engine imports torch and diffusers (seconds), which client commands never need.
-    from tqdm import tqdm
-
+    # deferred: the engine imports torch and diffusers (seconds), which client commands never need.
     from launch.inprocess import InProcessEngine
     from launch.model_dirs import default_model_dir
 
@@ -232,7 +232,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    # Deferred: the coordinator role (prometheus, the OpenTelemetry SDK, the kubernetes client).
+    # deferred: the coordinator role (prometheus, the OpenTelemetry SDK, the kubernetes client).
     from coordinator.discovery import StaticDiscovery
     from coordinator.server import serve_coordinator
     from coordinator.service import ServiceConfig
@@ -304,9 +304,6 @@ def client_for(args: argparse.Namespace) -> DiffusionClient:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-    from tqdm import tqdm
-
     # The CLI is an application: it configures the OpenTelemetry SDK (from OTEL_* variables) when installed.
     telemetry.setup_tracing_if_installed("hybridiff-client")
     request = request_to_proto(request_input(args))
@@ -337,8 +334,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     with client_for(args) as client:
         models = client.list_models()
     print(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in models], indent=2))
@@ -346,8 +341,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     with client_for(args) as client:
         status = client.cluster_status()
     print(

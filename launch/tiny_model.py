@@ -11,6 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from hybridiff.errors import InvalidArgument
 
 ARCHS = ("sdxl", "sd3")
 SIZES = ("tiny", "bench")
@@ -27,9 +40,6 @@ class TextEncoderShape:
 def build_clip_tokenizer(max_length: int = 77, extra_words: tuple[str, ...] = ()):
     """A byte-level CLIP BPE tokenizer: every byte and byte-with-end-of-word is a token; each
     word of ``extra_words`` is merged into one token (so a small grammar tokenizes compactly)."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in sorted(ByteLevel.alphabet()):
         vocab.setdefault(ch, len(vocab))
@@ -52,8 +62,6 @@ def _text_encoders(
     seed: int,
     first_with_projection: bool = False,
 ):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     def config(s: TextEncoderShape) -> CLIPTextConfig:
         return CLIPTextConfig(
             vocab_size=vocab_size,
@@ -77,8 +85,6 @@ def _text_encoders(
 
 
 def _vae(latent_channels: int, seed: int, sd3: bool):
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(seed + 3)
     extra = (
         dict(shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
@@ -101,8 +107,6 @@ def _vae(latent_channels: int, seed: int, sd3: bool):
 
 
 def _sdxl_unet(size: str, cross_dim: int, pooled_dim: int, seed: int):
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
     time_dim = 8 if size == "tiny" else 32
     common = dict(
@@ -142,8 +146,6 @@ def _sdxl_unet(size: str, cross_dim: int, pooled_dim: int, seed: int):
 
 
 def _scheduler_sdxl():
-    from diffusers import EulerDiscreteScheduler
-
     return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -156,8 +158,6 @@ def _scheduler_sdxl():
 
 
 def build_sdxl(size: str = "tiny", seed: int = 0):
-    from diffusers import StableDiffusionXLPipeline
-
     tok = build_clip_tokenizer()
     shape_1 = TextEncoderShape(hidden=32, layers=2, heads=4, projection=32)
     shape_2 = TextEncoderShape(hidden=32, layers=2, heads=4, projection=32)
@@ -178,8 +178,6 @@ def build_sdxl(size: str = "tiny", seed: int = 0):
 
 
 def build_sd3(size: str = "tiny", seed: int = 0):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
     tok = build_clip_tokenizer()
     shape = TextEncoderShape(hidden=32, layers=2, heads=4, projection=32)
     enc_1, enc_2 = _text_encoders(shape, shape, len(tok), seed, first_with_projection=True)
@@ -213,8 +211,6 @@ def build_sd3(size: str = "tiny", seed: int = 0):
 
 def write_tiny_model(arch: str, out: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write a random model of ``arch`` in diffusers format to ``out`` and return the path."""
-    from hybridiff.errors import InvalidArgument
-
     if arch not in ARCHS:
         raise InvalidArgument("arch", f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
     if size not in SIZES:

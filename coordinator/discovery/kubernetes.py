@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes import client, config
+
 from coordinator.discovery import WorkerSink
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,6 @@ class WatchExpired(Exception):
 
 def load_api_client(config_file: str | None = None, context: str | None = None) -> Any:
     """An ``ApiClient`` from the in-cluster service account, else from a kubeconfig."""
-    from kubernetes import client, config
-
     configuration = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=configuration)
@@ -127,8 +127,6 @@ class KubernetesDiscovery:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, sink: WorkerSink) -> None:
-        from kubernetes import client
-
         if self._thread is not None:
             raise RuntimeError("KubernetesDiscovery already started")
         if self._api_client is None:
