@@ -21,7 +21,14 @@ from opentelemetry import trace
 
 from coordinator.schedule import StepSchedule
 from hybridiff import telemetry
-from hybridiff.errors import Cancelled, DeadlineExceeded, InvalidArgument, PeerTimeout, WorkerFailed
+from hybridiff.errors import (
+    BadCommand,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    PeerTimeout,
+    WorkerFailed,
+)
 from hybridiff.internal.v1 import dataplane_pb2, worker_pb2
 from hybridiff.protocol import Mode, OutputFormat, Phase, Role, WindowGuidance, label
 from hybridiff.request import GenerationSpec
@@ -153,6 +160,14 @@ def _results(futures: list[Future], workers: list[WorkerHandle], timeout: float,
     return [f.result() for f in futures]
 
 
+def _as_seen_by_the_client(worker: WorkerHandle, cause: BaseException) -> BaseException:
+    """A worker refusing a command is this service's fault, not the caller's: INTERNAL, naming
+    the worker; every other error keeps its type."""
+    if isinstance(cause, BadCommand):
+        return WorkerFailed(f"worker {worker.name} refused a command ({cause.reason}): {cause}")
+    return cause
+
+
 # Given the failed worker and the survivors, the workers to continue on (one or two); raises
 # (e.g. Unavailable) when there is nothing to continue on.
 Recover = Callable[[WorkerHandle, list[WorkerHandle]], list[WorkerHandle]]
@@ -231,7 +246,7 @@ class _RequestRun:
                     or recoveries >= self.max_recoveries
                     or isinstance(cause, UNRECOVERABLE)
                 ):
-                    raise cause from None
+                    raise _as_seen_by_the_client(failure.worker, cause) from None
                 survivors = [w for w in self.used if w is not failure.worker]
                 self.used = self.recover(failure.worker, survivors)
                 recoveries += 1

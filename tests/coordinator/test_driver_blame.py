@@ -5,8 +5,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from coordinator.driver import WorkerStepFailed, _results
-from hybridiff.errors import PeerTimeout, Unavailable, WorkerFailed
+from coordinator.driver import WorkerStepFailed, _as_seen_by_the_client, _results
+from hybridiff.errors import BadCommand, PeerTimeout, Unavailable, WorkerFailed
 
 
 class _Handle:
@@ -69,3 +69,20 @@ def test_both_failing_by_themselves_blames_the_first():
 def test_no_answer_in_time_blames_the_silent_worker():
     failure = _blamed(1.0, None, timeout=0.05)
     assert failure.worker is C and "no answer within" in str(failure.cause)
+
+
+def test_blame_goes_by_the_error_type_not_its_text():
+    # A peer wait with any wording (it came back from the worker as ErrorInfo reason PEER_TIMEOUT).
+    failure = _blamed(None, PeerTimeout("anything at all", peer="tcp://u:1"), timeout=0.1)
+    assert failure.worker is U
+    # A failure whose text reads like a peer wait is still the worker's own.
+    own = WorkerFailed("c: no message kind 1 for step 5 from the peer within 120.0s")
+    assert _blamed(None, own, timeout=0.1).worker is C
+
+
+def test_a_refused_command_reaches_the_client_as_an_internal_error():
+    cause = BadCommand("resume.next_step", "9 is past the last step")
+    seen = _as_seen_by_the_client(C, cause)
+    assert isinstance(seen, WorkerFailed) and seen.code.name == "INTERNAL"
+    assert "worker c refused a command (BAD_COMMAND)" in str(seen)
+    assert _as_seen_by_the_client(C, DEAD) is DEAD

@@ -1,0 +1,119 @@
+"""The public API's edge converters (coordinator.service): unset fields stay unset, enums travel
+as enums, raw latents split per image, the model's limits reach ListModels."""
+
+import pytest
+import torch
+
+from coordinator.driver import GenerationResult, GenerationStats, StepStat, WorkerStepStat
+from coordinator.service import model_info_to_proto, model_rules, request_input_from_proto, response_to_proto
+from hybridiff.errors import InvalidArgument
+from hybridiff.internal.v1 import worker_pb2
+from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance
+from hybridiff.request import resolve_spec
+from hybridiff.v1 import diffusion_pb2 as pb
+from hybridiff.wire import tensor_from_proto, tensor_to_proto
+
+INFO = worker_pb2.InfoResponse(
+    model_name="m",
+    arch="sdxl",
+    limits=worker_pb2.SizeLimits(multiple=8, min_side=16, max_side=128, default_side=64, max_images=3),
+    default_steps=30,
+    default_guidance_scale=5.0,
+    hybrid_defaults=pb.HybridParams(l_slope=12, eps_slope=4e-4, k=5, tau_cap=15),
+)
+
+
+def test_unset_fields_take_the_models_defaults_and_set_ones_are_kept():
+    raw = request_input_from_proto(pb.GenerateRequest(prompt="p"))
+    spec = resolve_spec(raw, *model_rules(INFO, {}))
+    assert (spec.width, spec.num_steps, spec.guidance_scale, spec.negative_prompt) == (64, 30, 5.0, None)
+    assert spec.mode == Mode.AUTO and spec.window_guidance is None and spec.output_format == OutputFormat.PNG
+    req = pb.GenerateRequest(
+        prompt="p",
+        negative_prompt="",
+        seed=0,
+        width=32,
+        mode=pb.MODE_PIPELINE,
+        window_guidance=pb.WINDOW_GUIDANCE_FULL_CFG,
+        output_format=pb.OUTPUT_FORMAT_WEBP,
+        quality=70,
+        num_images=3,
+    )
+    req.hybrid.k = 0
+    spec = resolve_spec(request_input_from_proto(req), *model_rules(INFO, {"tau_cap": 9}))
+    assert (spec.negative_prompt, spec.seed, spec.width, spec.num_images, spec.quality) == ("", 0, 32, 3, 70)
+    assert (spec.mode, spec.window_guidance, spec.output_format) == (
+        Mode.PIPELINE,
+        WindowGuidance.FULL_CFG,
+        OutputFormat.WEBP,
+    )
+    assert (spec.hybrid.k, spec.hybrid.tau_cap, spec.hybrid.l_slope) == (0, 9, 12)
+
+
+def test_an_unknown_wire_enum_and_too_many_images_are_named():
+    with pytest.raises(InvalidArgument) as err:
+        resolve_spec(
+            request_input_from_proto(pb.GenerateRequest(prompt="p", mode=42)), *model_rules(INFO, {})
+        )
+    assert err.value.field == "mode"
+    with pytest.raises(InvalidArgument) as err:
+        resolve_spec(
+            request_input_from_proto(pb.GenerateRequest(prompt="p", num_images=4)), *model_rules(INFO, {})
+        )
+    assert err.value.field == "num_images"
+
+
+def _result(latents, images, mime, tau1=None):
+    step = StepStat(
+        0, Phase.DATA_PARALLEL, 0.25, 10, 0.1, 0.05, {"u": WorkerStepStat(Phase.DATA_PARALLEL, 0.05, 0.1, 5)}
+    )
+    stats = GenerationStats(
+        Mode.HYBRID,
+        WindowGuidance.CONDITIONAL if tau1 is not None else None,
+        tau1,
+        None if tau1 is None else tau1 + 2,
+        "slope" if tau1 is not None else "",
+        3,
+        ["u", "c"],
+        [step],
+        10,
+        0.1,
+        1.0,
+        0.2,
+    )
+    return GenerationResult("r", 5, images, mime, tensor_to_proto(latents, "latents"), stats)
+
+
+def test_response_keeps_unset_taus_unset_and_echoes_the_seed():
+    resp = response_to_proto(
+        _result(torch.zeros(2, 4, 8, 8), [b"a", b"b"], "image/png"), 64, 64, OutputFormat.PNG
+    )
+    assert not resp.stats.HasField("tau1") and not resp.stats.HasField("tau2") and resp.seed == 5
+    assert [i.data for i in resp.images] == [b"a", b"b"] and resp.images[0].mime_type == "image/png"
+    assert resp.stats.steps[0].phase == pb.PHASE_DATA_PARALLEL and resp.stats.steps[0].rel_mae == 0.25
+    resp = response_to_proto(
+        _result(torch.zeros(1, 4, 8, 8), [b"a"], "image/png", tau1=0), 64, 64, OutputFormat.PNG
+    )
+    assert resp.stats.HasField("tau1") and resp.stats.tau1 == 0 and resp.stats.tau2 == 2
+
+
+def test_raw_latents_come_back_one_image_each():
+    latents = torch.arange(2 * 4 * 2 * 2, dtype=torch.float32).reshape(2, 4, 2, 2)
+    resp = response_to_proto(_result(latents, [], ""), 16, 16, OutputFormat.RAW_LATENTS)
+    assert len(resp.images) == 2
+    for i, image in enumerate(resp.images):
+        assert list(image.latent_shape) == [1, 4, 2, 2]
+        got = torch.frombuffer(bytearray(image.data), dtype=torch.float32).reshape(1, 4, 2, 2)
+        assert torch.equal(got, latents[i : i + 1])
+    assert torch.equal(tensor_from_proto(tensor_to_proto(latents)), latents)
+
+
+def test_list_models_shows_the_size_rules_and_the_image_limit():
+    info = model_info_to_proto(INFO)
+    assert (info.size_multiple, info.min_side, info.max_width, info.max_images, info.max_steps) == (
+        8,
+        16,
+        128,
+        3,
+        500,
+    )
