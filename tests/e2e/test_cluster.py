@@ -3,6 +3,7 @@ ZeroMQ, compared with the diffusers pipelines and with the in-process engine."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -347,3 +348,25 @@ def test_local_leaves_no_process_behind(model_dirs, tmp_path):
         if os.path.exists(f"/proc/{k}") and "Z" not in open(f"/proc/{k}/stat").read().split()[2]
     ]
     assert alive == []
+
+
+def test_progress_carries_the_servers_request_id_from_the_first_event(sdxl_cluster):
+    client = _client(sdxl_cluster)
+    progress = []
+    resp = send(client, _request(mode="cfg-parallel", num_steps=4), timeout=120, on_progress=progress.append)
+    assert resp.request_id and len(progress) == 4
+    assert {p.request_id for p in progress} == {resp.request_id}
+    client.close()
+
+
+def test_models_and_status_commands(sdxl_cluster):
+    env = {**os.environ, "HYBRIDIFF_TARGET": sdxl_cluster.address, "TRANSFORMERS_VERBOSITY": "error"}
+    run = [sys.executable, "-m", "launch.cli"]
+    models = json.loads(
+        subprocess.run([*run, "models"], env=env, capture_output=True, text=True, check=True).stdout
+    )
+    assert models[0]["arch"] == "sdxl" and models[0]["max_images"] >= 1 and models[0]["size_multiple"] == 8
+    status = json.loads(
+        subprocess.run([*run, "status"], env=env, capture_output=True, text=True, check=True).stdout
+    )
+    assert len(status["workers"]) == 4 and status["queue_capacity"] == 16
