@@ -333,9 +333,8 @@ class _RequestRun:
                     window = schedule.window()
                     phase = schedule.phase(issued)
                     if issued == first > 0 and phase == Phase.PIPELINE:
-                        phase = (
-                            Phase.PIPELINE_FILL
-                        )  # resumed mid-window: the new pair has no stale activations
+                        # resumed mid-window: the new pair has no stale activations
+                        phase = Phase.PIPELINE_FILL
                     cmd = worker_pb2.StepCommand(
                         step=issued,
                         phase=phase,

@@ -252,9 +252,10 @@ class WorkerEngine:
         self, st: _Active, step: int, kind: int, tensors: dict[str, torch.Tensor], cmd: wpb.StepCommand
     ) -> None:
         rid = st.request_id
+        # The mailbox is closed on abort or cancel: a send still waiting for the peer ends then.
         self._sent += st.link.send(
             rid, step, kind, tensors, self._trace_context, cancelled=lambda: not self.mailbox.is_open(rid)
-        )  # closed on abort/cancel
+        )
 
     def _recv(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
         msg = self.mailbox.take(st.request_id, kind, step, self.peer_timeout, peer=st.peer)

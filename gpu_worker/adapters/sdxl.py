@@ -55,8 +55,8 @@ class SDXLAdapter(ModelAdapter):
                 text_encoder_projection_dim=projection_dim,
             )
             .to(self.device)
-            .repeat(num_images, 1)
-        )  # the pipeline's add_time_ids.repeat(batch * num_images, 1)
+            .repeat(num_images, 1)  # as the pipeline's add_time_ids.repeat(batch * num_images, 1)
+        )
         cond = {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled, "time_ids": time_ids}
         uncond = None
         if guidance:
