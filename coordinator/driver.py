@@ -19,6 +19,7 @@ from typing import Protocol
 
 from opentelemetry import trace
 
+from coordinator.allocation import Decision
 from coordinator.schedule import StepSchedule
 from hybridiff import telemetry
 from hybridiff.errors import (
@@ -174,6 +175,24 @@ Recover = Callable[[WorkerHandle, list[WorkerHandle]], list[WorkerHandle]]
 UNRECOVERABLE = (Cancelled, DeadlineExceeded, InvalidArgument)
 
 
+class Elastic(Protocol):
+    """The allocation policy's hook at step boundaries (coordinator.allocation): ``decide`` says
+    whether the request should shrink to one worker or grow to a pair; once the steps already
+    issued have completed, ``apply`` makes the change and gives the workers to go on with
+    (None: nothing to change any more)."""
+
+    def decide(self, next_step: int, used: list[WorkerHandle]) -> Decision: ...
+    def apply(self, decision: Decision, used: list[WorkerHandle]) -> list[WorkerHandle] | None: ...
+
+
+class _Switch(Exception):
+    """Internal: go on from the checkpoint on other workers (an elastic shrink or grow)."""
+
+    def __init__(self, decision: Decision, workers: list[WorkerHandle]) -> None:
+        super().__init__(decision.value)
+        self.decision, self.workers = decision, workers
+
+
 def drive_request(
     spec: GenerationSpec,
     mode: Mode,
@@ -184,8 +203,11 @@ def drive_request(
     step_timeout: float = 600.0,
     recover: Recover | None = None,
     max_recoveries: int = 2,
+    elastic: Elastic | None = None,
 ) -> GenerationResult:
-    """Run ``spec`` in ``mode`` (not AUTO) on ``workers`` (one for SINGLE, two otherwise).
+    """Run ``spec`` in ``mode`` (not AUTO) on ``workers`` (one for SINGLE, two otherwise; with
+    ``elastic``, ``mode`` is the paired schedule and the request may start, shrink to and grow
+    from a lone worker, which runs the CFG batch: Phase.SINGLE).
 
     ``check_alive`` is called between steps and raises (Cancelled, DeadlineExceeded) to stop.
     With ``recover``, worker U reports the latents after every step (the checkpoint) and a
@@ -194,21 +216,39 @@ def drive_request(
     Trace context: commands carry the current span (begin/finish) or their phase's span (steps).
     """
     return _RequestRun(
-        spec, mode, workers, split_cut, on_step, check_alive, step_timeout, recover, max_recoveries
+        spec, mode, workers, split_cut, on_step, check_alive, step_timeout, recover, max_recoveries, elastic
     ).execute()
+
+
+# With an elastic request, steps are issued at most this far ahead of the one completing, so a
+# shrink or grow waits for at most one step in flight and no step is lost or computed twice.
+ELASTIC_LOOKAHEAD = 1
 
 
 class _RequestRun:
     def __init__(
-        self, spec, mode, workers, split_cut, on_step, check_alive, step_timeout, recover, max_recoveries
+        self,
+        spec,
+        mode,
+        workers,
+        split_cut,
+        on_step,
+        check_alive,
+        step_timeout,
+        recover,
+        max_recoveries,
+        elastic,
     ) -> None:
         self.spec, self.rid = spec, spec.request_id
         self.schedule = StepSchedule(mode, spec.num_steps, spec.hybrid, spec.guided)
         self.policy = window_policy(self.schedule.mode, spec.window_guidance)
         self.request = worker_request(spec)
+        self.elastic = elastic
         single = self.schedule.mode == Mode.SINGLE
         self.used: list[WorkerHandle] = workers[:1] if single else workers[:2]
-        if not single and len(self.used) < 2:
+        if elastic is not None and not single:
+            self.used = workers[:2]  # one or two: a lone worker runs the CFG batch until it grows
+        elif not single and len(self.used) < 2:
             raise WorkerFailed(f"{label(self.schedule.mode)} needs two workers, got {len(self.used)}")
         self.split_cut, self.on_step, self.check_alive = split_cut, on_step, check_alive
         self.step_timeout, self.recover, self.max_recoveries = step_timeout, recover, max_recoveries
@@ -238,6 +278,22 @@ class _RequestRun:
                 self._steps()
                 finishes = self._finish()
                 break
+            except _Switch as switch:
+                self._abort()
+                before = ", ".join(w.name for w in self.used)
+                self.used = switch.workers
+                self.notes.append(
+                    f"{switch.decision.value} at step {self.checkpoint.next_step}: {before} -> "
+                    f"{', '.join(w.name for w in self.used)}"
+                )
+                trace.get_current_span().add_event(
+                    f"hybridiff.{switch.decision.value}",
+                    {
+                        "hybridiff.step": self.checkpoint.next_step,
+                        "hybridiff.workers": [w.name for w in self.used],
+                    },
+                )
+                log.info("request %s: %s", self.rid, self.notes[-1])
             except WorkerStepFailed as failure:
                 self._abort()
                 cause = failure.cause
@@ -264,9 +320,9 @@ class _RequestRun:
                 f"workers ended with different latents ({', '.join(f.latents_digest for f in finishes)})"
             )
         window = self.schedule.window()
-        single = self.schedule.mode == Mode.SINGLE
+        single = self.schedule.mode == Mode.SINGLE or all(s.phase == Phase.SINGLE for s in self.stats)
         stats = GenerationStats(
-            mode_used=self.schedule.mode,
+            mode_used=Mode.SINGLE if single else self.schedule.mode,
             window_guidance=self.policy if window else None,
             tau1=self.schedule.tau1,
             tau2=self.schedule.tau2,
@@ -317,11 +373,24 @@ class _RequestRun:
         ]
         return [e.finish for e in _results(futures, self.used, self.step_timeout, "finish")]
 
+    def _phase(self, step: int, first: int) -> Phase:
+        if self.elastic is not None and self.solo:
+            return Phase.SINGLE  # a lone worker of an elastic request runs the CFG batch
+        phase = self.schedule.phase(step)
+        if step == first > 0 and phase == Phase.PIPELINE:
+            return Phase.PIPELINE_FILL  # resumed mid-window: the new pair has no stale activations
+        return phase
+
+    def _issue_limit(self, step: int) -> int:
+        limit = self.schedule.decided_through()
+        return limit if self.elastic is None else min(limit, step + ELASTIC_LOOKAHEAD)
+
     def _steps(self) -> None:
         schedule, used = self.schedule, self.used
         first = len(self.stats)
         issued = first
         pending: dict[int, list[Future]] = {}
+        intent = Decision.KEEP  # an elastic change waiting for the steps in flight
         spans = _PhaseSpans()
         start = time.perf_counter()
         last_done = start
@@ -329,17 +398,19 @@ class _RequestRun:
             for step in range(first, schedule.num_steps):
                 if self.check_alive:
                     self.check_alive()
-                while issued <= schedule.decided_through():
+                if intent != Decision.KEEP and issued == step:  # a step boundary with nothing in flight
+                    workers = self.elastic.apply(intent, used)
+                    intent = Decision.KEEP
+                    if workers is not None:
+                        raise _Switch(Decision(self._change(workers)), workers)
+                while intent == Decision.KEEP and issued <= self._issue_limit(step):
                     window = schedule.window()
-                    phase = schedule.phase(issued)
-                    if issued == first > 0 and phase == Phase.PIPELINE:
-                        # resumed mid-window: the new pair has no stale activations
-                        phase = Phase.PIPELINE_FILL
+                    phase = self._phase(issued, first)
                     cmd = worker_pb2.StepCommand(
                         step=issued,
                         phase=phase,
                         last_in_window=bool(window) and issued == window[1],
-                        report_latents=self.recover is not None,
+                        report_latents=self.recover is not None or self.elastic is not None,
                     )
                     pending[issued] = [
                         w.send(self._command(spans.carrier_for(issued, phase), step=cmd)) for w in used
@@ -369,9 +440,14 @@ class _RequestRun:
                 self.stats.append(stat)
                 if self.on_step:
                     self.on_step(stat, schedule.num_steps)
+                if self.elastic is not None and intent == Decision.KEEP and step < schedule.last:
+                    intent = self.elastic.decide(step + 1, used)
         finally:
             spans.close()
             self.denoise += time.perf_counter() - start
+
+    def _change(self, workers: list[WorkerHandle]) -> str:
+        return Decision.GROW.value if len(workers) > len(self.used) else Decision.SHRINK.value
 
 
 class _PhaseSpans:

@@ -71,8 +71,12 @@ class WorkerPool:
             entry = self._workers.get(worker_id)
             if entry is not None and entry.address == address and not entry.gone:
                 return
-            if entry is not None and entry.state == BUSY:
-                entry.gone = True  # replaced: the old one finishes its request, then leaves
+            if entry is not None and not entry.gone:
+                # Replaced: a busy one finishes its request, then leaves; any other goes now (and
+                # its probe, if it is still being probed, ends instead of dialling the old address).
+                entry.gone = True
+                if entry.state != BUSY:
+                    entry.channel.close()
             entry = WorkerEntry(worker_id, address, self._channel_factory(address))
             self._workers[worker_id] = entry
         threading.Thread(target=self._probe, args=(entry,), name=f"probe-{worker_id}", daemon=True).start()
@@ -105,6 +109,8 @@ class WorkerPool:
                 log.debug("worker %s not ready: %s", entry.worker_id, err.code())
                 time.sleep(self.probe_interval)
                 continue
+            except ValueError:  # its channel was closed meanwhile: it is gone or replaced
+                return
             with self._cond:
                 if entry.gone:
                     return
