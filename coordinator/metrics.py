@@ -34,6 +34,17 @@ class CoordinatorMetrics:
         self.recoveries = Counter(
             "hybridiff_recoveries_total", "Requests resumed after a worker failed", registry=r
         )
+        self.elastic_events = Counter(
+            "hybridiff_elastic_events_total",
+            "Running requests that shrank to one worker or grew to a pair (adaptive policy)",
+            ["kind"],
+            registry=r,
+        )
+        self.worker_demand = Gauge(
+            "hybridiff_worker_demand",
+            "Workers busy plus workers wanted by queued requests (the autoscaler's signal)",
+            registry=r,
+        )
         self.data_plane_bytes = Counter(
             "hybridiff_data_plane_bytes_total", "Bytes workers sent each other", registry=r
         )
@@ -44,5 +55,6 @@ class CoordinatorMetrics:
 
     def observe_pool(self, pool) -> None:
         self.queue_depth.set(pool.queue_depth)
+        self.worker_demand.set(pool.demand())
         for state, n in pool.counts().items():
             self.workers.labels(state).set(n)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from coordinator.allocation import PoolView
 from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, QueueFull, Unavailable
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 
@@ -62,6 +63,7 @@ class WorkerPool:
         self._cond = threading.Condition()
         self._workers: dict[str, WorkerEntry] = {}
         self._waiting: list[int] = []
+        self._wants: dict[int, tuple[str, int, bool]] = {}  # ticket -> (model, want, accept_one)
         self._tickets = itertools.count()
         self._closed = False
 
@@ -156,9 +158,11 @@ class WorkerPool:
         request_id: str,
         timeout: float,
         check_alive: Callable[[], None] | None = None,
+        admission: Callable[[PoolView], tuple[int, bool]] | None = None,
     ) -> list[WorkerEntry]:
         """Wait in the admission queue for ``want`` idle workers of ``model`` (or one when
-        ``accept_one``); ``QueueFull`` at once when the queue is full."""
+        ``accept_one``); ``QueueFull`` at once when the queue is full. With ``admission``, the
+        width is decided again from the pool as it is when the request reaches the head."""
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._closed:
@@ -167,6 +171,7 @@ class WorkerPool:
                 raise QueueFull(f"admission queue is full ({self.queue_capacity} waiting)")
             ticket = next(self._tickets)
             self._waiting.append(ticket)
+            self._wants[ticket] = (model, want, accept_one)
             self._changed()  # the condition's lock is reentrant
             try:
                 while True:
@@ -177,6 +182,9 @@ class WorkerPool:
                         raise Unavailable(f"no worker serves model {model!r} any more")
                     idle = [e for e in serving if e.state == IDLE]
                     if self._waiting[0] == ticket:
+                        if admission is not None:
+                            want, accept_one = admission(self._view(model, behind=ticket))
+                            self._wants[ticket] = (model, want, accept_one)
                         take = want if len(idle) >= want else (1 if accept_one and idle else 0)
                         if take:
                             chosen = sorted(idle, key=lambda e: e.worker_id)[:take]
@@ -197,6 +205,7 @@ class WorkerPool:
                     self._cond.wait(min(remaining, 0.5))
             finally:
                 self._waiting.remove(ticket)
+                self._wants.pop(ticket, None)
                 self._cond.notify_all()
                 self._changed()  # the condition's lock is reentrant
 
@@ -236,11 +245,30 @@ class WorkerPool:
         request_id: str,
         timeout: float,
         check_alive: Callable[[], None] | None = None,
+        admission: Callable[[PoolView], tuple[int, bool]] | None = None,
     ) -> Lease:
         """``acquire`` as a ``Lease`` that owns the request's workers until released."""
-        return Lease(
-            self, model, request_id, self.acquire(model, want, accept_one, request_id, timeout, check_alive)
-        )
+        entries = self.acquire(model, want, accept_one, request_id, timeout, check_alive, admission)
+        return Lease(self, model, request_id, entries)
+
+    def _view(self, model: str, behind: int | None = None) -> PoolView:
+        """The pool as a request of ``model`` sees it (with ``behind``: the waiters after that ticket)."""
+        idle = sum(e.model == model and e.state == IDLE and not e.gone for e in self._workers.values())
+        queue = self._waiting[self._waiting.index(behind) + 1 :] if behind is not None else self._waiting
+        waiters = [self._wants[t] for t in queue if self._wants.get(t, ("",))[0] == model]
+        takes_one = bool(waiters) and (waiters[0][1] == 1 or waiters[0][2])
+        return PoolView(idle=idle, waiting=len(waiters), waiting_takes_one=takes_one)
+
+    def view(self, model: str) -> PoolView:
+        with self._cond:
+            return self._view(model)
+
+    def demand(self) -> int:
+        """Workers busy plus workers wanted by the queued requests (the autoscaler's signal: it
+        does not read zero on a saturated pool, as the queue depth alone can)."""
+        with self._cond:
+            busy = sum(e.state in (BUSY, DRAINING) for e in self._workers.values())
+            return busy + sum(want for _, want, _ in self._wants.values())
 
     # --- introspection ----------------------------------------------------------------
     def snapshot(self) -> list[WorkerEntry]:
@@ -291,6 +319,21 @@ class Lease:
     def release(self, failed: bool = False) -> None:
         entries, self.entries = self.entries, []
         self.pool.release(entries, failed=failed)
+
+    def give_back(self, worker_id: str) -> None:
+        """Return one healthy worker to the pool (an elastic shrink): the head waiter may take it."""
+        given = [e for e in self.entries if e.worker_id == worker_id]
+        self.entries = [e for e in self.entries if e.worker_id != worker_id]
+        self.pool.release(given)
+
+    def take_one(self) -> WorkerEntry | None:
+        """An idle worker of the lease's model, if one is free and no request waits (an elastic grow)."""
+        with self.pool._cond:
+            if self.pool._view(self.model).waiting:
+                return None
+            taken = self.pool.take_idle(self.model, 1, self.request_id)
+        self.entries.extend(taken)
+        return taken[0] if taken else None
 
     def split_cut(self, height: int, width: int, timeout: float = 300.0) -> int:
         """The balanced stage cut at this size (each worker measures a size once and keeps it)."""

@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import logging
 import queue
+import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from coordinator.allocation import CostBook, Policy, admission
 from coordinator.driver import GenerationResult, StepStat, drive_request
+from coordinator.elastic import ElasticLease
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import Lease, WorkerPool
 from coordinator.remote import RemoteWorker
 from hybridiff import serving, telemetry
 from hybridiff.errors import Cancelled, DeadlineExceeded, HybridiffError, Unavailable, WorkerFailed
 from hybridiff.internal.v1 import worker_pb2
-from hybridiff.protocol import MIME_TYPES, Mode, OutputFormat, label
+from hybridiff.protocol import MIME_TYPES, Mode, OutputFormat, Phase, label
 from hybridiff.request import MAX_STEPS, HybridParams, ModelDefaults, RequestInput, SizeLimits, resolve_spec
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
@@ -159,6 +162,7 @@ class ServiceConfig:
     # Operator overrides of the models' hybrid defaults (l_slope, eps_slope, k, tau_cap);
     # None keeps the model's.
     hybrid_defaults: dict = field(default_factory=dict)
+    policy: Policy = Policy.ADAPTIVE  # how AUTO requests are given workers (coordinator.allocation)
 
 
 class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
@@ -169,6 +173,7 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         self.metrics = metrics
         self.config = config or ServiceConfig()
         self.draining = False
+        self.costs = CostBook()
         self._tracer = telemetry.tracer("hybridiff.coordinator")
 
     # --- RPCs -----------------------------------------------------------------------
@@ -298,23 +303,43 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 raise Cancelled("the client cancelled the request")
 
         mode = spec.mode
-        want = 1 if (mode == Mode.SINGLE or not spec.guided and mode != Mode.PIPELINE) else 2
+        policy = self.config.policy
+        width = admission(policy, mode, spec.guided, self.pool.view(spec.model))
         start = time.perf_counter()
+        decide_again = None
+        if mode == Mode.AUTO:  # the width is decided again when the request reaches the queue's head
+
+            def decide_again(view):
+                return astuple(admission(policy, mode, spec.guided, view))
+
         lease = self.pool.lease(
             spec.model,
-            want,
-            accept_one=(mode == Mode.AUTO),
+            width.want,
+            accept_one=width.accept_one,
             request_id=spec.request_id,
             timeout=self.config.acquire_timeout,
             check_alive=check_alive,
+            admission=decide_again,
         )
         queued = time.perf_counter() - start
         failed = False
         try:
-            if mode == Mode.AUTO:
+            elastic = None
+            if mode == Mode.AUTO and policy == Policy.ADAPTIVE and spec.guided:
+                # The paired schedule; alone, the request runs the CFG batch until it grows.
+                mode = Mode.HYBRID
+                elastic = ElasticLease(
+                    lease,
+                    policy,
+                    self.costs,
+                    spec.num_steps,
+                    _handles,
+                    lambda decision: self.metrics.elastic_events.labels(decision.value).inc(),
+                )
+            elif mode == Mode.AUTO:
                 mode = Mode.HYBRID if (len(lease) == 2 and spec.guided) else Mode.SINGLE
             cut = None
-            if mode in (Mode.HYBRID, Mode.PIPELINE) and len(lease) == 2:
+            if mode in (Mode.HYBRID, Mode.PIPELINE) and (len(lease) == 2 or elastic is not None):
                 cut = lease.split_cut(spec.height, spec.width)
 
             def recover(failed_handle, survivors):
@@ -334,14 +359,29 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 check_alive=check_alive,
                 step_timeout=self.config.step_timeout,
                 recover=recover,
+                elastic=elastic,
             )
             result.stats.queued_seconds = queued
+            self._learn_costs(spec, result)
             return result
         except HybridiffError as exc:
             failed = not isinstance(exc, (Cancelled, DeadlineExceeded))
             raise
         finally:
             lease.release(failed=failed)
+
+    def _learn_costs(self, spec, result: GenerationResult) -> None:
+        """Feed the allocation policy the step costs this request measured (median per kind)."""
+        by_kind: dict[str, list[float]] = {"single": [], "paired": []}
+        for s in result.stats.steps[1:]:  # the first step after a begin carries no queueing of steps
+            if s.phase == Phase.SINGLE and spec.guided:
+                by_kind["single"].append(s.wall_seconds)
+            elif s.phase == Phase.DATA_PARALLEL:
+                by_kind["paired"].append(s.wall_seconds)
+        for kind, values in by_kind.items():
+            if values:
+                self.costs.observe(spec.model, kind, statistics.median(values))
+        self.costs.observe(spec.model, "switch", result.stats.encoding_seconds)
 
 
 def _handles(lease: Lease) -> list[RemoteWorker]:

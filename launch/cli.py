@@ -233,6 +233,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     # deferred: the coordinator role (prometheus, the OpenTelemetry SDK, the kubernetes client).
+    from coordinator.allocation import Policy
     from coordinator.discovery import StaticDiscovery
     from coordinator.server import serve_coordinator
     from coordinator.service import ServiceConfig
@@ -260,6 +261,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                 "k": args.k,
                 "tau_cap": args.tau_cap,
             },
+            policy=Policy(args.policy),
         ),
         ready_file=args.ready_file,
         tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
@@ -281,6 +283,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         args.port,
         args.metrics_port,
         args.queue_size,
+        args.policy,
     )
 
 
@@ -372,6 +375,20 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default=None, help="mutual TLS: this client's key (PEM)")
     p.add_argument(
         "--auth-token-file", default=None, help="bearer token file (default: $HYBRIDIFF_AUTH_TOKEN if set)"
+    )
+
+
+POLICIES = ("latency", "throughput", "adaptive")
+
+
+def add_policy_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="adaptive",
+        help="how AUTO requests get workers: latency (a pair whenever two are free), throughput (one worker "
+        "each), adaptive (decided at admission and at every step boundary: shrink when a request waits, grow "
+        "when a worker idles and the steps left pay for it)",
     )
 
 
@@ -476,6 +493,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         "--worker-port", type=int, default=50061, help="kubernetes discovery: workers' control port"
     )
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for workers")
+    add_policy_flag(p)
     p.add_argument(
         "--step-timeout", type=float, default=600.0, help="seconds to wait for one step before failing"
     )
@@ -509,6 +527,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.add_argument("--port", type=int, default=50051, help="public API port")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for workers")
+    add_policy_flag(p)
     p.set_defaults(func=cmd_local)
 
     p = sub.add_parser("generate", help="send one request to a running service")

@@ -46,6 +46,7 @@ class LocalCluster:
         port: int = 0,
         metrics_port: int = 0,
         queue_size: int = 16,
+        policy: str = "adaptive",
         log_dir: str | Path | None = None,
         extra_env: dict[str, str] | None = None,
         cores: list[int] | None = None,
@@ -55,6 +56,7 @@ class LocalCluster:
         self.port = port  # 0: the coordinator picks a free port
         self.metrics_port = metrics_port
         self.queue_size = queue_size
+        self.policy = policy
         self.log_dir = Path(log_dir) if log_dir else None
         self.env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(extra_env or {})}
         self.cores = cores
@@ -122,6 +124,8 @@ class LocalCluster:
                     str(self.metrics_port),
                     "--queue-size",
                     str(self.queue_size),
+                    "--policy",
+                    self.policy,
                     "--workers",
                     ",".join(self.worker_addresses),
                     "--ready-file",
@@ -194,9 +198,11 @@ class LocalCluster:
         self.stop()
 
 
-def run_local(model_dir: str, workers: int, port: int, metrics_port: int, queue_size: int) -> int:
+def run_local(
+    model_dir: str, workers: int, port: int, metrics_port: int, queue_size: int, policy: str = "adaptive"
+) -> int:
     cluster = LocalCluster(
-        model_dir, workers=workers, port=port, metrics_port=metrics_port, queue_size=queue_size
+        model_dir, workers=workers, port=port, metrics_port=metrics_port, queue_size=queue_size, policy=policy
     )
     stop = {"now": False}
 

@@ -1,0 +1,45 @@
+"""The adaptive policy at work on one running request: at each step boundary it asks the pool
+(``allocation.at_boundary``) whether to shrink or grow, and makes the change on its lease
+(``driver.Elastic``). Every change is counted in ``hybridiff_elastic_events_total{kind}``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from coordinator.allocation import CostBook, Decision, Policy, at_boundary
+from coordinator.driver import WorkerHandle
+from coordinator.pool import Lease
+
+
+class ElasticLease:
+    def __init__(
+        self,
+        lease: Lease,
+        policy: Policy,
+        costs: CostBook,
+        num_steps: int,
+        handles: Callable[[Lease], list[WorkerHandle]],
+        on_event: Callable[[Decision], None],
+    ) -> None:
+        self.lease, self.policy, self.costs, self.num_steps = lease, policy, costs, num_steps
+        self.handles, self.on_event = handles, on_event
+
+    def decide(self, next_step: int, used: list[WorkerHandle]) -> Decision:
+        view = self.lease.pool.view(self.lease.model)
+        return at_boundary(
+            self.policy, len(used) == 2, view, self.num_steps - next_step, self.costs.costs(self.lease.model)
+        )
+
+    def apply(self, decision: Decision, used: list[WorkerHandle]) -> list[WorkerHandle] | None:
+        """Make the change if the pool still calls for it (it may have moved while the step in
+        flight completed): a shrink keeps worker U and hands C to the pool's head waiter; a grow
+        takes an idle worker as C."""
+        view = self.lease.pool.view(self.lease.model)
+        if decision == Decision.SHRINK and len(used) == 2 and view.waiting and not view.idle:
+            self.lease.give_back(used[1].name)
+        elif decision == Decision.GROW and len(used) == 1 and self.lease.take_one() is not None:
+            pass
+        else:
+            return None
+        self.on_event(decision)
+        return self.handles(self.lease)
