@@ -281,6 +281,7 @@ def test_discovery_wiring_and_least_privilege(key):
     args = container(coordinator["spec"]["template"]["spec"], "coordinator")["args"]
     assert args[0] == "coordinator" and flag(args, "discovery") == "kubernetes"
     assert flag(args, "namespace") == "$(POD_NAMESPACE)"
+    assert flag(args, "policy") in ("latency", "throughput", "adaptive")
     key_, value = flag(args, "selector").split("=", 1)
     assert worker["spec"]["template"]["metadata"]["labels"].get(key_) == value, (
         "the coordinator's --selector does not select the worker pods"
@@ -305,7 +306,7 @@ def test_discovery_wiring_and_least_privilege(key):
 
 
 @pytest.mark.parametrize("key", ["kustomize:gpu", "helm:production", "helm:variant"])
-def test_gpu_renders_autoscale_on_queue_depth_with_gpus_and_a_model_claim(key):
+def test_gpu_renders_autoscale_on_worker_demand_with_gpus_and_a_model_claim(key):
     docs = rendered(key)
     worker = workload(docs, "worker")
     spec = worker["spec"]["template"]["spec"]
@@ -327,7 +328,7 @@ def test_gpu_renders_autoscale_on_queue_depth_with_gpus_and_a_model_claim(key):
         "name": worker["metadata"]["name"],
     }
     (metric,) = hpa["spec"]["metrics"]
-    assert metric["type"] == "External" and metric["external"]["metric"]["name"] == "hybridiff_queue_depth"
+    assert metric["type"] == "External" and metric["external"]["metric"]["name"] == "hybridiff_worker_demand"
     assert "replicas" not in worker["spec"] or key == "kustomize:gpu"
 
 
