@@ -1,0 +1,2 @@
+"""``hybridiff loadtest``: a bounded load generator over the real gRPC API, and the latency
+versus offered-load sweep of the allocation policies (``sweep``)."""
