@@ -1,28 +1,34 @@
-"""The Python client of the public API (``hybridiff.v1``), light: grpcio, protobuf, Pillow and
+"""The Python clients of the public API (``hybridiff.v1``), light: grpcio, protobuf, Pillow and
 the OpenTelemetry API only.
 
 ``DiffusionClient(target).generate(prompt=..., num_images=2, seed=7)`` returns a ``Generation``:
-the images (PIL), the seed used and the run's statistics. Every call has a deadline (``timeout``,
-300 s unless given); an unreachable target fails within ``connect_timeout`` seconds. Failures
-raise the typed errors of ``hybridiff.errors`` (``InvalidArgument`` names its field, read from
-the status details, never from text). Tracing goes through the OpenTelemetry API: the host
-application configures (or not) the SDK; the client installs nothing.
+the images (PIL), the seed used and the run's statistics; ``AsyncDiffusionClient`` (``grpc.aio``)
+is the same API awaited; both build requests and call metadata in one place (``_Client``). Every
+call has a deadline (``timeout``, 300 s unless given); an unreachable target fails within
+``connect_timeout`` seconds. Failures raise the typed errors of ``hybridiff.errors``
+(``InvalidArgument`` names its field, read from the status details, never from text). Tracing
+goes through the OpenTelemetry API: the host application configures (or not) the SDK; the client
+installs nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Generic, TypeVar
 
 import grpc
+import grpc.aio
 from opentelemetry import propagate, trace
 from PIL import Image
 
 from hybridiff import security
-from hybridiff.errors import HybridiffError, Unavailable, WorkerFailed, from_rpc_error
+from hybridiff.errors import HybridiffError, InvalidArgument, Unavailable, WorkerFailed, from_rpc_error
 from hybridiff.protocol import Mode, OutputFormat, WindowGuidance, parse
 from hybridiff.request import RequestInput
 from hybridiff.v1 import diffusion_pb2 as pb
@@ -33,6 +39,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
 _tracer = trace.get_tracer("hybridiff.client")
 
 
@@ -41,31 +48,41 @@ def default_target() -> str:
 
 
 def request_to_proto(raw: RequestInput) -> pb.GenerateRequest:
-    """The wire request of a ``RequestInput`` (None fields stay unset: the server's defaults)."""
-    req = pb.GenerateRequest(
-        model=raw.model,
-        prompt=raw.prompt,
-        mode=int(raw.mode),
-        request_id=raw.request_id,
-        window_guidance=int(raw.window_guidance),
-        output_format=int(raw.output_format),
-        quality=raw.quality,
-        num_images=raw.num_images,
-    )
+    """The wire request of a ``RequestInput`` (None fields stay unset: the server's defaults). A
+    value the wire cannot carry (a negative seed, a count past 2**32) raises ``InvalidArgument``
+    naming the field, as the server would."""
+    req = pb.GenerateRequest()
     for name, value in (
+        ("model", raw.model),
+        ("prompt", raw.prompt),
         ("negative_prompt", raw.negative_prompt),
         ("width", raw.width),
         ("height", raw.height),
         ("num_inference_steps", raw.num_steps),
         ("guidance_scale", raw.guidance_scale),
         ("seed", raw.seed),
+        ("mode", int(raw.mode)),
+        ("request_id", raw.request_id),
+        ("window_guidance", int(raw.window_guidance)),
+        ("output_format", int(raw.output_format)),
+        ("quality", raw.quality),
+        ("num_images", raw.num_images),
     ):
         if value is not None:
-            setattr(req, name, value)
+            _set(req, name, value, name)
     for name, value in raw.hybrid.items():
         if value is not None:
-            setattr(req.hybrid, name, value)
+            _set(req.hybrid, name, value, f"hybrid.{name}")
     return req
+
+
+def _set(message, name: str, value: object, path: str) -> None:
+    if name not in message.DESCRIPTOR.fields_by_name:
+        raise InvalidArgument(path, "unknown field")
+    try:
+        setattr(message, name, value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(path, f"cannot send {value!r}: {exc}") from None
 
 
 @dataclass
@@ -101,11 +118,24 @@ class Generation:
         ]
 
 
-def _enum(enum: type[IntEnum], value: str | int) -> int:
-    return int(parse(enum, value)) if isinstance(value, str) else int(value)
+def _enum(enum: type[IntEnum], value: str | int, field: str) -> int:
+    """An enum's wire number from the enum, its number or its CLI name; 0 or "": unset."""
+    if not value:
+        return 0
+    try:
+        return int(parse(enum, value)) if isinstance(value, str) else int(value)
+    except ValueError as exc:
+        raise InvalidArgument(field, str(exc)) from None
 
 
-class DiffusionClient:
+ProgressCallback = Callable[[pb.StepProgress], object]
+_Result = TypeVar("_Result")
+
+
+class _Client(Generic[_Result]):
+    """What the sync and async clients share: target, credentials, deadlines, the request built
+    from ``generate``'s keywords, and the metadata of every call (token, trace context)."""
+
     def __init__(
         self,
         target: str | None = None,
@@ -116,14 +146,13 @@ class DiffusionClient:
         token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        channel: grpc.Channel | None = None,
+        channel: grpc.Channel | grpc.aio.Channel | None = None,
     ) -> None:
         """``target``: HOST:PORT (default ``$HYBRIDIFF_TARGET``, else 127.0.0.1:50051). Plaintext by
         default; TLS with ``tls_ca`` (mutual with ``tls_cert``/``tls_key``); a bearer ``token`` rides
         on TLS as call credentials, or in metadata on a plaintext channel."""
         self.target = target or default_target()
         self.timeout, self.connect_timeout = timeout, connect_timeout
-        options = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
         creds = security.channel_credentials(tls_ca, tls_cert, tls_key)
         self._metadata: list[tuple[str, str]] = []
         if token and creds:
@@ -132,17 +161,18 @@ class DiffusionClient:
             )
         elif token:
             self._metadata.append(("authorization", f"Bearer {token}"))
-        if channel is None:
-            channel = (
-                grpc.secure_channel(self.target, creds, options=options)
-                if creds
-                else grpc.insecure_channel(self.target, options=options)
-            )
-        self.channel = channel
-        self.stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+        self.channel = channel if channel is not None else self._open_channel(creds)
+        self.stub = diffusion_pb2_grpc.DiffusionServiceStub(self.channel)
         self._connected = False
 
-    # --- calls ----------------------------------------------------------------------
+    def _open_channel(self, creds: grpc.ChannelCredentials | None):
+        raise NotImplementedError
+
+    def _generate(
+        self, request: pb.GenerateRequest, timeout: float | None, on_progress: ProgressCallback | None
+    ) -> _Result:
+        raise NotImplementedError
+
     def generate(
         self,
         prompt: str,
@@ -162,11 +192,12 @@ class DiffusionClient:
         model: str = "",
         request_id: str = "",
         timeout: float | None = None,
-        on_progress: Callable[[pb.StepProgress], None] | None = None,
-    ) -> Generation:
-        """Generate ``num_images`` images of ``prompt``. Unset arguments take the model's defaults;
-        ``mode``, ``window_guidance`` and ``output_format`` take enums or their CLI names
-        ("cfg-parallel", "last-difference", "webp"). ``on_progress`` sees every step."""
+        on_progress: ProgressCallback | None = None,
+    ) -> _Result:
+        """Generate ``num_images`` images of ``prompt``: a ``Generation`` (awaited, for the async
+        client). Unset arguments take the model's defaults; ``mode``, ``window_guidance`` and
+        ``output_format`` take enums or their CLI names ("cfg-parallel", "last-difference",
+        "webp"). ``on_progress`` sees every step."""
         raw = RequestInput(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -175,34 +206,56 @@ class DiffusionClient:
             num_steps=steps,
             guidance_scale=guidance_scale,
             seed=seed,
-            mode=_enum(Mode, mode),
+            mode=_enum(Mode, mode, "mode"),
             hybrid=dict(hybrid or {}),
-            window_guidance=_enum(WindowGuidance, window_guidance) if window_guidance else 0,
-            output_format=_enum(OutputFormat, output_format),
+            window_guidance=_enum(WindowGuidance, window_guidance, "window_guidance"),
+            output_format=_enum(OutputFormat, output_format, "output_format"),
             quality=quality,
             num_images=num_images,
             request_id=request_id,
             model=model,
         )
-        return Generation(
-            self.generate_request(request_to_proto(raw), timeout=timeout, on_progress=on_progress)
-        )
+        return self._generate(request_to_proto(raw), timeout, on_progress)
+
+    def _call_metadata(self) -> list[tuple[str, str]]:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)  # the caller's span, if its application traces
+        return self._metadata + list(carrier.items())
+
+    def _unreachable(self) -> Unavailable:
+        return Unavailable(f"cannot reach {self.target} within {self.connect_timeout:g}s")
+
+
+class DiffusionClient(_Client[Generation]):
+    """The blocking client: ``generate`` returns a ``Generation``."""
+
+    def _open_channel(self, creds: grpc.ChannelCredentials | None) -> grpc.Channel:
+        if creds:
+            return grpc.secure_channel(self.target, creds, options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+
+    def _generate(
+        self, request: pb.GenerateRequest, timeout: float | None, on_progress: ProgressCallback | None
+    ) -> Generation:
+        return Generation(self.generate_request(request, timeout=timeout, on_progress=on_progress))
 
     def generate_request(
         self,
         request: pb.GenerateRequest,
         timeout: float | None = None,
-        on_progress: Callable[[pb.StepProgress], None] | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> pb.GenerateResponse:
         """Stream one request; ``on_progress`` sees every step. Raises ``HybridiffError``."""
         with _tracer.start_as_current_span("hybridiff.client.generate"):
             events = self._call(self.stub.GenerateStream, pb.GenerateStreamRequest(request=request), timeout)
-            for event in self._events(events):
-                if event.HasField("progress"):
+            try:
+                for event in events:
+                    if not event.HasField("progress"):
+                        return event.result
                     if on_progress:
                         on_progress(event.progress)
-                else:
-                    return event.result
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
         raise WorkerFailed("the stream ended without a result")
 
     def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
@@ -211,31 +264,19 @@ class DiffusionClient:
     def cluster_status(self, timeout: float | None = None) -> pb.ClusterStatusResponse:
         return self._call(self.stub.ClusterStatus, pb.ClusterStatusRequest(), timeout)
 
-    # --- plumbing -------------------------------------------------------------------
     def _connect(self) -> None:
         if self._connected:
             return
         try:
             grpc.channel_ready_future(self.channel).result(timeout=self.connect_timeout)
         except grpc.FutureTimeoutError:
-            raise Unavailable(f"cannot reach {self.target} within {self.connect_timeout:g}s") from None
+            raise self._unreachable() from None
         self._connected = True
 
     def _call(self, method, request, timeout: float | None):
         self._connect()
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)  # the caller's span, if its application traces
         try:
-            return method(
-                request, timeout=timeout or self.timeout, metadata=self._metadata + list(carrier.items())
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
-
-    @staticmethod
-    def _events(stream) -> Iterator:
-        try:
-            yield from stream
+            return method(request, timeout=timeout or self.timeout, metadata=self._call_metadata())
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -245,8 +286,87 @@ class DiffusionClient:
     def __enter__(self) -> DiffusionClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-__all__ = ["DiffusionClient", "Generation", "HybridiffError", "request_to_proto", "default_target"]
+class AsyncDiffusionClient(_Client[Awaitable[Generation]]):
+    """The asyncio client (``grpc.aio``), the same API awaited: ``await client.generate(...)``.
+    Make it inside the event loop that uses it (``async with AsyncDiffusionClient(...)``)."""
+
+    def _open_channel(self, creds: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+        if creds:
+            return grpc.aio.secure_channel(self.target, creds, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+
+    async def _generate(
+        self, request: pb.GenerateRequest, timeout: float | None, on_progress: ProgressCallback | None
+    ) -> Generation:
+        return Generation(await self.generate_request(request, timeout=timeout, on_progress=on_progress))
+
+    async def generate_request(
+        self,
+        request: pb.GenerateRequest,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> pb.GenerateResponse:
+        """Stream one request; ``on_progress`` (a function or a coroutine function) sees every step."""
+        with _tracer.start_as_current_span("hybridiff.client.generate"):
+            await self._connect()
+            call = self.stub.GenerateStream(
+                pb.GenerateStreamRequest(request=request),
+                timeout=timeout or self.timeout,
+                metadata=self._call_metadata(),
+            )
+            try:
+                async for event in call:
+                    if not event.HasField("progress"):
+                        return event.result
+                    if on_progress and inspect.isawaitable(done := on_progress(event.progress)):
+                        await done
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+            finally:
+                call.cancel()  # no-op once the stream ended; frees the call if the caller left early
+        raise WorkerFailed("the stream ended without a result")
+
+    async def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        return list((await self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout)).models)
+
+    async def cluster_status(self, timeout: float | None = None) -> pb.ClusterStatusResponse:
+        return await self._call(self.stub.ClusterStatus, pb.ClusterStatusRequest(), timeout)
+
+    async def _connect(self) -> None:
+        if self._connected:
+            return
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise self._unreachable() from None
+        self._connected = True
+
+    async def _call(self, method, request, timeout: float | None):
+        await self._connect()
+        try:
+            return await method(request, timeout=timeout or self.timeout, metadata=self._call_metadata())
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncDiffusionClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+__all__ = [
+    "AsyncDiffusionClient",
+    "DiffusionClient",
+    "Generation",
+    "HybridiffError",
+    "request_to_proto",
+    "default_target",
+]

@@ -1,5 +1,16 @@
 """What both server processes share: message limits, health and reflection, the TLS or plaintext
-port, the ready file, signal handling and the one way an error leaves an RPC."""
+port, the ready file, signal handling and the one way an error leaves an RPC.
+
+Reflection is served as ``grpc.reflection.v1`` (what current clients ask first: grpcurl, buf curl,
+Postman) and as ``grpc.reflection.v1alpha`` (older clients). grpcio-reflection ships only v1alpha;
+the v1 protocol is the same proto under another package (every message, field number and type is
+equal, see tests/hybridiff/test_api_contract.py), so a v1 call's bytes parse as the v1alpha
+messages and the one v1alpha servicer answers both method paths. Clients that describe the v1
+service itself find its file, ``grpc/reflection/v1/reflection.proto``, derived from v1alpha's
+descriptor by renaming the package, in a pool of its own (the default pool stays untouched).
+Reflection describes the listed services' files and their imports, nothing else the process
+happens to have imported (the coordinator's public port never shows the internal protocols).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +22,10 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hybridiff import security
 from hybridiff.errors import HybridiffError, to_status
@@ -21,6 +34,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TlsFiles = tuple[str | None, str | None, str | None]  # (cert, key, client CA)
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+REFLECTION_V1ALPHA = reflection.SERVICE_NAME  # grpc.reflection.v1alpha.ServerReflection
 
 
 def message_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -38,14 +53,111 @@ def new_server(
 
 
 def add_health_and_reflection(server: grpc.Server, services: Iterable[str]) -> health.HealthServicer:
-    """``grpc.health.v1`` (every service NOT_SERVING until the caller says otherwise) and reflection."""
+    """``grpc.health.v1`` (every service NOT_SERVING until the caller says otherwise) and reflection
+    (v1 and v1alpha), which lists ``services``, health and both reflection services."""
     servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     names = list(services)
     for name in ["", *names]:
         servicer.set(name, NOT_SERVING)
-    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    add_reflection(server, (*names, health.SERVICE_NAME))
     return servicer
+
+
+def reflection_v1_file() -> descriptor_pb2.FileDescriptorProto:
+    """``grpc/reflection/v1/reflection.proto``: v1alpha's descriptor under the v1 package."""
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = proto.package, REFLECTION_V1.rsplit(".", 1)[0]
+    proto.name, proto.package = "grpc/reflection/v1/reflection.proto", new
+    proto.options.java_package = f"io.{new}"
+    proto.options.go_package = "google.golang.org/grpc/reflection/grpc_reflection_v1"
+    proto.options.ClearField("deprecated")  # v1alpha is deprecated, v1 is not
+    for message in proto.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):
+                field.type_name = field.type_name.replace(f".{old}.", f".{new}.")
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace(f".{old}.", f".{new}.")
+        method.output_type = method.output_type.replace(f".{old}.", f".{new}.")
+    return proto
+
+
+class _ServedDescriptors:
+    """The descriptor pool reflection answers from: only the files of the listed services and
+    their imports (a public port shows no internal schema merely because its process imported
+    it), found in the default pool, else in the v1 reflection file's own pool."""
+
+    def __init__(self, services: Iterable[str], *pools: descriptor_pool.DescriptorPool) -> None:
+        self._services, self._pools = tuple(services), pools
+
+    def _lookup(self, method: str, name: str):
+        for pool in self._pools:
+            try:
+                return getattr(pool, method)(name)
+            except KeyError:
+                continue
+        raise KeyError(name)
+
+    def _files(self) -> set[str]:
+        todo = []
+        for service in self._services:
+            try:
+                todo.append(self._lookup("FindFileContainingSymbol", service))
+            except KeyError:
+                continue  # its module is not imported (yet)
+        files: set[str] = set()
+        while todo:
+            file = todo.pop()
+            if file.name not in files:
+                files.add(file.name)
+                todo.extend(file.dependencies)
+        return files
+
+    def _served(self, file: FileDescriptor) -> FileDescriptor:
+        if file.name not in self._files():
+            raise KeyError(file.name)
+        return file
+
+    def FindFileByName(self, name: str) -> FileDescriptor:  # noqa: N802 (the pool's API)
+        return self._served(self._lookup("FindFileByName", name))
+
+    def FindFileContainingSymbol(self, name: str) -> FileDescriptor:  # noqa: N802
+        return self._served(self._lookup("FindFileContainingSymbol", name))
+
+    def FindMessageTypeByName(self, name: str) -> Descriptor:  # noqa: N802
+        message = self._lookup("FindMessageTypeByName", name)
+        self._served(message.file)
+        return message
+
+    def FindExtensionByNumber(self, message: Descriptor, number: int) -> FieldDescriptor:  # noqa: N802
+        extension = message.file.pool.FindExtensionByNumber(message, number)
+        self._served(extension.file)
+        return extension
+
+    def FindAllExtensions(self, message: Descriptor) -> list[FieldDescriptor]:  # noqa: N802
+        files = self._files()
+        return [e for e in message.file.pool.FindAllExtensions(message) if e.file.name in files]
+
+
+def add_reflection(server: grpc.Server, services: Iterable[str]) -> None:
+    """Server reflection of ``services`` (and of itself) as ``grpc.reflection.v1`` and ``v1alpha``."""
+    listed = (*services, REFLECTION_V1, REFLECTION_V1ALPHA)
+    v1_pool = descriptor_pool.DescriptorPool()
+    v1_pool.Add(reflection_v1_file())
+    pool = _ServedDescriptors(listed, descriptor_pool.Default(), v1_pool)
+    servicer = reflection.ReflectionServicer(listed, pool=pool)
+    for service in (REFLECTION_V1ALPHA, REFLECTION_V1):
+        # v1 requests are read as, and v1 responses written from, the v1alpha messages (same wire form).
+        handlers = {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        server.add_registered_method_handlers(service, handlers)
 
 
 def bind(server: grpc.Server, address: str, tls: TlsFiles = (None, None, None)) -> int:
