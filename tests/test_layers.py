@@ -47,8 +47,10 @@ def layer_violations(root: Path) -> list[str]:
                 if target not in RANK or target == package:
                     continue
                 if RANK[target] > RANK[package]:
-                    found.append(f"{rel}:{node.lineno}: {package} (layer {RANK[package]}) imports {target} "
-                                 f"(layer {RANK[target]})")
+                    found.append(
+                        f"{rel}:{node.lineno}: {package} (layer {RANK[package]}) imports {target} "
+                        f"(layer {RANK[target]})"
+                    )
                 elif RANK[target] == RANK[package]:
                     found.append(f"{rel}:{node.lineno}: the role {package} imports the role {target}")
     return found
