@@ -117,6 +117,9 @@ def test_num_images_equal_the_pipelines_batch(engines, pipelines, arch):
         )
         result = eng.generate(spec)
         assert len(result.images) == 3 and tensor_from_proto(result.latents).shape[0] == 3, mode
-        if mode in ("single", "cfg-parallel"):
+        if mode in (
+            "single",
+            "cfg-parallel",
+        ):  # exact CFG; the approximate modes' distance is model-dependent
             for mine, ref in zip(result.images, ref_images):
                 assert psnr(mine, ref) >= 45.0, mode
