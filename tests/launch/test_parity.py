@@ -117,9 +117,7 @@ def test_num_images_equal_the_pipelines_batch(engines, pipelines, arch):
         )
         result = eng.generate(spec)
         assert len(result.images) == 3 and tensor_from_proto(result.latents).shape[0] == 3, mode
-        if mode in (
-            "single",
-            "cfg-parallel",
-        ):  # exact CFG; the approximate modes' distance is model-dependent
+        # Exact CFG only: the approximate modes' distance from it depends on the model.
+        if mode in ("single", "cfg-parallel"):
             for mine, ref in zip(result.images, ref_images):
                 assert psnr(mine, ref) >= 45.0, mode
