@@ -41,6 +41,12 @@ class PoolView:
     waiting_takes_one: bool = True  # the head of the queue would start on a lone worker
 
 
+# A pair that costs at most this much more worker time than one worker alone counts as free.
+# Simulated on measured H200 costs (tools/bench/poolsim.py): SDXL pairs cost 1.29x (adaptive pays),
+# SD3 1.05x and a 2x-batch device 1.01x (adaptive must pair like ``latency`` there).
+PAIR_OVERHEAD_TOLERANCE = 1.10
+
+
 @dataclass(frozen=True)
 class StepCosts:
     """Measured seconds of one step: alone (both branches, batch 2) and paired (one branch each,
@@ -50,6 +56,18 @@ class StepCosts:
     single: float
     paired: float
     switch: float
+
+    @property
+    def pair_overhead(self) -> float:
+        """Worker-seconds of a paired step over a step alone: above 1, a pair spends capacity."""
+        return 2 * self.paired / self.single
+
+    def pair_spends_capacity(self) -> bool:
+        """Whether a pair costs the pool more worker time than one worker alone, by more than
+        ``PAIR_OVERHEAD_TOLERANCE``. Where it does not (a device whose batch of 2 costs about 2
+        batches of 1, or a pipelined window cheaper than the batch), pairing is free capacity-wise
+        and the adaptive policy pairs whenever it can, like ``latency``."""
+        return self.pair_overhead > PAIR_OVERHEAD_TOLERANCE
 
     def grow_pays(self, steps_left: int, margin: float = 2.0) -> bool:
         """Growing saves ``single - paired`` per step left; it must repay ``margin`` switches."""
@@ -62,16 +80,19 @@ class Admission:
     accept_one: bool  # start on a lone worker rather than wait for the second
 
 
-def admission(policy: Policy, mode: Mode, guided: bool, pool: PoolView) -> Admission:
+def admission(
+    policy: Policy, mode: Mode, guided: bool, pool: PoolView, costs: StepCosts | None = None
+) -> Admission:
     """How many workers a new request asks the pool for. Explicit modes get what they name;
-    the policy decides for AUTO."""
+    the policy decides for AUTO (adaptive: with the measured ``costs``, once known)."""
     if mode == Mode.SINGLE or (not guided and mode != Mode.PIPELINE):
         return Admission(1, False)
     if mode != Mode.AUTO:
         return Admission(2, False)
     if policy == Policy.THROUGHPUT:
         return Admission(1, False)
-    if policy == Policy.ADAPTIVE and (pool.waiting > 0 or pool.idle < 2):
+    pairs_are_free = costs is not None and not costs.pair_spends_capacity()
+    if policy == Policy.ADAPTIVE and not pairs_are_free and (pool.waiting > 0 or pool.idle < 2):
         return Admission(1, False)  # do not hold a second worker that someone else could use
     return Admission(2, True)
 
@@ -82,7 +103,8 @@ def at_boundary(
     """What an elastic (AUTO, guided) request does at its next step boundary."""
     if policy != Policy.ADAPTIVE or steps_left <= 0:
         return Decision.KEEP
-    if paired and pool.waiting > 0 and pool.idle == 0 and pool.waiting_takes_one:
+    spends = costs is None or costs.pair_spends_capacity()
+    if paired and spends and pool.waiting > 0 and pool.idle == 0 and pool.waiting_takes_one:
         return Decision.SHRINK
     if (
         not paired

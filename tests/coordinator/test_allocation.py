@@ -86,3 +86,12 @@ def test_the_cost_book_learns_from_measured_steps():
     costs = book.costs("m")
     assert (costs.single, costs.paired, costs.switch) == pytest.approx((1.0, 0.6, 0.2))
     assert book.costs("other") is None
+
+
+def test_where_a_pair_costs_no_more_worker_time_adaptive_pairs_like_latency():
+    free_pairs = StepCosts(single=1.0, paired=0.52, switch=0.01)  # 2 x 0.52 / 1.0 = 1.04 <= 1.10
+    assert not free_pairs.pair_spends_capacity() and COSTS.pair_spends_capacity()
+    assert admission(Policy.ADAPTIVE, Mode.AUTO, True, ONE_FREE, free_pairs) == Admission(2, True)
+    assert admission(Policy.ADAPTIVE, Mode.AUTO, True, PoolView(2, 1), free_pairs) == Admission(2, True)
+    assert at_boundary(Policy.ADAPTIVE, True, BUSY_WITH_QUEUE, 10, free_pairs) == Decision.KEEP
+    assert admission(Policy.ADAPTIVE, Mode.AUTO, True, ONE_FREE, COSTS) == Admission(1, False)
