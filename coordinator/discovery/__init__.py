@@ -5,6 +5,8 @@ worker can take new work (idempotent: reporting a known worker again only update
 and ``worker_gone`` when it turns unready or disappears (the pool drains it: no new work;
 requests in flight on it are resumed elsewhere). Backends: a static list (``static``) and the
 Kubernetes API (``kubernetes``).
+
+May import: ``hybridiff`` and the kubernetes client — never ``gpu_worker``, ``launch`` or ``tools``.
 """
 
 from __future__ import annotations
