@@ -5,10 +5,17 @@
 - the Helm chart is linted and rendered with default and production-like values through
   ``helm-python-sdk`` (the Helm v4 SDK as a library; no helm binary);
 - every rendered object is validated with ``kubernetes-validate`` in strict mode (unknown
-  fields rejected) against the newest Kubernetes version it bundles;
+  fields rejected) against the newest Kubernetes version it bundles; the custom resources it has
+  no schema for (ServiceMonitor, PrometheusRule, GRPCRoute) against the subset of their CRDs'
+  schemas that the deployment uses, written out below (unknown fields rejected too);
+- the chart's values.schema.json covers every value and rejects a wrong type or an unknown key;
+- the optional objects (monitoring, Ingress, GRPCRoute) are off by default and, when on, wired to
+  the objects they point at; every alert and dashboard query parses (a small PromQL check, plus
+  ``promtool`` or ``promql-parser`` where installed) and names only metrics the coordinator
+  exports; the ``helm test`` pod's checks run against a local gRPC health server;
 - then the invariants operators rely on: a rendered worker keeps its gRPC probes, resource
   limits and restricted securityContext; RBAC stays get/list/watch on pods; discovery's label
-  selector and port match the worker pods; the HPA scales the workers on queue depth; GPU
+  selector and port match the worker pods; the HPA scales the workers on worker demand; GPU
   renders request ``nvidia.com/gpu`` and mount the model read-only from a claim;
 - the rendered container arguments parse with the real ``hybridiff`` CLI.
 """
@@ -31,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 CHART = K8S / "helm" / "hybridiff"
 OVERLAYS = ["cpu-demo", "gpu"]
+# Test-only compositions of an overlay with the optional components (tests/k8s/overlays/).
+TEST_OVERLAYS = {"gpu-extras": Path(__file__).parent / "overlays" / "gpu-extras"}
 KUBE_VERSION = "1.37"  # the newest schema set bundled with kubernetes-validate 1.37
 WORKER_GRPC_PORT = 50061
 
@@ -59,6 +68,63 @@ PRODUCTION_VARIANT = {
 }
 
 
+def role_extras(role: str) -> dict:
+    """The per-role pod settings, all set (values of both roles have the same keys)."""
+    return {
+        "priorityClassName": f"hybridiff-{role}",
+        "runtimeClassName": "nvidia" if role == "worker" else "runc",
+        "imagePullSecrets": [{"name": f"{role}-registry"}],
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+            }
+        ],
+        "extraVolumes": [{"name": "extra", "configMap": {"name": f"{role}-extra"}}],
+        "extraVolumeMounts": [{"name": "extra", "mountPath": "/etc/extra", "readOnly": True}],
+        "extraEnv": [{"name": "EXTRA", "value": role}],
+        # Real flags of each role, so that the rendered command lines still parse.
+        "extraArgs": ["--step-timeout=900"] if role == "coordinator" else ["--model-name=sdxl"],
+    }
+
+
+# Every optional object on, plus the per-role pod settings: layered over the default and the
+# production-like values (the "-extras" renders).
+OPTIONAL_ON = {
+    "imagePullSecrets": [{"name": "registry"}],
+    "coordinator": role_extras("coordinator"),
+    "worker": role_extras("worker"),
+    "monitoring": {
+        "serviceMonitor": {
+            "enabled": True,
+            "labels": {"release": "kube-prometheus-stack"},
+            "workers": {"enabled": True},
+        },
+        "prometheusRule": {"enabled": True, "additionalAlertLabels": {"team": "serving"}},
+        "dashboard": {"enabled": True, "annotations": {"grafana_folder": "Serving"}},
+    },
+    "ingress": {
+        "enabled": True,
+        "className": "nginx",
+        "hosts": ["hybridiff.example.com"],
+        "tls": [{"secretName": "hybridiff-ingress-tls", "hosts": ["hybridiff.example.com"]}],
+    },
+    "grpcRoute": {
+        "enabled": True,
+        "parentRefs": [{"name": "public", "namespace": "gateway", "sectionName": "https"}],
+        "hostnames": ["hybridiff.example.com"],
+    },
+}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 # -- rendering ------------------------------------------------------------------------------
 
 
@@ -72,9 +138,8 @@ def kubectl() -> str:
 
 @cache
 def render_overlay(name: str) -> tuple:
-    out = subprocess.run(
-        [kubectl(), "kustomize", str(K8S / "overlays" / name)], capture_output=True, text=True, timeout=60
-    )
+    path = TEST_OVERLAYS.get(name, K8S / "overlays" / name)
+    out = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"kubectl kustomize {name} failed:\n{out.stderr}"
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
@@ -88,6 +153,8 @@ def helm():
 
 
 def chart_values(name: str) -> dict:
+    if name.endswith("-extras"):
+        return deep_merge(chart_values(name.removesuffix("-extras")), OPTIONAL_ON)
     if name == "default":
         return {}
     if name == "production":
@@ -95,10 +162,23 @@ def chart_values(name: str) -> dict:
     return copy.deepcopy(PRODUCTION_VARIANT)
 
 
+def chart_value(name: str, dotted: str):
+    """A value as the chart sees it: the values file of ``name`` over values.yaml."""
+    merged = deep_merge(yaml.safe_load((CHART / "values.yaml").read_text()), chart_values(name))
+    for part in dotted.split("."):
+        merged = merged[part]
+    return merged
+
+
 @cache
 def render_chart(name: str) -> tuple:
+    return render_values(chart_values(name))
+
+
+def render_values(values: dict) -> tuple:
+    """The chart's objects for ``values`` (over values.yaml), release hybridiff in namespace serving."""
     with helm().Chart.load(CHART) as chart:
-        manifests = chart.render(chart_values(name), name="hybridiff", namespace="serving", is_install=True)
+        manifests = chart.render(values, name="hybridiff", namespace="serving", is_install=True)
     docs = []
     for path, text in sorted(manifests.items()):
         if path.endswith(".yaml"):
@@ -106,8 +186,11 @@ def render_chart(name: str) -> tuple:
     return tuple(docs)
 
 
-RENDERS = {f"kustomize:{o}": (render_overlay, o) for o in OVERLAYS}
-RENDERS.update({f"helm:{v}": (render_chart, v) for v in ("default", "production", "variant")})
+CHART_VALUE_SETS = ("default", "production", "variant", "default-extras", "production-extras")
+RENDERS = {f"kustomize:{o}": (render_overlay, o) for o in [*OVERLAYS, *TEST_OVERLAYS]}
+RENDERS.update({f"helm:{v}": (render_chart, v) for v in CHART_VALUE_SETS})
+# The renders with every optional object on.
+EXTRAS = sorted(k for k in RENDERS if k.endswith("-extras"))
 
 
 def rendered(key: str) -> tuple:
@@ -220,6 +303,9 @@ def test_rendered_objects_validate_strictly(key, monkeypatch):
     docs = rendered(key)
     assert docs, f"{key} rendered nothing"
     for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRD_SCHEMAS:
+            validate_custom_resource(doc, key)
+            continue
         try:
             utils.validate(doc, KUBE_VERSION, strict=True)
         except utils.ValidationError as e:
@@ -233,7 +319,7 @@ def test_rendered_objects_validate_strictly(key, monkeypatch):
 def test_workloads_keep_probes_limits_and_security(key):
     docs = rendered(key)
     check_worker(workload(docs, "worker"))
-    tls = key == "helm:production" or key == "helm:variant"
+    tls = key.startswith("helm:") and chart_value(key.split(":", 1)[1], "tls.enabled")
     check_coordinator(workload(docs, "coordinator"), tls=tls)
 
 
@@ -305,7 +391,10 @@ def test_discovery_wiring_and_least_privilege(key):
     assert pdbs and pdbs[0]["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
 
 
-@pytest.mark.parametrize("key", ["kustomize:gpu", "helm:production", "helm:variant"])
+@pytest.mark.parametrize(
+    "key",
+    ["kustomize:gpu", "kustomize:gpu-extras", "helm:production", "helm:variant", "helm:production-extras"],
+)
 def test_gpu_renders_autoscale_on_worker_demand_with_gpus_and_a_model_claim(key):
     docs = rendered(key)
     worker = workload(docs, "worker")
@@ -329,10 +418,10 @@ def test_gpu_renders_autoscale_on_worker_demand_with_gpus_and_a_model_claim(key)
     }
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "External" and metric["external"]["metric"]["name"] == "hybridiff_worker_demand"
-    assert "replicas" not in worker["spec"] or key == "kustomize:gpu"
+    assert "replicas" not in worker["spec"] or key.startswith("kustomize:")
 
 
-@pytest.mark.parametrize("key", ["kustomize:cpu-demo", "helm:default"])
+@pytest.mark.parametrize("key", ["kustomize:cpu-demo", "helm:default", "helm:default-extras"])
 def test_cpu_demo_is_one_coordinator_and_two_workers_on_a_generated_tiny_model(key):
     docs = rendered(key)
     worker = workload(docs, "worker")
@@ -350,7 +439,7 @@ def test_cpu_demo_is_one_coordinator_and_two_workers_on_a_generated_tiny_model(k
 
 
 def test_helm_lint_is_clean_for_every_values_set(tmp_path):
-    for name in ("default", "production", "variant"):
+    for name in CHART_VALUE_SETS:
         report = helm().lint(
             CHART, chart_values(name), strict=True, namespace="serving", kube_version=f"v{KUBE_VERSION}.0"
         )
@@ -423,3 +512,911 @@ def test_kubectl_can_render_without_a_cluster():
         env={**os.environ, "KUBECONFIG": os.devnull},
     )
     assert out.returncode == 0 and "Kustomize" in out.stdout
+
+
+# -- custom resources: structural validation ------------------------------------------------
+# kubernetes-validate bundles only the built-in kinds. The Prometheus Operator's and the Gateway
+# API's CRDs are validated against the part of their OpenAPI schemas that the deployment uses
+# (field names and types as in monitoring.coreos.com/v1 and gateway.networking.k8s.io/v1), with
+# unknown fields rejected like --strict does: a typo in a template fails here, not in a cluster.
+
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_DURATION = r"^(0|(([0-9]+)(ms|s|m|h|d|w|y))+)$"
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"matchLabels": _STRING_MAP, "matchExpressions": {"type": "array"}},
+}
+
+
+def _closed(properties: dict, required: tuple = ()) -> dict:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+        "required": list(required),
+    }
+
+
+def _custom_resource(api_version: str, kind: str, spec: dict) -> dict:
+    metadata = _closed(
+        {
+            "name": {"type": "string", "pattern": _DNS_SUBDOMAIN, "maxLength": 253},
+            "namespace": {"type": "string", "pattern": _DNS_LABEL, "maxLength": 63},
+            "labels": _STRING_MAP,
+            "annotations": _STRING_MAP,
+        },
+        ("name",),
+    )
+    return _closed(
+        {"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": metadata, "spec": spec},
+        ("apiVersion", "kind", "metadata", "spec"),
+    )
+
+
+_RELABEL_CONFIGS = {
+    "type": "array",
+    "items": _closed(
+        {
+            "sourceLabels": {"type": "array", "items": {"type": "string"}},
+            "separator": {"type": "string"},
+            "targetLabel": {"type": "string"},
+            "regex": {"type": "string"},
+            "modulus": {"type": "integer"},
+            "replacement": {"type": "string"},
+            "action": {"type": "string"},
+        }
+    ),
+}
+_SCRAPE_ENDPOINT = _closed(
+    {
+        "port": {"type": "string", "minLength": 1},
+        "path": {"type": "string", "pattern": "^/"},
+        "scheme": {"enum": ["http", "https"]},
+        "interval": {"type": "string", "pattern": _DURATION},
+        "scrapeTimeout": {"type": "string", "pattern": _DURATION},
+        "honorLabels": {"type": "boolean"},
+        "relabelings": _RELABEL_CONFIGS,
+        "metricRelabelings": _RELABEL_CONFIGS,
+    },
+    ("port",),
+)
+_RULE = {
+    **_closed(
+        {
+            "alert": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+            "record": {"type": "string"},
+            "expr": {"type": "string", "minLength": 1},
+            "for": {"type": "string", "pattern": _DURATION},
+            "keep_firing_for": {"type": "string", "pattern": _DURATION},
+            "labels": _STRING_MAP,
+            "annotations": _STRING_MAP,
+        },
+        ("expr",),
+    ),
+    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+}
+_PARENT_REF = _closed(
+    {
+        "group": {"type": "string"},
+        "kind": {"type": "string"},
+        "namespace": {"type": "string", "pattern": _DNS_LABEL},
+        "name": {"type": "string", "minLength": 1, "maxLength": 253},
+        "sectionName": {"type": "string", "pattern": _DNS_LABEL},
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+    },
+    ("name",),
+)
+_BACKEND_REF = _closed(
+    {
+        "group": {"type": "string"},
+        "kind": {"type": "string"},
+        "name": {"type": "string", "minLength": 1},
+        "namespace": {"type": "string"},
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "weight": {"type": "integer", "minimum": 0},
+    },
+    ("name",),
+)
+
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): _custom_resource(
+        "monitoring.coreos.com/v1",
+        "ServiceMonitor",
+        _closed(
+            {
+                "jobLabel": {"type": "string"},
+                "namespaceSelector": _closed(
+                    {"any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}
+                ),
+                "selector": _LABEL_SELECTOR,
+                "endpoints": {"type": "array", "minItems": 1, "items": _SCRAPE_ENDPOINT},
+            },
+            ("selector", "endpoints"),
+        ),
+    ),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): _custom_resource(
+        "monitoring.coreos.com/v1",
+        "PrometheusRule",
+        _closed(
+            {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _closed(
+                        {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string", "pattern": _DURATION},
+                            "rules": {"type": "array", "minItems": 1, "items": _RULE},
+                        },
+                        ("name", "rules"),
+                    ),
+                }
+            },
+            ("groups",),
+        ),
+    ),
+    ("gateway.networking.k8s.io/v1", "GRPCRoute"): _custom_resource(
+        "gateway.networking.k8s.io/v1",
+        "GRPCRoute",
+        _closed(
+            {
+                "parentRefs": {"type": "array", "minItems": 1, "maxItems": 32, "items": _PARENT_REF},
+                "hostnames": {"type": "array", "maxItems": 16, "items": {"type": "string"}},
+                "rules": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _closed(
+                        {
+                            "matches": {"type": "array"},
+                            "filters": {"type": "array"},
+                            "backendRefs": {"type": "array", "minItems": 1, "items": _BACKEND_REF},
+                        }
+                    ),
+                },
+            },
+            ("rules",),
+        ),
+    ),
+}
+
+
+def validate_custom_resource(doc: dict, where: str) -> None:
+    import jsonschema
+
+    schema = CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])]
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        path = ".".join(str(p) for p in e.path)
+        pytest.fail(f"{where}: {doc['kind']}/{doc['metadata'].get('name')} invalid at {path}: {e.message}")
+
+
+def test_custom_resource_validation_has_teeth():
+    """An unknown field, a missing required one or a bad duration fails the CRD check."""
+    monitor = next(d for d in rendered("helm:default-extras") if d["kind"] == "ServiceMonitor")
+    rule = next(d for d in rendered("helm:default-extras") if d["kind"] == "PrometheusRule")
+    route = next(d for d in rendered("helm:default-extras") if d["kind"] == "GRPCRoute")
+    validate_custom_resource(monitor, "good")
+    broken = []
+    b = copy.deepcopy(monitor)
+    b["spec"]["endpoints"][0]["intervall"] = "30s"
+    broken.append(b)
+    b = copy.deepcopy(monitor)
+    del b["spec"]["selector"]
+    broken.append(b)
+    b = copy.deepcopy(rule)
+    b["spec"]["groups"][0]["rules"][0]["for"] = "5 minutes"
+    broken.append(b)
+    b = copy.deepcopy(rule)
+    del b["spec"]["groups"][0]["rules"][0]["alert"]
+    broken.append(b)
+    b = copy.deepcopy(route)
+    b["spec"]["rules"][0]["backendRefs"][0]["port"] = "grpc"
+    broken.append(b)
+    for doc in broken:
+        with pytest.raises(pytest.fail.Exception):
+            validate_custom_resource(doc, "broken")
+
+
+# -- values.schema.json -----------------------------------------------------------------------
+
+
+def _schema() -> dict:
+    import json
+
+    return json.loads((CHART / "values.schema.json").read_text())
+
+
+def _resolve(schema: dict, node: dict) -> dict:
+    while "$ref" in node:
+        node = schema["definitions"][node["$ref"].rsplit("/", 1)[1]]
+    return node
+
+
+def test_values_schema_covers_every_value_and_closes_every_object():
+    schema = _schema()
+
+    def walk(value, node, path):
+        node = _resolve(schema, node)
+        assert node, f"{path}: no schema"
+        if isinstance(value, dict) and "properties" in node:
+            assert node.get("additionalProperties") is False, f"{path}: unknown keys would pass"
+            for k, v in value.items():
+                assert k in node["properties"], f"values.yaml {path}.{k} is not in values.schema.json"
+                walk(v, node["properties"][k], f"{path}.{k}")
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    walk(values, schema, "")
+    # ...and the schema names nothing values.yaml lacks (besides Helm's own `global`).
+    assert set(schema["properties"]) - {"global"} == set(values)
+
+
+@pytest.mark.parametrize("name", CHART_VALUE_SETS)
+def test_values_schema_accepts_default_and_production_like_values(name):
+    with helm().Chart.load(CHART) as chart:
+        chart.validate_schema(chart_values(name))
+
+
+# Each fails values.schema.json: as a values file, through `helm lint` and through rendering
+# (which is what `helm install` and `helm template` do).
+BAD_VALUES_FILES = {
+    "wrong type": "worker:\n  replicas: two\n",
+    "unknown key": "worker:\n  replica: 3\n",
+    "unknown top-level key": "monitorring:\n  serviceMonitor:\n    enabled: true\n",
+    "not an allowed policy": "coordinator:\n  policy: fastest\n",
+    "wrong type, nested": "monitoring:\n  prometheusRule:\n    enabled: 'yes'\n",
+    "not a duration": "monitoring:\n  prometheusRule:\n    rules:\n      noReadyPair:\n        for: 5 min\n",
+    "annotation not a string": "coordinator:\n  podAnnotations:\n    prometheus.io/port: 9090\n",
+    "unknown alert key": "monitoring:\n  prometheusRule:\n    rules:\n      latencyP95:\n        slo: 9\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES_FILES))
+def test_values_schema_rejects_bad_values_files(case, tmp_path):
+    path = tmp_path / "values.yaml"
+    path.write_text(BAD_VALUES_FILES[case])
+    values = helm().values_from_yaml(path.read_text())
+    with helm().Chart.load(CHART) as chart:
+        with pytest.raises(helm().HelmError):
+            chart.validate_schema(values)
+        with pytest.raises(helm().HelmError):
+            chart.render(values, name="hybridiff", namespace="serving", is_install=True)
+    report = helm().lint(CHART, values, strict=True, namespace="serving", kube_version=f"v{KUBE_VERSION}.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert problems, f"helm lint accepted {case}: {BAD_VALUES_FILES[case]!r}"
+
+
+def test_values_schema_takes_set_style_decimals():
+    """`--set x=0.01` passes a string: the float values take numeric strings, not words."""
+    with helm().Chart.load(CHART) as chart:
+        chart.validate_schema(
+            {"monitoring": {"prometheusRule": {"rules": {"errorRatio": {"threshold": "0.01"}}}}}
+        )
+        with pytest.raises(helm().HelmError):
+            chart.validate_schema(
+                {"monitoring": {"prometheusRule": {"rules": {"errorRatio": {"threshold": "low"}}}}}
+            )
+
+
+# -- optional objects: off by default, wired when on -------------------------------------------
+
+OPTIONAL_KINDS = {"ServiceMonitor", "PrometheusRule", "GRPCRoute", "Ingress"}
+
+
+def dashboard_configmaps(docs) -> list[dict]:
+    return [
+        d for d in objects(docs, "ConfigMap") if (d["metadata"].get("labels") or {}).get("grafana_dashboard")
+    ]
+
+
+@pytest.mark.parametrize("key", sorted(set(RENDERS) - set(EXTRAS)))
+def test_optional_objects_are_off_by_default(key):
+    docs = rendered(key)
+    assert not [d["kind"] for d in docs if d["kind"] in OPTIONAL_KINDS]
+    assert not dashboard_configmaps(docs)
+    worker = workload(docs, "worker")
+    ports = container(worker["spec"]["template"]["spec"], "worker")["ports"]
+    assert "metrics" not in {p["name"] for p in ports}, "workers do not serve metrics yet"
+
+
+@pytest.mark.parametrize("key", EXTRAS)
+def test_every_optional_object_renders_when_on(key):
+    kinds = {d["kind"] for d in rendered(key)}
+    assert OPTIONAL_KINDS <= kinds
+    assert len(dashboard_configmaps(rendered(key))) == 1
+
+
+@pytest.mark.parametrize("key", ["kustomize:gpu-extras", "kustomize:cpu-demo", "kustomize:gpu"])
+def test_kustomize_puts_every_object_in_the_overlay_namespace(key):
+    docs = rendered(key)
+    (namespace,) = objects(docs, "Namespace")
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"].get("namespace") == namespace["metadata"]["name"], d["metadata"]["name"]
+
+
+def service_port(docs, service_name: str, port_name: str) -> dict:
+    svc = next(s for s in objects(docs, "Service") if s["metadata"]["name"] == service_name)
+    return next(p for p in svc["spec"]["ports"] if p["name"] == port_name)
+
+
+def selected_services(docs, selector: dict) -> list[dict]:
+    return [
+        s for s in objects(docs, "Service") if selector.items() <= (s["metadata"].get("labels") or {}).items()
+    ]
+
+
+@pytest.mark.parametrize("key", EXTRAS)
+def test_service_monitors_scrape_the_metrics_ports(key):
+    docs = rendered(key)
+    monitors = {
+        m["metadata"]["labels"]["app.kubernetes.io/component"]: m for m in objects(docs, "ServiceMonitor")
+    }
+    coordinator = container(workload(docs, "coordinator")["spec"]["template"]["spec"], "coordinator")
+    metrics_port = next(p["containerPort"] for p in coordinator["ports"] if p["name"] == "metrics")
+    assert f"--metrics-port={metrics_port}" in coordinator["args"]
+    (svc,) = selected_services(docs, monitors["coordinator"]["spec"]["selector"]["matchLabels"])
+    assert svc["spec"].get("clusterIP") != "None", "the coordinator's monitor must select the public Service"
+    for endpoint in monitors["coordinator"]["spec"]["endpoints"]:
+        port = service_port(docs, svc["metadata"]["name"], endpoint["port"])
+        assert port["targetPort"] == "metrics" and endpoint["path"] == "/metrics"
+    if key.startswith("helm:"):
+        assert monitors["coordinator"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert monitors["coordinator"]["spec"]["namespaceSelector"]["matchNames"] == ["serving"]
+        # The worker monitor: on only when asked, on worker.metricsPort, opened in the NetworkPolicy.
+        (wsvc,) = selected_services(docs, monitors["worker"]["spec"]["selector"]["matchLabels"])
+        assert wsvc["spec"]["clusterIP"] == "None"
+        port = service_port(docs, wsvc["metadata"]["name"], "metrics")
+        assert port["port"] == chart_value(key.split(":", 1)[1], "worker.metricsPort")
+        worker = container(workload(docs, "worker")["spec"]["template"]["spec"], "worker")
+        assert {"name": "metrics", "containerPort": port["port"], "protocol": "TCP"} in worker["ports"]
+        for policy in objects(docs, "NetworkPolicy"):
+            opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+            assert port["port"] in opened
+    else:
+        assert set(monitors) == {"coordinator"}, "workers export no metrics: no worker monitor in kustomize"
+
+
+@pytest.mark.parametrize("key", EXTRAS)
+def test_ingress_and_grpc_route_reach_the_public_grpc_port(key):
+    docs = rendered(key)
+    public = next(s for s in objects(docs, "Service") if s["spec"].get("clusterIP") != "None")
+    grpc_port = next(p for p in public["spec"]["ports"] if p["name"] == "grpc")
+    (ingress,) = objects(docs, "Ingress")
+    tls = key.startswith("helm:") and chart_value(key.split(":", 1)[1], "tls.enabled")
+    protocol = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"]
+    assert protocol == ("GRPCS" if tls else "GRPC")
+    assert ingress["spec"]["tls"], "gRPC through ingress-nginx needs TLS at the Ingress"
+    for rule in ingress["spec"]["rules"]:
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            assert backend["name"] == public["metadata"]["name"] and backend["port"] == {"name": "grpc"}
+    (route,) = objects(docs, "GRPCRoute")
+    for rule in route["spec"]["rules"]:
+        for ref in rule["backendRefs"]:
+            assert ref == {"name": public["metadata"]["name"], "port": grpc_port["port"]}
+    assert grpc_port["appProtocol"] in ("kubernetes.io/h2c", "https")
+
+
+def test_grpc_route_needs_a_gateway():
+    with helm().Chart.load(CHART) as chart, pytest.raises(helm().HelmError, match="parentRefs"):
+        chart.render({"grpcRoute": {"enabled": True}}, name="hybridiff", namespace="serving")
+
+
+def test_ingress_annotations_can_be_overridden():
+    values = {
+        "ingress": {"enabled": True, "annotations": {"nginx.ingress.kubernetes.io/backend-protocol": "GRPCS"}}
+    }
+    with helm().Chart.load(CHART) as chart:
+        text = chart.render(values, name="hybridiff", namespace="serving")["hybridiff/templates/ingress.yaml"]
+    (ingress,) = [d for d in yaml.safe_load_all(text) if d]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
+    assert [r.get("host") for r in ingress["spec"]["rules"]] == [None], "no hosts: one rule for any host"
+
+
+@pytest.mark.parametrize("key", ["helm:default-extras", "helm:production-extras"])
+def test_both_roles_take_the_pod_settings(key):
+    docs = rendered(key)
+    for role in ("coordinator", "worker"):
+        expected = role_extras(role)
+        spec = workload(docs, role)["spec"]["template"]["spec"]
+        c = container(spec, role)
+        assert spec["priorityClassName"] == expected["priorityClassName"]
+        assert spec["runtimeClassName"] == expected["runtimeClassName"]
+        assert spec["imagePullSecrets"] == [{"name": "registry"}, *expected["imagePullSecrets"]]
+        zone = [
+            t for t in spec["topologySpreadConstraints"] if t["topologyKey"] == "topology.kubernetes.io/zone"
+        ]
+        assert (
+            zone
+            and zone[0]["labelSelector"]["matchLabels"]
+            == workload(docs, role)["spec"]["selector"]["matchLabels"]
+        ), "a constraint without labelSelector selects the role's own pods"
+        if role == "worker":
+            assert any(
+                t["topologyKey"] == "kubernetes.io/hostname" for t in spec["topologySpreadConstraints"]
+            )
+        assert expected["extraVolumes"][0] in spec["volumes"]
+        assert expected["extraVolumeMounts"][0] in c["volumeMounts"]
+        assert expected["extraEnv"][0] in c["env"]
+        assert c["args"][-1] == expected["extraArgs"][0]
+
+
+# -- PromQL: alerts and dashboard name only exported metrics ----------------------------------
+
+# The series the coordinator exports (coordinator/metrics.py; keep in step with it:
+# test_exported_metric_list_matches_the_coordinator checks). Counters carry _total; a histogram
+# is queried through _bucket, _sum and _count, so its bare name is no series.
+EXPORTED_METRICS = {
+    "hybridiff_queue_depth": set(),
+    "hybridiff_worker_demand": set(),
+    "hybridiff_workers": {"state"},
+    "hybridiff_requests_total": {"mode", "code"},
+    "hybridiff_recoveries_total": set(),
+    "hybridiff_elastic_events_total": {"kind"},
+    "hybridiff_data_plane_bytes_total": set(),
+}
+EXPORTED_HISTOGRAMS = {"hybridiff_step_seconds": {"phase"}, "hybridiff_request_seconds": {"mode"}}
+for _h, _labels in EXPORTED_HISTOGRAMS.items():
+    EXPORTED_METRICS[f"{_h}_bucket"] = _labels | {"le"}
+    EXPORTED_METRICS[f"{_h}_sum"] = _labels
+    EXPORTED_METRICS[f"{_h}_count"] = _labels
+# Values the label `state` takes (coordinator/pool.py STATES).
+WORKER_STATES = {"joining", "idle", "busy", "draining", "unhealthy"}
+# Labels Prometheus adds to every scraped series (ServiceMonitor or pod-annotation scraping).
+TARGET_LABELS = {"namespace", "job", "pod", "instance", "service", "container", "endpoint"}
+
+PROMQL_AGGREGATIONS = {"sum", "min", "max", "avg", "count", "group", "stddev", "stdvar", "topk", "bottomk"}
+PROMQL_AGGREGATIONS |= {"quantile", "count_values"}
+PROMQL_FUNCTIONS = {"rate", "irate", "increase", "delta", "idelta", "deriv", "histogram_quantile", "absent"}
+PROMQL_FUNCTIONS |= {"absent_over_time", "clamp_min", "clamp_max", "abs", "ceil", "floor", "round", "scalar"}
+PROMQL_FUNCTIONS |= {"vector", "avg_over_time", "max_over_time", "min_over_time", "sum_over_time", "time"}
+PROMQL_GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset"}
+
+_PROMQL_TOKEN = re.compile(
+    r"""(?P<ws>\s+)
+      | (?P<string>"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*')
+      | (?P<selector>\{(?:"(?:\\.|[^"\\])*"|[^{}"])*\})
+      | (?P<range>\[[^\[\]]+\])
+      | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
+      | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
+      | (?P<paren>[()])
+      | (?P<op>==|!=|>=|<=|[-+*/%^<>,])
+      | (?P<variable>\$\{?\w+\}?)
+    """,
+    re.X,
+)
+_MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:\\.|[^"\\])*)"\s*(,|$)')
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """A PromQL-ish check of one expression; returns the metric names it selects.
+
+    Tokenises the expression (strings, label selectors, ranges, numbers, identifiers, operators,
+    Grafana variables), fails on a character none of them takes, on unbalanced parentheses, on an
+    identifier that is a metric outside EXPORTED_METRICS, a label matcher or grouping label the
+    metric does not have, a `state` value the pool does not use or a `code` that is no gRPC code.
+    """
+    import grpc
+
+    grpc_codes = {c.name for c in grpc.StatusCode}
+    tokens = []
+    pos = 0
+    while pos < len(expr):
+        m = _PROMQL_TOKEN.match(expr, pos)
+        assert m, f"cannot parse {expr[pos : pos + 20]!r} in {expr!r}"
+        if m.lastgroup != "ws":
+            tokens.append((m.lastgroup, m.group()))
+        pos = m.end()
+    depth = 0
+    for kind, text in tokens:
+        if kind == "paren":
+            depth += 1 if text == "(" else -1
+            assert depth >= 0, f"unbalanced ')' in {expr!r}"
+    assert depth == 0, f"unbalanced '(' in {expr!r}"
+
+    all_labels = set().union(*EXPORTED_METRICS.values()) | TARGET_LABELS
+    metrics: set[str] = set()
+    i = 0
+    while i < len(tokens):
+        kind, text = tokens[i]
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else (None, None)
+        if kind == "selector":
+            pytest.fail(f"a selector without a metric name in {expr!r}")
+        if kind != "ident":
+            i += 1
+            continue
+        if text in PROMQL_FUNCTIONS:
+            assert nxt == ("paren", "("), f"{text} is not called in {expr!r}"
+        elif text in PROMQL_AGGREGATIONS:
+            assert nxt[0] == "paren" or nxt[1] in ("by", "without"), f"bad aggregation {text} in {expr!r}"
+        elif text in PROMQL_GROUPING:
+            if nxt == ("paren", "("):
+                j = i + 2
+                while tokens[j] != ("paren", ")"):
+                    label_kind, label = tokens[j]
+                    if label_kind == "ident":
+                        assert label in all_labels, f"grouping by unknown label {label!r} in {expr!r}"
+                    else:
+                        assert label_kind == "op" and label == ",", f"bad grouping in {expr!r}"
+                    j += 1
+                i = j
+            else:
+                assert text in ("group_left", "group_right"), f"{text} needs a label list in {expr!r}"
+        elif text in PROMQL_KEYWORDS:
+            pass
+        else:
+            assert text in EXPORTED_METRICS, (
+                f"{text!r} is not a metric the coordinator exports (coordinator/metrics.py): {expr!r}"
+            )
+            metrics.add(text)
+            if nxt[0] == "selector":
+                body, at = nxt[1][1:-1], 0
+                while body.strip() and at < len(body):
+                    mm = _MATCHER.match(body, at)
+                    assert mm, f"bad label matcher {body[at:]!r} in {expr!r}"
+                    label, op, value = mm.group(1), mm.group(2), mm.group(3)
+                    assert label in EXPORTED_METRICS[text] | TARGET_LABELS, f"{text} has no label {label!r}"
+                    values = set(value.split("|")) if op in ("=~", "!~") else {value}
+                    if label == "state":
+                        assert values <= WORKER_STATES, f"no worker state {values - WORKER_STATES} ({expr!r})"
+                    if label == "code":
+                        assert values <= grpc_codes, f"no gRPC code {values - grpc_codes} ({expr!r})"
+                    at = mm.end()
+                i += 1
+        i += 1
+    assert metrics, f"no metric in {expr!r}"
+    return metrics
+
+
+def test_exported_metric_list_matches_the_coordinator():
+    from coordinator.metrics import CoordinatorMetrics
+    from coordinator.pool import STATES
+
+    m = CoordinatorMetrics()
+    exported = {}
+    for family in m.registry.collect():
+        if family.type == "counter":
+            exported[f"{family.name}_total"] = family.type
+        elif family.type == "histogram":
+            for suffix in ("_bucket", "_sum", "_count"):
+                exported[f"{family.name}{suffix}"] = family.type
+        else:
+            exported[family.name] = family.type
+    assert set(exported) == set(EXPORTED_METRICS)
+    labels = {
+        "hybridiff_workers": m.workers,
+        "hybridiff_requests_total": m.requests,
+        "hybridiff_elastic_events_total": m.elastic_events,
+        "hybridiff_step_seconds_sum": m.step_seconds,
+        "hybridiff_request_seconds_sum": m.request_seconds,
+    }
+    for name, metric in labels.items():
+        assert set(metric._labelnames) == EXPORTED_METRICS[name], name
+    assert set(STATES) == WORKER_STATES
+
+
+def test_the_promql_check_has_teeth():
+    good = 'sum by (namespace) (rate(hybridiff_requests_total{code!~"OK|CANCELLED"}[5m])) > 0.05'
+    assert promql_metrics(good) == {"hybridiff_requests_total"}
+    for bad in (
+        "sum(rate(hybridiff_requests_total[5m])",  # unbalanced
+        "rate(hybridiff_requests[5m])",  # not a series (the counter is _total)
+        "hybridiff_request_seconds > 1",  # a histogram's bare name
+        'hybridiff_workers{state="quarantined"} > 0',  # no such state
+        'hybridiff_workers{phase="x"}',  # no such label
+        'hybridiff_requests_total{code="ERROR"}',  # no such gRPC code
+        "sum by (pool) (hybridiff_queue_depth)",  # no such label
+        "up == 0",  # not a hybridiff metric
+        "hybridiff_queue_depth @ 5",  # not PromQL this check knows
+    ):
+        with pytest.raises((AssertionError, pytest.fail.Exception)):
+            promql_metrics(bad)
+
+
+def alert_rules(docs) -> dict[str, dict]:
+    (rule,) = objects(docs, "PrometheusRule")
+    rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    names = [r["alert"] for r in rules]
+    assert len(names) == len(set(names)), "duplicate alert names"
+    return {r["alert"]: r for r in rules}
+
+
+EXPECTED_ALERTS = {
+    "HybridiffQueueSaturated": {"hybridiff_queue_depth"},
+    "HybridiffWorkerDemandAboveCapacity": {"hybridiff_worker_demand", "hybridiff_workers"},
+    "HybridiffNoReadyPair": {"hybridiff_workers"},
+    "HybridiffMetricsAbsent": {"hybridiff_queue_depth"},
+    "HybridiffHighErrorRatio": {"hybridiff_requests_total"},
+    "HybridiffHighLatencyP95": {"hybridiff_request_seconds_bucket"},
+    "HybridiffWorkerQuarantined": {"hybridiff_workers"},
+    "HybridiffFrequentResumes": {"hybridiff_recoveries_total"},
+}
+
+
+@pytest.mark.parametrize("key", EXTRAS)
+def test_alerts_name_only_exported_metrics(key):
+    rules = alert_rules(rendered(key))
+    assert set(rules) == set(EXPECTED_ALERTS)
+    for name, rule in rules.items():
+        assert promql_metrics(rule["expr"]) == EXPECTED_ALERTS[name], name
+        assert rule["labels"]["severity"] in ("critical", "warning", "info")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        if key.startswith("helm:"):
+            assert rule["labels"]["team"] == "serving", "additionalAlertLabels"
+            # Scoped to the release's namespace: every selector names it.
+            selectors = re.findall(r"hybridiff_\w+(\{[^}]*\})?", rule["expr"])
+            assert selectors and all('namespace="serving"' in s for s in selectors), rule["expr"]
+
+
+@pytest.mark.parametrize("key", EXTRAS)
+def test_alert_thresholds_follow_the_deployment(key):
+    docs = rendered(key)
+    rules = alert_rules(docs)
+    queue_size = int(
+        flag(
+            container(workload(docs, "coordinator")["spec"]["template"]["spec"], "coordinator")["args"],
+            "queue-size",
+        )
+    )
+    assert rules["HybridiffQueueSaturated"]["expr"].endswith(f">= 0.8 * {queue_size}")
+    assert rules["HybridiffNoReadyPair"]["expr"].endswith("< 2")
+    assert 'state="unhealthy"' in rules["HybridiffWorkerQuarantined"]["expr"]
+    assert "histogram_quantile(0.95," in rules["HybridiffHighLatencyP95"]["expr"]
+    assert "for" not in rules["HybridiffFrequentResumes"], "empty `for`: fires at once"
+
+
+def test_kustomize_alerts_are_the_charts_defaults_without_the_namespace_scope():
+    chart = alert_rules(render_values({"monitoring": {"prometheusRule": {"enabled": True}}}))
+    kustomize = alert_rules(rendered("kustomize:gpu-extras"))
+    assert set(chart) == set(kustomize)
+    for name, rule in chart.items():
+        unscoped = rule["expr"].replace('{namespace="serving", ', "{").replace('{namespace="serving"}', "")
+        assert kustomize[name]["expr"] == unscoped, name
+        assert kustomize[name].get("for") == rule.get("for") and kustomize[name]["labels"] == rule["labels"]
+
+
+def test_alert_values_toggle_and_tune_each_rule():
+    values = {
+        "coordinator": {"queueSize": 100},
+        "monitoring": {
+            "prometheusRule": {
+                "enabled": True,
+                "rules": {
+                    "noReadyPair": {"enabled": False},
+                    "latencyP95": {"sloSeconds": 12.5, "for": "30m", "severity": "critical"},
+                    "errorRatio": {"ignoreCodes": []},
+                    "queueSaturated": {"ratio": 0.5},
+                },
+            }
+        },
+    }
+    rules = alert_rules(render_values(values))
+    assert "HybridiffNoReadyPair" not in rules
+    latency = rules["HybridiffHighLatencyP95"]
+    assert latency["expr"].endswith("> 12.5") and latency["for"] == "30m"
+    assert latency["labels"]["severity"] == "critical"
+    assert 'code!~"OK"' in rules["HybridiffHighErrorRatio"]["expr"]
+    assert rules["HybridiffQueueSaturated"]["expr"].endswith(">= 0.5 * 100")
+
+
+def _rule_files(key: str, tmp_path: Path) -> list[Path]:
+    (rule,) = objects(rendered(key), "PrometheusRule")
+    path = tmp_path / f"{key.replace(':', '-')}.rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    return [path]
+
+
+@pytest.mark.parametrize("key", EXTRAS)
+def test_alert_rules_pass_promtool(key, tmp_path):
+    """The rules as Prometheus itself loads them (`promtool check rules`), where promtool is installed."""
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("no promtool on PATH (Debian: apt-get install prometheus); the PromQL-ish check ran")
+    out = subprocess.run(
+        [promtool, "check", "rules", *map(str, _rule_files(key, tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def all_queries() -> dict[str, str]:
+    """Every PromQL expression of the alerts and the dashboard, by where it comes from."""
+    queries = {}
+    for key in EXTRAS:
+        for name, rule in alert_rules(rendered(key)).items():
+            queries[f"{key} {name}"] = rule["expr"]
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            queries[f"dashboard {panel['title']} {target['refId']}"] = target["expr"]
+    return queries
+
+
+def test_queries_parse_with_promql_parser():
+    """A real PromQL parser (the promql-parser package), where installed."""
+    parser = pytest.importorskip(
+        "promql_parser", reason="promql-parser not installed; the PromQL-ish check ran"
+    )
+    for where, expr in all_queries().items():
+        try:
+            parser.parse(expr.replace("$__rate_interval", "5m"))
+        except Exception as e:  # noqa: BLE001 - its error types vary across versions
+            pytest.fail(f"{where}: {expr!r} does not parse: {e}")
+
+
+# -- the Grafana dashboard ----------------------------------------------------------------------
+
+DASHBOARD = K8S / "dashboards" / "hybridiff.json"
+
+
+@cache
+def dashboard() -> dict:
+    import json
+
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_dashboard_queries_name_only_exported_metrics():
+    board = dashboard()
+    used = set()
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    for panel in board["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert {"x", "y", "w", "h"} <= set(panel["gridPos"])
+        for target in panel["targets"]:
+            used |= promql_metrics(target["expr"])
+            assert 'namespace=~"$namespace"' in target["expr"], f"{panel['title']}: not filtered by namespace"
+    for var in board["templating"]["list"]:
+        if var["type"] == "query":
+            m = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var["query"]["query"])
+            assert m and m.group(1) in EXPORTED_METRICS and m.group(2) in TARGET_LABELS
+
+    # Every metric the coordinator exports is on the dashboard (a histogram through any of its series).
+    def base(name: str) -> str:
+        return (
+            re.sub(r"_(bucket|sum|count)$", "", name) if name.startswith(tuple(EXPORTED_HISTOGRAMS)) else name
+        )
+
+    assert {base(n) for n in used} == {base(n) for n in EXPORTED_METRICS}
+
+
+def test_dashboard_has_the_operators_panels():
+    panels = {p["title"]: p for p in dashboard()["panels"]}
+
+    def exprs(title_part: str) -> str:
+        found = [p for t, p in panels.items() if title_part.lower() in t.lower()]
+        assert found, f"no panel {title_part!r}"
+        return " ".join(t["expr"] + " " + t.get("legendFormat", "") for p in found for t in p["targets"])
+
+    assert "by (code)" in exprs("Request rate by code")
+    latency = exprs("latency p50")
+    assert "histogram_quantile(0.5," in latency and "histogram_quantile(0.95," in latency
+    queue = exprs("Queue depth and worker demand")
+    assert "hybridiff_queue_depth" in queue and "hybridiff_worker_demand" in queue
+    assert "by (state)" in exprs("Workers by state")
+    assert "by (phase" in exprs("Step seconds by phase")
+    assert "hybridiff_elastic_events_total" in exprs("Elastic events")
+    assert "hybridiff_recoveries_total" in exprs("Recoveries")
+    assert "hybridiff_data_plane_bytes_total" in exprs("Data-plane bytes")
+
+
+def test_dashboard_ships_identically_in_the_chart_and_kustomize():
+    assert (CHART / "dashboards" / "hybridiff.json").read_bytes() == DASHBOARD.read_bytes(), (
+        "the chart's dashboards/hybridiff.json is a copy of k8s/dashboards/hybridiff.json: copy it again"
+    )
+    import json
+
+    for key in EXTRAS:
+        (cm,) = dashboard_configmaps(rendered(key))
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert json.loads(cm["data"]["hybridiff.json"]) == dashboard()
+        if key.startswith("helm:"):
+            assert cm["metadata"]["annotations"] == {"grafana_folder": "Serving"}
+
+
+# -- helm test ----------------------------------------------------------------------------------
+
+
+def helm_test_pod(docs) -> dict:
+    (pod,) = [
+        d
+        for d in objects(docs, "Pod")
+        if (d["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"
+    ]
+    return pod
+
+
+@pytest.mark.parametrize("key", [k for k in RENDERS if k.startswith("helm:")])
+def test_helm_test_pod_checks_health_and_lists_models(key):
+    docs = rendered(key)
+    pod = helm_test_pod(docs)
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
+    public = next(s for s in objects(docs, "Service") if s["spec"].get("clusterIP") != "None")
+    port = next(p["port"] for p in public["spec"]["ports"] if p["name"] == "grpc")
+    target = f"{public['metadata']['name']}.serving.svc:{port}"
+    (health,) = spec["initContainers"]
+    (models,) = spec["containers"]
+    for c in (health, models):
+        check_secure_container(c, spec["securityContext"], f"test pod {c['name']}")
+        assert (
+            c["image"]
+            == container(workload(docs, "coordinator")["spec"]["template"]["spec"], "coordinator")["image"]
+        )
+    assert health["command"] == ["python", "-c"] and env_of(health)["HYBRIDIFF_TARGET"] == target
+    compile(health["args"][0], "health-check", "exec")
+    # `hybridiff models --target ...` as the CLI parses it (exit 0 when ListModels answers).
+    from launch.cli import build_parser
+
+    args = build_parser().parse_args(models["args"])
+    assert args.command == "models" and args.target == target
+    tls = chart_value(key.split(":", 1)[1], "tls.enabled")
+    mounts = {m["mountPath"]: m["name"] for m in models["volumeMounts"]}
+    if tls:
+        assert args.tls_ca == "/etc/hybridiff/tls/ca.crt" and env_of(health)["TLS_CA"] == args.tls_ca
+        assert mounts["/etc/hybridiff/tls"] == "tls"
+        if chart_value(key.split(":", 1)[1], "tls.clientCA"):
+            assert args.tls_cert and env_of(health)["TLS_CERT"] == args.tls_cert
+    else:
+        assert args.tls_ca is None and "TLS_CA" not in env_of(health)
+    if chart_value(key.split(":", 1)[1], "auth.enabled"):
+        assert (
+            args.auth_token_file.startswith("/etc/hybridiff/auth/")
+            and mounts["/etc/hybridiff/auth"] == "auth"
+        )
+    else:
+        assert args.auth_token_file is None
+
+
+def test_helm_test_is_optional():
+    docs = render_values({"helmTest": {"enabled": False}})
+    assert not objects(docs, "Pod")
+
+
+@pytest.fixture
+def health_server():
+    """A local gRPC server with the standard health service (as the coordinator runs it)."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer, health_pb2
+    finally:
+        server.stop(None)
+
+
+def _run_health_check(script: str, target: str, wait: str, monkeypatch) -> int:
+    monkeypatch.setenv("HYBRIDIFF_TARGET", target)
+    monkeypatch.setenv("WAIT_SECONDS", wait)
+    for var in ("TLS_CA", "TLS_CERT", "TLS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        exec(compile(script, "health-check", "exec"), {"__name__": "__main__"})
+    return exit_.value.code
+
+
+def test_helm_test_health_check_runs_against_a_health_server(health_server, monkeypatch, capsys):
+    target, servicer, pb = health_server
+    (health,) = helm_test_pod(rendered("helm:default"))["spec"]["initContainers"]
+    script = health["args"][0]
+    service = "hybridiff.v1.DiffusionService"
+    servicer.set(service, pb.HealthCheckResponse.NOT_SERVING)
+    assert _run_health_check(script, target, "0", monkeypatch) == 1
+    assert f"{service}: NOT_SERVING" in capsys.readouterr().out
+    servicer.set(service, pb.HealthCheckResponse.SERVING)
+    assert _run_health_check(script, target, "5", monkeypatch) == 0
+    assert f"{service}: SERVING" in capsys.readouterr().out

@@ -1,10 +1,10 @@
 """``hybridiff load-sweep``: latency and SLO attainment against offered load, for each allocation
 policy, on a local cluster (DESIGN section 4, "Under load").
 
-For each policy a fresh local cluster (each worker pinned to its own cores, as on the benchmark)
-serves open-loop Poisson load at fractions of the ``throughput`` policy's capacity, which is
-measured first: workers / the latency of one request alone on one worker. The same arrival
-seeds are used for every policy, so the policies see the same request stream.
+For each policy and load point a fresh local cluster (each worker pinned to its own cores, as on
+the benchmark) serves open-loop Poisson load at a fraction of the ``throughput`` policy's
+capacity, which is measured first: workers / the latency of one request alone on one worker.
+The same arrival seeds are used for every policy, so the policies see the same request stream.
 """
 
 from __future__ import annotations
@@ -72,48 +72,63 @@ def _alone_latency(client: DiffusionClient, args: argparse.Namespace, mode: Mode
         start = time.perf_counter()
         client.generate_request(request)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times) if times else 0.0
+
+
+def _point(
+    policy: str,
+    model_dir: str,
+    args: argparse.Namespace,
+    i: int,
+    fraction: float,
+    capacity: float,
+    slo: float,
+) -> dict:
+    """One load point on a fresh cluster (the coordinator's arrival-rate estimate and queue start
+    empty), warmed with one request alone and one paired so that its step costs are known."""
+    logs = args.out_dir / "logs" / f"{policy}-{int(fraction * 100)}"
+    with (
+        LocalCluster(model_dir, workers=args.workers, policy=policy, log_dir=logs) as cluster,
+        DiffusionClient(cluster.address) as client,
+    ):
+        _alone_latency(client, args, Mode.SINGLE, repeats=0)
+        _alone_latency(client, args, Mode.CFG_PARALLEL, repeats=0)
+        config = LoadConfig(
+            rate=fraction * capacity,
+            duration=args.duration,
+            steps=args.steps,
+            width=args.size,
+            height=args.size,
+            slo=slo,
+            seed_base=1000 * i,
+            arrival_seed=i,
+            timeout=600.0,
+        )
+        test = LoadTest(client, config)
+        summary = test.run()
+    summary["load_fraction"] = fraction
+    (args.out_dir / f"{policy}-{int(fraction * 100)}.json").write_text(
+        json.dumps(test.report(summary), indent=2)
+    )
+    return summary
 
 
 def sweep_policy(
     policy: str, model_dir: str, args: argparse.Namespace, capacity: float | None, baseline: dict
 ) -> tuple[float, list[dict]]:
-    logs = args.out_dir / "logs" / policy
-    with (
-        LocalCluster(model_dir, workers=args.workers, policy=policy, log_dir=logs) as cluster,
-        DiffusionClient(cluster.address) as client,
-    ):
-        if capacity is None:
-            baseline["single_s"] = _alone_latency(client, args, Mode.SINGLE)
-            baseline["pair_s"] = _alone_latency(client, args, Mode.HYBRID)
-            capacity = args.workers / baseline["single_s"]
-        else:
-            _alone_latency(client, args, Mode.AUTO, repeats=1)  # warm the cluster up the same way
-        slo = args.slo_factor * baseline["single_s"]
-        points = []
-        for i, fraction in enumerate(tqdm(args.loads, desc=policy, unit="point")):
-            config = LoadConfig(
-                rate=fraction * capacity,
-                duration=args.duration,
-                steps=args.steps,
-                width=args.size,
-                height=args.size,
-                slo=slo,
-                seed_base=1000 * i,
-                arrival_seed=i,
-                timeout=600.0,
-            )
-            test = LoadTest(client, config)
-            summary = test.run()
-            summary["load_fraction"] = fraction
-            points.append(summary)
-            (args.out_dir / f"{policy}-{int(fraction * 100)}.json").write_text(
-                json.dumps(test.report(summary), indent=2)
-            )
-            while client.cluster_status().queue_depth or any(
-                w.state == "busy" for w in client.cluster_status().workers
-            ):
-                time.sleep(0.2)
+    if capacity is None:
+        with LocalCluster(
+            model_dir, workers=args.workers, policy=policy, log_dir=args.out_dir / "logs" / "alone"
+        ) as c:
+            with DiffusionClient(c.address) as client:
+                baseline["single_s"] = _alone_latency(client, args, Mode.SINGLE)
+                baseline["pair_s"] = _alone_latency(client, args, Mode.HYBRID)
+        capacity = args.workers / baseline["single_s"]
+    slo = args.slo_factor * baseline["single_s"]
+    points = [
+        _point(policy, model_dir, args, i, f, capacity, slo)
+        for i, f in enumerate(tqdm(args.loads, desc=policy, unit="point"))
+    ]
     return capacity, points
 
 
