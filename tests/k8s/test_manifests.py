@@ -11,8 +11,9 @@
 - the chart's values.schema.json covers every value and rejects a wrong type or an unknown key;
 - the optional objects (monitoring, Ingress, GRPCRoute) are off by default and, when on, wired to
   the objects they point at; every alert and dashboard query parses (a small PromQL check, plus
-  ``promtool`` or ``promql-parser`` where installed) and names only metrics the coordinator
-  exports; the ``helm test`` pod's checks run against a local gRPC health server;
+  ``promql-parser`` and ``promtool check rules`` where installed) and names only metrics the
+  coordinator exports; with ``promtool``, each alert fires on synthetic series (``promtool test
+  rules``); the ``helm test`` pod's health check runs against a local gRPC health server;
 - then the invariants operators rely on: a rendered worker keeps its gRPC probes, resource
   limits and restricted securityContext; RBAC stays get/list/watch on pods; discovery's label
   selector and port match the worker pods; the HPA scales the workers on worker demand; GPU
@@ -1222,6 +1223,85 @@ def test_alert_rules_pass_promtool(key, tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _series(values: dict[str, str]) -> list[dict]:
+    return [{"series": name, "values": v} for name, v in values.items()]
+
+
+def test_alerts_fire_when_they_should_in_promtool_unit_tests(tmp_path):
+    """`promtool test rules` on synthetic series: each alert fires on its condition, after its
+    `for`, with its severity, and none fires on a healthy service (where promtool is installed)."""
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("no promtool on PATH (Debian: apt-get install prometheus); the PromQL-ish check ran")
+    (rule,) = objects(render_values({"monitoring": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")
+    groups = copy.deepcopy(rule["spec"]["groups"])
+    for group in groups:
+        for r in group["rules"]:
+            r.pop("annotations")  # promtool would compare the expanded texts too
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    ns = 'namespace="serving"'
+    degraded = {  # 1 m samples: a full queue, one idle worker, one quarantined, failing and slow
+        f"hybridiff_queue_depth{{{ns}}}": "60x40",
+        f"hybridiff_worker_demand{{{ns}}}": "5x40",
+        f'hybridiff_workers{{{ns},state="idle"}}': "1x40",
+        f'hybridiff_workers{{{ns},state="busy"}}': "0x40",
+        f'hybridiff_workers{{{ns},state="unhealthy"}}': "1x40",
+        f'hybridiff_requests_total{{{ns},mode="HYBRID",code="OK"}}': "0+10x40",
+        f'hybridiff_requests_total{{{ns},mode="HYBRID",code="INTERNAL"}}': "0+5x40",
+        f'hybridiff_request_seconds_bucket{{{ns},mode="HYBRID",le="30"}}': "0x40",
+        f'hybridiff_request_seconds_bucket{{{ns},mode="HYBRID",le="60"}}': "0+15x40",
+        f'hybridiff_request_seconds_bucket{{{ns},mode="HYBRID",le="+Inf"}}': "0+15x40",
+        f"hybridiff_recoveries_total{{{ns}}}": "0+1x40",
+    }
+    healthy = {
+        f"hybridiff_queue_depth{{{ns}}}": "0x40",
+        f"hybridiff_worker_demand{{{ns}}}": "2x40",
+        f'hybridiff_workers{{{ns},state="idle"}}': "2x40",
+        f'hybridiff_workers{{{ns},state="busy"}}': "2x40",
+        f'hybridiff_workers{{{ns},state="unhealthy"}}': "0x40",
+        f'hybridiff_requests_total{{{ns},mode="HYBRID",code="OK"}}': "0+10x40",
+        f'hybridiff_requests_total{{{ns},mode="HYBRID",code="CANCELLED"}}': "0+5x40",
+        f'hybridiff_request_seconds_bucket{{{ns},mode="HYBRID",le="5"}}': "0+10x40",
+        f'hybridiff_request_seconds_bucket{{{ns},mode="HYBRID",le="+Inf"}}': "0+10x40",
+        f"hybridiff_recoveries_total{{{ns}}}": "0x40",
+    }
+    fires_at = {  # alert -> (not yet, fired): the `for` durations of values.yaml
+        "HybridiffQueueSaturated": ("3m", "6m"),
+        "HybridiffNoReadyPair": ("3m", "6m"),
+        "HybridiffWorkerDemandAboveCapacity": ("13m", "16m"),
+        "HybridiffWorkerQuarantined": ("8m", "11m"),
+        "HybridiffHighErrorRatio": ("8m", "16m"),
+        "HybridiffHighLatencyP95": ("13m", "20m"),
+        "HybridiffFrequentResumes": ("2m", "5m"),
+    }
+    severity = {r["alert"]: r["labels"]["severity"] for g in groups for r in g["rules"]}
+    fired = [{"exp_labels": {"namespace": "serving", "severity": severity["HybridiffMetricsAbsent"]}}]
+    checks = [{"eval_time": "11m", "alertname": "HybridiffMetricsAbsent", "exp_alerts": fired}]
+    for name, (before, after) in fires_at.items():
+        fired = [{"exp_labels": {"namespace": "serving", "severity": severity[name]}}]
+        checks += [
+            {"eval_time": before, "alertname": name, "exp_alerts": []},
+            {"eval_time": after, "alertname": name, "exp_alerts": fired},
+        ]
+    quiet = [{"eval_time": "39m", "alertname": name, "exp_alerts": []} for name in severity]
+    no_metrics = {'hybridiff_workers{namespace="elsewhere",state="idle"}': "2x20"}
+    spec = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {"interval": "1m", "input_series": _series(degraded), "alert_rule_test": checks[1:]},
+            {"interval": "1m", "input_series": _series(healthy), "alert_rule_test": quiet},
+            {"interval": "1m", "input_series": _series(no_metrics), "alert_rule_test": checks[:1]},
+        ],
+    }
+    assert set(severity) == set(EXPECTED_ALERTS)
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = subprocess.run(
+        [promtool, "test", "rules", "tests.yaml"], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert out.returncode == 0, out.stdout + out.stderr
 

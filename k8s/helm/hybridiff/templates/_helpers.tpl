@@ -104,3 +104,61 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- fail "auth.enabled needs auth.existingSecret or auth.token" }}
 {{- end }}
 {{- end }}
+
+{{/* imagePullSecrets of a pod: the release's and the role's. */}}
+{{- define "hybridiff.imagePullSecrets" -}}
+{{- $root := index . 0 -}}
+{{- $role := index . 1 -}}
+{{- with concat ($root.Values.imagePullSecrets | default list) ($role.imagePullSecrets | default list) }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level settings both roles take from values: include "hybridiff.podExtras" (list . .Values.worker "worker") */}}
+{{- define "hybridiff.podExtras" -}}
+{{- $root := index . 0 -}}
+{{- $role := index . 1 -}}
+{{- $name := index . 2 -}}
+{{- include "hybridiff.imagePullSecrets" (list $root $role) }}
+{{- with $role.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $role.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- $spread := list }}
+{{- if and (eq $name "worker") $role.topologySpread.enabled }}
+{{- $spread = append $spread (dict "maxSkew" (int $role.topologySpread.maxSkew) "topologyKey" $role.topologySpread.topologyKey "whenUnsatisfiable" $role.topologySpread.whenUnsatisfiable) }}
+{{- end }}
+{{- $spread = concat $spread ($role.topologySpreadConstraints | default list) }}
+{{- with $spread }}
+topologySpreadConstraints:
+{{- range . }}
+{{- $c := deepCopy . }}
+{{- if not (hasKey $c "labelSelector") }}
+{{- $_ := set $c "labelSelector" (dict "matchLabels" (include "hybridiff.selectorLabels" (list $root $name) | fromYaml)) }}
+{{- end }}
+  - {{ toYaml $c | nindent 4 | trim }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Label matchers that scope the alert expressions to this release's namespace. */}}
+{{- define "hybridiff.promSelector" -}}
+namespace="{{ .Release.Namespace }}"
+{{- end }}
+
+{{/* `for` and labels of one alert: include "hybridiff.alertMeta" (list $ $ruleValues) */}}
+{{- define "hybridiff.alertMeta" -}}
+{{- $root := index . 0 -}}
+{{- $rule := index . 1 -}}
+{{- with $rule.for }}
+for: {{ . }}
+{{- end }}
+labels:
+  severity: {{ $rule.severity }}
+  {{- with $root.Values.monitoring.prometheusRule.additionalAlertLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
