@@ -14,8 +14,6 @@ Pure: a decision depends only on the view of the pool and the measured costs pas
 
 from __future__ import annotations
 
-import math
-from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
@@ -41,36 +39,8 @@ class PoolView:
     idle: int  # idle workers serving the model
     waiting: int  # requests of the model waiting in the admission queue
     waiting_takes_one: bool = True  # the head of the queue would start on a lone worker
-    arrival_rate: float = 0.0  # recent requests per second of the model (ArrivalRate)
-    workers: int = 0  # workers serving the model
 
 
-class ArrivalRate:
-    """The recent arrival rate of a model's requests: the arrivals of the last ``horizon`` seconds
-    (at most ``size`` of them) over the time they span, up to now (so it decays while nothing
-    arrives). Long enough to smooth a Poisson stream (256 arrivals: about 6%), short enough to
-    follow the load within a minute. Times from any one clock."""
-
-    def __init__(self, size: int = 256, horizon: float = 60.0) -> None:
-        self.horizon = horizon
-        self._times: deque[float] = deque(maxlen=size)
-
-    def observe(self, at: float) -> None:
-        self._times.append(at)
-
-    def rate(self, now: float) -> float:
-        while self._times and self._times[0] < now - self.horizon:
-            self._times.popleft()
-        if len(self._times) < 2:
-            return 0.0
-        return len(self._times) / max(1e-9, now - self._times[0])
-
-
-# Pairs that spend capacity are started (or grown) only while the load they would make stays
-# under 1 - PAIR_HEADROOM / sqrt(workers): a small pool needs more headroom against queueing
-# than a large one (as in Erlang-C staffing: 0.79 for 2 workers, 0.89 for 8, 0.96 for 64). The
-# constant is fitted on the pool simulation and the CPU stand-in (BENCHMARKS.md "Load").
-PAIR_HEADROOM = 0.3
 # A pair that costs at most this much more worker time than one worker alone counts as free.
 # Simulated on measured H200 costs (tools/bench/poolsim.py): SDXL pairs cost 1.29x (adaptive pays),
 # SD3 1.05x and a 2x-batch device 1.01x (adaptive must pair like ``latency`` there).
@@ -110,52 +80,27 @@ class Admission:
     accept_one: bool  # start on a lone worker rather than wait for the second
 
 
-def pairs_affordable(pool: PoolView, costs: StepCosts, steps: int | None) -> bool:
-    """Whether the pool can pay for pairs now: always where a pair costs no more worker time;
-    else while the offered load, made heavier by the pairs' overhead, leaves the headroom a pool
-    of this size needs (load = arrival rate x a request's time alone / workers)."""
-    if not costs.pair_spends_capacity():
-        return True
-    if steps is None or pool.workers <= 0:
-        return False
-    load = pool.arrival_rate * costs.single * steps / pool.workers
-    return load * costs.pair_overhead <= 1 - PAIR_HEADROOM / math.sqrt(pool.workers)
-
-
 def admission(
-    policy: Policy,
-    mode: Mode,
-    guided: bool,
-    pool: PoolView,
-    costs: StepCosts | None = None,
-    steps: int | None = None,
+    policy: Policy, mode: Mode, guided: bool, pool: PoolView, costs: StepCosts | None = None
 ) -> Admission:
-    """How many workers a new request (of ``steps`` steps) asks the pool for. Explicit modes get
-    what they name; the policy decides for AUTO (adaptive: with the measured ``costs``, once known)."""
+    """How many workers a new request asks the pool for. Explicit modes get what they name;
+    the policy decides for AUTO (adaptive: with the measured ``costs``, once known)."""
     if mode == Mode.SINGLE or (not guided and mode != Mode.PIPELINE):
         return Admission(1, False)
     if mode != Mode.AUTO:
         return Admission(2, False)
     if policy == Policy.THROUGHPUT:
         return Admission(1, False)
-    if policy == Policy.ADAPTIVE:
-        if costs is not None and not pairs_affordable(pool, costs, steps):
-            return Admission(1, False)  # the load is too high to spend capacity on pairs
-        spends = costs is None or costs.pair_spends_capacity()
-        if spends and (pool.waiting > 0 or pool.idle < 2):
-            return Admission(1, False)  # do not hold a second worker that someone else could use
+    pairs_are_free = costs is not None and not costs.pair_spends_capacity()
+    if policy == Policy.ADAPTIVE and not pairs_are_free and (pool.waiting > 0 or pool.idle < 2):
+        return Admission(1, False)  # do not hold a second worker that someone else could use
     return Admission(2, True)
 
 
 def at_boundary(
-    policy: Policy,
-    paired: bool,
-    pool: PoolView,
-    steps_left: int,
-    costs: StepCosts | None,
-    steps: int | None = None,
+    policy: Policy, paired: bool, pool: PoolView, steps_left: int, costs: StepCosts | None
 ) -> Decision:
-    """What an elastic (AUTO, guided) request of ``steps`` steps does at its next step boundary."""
+    """What an elastic (AUTO, guided) request does at its next step boundary."""
     if policy != Policy.ADAPTIVE or steps_left <= 0:
         return Decision.KEEP
     spends = costs is None or costs.pair_spends_capacity()
@@ -167,7 +112,6 @@ def at_boundary(
         and pool.waiting == 0
         and costs is not None
         and costs.grow_pays(steps_left)
-        and pairs_affordable(pool, costs, steps)
     ):
         return Decision.GROW
     return Decision.KEEP

@@ -26,9 +26,8 @@ class ElasticLease:
 
     def decide(self, next_step: int, used: list[WorkerHandle]) -> Decision:
         view = self.lease.pool.view(self.lease.model)
-        costs = self.costs.costs(self.lease.model)
         return at_boundary(
-            self.policy, len(used) == 2, view, self.num_steps - next_step, costs, self.num_steps
+            self.policy, len(used) == 2, view, self.num_steps - next_step, self.costs.costs(self.lease.model)
         )
 
     def apply(self, decision: Decision, used: list[WorkerHandle]) -> list[WorkerHandle] | None:

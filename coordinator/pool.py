@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from coordinator.allocation import ArrivalRate, PoolView
+from coordinator.allocation import PoolView
 from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, QueueFull, Unavailable
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 
@@ -64,7 +64,6 @@ class WorkerPool:
         self._workers: dict[str, WorkerEntry] = {}
         self._waiting: list[int] = []
         self._wants: dict[int, tuple[str, int, bool]] = {}  # ticket -> (model, want, accept_one)
-        self._arrivals: dict[str, ArrivalRate] = {}  # per model, for the adaptive policy's load estimate
         self._tickets = itertools.count()
         self._closed = False
 
@@ -171,7 +170,6 @@ class WorkerPool:
             if len(self._waiting) >= self.queue_capacity:
                 raise QueueFull(f"admission queue is full ({self.queue_capacity} waiting)")
             ticket = next(self._tickets)
-            self._arrivals.setdefault(model, ArrivalRate()).observe(time.monotonic())
             self._waiting.append(ticket)
             self._wants[ticket] = (model, want, accept_one)
             self._changed()  # the condition's lock is reentrant
@@ -255,13 +253,11 @@ class WorkerPool:
 
     def _view(self, model: str, behind: int | None = None) -> PoolView:
         """The pool as a request of ``model`` sees it (with ``behind``: the waiters after that ticket)."""
-        serving = [e for e in self._workers.values() if e.model == model and not e.gone]
-        idle = sum(e.state == IDLE for e in serving)
+        idle = sum(e.model == model and e.state == IDLE and not e.gone for e in self._workers.values())
         queue = self._waiting[self._waiting.index(behind) + 1 :] if behind is not None else self._waiting
         waiters = [self._wants[t] for t in queue if self._wants.get(t, ("",))[0] == model]
         takes_one = bool(waiters) and (waiters[0][1] == 1 or waiters[0][2])
-        rate = self._arrivals[model].rate(time.monotonic()) if model in self._arrivals else 0.0
-        return PoolView(idle, len(waiters), takes_one, arrival_rate=rate, workers=len(serving))
+        return PoolView(idle=idle, waiting=len(waiters), waiting_takes_one=takes_one)
 
     def view(self, model: str) -> PoolView:
         with self._cond:

@@ -304,22 +304,13 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
 
         mode = spec.mode
         policy = self.config.policy
-        width = admission(
-            policy,
-            mode,
-            spec.guided,
-            self.pool.view(spec.model),
-            self.costs.costs(spec.model),
-            spec.num_steps,
-        )
+        width = admission(policy, mode, spec.guided, self.pool.view(spec.model), self.costs.costs(spec.model))
         start = time.perf_counter()
         decide_again = None
         if mode == Mode.AUTO:  # the width is decided again when the request reaches the queue's head
 
             def decide_again(view):
-                return astuple(
-                    admission(policy, mode, spec.guided, view, self.costs.costs(spec.model), spec.num_steps)
-                )
+                return astuple(admission(policy, mode, spec.guided, view, self.costs.costs(spec.model)))
 
         lease = self.pool.lease(
             spec.model,

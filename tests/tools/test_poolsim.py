@@ -7,7 +7,6 @@ import random
 
 import pytest
 
-import coordinator.allocation
 import coordinator.elastic
 from coordinator.allocation import Policy
 from tools.bench import poolsim
@@ -56,8 +55,8 @@ def test_every_boundary_decision_goes_through_the_service_rule(monkeypatch):
     calls = []
     rule = coordinator.elastic.at_boundary
 
-    def spy(policy, paired, pool, steps_left, costs, steps=None):
-        decision = rule(policy, paired, pool, steps_left, costs, steps)
+    def spy(policy, paired, pool, steps_left, costs):
+        decision = rule(policy, paired, pool, steps_left, costs)
         calls.append((paired, pool.idle, pool.waiting, steps_left, decision.value))
         return decision
 
@@ -77,13 +76,11 @@ def test_every_boundary_decision_goes_through_the_service_rule(monkeypatch):
     assert sim.events == {"shrink": 1, "grow": 0}
 
 
-def test_a_lone_request_grows_when_a_worker_frees(monkeypatch):
+def test_a_lone_request_grows_when_a_worker_frees():
     """3 workers, 8 steps, a begin 0.1 s: A takes a pair (done 0.1 + 8 = 8.1 s), B the last
     worker alone. B's boundaries: step 4 at 7.6 s (nothing idle), step 5 at 9.1 s: two idle,
     nothing waits, 2 steps left x 0.5 s > 2 x 0.1 s: grow, applied after step 6 (10.6 s); a
     new begin (10.7 s) and step 7 as a pair: done 11.7 s."""
-    # The grow mechanics alone: two arrivals at once read as a heavy load, which would forbid the pair.
-    monkeypatch.setattr(coordinator.allocation, "PAIR_HEADROOM", -100.0)
     sim = PoolSim(toy(steps=8, switch=0.1), Policy.ADAPTIVE, workers=3)
     assert timeline(sim.run([0.0, 0.0])) == [(0.0, 8.1, 2, 0, 0, 8), (0.0, 11.7, 1, 0, 1, 1)]
     assert sim.events == {"shrink": 0, "grow": 1}

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.allocation import ArrivalRate, CostBook, Decision, Policy, PoolView, StepCosts, admission
+from coordinator.allocation import CostBook, Decision, Policy, PoolView, StepCosts, admission
 from coordinator.elastic import ElasticLease
 from hybridiff.protocol import Mode, Phase
 from tools.bench import gpu_profile
@@ -226,16 +226,11 @@ class PoolSim:
         self._seq = itertools.count()
         self.now = 0.0
         self._track, self._resolved = sys.maxsize, 0
-        self.arrivals = ArrivalRate()  # as WorkerPool keeps it, on the simulated clock
 
     # the pool as the service's WorkerPool shows it
     def view(self, model: str = MODEL) -> PoolView:
         q = self.queue
-        return self._view(len(q), bool(q) and q[0].takes_one)
-
-    def _view(self, waiting: int, takes_one: bool) -> PoolView:
-        rate = self.arrivals.rate(self.now)
-        return PoolView(self.idle, waiting, takes_one, arrival_rate=rate, workers=self.workers)
+        return PoolView(idle=self.idle, waiting=len(q), waiting_takes_one=bool(q) and q[0].takes_one)
 
     def give_back(self, req: Request) -> None:
         req.workers -= 1
@@ -258,8 +253,8 @@ class PoolSim:
         q = self.queue
         while q:
             head, behind = q[0], len(q) - 1
-            view = self._view(behind, behind > 0 and q[1].takes_one)
-            adm = admission(self.policy, Mode.AUTO, True, view, self.costs.costs(MODEL), self.device.steps)
+            view = PoolView(self.idle, behind, behind > 0 and q[1].takes_one)
+            adm = admission(self.policy, Mode.AUTO, True, view, self.costs.costs(MODEL))
             head.takes_one = adm.want == 1 or adm.accept_one
             take = adm.want if self.idle >= adm.want else (1 if adm.accept_one and self.idle else 0)
             if not take:
@@ -346,7 +341,6 @@ class PoolSim:
         return False
 
     def _arrive(self, req: Request, tracked: list[Request]) -> None:
-        self.arrivals.observe(self.now)
         if req.index < self._track:
             tracked.append(req)
         if self.queue_capacity is not None and len(self.queue) >= self.queue_capacity:
@@ -354,7 +348,7 @@ class PoolSim:
             self._resolved += req.index < self._track
             return
         # The service decides the width on arrival (it is stored with the ticket) and again at the head.
-        adm = admission(self.policy, Mode.AUTO, True, self.view(), self.costs.costs(MODEL), self.device.steps)
+        adm = admission(self.policy, Mode.AUTO, True, self.view(), self.costs.costs(MODEL))
         req.takes_one = adm.want == 1 or adm.accept_one
         self.queue.append(req)
         self._dispatch()
