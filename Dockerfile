@@ -10,6 +10,8 @@
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu<XY>
 # Any base with Python >= 3.10, pip and useradd (or adduser) works. Behind a mirror:
 #   --build-arg PIP_INDEX_URL=https://mirror/simple --build-arg TORCH_INDEX_URL=
+# OCI labels (scripts/release.sh sets them): --build-arg VERSION=0.1.0 --build-arg
+#   REVISION=$(git rev-parse HEAD) [--build-arg SOURCE=https://github.com/OWNER/REPO]
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # -- build: a wheel of this package, with the gRPC code generated from proto/ ---------------
@@ -39,6 +41,15 @@ RUN python -m pip install -r /tmp/build-requirements.txt \
 # -- runtime ---------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
 ARG PIP_INDEX_URL
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/kaist-dmlab/Hybridiff
+LABEL org.opencontainers.image.title="hybridiff" \
+      org.opencontainers.image.description="Hybrid data-pipeline parallel diffusion serving (coordinator and worker)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 # torch first, so the CPU (or the chosen CUDA) build is what the package's torch>=2.4 finds.
 # Empty TORCH_SPEC: keep the torch the base image already has.
 ARG TORCH_SPEC="torch==2.13.0"
@@ -65,7 +76,7 @@ ENV PYTHONUNBUFFERED=1 \
     TRANSFORMERS_VERBOSITY=error
 USER 10001:10001
 WORKDIR /home/hybridiff
-# coordinator gRPC, coordinator metrics, worker control gRPC, worker data plane
-EXPOSE 50051 9090 50061 50062
+# coordinator gRPC, coordinator metrics, worker control gRPC, worker data plane, worker metrics
+EXPOSE 50051 9090 50061 50062 9091
 ENTRYPOINT ["hybridiff"]
 CMD ["--help"]

@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+from hybridiff import __version__
 
 
 class CoordinatorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_* (CPU, memory, fds), python_info and python_gc_*, as on the default registry.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge(
+            "hybridiff_build_info", "The running version (value 1)", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
+        self.queue_wait_seconds = Histogram(
+            "hybridiff_queue_wait_seconds",
+            "Time a request waited in the admission queue for workers",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            "hybridiff_requests_in_flight", "Generate requests being handled (queued or running)", registry=r
+        )
         self.queue_depth = Gauge("hybridiff_queue_depth", "Requests waiting for workers", registry=r)
         self.workers = Gauge("hybridiff_workers", "Workers by state", ["state"], registry=r)
         self.requests = Counter(

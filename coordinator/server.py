@@ -73,6 +73,7 @@ class Coordinator:
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self._set_health(False)
         self.port = serving.bind(self.server, f"{host}:{port}", tls)
+        self.service.server_address = f"{host}:{self.port}"
         self.metrics_port = self.metrics.serve(metrics_port, host) if metrics_port is not None else None
         self.discovery = discovery
         self._stopped = threading.Event()

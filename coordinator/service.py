@@ -26,7 +26,7 @@ from coordinator.elastic import ElasticLease
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import Lease, WorkerPool
 from coordinator.remote import RemoteWorker
-from hybridiff import serving, telemetry
+from hybridiff import logs, serving, telemetry
 from hybridiff.errors import Cancelled, DeadlineExceeded, HybridiffError, Unavailable, WorkerFailed
 from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import MIME_TYPES, Mode, OutputFormat, Phase, label
@@ -35,6 +35,7 @@ from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 
 log = logging.getLogger(__name__)
+SERVICE_FULL_NAME = pb.DESCRIPTOR.services_by_name["DiffusionService"].full_name
 DEADLINE_SLACK_SECONDS = 0.25
 
 
@@ -175,11 +176,12 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         self.draining = False
         self.costs = CostBook()
         self._tracer = telemetry.tracer("hybridiff.coordinator")
+        self.server_address = ""  # host:port of the public API, for the spans (the server sets it)
 
     # --- RPCs -----------------------------------------------------------------------
     def Generate(self, request, context):
         try:
-            return self._generate(request, context, on_step=None)
+            return self._generate(request, context, on_step=None, method="Generate")
         except HybridiffError as exc:
             serving.abort(context, exc)
 
@@ -203,7 +205,11 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 events.put(
                     pb.GenerateStreamResponse(
                         result=self._generate(
-                            request.request, context, on_step, on_resolved=request_id.append
+                            request.request,
+                            context,
+                            on_step,
+                            on_resolved=request_id.append,
+                            method="GenerateStream",
                         )
                     )
                 )
@@ -244,10 +250,20 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         )
 
     # --- one request ----------------------------------------------------------------
-    def _generate(self, request, context, on_step, on_resolved=None) -> pb.GenerateResponse:
+    def _generate(
+        self, request, context, on_step, on_resolved=None, method: str = "Generate"
+    ) -> pb.GenerateResponse:
         received = time.perf_counter()
         mode_label, code = "unknown", grpc.StatusCode.OK
-        with self._tracer.start_as_current_span("hybridiff.generate") as span:
+        # The standard RPC attributes (OpenTelemetry semantic conventions) beside hybridiff.*.
+        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE_FULL_NAME, "rpc.method": method}
+        host, _, port = self.server_address.rpartition(":")
+        if host and host not in ("0.0.0.0", "::", "[::]"):  # a wildcard names no address
+            attributes["server.address"] = host
+            attributes["server.port"] = int(port)
+        self.metrics.requests_in_flight.inc()
+        log_token = logs.set_request_id(None)  # named once the request is resolved
+        with self._tracer.start_as_current_span("hybridiff.generate", attributes=attributes) as span:
             try:
                 if self.draining:
                     raise Unavailable("the coordinator is draining")
@@ -255,10 +271,12 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 info = self.pool.model_info(raw.model)
                 raw.model = info.model_name
                 spec = resolve_spec(raw, *model_rules(info, self.config.hybrid_defaults))
+                logs.set_request_id(spec.request_id)
                 if on_resolved:
                     on_resolved(spec.request_id)
                 span.set_attributes(
                     {
+                        "gen_ai.request.model": spec.model,
                         "hybridiff.request_id": spec.request_id,
                         "hybridiff.model": spec.model,
                         "hybridiff.mode_requested": label(spec.mode),
@@ -279,6 +297,12 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                     self.metrics.step_seconds.labels(label(s.phase)).observe(s.wall_seconds)
                 self.metrics.data_plane_bytes.inc(result.stats.data_plane_bytes)
                 self.metrics.request_seconds.labels(mode_label).observe(time.perf_counter() - received)
+                log.info(
+                    "request done: mode %s, %d steps, %.3fs",
+                    mode_label,
+                    len(result.stats.steps),
+                    time.perf_counter() - received,
+                )
                 return response_to_proto(result, spec.width, spec.height, spec.output_format)
             except HybridiffError as exc:
                 code = exc.code
@@ -289,6 +313,8 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 raise
             finally:
                 self.metrics.requests.labels(mode_label, code.name).inc()
+                self.metrics.requests_in_flight.dec()
+                logs.reset_request_id(log_token)
 
     def _run(self, spec, context, on_step) -> GenerationResult:
         def check_alive() -> None:
@@ -322,6 +348,7 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
             admission=decide_again,
         )
         queued = time.perf_counter() - start
+        self.metrics.queue_wait_seconds.observe(queued)
         failed = False
         try:
             elastic = None

@@ -24,9 +24,11 @@ log = logging.getLogger(__name__)
 
 
 class Mailbox:
-    def __init__(self, owner: str, device: torch.device | str = "cpu") -> None:
+    def __init__(self, owner: str, device: torch.device | str = "cpu", metrics=None) -> None:
+        """``metrics``: an optional ``gpu_worker.metrics.WorkerMetrics`` (bytes received, peer waits)."""
         self.owner = owner
         self.device = device
+        self.metrics = metrics
         self._cond = threading.Condition()
         self._messages: dict[tuple[str, int, int], TensorMessage] = {}
         self._open: set[str] = set()
@@ -68,12 +70,23 @@ class Mailbox:
                 return False
             self._messages[(msg.request_id, msg.kind, msg.step)] = msg
             self._cond.notify_all()
+        if self.metrics is not None:
+            self.metrics.received_bytes.inc(sum(memoryview(f).nbytes for f in frames))
         return True
 
     def take(self, request_id: str, kind: int, step: int, timeout: float, peer: str = "") -> TensorMessage:
         """The message of ``kind`` for ``step``; ``PeerTimeout`` naming ``peer`` when it does not come in
         time, ``Cancelled`` when the request is closed (aborted) meanwhile."""
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        try:
+            return self._take(request_id, kind, step, started + timeout, timeout, peer)
+        finally:
+            if self.metrics is not None:
+                self.metrics.peer_wait_seconds.observe(time.monotonic() - started)
+
+    def _take(
+        self, request_id: str, kind: int, step: int, deadline: float, timeout: float, peer: str
+    ) -> TensorMessage:
         key = (request_id, kind, step)
         with self._cond:
             while key not in self._messages:

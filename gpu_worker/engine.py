@@ -88,13 +88,16 @@ class WorkerEngine:
         mailbox: Mailbox,
         links: Callable[[str], PeerLink] | None,
         peer_timeout: float = 120.0,
+        metrics=None,
     ) -> None:
-        """``links(peer_address)`` gives the link to a peer (cached by the caller as it likes)."""
+        """``links(peer_address)`` gives the link to a peer (cached by the caller as it likes);
+        ``metrics``: an optional ``gpu_worker.metrics.WorkerMetrics`` (step times, bytes sent)."""
         self.adapter = adapter
         self.name = name
         self.mailbox = mailbox
         self.links = links
         self.peer_timeout = peer_timeout
+        self.metrics = metrics
         self._clock = device_clock(adapter.device)
         self._active: dict[str, _Active] = {}
 
@@ -236,6 +239,10 @@ class WorkerEngine:
         )
         if d is not None:
             done.rel_mae = d
+        if self.metrics is not None:
+            name = phase.name.lower()
+            self.metrics.step_compute_seconds.labels(name).observe(done.compute_seconds)
+            self.metrics.step_seconds.labels(name).observe(done.wall_seconds)
         if cmd.report_latents:
             done.checkpoint.next_step = cmd.step + 1
             done.checkpoint.latents.CopyFrom(tensor_to_proto(st.latents.detach().float().cpu(), "latents"))
@@ -253,9 +260,12 @@ class WorkerEngine:
     ) -> None:
         rid = st.request_id
         # The mailbox is closed on abort or cancel: a send still waiting for the peer ends then.
-        self._sent += st.link.send(
+        sent = st.link.send(
             rid, step, kind, tensors, self._trace_context, cancelled=lambda: not self.mailbox.is_open(rid)
         )
+        self._sent += sent
+        if self.metrics is not None:
+            self.metrics.sent_bytes.inc(sent)
 
     def _recv(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
         msg = self.mailbox.take(st.request_id, kind, step, self.peer_timeout, peer=st.peer)

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import zmq
 from gpu_worker.dataplane import Mailbox
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter
+from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.service import SERVICE_NAME, WorkerService
 from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLinks
 from hybridiff import security, serving, telemetry
@@ -55,10 +57,11 @@ class WorkerProcess:
         grace: float = 30.0,
         tls: serving.TlsFiles = (None, None, None),
         curve_keys_dir: str | None = None,
+        metrics_port: int | None = 9091,
     ) -> None:
-        """Port 0 picks a free port. ``tls`` = (cert, key, client CA): with a client CA only the
-        coordinator (a cert that CA signed) may control this worker. ``curve_keys_dir``: ZeroMQ
-        CURVE with the pool keypair found there."""
+        """Port 0 picks a free port (``metrics_port`` too; None: no /metrics). ``tls`` = (cert, key,
+        client CA): with a client CA only the coordinator (a cert that CA signed) may control this
+        worker. ``curve_keys_dir``: ZeroMQ CURVE with the pool keypair found there."""
         telemetry.setup_tracing("hybridiff-worker")
         self.model_dir, self.host, self.data_port, self.grace = model_dir, host, data_port, grace
         self.device, self.dtype = device, dtype
@@ -68,7 +71,9 @@ class WorkerProcess:
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self.port = serving.bind(self.server, f"{host}:{port}", tls)
         self.worker_id = worker_id or f"{self.advertise}:{self.port}"
-        self.service = WorkerService(self.worker_id, model_name or Path(model_dir).name)
+        self.metrics = WorkerMetrics()
+        self.metrics_port = self.metrics.serve(metrics_port, host) if metrics_port is not None else None
+        self.service = WorkerService(self.worker_id, model_name or Path(model_dir).name, self.metrics)
         worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self.service, self.server)
         self._stop = threading.Event()
 
@@ -76,24 +81,27 @@ class WorkerProcess:
         """Answer health at once, then load the model and open the data plane; SERVING after."""
         self.server.start()
         log.info("worker control API on %s:%d (loading model)", self.host, self.port)
+        started = time.perf_counter()
         adapter = load_adapter(self.model_dir, self.device, self.dtype)
+        self.metrics.model_load_seconds.set(time.perf_counter() - started)
         self.context = zmq.Context()
-        mailbox = Mailbox(self.worker_id, adapter.device)
+        mailbox = Mailbox(self.worker_id, adapter.device, metrics=self.metrics)
         self.receiver = DataPlaneReceiver(
             self.context, mailbox, self.host, self.data_port, curve=self.curve
         ).start()
         self.links = ZmqLinks(self.context, self.worker_id, curve=self.curve)
-        engine = WorkerEngine(adapter, self.worker_id, mailbox, self.links)
+        engine = WorkerEngine(adapter, self.worker_id, mailbox, self.links, metrics=self.metrics)
         self.service.attach(engine, f"tcp://{self.advertise}:{self.receiver.port}")
         for name in ("", SERVICE_NAME):
             self.health.set(name, serving.SERVING)
         log.info(
-            "worker %s serving %s (%s) on %s, data plane %s",
+            "worker %s serving %s (%s) on %s, data plane %s, metrics on %s",
             self.worker_id,
             self.service.model_name,
             adapter.arch,
             adapter.device,
             self.service.data_address,
+            self.metrics_port,
         )
         print(
             f"worker ready: control {self.advertise}:{self.port} data {self.service.data_address}", flush=True
@@ -102,7 +110,12 @@ class WorkerProcess:
 
     def serve_until_signalled(self, ready_file: str | None = None) -> None:
         serving.write_ready_file(
-            ready_file, {"control": f"{self.advertise}:{self.port}", "data": self.service.data_address}
+            ready_file,
+            {
+                "control": f"{self.advertise}:{self.port}",
+                "data": self.service.data_address,
+                "metrics_port": self.metrics_port,
+            },
         )
         serving.on_termination(self.request_stop)
         self._stop.wait()
@@ -121,8 +134,8 @@ class WorkerProcess:
 
 
 def serve_worker(model_dir: str, port: int, data_port: int, ready_file: str | None = None, **kwargs) -> None:
-    """Serve until SIGTERM/SIGINT; ``ready_file`` receives {"control": "host:port", "data": "tcp://host:port"}
-    once the model is loaded."""
+    """Serve until SIGTERM/SIGINT; ``ready_file`` receives {"control": "host:port", "data": "tcp://host:port",
+    "metrics_port": M} once the model is loaded."""
     process = WorkerProcess(model_dir, port, data_port, **kwargs).start()
     try:
         process.serve_until_signalled(ready_file)

@@ -17,7 +17,7 @@ import grpc
 
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.split_balance import SplitPlanner
-from hybridiff import serving, telemetry
+from hybridiff import logs, serving, telemetry
 from hybridiff.errors import (
     BadCommand,
     HybridiffError,
@@ -39,8 +39,10 @@ BUSY_WAIT_SECONDS = 10.0
 class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
     """Registered before the model loads (so health answers at once); ``attach`` makes it ready."""
 
-    def __init__(self, worker_id: str, model_name: str) -> None:
+    def __init__(self, worker_id: str, model_name: str, metrics=None) -> None:
+        """``metrics``: an optional ``gpu_worker.metrics.WorkerMetrics`` (sessions by outcome)."""
         self.worker_id = worker_id
+        self.metrics = metrics
         self.model_name = model_name
         self.data_address = ""
         self.engine: WorkerEngine | None = None
@@ -103,8 +105,10 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         # The previous session may still be unwinding after its last event reached the
         # coordinator, which then hands this worker on: wait a little before refusing.
         if not self._busy.acquire(timeout=BUSY_WAIT_SECONDS):
+            self._count("busy")
             serving.abort(context, WorkerBusy(f"worker {self.worker_id} is busy with another request"))
         request_id = None
+        outcome = "cancelled"  # the stream ended (or the coordinator cancelled it) before finish
         try:
             for cmd in request_iterator:
                 which = cmd.WhichOneof("command")
@@ -114,6 +118,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
                     if not cmd.request_id:
                         raise BadCommand("request_id", "a session needs a request id")
                     request_id = cmd.request_id
+                    logs.set_request_id(request_id)  # this handler thread's log lines name it
                     context.add_callback(lambda rid=request_id: self.engine.mailbox.close(rid))
                 elif cmd.request_id != request_id:
                     raise BadCommand(
@@ -121,17 +126,25 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
                     )
                 yield self._run(cmd, which)
                 if which == "finish":
-                    request_id = None
+                    request_id, outcome = None, "ok"
                     return
         except HybridiffError as exc:
+            outcome = "cancelled" if exc.code == grpc.StatusCode.CANCELLED else "error"
             serving.abort(context, exc)
         except Exception as exc:  # a failed request is a typed result, not a dead worker
+            outcome = "error"
             log.exception("request %s failed on %s", request_id, self.worker_id)
             serving.abort(context, WorkerFailed(f"{self.worker_id}: {type(exc).__name__}: {exc}"))
         finally:
             if request_id is not None:
                 self.engine.abort(request_id)
             self._busy.release()
+            self._count(outcome)
+            logs.set_request_id(None)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(outcome).inc()
 
     def _run(self, cmd: worker_pb2.SessionRequest, which: str | None) -> worker_pb2.SessionResponse:
         """One command under its span; a step's frames carry the worker's step span."""
@@ -148,6 +161,8 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         with telemetry.span_from(
             dict(cmd.trace_context), self._tracer, f"worker.{which or 'empty'}", **attributes
         ):
+            if which in ("begin", "finish"):
+                log.info("%s: %s of request %s", self.worker_id, which, cmd.request_id)
             if which == "step":
                 local = worker_pb2.SessionRequest()
                 local.CopyFrom(cmd)

@@ -2,9 +2,11 @@
 
 Configured by the standard variables: spans are exported over OTLP/gRPC when
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is set, ``OTEL_SERVICE_NAME``
-names the service, ``OTEL_SDK_DISABLED=true`` turns it off. Context crosses gRPC in metadata
-(the grpc instrumentation's interceptors) and crosses the worker control stream and the
-ZeroMQ header as a W3C ``traceparent`` dict (``inject`` / ``extract``).
+names the service, ``OTEL_SDK_DISABLED=true`` turns it off. The resource carries
+``service.name``, ``service.version`` (the package's) and ``service.instance.id`` (host:pid,
+unless ``OTEL_RESOURCE_ATTRIBUTES`` names one), plus what ``OTEL_RESOURCE_ATTRIBUTES`` adds.
+Context crosses gRPC in metadata (the grpc instrumentation's interceptors) and crosses the
+worker control stream and the ZeroMQ header as a W3C ``traceparent`` dict (``inject`` / ``extract``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 from contextlib import contextmanager
 
 import grpc
 from opentelemetry import propagate, trace
+
+from hybridiff import __version__
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,7 @@ def setup_tracing(default_service_name: str):
     from opentelemetry.sdk.trace import TracerProvider
 
     name = os.environ.get("OTEL_SERVICE_NAME", default_service_name)
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    provider = TracerProvider(resource=Resource.create(resource_attributes(name)))
     disabled = os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true"
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -48,6 +53,17 @@ def setup_tracing(default_service_name: str):
     atexit.register(provider.shutdown)
     _provider = provider
     return provider
+
+
+def resource_attributes(service_name: str) -> dict[str, str]:
+    """The resource's own attributes; ``OTEL_RESOURCE_ATTRIBUTES`` may set the instance id instead."""
+    attributes = {"service.name": service_name, "service.version": __version__}
+    named = {
+        item.split("=", 1)[0].strip() for item in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+    }
+    if "service.instance.id" not in named:
+        attributes["service.instance.id"] = f"{socket.gethostname()}:{os.getpid()}"
+    return attributes
 
 
 def setup_tracing_if_installed(default_service_name: str):

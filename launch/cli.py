@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from hybridiff import security, telemetry
+from hybridiff import logs, security, telemetry
 from hybridiff.client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -227,6 +227,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ready_file=args.ready_file,
         tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
         curve_keys_dir=args.curve_keys,
+        metrics_port=args.metrics_port,
     )
     return EXIT_OK
 
@@ -284,6 +285,9 @@ def cmd_local(args: argparse.Namespace) -> int:
         args.metrics_port,
         args.queue_size,
         args.policy,
+        log_format=args.log_format,
+        log_dir=args.log_dir,
+        verbose=args.verbose,
     )
 
 
@@ -398,6 +402,15 @@ def tool_commands() -> dict[str, object]:
     return {ep.name: ep for ep in entry_points(group=TOOLS_GROUP)}
 
 
+def add_log_format_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default="text",
+        help="text, or json: one object per line (ts, level, logger, message, request_id, trace_id)",
+    )
+
+
 def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridiff",
@@ -447,6 +460,9 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     )
     p.add_argument("--port", type=int, default=50061, help="control API port (0: any free port)")
     p.add_argument("--data-port", type=int, default=50062, help="data-plane port (0: any free port)")
+    p.add_argument(
+        "--metrics-port", type=int, default=9091, help="Prometheus /metrics port (0: any free port)"
+    )
     p.add_argument("--worker-id", default=None, help="name in logs and stats (default: HOST:PORT)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
     p.add_argument(
@@ -464,6 +480,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         help="control API: accept only clients (the coordinator) with a certificate from this CA",
     )
     p.add_argument("--curve-keys", default=None, help="data plane: directory with the CURVE pool keypair")
+    add_log_format_flag(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("coordinator", help="the public API, admission queue, pair allocator and monitor")
@@ -517,6 +534,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         "--worker-tls-cert", default=None, help="control channels: the coordinator's client certificate"
     )
     p.add_argument("--worker-tls-key", default=None, help="control channels: the coordinator's client key")
+    add_log_format_flag(p)
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("local", help="coordinator + workers as local processes (the embedded default)")
@@ -528,6 +546,10 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for workers")
     add_policy_flag(p)
+    add_log_format_flag(p)
+    p.add_argument(
+        "--log-dir", default=None, help="write each process's log here (default: a new temporary directory)"
+    )
     p.set_defaults(func=cmd_local)
 
     p = sub.add_parser("generate", help="send one request to a running service")
@@ -564,9 +586,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return tools[argv[0]].load()(argv[1:])
         args = build_parser(tools).parse_args(argv)
-        logging.basicConfig(
-            level=logging.INFO if args.verbose else logging.WARNING,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        logs.setup_logging(
+            getattr(args, "log_format", "text"), logging.INFO if args.verbose else logging.WARNING
         )
         return args.func(args)
     except HybridiffError as exc:

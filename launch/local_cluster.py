@@ -2,7 +2,10 @@
 
 Each worker gets its own share of the CPU cores (pinned, one torch thread per core it owns),
 as each pod gets its own GPU. Children die with the launcher (PR_SET_PDEATHSIG) and are
-stopped on SIGTERM/SIGINT: SIGTERM first, SIGKILL after a grace period — no orphans.
+stopped on SIGTERM/SIGINT: SIGTERM first, SIGKILL after a grace period — no orphans. Each
+process logs to its own file (``worker0.log`` ..., ``coordinator.log``) in ``log_dir``, a new
+temporary directory when none is given; a process that dies during start-up is reported with
+the end of its log.
 """
 
 from __future__ import annotations
@@ -50,33 +53,46 @@ class LocalCluster:
         log_dir: str | Path | None = None,
         extra_env: dict[str, str] | None = None,
         cores: list[int] | None = None,
+        log_format: str = "text",
+        verbose: bool = True,
     ) -> None:
+        """``log_format``: the processes' ``--log-format``; ``verbose``: they log at INFO (``-v``)."""
         self.model_dir = str(model_dir)
         self.num_workers = workers
         self.port = port  # 0: the coordinator picks a free port
         self.metrics_port = metrics_port
         self.queue_size = queue_size
         self.policy = policy
-        self.log_dir = Path(log_dir) if log_dir else None
+        self.log_dir = Path(log_dir) if log_dir else None  # None: a temporary directory, made at start
+        self.log_format = log_format
+        self.verbose = verbose
         self.env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(extra_env or {})}
         self.cores = cores
         self.procs: list[subprocess.Popen] = []
+        self._names: dict[int, str] = {}  # pid -> process name (its log file's stem)
         self.worker_addresses: list[str] = []
+        self.worker_metrics_ports: list[int] = []
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def log_file(self, name: str) -> Path:
+        """The log of process ``name`` ("worker0", ..., "coordinator")."""
+        return self.log_dir / f"{name}.log"
+
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        out = open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "launch.cli", *args],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
+        flags = ["-v"] if self.verbose else []
+        with open(self.log_file(name), "wb") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "launch.cli", *flags, *args, "--log-format", self.log_format],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
         self.procs.append(proc)
+        self._names[proc.pid] = name
         return proc
 
     def start(self, timeout: float = 300.0) -> LocalCluster:
@@ -84,8 +100,10 @@ class LocalCluster:
         until the coordinator is SERVING with every worker idle."""
         deadline = time.monotonic() + timeout
         run_dir = Path(tempfile.mkdtemp(prefix="hybridiff-local-"))
-        if self.log_dir:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="hybridiff-logs-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        print(f"hybridiff local: logs in {self.log_dir}", file=sys.stderr, flush=True)
         try:
             ready = []
             for i, cpus in enumerate(core_shares(self.num_workers, self.cores)):
@@ -102,6 +120,8 @@ class LocalCluster:
                         "0",
                         "--data-port",
                         "0",
+                        "--metrics-port",
+                        "0",
                         "--cpus",
                         cpus,
                         "--worker-id",
@@ -110,7 +130,9 @@ class LocalCluster:
                         str(ready[-1]),
                     ],
                 )
-            self.worker_addresses = [self._await_file(f, deadline)["control"] for f in ready]
+            workers = [self._await_file(f, deadline) for f in ready]
+            self.worker_addresses = [w["control"] for w in workers]
+            self.worker_metrics_ports = [w["metrics_port"] for w in workers]
             coordinator_file = run_dir / "coordinator.json"
             self._spawn(
                 "coordinator",
@@ -151,10 +173,23 @@ class LocalCluster:
         raise TimeoutError(f"the local cluster was not ready in time ({path.stem} never reported)")
 
     def _check_alive(self) -> None:
-        dead = [f"{p.args[3]} (exit {p.returncode})" for p in self.procs if p.poll() is not None]
+        dead = [p for p in self.procs if p.poll() is not None]
         if dead:
-            hint = f"; see the logs in {self.log_dir}" if self.log_dir else ""
-            raise RuntimeError(f"a local process exited during start-up: {', '.join(dead)}{hint}")
+            parts = []
+            for p in dead:
+                name = self._names.get(p.pid, "?")
+                parts.append(
+                    f"{name} (exit {p.returncode}); the end of {self.log_file(name)}:\n{self.log_tail(name)}"
+                )
+            raise RuntimeError("a local process exited during start-up: " + "\n".join(parts))
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        """The last ``lines`` lines of process ``name``'s log."""
+        try:
+            text = self.log_file(name).read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
 
     def wait_ready(self, timeout: float) -> None:
         """Until the coordinator is SERVING and every worker is idle."""
@@ -199,10 +234,26 @@ class LocalCluster:
 
 
 def run_local(
-    model_dir: str, workers: int, port: int, metrics_port: int, queue_size: int, policy: str = "adaptive"
+    model_dir: str,
+    workers: int,
+    port: int,
+    metrics_port: int,
+    queue_size: int,
+    policy: str = "adaptive",
+    log_format: str = "text",
+    log_dir: str | None = None,
+    verbose: bool = False,
 ) -> int:
     cluster = LocalCluster(
-        model_dir, workers=workers, port=port, metrics_port=metrics_port, queue_size=queue_size, policy=policy
+        model_dir,
+        workers=workers,
+        port=port,
+        metrics_port=metrics_port,
+        queue_size=queue_size,
+        policy=policy,
+        log_dir=log_dir,
+        log_format=log_format,
+        verbose=verbose,
     )
     stop = {"now": False}
 

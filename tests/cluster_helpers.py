@@ -22,9 +22,8 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request, context):
         with self._lock:
             for rs in request.resource_spans:
-                service = next(
-                    (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), ""
-                )
+                resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+                service = resource.get("service.name", "")
                 for ss in rs.scope_spans:
                     for span in ss.spans:
                         attrs = {}
@@ -36,6 +35,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                         self.spans.append(
                             {
                                 "service": service,
+                                "resource": resource,
                                 "name": span.name,
                                 "trace_id": span.trace_id.hex(),
                                 "span_id": span.span_id.hex(),

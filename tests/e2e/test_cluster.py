@@ -19,6 +19,7 @@ import zmq
 from cluster_helpers import make_input, send
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import hybridiff
 from hybridiff.client import DiffusionClient
 from hybridiff.errors import status_details
 from hybridiff.protocol import Mode
@@ -283,7 +284,14 @@ def test_one_trace_per_request_across_processes(sdxl_cluster, otlp, tmp_path):
     assert client_span["parent"] == ""  # the trace starts at the client
     a = root["attributes"]
     assert a["hybridiff.mode"] == "hybrid" and a["hybridiff.tau1"] == 3 and a["hybridiff.tau2"] == 5
-    assert a["hybridiff.model"]
+    assert a["hybridiff.model"] and a["gen_ai.request.model"] == a["hybridiff.model"]
+    assert a["rpc.system"] == "grpc" and a["rpc.service"] == "hybridiff.v1.DiffusionService"
+    assert a["rpc.method"] == "GenerateStream" and a["server.address"] == "127.0.0.1"
+    # Every process names its version and itself (host:pid) on the resource.
+    resources = {(s["service"], s["resource"].get("service.instance.id")) for s in tree}
+    assert all(s["resource"].get("service.version") == hybridiff.__version__ for s in tree)
+    assert all(instance and ":" in instance for _, instance in resources)
+    assert len({i for svc, i in resources if svc == "hybridiff-worker"}) == 2  # the pair
     phases = [s for s in tree if s["name"].startswith("phase ")]
     assert {p["name"] for p in phases} == {"phase data_parallel", "phase pipeline"}
     assert all(p["parent"] == root["span_id"] for p in phases)

@@ -108,6 +108,8 @@ def test_a_restarted_worker_rejoins_the_pool(model_dirs, tmp_path):
                 port,
                 "--data-port",
                 "0",
+                "--metrics-port",
+                "0",
                 "--worker-id",
                 "worker0-again",
             ],

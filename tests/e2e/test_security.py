@@ -176,6 +176,8 @@ def test_worker_accepts_control_only_from_the_coordinator(pki, model_dirs, tmp_p
             "0",
             "--data-port",
             "0",
+            "--metrics-port",
+            "0",
             "--ready-file",
             str(ready),
             "--tls-cert",

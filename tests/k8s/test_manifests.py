@@ -819,8 +819,9 @@ def test_optional_objects_are_off_by_default(key):
     assert not [d["kind"] for d in docs if d["kind"] in OPTIONAL_KINDS]
     assert not dashboard_configmaps(docs)
     worker = workload(docs, "worker")
-    ports = container(worker["spec"]["template"]["spec"], "worker")["ports"]
-    assert "metrics" not in {p["name"] for p in ports}, "workers do not serve metrics yet"
+    c = container(worker["spec"]["template"]["spec"], "worker")
+    (metrics,) = [p for p in c["ports"] if p["name"] == "metrics"]  # workers serve /metrics
+    assert f"--metrics-port={metrics['containerPort']}" in c["args"]
 
 
 @pytest.mark.parametrize("key", EXTRAS)
@@ -878,7 +879,7 @@ def test_service_monitors_scrape_the_metrics_ports(key):
             opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
             assert port["port"] in opened
     else:
-        assert set(monitors) == {"coordinator"}, "workers export no metrics: no worker monitor in kustomize"
+        assert set(monitors) == {"coordinator"}, "kustomize scrapes the coordinator only"
 
 
 @pytest.mark.parametrize("key", EXTRAS)
@@ -959,8 +960,14 @@ EXPORTED_METRICS = {
     "hybridiff_recoveries_total": set(),
     "hybridiff_elastic_events_total": {"kind"},
     "hybridiff_data_plane_bytes_total": set(),
+    "hybridiff_requests_in_flight": set(),
+    "hybridiff_build_info": {"version"},
 }
-EXPORTED_HISTOGRAMS = {"hybridiff_step_seconds": {"phase"}, "hybridiff_request_seconds": {"mode"}}
+EXPORTED_HISTOGRAMS = {
+    "hybridiff_step_seconds": {"phase"},
+    "hybridiff_request_seconds": {"mode"},
+    "hybridiff_queue_wait_seconds": set(),
+}
 for _h, _labels in EXPORTED_HISTOGRAMS.items():
     EXPORTED_METRICS[f"{_h}_bucket"] = _labels | {"le"}
     EXPORTED_METRICS[f"{_h}_sum"] = _labels
@@ -1081,6 +1088,8 @@ def test_exported_metric_list_matches_the_coordinator():
     m = CoordinatorMetrics()
     exported = {}
     for family in m.registry.collect():
+        if not family.name.startswith("hybridiff_"):
+            continue  # the process_*, python_info and python_gc_* collectors (prometheus-client's)
         if family.type == "counter":
             exported[f"{family.name}_total"] = family.type
         elif family.type == "histogram":
@@ -1095,6 +1104,7 @@ def test_exported_metric_list_matches_the_coordinator():
         "hybridiff_elastic_events_total": m.elastic_events,
         "hybridiff_step_seconds_sum": m.step_seconds,
         "hybridiff_request_seconds_sum": m.request_seconds,
+        "hybridiff_build_info": m.build_info,
     }
     for name, metric in labels.items():
         assert set(metric._labelnames) == EXPORTED_METRICS[name], name
@@ -1500,3 +1510,11 @@ def test_helm_test_health_check_runs_against_a_health_server(health_server, monk
     servicer.set(service, pb.HealthCheckResponse.SERVING)
     assert _run_health_check(script, target, "5", monkeypatch) == 0
     assert f"{service}: SERVING" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key", sorted(RENDERS))
+def test_both_roles_log_json_lines(key):
+    docs = rendered(key)
+    for role in ("coordinator", "worker"):
+        c = container(workload(docs, role)["spec"]["template"]["spec"], role)
+        assert flag(c["args"], "log-format") == "json", f"{key}: the {role} logs text"

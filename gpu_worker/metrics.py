@@ -1,0 +1,58 @@
+"""Prometheus metrics of a worker (served on ``--metrics-port``, path /metrics).
+
+The engine, the mailbox and the control service take an optional ``WorkerMetrics``; in-process
+use (``launch/inprocess.py``) passes none and counts nothing.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.step_compute_seconds = Histogram(
+            "hybridiff_worker_step_compute_seconds",
+            "Device compute time of a denoising step on this worker, by phase",
+            ["phase"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "hybridiff_worker_step_seconds",
+            "Wall time of a denoising step on this worker (compute, exchange and waiting), by phase",
+            ["phase"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.sent_bytes = Counter(
+            "hybridiff_worker_data_plane_sent_bytes", "Data-plane bytes sent to peers", registry=r
+        )
+        self.received_bytes = Counter(
+            "hybridiff_worker_data_plane_received_bytes",
+            "Data-plane bytes received from peers (accepted messages)",
+            registry=r,
+        )
+        self.peer_wait_seconds = Histogram(
+            "hybridiff_worker_peer_wait_seconds",
+            "Time spent waiting for a peer's message",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.model_load_seconds = Gauge(
+            "hybridiff_worker_model_load_seconds", "Seconds the model took to load", registry=r
+        )
+        self.requests = Counter(
+            "hybridiff_worker_requests_total",
+            "Sessions this worker ended, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
