@@ -32,6 +32,7 @@ from hybridiff.client import (
 from hybridiff.errors import DeadlineExceeded, HybridiffError, InvalidArgument, ModelLoadError, Unavailable
 from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label, labels, parse
 from hybridiff.request import RequestInput
+from launch.children import die_with_launcher
 
 EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_SERVER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 TOOLS_GROUP = "hybridiff.tools"
@@ -576,6 +577,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()  # a child of the local cluster: ends with it
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time chatter on a CLI
     argv = sys.argv[1:] if argv is None else argv
     tools = tool_commands()

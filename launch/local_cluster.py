@@ -10,7 +10,6 @@ the end of its log.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hybridiff.v1 import diffusion_pb2, diffusion_pb2_grpc
+from launch.children import LAUNCHER_PID_ENV
 
 
 def core_shares(workers: int, cores: list[int] | None = None) -> list[str]:
@@ -34,11 +34,6 @@ def core_shares(workers: int, cores: list[int] | None = None) -> list[str]:
         per = len(cores) // workers
         return [",".join(str(c) for c in cores[i * per : (i + 1) * per]) for i in range(workers)]
     return [str(cores[i % len(cores)]) for i in range(workers)]
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class LocalCluster:
@@ -66,7 +61,12 @@ class LocalCluster:
         self.log_dir = Path(log_dir) if log_dir else None  # None: a temporary directory, made at start
         self.log_format = log_format
         self.verbose = verbose
-        self.env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(extra_env or {})}
+        self.env = {
+            **os.environ,
+            "TRANSFORMERS_VERBOSITY": "error",
+            **(extra_env or {}),
+            LAUNCHER_PID_ENV: str(os.getpid()),
+        }
         self.cores = cores
         self.procs: list[subprocess.Popen] = []
         self._names: dict[int, str] = {}  # pid -> process name (its log file's stem)
@@ -89,7 +89,6 @@ class LocalCluster:
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
             )
         self.procs.append(proc)
         self._names[proc.pid] = name
