@@ -17,6 +17,7 @@ import asyncio
 import inspect
 import io
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -132,7 +133,7 @@ ProgressCallback = Callable[[pb.StepProgress], object]
 _Result = TypeVar("_Result")
 
 
-class _Client(Generic[_Result]):
+class _Client(ABC, Generic[_Result]):
     """What the sync and async clients share: target, credentials, deadlines, the request built
     from ``generate``'s keywords, and the metadata of every call (token, trace context)."""
 
@@ -165,13 +166,15 @@ class _Client(Generic[_Result]):
         self.stub = diffusion_pb2_grpc.DiffusionServiceStub(self.channel)
         self._connected = False
 
+    @abstractmethod
     def _open_channel(self, creds: grpc.ChannelCredentials | None):
-        raise NotImplementedError
+        """The channel to ``self.target`` (sync or asyncio)."""
 
+    @abstractmethod
     def _generate(
         self, request: pb.GenerateRequest, timeout: float | None, on_progress: ProgressCallback | None
     ) -> _Result:
-        raise NotImplementedError
+        """Stream ``request``; a ``Generation`` (or an awaitable of one)."""
 
     def generate(
         self,
