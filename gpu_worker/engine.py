@@ -101,14 +101,18 @@ class WorkerEngine:
         self._clock = device_clock(adapter.device)
         self._active: dict[str, _Active] = {}
 
-    def handle(self, cmd: wpb.SessionRequest) -> wpb.SessionResponse:
-        """Run one command of a session and answer its event."""
+    def handle(
+        self, cmd: wpb.SessionRequest, trace_context: Mapping[str, str] | None = None
+    ) -> wpb.SessionResponse:
+        """Run one command of a session and answer its event. A step's data-plane frames carry
+        ``trace_context`` (the worker's own step span), else the command's."""
         which = cmd.WhichOneof("command")
         out = wpb.SessionResponse(request_id=cmd.request_id, worker_id=self.name)
         if which == "begin":
             out.begin.encoding_seconds = self.begin(cmd.request_id, cmd.begin)
         elif which == "step":
-            out.step.CopyFrom(self.step(cmd.request_id, cmd.step, cmd.trace_context))
+            context = cmd.trace_context if trace_context is None else trace_context
+            out.step.CopyFrom(self.step(cmd.request_id, cmd.step, context))
         elif which == "finish":
             out.finish.CopyFrom(self.finish(cmd.request_id, cmd.finish))
         else:

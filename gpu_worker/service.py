@@ -163,10 +163,4 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         ):
             if which in ("begin", "finish"):
                 log.info("%s: %s of request %s", self.worker_id, which, cmd.request_id)
-            if which == "step":
-                local = worker_pb2.SessionRequest()
-                local.CopyFrom(cmd)
-                local.trace_context.clear()
-                local.trace_context.update(telemetry.inject())
-                cmd = local
-            return self.engine.handle(cmd)
+            return self.engine.handle(cmd, trace_context=telemetry.inject())
