@@ -182,6 +182,18 @@ def _median_units(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+def _forward_times(
+    forward, inputs: dict[int, dict[str, Any]], clock, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median seconds of a full forward at batch 1 and 2 (``forward_b1``, ``forward_b2``)."""
+    for b in (1, 2):
+        forward(inputs[b])  # first calls: kernel selection, allocator growth
+    return {
+        f"forward_b{b}": median_seconds(lambda b=b: forward(inputs[b]), clock, warmup, repeats)
+        for b in (1, 2)
+    }
+
+
 def profile_unet(
     model, inputs: dict[int, dict[str, Any]], clock, warmup: int, repeats: int
 ) -> dict[str, Any]:
@@ -194,11 +206,7 @@ def profile_unet(
             return_dict=False,
         )[0]
 
-    times: dict[str, float] = {}
-    for b in (1, 2):
-        forward(inputs[b])  # first calls: kernel selection, allocator growth
-    for b in (1, 2):
-        times[f"forward_b{b}"] = median_seconds(lambda: forward(inputs[b]), clock, warmup, repeats)
+    times = _forward_times(forward, inputs, clock, warmup, repeats)
     probe = unet_split.NestedUNetSplit(model, 1)
     x1 = inputs[1]
     ctx1 = probe.context(x1["sample"], x1["t"], x1["encoder_hidden_states"], x1["added_cond_kwargs"])
@@ -254,11 +262,7 @@ def profile_dit(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, re
             return_dict=False,
         )[0]
 
-    times: dict[str, float] = {}
-    for b in (1, 2):
-        forward(inputs[b])  # first calls: kernel selection, allocator growth
-    for b in (1, 2):
-        times[f"forward_b{b}"] = median_seconds(lambda: forward(inputs[b]), clock, warmup, repeats)
+    times = _forward_times(forward, inputs, clock, warmup, repeats)
     probe = dit_split.SequentialDiTSplit(model, 1)
     x1 = inputs[1]
     temb1 = probe.temb(x1["t"], x1["pooled"])
