@@ -399,10 +399,10 @@ class _RequestRun:
                 if self.check_alive:
                     self.check_alive()
                 if intent != Decision.KEEP and issued == step:  # a step boundary with nothing in flight
-                    workers = self.elastic.apply(intent, used)
-                    intent = Decision.KEEP
+                    decision, intent = intent, Decision.KEEP
+                    workers = self.elastic.apply(decision, used)
                     if workers is not None:
-                        raise _Switch(Decision(self._change(workers)), workers)
+                        raise _Switch(decision, workers)
                 while intent == Decision.KEEP and issued <= self._issue_limit(step):
                     window = schedule.window()
                     phase = self._phase(issued, first)
@@ -445,9 +445,6 @@ class _RequestRun:
         finally:
             spans.close()
             self.denoise += time.perf_counter() - start
-
-    def _change(self, workers: list[WorkerHandle]) -> str:
-        return Decision.GROW.value if len(workers) > len(self.used) else Decision.SHRINK.value
 
 
 class _PhaseSpans:
