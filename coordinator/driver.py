@@ -10,6 +10,7 @@ control round trip is off the critical path wherever the schedule allows.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
@@ -43,6 +44,7 @@ class WorkerHandle(Protocol):
 
     name: str
     data_address: str  # where its peer pushes data-plane frames ("" in process)
+    identity: str  # the sender name its data-plane frames carry (InfoResponse.worker_id)
 
     def send(self, cmd: worker_pb2.SessionRequest) -> Future: ...
     def abort(self, request_id: str) -> None: ...
@@ -345,6 +347,9 @@ class _RequestRun:
             if w.name not in self.ever_used:
                 self.ever_used.append(w.name)
         futures = []
+        # A fresh nonce per attempt: frames of an aborted attempt of this request id, or of anyone
+        # who only knows the id, are rejected by the workers (issue 11).
+        nonce = os.urandom(16)
         for i, w in enumerate(self.used):
             begin = worker_pb2.BeginCommand(
                 request=self.request,
@@ -352,6 +357,8 @@ class _RequestRun:
                 window_guidance=self.policy,
                 solo=self.solo,
                 peer_data_address="" if self.solo else self.used[1 - i].data_address,
+                peer_worker_id="" if self.solo else self.used[1 - i].identity,
+                session_nonce=nonce,
             )
             if self.split_cut is not None:
                 begin.split_cut = self.split_cut

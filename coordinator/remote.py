@@ -80,9 +80,10 @@ class RemoteWorker:
     """A ``WorkerHandle`` (coordinator.driver) over one worker's control channel: a Begin opens
     a new Session stream, a Finish closes it."""
 
-    def __init__(self, worker_id: str, channel: grpc.Channel, data_address: str) -> None:
+    def __init__(self, worker_id: str, channel: grpc.Channel, data_address: str, identity: str = "") -> None:
         self.name = worker_id
         self.data_address = data_address
+        self.identity = identity or worker_id
         self._stub = worker_pb2_grpc.WorkerControlServiceStub(channel)
         self._session: _Session | None = None
 

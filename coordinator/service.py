@@ -412,4 +412,6 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
 
 
 def _handles(lease: Lease) -> list[RemoteWorker]:
-    return [RemoteWorker(e.worker_id, e.channel, e.info.data_address) for e in lease.entries]
+    return [
+        RemoteWorker(e.worker_id, e.channel, e.info.data_address, e.info.worker_id) for e in lease.entries
+    ]

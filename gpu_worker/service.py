@@ -31,7 +31,7 @@ from hybridiff.protocol import Phase
 from hybridiff.v1 import diffusion_pb2
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerControlService"].full_name
 BUSY_WAIT_SECONDS = 10.0
 

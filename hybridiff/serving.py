@@ -38,8 +38,42 @@ REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 REFLECTION_V1ALPHA = reflection.SERVICE_NAME  # grpc.reflection.v1alpha.ServerReflection
 
 
+# gRPC keepalive on both sides: a peer that stops answering (SIGSTOP, a partition, a dead node)
+# is noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS, not after the kernel's TCP timeout
+# (about 2 hours), and a silent stream does not hold a worker for that long.
+KEEPALIVE_TIME_MS = 5_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+
+
 def message_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+
+
+def keepalive_channel_options(
+    time_ms: int = KEEPALIVE_TIME_MS, timeout_ms: int = KEEPALIVE_TIMEOUT_MS
+) -> list[tuple[str, int]]:
+    """A client channel pings every ``time_ms`` (calls or not) and drops the connection, failing
+    its calls with UNAVAILABLE, when a ping is not answered within ``timeout_ms``."""
+    return [
+        ("grpc.keepalive_time_ms", time_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def keepalive_server_options(
+    time_ms: int = KEEPALIVE_TIME_MS, timeout_ms: int = KEEPALIVE_TIMEOUT_MS
+) -> list[tuple[str, int]]:
+    """The server pings its clients likewise, and accepts their pings at the rate above (by
+    default a gRPC server answers pings more often than every 5 minutes with GOAWAY)."""
+    return [
+        ("grpc.keepalive_time_ms", time_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", min(time_ms, 1_000)),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
 
 
 def new_server(
@@ -48,7 +82,7 @@ def new_server(
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=interceptors,
-        options=message_options(max_message_bytes),
+        options=message_options(max_message_bytes) + keepalive_server_options(),
     )
 
 

@@ -28,6 +28,7 @@ class InProcessWorker:
     def __init__(self, engine: WorkerEngine) -> None:
         self.engine = engine
         self.name = engine.name
+        self.identity = engine.name
         self.data_address = ""
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker-{engine.name}")
 

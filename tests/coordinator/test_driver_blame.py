@@ -13,6 +13,7 @@ class _Handle:
     def __init__(self, name: str) -> None:
         self.name = name
         self.data_address = ""
+        self.identity = name
 
 
 U, C = _Handle("u"), _Handle("c")
