@@ -1,42 +1,147 @@
 """The data plane between the two workers of a pair: typed tensor messages, matched by step.
 
 A ``Mailbox`` holds decoded messages keyed by (request id, kind, step) until the engine takes
-them; every message is decoded and checked by ``hybridiff.wire`` on arrival, and anything that
-does not parse, or names a request the worker is not running, is rejected and logged. A
-``PeerLink`` sends to the peer; ``InMemoryLink`` connects two engines in one process (the
+them. It trusts nothing that arrives: a message is accepted only for an open *paired* session,
+carrying that attempt's nonce, sent by the peer its Begin named, of a kind the session can
+receive, for a step it can still need (not one already taken, at most ``STEPS_AHEAD`` past the
+engine's progress), never replacing a message it holds, and within the session's caps (message
+count and bytes). The header is checked first (``hybridiff.wire.parse_header``): a refused
+message is never copied, so it costs no more than the transport already spent receiving it.
+Refusals are counted by reason and logged at most once per reason every ``WARN_INTERVAL``.
+
+A ``PeerLink`` sends to the peer; ``InMemoryLink`` connects two engines in one process (the
 ZeroMQ link of the cluster carries the very same frames).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from hybridiff.errors import Cancelled, PeerTimeout
-from hybridiff.wire import FrameError, TensorMessage, decode_frames, encode_frames
+from hybridiff.internal.v1 import dataplane_pb2 as pb
+from hybridiff.wire import (
+    MAX_MESSAGE_BYTES,
+    FrameError,
+    FrameSizeError,
+    TensorMessage,
+    decode_payload,
+    encode_frames,
+    parse_header,
+)
 
 log = logging.getLogger(__name__)
 
+# How far past the engine's progress (the step after the highest one it has taken) a peer's
+# message may be. Every step exchanges in both directions, so a peer is at most one step ahead
+# of the step we wait in; the pipeline adds one: a stage re-uses the fill step's activations as
+# its stale input without taking anything, and a non-fill step takes the previous step's.
+STEPS_AHEAD = 2
+# A session holds at most two messages of each of the (at most two) kinds it receives at once.
+MAX_HELD_MESSAGES = 8
+WARN_INTERVAL = 10.0  # seconds between two warnings of the same rejection reason
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a paired session accepts: frames of this attempt (``nonce``), from ``peer`` (the
+    sender id its frames carry), of ``kinds``, for steps in ``first_step .. end_step - 1``."""
+
+    nonce: bytes
+    peer: str
+    kinds: frozenset[int]
+    first_step: int = 0
+    end_step: int = 2**32
+
+
+@dataclass(eq=False)
+class _Session:
+    expect: Expect | None  # None: a solo session, which accepts nothing
+    held: dict[tuple[int, int], TensorMessage] = field(default_factory=dict)
+    pending: dict[tuple[int, int], int] = field(default_factory=dict)  # being decoded: bytes
+    held_bytes: int = 0
+    taken: dict[int, int] = field(default_factory=dict)  # kind -> highest step taken
+
+    def progress(self) -> int:
+        """The lowest step the engine may still wait for."""
+        first = self.expect.first_step if self.expect else 0
+        return max(first, max(self.taken.values(), default=first - 1) + 1)
+
+    def count(self) -> int:
+        return len(self.held) + len(self.pending)
+
+    def nbytes(self) -> int:
+        return self.held_bytes + sum(self.pending.values())
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """A peer-chosen string cut to a length fit for a log line."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class RateLimitedWarnings:
+    """At most one warning per key every ``interval`` seconds, with the count of those held back."""
+
+    def __init__(self, logger: logging.Logger, interval: float = WARN_INTERVAL) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._state: dict[str, tuple[float, int]] = {}
+
+    def warn(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._state.get(key, (-math.inf, 0))
+            if now - last < self.interval:
+                self._state[key] = (last, suppressed + 1)
+                return
+            self._state[key] = (now, 0)
+        if suppressed:
+            message += f" ({suppressed} more like it in the last {now - last:.0f}s not logged)"
+        self.logger.warning(message)
+
 
 class Mailbox:
-    def __init__(self, owner: str, device: torch.device | str = "cpu", metrics=None) -> None:
-        """``metrics``: an optional ``gpu_worker.metrics.WorkerMetrics`` (bytes received, peer waits)."""
+    def __init__(
+        self,
+        owner: str,
+        device: torch.device | str = "cpu",
+        metrics=None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_held: int = MAX_HELD_MESSAGES,
+        max_held_bytes: int | None = None,
+    ) -> None:
+        """``metrics``: an optional ``gpu_worker.metrics.WorkerMetrics`` (bytes received, peer waits,
+        rejected frames). A session holds at most ``max_held`` messages and ``max_held_bytes``
+        (default: four of the largest message)."""
         self.owner = owner
         self.device = device
         self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
+        self.max_held = max_held
+        self.max_held_bytes = max_held_bytes if max_held_bytes is not None else 4 * max_message_bytes
         self._cond = threading.Condition()
-        self._messages: dict[tuple[str, int, int], TensorMessage] = {}
-        self._open: set[str] = set()
+        self._open: dict[str, _Session] = {}
         self.rejected = 0
+        self.rejected_by_reason: Counter[str] = Counter()
+        self._warnings = RateLimitedWarnings(log)
 
-    def open(self, request_id: str) -> None:
+    def open(self, request_id: str, expect: Expect | None = None) -> None:
+        """Open a session of ``request_id`` (replacing any earlier one and what it held);
+        ``expect`` None: a solo session, which accepts no message."""
         with self._cond:
-            self._open.add(request_id)
+            self._open[request_id] = _Session(expect)
+            self._cond.notify_all()
 
     def is_open(self, request_id: str) -> bool:
         with self._cond:
@@ -45,35 +150,93 @@ class Mailbox:
     def close(self, request_id: str) -> None:
         """Forget a request and drop what it left unread (e.g. the last window activations)."""
         with self._cond:
-            self._open.discard(request_id)
-            for key in [k for k in self._messages if k[0] == request_id]:
-                del self._messages[key]
+            self._open.pop(request_id, None)
             self._cond.notify_all()
 
-    def deliver(self, frames: Sequence[bytes | memoryview]) -> bool:
-        """Decode and file a message; returns False (and logs why) when it is rejected."""
-        try:
-            msg = decode_frames(frames, self.device)
-        except FrameError as exc:
-            self.rejected += 1
-            log.warning("%s: rejected data-plane message: %s", self.owner, exc)
-            return False
+    def held(self, request_id: str) -> int:
+        """How many messages the open session of ``request_id`` holds (0 when none is open)."""
         with self._cond:
-            if msg.request_id not in self._open:
-                self.rejected += 1
-                log.warning(
-                    "%s: rejected message for unknown request %r (step %d)",
-                    self.owner,
-                    msg.request_id,
-                    msg.step,
-                )
-                return False
-            self._messages[(msg.request_id, msg.kind, msg.step)] = msg
-            self._cond.notify_all()
+            session = self._open.get(request_id)
+            return session.count() if session else 0
+
+    # --- arrival --------------------------------------------------------------------
+    def deliver(self, frames: Sequence[bytes | memoryview]) -> bool:
+        """Check and file a message; returns False (counted, logged at a bounded rate) when refused.
+        Nothing is copied before the header has passed every check."""
+        if not frames:
+            return self._reject("malformed", "empty message")
+        sizes = [memoryview(f).nbytes for f in frames[1:]]
+        try:
+            header = parse_header(frames[0], sizes, self.max_message_bytes)
+        except FrameError as exc:
+            return self._reject("size" if isinstance(exc, FrameSizeError) else "malformed", str(exc))
+        key, size = (header.kind, header.step), sum(sizes)
+        with self._cond:
+            session = self._open.get(header.request_id)
+            refusal = self._refusal(session, header, size)
+            if refusal is None:
+                session.pending[key] = size  # counts against the caps while it is copied
+        if refusal is not None:
+            return self._reject(*refusal)
+        try:
+            msg = decode_payload(header, frames[1:], self.device)
+        except FrameError as exc:  # parse_header checked every size: not expected, but never trusted
+            with self._cond:
+                session.pending.pop(key, None)
+            return self._reject("malformed", str(exc))
+        with self._cond:
+            session.pending.pop(key, None)
+            current = self._open.get(header.request_id) is session
+            if current:
+                session.held[key] = msg
+                session.held_bytes += msg.nbytes
+                self._cond.notify_all()
+        if not current:
+            return self._reject("unknown_request", f"request {header.request_id!r} was closed meanwhile")
         if self.metrics is not None:
-            self.metrics.received_bytes.inc(sum(memoryview(f).nbytes for f in frames))
+            self.metrics.received_bytes.inc(size + memoryview(frames[0]).nbytes)
         return True
 
+    def _refusal(
+        self, session: _Session | None, header: pb.TensorFrameHeader, size: int
+    ) -> tuple[str, str] | None:
+        """Why the message of ``header`` is refused, as (reason, detail); None when it is accepted."""
+        rid, kind, step, sender = _short(header.request_id), header.kind, header.step, _short(header.sender)
+        what = f"kind {kind} step {step} of request {rid!r} from {sender!r}"
+        if session is None:
+            return "unknown_request", f"unknown request {rid!r} (kind {kind} step {step} from {sender!r})"
+        expect = session.expect
+        if expect is None:
+            return "solo", f"{what}: the request runs alone here"
+        if not hmac.compare_digest(header.session, expect.nonce):
+            return "session", f"{what}: not this attempt's session nonce"
+        if header.sender != expect.peer:
+            return "sender", f"{what}: the session's peer is {expect.peer!r}"
+        if kind not in expect.kinds:
+            return "kind", f"{what}: this session never receives that kind"
+        low = max(expect.first_step, session.taken.get(kind, -1) + 1)
+        high = min(expect.end_step - 1, session.progress() + STEPS_AHEAD)
+        if not low <= step <= high:
+            return "step", f"{what}: expected a step in {low}..{high}"
+        if (kind, step) in session.held or (kind, step) in session.pending:
+            return "duplicate", f"{what}: already held (a message is never replaced)"
+        if session.count() >= self.max_held or session.nbytes() + size > self.max_held_bytes:
+            return "cap", (
+                f"{what}: the session holds {session.count()} messages, {session.nbytes()} bytes "
+                f"(limits {self.max_held}, {self.max_held_bytes})"
+            )
+        return None
+
+    def _reject(self, reason: str, detail: str) -> bool:
+        with self._cond:
+            self.rejected += 1
+            self.rejected_by_reason[reason] += 1
+        if self.metrics is not None and hasattr(self.metrics, "rejected_frames"):
+            self.metrics.rejected_frames.labels(reason).inc()
+        self._warnings.warn(reason, f"{self.owner}: rejected data-plane message ({reason}): {detail}")
+        return False
+
+    # --- the engine's side ----------------------------------------------------------
     def take(self, request_id: str, kind: int, step: int, timeout: float, peer: str = "") -> TensorMessage:
         """The message of ``kind`` for ``step``; ``PeerTimeout`` naming ``peer`` when it does not come in
         time, ``Cancelled`` when the request is closed (aborted) meanwhile."""
@@ -87,10 +250,11 @@ class Mailbox:
     def _take(
         self, request_id: str, kind: int, step: int, deadline: float, timeout: float, peer: str
     ) -> TensorMessage:
-        key = (request_id, kind, step)
+        key = (kind, step)
         with self._cond:
-            while key not in self._messages:
-                if request_id not in self._open:
+            session = self._open.get(request_id)
+            while session is None or key not in session.held:
+                if session is None or self._open.get(request_id) is not session:
                     raise Cancelled(
                         f"{self.owner}: request {request_id} was closed while waiting for step {step}"
                     )
@@ -102,7 +266,51 @@ class Mailbox:
                         peer=peer,
                     )
                 self._cond.wait(remaining)
-            return self._messages.pop(key)
+            msg = session.held.pop(key)
+            session.held_bytes -= msg.nbytes
+            session.taken[kind] = max(step, session.taken.get(kind, -1))
+            return msg
+
+
+def message_bound(adapter: Any) -> int:
+    """The largest data-plane message ``adapter``'s model can send, in bytes: the widest stage
+    boundary (or prediction) at the largest size and batch its limits allow, in its dtype, plus
+    1 MiB of slack; never above the wire's own limit. See ``boundary_elements``."""
+    limits = adapter.size_limits()
+    batch = 2 * limits.max_images  # the full-CFG window runs both branches of every image
+    elements = boundary_elements(adapter.denoiser.config, limits.max_side // adapter.vae_scale_factor)
+    itemsize = torch.empty((), dtype=adapter.dtype).element_size()
+    return min(MAX_MESSAGE_BYTES, batch * elements * itemsize + (1 << 20))
+
+
+def boundary_elements(config: Any, latent_side: int) -> int:
+    """Per image, an upper bound on the elements a stage boundary carries for a square latent of
+    ``latent_side``. UNet: the widest activation of any level (the area shrinks by 4 per level
+    down; an up block's upsampler hands the next level up its own, wider, channels). DiT: the
+    image tokens plus up to 1024 text tokens at the transformer's width."""
+    area = latent_side * latent_side
+    channels = getattr(config, "block_out_channels", None)
+    if channels:
+        widths = [*channels, channels[-1]]
+        return max(max(widths[i], widths[i + 1]) * area // 4**i for i in range(len(channels)))
+    heads, head_dim = getattr(config, "num_attention_heads", 0), getattr(config, "attention_head_dim", 0)
+    patch = getattr(config, "patch_size", 0)
+    if heads and head_dim and patch:
+        return (area // (patch * patch) + 1024) * heads * head_dim
+    return MAX_MESSAGE_BYTES  # an unknown denoiser: only the wire's own limit
+
+
+def session_kinds(role_is_u: bool, topology: str) -> frozenset[int]:
+    """The kinds a paired session receives: the peer's branch prediction (data parallel), and in
+    the window what the other stage sends (DESIGN section 1)."""
+    kinds = {pb.FRAME_KIND_BRANCH_PREDICTION}
+    if topology == "sequential":
+        kinds.add(pb.FRAME_KIND_GUIDED_PREDICTION if role_is_u else pb.FRAME_KIND_STAGE_ACTIVATIONS)
+    elif role_is_u:
+        kinds.add(pb.FRAME_KIND_STAGE_RETURN)
+    else:
+        kinds.update((pb.FRAME_KIND_STAGE_ACTIVATIONS, pb.FRAME_KIND_GUIDED_PREDICTION))
+    return frozenset(kinds)
 
 
 class PeerLink(ABC):
@@ -119,9 +327,13 @@ class PeerLink(ABC):
         tensors: Mapping[str, torch.Tensor],
         trace_context: Mapping[str, str] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        session: bytes = b"",
     ) -> int:
-        """``cancelled()`` turning true (the request was aborted) ends a send still waiting for the peer."""
-        frames = encode_frames(request_id, step, kind, tensors, trace_context, sender=self.sender)
+        """``cancelled()`` turning true (the request was aborted) ends a send still waiting for the peer;
+        ``session``: the attempt's nonce, without which the peer refuses the message."""
+        frames = encode_frames(
+            request_id, step, kind, tensors, trace_context, sender=self.sender, session=session
+        )
         self._send_frames(frames, cancelled)
         return sum(memoryview(f).nbytes for f in frames)
 

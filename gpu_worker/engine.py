@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,14 +26,19 @@ from typing import Any
 import torch
 
 from gpu_worker.adapters.base import Conditioning, ModelAdapter, RequestTimeline, StageSplit, encode_image
-from gpu_worker.dataplane import Mailbox, PeerLink
+from gpu_worker.dataplane import Expect, Mailbox, PeerLink, session_kinds
 from gpu_worker.split_balance import device_clock
 from hybridiff.errors import BadCommand, WorkerFailed
 from hybridiff.internal.v1 import worker_pb2 as wpb
 from hybridiff.protocol import MIME_TYPES, OutputFormat, Phase, Role, WindowGuidance
+from hybridiff.request import MAX_GUIDANCE, MAX_STEPS
 from hybridiff.wire import FrameError, FrameKind, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
+
+MIN_NONCE_BYTES = 16  # the coordinator draws 16 random bytes per attempt
+MAX_NONCE_BYTES = 64
+MAX_PEER_TIMEOUT = 600.0  # seconds: a coordinator's peer timeout is never trusted beyond this
 
 
 def rel_mae(e_u: torch.Tensor, e_c: torch.Tensor) -> float:
@@ -70,6 +76,8 @@ class _Active:
     last_difference: torch.Tensor | None = None
     stale: dict[str, torch.Tensor] | None = None
     stale_step: int = -1
+    nonce: bytes = b""  # the attempt's session nonce, carried by every frame this session sends
+    peer_timeout: float = 120.0  # seconds to wait for one peer message
 
     @property
     def guided(self) -> bool:
@@ -122,32 +130,41 @@ class WorkerEngine:
     # --- lifecycle ------------------------------------------------------------------
     @torch.no_grad()
     def begin(self, request_id: str, cmd: wpb.BeginCommand) -> float:
-        """Encode prompts and draw the initial latents (or take a checkpoint's); the seconds it took."""
+        """Check the command against this worker's own limits, encode prompts and draw the initial
+        latents (or take a checkpoint's); the seconds it took."""
         start = time.perf_counter()
         req = cmd.request
         if request_id in self._active:
             raise BadCommand("request_id", f"request {request_id!r} is already running on {self.name}")
-        if cmd.role not in (Role.U, Role.C):
-            raise BadCommand("role", f"unknown role {cmd.role}")
-        if cmd.window_guidance not in WindowGuidance.__members__.values():
-            raise BadCommand("window_guidance", f"unknown policy {cmd.window_guidance}")
+        self._check_begin(cmd)
+        peer_timeout = self._session_peer_timeout(cmd)
+        split = None if cmd.solo else self._split(cmd)
         link = None
         if not cmd.solo:
             if self.links is None:
                 raise WorkerFailed(f"{self.name} has no data plane for a paired request")
-            link = self.links(cmd.peer_data_address)
+            link = self.links(cmd.peer_data_address)  # BadCommand for an address it may not push to
         a = self.adapter
         negative = req.negative_prompt if req.HasField("negative_prompt") else None
         guided = req.guidance_scale > 1.0
         num_images = req.num_images or 1
         cond = a.encode(req.prompt, negative, guided, req.height, req.width, num_images)
         timeline = a.new_timeline(req.num_steps, req.seed, req.height, req.width)
+        last_difference = None
         if not cmd.HasField("resume"):
             latents = a.initial_latents(timeline, req.height, req.width, num_images)
-        else:  # continue where another worker stopped: same latents, generator and step index
-            latents = self._resume(cmd.resume, timeline)
-        split = None if cmd.solo else a.make_split(cmd.split_cut if cmd.HasField("split_cut") else None)
-        self.mailbox.open(request_id)
+        else:  # continue where another worker stopped: latents, generator, scheduler, window state
+            latents, last_difference = self._resume(cmd.resume, timeline, req, num_images)
+        expect = None
+        if not cmd.solo:
+            expect = Expect(
+                nonce=cmd.session_nonce,
+                peer=cmd.peer_worker_id,
+                kinds=session_kinds(cmd.role == Role.U, split.topology),
+                first_step=cmd.resume.next_step if cmd.HasField("resume") else 0,
+                end_step=len(timeline.timesteps),
+            )
+        self.mailbox.open(request_id, expect)
         self._active[request_id] = _Active(
             request_id,
             req,
@@ -160,22 +177,109 @@ class WorkerEngine:
             split,
             link,
             cmd.peer_data_address,
+            nonce=cmd.session_nonce,
+            peer_timeout=peer_timeout,
+            last_difference=last_difference,
         )
         return time.perf_counter() - start
 
-    def _resume(self, checkpoint: wpb.Checkpoint, timeline: RequestTimeline) -> torch.Tensor:
+    def _check_begin(self, cmd: wpb.BeginCommand) -> None:
+        """``BadCommand`` for what this worker would not run, whoever sent it: sizes, steps,
+        images or guidance outside its limits, an unknown role or policy, a pair without a peer
+        identity or a session nonce."""
+        req, limits = cmd.request, self.adapter.size_limits()
+        for name, side in (("request.width", req.width), ("request.height", req.height)):
+            if side % limits.multiple or not limits.min_side <= side <= limits.max_side:
+                raise BadCommand(
+                    name,
+                    f"{side} is not a multiple of {limits.multiple} in {limits.min_side}..{limits.max_side}",
+                )
+        if not 1 <= req.num_steps <= MAX_STEPS:
+            raise BadCommand("request.num_steps", f"{req.num_steps} outside 1..{MAX_STEPS}")
+        if req.num_images > limits.max_images:
+            raise BadCommand("request.num_images", f"{req.num_images} exceeds {limits.max_images}")
+        if not (math.isfinite(req.guidance_scale) and 0 <= req.guidance_scale <= MAX_GUIDANCE):
+            raise BadCommand("request.guidance_scale", f"{req.guidance_scale} outside 0..{MAX_GUIDANCE}")
+        if cmd.role not in (Role.U, Role.C):
+            raise BadCommand("role", f"unknown role {cmd.role}")
+        if cmd.window_guidance not in WindowGuidance.__members__.values():
+            raise BadCommand("window_guidance", f"unknown policy {cmd.window_guidance}")
+        if cmd.solo:
+            return
+        if not cmd.peer_worker_id:
+            raise BadCommand("peer_worker_id", "a paired session needs its peer's worker id")
+        if not MIN_NONCE_BYTES <= len(cmd.session_nonce) <= MAX_NONCE_BYTES:
+            raise BadCommand(
+                "session_nonce",
+                f"a paired session needs a nonce of {MIN_NONCE_BYTES}..{MAX_NONCE_BYTES} bytes, "
+                f"got {len(cmd.session_nonce)}",
+            )
+
+    def _session_peer_timeout(self, cmd: wpb.BeginCommand) -> float:
+        """The coordinator's peer timeout for this session (0: this worker's default), at most
+        ``MAX_PEER_TIMEOUT``."""
+        value = cmd.peer_timeout_seconds
+        if not math.isfinite(value) or value < 0:
+            raise BadCommand("peer_timeout_seconds", f"{value} is not a duration")
+        return min(value, MAX_PEER_TIMEOUT) if value > 0 else self.peer_timeout
+
+    def _split(self, cmd: wpb.BeginCommand) -> StageSplit:
         try:
-            latents = tensor_from_proto(checkpoint.latents)
-        except FrameError as exc:
-            raise BadCommand("resume.latents", str(exc)) from None
+            return self.adapter.make_split(cmd.split_cut if cmd.HasField("split_cut") else None)
+        except ValueError as exc:  # the split names the valid range of cuts
+            raise BadCommand("split_cut", str(exc)) from None
+
+    def _resume(
+        self, checkpoint: wpb.Checkpoint, timeline: RequestTimeline, req: wpb.WorkerRequest, num_images: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The checkpoint's latents and last measured e_c - e_u (None if it has none); sets the
+        timeline's generator and scheduler, history included, as they were after step
+        ``next_step - 1``, so that the steps from there compute what the unbroken run would."""
+        a = self.adapter
         if checkpoint.next_step > len(timeline.timesteps):
             raise BadCommand("resume.next_step", f"{checkpoint.next_step} is past the last step")
-        timeline.generator.set_state(
-            torch.frombuffer(bytearray(checkpoint.generator_state), dtype=torch.uint8)
-        )
-        if hasattr(timeline.scheduler, "set_begin_index"):
+        s = a.vae_scale_factor
+        shape = (num_images, a.denoiser.config.in_channels, req.height // s, req.width // s)
+        latents = self._checkpoint_tensor(checkpoint, "latents")
+        if tuple(latents.shape) != shape:
+            raise BadCommand("resume.latents", f"shape {list(latents.shape)}, expected {list(shape)}")
+        try:
+            timeline.generator.set_state(
+                torch.frombuffer(bytearray(checkpoint.generator_state), dtype=torch.uint8)
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise BadCommand("resume.generator_state", str(exc)) from None
+        if checkpoint.HasField("scheduler"):
+            timeline.restore_scheduler(checkpoint.scheduler, a.device)
+        elif hasattr(timeline.scheduler, "set_begin_index"):
+            # A checkpoint without the scheduler's state (from an older worker): the step index only.
             timeline.scheduler.set_begin_index(checkpoint.next_step)
-        return latents.to(device=self.adapter.device, dtype=self.adapter.dtype)
+        if not checkpoint.HasField("last_difference"):
+            return latents, None
+        difference = self._checkpoint_tensor(checkpoint, "last_difference")
+        if difference.shape[:1] + difference.shape[2:] != latents.shape[:1] + latents.shape[2:]:
+            raise BadCommand("resume.last_difference", f"shape {list(difference.shape)}: not a prediction's")
+        return latents, difference
+
+    def _checkpoint_tensor(self, checkpoint: wpb.Checkpoint, name: str) -> torch.Tensor:
+        try:
+            tensor = tensor_from_proto(getattr(checkpoint, name))
+        except FrameError as exc:
+            raise BadCommand(f"resume.{name}", str(exc)) from None
+        if not tensor.is_floating_point():
+            raise BadCommand(f"resume.{name}", f"{tensor.dtype} is not a floating-point type")
+        return tensor.to(device=self.adapter.device, dtype=self.adapter.dtype)
+
+    def _fill_checkpoint(self, checkpoint: wpb.Checkpoint, st: _Active, next_step: int) -> None:
+        """Everything another worker needs to go on at ``next_step`` as this one would: the
+        latents, the generator, the scheduler's state (the history of a multistep scheduler) and
+        the window policy's (the last measured e_c - e_u)."""
+        checkpoint.next_step = next_step
+        checkpoint.latents.CopyFrom(tensor_to_proto(st.latents.detach().float().cpu(), "latents"))
+        checkpoint.generator_state = st.timeline.generator.get_state().numpy().tobytes()
+        checkpoint.scheduler.CopyFrom(st.timeline.capture_scheduler())
+        if st.last_difference is not None:
+            checkpoint.last_difference.CopyFrom(tensor_to_proto(st.last_difference, "last_difference"))
 
     @torch.no_grad()
     def finish(self, request_id: str, cmd: wpb.FinishCommand) -> wpb.FinishDone:
@@ -248,9 +352,7 @@ class WorkerEngine:
             self.metrics.step_compute_seconds.labels(name).observe(done.compute_seconds)
             self.metrics.step_seconds.labels(name).observe(done.wall_seconds)
         if cmd.report_latents:
-            done.checkpoint.next_step = cmd.step + 1
-            done.checkpoint.latents.CopyFrom(tensor_to_proto(st.latents.detach().float().cpu(), "latents"))
-            done.checkpoint.generator_state = st.timeline.generator.get_state().numpy().tobytes()
+            self._fill_checkpoint(done.checkpoint, st, cmd.step + 1)
         return done
 
     def _timed(self, fn, *args) -> Any:
@@ -265,14 +367,20 @@ class WorkerEngine:
         rid = st.request_id
         # The mailbox is closed on abort or cancel: a send still waiting for the peer ends then.
         sent = st.link.send(
-            rid, step, kind, tensors, self._trace_context, cancelled=lambda: not self.mailbox.is_open(rid)
+            rid,
+            step,
+            kind,
+            tensors,
+            self._trace_context,
+            cancelled=lambda: not self.mailbox.is_open(rid),
+            session=st.nonce,
         )
         self._sent += sent
         if self.metrics is not None:
             self.metrics.sent_bytes.inc(sent)
 
     def _recv(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
-        msg = self.mailbox.take(st.request_id, kind, step, self.peer_timeout, peer=st.peer)
+        msg = self.mailbox.take(st.request_id, kind, step, st.peer_timeout, peer=st.peer)
         return {k: v.to(self.adapter.device) for k, v in msg.tensors.items()}
 
     def _update(self, st: _Active, eps: torch.Tensor, t: torch.Tensor) -> None:
@@ -285,6 +393,9 @@ class WorkerEngine:
         if st.guided:
             e_u, e_c = self._timed(a.forward, x_in, t, st.cond.for_branches("both")).chunk(2)
             d = rel_mae(e_u, e_c)
+            if st.policy == WindowGuidance.LAST_DIFFERENCE:
+                # An elastic request that grows into a pair inside the window needs it too.
+                st.last_difference = e_c - e_u
             eps = guide(e_u, e_c, st.guidance_scale)
         else:
             eps = self._timed(a.forward, x_in, t, st.cond.cond)

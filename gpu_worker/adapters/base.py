@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from gpu_worker import scheduler_state
+from hybridiff.internal.v1 import worker_pb2 as wpb
 from hybridiff.protocol import OutputFormat
 from hybridiff.request import MODEL_DEFAULTS, ModelDefaults, SizeLimits
 
@@ -63,6 +65,19 @@ class RequestTimeline:
     timesteps: torch.Tensor
     generator: torch.Generator
     extra_step_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The scheduler as set_timesteps left it: a checkpoint carries only what the steps changed.
+    fresh: scheduler_state.Snapshot = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.fresh = scheduler_state.snapshot(self.scheduler)
+
+    def capture_scheduler(self) -> wpb.SchedulerState:
+        """The scheduler's state after the steps run so far, its history included."""
+        return scheduler_state.capture(self.scheduler, self.fresh)
+
+    def restore_scheduler(self, state: wpb.SchedulerState, device: torch.device) -> None:
+        """Continue from ``state``, what ``capture_scheduler`` gave on another worker."""
+        scheduler_state.restore(self.scheduler, state, device)
 
 
 class StageSplit(ABC):

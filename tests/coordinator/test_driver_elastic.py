@@ -86,3 +86,31 @@ def test_a_shrink_inside_the_window_runs_exact_cfg_alone(engines):
     assert len(shrunk.stats.steps) == 12 and torch.isfinite(
         torch.tensor(psnr(shrunk.images[0], unbroken.images[0]))
     )
+
+
+def test_a_request_grown_inside_a_last_difference_window_keeps_the_difference(engines):
+    """Alone, the request runs the CFG batch, which measures e_c - e_u every step; grown into a
+    pair inside a last-difference window, the fill step must use that difference, not run
+    conditional (the checkpoint carries it)."""
+    eng = engines["sdxl"]
+
+    def grown(policy: str):
+        spec = eng.resolve(
+            make_input(
+                prompt="a yellow moon",
+                num_steps=12,
+                seed=6,
+                mode="auto",
+                l_slope=50,
+                tau_cap=3,
+                k=6,
+                window_guidance=policy,
+            )
+        )
+        return _run(eng, spec, eng.workers[:1], _Script(eng, {5: Decision.GROW}))
+
+    with_difference, conditional = grown("last-difference"), grown("conditional")
+    phases = [s.phase for s in with_difference.stats.steps]
+    assert phases[:6] == [Phase.SINGLE] * 6 and phases[6] == Phase.PIPELINE_FILL
+    assert with_difference.stats.window_guidance.name == "LAST_DIFFERENCE"
+    assert with_difference.latents.data != conditional.latents.data

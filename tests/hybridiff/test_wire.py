@@ -108,3 +108,41 @@ def test_inline_tensor_with_wrong_size_is_rejected():
     msg.data = msg.data[:-4]
     with pytest.raises(FrameError, match="needs 16 bytes"):
         tensor_from_proto(msg)
+
+
+def test_session_nonce_round_trip():
+    frames = encode_frames(
+        "r", 3, FrameKind.GUIDED_PREDICTION, {"p": torch.ones(2)}, sender="U", session=b"\x01" * 16
+    )
+    msg = decode_frames(frames)
+    assert msg.session == b"\x01" * 16 and msg.sender == "U"
+
+
+def test_parse_header_checks_sizes_without_reading_buffers():
+    from hybridiff.wire import FrameSizeError, parse_header
+
+    frames = encode_frames("r", 1, FrameKind.BRANCH_PREDICTION, {"a": torch.zeros(2, 2), "b": torch.zeros(3)})
+    header = parse_header(frames[0], [16, 12])
+    assert header.request_id == "r" and [t.name for t in header.tensors] == ["a", "b"]
+    with pytest.raises(FrameSizeError, match="2 tensors but 1 buffers"):
+        parse_header(frames[0], [16])
+    with pytest.raises(FrameSizeError, match="needs 12 bytes"):
+        parse_header(frames[0], [16, 8])
+    with pytest.raises(FrameSizeError, match="exceeds this receiver's 20-byte limit"):
+        parse_header(frames[0], [16, 12], max_message_bytes=20)
+    with pytest.raises(FrameSizeError, match="header frame of"):
+        parse_header(b"\x0a" * (64 * 1024 + 1), [])
+
+
+def test_a_header_declaring_a_huge_tensor_is_refused_before_anything_is_allocated():
+    from hybridiff.wire import FrameSizeError, parse_header
+
+    h = pb.TensorFrameHeader(version=1, request_id="r", step=0, kind=pb.FRAME_KIND_BRANCH_PREDICTION)
+    h.tensors.add(name="x", dtype=pb.ELEMENT_TYPE_FLOAT32, shape=[1 << 40, 1 << 20], nbytes=1 << 62)
+    with pytest.raises(FrameSizeError, match="exceeds"):
+        parse_header(h.SerializeToString(), [8])
+    many = pb.TensorFrameHeader(version=1, request_id="r", step=0, kind=pb.FRAME_KIND_BRANCH_PREDICTION)
+    for i in range(65):
+        many.tensors.add(name=f"t{i}", dtype=pb.ELEMENT_TYPE_UINT8, shape=[0], nbytes=0)
+    with pytest.raises(FrameSizeError, match="limit of 64"):
+        parse_header(many.SerializeToString(), [0] * 65)

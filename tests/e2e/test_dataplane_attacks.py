@@ -1,0 +1,301 @@
+"""The data plane under attack (issue 11), over real ZeroMQ sockets.
+
+- Someone who knows a request id (clients choose them; ClusterStatus published them) and the
+  workers' names floods both workers of a pair with frames for every kind and step of that
+  request: the image does not change.
+- The frames of an aborted attempt of a request id, replayed while the next attempt of the same
+  id runs, are rejected: the image is the one of an undisturbed run.
+- A 300 MiB frame sent to a real worker process's data port costs it less than 50 MiB: ZeroMQ
+  drops it on its size before buffering it (MAXMSGSIZE, from the model's size limits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+from cluster_helpers import make_input
+
+from coordinator.driver import drive_request
+from gpu_worker.dataplane import Mailbox, message_bound
+from gpu_worker.engine import WorkerEngine
+from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLinks, parse_networks
+from hybridiff.errors import Cancelled
+from hybridiff.internal.v1 import dataplane_pb2 as pb
+from hybridiff.protocol import Mode
+from hybridiff.request import resolve_spec
+from launch.inprocess import InProcessWorker
+
+REQUEST = dict(
+    prompt="a blue circle on the left", num_steps=12, guidance_scale=5.0, l_slope=3, tau_cap=6, k=3
+)
+
+
+class ZmqPair:
+    """Two worker engines of one model, each with its own mailbox, ZeroMQ receiver and links,
+    driven by the coordinator's driver: the cluster's data plane without the processes."""
+
+    def __init__(self, adapter) -> None:
+        self.adapter = adapter
+        self.ctx = zmq.Context()
+        self.receivers: list[DataPlaneReceiver] = []
+        self.links: list[ZmqLinks] = []
+        self.workers: list[InProcessWorker] = []
+        self.recorded: list[list[bytes]] = []
+        self._recording = threading.Lock()
+        for name in ("U", "C"):
+            box = Mailbox(name, max_message_bytes=message_bound(adapter))
+            real_deliver = box.deliver
+
+            def deliver(frames, real_deliver=real_deliver):
+                with self._recording:
+                    self.recorded.append([bytes(f) for f in frames])
+                return real_deliver(frames)
+
+            box.deliver = deliver
+            receiver = DataPlaneReceiver(self.ctx, box, "127.0.0.1", 0).start()
+            links = ZmqLinks(self.ctx, name, networks=parse_networks("127.0.0.0/8"))
+            worker = InProcessWorker(WorkerEngine(adapter, name, box, links))
+            worker.data_address = f"tcp://127.0.0.1:{receiver.port}"
+            self.receivers.append(receiver)
+            self.links.append(links)
+            self.workers.append(worker)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [w.data_address for w in self.workers]
+
+    def boxes(self) -> list[Mailbox]:
+        return [w.engine.mailbox for w in self.workers]
+
+    def run(self, request_id: str, seed: int, check_alive=None):
+        spec = resolve_spec(
+            make_input(mode="hybrid", request_id=request_id, seed=seed, **REQUEST),
+            self.adapter.size_limits(),
+            self.adapter.defaults,
+        )
+        return drive_request(spec, Mode.HYBRID, self.workers, check_alive=check_alive)
+
+    def take_recorded(self) -> list[list[bytes]]:
+        with self._recording:
+            out, self.recorded = self.recorded, []
+        return out
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+        for r in self.receivers:
+            r.stop()
+        for links in self.links:
+            links.close()
+        self.ctx.term()
+
+
+class Flood:
+    """A foreign PUSH socket per target that sends ``frames()`` over and over until stopped."""
+
+    def __init__(self, ctx: zmq.Context, addresses: list[str], frames) -> None:
+        self.sockets = []
+        for address in addresses:
+            sock = ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDTIMEO, 50)
+            sock.connect(address)
+            self.sockets.append(sock)
+        self.frames = frames
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for message in self.frames():
+                for sock in self.sockets:
+                    try:
+                        sock.send_multipart(message)
+                        self.sent += 1
+                    except zmq.Again:
+                        pass
+                if self._stop.is_set():
+                    break
+
+    def __enter__(self) -> Flood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for sock in self.sockets:
+            sock.close(linger=0)
+
+
+@pytest.fixture(params=["sdxl", "sd3"])
+def pair(request, engines):
+    made = ZmqPair(engines[request.param].adapter)
+    yield made
+    made.close()
+
+
+def _forged(recorded: list[list[bytes]], request_id: str) -> list[list[bytes]]:
+    """Every recorded message re-addressed to ``request_id``, its payload replaced by noise and
+    its session nonce by a guess: what an attacker who knows the ids can build."""
+    out = []
+    for frames in recorded:
+        header = pb.TensorFrameHeader.FromString(frames[0])
+        header.request_id = request_id
+        header.session = os.urandom(16)
+        noise = [torch.randn(len(b) // 4 + 1).numpy().tobytes()[: len(b)] for b in frames[1:]]
+        out.append([header.SerializeToString(), *noise])
+    return out
+
+
+def _same_image(a, b) -> None:
+    assert a.latents.data == b.latents.data
+    assert a.images == b.images
+
+
+def test_forged_frames_from_a_foreign_socket_do_not_change_the_image(pair):
+    reference = pair.run("clean", seed=11)
+    forged = _forged(pair.take_recorded(), "victim")
+    assert {pb.TensorFrameHeader.FromString(f[0]).kind for f in forged} >= {1, 4}
+    with Flood(pair.ctx, pair.addresses, lambda: forged) as flood:
+        attacked = pair.run("victim", seed=11)
+    _same_image(attacked, reference)
+    rejected = [box.rejected_by_reason["session"] for box in pair.boxes()]
+    assert all(n > 0 for n in rejected), (rejected, flood.sent)  # the flood hit both open sessions
+
+
+def test_frames_of_an_aborted_attempt_do_not_reach_the_next_attempt(pair):
+    reference = pair.run("clean", seed=11)
+    pair.take_recorded()
+    steps_done = []
+
+    def abort_after_8():
+        if len(steps_done) >= 8:
+            raise Cancelled("the coordinator moved the request on")
+        steps_done.append(1)
+
+    # Attempt 1 of "victim" (another seed, so its frames differ) is aborted inside the window.
+    with pytest.raises(Cancelled):
+        pair.run("victim", seed=99, check_alive=abort_after_8)
+    stale = pair.take_recorded()
+    assert len(stale) > 8
+    # Its frames, exactly as its workers sent them, keep arriving during attempt 2.
+    with Flood(pair.ctx, pair.addresses, lambda: stale):
+        resumed = pair.run("victim", seed=11)
+    _same_image(resumed, reference)
+    rejected = [box.rejected_by_reason["session"] for box in pair.boxes()]
+    assert all(n > 0 for n in rejected), rejected
+
+
+# --- an oversized frame at a real worker process ----------------------------------------------
+
+
+def _vm(pid: int, field: str) -> int:
+    """A /proc/<pid>/status field in bytes (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def worker_process(model_dirs, tmp_path):
+    ready, log = tmp_path / "ready.json", tmp_path / "worker.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch.cli",
+                "worker",
+                "--model-dir",
+                str(model_dirs["sdxl"]),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--data-port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--worker-id",
+                "w0",
+                "--ready-file",
+                str(ready),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for(
+            lambda: ready.exists() and ready.stat().st_size > 0 or proc.poll() is not None, 180, "worker"
+        )
+        assert proc.poll() is None, log.read_text()
+        yield proc, json.loads(ready.read_text())["data"], log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_an_oversized_frame_costs_a_worker_less_than_50_mib(worker_process):
+    from zmq.utils.monitor import recv_monitor_message
+
+    proc, data_address, log = worker_process
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    monitor = push.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    push.connect(data_address)
+    try:
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_CONNECTED
+        # Reset the peak RSS counter (VmHWM) to the current RSS.
+        Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+        before = _vm(proc.pid, "VmRSS")
+        size = 300 << 20
+        header = pb.TensorFrameHeader(
+            version=1, request_id="victim", step=0, kind=pb.FRAME_KIND_BRANCH_PREDICTION
+        )
+        header.tensors.add(name="p", dtype=pb.ELEMENT_TYPE_UINT8, shape=[size], nbytes=size)
+        payload = bytearray(size)
+        push.send_multipart([header.SerializeToString(), payload], copy=False)
+        del payload
+        # Done with it either way: the worker received the whole frame and refused it (a log line
+        # naming the request), or ZeroMQ refused it on its size and dropped the connection.
+        monitor.setsockopt(zmq.RCVTIMEO, 100)
+        deadline = time.monotonic() + 120
+        dropped = False
+        while not dropped and "'victim'" not in log.read_text():
+            assert time.monotonic() < deadline, "the worker neither refused the frame nor dropped it"
+            try:
+                dropped = recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+            except zmq.Again:
+                pass
+        peak = max(_vm(proc.pid, "VmHWM"), _vm(proc.pid, "VmRSS"))
+        grown = (peak - before) / 2**20
+        print(f"worker RSS before {before / 2**20:.0f} MiB, peak after a 300 MiB frame +{grown:.1f} MiB")
+        assert grown < 50, f"RSS grew by {grown:.0f} MiB"
+        assert dropped and "'victim'" not in log.read_text()  # never reached the mailbox
+        assert proc.poll() is None
+    finally:
+        push.disable_monitor()
+        monitor.close()
+        push.close()
+        ctx.term()

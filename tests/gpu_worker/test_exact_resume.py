@@ -1,0 +1,463 @@
+"""Exact resume (DESIGN section 5, issue 11): a request resumed from its checkpoint on other
+workers computes the very image of the unbroken run, whatever the scheduler — the checkpoint
+carries the scheduler's history (DPMSolverMultistep, UniPC) and the window policy's state (the
+last measured e_c - e_u of ``last-difference``).
+
+The break is the driver's own recovery: a worker fails a step, the driver aborts and resumes
+from the last checkpoint on fresh engines (real in-process engines, real data-plane frames)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from concurrent.futures import Future
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+from cluster_helpers import make_input
+
+from coordinator.driver import drive_request, worker_request
+from gpu_worker import scheduler_state
+from gpu_worker.dataplane import InMemoryLink, Mailbox
+from gpu_worker.engine import WorkerEngine
+from gpu_worker.loader import load_adapter
+from hybridiff.errors import BadCommand, WorkerFailed
+from hybridiff.internal.v1 import worker_pb2
+from hybridiff.protocol import Mode, Role, WindowGuidance
+from hybridiff.request import resolve_spec
+from hybridiff.wire import tensor_from_proto, tensor_to_proto
+from launch.inprocess import InProcessWorker
+
+FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}
+SCHEDULERS = {  # name: (architecture, scheduler class, config changes)
+    "euler": ("sdxl", "EulerDiscreteScheduler", {}),  # the tiny SDXL model's own: one-step, the control
+    "dpm": ("sdxl", "DPMSolverMultistepScheduler", {}),
+    "dpm-sde": ("sdxl", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("sdxl", "UniPCMultistepScheduler", {}),
+    "sd3-flow": ("sd3", "FlowMatchEulerDiscreteScheduler", {}),  # the tiny SD3 model's own
+    "sd3-unipc": ("sd3", "UniPCMultistepScheduler", FLOW),
+}
+
+
+def _with_scheduler(src: Path, dst: Path, cls: str, extra: dict) -> Path:
+    """``src`` with another scheduler: a model that ships a multistep one (weights linked)."""
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.name not in ("scheduler", "model_index.json"):
+            os.symlink(p.resolve(), dst / p.name)
+    index = json.loads((src / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", cls]
+    (dst / "model_index.json").write_text(json.dumps(index))
+    accepted = inspect.signature(getattr(diffusers, cls).__init__).parameters
+    config = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+    config = {k: v for k, v in config.items() if k in accepted}  # FlowMatch's shift is not UniPC's
+    (dst / "scheduler").mkdir()
+    (dst / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**config, **extra, "_class_name": cls})
+    )
+    return dst
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("schedulers")
+    made = {}
+    for name, (arch, cls, extra) in SCHEDULERS.items():
+        made[name] = load_adapter(_with_scheduler(Path(model_dirs[arch]), root / name, cls, extra))
+        assert type(made[name].pipe.scheduler).__name__ == cls
+    return made
+
+
+@pytest.fixture
+def pairs():
+    """Fresh in-process pairs of worker engines over an adapter, each with its own mailboxes."""
+    made: list[InProcessWorker] = []
+
+    def pair(adapter, tag: str) -> list[InProcessWorker]:
+        boxes = [Mailbox(f"{tag}U", adapter.device), Mailbox(f"{tag}C", adapter.device)]
+        workers = [
+            InProcessWorker(
+                WorkerEngine(adapter, f"{tag}U", boxes[0], lambda _: InMemoryLink(f"{tag}U", boxes[1]))
+            ),
+            InProcessWorker(
+                WorkerEngine(adapter, f"{tag}C", boxes[1], lambda _: InMemoryLink(f"{tag}C", boxes[0]))
+            ),
+        ]
+        made.extend(workers)
+        return workers
+
+    yield pair
+    for w in made:
+        w.close()
+
+
+class _Handle:
+    """A worker handle over an in-process worker that fails step ``fail_at`` (as a crashed
+    worker would) and lets a test edit the checkpoint it is asked to resume from."""
+
+    def __init__(self, worker: InProcessWorker, fail_at: int = -1, edit_resume=None) -> None:
+        self.worker, self.fail_at, self.edit_resume = worker, fail_at, edit_resume
+        self.name, self.identity, self.data_address = worker.name, worker.identity, worker.data_address
+
+    def send(self, cmd: worker_pb2.SessionRequest) -> Future:
+        which = cmd.WhichOneof("command")
+        if which == "step" and cmd.step.step == self.fail_at:
+            failed: Future = Future()
+            failed.set_exception(WorkerFailed(f"{self.name} crashed at step {self.fail_at}"))
+            return failed
+        if which == "begin" and cmd.begin.HasField("resume") and self.edit_resume is not None:
+            self.edit_resume(cmd.begin.resume)
+        return self.worker.send(cmd)
+
+    def abort(self, request_id: str) -> None:
+        self.worker.abort(request_id)
+
+
+class _Recording:
+    """A worker handle that keeps the checkpoint of every step it reports."""
+
+    def __init__(self, worker: InProcessWorker) -> None:
+        self.worker = worker
+        self.name, self.identity, self.data_address = worker.name, worker.identity, worker.data_address
+        self.checkpoints: dict[int, worker_pb2.Checkpoint] = {}
+
+    def send(self, cmd: worker_pb2.SessionRequest) -> Future:
+        future = self.worker.send(cmd)
+        future.add_done_callback(self._keep)
+        return future
+
+    def _keep(self, future: Future) -> None:
+        if future.exception() is None and future.result().step.HasField("checkpoint"):
+            cp = future.result().step.checkpoint
+            self.checkpoints[cp.next_step] = cp
+
+    def abort(self, request_id: str) -> None:
+        self.worker.abort(request_id)
+
+
+def _spec(adapter, **kw):
+    base = dict(prompt="a blue circle on the left", num_steps=12, seed=5, guidance_scale=5.0)
+    return resolve_spec(make_input(**{**base, **kw}), adapter.size_limits(), adapter.defaults)
+
+
+def _run(spec, mode: Mode, workers, recover):
+    return drive_request(spec, mode, workers, recover=recover)
+
+
+def _latents(result) -> torch.Tensor:
+    return tensor_from_proto(result.latents)
+
+
+# --- the driver's recovery, end to end in one process ----------------------------------------------
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("recovery", ["new-pair", "lone-survivor", "single"])
+def test_a_request_resumed_mid_way_is_bit_identical(adapters, pairs, scheduler, recovery):
+    adapter = adapters[scheduler]
+    single = recovery == "single"
+    mode = Mode.SINGLE if single else Mode.CFG_PARALLEL
+    spec = _spec(adapter, mode="single" if single else "cfg-parallel")
+    first = pairs(adapter, "a")
+    unbroken = _run(spec, mode, first, recover=lambda failed, survivors: pytest.fail("nothing failed"))
+
+    second = pairs(adapter, "b")
+    replacements = pairs(adapter, "c")
+
+    def recover(failed, survivors):
+        if recovery == "lone-survivor":
+            return survivors  # runs both branches one after the other at batch 1
+        return replacements[:1] if single else replacements
+
+    workers = [_Handle(second[0], 5)] + ([] if single else [second[1]])
+    broken = _run(spec, mode, workers, recover)
+
+    assert any("resumed at step 5" in n for n in broken.stats.notes), broken.stats.notes
+    assert [s.step for s in broken.stats.steps] == list(range(12))
+    assert torch.equal(_latents(broken), _latents(unbroken))
+    assert broken.images[0] == unbroken.images[0]
+
+
+def test_the_multistep_history_is_what_makes_it_exact(adapters, pairs):
+    """The same break with the scheduler's state taken out of the checkpoint: the old, step
+    index only resume. It gives another image — the test above would catch a lost history."""
+    adapter = adapters["dpm"]
+    spec = _spec(adapter, mode="cfg-parallel")
+    unbroken = _run(spec, Mode.CFG_PARALLEL, pairs(adapter, "a"), recover=None)
+
+    second, third = pairs(adapter, "b"), pairs(adapter, "c")
+    broken = _run(
+        spec,
+        Mode.CFG_PARALLEL,
+        [_Handle(second[0], 5), second[1]],
+        lambda failed, survivors: [
+            _Handle(w, edit_resume=lambda cp: cp.ClearField("scheduler")) for w in third
+        ],
+    )
+    assert any("resumed at step 5" in n for n in broken.stats.notes)
+    assert not torch.equal(_latents(broken), _latents(unbroken))
+
+
+# --- the window policy's state ----------------------------------------------------------------------
+def _hybrid(adapter, policy: str = "last-difference"):
+    # tau_cap 6, k 3 on 12 steps: data parallel 0..5, the window 6..9 (6 fills), data parallel 10..11
+    return _spec(adapter, mode="hybrid", window_guidance=policy, l_slope=3, tau_cap=6, k=3)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm"])
+def test_a_last_difference_resume_at_the_window_keeps_the_difference(adapters, pairs, scheduler):
+    adapter = adapters[scheduler]
+    spec = _hybrid(adapter)
+    unbroken = _run(spec, Mode.HYBRID, pairs(adapter, "a"), recover=None)
+    assert (unbroken.stats.tau1, unbroken.stats.tau2) == (6, 9)
+    conditional = _run(_hybrid(adapter, "conditional"), Mode.HYBRID, pairs(adapter, "k"), recover=None)
+    assert not torch.equal(_latents(conditional), _latents(unbroken))  # the policy matters here
+
+    second, third = pairs(adapter, "b"), pairs(adapter, "c")
+    # U fails the window's fill step: the new pair resumes there, with the difference of step 5
+    broken = _run(spec, Mode.HYBRID, [_Handle(second[0], 6), second[1]], lambda f, s: third)
+    assert any("resumed at step 6" in n for n in broken.stats.notes)
+    assert torch.equal(_latents(broken), _latents(unbroken))
+    assert broken.images[0] == unbroken.images[0]
+
+
+def test_every_window_checkpoint_carries_the_last_difference(adapters, pairs):
+    """Deeper in the window a resumed pair restarts the pipeline with a fill step (it has no
+    stale activations), so the image is not the unbroken one; the difference still comes along."""
+    adapter = adapters["euler"]
+    spec = _hybrid(adapter)
+    first = pairs(adapter, "a")
+    u = _Recording(first[0])
+    _run(spec, Mode.HYBRID, [u, first[1]], recover=lambda f, s: pytest.fail("nothing failed"))
+    assert set(u.checkpoints) == set(range(1, 13))
+    assert all(cp.HasField("last_difference") for cp in u.checkpoints.values())  # every phase-1 step measures
+    measured = tensor_from_proto(u.checkpoints[6].last_difference)  # of step 5, the last before the window
+    assert measured.shape == tensor_from_proto(u.checkpoints[6].latents).shape and measured.abs().sum() > 0
+    for n in range(7, 11):  # the window measures nothing: the difference of step 5 all along
+        assert torch.equal(tensor_from_proto(u.checkpoints[n].last_difference), measured)
+
+    # a resume at step 8 uses it: without it the window would run ``conditional``
+    def resumed_at_8(edit_resume):
+        broken, new = pairs(adapter, "b"), pairs(adapter, "c")
+        result = _run(
+            spec,
+            Mode.HYBRID,
+            [_Handle(broken[0], 8), broken[1]],
+            lambda failed, survivors: [_Handle(w, edit_resume=edit_resume) for w in new],
+        )
+        assert any("resumed at step 8" in n for n in result.stats.notes)
+        return _latents(result)
+
+    with_difference = resumed_at_8(None)
+    without = resumed_at_8(lambda cp: cp.ClearField("last_difference"))
+    assert not torch.equal(with_difference, without)
+
+
+# --- scheduler_state on its own ---------------------------------------------------------------------
+def _scheduler(cls: str, **extra):
+    config = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    made = getattr(diffusers, cls).from_config({**config, **extra})
+    made.set_timesteps(8)
+    if hasattr(made, "set_begin_index"):
+        made.set_begin_index(0)
+    return made
+
+
+def _steps(scheduler, x: torch.Tensor, steps: range, generator: torch.Generator) -> torch.Tensor:
+    kw = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for i in steps:
+        t = scheduler.timesteps[i]
+        if hasattr(scheduler, "scale_model_input"):
+            scheduler.scale_model_input(x, t)
+        eps = torch.sin(x * (i + 1)) + 0.1 * i  # a stand-in denoiser, the same on every run
+        x = scheduler.step(eps, t, x, **kw, return_dict=False)[0]
+    return x
+
+
+# What set_timesteps builds from the config and the step count: never in a state.
+REBUILT = {"_internal_dict", "betas", "alphas_cumprod", "timesteps", "sigmas"}
+ROUND_TRIP = [
+    ("EulerDiscreteScheduler", {}, False),
+    ("EulerAncestralDiscreteScheduler", {}, False),
+    ("DDIMScheduler", {}, False),
+    ("FlowMatchEulerDiscreteScheduler", {}, False),  # SD3's
+    ("DPMSolverMultistepScheduler", {}, True),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3}, True),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, True),
+    ("UniPCMultistepScheduler", {}, True),
+]
+
+
+@pytest.mark.parametrize("cls,extra,has_history", ROUND_TRIP)
+def test_capture_and_restore_continue_the_same_sampler(cls, extra, has_history):
+    if cls == "FlowMatchEulerDiscreteScheduler":
+
+        def make():
+            s = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+            s.set_timesteps(8)
+            return s
+    else:
+
+        def make():
+            return _scheduler(cls, **extra)
+
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    straight = _steps(make(), x0, range(8), torch.Generator().manual_seed(1))
+
+    first, gen = make(), torch.Generator().manual_seed(1)
+    fresh = scheduler_state.snapshot(first)
+    mid = _steps(first, x0, range(3), gen)
+    wire = worker_pb2.SchedulerState.FromString(scheduler_state.capture(first, fresh).SerializeToString())
+    assert wire.scheduler_class == type(first).__name__
+    names = {f.name for f in wire.fields}
+    assert not names & REBUILT
+
+    resumed, gen2 = make(), torch.Generator()
+    gen2.set_state(gen.get_state())
+    scheduler_state.restore(resumed, wire, torch.device("cpu"))
+    assert torch.equal(_steps(resumed, mid, range(3, 8), gen2), straight)
+
+    if has_history:  # the step index alone is not enough: the history is what the test checks
+        assert "model_outputs" in names
+        naive, gen3 = make(), torch.Generator()
+        gen3.set_state(gen.get_state())
+        naive.set_begin_index(3)
+        assert not torch.equal(_steps(naive, mid, range(3, 8), gen3), straight)
+
+
+def test_none_entries_of_the_history_round_trip():
+    first = _scheduler("DPMSolverMultistepScheduler", solver_order=3)
+    fresh = scheduler_state.snapshot(first)
+    _steps(first, torch.ones(1, 4, 8, 8), range(1), torch.Generator())
+    state = scheduler_state.capture(first, fresh)
+    outputs = next(f for f in state.fields if f.name == "model_outputs")
+    assert outputs.is_list and [v.WhichOneof("value") for v in outputs.values] == ["none", "none", "tensor"]
+    resumed = _scheduler("DPMSolverMultistepScheduler", solver_order=3)
+    scheduler_state.restore(resumed, state, torch.device("cpu"))
+    assert resumed.model_outputs[:2] == [None, None]
+    assert torch.equal(resumed.model_outputs[2], first.model_outputs[2])
+    assert (resumed.lower_order_nums, resumed._step_index) == (1, 1)
+
+
+def test_a_state_goes_back_to_the_device_or_the_host_as_it_was():
+    state = worker_pb2.SchedulerState(
+        scheduler_class="UniPCMultistepScheduler",
+        fields=[
+            worker_pb2.SchedulerField(
+                name="model_outputs",
+                is_list=True,
+                values=[
+                    worker_pb2.SchedulerValue(tensor=tensor_to_proto(torch.ones(2, dtype=torch.float16))),
+                    worker_pb2.SchedulerValue(tensor=tensor_to_proto(torch.ones(2)), host=True),
+                ],
+            ),
+            worker_pb2.SchedulerField(name="this_order", values=[worker_pb2.SchedulerValue(integer=2)]),
+            worker_pb2.SchedulerField(
+                name="lower_order_nums", values=[worker_pb2.SchedulerValue(number=0.5)]
+            ),
+        ],
+    )
+    target = _scheduler("UniPCMultistepScheduler")
+    scheduler_state.restore(target, state, torch.device("meta"))  # "meta": any device that is not the host
+    on_device, on_host = target.model_outputs
+    assert (on_device.device.type, on_device.dtype) == ("meta", torch.float16)
+    assert on_host.device.type == "cpu" and target.this_order == 2 and target.lower_order_nums == 0.5
+
+
+def test_a_state_of_another_class_is_refused():
+    first = _scheduler("DPMSolverMultistepScheduler")
+    fresh = scheduler_state.snapshot(first)
+    _steps(first, torch.ones(1, 4, 8, 8), range(2), torch.Generator())
+    state = scheduler_state.capture(first, fresh)
+    target = _scheduler("UniPCMultistepScheduler")
+    before = dict(vars(target))
+    with pytest.raises(BadCommand) as err:
+        scheduler_state.restore(target, state, torch.device("cpu"))
+    assert err.value.field == "resume.scheduler.scheduler_class"
+    assert vars(target).keys() == before.keys() and target.model_outputs == [None, None]
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        worker_pb2.SchedulerField(name="_internal_dict", values=[worker_pb2.SchedulerValue(none=True)]),
+        worker_pb2.SchedulerField(name="__class__", values=[worker_pb2.SchedulerValue(none=True)]),
+        worker_pb2.SchedulerField(name="step", values=[worker_pb2.SchedulerValue(none=True)]),  # a method
+        worker_pb2.SchedulerField(name="not an identifier", values=[worker_pb2.SchedulerValue(none=True)]),
+        worker_pb2.SchedulerField(name="_step_index", values=[]),  # a single value, none given
+        worker_pb2.SchedulerField(name="_step_index", values=[worker_pb2.SchedulerValue()]),  # nothing set
+        worker_pb2.SchedulerField(
+            name="last_sample",
+            values=[worker_pb2.SchedulerValue(tensor=dict(dtype=1, shape=[4], nbytes=16, data=b"\0" * 3))],
+        ),
+    ],
+    ids=["config", "dunder", "method", "name", "no-value", "empty-value", "bad-tensor"],
+)
+def test_a_forged_state_is_refused_and_nothing_is_set(field):
+    target = _scheduler("UniPCMultistepScheduler")
+    state = worker_pb2.SchedulerState(
+        scheduler_class="UniPCMultistepScheduler",
+        fields=[
+            worker_pb2.SchedulerField(name="lower_order_nums", values=[worker_pb2.SchedulerValue(integer=7)]),
+            field,
+        ],
+    )
+    with pytest.raises(BadCommand):
+        scheduler_state.restore(target, state, torch.device("cpu"))
+    assert target.lower_order_nums == 0 and callable(target.step)
+
+
+def test_a_state_the_message_cannot_carry_is_refused_at_capture():
+    first = _scheduler("EulerDiscreteScheduler")
+    fresh = scheduler_state.snapshot(first)
+    first.custom = {"a": 1}  # e.g. a scheduler that keeps a dict
+    with pytest.raises(WorkerFailed, match="custom"):
+        scheduler_state.capture(first, fresh)
+
+
+def test_the_engine_refuses_a_checkpoint_that_does_not_fit(adapters, pairs):
+    adapter = adapters["dpm"]
+    spec = _spec(adapter, mode="cfg-parallel")
+    first = pairs(adapter, "a")
+    u = _Recording(first[0])
+    _run(spec, Mode.CFG_PARALLEL, [u, first[1]], recover=lambda f, s: pytest.fail("nothing failed"))
+    good = u.checkpoints[4]
+    engine = pairs(adapter, "b")[0].engine
+
+    def begin(checkpoint):
+        cmd = worker_pb2.BeginCommand(
+            request=worker_request(spec),
+            role=Role.U,
+            window_guidance=WindowGuidance.CONDITIONAL,
+            solo=True,
+            resume=checkpoint,
+        )
+        return engine.begin("r", cmd)
+
+    wrong_class = worker_pb2.Checkpoint()
+    wrong_class.CopyFrom(good)
+    wrong_class.scheduler.scheduler_class = "EulerDiscreteScheduler"
+    wrong_shape = worker_pb2.Checkpoint()
+    wrong_shape.CopyFrom(good)
+    wrong_shape.latents.CopyFrom(tensor_to_proto(torch.zeros(1, 4, 2, 2), "latents"))
+    bad_generator = worker_pb2.Checkpoint()
+    bad_generator.CopyFrom(good)
+    bad_generator.generator_state = b"\1\2\3"
+    for checkpoint, field in (
+        (wrong_class, "resume.scheduler.scheduler_class"),
+        (wrong_shape, "resume.latents"),
+        (bad_generator, "resume.generator_state"),
+    ):
+        with pytest.raises(BadCommand) as err:
+            begin(checkpoint)
+        assert err.value.field == field
+    begin(good)
+    engine.abort("r")
