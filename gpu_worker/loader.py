@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import mmap
+import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import diffusers
@@ -21,6 +25,13 @@ log = logging.getLogger(__name__)
 
 PIPELINE_CLASSES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Components a pipeline directory may hold that the worker does not load (SD3's T5 encoder).
+UNLOADED_COMPONENTS = {"sdxl": (), "sd3": ("text_encoder_3", "tokenizer_3")}
+# The weights digest hashes a tensor whole up to this size, else DIGEST_BLOCKS evenly spaced
+# blocks of DIGEST_BLOCK_BYTES (a full-size model costs a few hundred ms, not a full read).
+DIGEST_WHOLE_BYTES = 64 * 1024
+DIGEST_BLOCKS = 16
+DIGEST_BLOCK_BYTES = 4096
 
 
 def detect_arch(model_dir: str | Path) -> str:
@@ -92,6 +103,72 @@ def load_adapter(model_dir: str | Path, device: str | None = None, dtype: str | 
             module.eval().requires_grad_(False)
     log.info("loaded %s model from %s on %s (%s)", arch, model_dir, dev, dt)
     return adapter_cls(pipe, dev, dt, read_model_defaults(model_dir, arch))
+
+
+def weights_digest(model_dir: str | Path, skip: Iterable[str] | None = None) -> str:
+    """Who the loaded model is, for pairing: ``sha256:<hex>`` over the pipeline index, the model's
+    defaults and every file of each loaded component (configs, tokenizers, weights), by relative
+    path. A safetensors file contributes its header (names, dtypes, shapes, offsets, metadata) and
+    its tensors' bytes: whole for small tensors, sampled for large ones (differently trained
+    weights differ everywhere; a checkpoint identity, not an integrity check). Independent of the
+    directory's path and of file times, so workers loading copies of one model agree.
+    ``skip``: components not loaded (default: by architecture)."""
+    root = Path(model_dir)
+    skipped = set(UNLOADED_COMPONENTS[detect_arch(root)] if skip is None else skip)
+    digest = hashlib.sha256()
+    for path in _digest_files(root, skipped):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            size = path.stat().st_size
+            digest.update(struct.pack("<Q", size))
+            if size == 0:
+                continue
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                if path.suffix == ".safetensors":
+                    _digest_safetensors(data, digest)
+                else:
+                    digest.update(data)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _digest_files(root: Path, skipped: set[str]) -> list[Path]:
+    index = json.loads((root / "model_index.json").read_text())
+    components = sorted(
+        name
+        for name, value in index.items()
+        if not name.startswith("_") and name not in skipped and isinstance(value, list) and value[0]
+    )
+    files = [root / "model_index.json"]
+    if (root / MODEL_DEFAULTS_FILE).is_file():
+        files.append(root / MODEL_DEFAULTS_FILE)
+    for name in components:
+        files.extend(sorted(p for p in (root / name).rglob("*") if p.is_file()))
+    return files
+
+
+def _digest_safetensors(data: mmap.mmap, digest) -> None:
+    try:
+        (header_size,) = struct.unpack_from("<Q", data, 0)
+        header = json.loads(bytes(data[8 : 8 + header_size]))
+        spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError):
+        digest.update(data)  # not a safetensors file after all: all of it
+        return
+    digest.update(data[: 8 + header_size])
+    base = 8 + header_size
+    view = memoryview(data)
+    try:
+        for begin, end in spans:
+            start, length = base + begin, end - begin
+            if length <= DIGEST_WHOLE_BYTES:
+                digest.update(view[start : start + length])
+                continue
+            stride = (length - DIGEST_BLOCK_BYTES) // (DIGEST_BLOCKS - 1)
+            for k in range(DIGEST_BLOCKS):
+                at = start + k * stride
+                digest.update(view[at : at + DIGEST_BLOCK_BYTES])
+    finally:
+        view.release()
 
 
 def read_model_defaults(model_dir: str | Path, arch: str) -> ModelDefaults:

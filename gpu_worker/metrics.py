@@ -37,6 +37,13 @@ class WorkerMetrics:
             "Data-plane bytes received from peers (accepted messages)",
             registry=r,
         )
+        self.rejected_frames = Counter(
+            "hybridiff_worker_data_plane_rejected_frames",
+            "Data-plane messages refused, by reason (malformed, size, unknown_request, solo, session, "
+            "sender, kind, step, duplicate, cap)",
+            ["reason"],
+            registry=r,
+        )
         self.peer_wait_seconds = Histogram(
             "hybridiff_worker_peer_wait_seconds",
             "Time spent waiting for a peer's message",
@@ -48,8 +55,18 @@ class WorkerMetrics:
         )
         self.requests = Counter(
             "hybridiff_worker_requests_total",
-            "Sessions this worker ended, by outcome",
+            "Sessions this worker ended, by outcome (ok, error, cancelled, busy, idle_timeout)",
             ["outcome"],
+            registry=r,
+        )
+        self.stalled = Gauge(
+            "hybridiff_worker_stalled",
+            "1 once the watchdog saw a command make no progress (the worker is NOT_SERVING until restarted)",
+            registry=r,
+        )
+        self.weights_digest_seconds = Gauge(
+            "hybridiff_worker_weights_digest_seconds",
+            "Seconds the weights digest took at load (part of the model load time)",
             registry=r,
         )
 

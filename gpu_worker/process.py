@@ -2,8 +2,10 @@
 health answers while the model loads; then the model and the data plane), serve until
 signalled, shut down.
 
-Health is NOT_SERVING until the model is loaded, SERVING after, NOT_SERVING again while it
-drains on SIGTERM.
+Health ("" and the control service: readiness) is NOT_SERVING until the model is loaded,
+SERVING after, NOT_SERVING again while it drains on SIGTERM. ``hybridiff.liveness`` is SERVING
+from the start; it and readiness turn NOT_SERVING for good when the watchdog sees a command
+stall, so Kubernetes restarts the pod.
 """
 
 from __future__ import annotations
@@ -18,13 +20,20 @@ from pathlib import Path
 import torch
 import zmq
 
-from gpu_worker.dataplane import Mailbox
+from gpu_worker.dataplane import Mailbox, message_bound
 from gpu_worker.engine import WorkerEngine
-from gpu_worker.loader import load_adapter
+from gpu_worker.loader import load_adapter, weights_digest
 from gpu_worker.metrics import WorkerMetrics
-from gpu_worker.service import SERVICE_NAME, WorkerService
-from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLinks
+from gpu_worker.service import (
+    LIVENESS_SERVICE,
+    SERVICE_NAME,
+    SESSION_IDLE_SECONDS,
+    WATCHDOG_SECONDS,
+    WorkerService,
+)
+from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLinks, parse_networks
 from hybridiff import security, serving, telemetry
+from hybridiff.errors import InvalidArgument
 from hybridiff.internal.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -58,22 +67,57 @@ class WorkerProcess:
         tls: serving.TlsFiles = (None, None, None),
         curve_keys_dir: str | None = None,
         metrics_port: int | None = 9091,
+        session_idle_seconds: float = SESSION_IDLE_SECONDS,
+        watchdog_seconds: float = WATCHDOG_SECONDS,
+        data_peer_cidrs: str | None = None,
+        data_max_message_bytes: int | None = None,
+        client_name: str = security.COORDINATOR_NAME,
+        health_port: int | None = None,
+        advertise_data_address: str | None = None,
     ) -> None:
         """Port 0 picks a free port (``metrics_port`` too; None: no /metrics). ``tls`` = (cert, key,
-        client CA): with a client CA only the coordinator (a cert that CA signed) may control this
-        worker. ``curve_keys_dir``: ZeroMQ CURVE with the pool keypair found there."""
+        client CA): with a client CA only the coordinator (a cert that CA signed, naming
+        ``client_name`` in a subjectAltName) may control this worker; ``health_port``: plaintext
+        gRPC health only (kubelet probes), allowed next to TLS only with a client CA.
+        ``curve_keys_dir``: ZeroMQ CURVE with the pool keypair found there.
+        ``session_idle_seconds``: a session waiting longer for its next command is ended;
+        ``watchdog_seconds``: a command running longer is a stall (see the module docstring).
+        ``data_peer_cidrs`` ("10.0.0.0/8,..."): the only networks it pushes data-plane frames to
+        (None: any, safe only on a private network); ``data_max_message_bytes``: the largest
+        data-plane message it accepts (None: derived from the model's size limits)."""
         telemetry.setup_tracing("hybridiff-worker")
         self.model_dir, self.host, self.data_port, self.grace = model_dir, host, data_port, grace
         self.device, self.dtype = device, dtype
         self.advertise = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "::") else host)
+        self.advertise_data_address = advertise_data_address
         self.curve = security.load_curve_keys(curve_keys_dir) if curve_keys_dir else None
-        self.server = serving.new_server(8, telemetry.server_interceptors())
+        self.data_networks = parse_networks(data_peer_cidrs)
+        self.data_max_message_bytes = data_max_message_bytes
+        if health_port is not None and tls[0] and not tls[2]:
+            raise InvalidArgument("health-port", "a plaintext health port next to TLS needs --tls-client-ca")
+        interceptors = telemetry.server_interceptors()
+        if tls[2]:  # only the coordinator: a certificate from the client CA naming client_name
+            interceptors.append(security.PeerNameInterceptor(client_name))
+        self.server = serving.new_server(8, interceptors)
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
+        self.health.set(LIVENESS_SERVICE, serving.SERVING)  # alive while loading (startup probe waits)
         self.port = serving.bind(self.server, f"{host}:{port}", tls)
+        # Plaintext, for kubelet's gRPC probes (they cannot speak TLS): PeerNameInterceptor
+        # refuses every method but health there (no client certificate).
+        self.health_port = (
+            self.server.add_insecure_port(f"{host}:{health_port}") if health_port is not None else None
+        )
         self.worker_id = worker_id or f"{self.advertise}:{self.port}"
         self.metrics = WorkerMetrics()
         self.metrics_port = self.metrics.serve(metrics_port, host) if metrics_port is not None else None
-        self.service = WorkerService(self.worker_id, model_name or Path(model_dir).name, self.metrics)
+        self.service = WorkerService(
+            self.worker_id,
+            model_name or Path(model_dir).name,
+            self.metrics,
+            session_idle_seconds=session_idle_seconds,
+            watchdog_seconds=watchdog_seconds,
+            on_stall=self._stalled,
+        )
         worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self.service, self.server)
         self._stop = threading.Event()
 
@@ -83,22 +127,30 @@ class WorkerProcess:
         log.info("worker control API on %s:%d (loading model)", self.host, self.port)
         started = time.perf_counter()
         adapter = load_adapter(self.model_dir, self.device, self.dtype)
+        digest_started = time.perf_counter()
+        digest = weights_digest(self.model_dir)
+        self.metrics.weights_digest_seconds.set(time.perf_counter() - digest_started)
         self.metrics.model_load_seconds.set(time.perf_counter() - started)
         self.context = zmq.Context()
-        mailbox = Mailbox(self.worker_id, adapter.device, metrics=self.metrics)
+        max_message = self.data_max_message_bytes or message_bound(adapter)
+        mailbox = Mailbox(self.worker_id, adapter.device, metrics=self.metrics, max_message_bytes=max_message)
         self.receiver = DataPlaneReceiver(
             self.context, mailbox, self.host, self.data_port, curve=self.curve
         ).start()
-        self.links = ZmqLinks(self.context, self.worker_id, curve=self.curve)
+        self.links = ZmqLinks(self.context, self.worker_id, curve=self.curve, networks=self.data_networks)
         engine = WorkerEngine(adapter, self.worker_id, mailbox, self.links, metrics=self.metrics)
-        self.service.attach(engine, f"tcp://{self.advertise}:{self.receiver.port}")
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, serving.SERVING)
+        # A forwarder or a NAT may stand between the peers: the address they push to, as given.
+        data_address = self.advertise_data_address or f"tcp://{self.advertise}:{self.receiver.port}"
+        self.service.attach(engine, data_address, digest)
+        if not self.service.stalled.is_set():
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, serving.SERVING)
         log.info(
-            "worker %s serving %s (%s) on %s, data plane %s, metrics on %s",
+            "worker %s serving %s (%s, weights %s) on %s, data plane %s, metrics on %s",
             self.worker_id,
             self.service.model_name,
             adapter.arch,
+            digest,
             adapter.device,
             self.service.data_address,
             self.metrics_port,
@@ -115,10 +167,16 @@ class WorkerProcess:
                 "control": f"{self.advertise}:{self.port}",
                 "data": self.service.data_address,
                 "metrics_port": self.metrics_port,
+                "health_port": self.health_port,
             },
         )
         serving.on_termination(self.request_stop)
         self._stop.wait()
+
+    def _stalled(self) -> None:
+        """The watchdog fired: readiness and liveness off, for good (a restart is the cure)."""
+        for name in ("", SERVICE_NAME, LIVENESS_SERVICE):
+            self.health.set(name, serving.NOT_SERVING)
 
     def request_stop(self) -> None:
         self.health.enter_graceful_shutdown()
@@ -127,6 +185,7 @@ class WorkerProcess:
     def shutdown(self) -> None:
         """Finish the session in flight (within the grace period), then close everything."""
         self.server.stop(self.grace).wait()
+        self.service.close()
         self.receiver.stop()
         self.links.close()
         self.context.term()

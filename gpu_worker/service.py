@@ -2,16 +2,33 @@
 coordinator.
 
 One request at a time: a second Session is refused with WORKER_BUSY (the coordinator's
-allocator never does that). Each Session runs its commands in order on the handler thread;
-the coordinator sends steps ahead, so the next command is already queued. Every failure
+allocator never does that). Each Session runs its commands in order on the handler thread (a
+helper thread reads them); the coordinator sends steps ahead, so the next command is already
+queued. Every failure
 leaves as a typed status (``hybridiff.errors.to_status``): the coordinator reads its reason,
 never its text.
+
+Nothing the client does holds the worker for long: a session whose next command does not come
+within ``session_idle_seconds`` (or whose answer the client does not take within it) is ended
+with SESSION_IDLE (ABORTED), and its request aborted; gRPC keepalive drops a peer that stops
+answering pings. A command that runs past ``watchdog_seconds`` (more in a session whose
+coordinator asks for longer peer waits) is a stall: the worker turns NOT_SERVING, liveness
+included, refuses new sessions, and stays so until it is restarted (a command that ends after
+all does not make the process trustworthy again: a wedged device or a deadlocked thread may
+be behind it).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import sys
 import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -20,8 +37,10 @@ from gpu_worker.split_balance import SplitPlanner
 from hybridiff import logs, serving, telemetry
 from hybridiff.errors import (
     BadCommand,
+    Cancelled,
     HybridiffError,
     InvalidArgument,
+    SessionIdle,
     Unavailable,
     WorkerBusy,
     WorkerFailed,
@@ -33,28 +52,194 @@ from hybridiff.v1 import diffusion_pb2
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 3
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerControlService"].full_name
+# A health-service name, not an RPC service: SERVING from start-up until the watchdog fires.
+# Kubernetes' liveness probe asks for it (readiness asks for ""), so a stalled worker restarts.
+LIVENESS_SERVICE = "hybridiff.liveness"
 BUSY_WAIT_SECONDS = 10.0
+SESSION_IDLE_SECONDS = 60.0
+# Above the longest healthy command with the engine's default peer timeout (120 s): two peer
+# waits (the nested pipeline's core waits for two messages) and one send.
+WATCHDOG_SECONDS = 300.0
+PEER_WAITS_PER_COMMAND = 2
+SEND_WAIT_SECONDS = 60.0  # ZmqLink's send timeout
+PEER_TIMEOUT_CAP = 600.0  # the engine trusts no longer peer timeout from a coordinator
+READ_AHEAD = 4  # commands read ahead of the one running (the coordinator sends steps ahead)
+
+
+@dataclass
+class Watch:
+    """One bounded activity: ``what`` it is, its ``bound`` in seconds, the thread running it."""
+
+    what: str
+    bound: float
+    on_expire: Callable[[Watch], None]
+    thread: int
+    started: float = field(default_factory=time.monotonic)
+    expired: bool = False
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def stack(self) -> str:
+        """Where its thread is now (for the log of a stall)."""
+        frame = sys._current_frames().get(self.thread)
+        return "".join(traceback.format_stack(frame)) if frame is not None else ""
+
+
+class Watchdog:
+    """One thread that calls ``on_expire(watch)`` once for each ``watch`` that lasts longer than
+    its bound (checked every ``poll`` seconds)."""
+
+    def __init__(self, poll: float = 0.25) -> None:
+        self._poll = poll
+        self._watches: dict[int, Watch] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    @contextmanager
+    def watch(self, what: str, bound: float, on_expire: Callable[[Watch], None]) -> Iterator[Watch]:
+        entry = Watch(what, bound, on_expire, threading.get_ident())
+        with self._lock:
+            self._watches[id(entry)] = entry
+        try:
+            yield entry
+        finally:
+            with self._lock:
+                self._watches.pop(id(entry), None)
+
+    def check(self) -> None:
+        with self._lock:
+            due = [w for w in self._watches.values() if not w.expired and w.elapsed > w.bound]
+            for w in due:
+                w.expired = True
+        for w in due:
+            try:
+                w.on_expire(w)
+            except Exception:  # one failed action must not stop the dog
+                log.exception("watchdog action for %s failed", w.what)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll):
+            self.check()
+
+
+class _Commands:
+    """A session's commands, read on a helper thread so the handler can wait for the next one
+    with a timeout. The reader ends with the stream (gRPC ends the iterator when the RPC ends)
+    or when ``close`` is called, whichever comes first: no thread stays blocked."""
+
+    _END = object()
+
+    def __init__(self, request_iterator: Iterator[worker_pb2.SessionRequest], name: str) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+        self._closed = threading.Event()
+        self.thread = threading.Thread(
+            target=self._read, args=(request_iterator,), name=f"session-reader-{name}", daemon=True
+        )
+        self.thread.start()
+
+    def _read(self, request_iterator) -> None:
+        try:
+            for cmd in request_iterator:
+                if not self._put(cmd):
+                    return
+            self._put(self._END)
+        except Exception as exc:  # grpc.RpcError: the client cancelled or its connection dropped
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self, timeout: float) -> worker_pb2.SessionRequest | None:
+        """The next command; None when the client closed the stream. ``SessionIdle`` when none
+        came within ``timeout`` seconds, ``Cancelled`` when the stream broke."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise SessionIdle(f"no command came within {timeout:g} s; the session is ended") from None
+        if item is self._END:
+            return None
+        if isinstance(item, BaseException):
+            raise Cancelled("the session was cancelled or its connection dropped")
+        return item
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+@dataclass
+class _SessionState:
+    watchdog_bound: float  # seconds a command may run before it counts as a stall
+    request_id: str | None = None  # set by its Begin; None again once finished
+    outcome: str = "cancelled"  # the stream ended (or the coordinator cancelled it) before finish
 
 
 class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
     """Registered before the model loads (so health answers at once); ``attach`` makes it ready."""
 
-    def __init__(self, worker_id: str, model_name: str, metrics=None) -> None:
-        """``metrics``: an optional ``gpu_worker.metrics.WorkerMetrics`` (sessions by outcome)."""
+    def __init__(
+        self,
+        worker_id: str,
+        model_name: str,
+        metrics=None,
+        session_idle_seconds: float = SESSION_IDLE_SECONDS,
+        watchdog_seconds: float = WATCHDOG_SECONDS,
+        on_stall: Callable[[], None] | None = None,
+    ) -> None:
+        """``metrics``: an optional ``gpu_worker.metrics.WorkerMetrics`` (sessions by outcome);
+        ``on_stall``: called once when the watchdog fires (the process turns its health off)."""
+        for name, seconds in (
+            ("session_idle_seconds", session_idle_seconds),
+            ("watchdog_seconds", watchdog_seconds),
+        ):
+            if not seconds > 0:
+                raise InvalidArgument(name, f"must be a positive number of seconds, got {seconds}")
         self.worker_id = worker_id
         self.metrics = metrics
         self.model_name = model_name
         self.data_address = ""
+        self.weights_digest = ""
         self.engine: WorkerEngine | None = None
         self.planner: SplitPlanner | None = None
+        self.session_idle_seconds = session_idle_seconds
+        self.watchdog_seconds = watchdog_seconds
+        self.stalled = threading.Event()
+        self._on_stall = on_stall
         self._busy = threading.Lock()
+        self._active_request_id = ""  # cleared before the busy lock is released, set after it is taken
+        self._watchdog = Watchdog(poll=min(0.25, watchdog_seconds / 4, session_idle_seconds / 4)).start()
         self._tracer = telemetry.tracer("hybridiff.worker")
 
-    def attach(self, engine: WorkerEngine, data_address: str) -> None:
+    def attach(self, engine: WorkerEngine, data_address: str, weights_digest: str = "") -> None:
         self.adapter = engine.adapter
         self.planner = SplitPlanner(engine.adapter)
         self.data_address = data_address
+        self.weights_digest = weights_digest
         self.engine = engine
+
+    def close(self) -> None:
+        self._watchdog.stop()
+
+    @property
+    def active_request_id(self) -> str:
+        return self._active_request_id
 
     def _ready(self, context: grpc.ServicerContext) -> None:
         if self.engine is None:
@@ -84,6 +269,8 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             device=str(self.adapter.device),
             dtype=str(self.adapter.dtype).removeprefix("torch."),
             protocol_version=PROTOCOL_VERSION,
+            weights_digest=self.weights_digest,
+            active_request_id=self._active_request_id,
         )
 
     def MeasureSplit(self, request, context):
@@ -101,46 +288,121 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         )
 
     def Session(self, request_iterator, context):
+        self._admit(context)
+        commands = _Commands(request_iterator, self.worker_id)
+        session = _SessionState(self.watchdog_seconds)
+        try:
+            while (cmd := commands.next(self.session_idle_seconds)) is not None:
+                which = self._accept(cmd, session, context)
+                with self._watchdog.watch(
+                    f"{which} of request {session.request_id}", session.watchdog_bound, self._stall
+                ):
+                    event = self._run(cmd, which)
+                # Handing the event over waits on the client when it does not read: bounded too.
+                with self._watchdog.watch(
+                    f"the event of {which}", self.session_idle_seconds, self._idle(context, session)
+                ):
+                    yield event
+                if which == "finish":
+                    session.request_id, session.outcome = None, "ok"
+                    return
+        except SessionIdle as exc:
+            session.outcome = "idle_timeout"
+            log.warning("%s: session of request %s ended: %s", self.worker_id, session.request_id, exc)
+            serving.abort(context, exc)
+        except HybridiffError as exc:
+            session.outcome = "cancelled" if exc.code == grpc.StatusCode.CANCELLED else "error"
+            serving.abort(context, exc)
+        except Exception as exc:  # a failed request is a typed result, not a dead worker
+            session.outcome = "error"
+            log.exception("request %s failed on %s", session.request_id, self.worker_id)
+            serving.abort(context, WorkerFailed(f"{self.worker_id}: {type(exc).__name__}: {exc}"))
+        finally:
+            commands.close()
+            self._release(session)
+
+    def _admit(self, context: grpc.ServicerContext) -> None:
+        """Take the worker for this session, or end the RPC: loading, stalled, or busy."""
         self._ready(context)
+        if self.stalled.is_set():
+            serving.abort(
+                context, Unavailable(f"worker {self.worker_id} stalled in a command; it needs a restart")
+            )
         # The previous session may still be unwinding after its last event reached the
         # coordinator, which then hands this worker on: wait a little before refusing.
         if not self._busy.acquire(timeout=BUSY_WAIT_SECONDS):
             self._count("busy")
             serving.abort(context, WorkerBusy(f"worker {self.worker_id} is busy with another request"))
-        request_id = None
-        outcome = "cancelled"  # the stream ended (or the coordinator cancelled it) before finish
-        try:
-            for cmd in request_iterator:
-                which = cmd.WhichOneof("command")
-                if which == "begin":
-                    if request_id is not None:
-                        raise BadCommand("begin", "a session runs one request")
-                    if not cmd.request_id:
-                        raise BadCommand("request_id", "a session needs a request id")
-                    request_id = cmd.request_id
-                    logs.set_request_id(request_id)  # this handler thread's log lines name it
-                    context.add_callback(lambda rid=request_id: self.engine.mailbox.close(rid))
-                elif cmd.request_id != request_id:
-                    raise BadCommand(
-                        "request_id", f"command for {cmd.request_id!r} in the session of {request_id!r}"
-                    )
-                yield self._run(cmd, which)
-                if which == "finish":
-                    request_id, outcome = None, "ok"
-                    return
-        except HybridiffError as exc:
-            outcome = "cancelled" if exc.code == grpc.StatusCode.CANCELLED else "error"
-            serving.abort(context, exc)
-        except Exception as exc:  # a failed request is a typed result, not a dead worker
-            outcome = "error"
-            log.exception("request %s failed on %s", request_id, self.worker_id)
-            serving.abort(context, WorkerFailed(f"{self.worker_id}: {type(exc).__name__}: {exc}"))
-        finally:
-            if request_id is not None:
-                self.engine.abort(request_id)
-            self._busy.release()
-            self._count(outcome)
-            logs.set_request_id(None)
+
+    def _accept(
+        self, cmd: worker_pb2.SessionRequest, session: _SessionState, context: grpc.ServicerContext
+    ) -> str | None:
+        """The command's kind, once it fits the session (a Begin opens the request)."""
+        which = cmd.WhichOneof("command")
+        if which == "begin":
+            if session.request_id is not None:
+                raise BadCommand("begin", "a session runs one request")
+            if not cmd.request_id:
+                raise BadCommand("request_id", "a session needs a request id")
+            session.request_id = self._active_request_id = cmd.request_id
+            session.watchdog_bound = self.watchdog_bound(cmd.begin)
+            logs.set_request_id(cmd.request_id)  # this handler thread's log lines name it
+            context.add_callback(lambda rid=cmd.request_id: self.engine.mailbox.close(rid))
+        elif cmd.request_id != session.request_id:
+            raise BadCommand(
+                "request_id", f"command for {cmd.request_id!r} in the session of {session.request_id!r}"
+            )
+        return which
+
+    def watchdog_bound(self, begin: worker_pb2.BeginCommand) -> float:
+        """``watchdog_seconds``, raised for a session whose coordinator asks for longer peer waits
+        than it covers: a wait the engine bounds itself is not a stall."""
+        requested = begin.peer_timeout_seconds
+        if not requested > 0:  # 0 (this worker's default) or not a number
+            return self.watchdog_seconds
+        waits = PEER_WAITS_PER_COMMAND * min(requested, PEER_TIMEOUT_CAP) + SEND_WAIT_SECONDS
+        return max(self.watchdog_seconds, waits)
+
+    def _release(self, session: _SessionState) -> None:
+        """Abort what the session left running, then free the worker: an Info that shows no
+        active request means the abort is done."""
+        if session.request_id is not None:
+            self.engine.abort(session.request_id)
+        self._active_request_id = ""
+        self._busy.release()
+        self._count(session.outcome)
+        logs.set_request_id(None)
+
+    def _idle(self, context: grpc.ServicerContext, session: _SessionState) -> Callable[[Watch], None]:
+        def expire(watch: Watch) -> None:
+            session.outcome = "idle_timeout"
+            log.warning(
+                "%s: the client did not take %s in %.0f s; session cancelled",
+                self.worker_id,
+                watch.what,
+                watch.elapsed,
+            )
+            context.cancel()
+
+        return expire
+
+    def _stall(self, watch: Watch) -> None:
+        """The watchdog fired: this worker is not to be trusted with work until restarted."""
+        if self.stalled.is_set():
+            return
+        self.stalled.set()
+        log.error(
+            "%s: %s made no progress for %.0f s (bound %.0f s): NOT_SERVING until restarted; it is at\n%s",
+            self.worker_id,
+            watch.what,
+            watch.elapsed,
+            watch.bound,
+            watch.stack(),
+        )
+        if self.metrics is not None:
+            self.metrics.stalled.set(1)
+        if self._on_stall is not None:
+            self._on_stall()
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:

@@ -55,6 +55,13 @@ class Unauthenticated(HybridiffError):
     reason = "UNAUTHENTICATED"
 
 
+class PermissionDenied(HybridiffError):
+    """The caller is known but may not call this method (``ClusterStatus`` without the admin token)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
 class ModelNotFound(HybridiffError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "MODEL_NOT_FOUND"
@@ -100,6 +107,14 @@ class PeerTimeout(HybridiffError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "PEER_TIMEOUT"
+
+
+class SessionIdle(HybridiffError):
+    """A worker ended a control session whose next command did not come in time (an abandoned or
+    stalled stream): the request was aborted there and may be resumed elsewhere."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = "SESSION_IDLE"
 
 
 class WorkerFailed(HybridiffError):

@@ -221,6 +221,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         args.data_port,
         host=args.host,
         advertise_host=args.advertise_host,
+        advertise_data_address=args.advertise_data_address,
         device=args.device,
         dtype=args.dtype,
         model_name=args.model_name,
@@ -229,6 +230,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
         curve_keys_dir=args.curve_keys,
         metrics_port=args.metrics_port,
+        client_name=args.tls_client_name,
+        health_port=args.health_port,
+        data_peer_cidrs=args.data_peer_cidrs,
+        data_max_message_bytes=args.data_max_message_mib << 20 if args.data_max_message_mib else None,
+        session_idle_seconds=args.session_idle_timeout,
+        watchdog_seconds=args.watchdog_seconds,
     )
     return EXIT_OK
 
@@ -268,9 +275,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         ready_file=args.ready_file,
         tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
         token=security.read_token(args.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"),
+        admin_token=security.read_token(args.admin_token_file, env="HYBRIDIFF_ADMIN_TOKEN"),
         worker_credentials=security.channel_credentials(
             args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key
         ),
+        worker_tls_name=args.worker_tls_name,
     )
     return EXIT_OK
 
@@ -462,6 +471,11 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.add_argument("--port", type=int, default=50061, help="control API port (0: any free port)")
     p.add_argument("--data-port", type=int, default=50062, help="data-plane port (0: any free port)")
     p.add_argument(
+        "--advertise-data-address",
+        default=None,
+        help="tcp://HOST:PORT peers push data-plane frames to (default: the advertised host, data port)",
+    )
+    p.add_argument(
         "--metrics-port", type=int, default=9091, help="Prometheus /metrics port (0: any free port)"
     )
     p.add_argument("--worker-id", default=None, help="name in logs and stats (default: HOST:PORT)")
@@ -480,7 +494,43 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         default=None,
         help="control API: accept only clients (the coordinator) with a certificate from this CA",
     )
+    p.add_argument(
+        "--tls-client-name",
+        default=security.COORDINATOR_NAME,
+        help="control API with --tls-client-ca: the name (DNS or URI subjectAltName) the client's "
+        "certificate must carry",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="plaintext gRPC health only, for kubelet probes when the control port has TLS (0: any port)",
+    )
     p.add_argument("--curve-keys", default=None, help="data plane: directory with the CURVE pool keypair")
+    p.add_argument(
+        "--data-peer-cidrs",
+        default="",
+        help="data plane: push frames only to peers in these networks (e.g. 10.0.0.0/8,fd00::/8); "
+        "default: any address, which is safe only on a private network",
+    )
+    p.add_argument(
+        "--data-max-message-mib",
+        type=int,
+        default=0,
+        help="data plane: largest message accepted, in MiB (default: derived from the model's size limits)",
+    )
+    p.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a control session may wait for its next command before the worker ends it",
+    )
+    p.add_argument(
+        "--watchdog-seconds",
+        type=float,
+        default=300.0,
+        help="a command running longer is a stall: health and liveness turn NOT_SERVING until restart",
+    )
     add_log_format_flag(p)
     p.set_defaults(func=cmd_worker)
 
@@ -513,7 +563,10 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for workers")
     add_policy_flag(p)
     p.add_argument(
-        "--step-timeout", type=float, default=600.0, help="seconds to wait for one step before failing"
+        "--step-timeout",
+        type=float,
+        default=600.0,
+        help="the most seconds to wait for a worker's answer (a step waits a few measured step costs)",
     )
     p.add_argument("--ready-file", default=None, help="write the bound ports here as JSON once serving")
     p.add_argument("--l-slope", type=int, default=None, help="override every model's default L_slope")
@@ -535,6 +588,17 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         "--worker-tls-cert", default=None, help="control channels: the coordinator's client certificate"
     )
     p.add_argument("--worker-tls-key", default=None, help="control channels: the coordinator's client key")
+    p.add_argument(
+        "--worker-tls-name",
+        default=security.WORKER_NAME,
+        help="control channels: the name (DNS subjectAltName) the workers' certificates must carry",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        default=None,
+        help="public API: the only bearer token ClusterStatus takes (default: $HYBRIDIFF_ADMIN_TOKEN if "
+        "set); with an ordinary token and no admin token, ClusterStatus is refused",
+    )
     add_log_format_flag(p)
     p.set_defaults(func=cmd_coordinator)
 

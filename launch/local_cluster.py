@@ -50,8 +50,10 @@ class LocalCluster:
         cores: list[int] | None = None,
         log_format: str = "text",
         verbose: bool = True,
+        worker_args: dict[int, list[str]] | None = None,
     ) -> None:
-        """``log_format``: the processes' ``--log-format``; ``verbose``: they log at INFO (``-v``)."""
+        """``log_format``: the processes' ``--log-format``; ``verbose``: they log at INFO (``-v``);
+        ``worker_args``: more flags for worker i (they override the defaults)."""
         self.model_dir = str(model_dir)
         self.num_workers = workers
         self.port = port  # 0: the coordinator picks a free port
@@ -68,6 +70,7 @@ class LocalCluster:
             LAUNCHER_PID_ENV: str(os.getpid()),
         }
         self.cores = cores
+        self.worker_args = worker_args or {}
         self.procs: list[subprocess.Popen] = []
         self._names: dict[int, str] = {}  # pid -> process name (its log file's stem)
         self.worker_addresses: list[str] = []
@@ -121,12 +124,15 @@ class LocalCluster:
                         "0",
                         "--metrics-port",
                         "0",
+                        "--data-peer-cidrs",
+                        "127.0.0.0/8",
                         "--cpus",
                         cpus,
                         "--worker-id",
                         f"worker{i}",
                         "--ready-file",
                         str(ready[-1]),
+                        *self.worker_args.get(i, []),
                     ],
                 )
             workers = [self._await_file(f, deadline) for f in ready]

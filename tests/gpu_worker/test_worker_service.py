@@ -1,0 +1,259 @@
+"""The worker's control service on a real gRPC server with a real engine (tiny model): an idle or
+non-reading session frees the worker, Info names the running request, the watchdog fires once
+per stalled activity, and the weights digest tells models apart."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from gpu_worker.dataplane import Mailbox
+from gpu_worker.engine import WorkerEngine
+from gpu_worker.loader import load_adapter, weights_digest
+from gpu_worker.metrics import WorkerMetrics
+from gpu_worker.service import SERVICE_NAME, Watchdog, WorkerService
+from hybridiff import serving
+from hybridiff.errors import InvalidArgument, status_details
+from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
+from hybridiff.protocol import Phase, Role, WindowGuidance
+
+IDLE = 1.5
+
+
+def wait_for(condition, within: float, what: str):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {within} s: {what}")
+
+
+class Served:
+    """A WorkerService with a real engine behind a real gRPC server on loopback."""
+
+    def __init__(self, model_dir: Path, **options) -> None:
+        adapter = load_adapter(model_dir, "cpu", "float32")
+        self.metrics = WorkerMetrics()
+        self.service = WorkerService("w0", "tiny", self.metrics, **options)
+        self.service.attach(WorkerEngine(adapter, "w0", Mailbox("w0"), None), "", weights_digest(model_dir))
+        self.server = serving.new_server(8, [])
+        self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
+        worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self.service, self.server)
+        self.port = serving.bind(self.server, "127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = worker_pb2_grpc.WorkerControlServiceStub(self.channel)
+
+    def info(self) -> worker_pb2.InfoResponse:
+        return self.stub.Info(worker_pb2.InfoRequest(), timeout=10)
+
+    def outcomes(self, outcome: str) -> float:
+        return (
+            self.metrics.registry.get_sample_value("hybridiff_worker_requests_total", {"outcome": outcome})
+            or 0
+        )
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(0).wait()
+        self.service.close()
+
+
+@pytest.fixture(scope="module")
+def served(model_dirs):
+    s = Served(model_dirs["sdxl"], session_idle_seconds=IDLE)
+    yield s
+    s.close()
+
+
+def begin(request_id: str, steps: int = 4, side: int = 64) -> worker_pb2.SessionRequest:
+    return worker_pb2.SessionRequest(
+        request_id=request_id,
+        begin=worker_pb2.BeginCommand(
+            request=worker_pb2.WorkerRequest(
+                prompt="a red square", width=side, height=side, num_steps=steps, guidance_scale=2.0, seed=1
+            ),
+            role=Role.U,
+            window_guidance=WindowGuidance.FULL_CFG,
+            solo=True,
+        ),
+    )
+
+
+def step(request_id: str, i: int, report_latents: bool = False) -> worker_pb2.SessionRequest:
+    return worker_pb2.SessionRequest(
+        request_id=request_id,
+        step=worker_pb2.StepCommand(step=i, phase=Phase.SINGLE, report_latents=report_latents),
+    )
+
+
+class Stream:
+    """A client's Session whose commands the test sends one by one."""
+
+    _END = object()
+
+    def __init__(self, stub, timeout: float = 60) -> None:
+        self.outbox: queue.Queue = queue.Queue()
+        self.call = stub.Session(iter(self.outbox.get, self._END), timeout=timeout)
+
+    def send(self, cmd) -> None:
+        self.outbox.put(cmd)
+
+    def close(self) -> None:
+        self.outbox.put(self._END)
+
+
+def run_to_the_end(stub, request_id: str) -> list[worker_pb2.SessionResponse]:
+    cmds = [begin(request_id, steps=2), step(request_id, 0), step(request_id, 1)]
+    cmds.append(worker_pb2.SessionRequest(request_id=request_id, finish=worker_pb2.FinishCommand()))
+    return list(stub.Session(iter(cmds), timeout=60))
+
+
+def test_info_names_the_running_request_until_its_cleanup_is_done(served):
+    assert served.info().active_request_id == ""
+    stream = Stream(served.stub)
+    stream.send(begin("req-info"))
+    assert next(stream.call).WhichOneof("event") == "begin"
+    assert served.info().active_request_id == "req-info"
+    stream.close()  # the coordinator's stream ends without a finish: the worker aborts the request
+    wait_for(lambda: served.info().active_request_id == "", 10, "the active request cleared")
+    assert "req-info" not in served.service.engine._active  # "" only after engine.abort
+    events = run_to_the_end(served.stub, "req-after")
+    assert [e.WhichOneof("event") for e in events] == ["begin", "step", "step", "finish"]
+    assert served.info().active_request_id == ""
+
+
+def test_an_idle_session_is_ended_with_a_typed_status_and_the_worker_is_free(served):
+    before = served.outcomes("idle_timeout")
+    stream = Stream(served.stub)
+    stream.send(begin("req-idle"))
+    started = time.monotonic()
+    assert next(stream.call).WhichOneof("event") == "begin"
+    with pytest.raises(grpc.RpcError) as err:
+        next(stream.call)  # then nothing is sent: the worker ends the session after IDLE seconds
+    waited = time.monotonic() - started
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert status_details(err.value)["ErrorInfo"].reason == "SESSION_IDLE"
+    assert IDLE <= waited < IDLE + 10
+    wait_for(lambda: served.info().active_request_id == "", 10, "the idle request cleared")
+    assert served.outcomes("idle_timeout") == before + 1
+    assert "req-idle" not in served.service.engine._active
+    wait_for(
+        lambda: not [t for t in threading.enumerate() if t.name.startswith("session-reader-")],
+        10,
+        "the session's reader thread ended",
+    )
+    assert run_to_the_end(served.stub, "req-next")[-1].WhichOneof("event") == "finish"
+    stream.close()
+
+
+def test_a_session_that_never_begins_is_ended_too(served):
+    stream = Stream(served.stub)  # opened, nothing sent
+    with pytest.raises(grpc.RpcError) as err:
+        next(stream.call)
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert run_to_the_end(served.stub, "req-after-empty")[-1].WhichOneof("event") == "finish"
+    stream.close()
+
+
+def test_a_client_that_does_not_read_its_events_is_cut_off(served):
+    """Its events fill the stream's flow-control window, so handing the next one over blocks:
+    that wait is bounded by the idle timeout as well."""
+    before = served.outcomes("idle_timeout")
+    steps = 500
+    stream = Stream(served.stub)
+    first = begin("req-deaf", steps=steps, side=128)
+    first.begin.request.num_images = 4
+    stream.send(first)
+    for i in range(steps):
+        stream.send(step("req-deaf", i, report_latents=True))  # 16 KiB of latents per event
+    wait_for(lambda: served.info().active_request_id == "req-deaf", 30, "the request started")
+    wait_for(lambda: served.info().active_request_id == "", 60, "the deaf session ended")
+    assert served.outcomes("idle_timeout") == before + 1
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream.call)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    stream.close()
+
+
+def test_health_keeps_answering_while_a_session_runs(served):
+    from grpc_health.v1 import health_pb2_grpc
+
+    served.health.set("", serving.SERVING)
+    stream = Stream(served.stub)
+    stream.send(begin("req-health"))
+    next(stream.call)
+    health = health_pb2_grpc.HealthStub(served.channel)
+    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    stream.close()
+    wait_for(lambda: served.info().active_request_id == "", 10, "the request cleared")
+
+
+def test_the_watchdog_fires_once_per_overdue_watch_and_never_for_a_quick_one():
+    fired: list[str] = []
+    dog = Watchdog(poll=0.02).start()
+    try:
+        with dog.watch("quick", 5.0, lambda w: fired.append(w.what)):
+            pass
+        with dog.watch("stuck", 0.1, lambda w: fired.append(w.what)) as w:
+            wait_for(lambda: fired, 10, "the watchdog fired")
+            time.sleep(0.2)  # overdue for longer still: it does not fire again
+            assert "test_the_watchdog_fires" in w.stack()  # where the stuck thread is
+        assert fired == ["stuck"]
+    finally:
+        dog.stop()
+
+
+def test_the_watchdog_bound_covers_the_peer_waits_a_session_asks_for():
+    service = WorkerService("w", "m", watchdog_seconds=300)
+    try:
+        for requested, bound in ((0, 300), (100, 300), (200, 460), (1e9, 1260), (float("nan"), 300)):
+            assert service.watchdog_bound(worker_pb2.BeginCommand(peer_timeout_seconds=requested)) == bound
+    finally:
+        service.close()
+
+
+def test_bounds_must_be_positive():
+    with pytest.raises(InvalidArgument):
+        WorkerService("w", "m", session_idle_seconds=0)
+    with pytest.raises(InvalidArgument):
+        WorkerService("w", "m", watchdog_seconds=-1)
+
+
+def test_the_weights_digest_tells_weights_apart_not_paths(model_dirs, tmp_path):
+    from launch.tiny_model import write_tiny_model
+
+    original = model_dirs["sdxl"]
+    digest = weights_digest(original)
+    assert digest.startswith("sha256:") and digest == weights_digest(original)
+    copy = shutil.copytree(original, tmp_path / "copy")  # other path, other file times
+    assert weights_digest(copy) == digest
+    other_seed = write_tiny_model("sdxl", tmp_path / "seed1", seed=1)  # same architecture and shapes
+    assert weights_digest(other_seed) != digest
+    assert weights_digest(model_dirs["sd3"]) not in (digest, weights_digest(other_seed))
+
+    # One byte in the middle of the largest tensor's first sampled block, and a config value.
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    spans = [v["data_offsets"] for k, v in json.loads(data[8:header]).items() if k != "__metadata__"]
+    begin_at = max(spans, key=lambda o: o[1] - o[0])[0]
+    data[header + begin_at + 100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert weights_digest(copy) != digest
+    shutil.copy(original / "unet" / "diffusion_pytorch_model.safetensors", weights)
+    assert weights_digest(copy) == digest
+    config = copy / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "timestep_spacing": "trailing"}))
+    assert weights_digest(copy) != digest
