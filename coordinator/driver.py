@@ -145,22 +145,67 @@ class WorkerStepFailed(Exception):
         self.cause = cause
 
 
-def _results(futures: list[Future], workers: list[WorkerHandle], timeout: float, what: str) -> list:
-    """All results, or the first failure as soon as any worker fails (its peer may be blocked)."""
-    done, not_done = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
-    failed = [(w, f.exception()) for f, w in zip(futures, workers) if f in done and f.exception() is not None]
-    if failed:
-        # A worker that failed by itself is to blame over one that only waited for its peer.
-        worker, cause = next(((w, c) for w, c in failed if not isinstance(c, PeerTimeout)), failed[0])
-        if isinstance(cause, PeerTimeout) and len(workers) == 2:
-            worker = workers[1 - workers.index(worker)]  # it waited in vain: blame the silent peer
-        raise WorkerStepFailed(worker, cause)
-    if not_done:
-        raise WorkerStepFailed(
-            workers[futures.index(next(iter(not_done)))],
-            WorkerFailed(f"{what}: no answer within {timeout:.0f}s"),
+# The driver waits for workers in slices this long, calling ``check_alive`` between them: a cancel
+# or a passed deadline is noticed within a slice, not after the step (issue 11).
+ALIVE_CHECK_SECONDS = 0.1
+
+
+def _results(
+    futures: list[Future],
+    workers: list[WorkerHandle],
+    timeout: float,
+    what: str,
+    check_alive: Callable[[], None] | None = None,
+) -> list:
+    """All results, or the first failure as soon as any worker fails (its peer may be blocked).
+    ``check_alive`` is called while waiting; what it raises (Cancelled, DeadlineExceeded) ends the wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        done, not_done = wait(
+            futures, timeout=max(0.0, min(ALIVE_CHECK_SECONDS, remaining)), return_when=FIRST_EXCEPTION
         )
-    return [f.result() for f in futures]
+        failed = [(w, f.exception()) for f, w in zip(futures, workers) if f in done and f.exception()]
+        if failed:
+            # A worker that failed by itself is to blame over one that only waited for its peer.
+            worker, cause = next(((w, c) for w, c in failed if not isinstance(c, PeerTimeout)), failed[0])
+            if isinstance(cause, PeerTimeout) and len(workers) == 2:
+                worker = workers[1 - workers.index(worker)]  # it waited in vain: blame the silent peer
+            raise WorkerStepFailed(worker, cause)
+        if not not_done:
+            return [f.result() for f in futures]
+        if check_alive:
+            check_alive()
+        if time.monotonic() >= deadline:
+            raise WorkerStepFailed(
+                workers[futures.index(next(iter(not_done)))],
+                WorkerFailed(f"{what}: no answer within {timeout:.1f}s"),
+            )
+
+
+@dataclass(frozen=True)
+class StepWaits:
+    """How long to wait, in step costs (issue 11): a worker waits for its peer's frame
+    ``peer_steps`` expected steps (at least ``peer_floor`` seconds, at most ``cap``); the driver
+    waits for a step's answers longer than a worker may wait for its peer twice, so a silent
+    peer is reported by the worker that waited, which blames the right one. Before any step was
+    measured (a model's first request, a new device), the worker's own default peer wait and
+    ``cap`` for the step: a first step may be far slower than any floor guesses."""
+
+    cap: float = 600.0  # the most any wait may be (--step-timeout)
+    peer_steps: float = 10.0
+    peer_floor: float = 5.0
+
+    def peer(self, step_cost: float | None) -> float:
+        """Seconds for ``BeginCommand.peer_timeout_seconds`` (0: the worker's default)."""
+        if step_cost is None:
+            return 0.0
+        return min(max(self.peer_floor, self.peer_steps * step_cost), self.cap)
+
+    def step(self, step_cost: float | None) -> float:
+        if step_cost is None:
+            return self.cap
+        return min(2 * self.peer(step_cost) + step_cost, self.cap)
 
 
 def _as_seen_by_the_client(worker: WorkerHandle, cause: BaseException) -> BaseException:
@@ -206,19 +251,34 @@ def drive_request(
     recover: Recover | None = None,
     max_recoveries: int = 2,
     elastic: Elastic | None = None,
+    step_cost: float | None = None,
 ) -> GenerationResult:
     """Run ``spec`` in ``mode`` (not AUTO) on ``workers`` (one for SINGLE, two otherwise; with
     ``elastic``, ``mode`` is the paired schedule and the request may start, shrink to and grow
     from a lone worker, which runs the CFG batch: Phase.SINGLE).
 
-    ``check_alive`` is called between steps and raises (Cancelled, DeadlineExceeded) to stop.
+    ``check_alive`` is called between steps and while waiting for workers, and raises (Cancelled,
+    DeadlineExceeded) to stop: the workers' sessions are aborted at once.
+    Waits are measured in step costs (``StepWaits``, at most ``step_timeout``): ``step_cost`` is
+    what one step of this request is expected to cost (None: not measured yet); once the request
+    has run steps of its own, their times count too.
     With ``recover``, worker U reports the latents after every step (the checkpoint) and a
     worker that dies or stops answering is replaced: the request resumes from the last
     completed step on the workers ``recover`` gives (DESIGN section 5).
     Trace context: commands carry the current span (begin/finish) or their phase's span (steps).
     """
     return _RequestRun(
-        spec, mode, workers, split_cut, on_step, check_alive, step_timeout, recover, max_recoveries, elastic
+        spec,
+        mode,
+        workers,
+        split_cut,
+        on_step,
+        check_alive,
+        StepWaits(cap=step_timeout),
+        recover,
+        max_recoveries,
+        elastic,
+        step_cost,
     ).execute()
 
 
@@ -236,10 +296,11 @@ class _RequestRun:
         split_cut,
         on_step,
         check_alive,
-        step_timeout,
+        waits,
         recover,
         max_recoveries,
         elastic,
+        step_cost,
     ) -> None:
         self.spec, self.rid = spec, spec.request_id
         self.schedule = StepSchedule(mode, spec.num_steps, spec.hybrid, spec.guided)
@@ -253,7 +314,8 @@ class _RequestRun:
         elif not single and len(self.used) < 2:
             raise WorkerFailed(f"{label(self.schedule.mode)} needs two workers, got {len(self.used)}")
         self.split_cut, self.on_step, self.check_alive = split_cut, on_step, check_alive
-        self.step_timeout, self.recover, self.max_recoveries = step_timeout, recover, max_recoveries
+        self.waits, self.recover, self.max_recoveries = waits, recover, max_recoveries
+        self.expected_step = step_cost  # from earlier requests of the model (None: none measured)
         self.notes: list[str] = []
         if self.schedule.mode != mode:
             self.notes.append(f"{label(mode)} needs guidance_scale > 1; ran {label(self.schedule.mode)}")
@@ -266,6 +328,21 @@ class _RequestRun:
     @property
     def solo(self) -> bool:
         return len(self.used) == 1
+
+    # Steps of its own this request weighs (the last few: a phase may cost more than the one before).
+    OWN_STEPS = 4
+
+    @property
+    def step_cost(self) -> float | None:
+        """What one step is expected to cost: the most of the model's measured cost and this
+        request's recent steps (each the slowest worker's compute time)."""
+        own = [s.compute_seconds for s in self.stats[-self.OWN_STEPS :]]
+        known = [c for c in (self.expected_step, max(own, default=None)) if c is not None]
+        return max(known) if known else None
+
+    def _wait(self, futures: list[Future], what: str, timeout: float | None = None) -> list:
+        timeout = self.waits.cap if timeout is None else timeout
+        return _results(futures, self.used, timeout, what, self.check_alive)
 
     def _command(self, trace_context: dict[str, str] | None = None, **which) -> worker_pb2.SessionRequest:
         return worker_pb2.SessionRequest(
@@ -359,13 +436,14 @@ class _RequestRun:
                 peer_data_address="" if self.solo else self.used[1 - i].data_address,
                 peer_worker_id="" if self.solo else self.used[1 - i].identity,
                 session_nonce=nonce,
+                peer_timeout_seconds=self.waits.peer(self.step_cost),
             )
             if self.split_cut is not None:
                 begin.split_cut = self.split_cut
             if self.checkpoint is not None:
                 begin.resume.CopyFrom(self.checkpoint)
             futures.append(w.send(self._command(begin=begin)))
-        events = _results(futures, self.used, self.step_timeout, "begin")
+        events = self._wait(futures, "begin")  # encoding: not a step, bounded by the cap
         self.encoding = max(self.encoding, max(e.begin.encoding_seconds for e in events))
 
     def _abort(self) -> None:
@@ -378,7 +456,7 @@ class _RequestRun:
             w.send(self._command(finish=worker_pb2.FinishCommand(decode=(i == 0), encoding=encoding)))
             for i, w in enumerate(self.used)
         ]
-        return [e.finish for e in _results(futures, self.used, self.step_timeout, "finish")]
+        return [e.finish for e in self._wait(futures, "finish")]  # decoding: bounded by the cap
 
     def _phase(self, step: int, first: int) -> Phase:
         if self.elastic is not None and self.solo:
@@ -423,7 +501,7 @@ class _RequestRun:
                         w.send(self._command(spans.carrier_for(issued, phase), step=cmd)) for w in used
                     ]
                     issued += 1
-                events = _results(pending.pop(step), used, self.step_timeout, f"step {step}")
+                events = self._wait(pending.pop(step), f"step {step}", self.waits.step(self.step_cost))
                 now = time.perf_counter()
                 reports = [(e.worker_id, e.step) for e in events]
                 d = next((r.rel_mae for _, r in reports if r.HasField("rel_mae")), None)

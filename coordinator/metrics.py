@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -76,12 +78,32 @@ class CoordinatorMetrics:
         self.data_plane_bytes = Counter(
             "hybridiff_data_plane_bytes_total", "Bytes workers sent each other", registry=r
         )
+        self.worker_quarantines = Counter(
+            "hybridiff_worker_quarantines_total",
+            "Workers taken out of service after a failure or an unconfirmed abort",
+            registry=r,
+        )
+        self._quarantines_seen = 0
+        self._pool_lock = threading.Lock()
+        self._http = None  # the /metrics server, once serving
+        self._http_thread: threading.Thread | None = None
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_port
+        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        """Stop serving /metrics (its thread ends, its socket closes)."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http_thread.join(timeout=5)
+            self._http = None
 
     def observe_pool(self, pool) -> None:
+        with self._pool_lock:  # the pool counts quarantines; the counter follows its total
+            self.worker_quarantines.inc(pool.quarantines - self._quarantines_seen)
+            self._quarantines_seen = pool.quarantines
         self.queue_depth.set(pool.queue_depth)
         self.worker_demand.set(pool.demand())
         for state, n in pool.counts().items():

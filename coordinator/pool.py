@@ -1,11 +1,28 @@
 """The worker pool and pair allocator (DESIGN section 2).
 
 Discovery reports workers (``worker_ready`` / ``worker_gone``); the pool connects to each,
-reads its ``WorkerInfo`` and keeps its state: joining -> idle <-> busy, draining (gone while
-busy: no new work), unhealthy (a failed request; probed until it answers again). Requests wait
-in one FIFO admission queue of bounded length; the head of the queue takes the workers it
-needs — two idle workers serving its model (one per guidance branch), or in AUTO mode a lone
-idle worker rather than waiting. A worker is never in two requests at once.
+reads its ``WorkerInfo`` and keeps its state:
+
+- joining -> idle <-> busy; a worker that speaks another protocol version is ``incompatible``
+  (refused at join, re-read now and then: it never gets a request while it differs);
+- busy -> aborting -> idle: after an aborted or cancelled request a worker is free again only
+  once its ``Info`` no longer names that request (it finished unwinding the step), or it is
+  quarantined when it does not confirm within ``HealthPolicy.abort_confirm`` seconds;
+- busy -> unhealthy (quarantined) -> idle: a worker that failed a request is probed with
+  ``grpc.health.v1`` Check and ``Info`` (a stuck worker's other gRPC threads still answer
+  ``Info``, but its watchdog turns health NOT_SERVING, and a stopped process answers nothing)
+  and re-admitted only after ``readmit_probes`` good probes in a row and a minimum quarantine
+  that doubles with each failure in a row (capped; reset after a healthy stretch);
+- gone while busy or aborting: ``draining`` (no new work; it leaves at release). Reported ready
+  again at the same address before then (a readiness flap), it is the same worker, still in
+  its request: it is never entered twice.
+
+Requests wait in one FIFO admission queue per model; the queue capacity is one bound over all
+models. The head of a model's queue takes the workers it needs — two idle, compatible workers
+serving its model (one per guidance branch), or in AUTO mode a lone idle worker rather than
+waiting — while a head of another model's queue does not wait behind it. Two workers are
+compatible when they agree on protocol version, dtype, device kind and weights digest. A worker
+is never in two requests at once.
 """
 
 from __future__ import annotations
@@ -18,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.allocation import PoolView
 from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, QueueFull, Unavailable
@@ -25,27 +43,96 @@ from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-JOINING, IDLE, BUSY, DRAINING, UNHEALTHY = "joining", "idle", "busy", "draining", "unhealthy"
-STATES = (JOINING, IDLE, BUSY, DRAINING, UNHEALTHY)
+# The step protocol this coordinator speaks; a worker must report the same (the worker's own
+# constant is gpu_worker.service.PROTOCOL_VERSION: the roles never import each other).
+WORKER_PROTOCOL_VERSION = 3
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerControlService"].full_name
+
+JOINING, IDLE, BUSY, ABORTING, DRAINING = "joining", "idle", "busy", "aborting", "draining"
+# A quarantined worker shows as "unhealthy" (ClusterStatus, hybridiff_workers{state}).
+UNHEALTHY, INCOMPATIBLE = "unhealthy", "incompatible"
+QUARANTINED = UNHEALTHY
+STATES = (JOINING, IDLE, BUSY, ABORTING, DRAINING, UNHEALTHY, INCOMPATIBLE)
+OCCUPIED = (BUSY, ABORTING)  # still running something of a request
 
 
-@dataclass
+@dataclass(frozen=True)
+class HealthPolicy:
+    """When a worker that failed, or that was aborted, may serve again."""
+
+    probe_timeout: float = 2.0  # each health Check and Info of a probe
+    readmit_probes: int = 3  # good probes in a row before a quarantined worker is idle again
+    quarantine_base: float = 2.0  # the minimum quarantine after a first failure ...
+    quarantine_max: float = 120.0  # ... doubled with each failure in a row, up to this
+    healthy_stretch: float = 300.0  # re-admitted this long ago: the next failure counts as a first
+    abort_confirm: float = 10.0  # an aborted worker not confirming within this is quarantined
+    incompatible_recheck: float = 30.0  # how often an incompatible worker's Info is read again
+
+    def quarantine_seconds(self, failures: int) -> float:
+        return min(self.quarantine_max, self.quarantine_base * 2 ** max(0, failures - 1))
+
+
+ABORT_CONFIRM_SECONDS = HealthPolicy.abort_confirm
+
+
+def pairing_key(info: worker_pb2.InfoResponse) -> tuple[int, str, str, str]:
+    """What two workers must agree on to run one request together."""
+    return (info.protocol_version, info.dtype, info.device.split(":")[0], info.weights_digest)
+
+
+def incompatibility(info: worker_pb2.InfoResponse) -> str:
+    """Why this coordinator cannot drive the worker at all ("" when it can)."""
+    if info.protocol_version != WORKER_PROTOCOL_VERSION:
+        return (
+            f"it speaks step protocol version {info.protocol_version}, "
+            f"this coordinator version {WORKER_PROTOCOL_VERSION}"
+        )
+    return ""
+
+
+@dataclass(eq=False)
 class WorkerEntry:
     worker_id: str
     address: str
     channel: grpc.Channel
-    state: str = JOINING
+    status: str = JOINING  # the state as the pool keeps it; ``state`` is what it shows
     info: worker_pb2.InfoResponse | None = None
     request_id: str = ""
     gone: bool = False
+    failures: int = 0  # quarantines in a row
+    quarantined_until: float = 0.0
+    readmitted_at: float | None = None
+    epoch: int = 0  # bumped whenever a new probe starts: an older probe then stops
     stub: worker_pb2_grpc.WorkerControlServiceStub = field(init=False)
+    health: health_pb2_grpc.HealthStub = field(init=False)
 
     def __post_init__(self) -> None:
         self.stub = worker_pb2_grpc.WorkerControlServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    @property
+    def state(self) -> str:
+        return DRAINING if self.gone and self.status in OCCUPIED else self.status
 
     @property
     def model(self) -> str:
         return self.info.model_name if self.info else ""
+
+
+def _groups(entries: list[WorkerEntry]) -> list[list[WorkerEntry]]:
+    """``entries`` split into compatible groups, each by worker id, ordered by its first id."""
+    groups: dict[tuple, list[WorkerEntry]] = {}
+    for e in sorted(entries, key=lambda e: e.worker_id):
+        groups.setdefault(pairing_key(e.info), []).append(e)
+    return list(groups.values())
+
+
+def _pick(idle: list[WorkerEntry], want: int, accept_one: bool) -> list[WorkerEntry]:
+    """``want`` compatible workers of ``idle``, or one when ``accept_one``; none otherwise."""
+    for group in _groups(idle):
+        if len(group) >= want:
+            return group[:want]
+    return sorted(idle, key=lambda e: e.worker_id)[:1] if accept_one else []
 
 
 class WorkerPool:
@@ -55,33 +142,48 @@ class WorkerPool:
         queue_capacity: int = 16,
         probe_interval: float = 1.0,
         on_change: Callable[[WorkerPool], None] | None = None,
+        health: HealthPolicy | None = None,
     ) -> None:
+        """``queue_capacity``: the most requests waiting, all models together."""
         self._channel_factory = channel_factory
         self.queue_capacity = queue_capacity
         self.probe_interval = probe_interval
+        self.health = health or HealthPolicy()
         self._on_change = on_change
         self._cond = threading.Condition()
+        self._stop = threading.Event()  # set at close: every probe ends at its next wait
         self._workers: dict[str, WorkerEntry] = {}
-        self._waiting: list[int] = []
+        self._waiting: dict[str, list[int]] = {}  # model -> tickets, first come first served
         self._wants: dict[int, tuple[str, int, bool]] = {}  # ticket -> (model, want, accept_one)
         self._tickets = itertools.count()
         self._closed = False
+        self._probes: set[threading.Thread] = set()
+        self.quarantines = 0  # workers quarantined so far (hybridiff_worker_quarantines_total)
 
     # --- discovery sink -------------------------------------------------------------
     def worker_ready(self, worker_id: str, address: str) -> None:
         with self._cond:
             entry = self._workers.get(worker_id)
-            if entry is not None and entry.address == address and not entry.gone:
-                return
+            if entry is not None and entry.address == address:
+                if not entry.gone:
+                    return
+                if entry.status in OCCUPIED:
+                    # A readiness flap: the same worker, still in its request, is back; a second
+                    # entry would hand it to another request while this one runs.
+                    entry.gone = False
+                    log.info("worker %s is ready again while %s", worker_id, entry.status)
+                    self._cond.notify_all()
+                    self._changed()
+                    return
             if entry is not None and not entry.gone:
                 # Replaced: a busy one finishes its request, then leaves; any other goes now (and
                 # its probe, if it is still being probed, ends instead of dialling the old address).
                 entry.gone = True
-                if entry.state != BUSY:
+                if entry.status not in OCCUPIED:
                     entry.channel.close()
             entry = WorkerEntry(worker_id, address, self._channel_factory(address))
             self._workers[worker_id] = entry
-        threading.Thread(target=self._probe, args=(entry,), name=f"probe-{worker_id}", daemon=True).start()
+            self._spawn(entry, self._join)
         self._changed()
 
     def worker_gone(self, worker_id: str) -> None:
@@ -89,55 +191,197 @@ class WorkerPool:
             entry = self._workers.get(worker_id)
             if entry is None:
                 return
-            entry.gone = True
-            if entry.state == BUSY:
-                entry.state = DRAINING
-            else:
+            entry.gone = True  # an occupied one shows as draining and leaves at release
+            if entry.status not in OCCUPIED:
                 self._remove(entry)
             self._cond.notify_all()
         self._changed()
 
     def _remove(self, entry: WorkerEntry) -> None:
+        entry.epoch += 1
         if self._workers.get(entry.worker_id) is entry:
             del self._workers[entry.worker_id]
         entry.channel.close()
-
-    def _probe(self, entry: WorkerEntry) -> None:
-        """Read the worker's info until it answers (it may still be loading its model)."""
-        while not self._closed and not entry.gone:
-            try:
-                info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=5)
-            except grpc.RpcError as err:
-                log.debug("worker %s not ready: %s", entry.worker_id, err.code())
-                time.sleep(self.probe_interval)
-                continue
-            except ValueError:  # its channel was closed meanwhile: it is gone or replaced
-                return
-            with self._cond:
-                if entry.gone:
-                    return
-                entry.info = info
-                entry.state = IDLE
-                self._cond.notify_all()
-            log.info(
-                "worker %s joined: model %s (%s) on %s",
-                entry.worker_id,
-                info.model_name,
-                info.arch,
-                info.device,
-            )
-            self._changed()
-            return
 
     def _changed(self) -> None:
         if self._on_change:
             self._on_change(self)
 
+    # --- probes -----------------------------------------------------------------------
+    def _spawn(self, entry: WorkerEntry, probe: Callable[..., None], *args) -> None:
+        """Start ``probe`` on ``entry``, ending any probe of it still running (call under the lock)."""
+        entry.epoch += 1
+        thread = threading.Thread(
+            target=self._run_probe,
+            args=(probe, entry, entry.epoch, *args),
+            name=f"probe-{entry.worker_id}",
+            daemon=True,
+        )
+        self._probes.add(thread)
+        thread.start()
+
+    def _run_probe(self, probe: Callable[..., None], *args) -> None:
+        try:
+            probe(*args)
+        finally:
+            with self._cond:
+                self._probes.discard(threading.current_thread())
+
+    def _current(self, entry: WorkerEntry, epoch: int) -> bool:
+        return not self._closed and entry.epoch == epoch
+
+    def _join(self, entry: WorkerEntry, epoch: int) -> None:
+        """Read the worker's info until it answers (it may still be loading its model); refuse it
+        while it is incompatible."""
+        while self._current(entry, epoch) and not entry.gone:
+            try:
+                info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=max(5.0, self.health.probe_timeout))
+            except grpc.RpcError as err:
+                log.debug("worker %s not ready: %s", entry.worker_id, err.code())
+                self._stop.wait(self.probe_interval)
+                continue
+            except ValueError:  # its channel was closed meanwhile: it is gone or replaced
+                return
+            problem = incompatibility(info)
+            with self._cond:
+                if not self._current(entry, epoch) or entry.gone:
+                    return
+                was, entry.info = entry.status, info
+                entry.status = INCOMPATIBLE if problem else IDLE
+                kinds = {pairing_key(e.info) for e in self._serving(info.model_name) if e is not entry}
+                self._cond.notify_all()
+            if not problem and kinds and pairing_key(info) not in kinds:
+                log.warning(
+                    "worker %s differs from the other workers of %s in protocol, dtype, device kind "
+                    "or weights (%s): it is paired only with workers that agree",
+                    entry.worker_id,
+                    info.model_name,
+                    pairing_key(info),
+                )
+            if problem:
+                if was != INCOMPATIBLE:
+                    log.error("worker %s refused: %s; it gets no requests", entry.worker_id, problem)
+                    self._changed()
+                self._stop.wait(self.health.incompatible_recheck)
+                continue
+            log.info(
+                "worker %s joined: model %s (%s) on %s, %s, weights %s",
+                entry.worker_id,
+                info.model_name,
+                info.arch,
+                info.device,
+                info.dtype,
+                info.weights_digest[:12] or "-",
+            )
+            self._changed()
+            return
+
+    def _check(self, entry: WorkerEntry) -> tuple[worker_pb2.InfoResponse | None, str]:
+        """One probe: health SERVING, no session running, still compatible. (info, "") when
+        good, (None, why) when not."""
+        timeout = self.health.probe_timeout
+        try:
+            status = entry.health.Check(
+                health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout
+            ).status
+            if status != health_pb2.HealthCheckResponse.SERVING:
+                return None, f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+            info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            return None, f"{err.code().name}"
+        if info.active_request_id:
+            return None, f"still running request {info.active_request_id}"
+        problem = incompatibility(info)
+        return (None, problem) if problem else (info, "")
+
+    def _quarantine(self, entry: WorkerEntry, reason: str) -> None:
+        """Take ``entry`` out of service until it proves itself (call under the lock)."""
+        now = time.monotonic()
+        if entry.readmitted_at is not None and now - entry.readmitted_at >= self.health.healthy_stretch:
+            entry.failures = 0
+        entry.failures += 1
+        seconds = self.health.quarantine_seconds(entry.failures)
+        entry.status, entry.request_id = QUARANTINED, ""
+        entry.quarantined_until = now + seconds
+        self.quarantines += 1
+        log.warning(
+            "worker %s quarantined for at least %.1fs (failure %d in a row): %s",
+            entry.worker_id,
+            seconds,
+            entry.failures,
+            reason,
+        )
+        self._spawn(entry, self._probe_quarantined)
+
+    def _probe_quarantined(self, entry: WorkerEntry, epoch: int) -> None:
+        good, last_why = 0, ""
+        while not self._stop.wait(self.probe_interval) and self._current(entry, epoch) and not entry.gone:
+            try:
+                info, why = self._check(entry)
+            except ValueError:  # its channel was closed: it is gone or replaced
+                return
+            if why and why != last_why:
+                log.info("worker %s stays quarantined: %s", entry.worker_id, why)
+            last_why = why
+            good = good + 1 if info is not None else 0
+            if good < self.health.readmit_probes or time.monotonic() < entry.quarantined_until:
+                continue
+            with self._cond:
+                if not self._current(entry, epoch) or entry.gone:
+                    return
+                entry.info, entry.status, entry.readmitted_at = info, IDLE, time.monotonic()
+                self._cond.notify_all()
+            log.info("worker %s re-admitted after %d good probes", entry.worker_id, good)
+            self._changed()
+            return
+
+    def _confirm_abort(self, entry: WorkerEntry, epoch: int, request_id: str) -> None:
+        """Free ``entry`` once it no longer runs ``request_id``; quarantine it when it does not
+        say so within ``abort_confirm`` seconds."""
+        deadline = time.monotonic() + self.health.abort_confirm
+        while self._current(entry, epoch):
+            try:
+                info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=self.health.probe_timeout)
+                confirmed = info.active_request_id != request_id
+            except grpc.RpcError:
+                confirmed = False
+            except ValueError:  # its channel was closed: it is gone
+                return
+            with self._cond:
+                if not self._current(entry, epoch):
+                    return
+                if confirmed or time.monotonic() >= deadline:
+                    if entry.gone:
+                        self._remove(entry)
+                    elif confirmed:
+                        entry.status, entry.request_id = IDLE, ""
+                    else:
+                        self._quarantine(
+                            entry,
+                            f"it did not confirm the abort of request {request_id} "
+                            f"within {self.health.abort_confirm:g}s",
+                        )
+                    self._cond.notify_all()
+                    self._changed()
+                    return
+            self._stop.wait(min(self.probe_interval, 0.1))
+
     # --- allocation -----------------------------------------------------------------
+    def _serving(self, model: str) -> list[WorkerEntry]:
+        return [
+            e
+            for e in self._workers.values()
+            if e.model == model and not e.gone and e.status not in (JOINING, INCOMPATIBLE)
+        ]
+
     def model_info(self, model: str) -> worker_pb2.InfoResponse:
         """Info of a worker serving ``model`` ("" = the only served model)."""
         with self._cond:
-            infos = {e.model: e.info for e in self._workers.values() if e.info is not None and not e.gone}
+            infos = {
+                e.model: e.info
+                for e in self._workers.values()
+                if e.info is not None and not e.gone and e.status != INCOMPATIBLE
+            }
         if not infos:
             raise Unavailable("no workers are ready")
         if not model:
@@ -160,39 +404,42 @@ class WorkerPool:
         check_alive: Callable[[], None] | None = None,
         admission: Callable[[PoolView], tuple[int, bool]] | None = None,
     ) -> list[WorkerEntry]:
-        """Wait in the admission queue for ``want`` idle workers of ``model`` (or one when
-        ``accept_one``); ``QueueFull`` at once when the queue is full. With ``admission``, the
-        width is decided again from the pool as it is when the request reaches the head."""
+        """Wait in the model's admission queue for ``want`` idle, compatible workers of ``model``
+        (or one when ``accept_one``); ``QueueFull`` at once when the queue is full. With
+        ``admission``, the width is decided again from the pool as it is when the request
+        reaches the head."""
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._closed:
                 raise Unavailable("the coordinator is draining")
-            if len(self._waiting) >= self.queue_capacity:
+            if self.queue_depth >= self.queue_capacity:
                 raise QueueFull(f"admission queue is full ({self.queue_capacity} waiting)")
             ticket = next(self._tickets)
-            self._waiting.append(ticket)
+            queue = self._waiting.setdefault(model, [])
+            queue.append(ticket)
             self._wants[ticket] = (model, want, accept_one)
             self._changed()  # the condition's lock is reentrant
             try:
                 while True:
                     if self._closed:
                         raise Unavailable("the coordinator is draining")
-                    serving = [e for e in self._workers.values() if e.model == model and not e.gone]
+                    serving = self._serving(model)
                     if not serving:
                         raise Unavailable(f"no worker serves model {model!r} any more")
-                    idle = [e for e in serving if e.state == IDLE]
-                    if self._waiting[0] == ticket:
+                    if queue[0] == ticket:
                         if admission is not None:
                             want, accept_one = admission(self._view(model, behind=ticket))
                             self._wants[ticket] = (model, want, accept_one)
-                        take = want if len(idle) >= want else (1 if accept_one and idle else 0)
-                        if take:
-                            chosen = sorted(idle, key=lambda e: e.worker_id)[:take]
+                        chosen = _pick([e for e in serving if e.status == IDLE], want, accept_one)
+                        if chosen:
                             for e in chosen:
-                                e.state, e.request_id = BUSY, request_id
+                                e.status, e.request_id = BUSY, request_id
                             return chosen
-                        if want > len(serving) and not accept_one:
-                            raise Unavailable(f"{want} workers needed, {len(serving)} serve model {model!r}")
+                        largest = max(len(g) for g in _groups(serving))
+                        if want > largest and not accept_one:
+                            raise Unavailable(
+                                f"{want} workers needed, {largest} compatible ones serve model {model!r}"
+                            )
                     if check_alive:
                         self._cond.release()
                         try:
@@ -204,36 +451,49 @@ class WorkerPool:
                         raise DeadlineExceeded("no workers became free in time")
                     self._cond.wait(min(remaining, 0.5))
             finally:
-                self._waiting.remove(ticket)
+                queue.remove(ticket)
+                if not queue and self._waiting.get(model) is queue:
+                    del self._waiting[model]
                 self._wants.pop(ticket, None)
                 self._cond.notify_all()
                 self._changed()  # the condition's lock is reentrant
 
-    def take_idle(self, model: str, count: int, request_id: str) -> list[WorkerEntry]:
-        """Up to ``count`` idle workers of ``model`` at once, ahead of the queue: a request that
-        lost a worker mid-way resumes before new requests start."""
+    def take_idle(
+        self, model: str, count: int, request_id: str, partner: WorkerEntry | None = None
+    ) -> list[WorkerEntry]:
+        """Up to ``count`` idle, compatible workers of ``model`` at once, ahead of the queue: a
+        request that lost a worker mid-way resumes before new requests start. With ``partner``,
+        only workers compatible with it."""
         with self._cond:
-            idle = sorted(
-                (e for e in self._workers.values() if e.model == model and e.state == IDLE and not e.gone),
-                key=lambda e: e.worker_id,
-            )[:count]
-            for e in idle:
-                e.state, e.request_id = BUSY, request_id
-        if idle:
+            idle = [e for e in self._serving(model) if e.status == IDLE]
+            if partner is not None and partner.info is not None:
+                idle = [e for e in idle if pairing_key(e.info) == pairing_key(partner.info)]
+            taken = _pick(idle, count, accept_one=True) if count > 0 else []
+            for e in taken:
+                e.status, e.request_id = BUSY, request_id
+        if taken:
             self._changed()
-        return idle
+        return taken
 
-    def release(self, entries: list[WorkerEntry], failed: bool = False) -> None:
+    def release(self, entries: list[WorkerEntry], failed: bool = False, aborted: bool = False) -> None:
+        """Give ``entries`` back: ``failed`` quarantines them; ``aborted`` (their session was
+        cancelled mid-request) frees each once it confirms it stopped, else quarantines it;
+        otherwise (the request finished) they are idle at once."""
         with self._cond:
             for e in entries:
-                e.request_id = ""
-                if e.gone:
+                request_id, e.request_id = e.request_id, ""
+                if failed:
+                    if e.gone:
+                        self._remove(e)
+                    else:
+                        self._quarantine(e, f"request {request_id} failed on it")
+                elif aborted:
+                    e.status, e.request_id = ABORTING, request_id
+                    self._spawn(e, self._confirm_abort, request_id)
+                elif e.gone:
                     self._remove(e)
-                elif failed:
-                    e.state = UNHEALTHY
-                    threading.Thread(target=self._probe, args=(e,), daemon=True).start()
                 else:
-                    e.state = IDLE
+                    e.status = IDLE
             self._cond.notify_all()
         self._changed()
 
@@ -253,9 +513,11 @@ class WorkerPool:
 
     def _view(self, model: str, behind: int | None = None) -> PoolView:
         """The pool as a request of ``model`` sees it (with ``behind``: the waiters after that ticket)."""
-        idle = sum(e.model == model and e.state == IDLE and not e.gone for e in self._workers.values())
-        queue = self._waiting[self._waiting.index(behind) + 1 :] if behind is not None else self._waiting
-        waiters = [self._wants[t] for t in queue if self._wants.get(t, ("",))[0] == model]
+        idle = sum(e.status == IDLE for e in self._serving(model))
+        queue = self._waiting.get(model, [])
+        if behind is not None:
+            queue = queue[queue.index(behind) + 1 :]
+        waiters = [self._wants[t] for t in queue]
         takes_one = bool(waiters) and (waiters[0][1] == 1 or waiters[0][2])
         return PoolView(idle=idle, waiting=len(waiters), waiting_takes_one=takes_one)
 
@@ -267,7 +529,7 @@ class WorkerPool:
         """Workers busy plus workers wanted by the queued requests (the autoscaler's signal: it
         does not read zero on a saturated pool, as the queue depth alone can)."""
         with self._cond:
-            busy = sum(e.state in (BUSY, DRAINING) for e in self._workers.values())
+            busy = sum(e.status in OCCUPIED for e in self._workers.values())
             return busy + sum(want for _, want, _ in self._wants.values())
 
     # --- introspection ----------------------------------------------------------------
@@ -284,12 +546,21 @@ class WorkerPool:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        """Requests waiting, all models together."""
+        return sum(len(q) for q in self._waiting.values())
 
     def close(self) -> None:
+        """Drain: waiting requests get ``Unavailable`` and none starts any more (running requests
+        still release and recover); the probes end."""
         with self._cond:
             self._closed = True
+            self._stop.set()
             self._cond.notify_all()
+            probes = list(self._probes)
+        # A probe ends at its next wait, or when its call in flight times out: none is left
+        # calling a worker while the interpreter exits.
+        for thread in probes:
+            thread.join(timeout=max(5.0, self.health.probe_timeout) + 1)
 
 
 class Lease:
@@ -304,34 +575,42 @@ class Lease:
         return len(self.entries)
 
     def replace_failed(self, worker_id: str, keep: set[str], want: int) -> list[WorkerEntry]:
-        """Mark ``worker_id`` unhealthy and return it; keep the workers named in ``keep``; top up to
-        ``want`` with idle workers ahead of the queue. ``Unavailable`` when none is left."""
+        """Quarantine ``worker_id``; keep the workers named in ``keep`` (the driver aborted every
+        session: the others are released as aborted); top up to ``want`` with idle workers
+        compatible with the kept ones, ahead of the queue. ``Unavailable`` when none is left."""
         failed = [e for e in self.entries if e.worker_id == worker_id]
         self.pool.release(failed, failed=True)
         others = [e for e in self.entries if e.worker_id != worker_id]
         kept = [e for e in others if e.worker_id in keep]
-        self.pool.release([e for e in others if e.worker_id not in keep])
-        self.entries = kept + self.pool.take_idle(self.model, want - len(kept), self.request_id)
+        self.pool.release([e for e in others if e.worker_id not in keep], aborted=True)
+        partner = kept[0] if kept else None
+        self.entries = kept + self.pool.take_idle(self.model, want - len(kept), self.request_id, partner)
         if not self.entries:
             raise Unavailable(f"worker {worker_id} failed and no other worker is free")
         return self.entries
 
-    def release(self, failed: bool = False) -> None:
+    def release(self, failed: bool = False, aborted: bool = False) -> None:
+        """Give every worker back: ``failed`` quarantines them; ``aborted`` (the request ended
+        early: cancelled, past its deadline, or failed elsewhere) waits for each to confirm it
+        stopped; a request that finished frees them at once."""
         entries, self.entries = self.entries, []
-        self.pool.release(entries, failed=failed)
+        self.pool.release(entries, failed=failed, aborted=aborted)
 
     def give_back(self, worker_id: str) -> None:
-        """Return one healthy worker to the pool (an elastic shrink): the head waiter may take it."""
+        """Return one healthy worker to the pool (an elastic shrink): the head waiter may take it
+        once the worker confirms its session of this request ended (the driver aborts it)."""
         given = [e for e in self.entries if e.worker_id == worker_id]
         self.entries = [e for e in self.entries if e.worker_id != worker_id]
-        self.pool.release(given)
+        self.pool.release(given, aborted=True)
 
     def take_one(self) -> WorkerEntry | None:
-        """An idle worker of the lease's model, if one is free and no request waits (an elastic grow)."""
+        """An idle worker of the lease's model compatible with its own, if one is free and no
+        request waits (an elastic grow)."""
         with self.pool._cond:
             if self.pool._view(self.model).waiting:
                 return None
-            taken = self.pool.take_idle(self.model, 1, self.request_id)
+            partner = self.entries[0] if self.entries else None
+            taken = self.pool.take_idle(self.model, 1, self.request_id, partner)
         self.entries.extend(taken)
         return taken[0] if taken else None
 

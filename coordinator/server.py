@@ -4,15 +4,21 @@ metrics and tracing around the worker pool, in named steps: start, serve until s
 Health: the overall status ("") is SERVING while the process runs and is not draining (the
 liveness probe); the service's own status ("hybridiff.v1.DiffusionService") is SERVING only
 while at least one worker is idle or busy (the readiness probe). SIGTERM drains: health flips
-to NOT_SERVING, new requests get UNAVAILABLE, requests in flight finish within the grace period.
+to NOT_SERVING, new and queued requests get UNAVAILABLE, requests in flight finish within the
+grace period, and the process exits 0.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
+import time
+from typing import NoReturn
 
 import grpc
+from opentelemetry import trace
 
 from coordinator.discovery import StaticDiscovery
 from coordinator.metrics import CoordinatorMetrics
@@ -23,18 +29,32 @@ from hybridiff.v1 import diffusion_pb2, diffusion_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
+# The public API's requests carry no image: two prompts of at most 4000 characters (16 000 bytes
+# each in UTF-8) and a short id fit in 64 KiB with room to spare; a longer one is refused with
+# RESOURCE_EXHAUSTED (serving.new_server keeps it from being read). Responses carry images:
+# sends keep the large limit.
+MAX_REQUEST_BYTES = 64 * 1024
+# Worker addresses and request ids: only the admin token may read them.
+ADMIN_METHODS = (f"/{SERVICE_NAME}/ClusterStatus",)
+# Threads that call workers and may outlive a request (the pool's probes, the sessions' readers):
+# at the end of a drain they are joined once the worker channels are closed.
+WORKER_CALL_THREADS = ("probe-", "session-")
 
 
 def worker_channel_factory(
-    credentials: grpc.ChannelCredentials | None = None, server_name: str = "hybridiff-worker"
+    credentials: grpc.ChannelCredentials | None = None, server_name: str = security.WORKER_NAME
 ):
     """Channels to workers' control APIs; with TLS the workers' certificates are checked against
     ``server_name`` (pods come and go by IP, so certificates name the role, not the address)."""
 
+    # Keepalive: a worker that stops answering (SIGSTOP, a dead node) fails its session within
+    # about KEEPALIVE_TIME + KEEPALIVE_TIMEOUT, and the request resumes elsewhere.
+    base = serving.message_options() + serving.keepalive_channel_options()
+
     def make(address: str) -> grpc.Channel:
         if credentials is None:
-            return telemetry.traced_channel(grpc.insecure_channel(address, options=serving.message_options()))
-        options = serving.message_options() + [("grpc.ssl_target_name_override", server_name)]
+            return telemetry.traced_channel(grpc.insecure_channel(address, options=base))
+        options = base + [("grpc.ssl_target_name_override", server_name)]
         return telemetry.traced_channel(grpc.secure_channel(address, credentials, options=options))
 
     return make
@@ -53,22 +73,28 @@ class Coordinator:
         tls: serving.TlsFiles = (None, None, None),
         token: str | None = None,
         worker_credentials: grpc.ChannelCredentials | None = None,
+        admin_token: str | None = None,
+        worker_tls_name: str = security.WORKER_NAME,
     ) -> None:
         """``tls`` = (cert, key, client CA) of the public API (mutual TLS with a client CA);
-        ``token``: bearer token required on the public API; ``worker_credentials``: TLS to workers."""
+        ``token``: bearer token required on the public API; ``admin_token``: the only token
+        ``ClusterStatus`` takes (with a ``token`` and no ``admin_token`` nobody may call it);
+        ``worker_credentials``: TLS to workers, whose certificates must name ``worker_tls_name``."""
         telemetry.setup_tracing("hybridiff-coordinator")
         self.grace = grace
         self.metrics = CoordinatorMetrics()
         self.pool = WorkerPool(
-            worker_channel_factory(worker_credentials),
+            worker_channel_factory(worker_credentials, worker_tls_name),
             queue_capacity=queue_size,
             on_change=self._pool_changed,
         )
         self.service = DiffusionService(self.pool, self.metrics, config)
         interceptors = telemetry.server_interceptors()
-        if token:
-            interceptors.append(security.BearerTokenInterceptor(token))
-        self.server = serving.new_server(max(16, 2 * queue_size + 8), interceptors)
+        if token or admin_token:  # first: a refused call is answered before anything reads it
+            interceptors.insert(0, security.BearerTokenInterceptor(token, admin_token, ADMIN_METHODS))
+        self.server = serving.new_server(
+            max(16, 2 * queue_size + 8), interceptors, max_receive_bytes=MAX_REQUEST_BYTES
+        )
         diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server(self.service, self.server)
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self._set_health(False)
@@ -77,6 +103,8 @@ class Coordinator:
         self.metrics_port = self.metrics.serve(metrics_port, host) if metrics_port is not None else None
         self.discovery = discovery
         self._stopped = threading.Event()
+        self._drain_lock = threading.Lock()
+        self._draining = False
 
     def _set_health(self, has_workers: bool) -> None:
         draining = self.service.draining
@@ -97,16 +125,36 @@ class Coordinator:
         return self
 
     def drain_and_stop(self) -> None:
-        if self._stopped.is_set():
-            return
-        self.service.draining = True
-        self._set_health(False)
-        self.health.enter_graceful_shutdown()
-        self.server.stop(self.grace).wait()
-        self.discovery.stop()
-        self.pool.close()
-        telemetry.shutdown_tracing()
-        self._stopped.set()
+        """Drain: new requests get UNAVAILABLE and queued ones never start (the pool is closed
+        first); the running ones finish within the grace period; then every call to a worker
+        ends (its channels close) and the threads that made them are joined."""
+        with self._drain_lock:
+            if self._draining:
+                return
+            self._draining = True
+        try:
+            self.service.draining = True
+            self.pool.close()
+            self._set_health(False)
+            self.health.enter_graceful_shutdown()
+            self.server.stop(self.grace).wait()
+            self.discovery.stop()
+            self._let_go_of_workers()
+            telemetry.shutdown_tracing()
+        finally:
+            self._stopped.set()
+
+    def _let_go_of_workers(self, timeout: float = 5.0) -> None:
+        """Close every worker channel (a probe or a session still in a call ends with it) and wait,
+        bounded, for the threads that were in those calls."""
+        for entry in self.pool.snapshot():
+            entry.channel.close()
+        deadline = time.monotonic() + timeout
+        self.service.join_streams(timeout)
+        for thread in threading.enumerate():
+            if thread.name.startswith(WORKER_CALL_THREADS) and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self.metrics.close()
 
     def serve_until_signalled(self, ready_file: str | None = None) -> None:
         print(f"coordinator ready on port {self.port}", flush=True)
@@ -117,8 +165,35 @@ class Coordinator:
 
 def serve_coordinator(
     workers: list[str] | None = None, discovery=None, ready_file: str | None = None, **kwargs
-) -> None:
-    """Serve until SIGTERM/SIGINT; ``ready_file`` receives {"port": P, "metrics_port": M} once listening."""
-    Coordinator(discovery or StaticDiscovery(workers or []), **kwargs).start().serve_until_signalled(
-        ready_file
-    )
+) -> NoReturn:
+    """Serve until SIGTERM/SIGINT, drain, and end the process (exit 0 after a drain);
+    ``ready_file`` receives {"port": P, "metrics_port": M} once listening."""
+    coordinator = Coordinator(discovery or StaticDiscovery(workers or []), **kwargs).start()
+    coordinator.serve_until_signalled(ready_file)
+    end_process(0)
+
+
+def end_process(code: int) -> NoReturn:
+    """Flush what must not be lost (spans, logs), then end the process without interpreter
+    finalization.
+
+    Why not a plain return: gRPC keeps threads of its own (and the Python layer's channel and
+    completion-queue pollers) that can still be returning from C-core calls while Python
+    finalizes. Python 3.11 ends such a daemon thread with pthread_exit when it takes the GIL
+    back, and the forced unwinding through gRPC's C++ frames calls std::terminate: "terminate
+    called without an active exception", exit -6, a crash on every rollout it hits (issue 11).
+    The drain closed our channels and joined our threads first; this closes the race that is
+    left inside gRPC.
+    """
+    try:
+        provider = trace.get_tracer_provider()
+        if hasattr(provider, "shutdown"):
+            provider.shutdown()  # flushes the spans and ends the exporter's thread and channel
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)

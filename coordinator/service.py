@@ -21,13 +21,22 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from coordinator.allocation import CostBook, Policy, admission
-from coordinator.driver import GenerationResult, StepStat, drive_request
+from coordinator.driver import ALIVE_CHECK_SECONDS, GenerationResult, StepStat, drive_request
 from coordinator.elastic import ElasticLease
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import Lease, WorkerPool
 from coordinator.remote import RemoteWorker
 from hybridiff import logs, serving, telemetry
-from hybridiff.errors import Cancelled, DeadlineExceeded, HybridiffError, Unavailable, WorkerFailed
+from hybridiff.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    HybridiffError,
+    InvalidArgument,
+    Unavailable,
+    WorkerFailed,
+    from_rpc_error,
+    status_details,
+)
 from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import MIME_TYPES, Mode, OutputFormat, Phase, label
 from hybridiff.request import MAX_STEPS, HybridParams, ModelDefaults, RequestInput, SizeLimits, resolve_spec
@@ -37,6 +46,7 @@ from hybridiff.v1 import diffusion_pb2_grpc
 log = logging.getLogger(__name__)
 SERVICE_FULL_NAME = pb.DESCRIPTOR.services_by_name["DiffusionService"].full_name
 DEADLINE_SLACK_SECONDS = 0.25
+MEASURE_SPLIT_TIMEOUT = 300.0  # a worker measures a size once (a few forwards) and keeps it
 
 
 def request_input_from_proto(req: pb.GenerateRequest) -> RequestInput:
@@ -156,6 +166,46 @@ def model_info_to_proto(info: worker_pb2.InfoResponse) -> pb.ModelInfo:
     )
 
 
+def as_typed_error(exc: BaseException) -> HybridiffError:
+    """What the client is told: a typed error as it is; anything else is this service's bug,
+    logged here with its traceback and answered as INTERNAL without its text."""
+    if isinstance(exc, HybridiffError):
+        return exc
+    log.error("request failed", exc_info=exc)
+    return WorkerFailed("internal error; see the coordinator log")
+
+
+def worker_call_error(worker: str, what: str, err: grpc.RpcError) -> HybridiffError:
+    """A failed control call to a worker as the client sees it, naming the worker: a worker that
+    is gone stays UNAVAILABLE (a retry may find another); one that did not answer in time is
+    UNAVAILABLE too; one that refused or broke is this service's fault: INTERNAL."""
+    if "ErrorInfo" not in status_details(err):  # not one of ours: its text is the worker's internals
+        if err.code() == grpc.StatusCode.UNAVAILABLE:
+            return Unavailable(f"worker {worker} is unreachable ({what})", worker=worker)
+        return WorkerFailed(f"worker {worker}: {what} failed ({err.code().name}); see its log", worker=worker)
+    cause = from_rpc_error(err, prefix=f"worker {worker}: {what}: ")
+    if isinstance(cause, Unavailable):
+        return cause
+    if isinstance(cause, (DeadlineExceeded, Cancelled)):
+        return Unavailable(f"worker {worker} did not answer {what}: {err.details()}", worker=worker)
+    verb = "refused" if isinstance(cause, InvalidArgument) else "failed"
+    return WorkerFailed(f"worker {worker} {verb} {what} ({cause.reason}): {err.details()}", worker=worker)
+
+
+class _Outcome:
+    """A request's status, counted once, as soon as it is known: before its workers are
+    released (a release may wait for them), and under the code the client is answered with."""
+
+    def __init__(self, metrics: CoordinatorMetrics) -> None:
+        self.metrics = metrics
+        self.counted = False
+
+    def count(self, mode_label: str, code: grpc.StatusCode) -> None:
+        if not self.counted:
+            self.counted = True
+            self.metrics.requests.labels(mode_label, code.name).inc()
+
+
 @dataclass
 class ServiceConfig:
     acquire_timeout: float = 600.0
@@ -175,8 +225,23 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         self.config = config or ServiceConfig()
         self.draining = False
         self.costs = CostBook()
+        # Per model: seconds of one step per pixel of the batch (the slowest worker's compute),
+        # a moving average; a request's expected step cost scales it by its own size.
+        self._pixel_cost: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._streams: set[threading.Thread] = set()  # GenerateStream's request threads
         self._tracer = telemetry.tracer("hybridiff.coordinator")
         self.server_address = ""  # host:port of the public API, for the spans (the server sets it)
+
+    def join_streams(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the streamed requests' threads to end (at exit:
+        none may still be in a call to a worker). Whether all ended."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._streams)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)
 
     # --- RPCs -----------------------------------------------------------------------
     def Generate(self, request, context):
@@ -214,18 +279,20 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                     )
                 )
             except BaseException as exc:  # handed to the stream below
-                events.put(exc)
+                events.put(as_typed_error(exc))
             finally:
                 otel_context.detach(token)
+                with self._lock:
+                    self._streams.discard(threading.current_thread())
 
-        threading.Thread(target=work, name="generate-stream", daemon=True).start()
+        thread = threading.Thread(target=work, name="generate-stream", daemon=True)
+        with self._lock:
+            self._streams.add(thread)
+        thread.start()
         while True:
             item = events.get()
             if isinstance(item, HybridiffError):
                 serving.abort(context, item)
-            if isinstance(item, BaseException):
-                log.error("request failed: %r", item)
-                serving.abort(context, WorkerFailed("internal error; see the coordinator log"))
             yield item
             if item.HasField("result"):
                 return
@@ -255,6 +322,7 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
     ) -> pb.GenerateResponse:
         received = time.perf_counter()
         mode_label, code = "unknown", grpc.StatusCode.OK
+        outcome = _Outcome(self.metrics)
         # The standard RPC attributes (OpenTelemetry semantic conventions) beside hybridiff.*.
         attributes = {"rpc.system": "grpc", "rpc.service": SERVICE_FULL_NAME, "rpc.method": method}
         host, _, port = self.server_address.rpartition(":")
@@ -283,7 +351,7 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                         "hybridiff.steps": spec.num_steps,
                     }
                 )
-                result = self._run(spec, context, on_step)
+                result = self._run(spec, context, on_step, outcome)
                 mode_label = label(result.stats.mode_used)
                 span.set_attributes(
                     {
@@ -303,30 +371,27 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                     len(result.stats.steps),
                     time.perf_counter() - received,
                 )
-                return response_to_proto(result, spec.width, spec.height, spec.output_format)
-            except HybridiffError as exc:
-                code = exc.code
-                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
-                raise
+                response = response_to_proto(result, spec.width, spec.height, spec.output_format)
+                _check_alive(context)  # a client gone meanwhile is answered, and counted, as such
+                return response
+            except Exception as exc:
+                error = as_typed_error(exc)
+                code = error.code
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+                if error is exc:
+                    raise
+                raise error from exc
             except BaseException:
                 code = grpc.StatusCode.INTERNAL
                 raise
             finally:
-                self.metrics.requests.labels(mode_label, code.name).inc()
+                outcome.count(mode_label, code)
                 self.metrics.requests_in_flight.dec()
                 logs.reset_request_id(log_token)
 
-    def _run(self, spec, context, on_step) -> GenerationResult:
+    def _run(self, spec, context, on_step, outcome: _Outcome) -> GenerationResult:
         def check_alive() -> None:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceeded("the client's deadline passed")
-            if not context.is_active():
-                # gRPC ends the call when its deadline passes, a moment before time_remaining()
-                # reaches 0 on this side: a call that ends at its deadline timed out, not cancelled.
-                if remaining is not None and remaining < DEADLINE_SLACK_SECONDS:
-                    raise DeadlineExceeded("the client's deadline passed")
-                raise Cancelled("the client cancelled the request")
+            _check_alive(context)
 
         mode = spec.mode
         policy = self.config.policy
@@ -349,7 +414,10 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         )
         queued = time.perf_counter() - start
         self.metrics.queue_wait_seconds.observe(queued)
-        failed = False
+        if self.draining:  # granted as the drain began: it starts nothing new
+            lease.release()
+            raise Unavailable("the coordinator is draining")
+        failed = finished = False
         try:
             elastic = None
             if mode == Mode.AUTO and policy == Policy.ADAPTIVE and spec.guided:
@@ -367,7 +435,7 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 mode = Mode.HYBRID if (len(lease) == 2 and spec.guided) else Mode.SINGLE
             cut = None
             if mode in (Mode.HYBRID, Mode.PIPELINE) and (len(lease) == 2 or elastic is not None):
-                cut = lease.split_cut(spec.height, spec.width)
+                cut = self._split_cut(lease, spec, check_alive)
 
             def recover(failed_handle, survivors):
                 """Swap a failed worker for an idle one, or go on with the survivor alone."""
@@ -387,15 +455,44 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 step_timeout=self.config.step_timeout,
                 recover=recover,
                 elastic=elastic,
+                step_cost=self._expected_step(spec),
             )
+            finished = True  # the workers ended their sessions: free at once
             result.stats.queued_seconds = queued
             self._learn_costs(spec, result)
             return result
-        except HybridiffError as exc:
-            failed = not isinstance(exc, (Cancelled, DeadlineExceeded))
-            raise
+        except Exception as exc:
+            error = as_typed_error(exc)
+            failed = not isinstance(error, (Cancelled, DeadlineExceeded))
+            outcome.count("unknown", error.code)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
-            lease.release(failed=failed)
+            # Ended early, the workers may still be in the aborted step: free once they confirm.
+            lease.release(failed=failed, aborted=not finished)
+
+    def _split_cut(self, lease: Lease, spec, check_alive) -> int:
+        """The balanced stage cut, measured by the lease's first worker: a call that a cancel or
+        a passed deadline ends at once, and whose failure names the worker."""
+        entry = lease.entries[0]
+        request = worker_pb2.MeasureSplitRequest(width=spec.width, height=spec.height)
+        call = entry.stub.MeasureSplit.future(request, timeout=MEASURE_SPLIT_TIMEOUT)
+        try:
+            while True:
+                try:
+                    return call.result(timeout=ALIVE_CHECK_SECONDS).cut
+                except grpc.FutureTimeoutError:
+                    check_alive()
+        except grpc.RpcError as err:
+            raise worker_call_error(entry.worker_id, "MeasureSplit", err) from None
+        finally:
+            call.cancel()  # no-op once done
+
+    def _expected_step(self, spec) -> float | None:
+        """One step of ``spec`` as the model's earlier requests measured it (None: none yet)."""
+        per_pixel = self._pixel_cost.get(spec.model)
+        return None if per_pixel is None else per_pixel * spec.width * spec.height * spec.num_images
 
     def _learn_costs(self, spec, result: GenerationResult) -> None:
         """Feed the allocation policy the step costs this request measured (median per kind)."""
@@ -409,6 +506,24 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
             if values:
                 self.costs.observe(spec.model, kind, statistics.median(values))
         self.costs.observe(spec.model, "switch", result.stats.encoding_seconds)
+        steps = [s.compute_seconds for s in result.stats.steps[1:]]
+        if steps:
+            per_pixel = statistics.median(steps) / (spec.width * spec.height * spec.num_images)
+            old = self._pixel_cost.get(spec.model)
+            self._pixel_cost[spec.model] = per_pixel if old is None else 0.8 * old + 0.2 * per_pixel
+
+
+def _check_alive(context: grpc.ServicerContext) -> None:
+    """Raise DeadlineExceeded or Cancelled once the client's call has ended."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("the client's deadline passed")
+    if not context.is_active():
+        # gRPC ends the call when its deadline passes, a moment before time_remaining()
+        # reaches 0 on this side: a call that ends at its deadline timed out, not cancelled.
+        if remaining is not None and remaining < DEADLINE_SLACK_SECONDS:
+            raise DeadlineExceeded("the client's deadline passed")
+        raise Cancelled("the client cancelled the request")
 
 
 def _handles(lease: Lease) -> list[RemoteWorker]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from concurrent import futures
 
@@ -85,3 +86,83 @@ def send(client, raw, timeout=None, on_progress=None):
     from hybridiff.client import request_to_proto
 
     return client.generate_request(request_to_proto(raw), timeout=timeout, on_progress=on_progress)
+
+
+class TcpForwarder:
+    """A TCP forwarder to ``target`` (host, port) that a test can blackhole: a partition, where
+    connections stay open and nothing passes either way (the senders' buffers fill, as when
+    packets are dropped), until ``heal``."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._passing = threading.Event()
+        self._passing.set()
+        self._closed = False
+        self._sockets: list = []
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def start(self) -> TcpForwarder:
+        threading.Thread(target=self._accept, name="forwarder", daemon=True).start()
+        return self
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        try:
+            while not self._closed:
+                self._passing.wait()  # blackholed: nothing is read, nothing passes
+                data = src.recv(65536)
+                if not data:
+                    break
+                self._passing.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def blackhole(self) -> None:
+        self._passing.clear()
+
+    def heal(self) -> None:
+        self._passing.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._passing.set()
+        self._listener.close()
+        for s in self._sockets:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for a process that must be told its port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

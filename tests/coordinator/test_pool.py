@@ -7,35 +7,95 @@ from concurrent import futures
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.pool import BUSY, DRAINING, IDLE, JOINING, UNHEALTHY, WorkerPool
+from coordinator.pool import (
+    ABORTING,
+    BUSY,
+    DRAINING,
+    IDLE,
+    INCOMPATIBLE,
+    JOINING,
+    STATES,
+    UNHEALTHY,
+    WORKER_PROTOCOL_VERSION,
+    WORKER_SERVICE,
+    HealthPolicy,
+    WorkerPool,
+)
 from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, QueueFull, Unavailable
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 
 WAIT = 5.0  # the most any condition below may take to come true
 PROBE_INTERVAL = 0.02
+# Quarantines short enough for tests: 2 good probes, at least 0.2 s after a first failure.
+HEALTH = HealthPolicy(
+    probe_timeout=0.5, readmit_probes=2, quarantine_base=0.2, quarantine_max=0.8, abort_confirm=1.0
+)
 
 
-class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer):
+class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer, health_pb2_grpc.HealthServicer):
     """A worker that answers Info (or refuses while ``healthy`` is clear, as one still loading its
-    model or just failed) and MeasureSplit with a fixed cut, counting the calls."""
+    model or just failed), ``grpc.health.v1`` Check (``serving`` clear: NOT_SERVING, as a worker
+    whose watchdog fired; refused while not ``healthy``) and MeasureSplit with a fixed cut,
+    counting the calls. ``active_request_id`` is what its Info reports it runs; while ``frozen``
+    is set it answers nothing (a stopped process: every call runs into its deadline).
+    ``version``, ``dtype``, ``device`` and ``digest`` are what its Info reports."""
 
-    def __init__(self, worker_id: str, model: str, cut: int = 3, healthy: bool = True) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        model: str,
+        cut: int = 3,
+        healthy: bool = True,
+        version: int = WORKER_PROTOCOL_VERSION,
+        dtype: str = "float32",
+        device: str = "cpu",
+        digest: str = "d1",
+    ) -> None:
         self.worker_id, self.model, self.cut = worker_id, model, cut
+        self.version, self.dtype, self.device, self.digest = version, dtype, device, digest
         self.healthy = threading.Event()
         if healthy:
             self.healthy.set()
+        self.serving = threading.Event()
+        self.serving.set()
+        self.frozen = threading.Event()
+        self.health_script: list[bool] = []  # the next probes' answers (SERVING or not), then ``serving``
+        self.active_request_id = ""
         self.info_calls = 0
+        self.health_calls = 0
         self.split_calls: list[tuple[int, int]] = []
         self._lock = threading.Lock()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self, self.server)
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         self.server.start()
+
+    def _hang_while_frozen(self, context) -> None:
+        while self.frozen.is_set() and context.is_active():
+            time.sleep(0.01)
+
+    def Check(self, request, context):
+        with self._lock:
+            self.health_calls += 1
+        self._hang_while_frozen(context)
+        if not self.healthy.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} is down")
+        if request.service != WORKER_SERVICE:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        with self._lock:
+            serving = self.health_script.pop(0) if self.health_script else self.serving.is_set()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        return health_pb2.HealthCheckResponse(status=status)
 
     def Info(self, request, context):
         with self._lock:
             self.info_calls += 1
+        self._hang_while_frozen(context)
         if not self.healthy.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} is loading")
         return worker_pb2.InfoResponse(
@@ -47,7 +107,11 @@ class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer):
                 multiple=8, min_side=64, max_side=1024, default_side=512, max_images=4
             ),
             default_steps=20,
-            device="cpu",
+            device=self.device,
+            dtype=self.dtype,
+            protocol_version=self.version,
+            weights_digest=self.digest,
+            active_request_id=self.active_request_id,
         )
 
     def MeasureSplit(self, request, context):
@@ -102,7 +166,7 @@ def fakes():
 
 @pytest.fixture
 def pool(factory):
-    made = WorkerPool(factory, queue_capacity=4, probe_interval=PROBE_INTERVAL)
+    made = WorkerPool(factory, queue_capacity=4, probe_interval=PROBE_INTERVAL, health=HEALTH)
     yield made
     made.close()
 
@@ -218,7 +282,7 @@ def test_worker_gone_when_idle_removes_it(pool, fakes):
     assert states(pool) == {"w2": IDLE}
     pool.worker_gone("w1")  # twice, or unknown: harmless
     pool.worker_gone("nobody")
-    assert pool.counts() == {JOINING: 0, IDLE: 1, BUSY: 0, DRAINING: 0, UNHEALTHY: 0}
+    assert pool.counts() == {**dict.fromkeys(STATES, 0), IDLE: 1}
 
 
 # --- model_info --------------------------------------------------------------------------------
@@ -402,13 +466,13 @@ def test_a_failed_worker_is_unhealthy_until_its_probe_answers(pool, fakes):
     w1, w2 = fakes("w1"), fakes("w2")
     join(pool, w1, w2)
     pair = pool.acquire("sdxl", 2, False, "r0", timeout=1)
-    w1.healthy.clear()  # it crashed: Info refuses
-    calls = w1.info_calls
+    w1.healthy.clear()  # it crashed: health and Info refuse
+    calls = w1.health_calls
     pool.release([e for e in pair if e.worker_id == "w1"], failed=True)
     pool.release([e for e in pair if e.worker_id == "w2"])
     assert states(pool) == {"w1": UNHEALTHY, "w2": IDLE}
 
-    wait_for(lambda: w1.info_calls >= calls + 2)  # probed
+    wait_for(lambda: w1.health_calls >= calls + 2)  # probed
     assert states(pool)["w1"] == UNHEALTHY
     # An unhealthy worker is not handed out.
     assert ids(pool.acquire("sdxl", 2, True, "r1", timeout=1)) == ["w2"]
@@ -517,3 +581,456 @@ def test_lease_split_cut_asks_the_worker(pool, fakes):
     first = {"w1": w1, "w2": w2}[lease.entries[0].worker_id]
     assert first.split_calls == [(1024, 768)]  # width, height as the worker expects them
     assert w1.split_calls + w2.split_calls == [(1024, 768)]  # one worker measures, once
+
+
+# --- quarantine: probed with health, re-admitted once it proves itself --------------------------
+def fail(pool: WorkerPool, worker_id: str, request_id: str = "r0") -> None:
+    """Acquire ``worker_id`` alone (every other idle worker busy meanwhile) and fail its request."""
+    held = [e for e in pool.snapshot() if e.state == IDLE and e.worker_id != worker_id]
+    for e in held:
+        e.status = BUSY
+    try:
+        (entry,) = pool.take_idle("sdxl", 1, request_id)
+        assert entry.worker_id == worker_id
+    finally:
+        pool.release(held)
+    pool.release([entry], failed=True)
+
+
+def stays(pool: WorkerPool, worker_id: str, state: str, fake: FakeWorker, probes: int = 8) -> None:
+    """``worker_id`` is still in ``state`` after ``probes`` more health probes (several times the
+    longest quarantine of ``HEALTH`` under load: probes come every PROBE_INTERVAL)."""
+    calls = fake.health_calls
+    start = time.monotonic()
+    while fake.health_calls < calls + probes or time.monotonic() < start + HEALTH.quarantine_max * 2:
+        assert states(pool)[worker_id] == state
+        assert time.monotonic() < start + WAIT * 2, f"{fake.health_calls - calls} health probes"
+        time.sleep(0.01)
+    assert states(pool)[worker_id] == state
+
+
+def test_a_failed_worker_whose_health_is_not_serving_stays_quarantined(pool, fakes):
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    w1.serving.clear()  # its watchdog fired: health NOT_SERVING, but Info still answers
+    fail(pool, "w1")
+    assert states(pool) == {"w1": UNHEALTHY, "w2": IDLE}
+    stays(pool, "w1", UNHEALTHY, w1)
+    assert ids(pool.acquire("sdxl", 2, True, "r1", timeout=1)) == ["w2"]  # never handed out
+
+    w1.serving.set()
+    wait_for(lambda: states(pool)["w1"] == IDLE)
+    assert ids(pool.take_idle("sdxl", 2, "r2")) == ["w1"]
+
+
+def test_a_stopped_worker_whose_probes_time_out_stays_quarantined(pool, fakes):
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    w1.frozen.set()  # SIGSTOP: it answers nothing
+    fail(pool, "w1")
+    stays(pool, "w1", UNHEALTHY, w1, probes=3)  # each probe runs into its timeout
+    w1.frozen.clear()
+    wait_for(lambda: states(pool)["w1"] == IDLE)
+
+
+def test_a_worker_still_running_a_request_is_not_readmitted(pool, fakes):
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    w1.active_request_id = "r0"  # health SERVING, but it still runs the failed request
+    fail(pool, "w1")
+    stays(pool, "w1", UNHEALTHY, w1)
+    w1.active_request_id = ""
+    wait_for(lambda: states(pool)["w1"] == IDLE)
+
+
+def test_readmission_takes_good_probes_in_a_row_and_the_minimum_quarantine(factory, fakes):
+    policy = HealthPolicy(probe_timeout=0.5, readmit_probes=3, quarantine_base=0.5, quarantine_max=4)
+    pool = WorkerPool(factory, probe_interval=PROBE_INTERVAL, health=policy)
+    try:
+        w1, w2 = fakes("w1"), fakes("w2")
+        join(pool, w1, w2)
+        # Healthy at once: re-admitted after the minimum quarantine, not at the first good probe.
+        start, calls = time.monotonic(), w1.health_calls
+        fail(pool, "w1")
+        wait_for(lambda: states(pool)["w1"] == IDLE)
+        assert time.monotonic() - start >= 0.5
+        assert w1.health_calls - calls >= 3
+
+        # Flapping health: a bad probe starts the count again. Two good probes in a row, then a
+        # bad one, for longer than the second (1 s) quarantine: it stays out all along.
+        w1.health_script = [True, True, False] * int(1.5 / PROBE_INTERVAL)
+        fail(pool, "w1")
+        wait_for(lambda: not w1.health_script or states(pool)["w1"] != UNHEALTHY, timeout=WAIT * 4)
+        assert states(pool)["w1"] == UNHEALTHY and not w1.health_script
+        calls = w1.health_calls
+        wait_for(lambda: states(pool)["w1"] == IDLE)  # three good ones in a row
+        assert w1.health_calls - calls >= 3
+    finally:
+        pool.close()
+
+
+def test_the_quarantine_doubles_with_failures_in_a_row_up_to_a_cap(factory, fakes):
+    policy = HealthPolicy(
+        probe_timeout=0.5, readmit_probes=1, quarantine_base=0.2, quarantine_max=0.8, healthy_stretch=60
+    )
+    pool = WorkerPool(factory, probe_interval=PROBE_INTERVAL, health=policy)
+    try:
+        w1, w2 = fakes("w1"), fakes("w2")
+        join(pool, w1, w2)
+        (entry,) = [e for e in pool.snapshot() if e.worker_id == "w1"]
+        for n, seconds in enumerate((0.2, 0.4, 0.8, 0.8), start=1):
+            start = time.monotonic()
+            fail(pool, "w1", f"r{n}")
+            assert entry.failures == n
+            assert entry.quarantined_until - start == pytest.approx(seconds, abs=0.05)
+            wait_for(lambda: states(pool)["w1"] == IDLE)
+            assert time.monotonic() - start >= seconds
+        assert pool.quarantines == 4
+    finally:
+        pool.close()
+
+
+def test_the_backoff_resets_after_a_healthy_stretch(factory, fakes):
+    policy = HealthPolicy(
+        probe_timeout=0.5, readmit_probes=1, quarantine_base=0.1, quarantine_max=10, healthy_stretch=0.3
+    )
+    pool = WorkerPool(factory, probe_interval=PROBE_INTERVAL, health=policy)
+    try:
+        w1, w2 = fakes("w1"), fakes("w2")
+        join(pool, w1, w2)
+        (entry,) = [e for e in pool.snapshot() if e.worker_id == "w1"]
+        fail(pool, "w1", "r1")
+        wait_for(lambda: states(pool)["w1"] == IDLE)
+        fail(pool, "w1", "r2")  # at once: a failure in a row
+        assert entry.failures == 2
+        wait_for(lambda: states(pool)["w1"] == IDLE)
+        readmitted = time.monotonic()
+        while time.monotonic() - readmitted < 0.4:  # a healthy stretch
+            time.sleep(0.02)
+        fail(pool, "w1", "r3")
+        assert entry.failures == 1
+        assert entry.quarantined_until - time.monotonic() <= 0.1
+    finally:
+        pool.close()
+
+
+def test_quarantines_are_counted_in_the_metrics(factory, fakes):
+    from coordinator.metrics import CoordinatorMetrics
+
+    metrics = CoordinatorMetrics()
+    pool = WorkerPool(factory, probe_interval=PROBE_INTERVAL, health=HEALTH, on_change=metrics.observe_pool)
+    try:
+        w1, w2 = fakes("w1"), fakes("w2")
+        join(pool, w1, w2)
+        w1.serving.clear()
+        pair = pool.acquire("sdxl", 2, False, "r1", timeout=1)
+        pool.release(pair, failed=True)
+        value = metrics.registry.get_sample_value
+        assert value("hybridiff_worker_quarantines_total") == 2
+        assert value("hybridiff_workers", {"state": UNHEALTHY}) == 2
+        wait_for(lambda: value("hybridiff_workers", {"state": IDLE}) == 1)  # w2 came back
+        assert value("hybridiff_workers", {"state": UNHEALTHY}) == 1
+    finally:
+        pool.close()
+
+
+# --- honest release: an aborted worker is free once it says it stopped --------------------------
+def test_an_aborted_worker_is_idle_only_once_it_confirms_the_abort(pool, fakes):
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    lease = pool.lease("sdxl", 2, False, "r1", timeout=1)
+    w1.active_request_id = "r1"  # still finishing the aborted step
+    lease.release(aborted=True)
+    wait_for(lambda: states(pool)["w2"] == IDLE)  # w2 said it stopped
+    assert states(pool)["w1"] == ABORTING
+    entry = next(e for e in pool.snapshot() if e.worker_id == "w1")
+    assert entry.request_id == "r1"  # ClusterStatus shows what it still runs
+    waiter = enqueue(pool, "r2")  # a pair: it must not get w1 yet
+    assert not waiter.done.wait(0.3)
+    w1.active_request_id = ""
+    assert waiter.done.wait(WAIT) and waiter.error is None
+    assert sorted(ids(waiter.got)) == ["w1", "w2"]
+
+
+def test_an_aborted_worker_already_on_its_next_request_counts_as_confirmed(pool, fakes):
+    w1 = fakes("w1")
+    join(pool, w1)
+    lease = pool.lease("sdxl", 1, False, "r1", timeout=1)
+    w1.active_request_id = "r0"  # another id than the aborted one: r1 is over on the worker
+    lease.release(aborted=True)
+    wait_for(lambda: states(pool)["w1"] == IDLE)
+
+
+def test_an_aborted_worker_that_never_confirms_is_quarantined_after_the_bounded_wait(pool, fakes):
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    lease = pool.lease("sdxl", 2, False, "r1", timeout=1)
+    w1.active_request_id = "r1"  # stuck in the aborted step
+    w2.frozen.set()  # stopped: answers nothing
+    start = time.monotonic()
+    lease.release(aborted=True)
+    wait_for(lambda: states(pool) == {"w1": UNHEALTHY, "w2": UNHEALTHY})
+    assert time.monotonic() - start >= HEALTH.abort_confirm
+    assert pool.quarantines == 2
+    stays(pool, "w1", UNHEALTHY, w1)  # still stuck: still quarantined
+    w1.active_request_id = ""
+    w2.frozen.clear()
+    wait_for(lambda: states(pool) == {"w1": IDLE, "w2": IDLE})
+
+
+def test_a_finished_request_frees_its_workers_at_once(pool, fakes):
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    lease = pool.lease("sdxl", 2, False, "r1", timeout=1)
+    w1.frozen.set()  # not asked: a finished session needs no confirmation
+    lease.release()
+    assert states(pool) == {"w1": IDLE, "w2": IDLE}
+    w1.frozen.clear()
+
+
+def test_replace_failed_releases_the_workers_it_drops_as_aborted(pool, fakes):
+    w1, w2, w3 = fakes("w1"), fakes("w2"), fakes("w3")
+    join(pool, w1, w2)
+    lease = pool.lease("sdxl", 2, False, "r1", timeout=1)
+    w2.active_request_id = "r1"
+    with pytest.raises(Unavailable):  # w2 is neither failed nor kept: it may still run its step ...
+        lease.replace_failed("w1", keep=set(), want=1)
+    # ... and is not taken again until it says it stopped.
+    assert states(pool)["w1"] == UNHEALTHY
+    assert states(pool)["w2"] == ABORTING and lease.entries == []
+    join(pool, w3)
+    assert ids(pool.take_idle("sdxl", 2, "r2")) == ["w3"]
+    w2.active_request_id = ""
+    wait_for(lambda: states(pool)["w2"] == IDLE)
+
+
+def test_an_elastic_give_back_frees_the_worker_once_its_session_ended(pool, fakes):
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    lease = pool.lease("sdxl", 2, False, "r1", timeout=1)
+    w2.active_request_id = "r1"  # the driver aborts its session right after the shrink
+    lease.give_back("w2")
+    assert ids(lease.entries) == ["w1"] and states(pool)["w2"] == ABORTING
+    w2.active_request_id = ""
+    wait_for(lambda: states(pool)["w2"] == IDLE)
+
+
+def test_close_ends_every_probe(factory, fakes):
+    pool = WorkerPool(factory, probe_interval=PROBE_INTERVAL, health=HEALTH)
+    w1, w2, w3 = fakes("w1"), fakes("w2"), fakes("w3", version=1)
+    join(pool, w1, w2)
+    pool.worker_ready("w3", w3.address)
+    wait_for(lambda: states(pool).get("w3") == INCOMPATIBLE)  # re-read now and then
+    w1.frozen.set()  # its probe is stuck in a call
+    pair = pool.acquire("sdxl", 2, False, "r1", timeout=1)
+    w2.active_request_id = "r1"
+    pool.release([pair[0]], failed=True)
+    pool.release([pair[1]], aborted=True)
+    wait_for(lambda: w1.health_calls > 0)
+    pool.close()  # returns once no probe is left calling a worker
+    assert not [t for t in threading.enumerate() if t.name.startswith("probe-")]
+    w1.frozen.clear()
+
+
+# --- discovery flaps ----------------------------------------------------------------------------
+def test_a_readiness_flap_while_busy_does_not_book_the_worker_twice(pool, factory, fakes):
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    pair = pool.acquire("sdxl", 2, False, "r1", timeout=1)
+    pool.worker_gone("w1")
+    assert states(pool)["w1"] == DRAINING
+    pool.worker_ready("w1", w1.address)  # ready again, still running r1
+    assert factory.dialled == [w1.address, w2.address]  # the same worker, not a new one
+    assert len(pool.snapshot()) == 2 and states(pool) == {"w1": BUSY, "w2": BUSY}
+    time.sleep(PROBE_INTERVAL * 5)  # no probe may make it idle meanwhile
+    with pytest.raises(DeadlineExceeded):
+        pool.acquire("sdxl", 1, False, "r2", timeout=0.3)
+    assert pool.counts()[BUSY] == 2
+
+    pool.release(pair)  # it stayed in the pool: idle now, not removed
+    assert states(pool) == {"w1": IDLE, "w2": IDLE}
+    assert sorted(ids(pool.acquire("sdxl", 2, False, "r3", timeout=1))) == ["w1", "w2"]
+
+
+def test_a_readiness_flap_while_aborting_keeps_waiting_for_the_confirmation(pool, factory, fakes):
+    w1 = fakes("w1")
+    join(pool, w1)
+    lease = pool.lease("sdxl", 1, False, "r1", timeout=1)
+    w1.active_request_id = "r1"
+    lease.release(aborted=True)
+    pool.worker_gone("w1")
+    assert states(pool) == {"w1": DRAINING}
+    pool.worker_ready("w1", w1.address)
+    assert states(pool) == {"w1": ABORTING} and factory.dialled == [w1.address]
+    with pytest.raises(DeadlineExceeded):
+        pool.acquire("sdxl", 1, False, "r2", timeout=0.2)
+    w1.active_request_id = ""
+    wait_for(lambda: states(pool) == {"w1": IDLE})
+
+
+def test_a_worker_gone_while_aborting_leaves_once_it_confirms(pool, fakes):
+    w1 = fakes("w1")
+    join(pool, w1)
+    lease = pool.lease("sdxl", 1, False, "r1", timeout=1)
+    w1.active_request_id = "r1"
+    lease.release(aborted=True)
+    pool.worker_gone("w1")
+    assert states(pool) == {"w1": DRAINING} and pool.demand() == 1
+    w1.active_request_id = ""
+    wait_for(lambda: states(pool) == {})
+
+
+# --- one admission queue per model --------------------------------------------------------------
+def acquire_in_thread(pool: WorkerPool, model: str, want: int, name: str) -> Waiter:
+    waiter = Waiter(pool, name, want=want)
+    waiter.run = lambda: _acquire_model(waiter, model)  # the Waiter, for another model
+    depth = pool.queue_depth
+    waiter.start()
+    wait_for(lambda: pool.queue_depth == depth + 1 or waiter.done.is_set())
+    return waiter
+
+
+def _acquire_model(waiter: Waiter, model: str) -> None:
+    try:
+        waiter.got = waiter.pool.acquire(model, waiter.want, False, waiter.request_id, waiter.timeout)
+    except Exception as exc:  # handed to the test
+        waiter.error = exc
+    finally:
+        waiter.done.set()
+
+
+def test_a_blocked_model_does_not_hold_up_another_models_requests(pool, fakes):
+    join(pool, fakes("w1", "sdxl"), fakes("w2", "sdxl"), fakes("w3", "sd3"))
+    held = pool.acquire("sdxl", 2, False, "a0", timeout=1)
+    head = enqueue(pool, "a1")  # sdxl's head waits for a pair
+    assert pool.view("sdxl").waiting == 1 and pool.view("sd3").waiting == 0
+
+    start = time.monotonic()
+    got = pool.acquire("sd3", 1, False, "b1", timeout=2)  # not behind sdxl's head
+    assert ids(got) == ["w3"] and time.monotonic() - start < 1
+    assert not head.done.is_set()
+    assert pool.demand() == 2 + 2 + 1  # busy (sdxl pair, sd3) plus the pair sdxl's head wants
+
+    other = acquire_in_thread(pool, "sd3", 1, "b2")  # sd3's own queue: b2 waits for w3
+    assert pool.view("sd3") == pool.view("sd3").__class__(idle=0, waiting=1, waiting_takes_one=True)
+    assert pool.queue_depth == 2
+    pool.release(got)
+    assert other.done.wait(WAIT) and ids(other.got) == ["w3"]
+    assert not head.done.is_set()  # sdxl's head still waits for its pair
+    pool.release(held)
+    assert head.done.wait(WAIT) and sorted(ids(head.got)) == ["w1", "w2"]
+
+
+def test_the_queue_capacity_bounds_all_models_together(pool, fakes):
+    join(pool, fakes("w1", "sdxl"), fakes("w3", "sd3"))
+    pool.acquire("sdxl", 1, False, "a0", timeout=1)
+    pool.acquire("sd3", 1, False, "b0", timeout=1)
+    waiters = [enqueue(pool, f"a{n}", want=1) for n in range(1, 4)]
+    waiters.append(acquire_in_thread(pool, "sd3", 1, "b1"))
+    assert pool.queue_depth == 4 == pool.queue_capacity
+    with pytest.raises(QueueFull):
+        pool.acquire("sd3", 1, False, "b2", timeout=1)
+    pool.close()
+    for w in waiters:
+        assert w.done.wait(WAIT) and isinstance(w.error, Unavailable)
+    assert pool.queue_depth == 0
+
+
+# --- pairing checks compatibility ---------------------------------------------------------------
+def test_a_worker_of_another_protocol_version_is_refused_at_join(pool, fakes, caplog):
+    w1, w2, old = fakes("w1"), fakes("w2"), fakes("w3", version=WORKER_PROTOCOL_VERSION - 1)
+    with caplog.at_level("ERROR", logger="coordinator.pool"):
+        for w in (w1, w2, old):
+            pool.worker_ready(w.worker_id, w.address)
+        wait_for(lambda: states(pool) == {"w1": IDLE, "w2": IDLE, "w3": INCOMPATIBLE})
+    assert "w3 refused" in caplog.text and f"version {WORKER_PROTOCOL_VERSION - 1}" in caplog.text
+    assert pool.counts()[INCOMPATIBLE] == 1
+    pair = pool.acquire("sdxl", 2, False, "r1", timeout=1)
+    assert sorted(ids(pair)) == ["w1", "w2"]
+    with pytest.raises(DeadlineExceeded):  # never w3
+        pool.acquire("sdxl", 1, False, "r2", timeout=0.3)
+    pool.release(pair, failed=True)
+    assert pool.take_idle("sdxl", 1, "r3") == []  # not as a replacement either
+
+
+def test_an_incompatible_worker_is_admitted_once_it_is_updated(factory, fakes):
+    policy = HealthPolicy(probe_timeout=0.5, incompatible_recheck=0.05)
+    pool = WorkerPool(factory, probe_interval=PROBE_INTERVAL, health=policy)
+    try:
+        w1 = fakes("w1", version=WORKER_PROTOCOL_VERSION + 1)
+        pool.worker_ready("w1", w1.address)
+        wait_for(lambda: states(pool) == {"w1": INCOMPATIBLE})
+        w1.version = WORKER_PROTOCOL_VERSION  # restarted in place by a rolling update
+        wait_for(lambda: states(pool) == {"w1": IDLE})
+    finally:
+        pool.close()
+
+
+def test_a_model_only_incompatible_workers_serve_is_unavailable(pool, fakes):
+    join(pool, fakes("w1"))
+    pool.worker_ready("w2", fakes("w2", "sd3", version=99).address)
+    wait_for(lambda: states(pool).get("w2") == INCOMPATIBLE)
+    with pytest.raises(ModelNotFound):
+        pool.model_info("sd3")
+    assert pool.model_info("").model_name == "sdxl"  # the only model served
+    with pytest.raises(Unavailable):
+        pool.acquire("sd3", 1, False, "r1", timeout=1)
+
+
+@pytest.mark.parametrize(
+    "differs",
+    [{"digest": "d2"}, {"dtype": "float16"}, {"device": "cpu"}],
+    ids=["weights", "dtype", "device-kind"],
+)
+def test_workers_that_disagree_are_never_paired(pool, fakes, differs, caplog):
+    w1, odd = fakes("w1", device="cuda:0"), fakes("w2", **{"device": "cuda:0", **differs})
+    join(pool, w1)
+    with caplog.at_level("WARNING", logger="coordinator.pool"):
+        join(pool, odd)
+    assert "w2 differs from the other workers of sdxl" in caplog.text
+    with pytest.raises(Unavailable, match="2 workers needed"):
+        pool.acquire("sdxl", 2, False, "r1", timeout=1)
+    lone = pool.acquire("sdxl", 2, True, "r2", timeout=1)  # AUTO: one, not a mismatched pair
+    assert len(lone) == 1
+    pool.release(lone)
+
+    w3 = fakes("w3", device="cuda:1")  # another GPU, the same kind: compatible with w1
+    join(pool, w3)
+    assert sorted(ids(pool.acquire("sdxl", 2, False, "r3", timeout=1))) == ["w1", "w3"]
+
+
+def test_a_replacement_or_a_grown_worker_is_compatible_with_the_one_kept(pool, fakes):
+    join(pool, fakes("w1", digest="a"), fakes("w2", digest="a"), fakes("w3", digest="b"))
+    lease = pool.lease("sdxl", 2, False, "r1", timeout=1)
+    assert sorted(ids(lease.entries)) == ["w1", "w2"]
+    join(pool, fakes("w4", digest="a"))
+    # w3 sorts first but holds other weights: w4 replaces w2 beside w1.
+    assert ids(lease.replace_failed("w2", keep={"w1"}, want=2)) == ["w1", "w4"]
+
+    single = pool.lease("sdxl", 1, False, "r2", timeout=1)
+    assert ids(single.entries) == ["w3"]
+    join(pool, fakes("w5", digest="a"))
+    assert single.take_one() is None  # w5 is idle, but not w3's kind
+    lease.give_back("w4")
+    wait_for(lambda: states(pool)["w4"] == IDLE)  # once it confirmed its session ended
+    assert single.take_one() is None
+
+
+# --- draining -----------------------------------------------------------------------------------
+def test_after_close_a_queued_request_starts_nothing(pool, fakes):
+    join(pool, fakes("w1"), fakes("w2"), fakes("w3", "sd3"))
+    held = pool.acquire("sdxl", 2, False, "r0", timeout=1)
+    waiters = [enqueue(pool, "r1"), enqueue(pool, "r2", want=1)]
+    pool.close()
+    pool.release(held)  # workers free up at the moment the drain starts: nobody queued takes them
+    for w in waiters:
+        assert w.done.wait(WAIT) and isinstance(w.error, Unavailable) and w.got is None
+    assert states(pool) == {"w1": IDLE, "w2": IDLE, "w3": IDLE}
+    with pytest.raises(Unavailable, match="draining"):
+        pool.acquire("sd3", 1, False, "r3", timeout=1)
+
+
+def test_the_coordinator_expects_the_workers_protocol_version():
+    from gpu_worker.service import PROTOCOL_VERSION  # the roles never import each other; a test may
+
+    assert WORKER_PROTOCOL_VERSION == PROTOCOL_VERSION

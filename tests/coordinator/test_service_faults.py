@@ -1,0 +1,179 @@
+"""Failures the service maps (coordinator.service, issue 11): a worker's ``MeasureSplit`` that
+fails, refuses or hangs. The client gets a proper status (never UNKNOWN with internal text), the
+request is counted under that status, the workers are released as failed (the pool probes them),
+and a cancel or a deadline is noticed while the call is in flight.
+
+A real coordinator (in process, real gRPC) over two fake workers: real gRPC servers that answer
+``Info`` and health like a worker, and fail ``MeasureSplit`` as told."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from hybridiff import serving
+from hybridiff.errors import InvalidArgument, status_details
+from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
+from hybridiff.v1 import diffusion_pb2 as pb
+from hybridiff.v1 import diffusion_pb2_grpc
+
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerControlService"].full_name
+
+
+class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer):
+    """Answers ``Info`` like a worker of model "fake"; ``MeasureSplit`` does ``how``:
+    "crash" (a handler exception: UNKNOWN), "refuse" (INVALID_ARGUMENT), "hang" (until cancelled)."""
+
+    def __init__(self, name: str, how: str) -> None:
+        self.name, self.how = name, how
+        self.calls: list[tuple[str, float]] = []
+        self.cancelled = threading.Event()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self, self.server)
+        fake = self
+
+        class _Health(health.HealthServicer):
+            def Check(self, request, context):
+                fake.calls.append(("Check", time.monotonic()))
+                return super().Check(request, context)
+
+        self.health = _Health()
+        for service in ("", WORKER_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def Info(self, request, context):
+        self.calls.append(("Info", time.monotonic()))
+        return worker_pb2.InfoResponse(
+            worker_id=self.name,
+            model_name="fake",
+            arch="sdxl",
+            data_address="tcp://127.0.0.1:9",
+            limits=worker_pb2.SizeLimits(
+                multiple=8, min_side=64, max_side=512, default_side=64, max_images=1
+            ),
+            default_steps=4,
+            default_guidance_scale=5.0,
+            hybrid_defaults=pb.HybridParams(l_slope=10, eps_slope=0.1, k=2, tau_cap=3),
+            device="cpu",
+            dtype="float32",
+            protocol_version=3,
+            weights_digest="same-weights",
+        )
+
+    def MeasureSplit(self, request, context):
+        self.calls.append(("MeasureSplit", time.monotonic()))
+        if self.how == "crash":
+            raise RuntimeError("secret internal detail")
+        if self.how == "refuse":  # as a worker refuses: a typed error with its google.rpc details
+            serving.abort(context, InvalidArgument("width", "64 is not a valid size for this model"))
+        context.add_callback(self.cancelled.set)
+        while context.is_active():
+            time.sleep(0.02)
+
+    def probed_after(self, when: float) -> bool:
+        return any(name in ("Check", "Info") and at > when for name, at in list(self.calls))
+
+    def measured_at(self) -> float | None:
+        return next((at for name, at in self.calls if name == "MeasureSplit"), None)
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+@pytest.fixture
+def cluster(request):
+    from coordinator.discovery import StaticDiscovery
+    from coordinator.server import Coordinator
+
+    fakes = [FakeWorker(f"fake{i}", request.param) for i in range(2)]
+    coord = Coordinator(
+        StaticDiscovery([f.address for f in fakes]), host="127.0.0.1", port=0, metrics_port=None, grace=0
+    ).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{coord.port}")
+    stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+    deadline = time.monotonic() + 30
+    while coord.pool.counts()["idle"] < 2:
+        assert time.monotonic() < deadline, coord.pool.counts()
+        time.sleep(0.05)
+    yield coord, stub, fakes
+    channel.close()
+    coord.drain_and_stop()
+    for f in fakes:
+        f.stop()
+
+
+def _counted(coord, code: str) -> float:
+    return coord.metrics.registry.get_sample_value(
+        "hybridiff_requests_total", {"mode": "unknown", "code": code}
+    )
+
+
+def _await(condition, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _hybrid() -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt="a red circle", mode=pb.MODE_HYBRID, num_inference_steps=4)
+
+
+def _call(stub, method: str, timeout: float = 30):
+    if method == "Generate":
+        return stub.Generate(_hybrid(), timeout=timeout)
+    return list(stub.GenerateStream(pb.GenerateStreamRequest(request=_hybrid()), timeout=timeout))
+
+
+@pytest.mark.parametrize("cluster", ["crash", "refuse"], indirect=True)
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_a_measure_split_failure_is_internal_counted_and_probed(cluster, method):
+    coord, stub, fakes = cluster
+    with pytest.raises(grpc.RpcError) as err:
+        _call(stub, method)
+    assert err.value.code() == grpc.StatusCode.INTERNAL, err.value.details()
+    assert status_details(err.value)["ErrorInfo"].reason == "WORKER_FAILED"
+    measured = next(f for f in fakes if f.measured_at() is not None)
+    assert measured.address in err.value.details() and "MeasureSplit" in err.value.details()
+    assert "secret internal detail" not in err.value.details()
+    assert "Exception calling application" not in err.value.details()
+    assert "Traceback" not in err.value.details()
+    assert _await(lambda: _counted(coord, "INTERNAL") == 1, within=5)
+    assert _counted(coord, "OK") is None and _counted(coord, "UNKNOWN") is None
+    # released as failed: the pool probes both workers again before they serve
+    failed_at = measured.measured_at()
+    assert _await(lambda: all(f.probed_after(failed_at) for f in fakes), within=10)
+
+
+@pytest.mark.parametrize("cluster", ["hang"], indirect=True)
+def test_a_cancel_during_measure_split_is_noticed_at_once(cluster):
+    coord, stub, fakes = cluster
+    call = stub.GenerateStream(pb.GenerateStreamRequest(request=_hybrid()), timeout=60)  # sent at once
+    assert _await(lambda: any(f.measured_at() for f in fakes), within=10)
+    call.cancel()
+    cancelled_at = time.monotonic()
+    assert _await(lambda: _counted(coord, "CANCELLED") == 1, within=2)
+    measured = next(f for f in fakes if f.measured_at() is not None)
+    assert measured.cancelled.wait(2)  # the worker's call was cancelled too
+    assert time.monotonic() - cancelled_at < 3
+
+
+@pytest.mark.parametrize("cluster", ["hang"], indirect=True)
+def test_a_deadline_during_measure_split_is_noticed_at_once(cluster):
+    coord, stub, fakes = cluster
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(_hybrid(), timeout=1.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _await(lambda: _counted(coord, "DEADLINE_EXCEEDED") == 1, within=2)
+    measured = next(f for f in fakes if f.measured_at() is not None)
+    assert measured.cancelled.wait(2)

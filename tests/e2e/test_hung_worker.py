@@ -1,0 +1,116 @@
+"""A hung worker (alive, answering nothing: SIGSTOP) mid-request: the request completes elsewhere,
+the next requests never wait on it, ClusterStatus shows it quarantined, and once it runs again
+(SIGCONT) it is back after its quarantine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+from cluster_helpers import make_input, send
+
+from coordinator.pool import HealthPolicy
+from hybridiff import serving
+from hybridiff.client import DiffusionClient
+from hybridiff.v1 import diffusion_pb2 as pb
+from hybridiff.v1 import diffusion_pb2_grpc
+from launch.local_cluster import LocalCluster
+
+# A request that waits on a stopped worker waits at least this long: the keepalive that notices it.
+NOTICED_AFTER = (serving.KEEPALIVE_TIME_MS + serving.KEEPALIVE_TIMEOUT_MS) / 1000
+PROBE_INTERVAL = 1.0  # the coordinator's pool probes a quarantined worker every second
+
+
+def _states(cluster) -> dict[str, str]:
+    with grpc.insecure_channel(cluster.address) as ch:
+        status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(
+            pb.ClusterStatusRequest(), timeout=10
+        )
+    return {w.address: w.state for w in status.workers}
+
+
+def _wait_state(cluster, address: str, state: str, timeout: float) -> float:
+    """Seconds until ``address`` shows ``state`` in ClusterStatus."""
+    start = time.monotonic()
+    seen = {}
+    while time.monotonic() - start < timeout:
+        seen = _states(cluster)
+        if seen.get(address) == state:
+            return time.monotonic() - start
+        time.sleep(0.2)
+    raise AssertionError(f"{address} not {state} within {timeout}s: {seen}")
+
+
+def _quarantines(cluster) -> float:
+    url = f"http://127.0.0.1:{cluster.metrics_port}/metrics"
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        if line.startswith("hybridiff_worker_quarantines_total "):
+            return float(line.split()[1])
+    raise AssertionError("no hybridiff_worker_quarantines_total")
+
+
+def _timed(client, raw) -> tuple[pb.GenerateResponse, float]:
+    start = time.monotonic()
+    resp = send(client, raw, timeout=300)
+    return resp, time.monotonic() - start
+
+
+def test_a_stopped_worker_is_quarantined_and_never_waited_on(model_dirs, tmp_path):
+    raw = make_input(prompt="a blue circle", num_steps=12, seed=5, mode="cfg-parallel")
+    with LocalCluster(model_dirs["sdxl"], workers=3, log_dir=tmp_path / "logs") as cluster:
+        client = DiffusionClient(cluster.address)
+        stopped: list[str] = []
+        try:
+            _, baseline = _timed(client, raw)
+            lock = threading.Lock()
+
+            def on_progress(p) -> None:
+                with lock:
+                    if p.step + 1 == 4 and not stopped:
+                        busy = sorted(a for a, s in _states(cluster).items() if s == "busy")
+                        victim = busy[0]
+                        os.kill(cluster.procs[cluster.worker_addresses.index(victim)].pid, signal.SIGSTOP)
+                        stopped.append(victim)
+
+            resp = send(client, raw, timeout=300, on_progress=on_progress)
+            assert stopped, "no worker was stopped"
+            victim = stopped[0]
+            assert resp.images[0].data.startswith(b"\x89PNG") and len(resp.stats.steps) == 12
+            assert any("resumed at step" in n for n in resp.stats.notes), resp.stats.notes
+            _wait_state(cluster, victim, "unhealthy", timeout=30)  # quarantined
+            assert _quarantines(cluster) >= 1
+
+            latencies = []
+            for seed in (11, 12, 13):
+                after, seconds = _timed(
+                    client, make_input(prompt="a red square", num_steps=12, seed=seed, mode="cfg-parallel")
+                )
+                latencies.append(seconds)
+                assert victim not in after.stats.workers, after.stats.workers
+                assert not [n for n in after.stats.notes if "failed" in n or "resumed" in n], (
+                    after.stats.notes
+                )
+            print(f"baseline {baseline:.2f}s, after the stop {', '.join(f'{s:.2f}s' for s in latencies)}")
+            # None waited on the stopped worker (a wait lasts at least until keepalive notices).
+            assert max(latencies) < baseline + NOTICED_AFTER, (baseline, latencies)
+            # Its probes time out: it stays quarantined for as long as it is stopped.
+            probes_end = time.monotonic() + 2 * (PROBE_INTERVAL + HealthPolicy.probe_timeout)
+            while time.monotonic() < probes_end:
+                assert _states(cluster)[victim] == "unhealthy"
+                time.sleep(0.2)
+
+            os.kill(cluster.procs[cluster.worker_addresses.index(victim)].pid, signal.SIGCONT)
+            stopped.clear()
+            back = _wait_state(cluster, victim, "idle", timeout=120)
+            print(f"re-admitted {back:.1f}s after SIGCONT")
+            # It proved itself first: good probes in a row, a probe interval apart (the first may be
+            # the one in flight when it resumed), not the first answer it gave.
+            assert back >= (HealthPolicy.readmit_probes - 1) * PROBE_INTERVAL * 0.75
+        finally:
+            for address in stopped:  # never leave a stopped process behind
+                os.kill(cluster.procs[cluster.worker_addresses.index(address)].pid, signal.SIGCONT)
+            client.close()
