@@ -16,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
+import ipaddress
 import os
+import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +49,28 @@ _tracer = trace.get_tracer("hybridiff.client")
 
 def default_target() -> str:
     return os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
+class PlaintextTokenWarning(UserWarning):
+    """A bearer token is about to travel unencrypted to a host other than this one."""
+
+
+def is_loopback(target: str) -> bool:
+    """Whether a gRPC target stays on this host: a Unix socket, ``localhost`` or a loopback IP
+    (``127.0.0.1:50051``, ``[::1]:50051``, ``dns:///localhost:50051``, ``ipv4:127.0.0.1:50051``)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    rest = re.sub(r"^(dns:(//[^/]*)?/|ipv4:|ipv6:)", "", target)
+    if rest.startswith("["):
+        host = rest[1 : rest.find("]")]
+    else:
+        host = rest.split(":")[0] if rest.count(":") == 1 else rest
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def request_to_proto(raw: RequestInput) -> pb.GenerateRequest:
@@ -162,6 +187,13 @@ class _Client(ABC, Generic[_Result]):
             )
         elif token:
             self._metadata.append(("authorization", f"Bearer {token}"))
+            if not is_loopback(self.target):
+                warnings.warn(
+                    f"the bearer token goes to {self.target} over plaintext: anyone on the path can "
+                    "read and reuse it (pass tls_ca to use TLS)",
+                    PlaintextTokenWarning,
+                    stacklevel=2,
+                )
         self.channel = channel if channel is not None else self._open_channel(creds)
         self.stub = diffusion_pb2_grpc.DiffusionServiceStub(self.channel)
         self._connected = False
@@ -370,6 +402,7 @@ __all__ = [
     "DiffusionClient",
     "Generation",
     "HybridiffError",
+    "PlaintextTokenWarning",
     "request_to_proto",
     "default_target",
 ]

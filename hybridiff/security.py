@@ -1,8 +1,13 @@
 """Transport security and authentication for both roles (DESIGN section 5).
 
-- gRPC: optional TLS, and mutual TLS when a client CA is given (a worker started with the
-  coordinator's CA accepts control only from the coordinator); ``grpc.health.v1`` and
-  reflection stay open so probes work, everything else can require a bearer token.
+- gRPC: optional TLS, and mutual TLS when a client CA is given. Control-plane certificates
+  name roles (``WORKER_NAME``, ``COORDINATOR_NAME`` as subjectAltNames): the coordinator checks
+  the worker's as hostname verification does, a worker checks the coordinator's with
+  ``PeerNameInterceptor``, so a certificate the same CA signed for the other role is refused.
+- The public API: ``grpc.health.v1`` and reflection stay open so probes work, everything else
+  can require a bearer token, and the admin methods (``ClusterStatus``) an admin token.
+- Every refusal is decided before the request is read: a caller without the right token or
+  certificate cannot make a server receive (and hold) a large message.
 - ZeroMQ: CURVE between workers with one pool keypair from files (a Kubernetes Secret); a ZAP
   handler admits only clients that hold that keypair, so a peer without it cannot feed a worker.
 Nothing here deserialises code; keys and certificates are read as PEM / Z85 text.
@@ -12,11 +17,12 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import grpc
 
-from hybridiff.errors import InvalidArgument
+from hybridiff.errors import HybridiffError, InvalidArgument, PermissionDenied, Unauthenticated, to_status
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 CURVE_KEY_NAME = "pool"
@@ -74,39 +80,141 @@ def read_token(path: str | None, env: str = "HYBRIDIFF_TOKEN") -> str | None:
     return os.environ.get(env) or None
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """UNAUTHENTICATED unless ``authorization: Bearer <token>`` matches (constant-time compare)."""
+def _denying_handler(handler: grpc.RpcMethodHandler, error: HybridiffError):
+    """A handler of ``handler``'s method that ends the call with ``error`` without reading the
+    request. Every denial takes a request stream, whatever the method's cardinality (the wire is
+    the same): gRPC Python reads a unary request before it calls the handler, and an oversized
+    message sent by someone without a token must be refused before it is received, not after."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def deny(request_iterator, context):
+        context.abort_with_status(to_status(error))
+
+    def deny_stream(request_iterator, context):
+        deny(request_iterator, context)
+        yield  # unreachable: abort raises; makes this a generator for streaming handlers
+
+    kw = dict(
+        request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
+    return grpc.stream_unary_rpc_method_handler(deny, **kw)
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """UNAUTHENTICATED unless ``authorization: Bearer <token>`` matches (constant-time compare),
+    decided from the call's metadata before its request is read.
+
+    ``admin_methods`` (``ClusterStatus``: worker addresses and request ids) take only the
+    ``admin_token``: an ordinary token gets PERMISSION_DENIED there, and without an admin token
+    configured nobody may call them. The admin token is accepted everywhere. ``token`` None with
+    an ``admin_token``: the other methods are open, the admin methods are not."""
+
+    def __init__(
+        self, token: str | None, admin_token: str | None = None, admin_methods: Iterable[str] = ()
+    ) -> None:
+        self._expected = f"Bearer {token}".encode() if token else None
+        self._admin = f"Bearer {admin_token}".encode() if admin_token else None
+        self._admin_methods = frozenset(admin_methods)
+
+    def _verdict(self, method: str, presented: bytes) -> HybridiffError | None:
+        """None to let the call through, else the error that ends it."""
+        is_admin = self._admin is not None and hmac.compare_digest(presented, self._admin)
+        if is_admin or method.startswith(OPEN_METHOD_PREFIXES):
+            return None
+        is_user = self._expected is not None and hmac.compare_digest(presented, self._expected)
+        if method in self._admin_methods:
+            if is_user:
+                return PermissionDenied("this method takes the admin token")
+            return Unauthenticated("missing or invalid admin bearer token")
+        if is_user or self._expected is None:
+            return None
+        return Unauthenticated("missing or invalid bearer token")
 
     def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
-            return continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if hmac.compare_digest(str(metadata.get("authorization", "")).encode(), self._expected):
-            return continuation(handler_call_details)
+        verdict = self._verdict(handler_call_details.method, str(metadata.get("authorization", "")).encode())
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
+        if verdict is None or handler is None:
+            return handler
+        return _denying_handler(handler, verdict)
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
-        def deny_stream(request_or_iterator, context):
-            deny(request_or_iterator, context)
-            yield  # unreachable: abort raises; makes this a generator for streaming handlers
+# --- control-plane identity ----------------------------------------------------------------
+# Certificates name a role, not an address (pods come and go by IP): the workers' server
+# certificates carry WORKER_NAME and the coordinator's client certificate COORDINATOR_NAME as a
+# subjectAltName. The coordinator checks the worker's name as TLS hostname verification does
+# (``grpc.ssl_target_name_override``); the worker checks the coordinator's with PeerNameInterceptor.
+WORKER_NAME = "worker.hybridiff.internal"
+COORDINATOR_NAME = "coordinator.hybridiff.internal"
+HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 
-        kw = dict(
-            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(deny, **kw)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(deny, **kw)
-        return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
+
+def peer_names(auth_context: Mapping[str, Iterable[bytes]]) -> set[str]:
+    """The subjectAltNames (DNS names and URIs) of a TLS peer's verified certificate."""
+    return {
+        value.decode(errors="replace")
+        for key in ("x509_subject_alternative_name", "peer_dns", "peer_spiffe_id")
+        for value in auth_context.get(key, ())
+    }
+
+
+class PeerNameInterceptor(grpc.ServerInterceptor):
+    """PERMISSION_DENIED unless the caller came over TLS with a certificate that names ``name`` in
+    a subjectAltName (a chain from the client CA alone proves only that the CA signed it: the CA
+    may sign the workers' certificates too). Health stays open, so that a plaintext probe port on
+    the same server answers health and nothing else."""
+
+    def __init__(self, name: str, open_prefixes: tuple[str, ...] = (HEALTH_METHOD_PREFIX,)) -> None:
+        self._name = name
+        self._open = open_prefixes
+
+    def _check(self, context: grpc.ServicerContext) -> None:
+        if self._name not in peer_names(context.auth_context()):
+            error = PermissionDenied(f"the peer's certificate does not name {self._name}")
+            context.abort_with_status(to_status(error))
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self._open):
+            return handler
+        return _checked_handler(handler, self._check)
+
+
+def _checked_handler(handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerContext], None]):
+    """``handler`` with ``check(context)`` run before its request is read: a unary request is
+    taken from a request stream after the check (gRPC Python reads it before calling a unary
+    handler), so a refused peer's message is never received."""
+
+    def first(requests, context):
+        for request in requests:
+            return request
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+
+    def unary(behavior):
+        def run(requests, context):
+            check(context)
+            return behavior(first(requests, context), context)
+
+        return run
+
+    def streaming(behavior):
+        def run(requests, context):
+            check(context)
+            return behavior(requests, context)
+
+        return run
+
+    kw = dict(
+        request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+    if handler.unary_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
+    if handler.unary_stream:
+        return grpc.stream_stream_rpc_method_handler(unary(handler.unary_stream), **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(streaming(handler.stream_unary), **kw)
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kw)
 
 
 class TokenAuth(grpc.AuthMetadataPlugin):

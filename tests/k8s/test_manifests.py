@@ -18,7 +18,12 @@
   limits and restricted securityContext; RBAC stays get/list/watch on pods; discovery's label
   selector and port match the worker pods; the HPA scales the workers on worker demand; GPU
   renders request ``nvidia.com/gpu`` and mount the model read-only from a claim;
-- the rendered container arguments parse with the real ``hybridiff`` CLI.
+- the rendered container arguments parse with the real ``hybridiff`` CLI;
+- security: the overlay ``secure`` (and the security component over cpu-demo) and the chart with
+  security on mount every key and certificate from a Secret and pass the flags, with the role
+  names the code checks and the README's cert-manager Certificates carry; security is off
+  elsewhere; the workers' NetworkPolicy admits control only from the coordinator and data only
+  from workers, the coordinator's admits and reaches only what it needs.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 CHART = K8S / "helm" / "hybridiff"
-OVERLAYS = ["cpu-demo", "gpu"]
+OVERLAYS = ["cpu-demo", "gpu", "secure"]
 # Test-only compositions of an overlay with the optional components (tests/k8s/overlays/).
-TEST_OVERLAYS = {"gpu-extras": Path(__file__).parent / "overlays" / "gpu-extras"}
+TEST_OVERLAYS = {
+    name: Path(__file__).parent / "overlays" / name for name in ("gpu-extras", "cpu-demo-secure")
+}
 KUBE_VERSION = "1.37"  # the newest schema set bundled with kubernetes-validate 1.37
 WORKER_GRPC_PORT = 50061
 
@@ -66,6 +73,33 @@ PRODUCTION_VARIANT = {
     },
     "autoscaling": {"enabled": True, "metricSelector": {"matchLabels": {"service": "hybridiff"}}},
     "networkPolicy": {"enabled": False},
+}
+
+
+# Security on (the Helm twin of the kustomize overlay `secure`): TLS, a token and an admin token
+# on the public API, mutual TLS with role names on the control plane, CURVE on the data plane.
+SECURE_VARIANT = {
+    "auth": {"enabled": True, "existingSecret": "hybridiff-auth", "admin": {"enabled": True}},
+    "tls": {"enabled": True, "secretName": "hybridiff-public-tls"},
+    "controlTLS": {
+        "enabled": True,
+        "coordinatorSecretName": "hybridiff-control-coordinator",
+        "workerSecretName": "hybridiff-control-worker",
+    },
+    "curve": {"enabled": True, "secretName": "hybridiff-curve"},
+    "networkPolicy": {
+        "coordinator": {
+            "publicFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}
+            ],
+            "apiServer": {"cidrs": ["10.96.0.1/32"]},
+            "otlp": {
+                "to": [
+                    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}
+                ]
+            },
+        }
+    },
 }
 
 
@@ -160,6 +194,8 @@ def chart_values(name: str) -> dict:
         return {}
     if name == "production":
         return yaml.safe_load((CHART / "values-gpu.yaml").read_text())
+    if name == "secure":
+        return deep_merge(chart_values("production"), SECURE_VARIANT)
     return copy.deepcopy(PRODUCTION_VARIANT)
 
 
@@ -187,7 +223,7 @@ def render_values(values: dict) -> tuple:
     return tuple(docs)
 
 
-CHART_VALUE_SETS = ("default", "production", "variant", "default-extras", "production-extras")
+CHART_VALUE_SETS = ("default", "production", "variant", "secure", "default-extras", "production-extras")
 RENDERS = {f"kustomize:{o}": (render_overlay, o) for o in [*OVERLAYS, *TEST_OVERLAYS]}
 RENDERS.update({f"helm:{v}": (render_chart, v) for v in CHART_VALUE_SETS})
 # The renders with every optional object on.
@@ -261,9 +297,13 @@ def check_worker(sts: dict) -> None:
     assert pod_sc.get("runAsNonRoot") is True, "worker pod may run as root"
     worker = container(spec, "worker")
     port = next(p["containerPort"] for p in worker["ports"] if p["name"] == "grpc")
+    if flag(worker["args"], "tls-cert"):  # kubelet's gRPC probes cannot speak TLS: the health port
+        port = next(p["containerPort"] for p in worker["ports"] if p["name"] == "health")
+        assert flag(worker["args"], "health-port") == str(port), "probes on a port the worker does not serve"
+        assert flag(worker["args"], "tls-client-ca"), "a plaintext health port needs the client CA"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert (worker.get(probe) or {}).get("grpc", {}).get("port") == port, (
-            f"worker {probe} is not a native gRPC probe on the control port {port}"
+            f"worker {probe} is not a native gRPC probe on port {port}"
         )
     check_secure_container(worker, pod_sc, "worker")
     for init in spec.get("initContainers") or []:
@@ -320,8 +360,9 @@ def test_rendered_objects_validate_strictly(key, monkeypatch):
 def test_workloads_keep_probes_limits_and_security(key):
     docs = rendered(key)
     check_worker(workload(docs, "worker"))
-    tls = key.startswith("helm:") and chart_value(key.split(":", 1)[1], "tls.enabled")
-    check_coordinator(workload(docs, "coordinator"), tls=tls)
+    coordinator = workload(docs, "coordinator")
+    tls = bool(flag(container(coordinator["spec"]["template"]["spec"], "coordinator")["args"], "tls-cert"))
+    check_coordinator(coordinator, tls=tls)
 
 
 def test_strict_validation_rejects_an_unknown_field():
@@ -394,7 +435,15 @@ def test_discovery_wiring_and_least_privilege(key):
 
 @pytest.mark.parametrize(
     "key",
-    ["kustomize:gpu", "kustomize:gpu-extras", "helm:production", "helm:variant", "helm:production-extras"],
+    [
+        "kustomize:gpu",
+        "kustomize:gpu-extras",
+        "kustomize:secure",
+        "helm:production",
+        "helm:variant",
+        "helm:secure",
+        "helm:production-extras",
+    ],
 )
 def test_gpu_renders_autoscale_on_worker_demand_with_gpus_and_a_model_claim(key):
     docs = rendered(key)
@@ -454,6 +503,10 @@ def test_helm_rejects_incomplete_values():
         {"model": {"source": "pvc"}},
         {"tls": {"enabled": True}},
         {"auth": {"enabled": True}},
+        {"controlTLS": {"enabled": True, "workerSecretName": "w"}},
+        {"curve": {"enabled": True}},
+        {"auth": {"enabled": True, "token": "t", "admin": {"enabled": True}}},
+        {"auth": {"admin": {"enabled": True, "token": "a"}}},
     ):
         with helm().Chart.load(CHART) as chart, pytest.raises(helm().HelmError):
             chart.render(bad, name="hybridiff", namespace="serving")
@@ -831,7 +884,9 @@ def test_every_optional_object_renders_when_on(key):
     assert len(dashboard_configmaps(rendered(key))) == 1
 
 
-@pytest.mark.parametrize("key", ["kustomize:gpu-extras", "kustomize:cpu-demo", "kustomize:gpu"])
+@pytest.mark.parametrize(
+    "key", ["kustomize:gpu-extras", "kustomize:cpu-demo", "kustomize:gpu", "kustomize:secure"]
+)
 def test_kustomize_puts_every_object_in_the_overlay_namespace(key):
     docs = rendered(key)
     (namespace,) = objects(docs, "Namespace")
@@ -875,9 +930,9 @@ def test_service_monitors_scrape_the_metrics_ports(key):
         assert port["port"] == chart_value(key.split(":", 1)[1], "worker.metricsPort")
         worker = container(workload(docs, "worker")["spec"]["template"]["spec"], "worker")
         assert {"name": "metrics", "containerPort": port["port"], "protocol": "TCP"} in worker["ports"]
-        for policy in objects(docs, "NetworkPolicy"):
-            opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
-            assert port["port"] in opened
+        policy = network_policy(docs, workload(docs, "worker"))
+        opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+        assert port["port"] in opened
     else:
         assert set(monitors) == {"coordinator"}, "kustomize scrapes the coordinator only"
 
@@ -958,6 +1013,7 @@ EXPORTED_METRICS = {
     "hybridiff_workers": {"state"},
     "hybridiff_requests_total": {"mode", "code"},
     "hybridiff_recoveries_total": set(),
+    "hybridiff_worker_quarantines_total": set(),
     "hybridiff_elastic_events_total": {"kind"},
     "hybridiff_data_plane_bytes_total": set(),
     "hybridiff_requests_in_flight": set(),
@@ -973,7 +1029,7 @@ for _h, _labels in EXPORTED_HISTOGRAMS.items():
     EXPORTED_METRICS[f"{_h}_sum"] = _labels
     EXPORTED_METRICS[f"{_h}_count"] = _labels
 # Values the label `state` takes (coordinator/pool.py STATES).
-WORKER_STATES = {"joining", "idle", "busy", "draining", "unhealthy"}
+WORKER_STATES = {"joining", "idle", "busy", "draining", "unhealthy", "aborting", "incompatible"}
 # Labels Prometheus adds to every scraped series (ServiceMonitor or pod-annotation scraping).
 TARGET_LABELS = {"namespace", "job", "pod", "instance", "service", "container", "endpoint"}
 
@@ -1518,3 +1574,209 @@ def test_both_roles_log_json_lines(key):
     for role in ("coordinator", "worker"):
         c = container(workload(docs, role)["spec"]["template"]["spec"], role)
         assert flag(c["args"], "log-format") == "json", f"{key}: the {role} logs text"
+
+
+# -- security the manifests can turn on -----------------------------------------------------
+
+SECURE = ["kustomize:secure", "kustomize:cpu-demo-secure", "helm:secure"]
+
+
+def network_policy(docs, target: dict) -> dict:
+    """The one NetworkPolicy whose podSelector selects ``target``'s pods."""
+    labels = target["spec"]["template"]["metadata"]["labels"]
+    found = [
+        p
+        for p in objects(docs, "NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
+    assert len(found) == 1, f"expected one NetworkPolicy for {target['metadata']['name']}, got {len(found)}"
+    return found[0]
+
+
+def policies_on(key: str) -> bool:
+    return not key.startswith("helm:") or chart_value(key.split(":", 1)[1], "networkPolicy.enabled")
+
+
+def selects(peer: dict, target: dict) -> bool:
+    """Whether a NetworkPolicyPeer that is a bare podSelector selects ``target``'s pods."""
+    labels = target["spec"]["template"]["metadata"]["labels"]
+    return set(peer) == {"podSelector"} and peer["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+def rule_ports(rule: dict) -> set[tuple[int, str]]:
+    return {(p["port"], p.get("protocol", "TCP")) for p in rule.get("ports", [])}
+
+
+def container_port(c: dict, name: str) -> int:
+    return next(p["containerPort"] for p in c["ports"] if p["name"] == name)
+
+
+@pytest.mark.parametrize("key", sorted(RENDERS))
+def test_workers_admit_control_only_from_the_coordinator_and_data_only_from_workers(key):
+    docs = rendered(key)
+    if not policies_on(key):
+        assert not objects(docs, "NetworkPolicy")
+        return
+    coordinator, worker = workload(docs, "coordinator"), workload(docs, "worker")
+    c = container(worker["spec"]["template"]["spec"], "worker")
+    control, data = container_port(c, "grpc"), container_port(c, "data")
+    policy = network_policy(docs, worker)
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    for rule in policy["spec"]["ingress"]:
+        ports = {p for p, _ in rule_ports(rule)}
+        assert ports, "a rule without ports opens every port"
+        if control in ports:
+            assert ports == {control} and [selects(f, coordinator) for f in rule["from"]] == [True]
+        if data in ports:
+            assert ports == {data} and [selects(f, worker) for f in rule["from"]] == [True]
+    opened = {p for rule in policy["spec"]["ingress"] for p, _ in rule_ports(rule)}
+    assert {control, data} <= opened
+
+
+@pytest.mark.parametrize("key", sorted(RENDERS))
+def test_the_coordinator_has_a_network_policy(key):
+    """In: the public port (from anywhere, or the configured peers), metrics only from the monitoring
+    namespace. Out: the workers' control port, DNS, the Kubernetes API and the OTLP collector only."""
+    docs = rendered(key)
+    if not policies_on(key):
+        assert not objects(docs, "NetworkPolicy")
+        return
+    coordinator, worker = workload(docs, "coordinator"), workload(docs, "worker")
+    c = container(coordinator["spec"]["template"]["spec"], "coordinator")
+    public, metrics = container_port(c, "grpc"), container_port(c, "metrics")
+    policy = network_policy(docs, coordinator)
+    assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    ingress = {frozenset(p for p, _ in rule_ports(r)): r for r in policy["spec"]["ingress"]}
+    assert set(ingress) == {frozenset({public}), frozenset({metrics})}
+    monitoring = ingress[frozenset({metrics})]["from"]
+    assert monitoring and all("namespaceSelector" in peer for peer in monitoring), "metrics open to anyone"
+    if key == "helm:secure":
+        assert (
+            ingress[frozenset({public})]["from"]
+            == SECURE_VARIANT["networkPolicy"]["coordinator"]["publicFrom"]
+        )
+    egress = policy["spec"]["egress"]
+    for rule in egress:
+        assert rule.get("ports"), "an egress rule without ports opens every port"
+    control = container_port(container(worker["spec"]["template"]["spec"], "worker"), "grpc")
+    (to_workers,) = [r for r in egress if (control, "TCP") in rule_ports(r)]
+    assert [selects(peer, worker) for peer in to_workers["to"]] == [True]
+    allowed = set().union(*(rule_ports(r) for r in egress))
+    assert {(53, "UDP"), (53, "TCP"), (443, "TCP"), (4317, "TCP")} <= allowed
+    assert allowed <= {(control, "TCP"), (53, "UDP"), (53, "TCP"), (443, "TCP"), (6443, "TCP"), (4317, "TCP")}
+
+
+def _mounted_secrets(spec: dict, c: dict) -> dict[str, str]:
+    """mountPath -> Secret name, for the container's Secret volumes."""
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    return {m["mountPath"]: secrets[m["name"]] for m in c["volumeMounts"] if m["name"] in secrets}
+
+
+def _secret_of(path: str, mounts: dict[str, str]) -> str:
+    found = [
+        secret
+        for mount, secret in mounts.items()
+        if path.startswith(mount.rstrip("/") + "/") or path == mount
+    ]
+    assert found, f"{path} is on no mounted Secret"
+    return found[0]
+
+
+@pytest.mark.parametrize("key", SECURE)
+def test_security_renders_mount_every_key_from_secrets_and_pass_the_flags(key):
+    from hybridiff import security
+    from launch.cli import build_parser
+
+    docs = rendered(key)
+    parser = build_parser()
+    coordinator_spec = workload(docs, "coordinator")["spec"]["template"]["spec"]
+    worker_spec = workload(docs, "worker")["spec"]["template"]["spec"]
+    coordinator_c, worker_c = container(coordinator_spec, "coordinator"), container(worker_spec, "worker")
+    coordinator = parser.parse_args(resolved_args(coordinator_c))
+    worker = parser.parse_args(resolved_args(worker_c))
+    coordinator_mounts = _mounted_secrets(coordinator_spec, coordinator_c)
+    worker_mounts = _mounted_secrets(worker_spec, worker_c)
+    for path in (
+        coordinator.tls_cert,
+        coordinator.tls_key,
+        coordinator.auth_token_file,
+        coordinator.admin_token_file,
+        coordinator.worker_tls_ca,
+        coordinator.worker_tls_cert,
+        coordinator.worker_tls_key,
+    ):
+        assert path, f"{key}: a coordinator security flag is missing"
+        _secret_of(path, coordinator_mounts)
+    assert _secret_of(coordinator.auth_token_file, coordinator_mounts) == _secret_of(
+        coordinator.admin_token_file, coordinator_mounts
+    )
+    assert coordinator.auth_token_file != coordinator.admin_token_file
+    control_secret = _secret_of(coordinator.worker_tls_cert, coordinator_mounts)
+    assert control_secret != _secret_of(coordinator.tls_cert, coordinator_mounts)
+    for path in (worker.tls_cert, worker.tls_key, worker.tls_client_ca):
+        assert path, f"{key}: a worker security flag is missing"
+        _secret_of(path, worker_mounts)
+    assert _secret_of(worker.tls_cert, worker_mounts) != control_secret, (
+        "the workers need their own certificate"
+    )
+    assert worker.curve_keys and _secret_of(worker.curve_keys + "/pool.key_secret", worker_mounts)
+    # The role names each side checks are the ones the certificates carry (README, "Security").
+    assert coordinator.worker_tls_name == security.WORKER_NAME
+    assert worker.tls_client_name == security.COORDINATOR_NAME
+    for mount in worker_c["volumeMounts"] + coordinator_c["volumeMounts"]:
+        if mount["mountPath"] in coordinator_mounts or mount["mountPath"] in worker_mounts:
+            assert mount.get("readOnly") is True
+    if key.startswith("kustomize:"):  # the Secret names the README tells you to create
+        assert set(coordinator_mounts.values()) | set(worker_mounts.values()) == set(README_SECRETS)
+
+
+def test_security_is_off_unless_asked():
+    off = {
+        "coordinator": ("worker-tls-cert", "admin-token-file"),
+        "worker": ("tls-cert", "curve-keys", "health-port"),
+    }
+    for key in sorted(set(RENDERS) - set(SECURE)):
+        for role, names in off.items():
+            args = container(workload(rendered(key), role)["spec"]["template"]["spec"], role)["args"]
+            for name in names:
+                assert flag(args, name) is None, f"{key}: {role} has --{name}"
+
+
+# The Secrets k8s/README.md ("Security") tells an operator to create for the secure overlay.
+README_SECRETS = {
+    "hybridiff-public-tls",
+    "hybridiff-auth",
+    "hybridiff-control-coordinator",
+    "hybridiff-control-worker",
+    "hybridiff-curve",
+}
+
+
+def _readme_yaml_documents() -> list[dict]:
+    text = (K8S / "README.md").read_text()
+    docs = []
+    for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+        docs.extend(d for d in yaml.safe_load_all(block) if isinstance(d, dict))
+    return docs
+
+
+def test_readme_cert_manager_certificates_match_what_the_code_checks():
+    """The cert-manager Certificates of k8s/README.md write the Secrets the secure overlay mounts,
+    with the role names and key usages each side verifies."""
+    from hybridiff import security
+
+    certificates = {
+        d["spec"]["secretName"]: d["spec"]
+        for d in _readme_yaml_documents()
+        if d.get("kind") == "Certificate" and not d["spec"].get("isCA")
+    }
+    worker = certificates["hybridiff-control-worker"]
+    assert worker["dnsNames"] == [security.WORKER_NAME] and "server auth" in worker["usages"]
+    coordinator = certificates["hybridiff-control-coordinator"]
+    assert coordinator["dnsNames"] == [security.COORDINATOR_NAME] and "client auth" in coordinator["usages"]
+    assert "server auth" not in coordinator["usages"] and "client auth" not in worker["usages"]
+    issuers = {spec["issuerRef"]["name"] for spec in (worker, coordinator)}
+    assert len(issuers) == 1, "both control-plane certificates must come from one CA"
+    public = certificates["hybridiff-public-tls"]
+    assert "server auth" in public["usages"]
+    assert set(certificates) <= README_SECRETS

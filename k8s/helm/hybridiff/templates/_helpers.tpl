@@ -103,6 +103,18 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.token) }}
 {{- fail "auth.enabled needs auth.existingSecret or auth.token" }}
 {{- end }}
+{{- if and .Values.auth.admin.enabled (not .Values.auth.enabled) }}
+{{- fail "auth.admin.enabled needs auth.enabled (the admin token lives in the auth Secret)" }}
+{{- end }}
+{{- if and .Values.auth.enabled .Values.auth.admin.enabled (not .Values.auth.existingSecret) (not .Values.auth.admin.token) }}
+{{- fail "auth.admin.enabled needs auth.existingSecret or auth.admin.token" }}
+{{- end }}
+{{- if and .Values.controlTLS.enabled (not (and .Values.controlTLS.coordinatorSecretName .Values.controlTLS.workerSecretName)) }}
+{{- fail "controlTLS.enabled needs controlTLS.coordinatorSecretName and controlTLS.workerSecretName" }}
+{{- end }}
+{{- if and .Values.curve.enabled (not .Values.curve.secretName) }}
+{{- fail "curve.enabled needs curve.secretName (a Secret with pool.key and pool.key_secret)" }}
+{{- end }}
 {{- end }}
 
 {{/* imagePullSecrets of a pod: the release's and the role's. */}}
