@@ -8,7 +8,10 @@
 #     --build-arg BASE_IMAGE=pytorch/pytorch:<tag> --build-arg TORCH_SPEC= .
 # or on any base with Python, torch from a CUDA wheel index:
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu<XY>
-# Any base with Python >= 3.10, pip and useradd (or adduser) works. Behind a mirror:
+# Any base with Python >= 3.10, pip and useradd (or adduser) works. With no registry at all,
+# `bash scripts/container-base.sh` builds a base here (debootstrap bookworm, a venv, CPU torch)
+# and this image on it (hybridiff:test; scripts/container-test.sh then runs it hardened).
+# Behind a mirror:
 #   --build-arg PIP_INDEX_URL=https://mirror/simple --build-arg TORCH_INDEX_URL=
 # OCI labels (scripts/release.sh sets them): --build-arg VERSION=0.1.0 --build-arg
 #   REVISION=$(git rev-parse HEAD) [--build-arg SOURCE=https://github.com/OWNER/REPO]
