@@ -225,6 +225,11 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         self.config = config or ServiceConfig()
         self.draining = False
         self.costs = CostBook()
+        # The stage cut per (model, weights, device kind, dtype, size), first measurement wins:
+        # every pair of a model then splits alike, so an identical request gives an identical
+        # image whichever pair runs it (each worker's timing differs, most under load).
+        self._cuts: dict[tuple, int] = {}
+        self._cuts_lock = threading.Lock()
         # Per model: seconds of one step per pixel of the batch (the slowest worker's compute),
         # a moving average; a request's expected step cost scales it by its own size.
         self._pixel_cost: dict[str, float] = {}
@@ -463,7 +468,8 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
             return result
         except Exception as exc:
             error = as_typed_error(exc)
-            failed = not isinstance(error, (Cancelled, DeadlineExceeded))
+            # A cancel, a deadline or a refused argument says nothing about the workers' health.
+            failed = not isinstance(error, (Cancelled, DeadlineExceeded, InvalidArgument))
             outcome.count("unknown", error.code)
             if error is exc:
                 raise
@@ -473,6 +479,25 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
             lease.release(failed=failed, aborted=not finished)
 
     def _split_cut(self, lease: Lease, spec, check_alive) -> int:
+        """The model's stage cut at this size: measured once, by the first lease that needs it."""
+        info = lease.entries[0].info
+        key = (
+            spec.model,
+            info.weights_digest,
+            info.device.split(":")[0],
+            info.dtype,
+            spec.height,
+            spec.width,
+        )
+        with self._cuts_lock:
+            cut = self._cuts.get(key)
+        if cut is None:
+            cut = self._measure_cut(lease, spec, check_alive)
+            with self._cuts_lock:
+                cut = self._cuts.setdefault(key, cut)
+        return cut
+
+    def _measure_cut(self, lease: Lease, spec, check_alive) -> int:
         """The balanced stage cut, measured by the lease's first worker: a call that a cancel or
         a passed deadline ends at once, and whose failure names the worker."""
         entry = lease.entries[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent import futures
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -74,6 +75,8 @@ class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer):
             raise RuntimeError("secret internal detail")
         if self.how == "refuse":  # as a worker refuses: a typed error with its google.rpc details
             serving.abort(context, InvalidArgument("width", "64 is not a valid size for this model"))
+        if self.how == "cut":  # each worker measures its own cut (timings differ between workers)
+            return worker_pb2.MeasureSplitResponse(cut=2 if self.name == "fake0" else 4)
         context.add_callback(self.cancelled.set)
         while context.is_active():
             time.sleep(0.02)
@@ -177,3 +180,19 @@ def test_a_deadline_during_measure_split_is_noticed_at_once(cluster):
     assert _await(lambda: _counted(coord, "DEADLINE_EXCEEDED") == 1, within=2)
     measured = next(f for f in fakes if f.measured_at() is not None)
     assert measured.cancelled.wait(2)
+
+
+@pytest.mark.parametrize("cluster", ["cut"], indirect=True)
+def test_every_pair_of_a_model_splits_at_the_first_measured_cut(cluster):
+    """Identical requests give identical images whichever pair runs them: the cut is measured
+    once per model and size, not once per pair (two workers' timings pick different cuts)."""
+    coord, _, fakes = cluster
+    spec = SimpleNamespace(model="fake", height=64, width=64)
+    cuts = []
+    for first in (0, 1):
+        lease = coord.pool.lease("fake", 2, False, f"r{first}", timeout=10)
+        lease.entries.sort(key=lambda e: e.info.worker_id != f"fake{first}")  # fake<first> measures
+        cuts.append(coord.service._split_cut(lease, spec, lambda: None))
+        lease.release()
+    assert cuts == [2, 2]
+    assert sum(name == "MeasureSplit" for f in fakes for name, _ in f.calls) == 1
