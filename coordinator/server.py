@@ -49,7 +49,7 @@ def worker_channel_factory(
 
     # Keepalive: a worker that stops answering (SIGSTOP, a dead node) fails its session within
     # about KEEPALIVE_TIME + KEEPALIVE_TIMEOUT, and the request resumes elsewhere.
-    base = serving.message_options() + serving.keepalive_channel_options()
+    base = serving.message_options(serving.CONTROL_MESSAGE_BYTES) + serving.keepalive_channel_options()
 
     def make(address: str) -> grpc.Channel:
         if credentials is None:

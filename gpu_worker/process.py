@@ -98,7 +98,7 @@ class WorkerProcess:
         interceptors = telemetry.server_interceptors()
         if tls[2]:  # only the coordinator: a certificate from the client CA naming client_name
             interceptors.append(security.PeerNameInterceptor(client_name))
-        self.server = serving.new_server(8, interceptors)
+        self.server = serving.new_server(8, interceptors, max_message_bytes=serving.CONTROL_MESSAGE_BYTES)
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self.health.set(LIVENESS_SERVICE, serving.SERVING)  # alive while loading (startup probe waits)
         self.port = serving.bind(self.server, f"{host}:{port}", tls)

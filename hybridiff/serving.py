@@ -31,6 +31,10 @@ from hybridiff import security
 from hybridiff.errors import HybridiffError, to_status
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The control API (coordinator <-> worker) carries checkpoints: the latents, the scheduler's
+# history and the last difference. For the largest SD3 request (2048 px, 4 images: 16 MiB of
+# float32 latents) that is about 100 MiB, over MAX_MESSAGE_BYTES; this bound leaves room.
+CONTROL_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TlsFiles = tuple[str | None, str | None, str | None]  # (cert, key, client CA)
