@@ -11,3 +11,15 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# promtool (Prometheus' own rule checker and rule unit tests) for the alert-rule tests: taken out of
+# Debian's prometheus package into .venv/bin, without installing or starting the server. Best
+# effort: without it those tests skip and say so.
+if [ ! -x .venv/bin/promtool ] && command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1) && dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"; then
+    cp "$tmp/x/usr/bin/promtool" .venv/bin/promtool
+  else
+    echo "setup: promtool not available (apt-get download prometheus failed); its tests will skip" >&2
+  fi
+  rm -rf "$tmp"
+fi
