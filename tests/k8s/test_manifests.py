@@ -923,18 +923,21 @@ def test_service_monitors_scrape_the_metrics_ports(key):
     if key.startswith("helm:"):
         assert monitors["coordinator"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
         assert monitors["coordinator"]["spec"]["namespaceSelector"]["matchNames"] == ["serving"]
-        # The worker monitor: on only when asked, on worker.metricsPort, opened in the NetworkPolicy.
+    # The worker monitor (Helm: on only when asked), on the workers' metrics port, opened in the
+    # NetworkPolicy; kustomize's monitoring component has it too.
+    if key.startswith("helm:") or "worker" in monitors:
         (wsvc,) = selected_services(docs, monitors["worker"]["spec"]["selector"]["matchLabels"])
         assert wsvc["spec"]["clusterIP"] == "None"
         port = service_port(docs, wsvc["metadata"]["name"], "metrics")
-        assert port["port"] == chart_value(key.split(":", 1)[1], "worker.metricsPort")
+        assert port["targetPort"] == "metrics"
+        if key.startswith("helm:"):
+            assert port["port"] == chart_value(key.split(":", 1)[1], "worker.metricsPort")
         worker = container(workload(docs, "worker")["spec"]["template"]["spec"], "worker")
         assert {"name": "metrics", "containerPort": port["port"], "protocol": "TCP"} in worker["ports"]
         policy = network_policy(docs, workload(docs, "worker"))
         opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
         assert port["port"] in opened
-    else:
-        assert set(monitors) == {"coordinator"}, "kustomize scrapes the coordinator only"
+    assert set(monitors) == {"coordinator", "worker"}, "both roles export metrics: both are scraped"
 
 
 @pytest.mark.parametrize("key", EXTRAS)
