@@ -5,12 +5,19 @@ them. It trusts nothing that arrives: a message is accepted only for an open *pa
 carrying that attempt's nonce, sent by the peer its Begin named, of a kind the session can
 receive, for a step it can still need (not one already taken, at most ``STEPS_AHEAD`` past the
 engine's progress), never replacing a message it holds, and within the session's caps (message
-count and bytes). The header is checked first (``hybridiff.wire.parse_header``): a refused
-message is never copied, so it costs no more than the transport already spent receiving it.
+count and bytes). A message is one frame; its header is checked first
+(``hybridiff.wire.parse_header``: prefix, header, every tensor's bytes inside the frame): a
+refused message is never copied, so it costs no more than the transport already spent receiving it.
 Refusals are counted by reason and logged at most once per reason every ``WARN_INTERVAL``.
 
+Messages are decoded into host memory (pinned when the mailbox serves a CUDA worker, so the
+engine's copy to the device can be asynchronous: ``gpu_worker.transfers``).
+
 A ``PeerLink`` sends to the peer; ``InMemoryLink`` connects two engines in one process (the
-ZeroMQ link of the cluster carries the very same frames).
+ZeroMQ link of the cluster carries the very same frames). A zero-copy send of a
+``hybridiff.wire.Payload`` hands the transport the payload's own buffer, its header written in
+front, and returns its tracker: the buffer must not change until it is done. Any other send
+encodes the message into a fresh buffer (one copy of each tensor) that the transport owns.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +41,10 @@ from hybridiff.wire import (
     MAX_MESSAGE_BYTES,
     FrameError,
     FrameSizeError,
+    Payload,
     TensorMessage,
     decode_payload,
-    encode_frames,
+    encode,
     parse_header,
 )
 
@@ -123,9 +131,11 @@ class Mailbox:
     ) -> None:
         """``metrics``: an optional ``gpu_worker.metrics.WorkerMetrics`` (bytes received, peer waits,
         rejected frames). A session holds at most ``max_held`` messages and ``max_held_bytes``
-        (default: four of the largest message)."""
+        (default: four of the largest message). Messages are decoded into host memory, pinned
+        when ``device`` is a CUDA device."""
         self.owner = owner
-        self.device = device
+        self.device = torch.device(device)
+        self.pin_memory = self.device.type == "cuda" and torch.cuda.is_available()
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
         self.max_held = max_held
@@ -147,10 +157,17 @@ class Mailbox:
         with self._cond:
             return request_id in self._open
 
-    def close(self, request_id: str) -> None:
-        """Forget a request and drop what it left unread (e.g. the last window activations)."""
+    def close(self, request_id: str, nonce: bytes | None = None) -> None:
+        """Forget a request and drop what it left unread (e.g. the last window activations).
+        With ``nonce``, only the paired session of that attempt: a late close of an earlier
+        attempt (its RPC's callback) leaves the session of a newer one with the same id open."""
         with self._cond:
-            self._open.pop(request_id, None)
+            session = self._open.get(request_id)
+            if session is None:
+                return
+            if nonce is not None and (session.expect is None or session.expect.nonce != nonce):
+                return  # a solo session accepts no frame: no wait of its own that a close must end
+            del self._open[request_id]
             self._cond.notify_all()
 
     def held(self, request_id: str) -> int:
@@ -160,17 +177,17 @@ class Mailbox:
             return session.count() if session else 0
 
     # --- arrival --------------------------------------------------------------------
-    def deliver(self, frames: Sequence[bytes | memoryview]) -> bool:
-        """Check and file a message; returns False (counted, logged at a bounded rate) when refused.
-        Nothing is copied before the header has passed every check."""
-        if not frames:
-            return self._reject("malformed", "empty message")
-        sizes = [memoryview(f).nbytes for f in frames[1:]]
+    def deliver(self, frame: bytes | bytearray | memoryview) -> bool:
+        """Check and file a message (one frame); returns False (counted, logged at a bounded rate)
+        when refused. Nothing is copied before the header has passed every check; the decoded
+        tensors may be views of ``frame`` (``hybridiff.wire.decode_payload``): it must be the
+        message's own memory."""
         try:
-            header = parse_header(frames[0], sizes, self.max_message_bytes)
+            parsed = parse_header(frame, self.max_message_bytes)
         except FrameError as exc:
             return self._reject("size" if isinstance(exc, FrameSizeError) else "malformed", str(exc))
-        key, size = (header.kind, header.step), sum(sizes)
+        header, size = parsed.header, parsed.nbytes
+        key = (header.kind, header.step)
         with self._cond:
             session = self._open.get(header.request_id)
             refusal = self._refusal(session, header, size)
@@ -179,7 +196,7 @@ class Mailbox:
         if refusal is not None:
             return self._reject(*refusal)
         try:
-            msg = decode_payload(header, frames[1:], self.device)
+            msg = decode_payload(parsed, frame, pin_memory=self.pin_memory)
         except FrameError as exc:  # parse_header checked every size: not expected, but never trusted
             with self._cond:
                 session.pending.pop(key, None)
@@ -194,8 +211,12 @@ class Mailbox:
         if not current:
             return self._reject("unknown_request", f"request {header.request_id!r} was closed meanwhile")
         if self.metrics is not None:
-            self.metrics.received_bytes.inc(size + memoryview(frames[0]).nbytes)
+            self.metrics.received_bytes.inc(memoryview(frame).nbytes)
         return True
+
+    def refuse(self, reason: str, detail: str) -> bool:
+        """Counts and logs a message the transport refused before delivering it (False)."""
+        return self._reject(reason, detail)
 
     def _refusal(
         self, session: _Session | None, header: pb.TensorFrameHeader, size: int
@@ -313,8 +334,19 @@ def session_kinds(role_is_u: bool, topology: str) -> frozenset[int]:
     return frozenset(kinds)
 
 
+@dataclass(frozen=True)
+class Sent:
+    """A message handed to the transport: its bytes, and for a zero-copy send the tracker
+    (``zmq.MessageTracker``) whose ``done`` says the transport no longer reads the tensors."""
+
+    nbytes: int
+    tracker: Any = None  # None: the transport copied the tensors
+
+
 class PeerLink(ABC):
     """Sends tensors to the peer worker; returns the bytes put on the wire."""
+
+    zero_copy = True  # whether the transport can read a Payload's buffer after the send returns
 
     def __init__(self, sender: str) -> None:
         self.sender = sender
@@ -331,16 +363,41 @@ class PeerLink(ABC):
     ) -> int:
         """``cancelled()`` turning true (the request was aborted) ends a send still waiting for the peer;
         ``session``: the attempt's nonce, without which the peer refuses the message."""
-        frames = encode_frames(
-            request_id, step, kind, tensors, trace_context, sender=self.sender, session=session
-        )
-        self._send_frames(frames, cancelled)
-        return sum(memoryview(f).nbytes for f in frames)
+        return self.send_tracked(request_id, step, kind, tensors, trace_context, cancelled, session).nbytes
+
+    def send_tracked(
+        self,
+        request_id: str,
+        step: int,
+        kind: int,
+        tensors: Mapping[str, torch.Tensor],
+        trace_context: Mapping[str, str] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        session: bytes = b"",
+        zero_copy: bool = False,
+    ) -> Sent:
+        """``send``; with ``zero_copy`` and ``tensors`` a ``Payload`` (on a transport that can),
+        the transport reads the payload's buffer after this returns, until the returned tracker
+        is done: the caller keeps it unchanged until then. Otherwise the message is a fresh
+        buffer the transport owns (tracker None)."""
+        frame = None
+        if zero_copy and self.zero_copy and isinstance(tensors, Payload):
+            frame = tensors.seal(request_id, step, kind, trace_context, self.sender, session)
+        tracked = frame is not None
+        if frame is None:
+            frame = encode(
+                request_id, step, kind, tensors, trace_context, sender=self.sender, session=session
+            )
+        tracker = self._send_frame(frame, cancelled, tracked)
+        return Sent(memoryview(frame).nbytes, tracker)
 
     @abstractmethod
-    def _send_frames(
-        self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None
-    ) -> None: ...
+    def _send_frame(
+        self, frame: memoryview, cancelled: Callable[[], bool] | None = None, track: bool = False
+    ) -> Any:
+        """Hands the message's one ``frame`` to the transport without copying it; with ``track``
+        returns the tracker saying when the transport no longer reads it, else None (the frame
+        is the message's own buffer)."""
 
     def close(self) -> None:
         pass
@@ -353,8 +410,9 @@ class InMemoryLink(PeerLink):
         super().__init__(sender)
         self.peer_mailbox = peer_mailbox
 
-    def _send_frames(
-        self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None
+    zero_copy = False  # delivered at once, so every message is a fresh buffer the peer may keep
+
+    def _send_frame(
+        self, frame: memoryview, cancelled: Callable[[], bool] | None = None, track: bool = False
     ) -> None:
-        # Copy the buffers: the sender may reuse its tensors before the peer reads them.
-        self.peer_mailbox.deliver([bytes(f) for f in frames])
+        self.peer_mailbox.deliver(frame)

@@ -1,19 +1,35 @@
 """The ZeroMQ data plane between workers (DESIGN sections 2 and 6).
 
-Each worker binds one PULL socket; its IO thread receives multipart messages (header frame +
-raw buffer frames, ``hybridiff.wire``) and files them in the worker's ``Mailbox``, which
-decodes and checks them — a malformed frame or an unknown request id is rejected and logged,
-and the worker keeps serving. To send, a worker keeps one PUSH socket per peer address
-(``ZmqLinks``): only to addresses within its allowed networks, at most ``MAX_LINKS`` of them
-(least recently used closed first), and a link whose peer stopped taking frames is dropped.
+Each worker binds one PULL socket; its IO thread receives messages of ONE frame each (prefix,
+header, payload: ``hybridiff.wire``) and files them in the worker's ``Mailbox``, which decodes
+and checks them — a malformed frame or an unknown request id is rejected and logged, and the
+worker keeps serving. A multipart message is refused at its first part and the rest is drained
+part by part into a scratch buffer, building no Python object per part. To send, a worker
+keeps one PUSH socket per peer address (``ZmqLinks``): only to addresses within its allowed
+networks, at most ``MAX_LINKS`` of them (least recently used closed first), and a link whose
+peer stopped taking frames is dropped.
 PUSH/PULL over TCP reconnects by itself (PAIR does not); ``IMMEDIATE`` keeps messages from
-queueing for a peer that is not connected yet; ``MAXMSGSIZE`` (the mailbox's message bound)
-makes ZeroMQ drop an oversized message before buffering it; heartbeats close a connection
-whose peer went silent (a half-open TCP connection would otherwise stay for hours).
+queueing for a peer that is not connected yet; ``MAXMSGSIZE`` (the mailbox's message bound
+plus header and padding) makes ZeroMQ drop the connection of an oversized frame before
+buffering it; heartbeats close a connection whose peer went silent (a half-open TCP connection
+would otherwise stay for hours).
+
+``MAXMSGSIZE`` bounds each *part*, and libzmq queues every part of a multipart message before
+the reader sees the first; no ZeroMQ option bounds the parts of a message or their total. So
+an unauthenticated peer can still make libzmq hold one message of many parts, each within the
+bound (about 64 bytes per empty part): the residual risk of a data port without CURVE, which
+CURVE closes (a client without the pool key never gets past the handshake). The receiver
+drains such a message at once, so it is held only until it has fully arrived.
+
+A send hands ZeroMQ the message's one frame without copying it (pyzmq still copies one below
+its 64 KiB threshold): a fresh buffer of the message (``hybridiff.wire.encode``), or with
+``track`` a staged ``Payload``'s own buffer, whose tracker turns done once ZeroMQ's IO thread has
+written it to the connection (or dropped it with the connection) and let go of it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import socket
@@ -28,9 +44,14 @@ from zmq.utils import z85
 
 from gpu_worker.dataplane import Mailbox, PeerLink
 from hybridiff.errors import BadCommand, Cancelled, PeerTimeout
-from hybridiff.wire import MAX_HEADER_BYTES
+from hybridiff.wire import max_frame_bytes
 
 log = logging.getLogger(__name__)
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+    _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):  # not glibc
+    _libc = None
 
 HWM = 64  # messages; a step has at most a few in flight per direction
 SEND_SLICE_MS = 100  # a blocked send checks this often whether its request was aborted
@@ -55,6 +76,13 @@ class _PoolKeyOnly:
         if not allowed:
             log.warning("data plane: refused a CURVE client with an unknown key")
         return allowed
+
+
+def _return_freed_memory() -> None:
+    """Hands the heap pages libzmq just freed back to the OS (glibc keeps freed blocks of a
+    multipart flood mapped otherwise: the review measured +1 GiB RSS that never went away)."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
 
 
 def _heartbeats(sock: zmq.Socket) -> None:
@@ -82,7 +110,7 @@ class DataPlaneReceiver:
             self._socket.curve_publickey, self._socket.curve_secretkey = curve
             self._socket.curve_server = True
         self._socket.setsockopt(zmq.RCVHWM, HWM)
-        self.max_frame_bytes = mailbox.max_message_bytes + MAX_HEADER_BYTES
+        self.max_frame_bytes = max_frame_bytes(mailbox.max_message_bytes)
         self._socket.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
         _heartbeats(self._socket)
@@ -91,6 +119,7 @@ class DataPlaneReceiver:
         else:
             self._socket.bind(f"tcp://{host}:{port}")
             self.port = port
+        self._scratch = bytearray()  # pyzmq: receiving into an empty buffer discards the part
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dataplane-rx", daemon=True)
 
@@ -105,14 +134,30 @@ class DataPlaneReceiver:
             if not poller.poll(100):
                 continue
             try:
-                frames = self._socket.recv_multipart(copy=False)
+                frame = self._socket.recv(copy=False)
+                if frame.more:
+                    parts, nbytes = self._drain(frame)
+                    del frame
+                    detail = f"a message of {parts} parts ({nbytes} bytes); one frame expected"
+                    self.mailbox.refuse("multipart", detail)
+                    _return_freed_memory()
+                    continue
             except zmq.ZMQError as exc:
                 if self._stop.is_set():
                     break
                 log.warning("data plane receive failed: %s", exc)
                 continue
-            self.mailbox.deliver([f.buffer for f in frames])
+            self.mailbox.deliver(frame.buffer)  # the tensors may view it: the frame stays theirs
         self._socket.close(linger=0)
+
+    def _drain(self, first: zmq.Frame) -> tuple[int, int]:
+        """Receives and drops the rest of a multipart message (already all queued by libzmq)
+        into a scratch buffer: no Python object per part. Returns its parts and bytes."""
+        parts, nbytes = 1, len(first)
+        while self._socket.getsockopt(zmq.RCVMORE):
+            nbytes += self._socket.recv_into(self._scratch)
+            parts += 1
+        return parts, nbytes
 
     def stop(self) -> None:
         self._stop.set()
@@ -151,21 +196,21 @@ class ZmqLink(PeerLink):
             self._socket.setsockopt(zmq.IPV6, 1)
         self._socket.connect(address)
 
-    def _send_frames(
-        self, frames: list[bytes | memoryview], cancelled: Callable[[], bool] | None = None
-    ) -> None:
+    def _send_frame(
+        self, frame: memoryview, cancelled: Callable[[], bool] | None = None, track: bool = False
+    ) -> zmq.MessageTracker | None:
         # A dead peer leaves no pipe (IMMEDIATE), so the send blocks: wait in short slices and
         # give up as soon as the request is aborted, or the handler thread would stay stuck here
         # (holding the worker) long after the coordinator moved the request on.
         if self._socket.closed:
             raise PeerTimeout(f"{self.sender}: the link to {self.address} was closed", peer=self.address)
+        # copy=None: pyzmq's threshold decides; a retried send re-sends the same Frame.
+        message = zmq.Frame(frame, track=track)
         deadline = time.monotonic() + self.send_timeout
         while True:
             try:
-                # copy=True: the tensors behind these views may be reused right after this call returns.
-                # A multipart message goes all or nothing: Again means no frame was queued.
-                self._socket.send_multipart(frames, copy=True)
-                return
+                self._socket.send(message, copy=False)
+                return message.tracker if track else None
             except zmq.Again:
                 if cancelled is not None and cancelled():
                     raise Cancelled(

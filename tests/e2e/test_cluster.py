@@ -154,18 +154,15 @@ def test_malformed_data_plane_frames_are_rejected_and_the_worker_keeps_serving(s
         if line.startswith("worker ready")
     ]
     assert len(data) == 4
-    from hybridiff.wire import FrameKind, encode_frames
+    from hybridiff.wire import FrameKind, encode
 
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 5000)  # deliver before close
     push.connect(data[0])
-    good = [
-        bytes(f)
-        for f in encode_frames("no-such-request", 0, FrameKind.BRANCH_PREDICTION, {"p": torch.zeros(4)})
-    ]
-    push.send_multipart([b"\x00garbage"])  # not a header
-    push.send_multipart([good[0], good[1][:-2]])  # wrong size
-    push.send_multipart(good)  # unknown request id
+    good = bytes(encode("no-such-request", 0, FrameKind.BRANCH_PREDICTION, {"p": torch.zeros(4)}))
+    push.send(b"\x00garbage, not a frame")
+    push.send(good[:-2])  # wrong size
+    push.send(good)  # unknown request id
     push.close()
     ctx.term()
     deadline = time.monotonic() + 10
@@ -174,8 +171,8 @@ def test_malformed_data_plane_frames_are_rejected_and_the_worker_keeps_serving(s
         time.sleep(0.1)
     text = log0.read_text()
     assert text.count("rejected") >= 3
-    assert "not a TensorFrameHeader" in text or "unsupported wire version 0" in text
-    assert "needs 16 bytes" in text and "unknown request 'no-such-request'" in text
+    assert "not a data-plane frame" in text
+    assert "lie outside" in text and "unknown request 'no-such-request'" in text
     client = _client(sdxl_cluster)
     for mode in ("cfg-parallel", "hybrid"):
         assert send(client, _request(mode=mode), timeout=120).images[0].data
@@ -320,6 +317,8 @@ def test_local_leaves_no_process_behind(model_dirs, tmp_path):
             "0",
             "--metrics-port",
             "0",
+            "--workers",
+            "1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -346,10 +345,10 @@ def test_local_leaves_no_process_behind(model_dirs, tmp_path):
         return kids
 
     kids = children(proc.pid)
-    assert len(kids) == 3  # two workers and the coordinator
+    assert len(kids) == 2  # the worker and the coordinator
     proc.send_signal(15)
     assert proc.wait(timeout=60) == 0
-    time.sleep(0.5)
+    # No grace after the launcher's exit: it waited for its children, so none may be left now.
     alive = [
         k
         for k in kids

@@ -19,7 +19,7 @@ from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 from hybridiff.security import COORDINATOR_NAME, WORKER_NAME, load_curve_keys, write_curve_keys
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
-from hybridiff.wire import FrameKind, encode_frames
+from hybridiff.wire import FrameKind, encode
 
 
 def _openssl(*args: str) -> None:
@@ -348,8 +348,8 @@ def test_curve_keeps_out_a_peer_without_the_pool_key(tmp_path):
         plain.setsockopt(zmq.SNDTIMEO, 500)
         plain.connect(address)
         try:
-            plain.send_multipart(
-                encode_frames(
+            plain.send(
+                encode(
                     "r", 1, FrameKind.BRANCH_PREDICTION, {"p": torch.ones(3)}, session=nonce, sender="friend"
                 )
             )

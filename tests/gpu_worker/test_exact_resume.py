@@ -293,44 +293,51 @@ ROUND_TRIP = [
     ("DPMSolverMultistepScheduler", {"solver_order": 3}, True),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, True),
     ("UniPCMultistepScheduler", {}, True),
+    ("DEISMultistepScheduler", {}, True),
+    ("DPMSolverSinglestepScheduler", {}, True),
+    ("HeunDiscreteScheduler", {}, False),  # two evaluations per step: its history is not a list
+    ("PNDMScheduler", {}, False),  # keeps a growing list of outputs (ets)
 ]
+
+
+def _make(cls: str, extra: dict):
+    if cls == "FlowMatchEulerDiscreteScheduler":
+        made = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+        made.set_timesteps(8)
+        return made
+    return _scheduler(cls, **extra)
 
 
 @pytest.mark.parametrize("cls,extra,has_history", ROUND_TRIP)
 def test_capture_and_restore_continue_the_same_sampler(cls, extra, has_history):
-    if cls == "FlowMatchEulerDiscreteScheduler":
-
-        def make():
-            s = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
-            s.set_timesteps(8)
-            return s
-    else:
-
-        def make():
-            return _scheduler(cls, **extra)
-
+    """After any number of steps, the last one included: what the check lets through is every
+    state a genuine run leaves, and the resumed run is bit-identical."""
     x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    straight = _steps(make(), x0, range(8), torch.Generator().manual_seed(1))
+    n = len(_make(cls, extra).timesteps)
+    straight = _steps(_make(cls, extra), x0, range(n), torch.Generator().manual_seed(1))
 
-    first, gen = make(), torch.Generator().manual_seed(1)
-    fresh = scheduler_state.snapshot(first)
-    mid = _steps(first, x0, range(3), gen)
-    wire = worker_pb2.SchedulerState.FromString(scheduler_state.capture(first, fresh).SerializeToString())
-    assert wire.scheduler_class == type(first).__name__
-    names = {f.name for f in wire.fields}
-    assert not names & REBUILT
+    for k in range(n + 1):
+        first, gen = _make(cls, extra), torch.Generator().manual_seed(1)
+        fresh = scheduler_state.snapshot(first)
+        mid = _steps(first, x0, range(k), gen)
+        wire = worker_pb2.SchedulerState.FromString(scheduler_state.capture(first, fresh).SerializeToString())
+        assert wire.scheduler_class == type(first).__name__
+        names = {f.name for f in wire.fields}
+        assert not names & REBUILT
 
-    resumed, gen2 = make(), torch.Generator()
-    gen2.set_state(gen.get_state())
-    scheduler_state.restore(resumed, wire, torch.device("cpu"))
-    assert torch.equal(_steps(resumed, mid, range(3, 8), gen2), straight)
+        resumed, gen2 = _make(cls, extra), torch.Generator()
+        gen2.set_state(gen.get_state())
+        scheduler_state.restore(resumed, wire, torch.device("cpu"), mid.shape, k)
+        assert torch.equal(_steps(resumed, mid, range(k, n), gen2), straight), k
 
     if has_history:  # the step index alone is not enough: the history is what the test checks
         assert "model_outputs" in names
-        naive, gen3 = make(), torch.Generator()
+        first, gen = _make(cls, extra), torch.Generator().manual_seed(1)
+        mid = _steps(first, x0, range(3), gen)
+        naive, gen3 = _make(cls, extra), torch.Generator()
         gen3.set_state(gen.get_state())
         naive.set_begin_index(3)
-        assert not torch.equal(_steps(naive, mid, range(3, 8), gen3), straight)
+        assert not torch.equal(_steps(naive, mid, range(3, n), gen3), straight)
 
 
 def test_none_entries_of_the_history_round_trip():
@@ -341,57 +348,178 @@ def test_none_entries_of_the_history_round_trip():
     outputs = next(f for f in state.fields if f.name == "model_outputs")
     assert outputs.is_list and [v.WhichOneof("value") for v in outputs.values] == ["none", "none", "tensor"]
     resumed = _scheduler("DPMSolverMultistepScheduler", solver_order=3)
-    scheduler_state.restore(resumed, state, torch.device("cpu"))
+    scheduler_state.restore(resumed, state, torch.device("cpu"), (1, 4, 8, 8), 1)
     assert resumed.model_outputs[:2] == [None, None]
     assert torch.equal(resumed.model_outputs[2], first.model_outputs[2])
     assert (resumed.lower_order_nums, resumed._step_index) == (1, 1)
 
 
+def _captured(cls: str, steps: int, shape=(1, 4, 8, 8), **extra) -> worker_pb2.SchedulerState:
+    first = _scheduler(cls, **extra)
+    fresh = scheduler_state.snapshot(first)
+    _steps(first, torch.ones(shape), range(steps), torch.Generator().manual_seed(0))
+    return scheduler_state.capture(first, fresh)
+
+
 def test_a_state_goes_back_to_the_device_or_the_host_as_it_was():
-    state = worker_pb2.SchedulerState(
-        scheduler_class="UniPCMultistepScheduler",
-        fields=[
-            worker_pb2.SchedulerField(
-                name="model_outputs",
-                is_list=True,
-                values=[
-                    worker_pb2.SchedulerValue(tensor=tensor_to_proto(torch.ones(2, dtype=torch.float16))),
-                    worker_pb2.SchedulerValue(tensor=tensor_to_proto(torch.ones(2)), host=True),
-                ],
-            ),
-            worker_pb2.SchedulerField(name="this_order", values=[worker_pb2.SchedulerValue(integer=2)]),
-            worker_pb2.SchedulerField(
-                name="lower_order_nums", values=[worker_pb2.SchedulerValue(number=0.5)]
-            ),
-        ],
+    state = _captured("UniPCMultistepScheduler", 2)
+    outputs = next(f for f in state.fields if f.name == "model_outputs")
+    outputs.values[0].host = False  # as a CUDA worker sends its history
+    outputs.values[0].tensor.CopyFrom(
+        tensor_to_proto(tensor_from_proto(outputs.values[0].tensor).half(), "model_outputs")
     )
     target = _scheduler("UniPCMultistepScheduler")
-    scheduler_state.restore(target, state, torch.device("meta"))  # "meta": any device that is not the host
+    scheduler_state.restore(target, state, torch.device("meta"), (1, 4, 8, 8), 2)  # "meta": not the host
     on_device, on_host = target.model_outputs
     assert (on_device.device.type, on_device.dtype) == ("meta", torch.float16)
-    assert on_host.device.type == "cpu" and target.this_order == 2 and target.lower_order_nums == 0.5
+    assert on_host.device.type == "cpu" and target.this_order == 2 and target.lower_order_nums == 2
 
 
 def test_a_state_of_another_class_is_refused():
-    first = _scheduler("DPMSolverMultistepScheduler")
-    fresh = scheduler_state.snapshot(first)
-    _steps(first, torch.ones(1, 4, 8, 8), range(2), torch.Generator())
-    state = scheduler_state.capture(first, fresh)
+    state = _captured("DPMSolverMultistepScheduler", 2)
     target = _scheduler("UniPCMultistepScheduler")
     before = dict(vars(target))
     with pytest.raises(BadCommand) as err:
-        scheduler_state.restore(target, state, torch.device("cpu"))
+        scheduler_state.restore(target, state, torch.device("cpu"), (1, 4, 8, 8), 2)
     assert err.value.field == "resume.scheduler.scheduler_class"
     assert vars(target).keys() == before.keys() and target.model_outputs == [None, None]
+
+
+def _value(v):
+    if isinstance(v, torch.Tensor):
+        return worker_pb2.SchedulerValue(tensor=tensor_to_proto(v, "x"), host=True)
+    if v is None:
+        return worker_pb2.SchedulerValue(none=True)
+    if isinstance(v, bool):
+        return worker_pb2.SchedulerValue(flag=v)
+    if isinstance(v, int):
+        return worker_pb2.SchedulerValue(integer=v)
+    return worker_pb2.SchedulerValue(number=v)
+
+
+def _forged(state: worker_pb2.SchedulerState, name: str, value=None, drop: bool = False):
+    """``state`` with field ``name`` set to ``value`` (a list: a list field), or dropped."""
+    out = worker_pb2.SchedulerState(scheduler_class=state.scheduler_class)
+    out.fields.extend(f for f in state.fields if f.name != name)
+    if not drop:
+        values = value if isinstance(value, list) else [value]
+        out.fields.append(
+            worker_pb2.SchedulerField(
+                name=name, values=[_value(v) for v in values], is_list=isinstance(value, list)
+            )
+        )
+    return out
+
+
+def _history(state, name="model_outputs"):
+    field = next(f for f in state.fields if f.name == name)
+    values = [None if v.HasField("none") else tensor_from_proto(v.tensor) for v in field.values]
+    return values if field.is_list else values[0]
+
+
+NAN = float("nan")
+SAMPLE = torch.ones(1, 4, 8, 8)
+# (scheduler, config, steps done, field, forged value or "drop"): each one a state no genuine run
+# of that timeline leaves after that many steps. The first four are what a one-step scheduler
+# could be given before this check existed: a crash at the next step or a non-finite image.
+FORGED = {
+    "step-index-huge": ("EulerDiscreteScheduler", {}, 3, "_step_index", 10**12),
+    "step-index-negative": ("EulerDiscreteScheduler", {}, 3, "_step_index", -5),
+    "step-index-not-the-step": ("EulerDiscreteScheduler", {}, 3, "_step_index", 5),
+    "step-index-a-number": ("EulerDiscreteScheduler", {}, 3, "_step_index", 3.0),
+    "step-index-none": ("EulerDiscreteScheduler", {}, 3, "_step_index", None),
+    "sigmas-int": ("EulerDiscreteScheduler", {}, 3, "sigmas", 7),
+    "sigmas-nan": ("EulerDiscreteScheduler", {}, 3, "sigmas", torch.full((9,), NAN)),
+    "sigmas-shape": ("EulerDiscreteScheduler", {}, 3, "sigmas", torch.ones(2)),
+    "sigmas-dtype": ("EulerDiscreteScheduler", {}, 3, "sigmas", torch.ones(9, dtype=torch.float64)),
+    "timesteps-zeros": ("EulerDiscreteScheduler", {}, 3, "timesteps", torch.zeros(8)),
+    "steps-none": ("EulerDiscreteScheduler", {}, 3, "num_inference_steps", None),
+    "steps-other": ("EulerDiscreteScheduler", {}, 3, "num_inference_steps", 7),
+    "new-attribute": ("EulerDiscreteScheduler", {}, 3, "foo", 1),
+    "property": ("EulerDiscreteScheduler", {}, 3, "init_noise_sigma", 1e30),
+    "config": ("EulerDiscreteScheduler", {}, 3, "_internal_dict", None),
+    "dunder": ("EulerDiscreteScheduler", {}, 3, "__class__", None),
+    "method": ("EulerDiscreteScheduler", {}, 3, "step", None),
+    "not-a-name": ("EulerDiscreteScheduler", {}, 3, "not an identifier", None),
+    "init-sigma-huge": ("DPMSolverMultistepScheduler", {}, 3, "init_noise_sigma", 1e30),
+    "begin-index-ahead": ("DPMSolverMultistepScheduler", {}, 3, "_begin_index", 5),
+    "order-too-high": ("DPMSolverMultistepScheduler", {}, 3, "lower_order_nums", 7),
+    "order-negative": ("DPMSolverMultistepScheduler", {}, 3, "lower_order_nums", -1),
+    "order-ahead-of-history": ("DPMSolverMultistepScheduler", {"solver_order": 3}, 1, "lower_order_nums", 3),
+    "history-dropped": ("DPMSolverMultistepScheduler", {}, 3, "model_outputs", "drop"),
+    "history-short": ("DPMSolverMultistepScheduler", {}, 3, "model_outputs", [SAMPLE]),
+    "history-long": ("DPMSolverMultistepScheduler", {}, 3, "model_outputs", [SAMPLE] * 17),
+    "history-gap": (
+        "DPMSolverMultistepScheduler",
+        {"solver_order": 3},
+        3,
+        "model_outputs",
+        [None, SAMPLE, SAMPLE],
+    ),
+    "history-shape": (
+        "DPMSolverMultistepScheduler",
+        {},
+        3,
+        "model_outputs",
+        [SAMPLE, torch.ones(1, 4, 2, 2)],
+    ),
+    "history-nan": (
+        "DPMSolverMultistepScheduler",
+        {},
+        3,
+        "model_outputs",
+        [SAMPLE, torch.full((1, 4, 8, 8), NAN)],
+    ),
+    "history-inf": ("DPMSolverMultistepScheduler", {}, 3, "model_outputs", [SAMPLE, SAMPLE / 0]),
+    "history-int": ("DPMSolverMultistepScheduler", {}, 3, "model_outputs", [SAMPLE, SAMPLE.long()]),
+    "history-not-a-list": ("DPMSolverMultistepScheduler", {}, 3, "model_outputs", SAMPLE),
+    "unipc-order": ("UniPCMultistepScheduler", {}, 3, "this_order", 7),
+    "unipc-last-sample-shape": ("UniPCMultistepScheduler", {}, 3, "last_sample", torch.ones(1, 4, 9, 9)),
+    "unipc-last-sample-none": ("UniPCMultistepScheduler", {}, 3, "last_sample", None),
+    "unipc-timestep-list": (
+        "UniPCMultistepScheduler",
+        {},
+        3,
+        "timestep_list",
+        [torch.tensor(1), torch.tensor(2.0)],
+    ),
+    "heun-dt-nan": ("HeunDiscreteScheduler", {}, 3, "dt", torch.tensor(NAN)),
+    "heun-prev-derivative": ("HeunDiscreteScheduler", {}, 3, "prev_derivative", torch.ones(4)),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED))
+def test_a_forged_state_is_refused_naming_the_field_and_nothing_is_set(case):
+    cls, extra, steps, name, value = FORGED[case]
+    state = _forged(_captured(cls, steps, **extra), name, value, drop=value == "drop")
+    target = _scheduler(cls, **extra)
+    before = scheduler_state.snapshot(target)
+    with pytest.raises(BadCommand) as err:
+        scheduler_state.restore(target, state, torch.device("cpu"), tuple(SAMPLE.shape), steps)
+    assert err.value.field == f"resume.scheduler.{name}", err.value
+    assert scheduler_state.snapshot(target).keys() == before.keys() and callable(target.step)
+    assert all(scheduler_state._same(v, before[k]) for k, v in scheduler_state.snapshot(target).items())
+
+
+def test_a_genuine_state_is_checked_against_its_own_step_count_and_sample():
+    state = _captured("DPMSolverMultistepScheduler", 3)
+    for steps, shape, field in (
+        (4, (1, 4, 8, 8), "resume.scheduler._step_index"),  # resumed at another step than captured
+        (3, (2, 4, 8, 8), "resume.scheduler.model_outputs"),  # latents of another batch or size
+    ):
+        with pytest.raises(BadCommand) as err:
+            scheduler_state.restore(
+                _scheduler("DPMSolverMultistepScheduler"), state, torch.device("cpu"), shape, steps
+            )
+        assert err.value.field == field
+    scheduler_state.restore(
+        _scheduler("DPMSolverMultistepScheduler"), state, torch.device("cpu"), (1, 4, 8, 8), 3
+    )
 
 
 @pytest.mark.parametrize(
     "field",
     [
-        worker_pb2.SchedulerField(name="_internal_dict", values=[worker_pb2.SchedulerValue(none=True)]),
-        worker_pb2.SchedulerField(name="__class__", values=[worker_pb2.SchedulerValue(none=True)]),
-        worker_pb2.SchedulerField(name="step", values=[worker_pb2.SchedulerValue(none=True)]),  # a method
-        worker_pb2.SchedulerField(name="not an identifier", values=[worker_pb2.SchedulerValue(none=True)]),
         worker_pb2.SchedulerField(name="_step_index", values=[]),  # a single value, none given
         worker_pb2.SchedulerField(name="_step_index", values=[worker_pb2.SchedulerValue()]),  # nothing set
         worker_pb2.SchedulerField(
@@ -399,20 +527,14 @@ def test_a_state_of_another_class_is_refused():
             values=[worker_pb2.SchedulerValue(tensor=dict(dtype=1, shape=[4], nbytes=16, data=b"\0" * 3))],
         ),
     ],
-    ids=["config", "dunder", "method", "name", "no-value", "empty-value", "bad-tensor"],
+    ids=["no-value", "empty-value", "bad-tensor"],
 )
-def test_a_forged_state_is_refused_and_nothing_is_set(field):
+def test_a_state_that_does_not_decode_is_refused_and_nothing_is_set(field):
     target = _scheduler("UniPCMultistepScheduler")
-    state = worker_pb2.SchedulerState(
-        scheduler_class="UniPCMultistepScheduler",
-        fields=[
-            worker_pb2.SchedulerField(name="lower_order_nums", values=[worker_pb2.SchedulerValue(integer=7)]),
-            field,
-        ],
-    )
+    state = worker_pb2.SchedulerState(scheduler_class="UniPCMultistepScheduler", fields=[field])
     with pytest.raises(BadCommand):
-        scheduler_state.restore(target, state, torch.device("cpu"))
-    assert target.lower_order_nums == 0 and callable(target.step)
+        scheduler_state.restore(target, state, torch.device("cpu"), (1, 4, 8, 8), 3)
+    assert target.lower_order_nums == 0 and target._step_index is None
 
 
 def test_a_state_the_message_cannot_carry_is_refused_at_capture():
@@ -451,13 +573,65 @@ def test_the_engine_refuses_a_checkpoint_that_does_not_fit(adapters, pairs):
     bad_generator = worker_pb2.Checkpoint()
     bad_generator.CopyFrom(good)
     bad_generator.generator_state = b"\1\2\3"
+    latents = tensor_from_proto(good.latents)
+    not_finite = []
+    for bad in (float("nan"), float("-inf")):
+        forged = worker_pb2.Checkpoint()
+        forged.CopyFrom(good)
+        forged.latents.CopyFrom(tensor_to_proto(latents.clone().index_fill_(3, torch.tensor([1]), bad)))
+        not_finite.append(forged)
     for checkpoint, field in (
         (wrong_class, "resume.scheduler.scheduler_class"),
         (wrong_shape, "resume.latents"),
         (bad_generator, "resume.generator_state"),
+        *((forged, "resume.latents") for forged in not_finite),
     ):
         with pytest.raises(BadCommand) as err:
             begin(checkpoint)
         assert err.value.field == field
     begin(good)
+    engine.abort("r")
+
+
+# The hostile review's forgeries (issue 11), as any client of a worker's control port can send
+# them: before the check each was accepted at Begin, then crashed a step (blamed on the resuming
+# worker) or gave a non-finite image.
+REVIEW_FORGERIES = {
+    "_step_index=10**12": ("_step_index", 10**12),
+    "_step_index=-5": ("_step_index", -5),
+    "sigmas=int": ("sigmas", 7),
+    "sigmas=NaN": ("sigmas", torch.full((13,), NAN)),
+    "sigmas=(2,)": ("sigmas", torch.ones(2)),
+    "timesteps=zeros": ("timesteps", torch.zeros(12)),
+    "num_inference_steps=None": ("num_inference_steps", None),
+    "foo": ("foo", 1),
+    "init_noise_sigma=1e30": ("init_noise_sigma", 1e30),
+    "model_outputs=NaN": ("model_outputs", "nan-history"),
+}
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm"])
+def test_the_engine_refuses_the_review_s_forged_states(adapters, pairs, scheduler):
+    adapter = adapters[scheduler]
+    spec = _spec(adapter, mode="single")
+    u = _Recording(pairs(adapter, "a")[0])
+    _run(spec, Mode.SINGLE, [u], recover=lambda f, s: pytest.fail("nothing failed"))
+    good = u.checkpoints[4]
+    engine = pairs(adapter, "b")[0].engine
+    cmd = worker_pb2.BeginCommand(
+        request=worker_request(spec), role=Role.U, window_guidance=WindowGuidance.CONDITIONAL, solo=True
+    )
+    for case, (name, value) in REVIEW_FORGERIES.items():
+        if value == "nan-history":
+            if scheduler != "dpm":
+                continue
+            value = [torch.full_like(t, NAN) for t in _history(good.scheduler)]
+        cmd.resume.CopyFrom(good)
+        cmd.resume.scheduler.CopyFrom(_forged(good.scheduler, name, value))
+        with pytest.raises(BadCommand) as err:
+            engine.begin("r", cmd)
+        assert err.value.field == f"resume.scheduler.{name}", case
+        assert "r" not in engine._active
+    cmd.resume.CopyFrom(good)
+    engine.begin("r", cmd)
     engine.abort("r")

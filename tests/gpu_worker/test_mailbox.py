@@ -16,7 +16,7 @@ import gpu_worker.dataplane as dataplane
 from gpu_worker.dataplane import STEPS_AHEAD, Expect, InMemoryLink, Mailbox, session_kinds
 from hybridiff.errors import Cancelled, PeerTimeout
 from hybridiff.internal.v1 import dataplane_pb2 as pb
-from hybridiff.wire import FrameKind, encode_frames
+from hybridiff.wire import ALIGN, MAGIC, PREFIX, FrameKind, encode
 
 PEER = "tcp://10.0.0.2:5555"
 NONCE = b"n" * 16
@@ -42,9 +42,22 @@ def _frames(
     session: bytes = NONCE,
     sender: str = "peer",
 ):
-    return encode_frames(
-        request_id, step, kind, {"x": torch.full((2, 3), value)}, sender=sender, session=session
-    )
+    return encode(request_id, step, kind, {"x": torch.full((2, 3), value)}, sender=sender, session=session)
+
+
+def _forge(header: pb.TensorFrameHeader, payload: bytes) -> bytes:
+    """A frame of any header and payload (a forger's)."""
+    data = header.SerializeToString()
+    lead = PREFIX.pack(MAGIC, 2, len(data)) + data
+    return lead + b"\0" * (-len(lead) % ALIGN) + payload
+
+
+def _split(frame) -> tuple[pb.TensorFrameHeader, bytes]:
+    raw = bytes(frame)
+    n = PREFIX.unpack(raw[: PREFIX.size])[2]
+    return pb.TensorFrameHeader.FromString(raw[PREFIX.size : PREFIX.size + n]), raw[
+        -(-(PREFIX.size + n) // ALIGN) * ALIGN :
+    ]
 
 
 @pytest.fixture
@@ -99,24 +112,25 @@ def test_a_message_for_a_request_that_is_not_open_is_rejected(box):
     assert box.rejected == 1
 
 
-def _malformed(case: str) -> list:
-    good = [bytes(f) for f in _frames("r1", 1)]
-    header = pb.TensorFrameHeader.FromString(good[0])
+def _malformed(case: str) -> bytes:
+    header, payload = _split(_frames("r1", 1))
     if case == "garbage_header":
-        return [b"\xff\xff\xff not a header", good[1]]
+        return b"\xff\xff\xff not a header" + payload
     if case == "missing_buffer":
-        return good[:1]
+        return _forge(header, b"")
     if case == "extra_buffer":
-        return [*good, b"\x00" * 4]
+        return _forge(header, payload + b"\x00" * 4)
     if case == "short_buffer":
-        return [good[0], good[1][:-4]]
-    if case == "unknown_kind":
+        return _forge(header, payload[:-4])
+    if case == "offset_outside":
+        header.tensors[0].offset = 1 << 40
+    elif case == "unknown_kind":
         header.kind = pb.FRAME_KIND_UNSPECIFIED
     elif case == "wrong_version":
         header.version = 99
     elif case == "no_request_id":
         header.request_id = ""
-    return [header.SerializeToString(), good[1]]
+    return _forge(header, payload)
 
 
 @pytest.mark.parametrize(
@@ -126,6 +140,7 @@ def _malformed(case: str) -> list:
         "missing_buffer",
         "extra_buffer",
         "short_buffer",
+        "offset_outside",
         "unknown_kind",
         "wrong_version",
         "no_request_id",
@@ -133,7 +148,7 @@ def _malformed(case: str) -> list:
 )
 def test_malformed_frames_are_rejected(box, case):
     assert not box.deliver(_malformed(case))
-    assert not box.deliver([])
+    assert not box.deliver(b"")
     assert box.rejected == 2
     with pytest.raises(PeerTimeout):
         box.take("r1", FrameKind.BRANCH_PREDICTION, 1, timeout=0.05)
@@ -376,9 +391,7 @@ def test_a_session_holds_a_bounded_number_of_messages_and_bytes():
 def test_a_message_over_the_receivers_bound_is_refused_on_its_header():
     box = Mailbox("C", max_message_bytes=64)
     box.open("r", _expect())
-    big = encode_frames(
-        "r", 0, FrameKind.BRANCH_PREDICTION, {"x": torch.zeros(17)}, sender="peer", session=NONCE
-    )
+    big = encode("r", 0, FrameKind.BRANCH_PREDICTION, {"x": torch.zeros(17)}, sender="peer", session=NONCE)
     _refused(box, big, "size")
     assert box.deliver(_frames("r", 0))  # 24 bytes: within the bound
 
@@ -391,17 +404,20 @@ def test_refused_frames_are_never_decoded(monkeypatch):
     box = Mailbox("C", max_message_bytes=1 << 20)
     box.open("r", _expect(end=10))
     box.open("solo")
-    header = pb.TensorFrameHeader.FromString(bytes(_frames("r", 0)[0]))
+    header, payload = _split(_frames("r", 0))
     header.tensors[0].shape[:] = [1 << 20]
     header.tensors[0].nbytes = 4 << 20
+    outside, _ = _split(_frames("r", 0))
+    outside.tensors[0].offset = 64  # its bytes would end past the frame
     forged = [
         _frames("r", 0, session=b"forged-nonce-000"),
         _frames("r", 0, sender="intruder"),
         _frames("r", 9),
         _frames("nope", 0),
         _frames("solo", 0),
-        [header.SerializeToString(), b"\x00" * (4 << 20)],  # over the bound
-        [b"\x0a" * (100 * 1024)],  # a header frame far larger than any header
+        _forge(header, b"\x00" * (4 << 20)),  # over the bound
+        PREFIX.pack(MAGIC, 2, 100 * 1024) + b"\x0a" * (100 * 1024),  # a header far larger than any
+        _forge(outside, payload),  # a declared offset outside the frame
     ]
     for frames in forged:
         assert not box.deliver(frames)

@@ -147,7 +147,7 @@ def test_a_link_whose_peer_timed_out_is_dropped(ctx, silent_address):
 
 def test_sockets_heartbeat_and_the_receiver_bounds_its_frames(ctx):
     from gpu_worker.zmq_plane import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, DataPlaneReceiver, ZmqLink
-    from hybridiff.wire import MAX_HEADER_BYTES
+    from hybridiff.wire import MAX_HEADER_BYTES, MAX_TENSORS
 
     box = Mailbox("worker", max_message_bytes=1 << 20)
     receiver = DataPlaneReceiver(ctx, box, "127.0.0.1", 0).start()
@@ -156,7 +156,9 @@ def test_sockets_heartbeat_and_the_receiver_bounds_its_frames(ctx):
         for sock in (receiver._socket, link._socket):
             assert sock.getsockopt(zmq.HEARTBEAT_IVL) == HEARTBEAT_IVL_MS
             assert sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) == HEARTBEAT_TIMEOUT_MS
-        assert receiver._socket.getsockopt(zmq.MAXMSGSIZE) == (1 << 20) + MAX_HEADER_BYTES
+        # the message's one frame: prefix, header, padding before each tensor, the tensors
+        bound = (1 << 20) + 10 + MAX_HEADER_BYTES + 64 * (MAX_TENSORS + 1)
+        assert receiver._socket.getsockopt(zmq.MAXMSGSIZE) == bound
     finally:
         link.close()
         receiver.stop()
@@ -169,7 +171,7 @@ def test_frames_pushed_by_a_foreign_socket_that_knows_the_request_id_are_rejecte
 
     from gpu_worker.dataplane import Expect, session_kinds
     from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLink
-    from hybridiff.wire import encode_frames
+    from hybridiff.wire import encode
 
     nonce = os.urandom(16)
     box = Mailbox("C")
@@ -183,10 +185,8 @@ def test_frames_pushed_by_a_foreign_socket_that_knows_the_request_id_are_rejecte
     try:
         for kind in (FrameKind.BRANCH_PREDICTION, FrameKind.STAGE_ACTIVATIONS, FrameKind.GUIDED_PREDICTION):
             for session in (b"", os.urandom(16)):
-                intruder.send_multipart(
-                    encode_frames(
-                        "victim", 0, kind, {"p": torch.full((4,), 666.0)}, sender="U", session=session
-                    )
+                intruder.send(
+                    encode("victim", 0, kind, {"p": torch.full((4,), 666.0)}, sender="U", session=session)
                 )
         deadline = time.monotonic() + 30
         while box.rejected < 6 and time.monotonic() < deadline:
