@@ -25,6 +25,8 @@ class HybridiffError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
     retry_after: float | None = None  # seconds, for RetryInfo
+    # The worker the coordinator holds responsible (it alone is quarantined); never sent to clients.
+    blamed_worker: str | None = None
 
     def __init__(self, message: str, **metadata: str) -> None:
         super().__init__(message)
@@ -78,6 +80,12 @@ class QueueFull(HybridiffError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "QUEUE_FULL"
     retry_after = 1.0
+
+
+class TooManyCalls(QueueFull):
+    """A server's bound on concurrent calls (of one kind) is reached: refused at once, retry later."""
+
+    reason = "TOO_MANY_CALLS"
 
 
 class Unavailable(HybridiffError):

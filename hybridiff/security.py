@@ -4,8 +4,10 @@
   name roles (``WORKER_NAME``, ``COORDINATOR_NAME`` as subjectAltNames): the coordinator checks
   the worker's as hostname verification does, a worker checks the coordinator's with
   ``PeerNameInterceptor``, so a certificate the same CA signed for the other role is refused.
-- The public API: ``grpc.health.v1`` and reflection stay open so probes work, everything else
-  can require a bearer token, and the admin methods (``ClusterStatus``) an admin token.
+- The public API: health ``Check`` stays open so probes work (it answers at once and holds no
+  thread); everything else, health ``Watch`` and reflection included (streams that hold a server
+  thread for as long as the caller likes), can require a bearer token, and the admin methods
+  (``ClusterStatus``) an admin token.
 - Every refusal is decided before the request is read: a caller without the right token or
   certificate cannot make a server receive (and hold) a large message.
 - ZeroMQ: CURVE between workers with one pool keypair from files (a Kubernetes Secret); a ZAP
@@ -24,7 +26,9 @@ import grpc
 
 from hybridiff.errors import HybridiffError, InvalidArgument, PermissionDenied, Unauthenticated, to_status
 
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Only the probe: Watch and reflection are streams a caller may hold open (each holds a server
+# thread), so with a token configured they take it like the API does.
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})  # the same as HEALTH_CHECK_METHOD
 CURVE_KEY_NAME = "pool"
 
 
@@ -80,11 +84,12 @@ def read_token(path: str | None, env: str = "HYBRIDIFF_TOKEN") -> str | None:
     return os.environ.get(env) or None
 
 
-def _denying_handler(handler: grpc.RpcMethodHandler, error: HybridiffError):
-    """A handler of ``handler``'s method that ends the call with ``error`` without reading the
-    request. Every denial takes a request stream, whatever the method's cardinality (the wire is
-    the same): gRPC Python reads a unary request before it calls the handler, and an oversized
-    message sent by someone without a token must be refused before it is received, not after."""
+def denying_handler(handler: grpc.RpcMethodHandler | None, error: HybridiffError) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s method (None: any method, even one not served) that ends the
+    call with ``error`` without reading the request. Every denial takes a request stream, whatever
+    the method's cardinality (the wire is the same): gRPC Python reads a unary request before it
+    calls the handler, and an oversized message sent by someone without a token must be refused
+    before it is received, not after."""
 
     def deny(request_iterator, context):
         context.abort_with_status(to_status(error))
@@ -93,6 +98,8 @@ def _denying_handler(handler: grpc.RpcMethodHandler, error: HybridiffError):
         deny(request_iterator, context)
         yield  # unreachable: abort raises; makes this a generator for streaming handlers
 
+    if handler is None:
+        return grpc.stream_stream_rpc_method_handler(deny_stream)
     kw = dict(
         request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
     )
@@ -120,7 +127,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     def _verdict(self, method: str, presented: bytes) -> HybridiffError | None:
         """None to let the call through, else the error that ends it."""
         is_admin = self._admin is not None and hmac.compare_digest(presented, self._admin)
-        if is_admin or method.startswith(OPEN_METHOD_PREFIXES):
+        if is_admin or method in OPEN_METHODS:
             return None
         is_user = self._expected is not None and hmac.compare_digest(presented, self._expected)
         if method in self._admin_methods:
@@ -137,7 +144,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if verdict is None or handler is None:
             return handler
-        return _denying_handler(handler, verdict)
+        return denying_handler(handler, verdict)
 
 
 # --- control-plane identity ----------------------------------------------------------------
@@ -147,7 +154,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 # (``grpc.ssl_target_name_override``); the worker checks the coordinator's with PeerNameInterceptor.
 WORKER_NAME = "worker.hybridiff.internal"
 COORDINATOR_NAME = "coordinator.hybridiff.internal"
-HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 
 
 def peer_names(auth_context: Mapping[str, Iterable[bytes]]) -> set[str]:
@@ -162,10 +169,11 @@ def peer_names(auth_context: Mapping[str, Iterable[bytes]]) -> set[str]:
 class PeerNameInterceptor(grpc.ServerInterceptor):
     """PERMISSION_DENIED unless the caller came over TLS with a certificate that names ``name`` in
     a subjectAltName (a chain from the client CA alone proves only that the CA signed it: the CA
-    may sign the workers' certificates too). Health stays open, so that a plaintext probe port on
-    the same server answers health and nothing else."""
+    may sign the workers' certificates too). Health Check stays open (a probe over plaintext on
+    the same server answers health and nothing else); Watch, a stream a caller may hold open,
+    does not."""
 
-    def __init__(self, name: str, open_prefixes: tuple[str, ...] = (HEALTH_METHOD_PREFIX,)) -> None:
+    def __init__(self, name: str, open_prefixes: tuple[str, ...] = (HEALTH_CHECK_METHOD,)) -> None:
         self._name = name
         self._open = open_prefixes
 
@@ -178,10 +186,12 @@ class PeerNameInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self._open):
             return handler
-        return _checked_handler(handler, self._check)
+        return checked_handler(handler, self._check)
 
 
-def _checked_handler(handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerContext], None]):
+def checked_handler(
+    handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerContext], None]
+) -> grpc.RpcMethodHandler:
     """``handler`` with ``check(context)`` run before its request is read: a unary request is
     taken from a request stream after the check (gRPC Python reads it before calling a unary
     handler), so a refused peer's message is never received."""

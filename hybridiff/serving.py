@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hybridiff import security
-from hybridiff.errors import HybridiffError, to_status
+from hybridiff.errors import HybridiffError, PermissionDenied, TooManyCalls, to_status
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # The control API (coordinator <-> worker) carries checkpoints: the latents, the scheduler's
@@ -40,6 +40,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TlsFiles = tuple[str | None, str | None, str | None]  # (cert, key, client CA)
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 REFLECTION_V1ALPHA = reflection.SERVICE_NAME  # grpc.reflection.v1alpha.ServerReflection
+HEALTH_CHECK = security.HEALTH_CHECK_METHOD
+# Streams that hold a server thread, doing no work, for as long as their caller keeps them open
+# (grpcio's health Watch blocks its thread; reflection is a bidi stream). At most
+# LINGERING_STREAMS of them run at once, so that they can never take the threads health Check
+# and the API need; the next one gets RESOURCE_EXHAUSTED (TOO_MANY_CALLS) at once.
+LINGERING_METHODS = ("/grpc.health.v1.Health/Watch", "/grpc.reflection.")
+LINGERING_STREAMS = 4
+HEALTH_THREADS = 4  # a probe port's: kubelet probes one at a time, a Check takes microseconds
+HEALTH_MESSAGE_BYTES = 4096  # a HealthCheckRequest is a service name
 
 
 # gRPC keepalive on both sides: a peer that stops answering (SIGSTOP, a partition, a dead node)
@@ -94,8 +103,14 @@ def new_server(
     interceptors: list,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     max_receive_bytes: int | None = None,
+    lingering_streams: int = LINGERING_STREAMS,
 ) -> grpc.Server:
-    """``max_receive_bytes``: a smaller bound on received messages (the public API's requests)."""
+    """A server that runs at most ``max_workers`` calls at once, each on a thread of its own: the
+    next call is refused with RESOURCE_EXHAUSTED at once instead of waiting, unseen, for a thread
+    (grpcio hands an admitted call to its thread pool, where it queues when every thread is held).
+    Of those, at most ``lingering_streams`` (and at most half) are health Watch or reflection
+    streams.
+    ``max_receive_bytes``: a smaller bound on received messages (the public API's requests)."""
     options = message_options(max_message_bytes, max_receive_bytes) + keepalive_server_options()
     if max_receive_bytes is not None:
         # gRPC checks a message's size only once it has arrived whole. With BDP probing the
@@ -104,8 +119,65 @@ def new_server(
         # 64 KiB per stream, and the refused message is never read past it.
         options.append(("grpc.http2.bdp_probe", 0))
     return grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors, options=options
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-server"),
+        # Innermost: a call the other interceptors refuse (no token, wrong peer) takes no slot.
+        interceptors=[
+            *interceptors,
+            ConcurrencyLimit(LINGERING_METHODS, min(lingering_streams, max_workers // 2)),
+        ],
+        options=options,
+        maximum_concurrent_rpcs=max_workers,
     )
+
+
+class ConcurrencyLimit(grpc.ServerInterceptor):
+    """At most ``limit`` calls at once of the methods whose names start with ``prefixes``; another
+    is ended with TOO_MANY_CALLS (RESOURCE_EXHAUSTED) before its request is read. A slot is held
+    from the moment the call's handler starts until the call ends, however it ends."""
+
+    def __init__(self, prefixes: tuple[str, ...], limit: int) -> None:
+        self._prefixes = prefixes
+        self._slots = threading.BoundedSemaphore(limit) if limit > 0 else None
+        self._limit = limit
+
+    def _take(self, context: grpc.ServicerContext) -> None:
+        if self._slots is None or not self._slots.acquire(blocking=False):
+            abort(context, TooManyCalls(f"at most {self._limit} such streams at once; retry later"))
+        if not context.add_callback(self._slots.release):  # already over: nothing else will free it
+            self._slots.release()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefixes):
+            return handler
+        return security.checked_handler(handler, self._take)
+
+
+class HealthCheckOnly(grpc.ServerInterceptor):
+    """Every method but health Check is refused with PERMISSION_DENIED before its request is read
+    (a probe port: Watch would hold one of its few threads; nothing else belongs there)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method == HEALTH_CHECK:
+            return continuation(handler_call_details)
+        return security.denying_handler(None, PermissionDenied("this port answers health Check only"))
+
+
+def health_server(
+    address: str, health_servicer: health.HealthServicer, threads: int = HEALTH_THREADS
+) -> tuple[grpc.Server, int]:
+    """A plaintext server of its own for probes (kubelet's gRPC probes cannot speak TLS): health
+    Check of ``health_servicer``'s statuses and nothing else, on threads no other call can take
+    (a Check takes microseconds; a call beyond ``threads`` at once is refused, never queued).
+    Not started; (server, port)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc-health"),
+        interceptors=[HealthCheckOnly()],
+        options=message_options(HEALTH_MESSAGE_BYTES) + keepalive_server_options(),
+        maximum_concurrent_rpcs=threads,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, server.add_insecure_port(address)
 
 
 def add_health_and_reflection(server: grpc.Server, services: Iterable[str]) -> health.HealthServicer:

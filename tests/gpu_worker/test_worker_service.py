@@ -1,5 +1,6 @@
 """The worker's control service on a real gRPC server with a real engine (tiny model): an idle or
-non-reading session frees the worker, Info names the running request, the watchdog fires once
+non-reading session frees the worker, silent sessions hold neither its threads nor (for long) the
+worker, Info names the running request (or says a session is opening), the watchdog fires once
 per stalled activity, and the weights digest tells models apart."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gpu_worker.dataplane import Mailbox
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter, weights_digest
 from gpu_worker.metrics import WorkerMetrics
-from gpu_worker.service import SERVICE_NAME, Watchdog, WorkerService
+from gpu_worker.service import BUSY_WAIT_SECONDS, OPENING, SERVICE_NAME, Watchdog, WorkerService
 from hybridiff import serving
 from hybridiff.errors import InvalidArgument, status_details
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
@@ -164,6 +165,61 @@ def test_a_session_that_never_begins_is_ended_too(served):
     assert err.value.code() == grpc.StatusCode.ABORTED
     assert run_to_the_end(served.stub, "req-after-empty")[-1].WhichOneof("event") == "finish"
     stream.close()
+
+
+def test_silent_sessions_hold_no_threads_and_never_pass_the_worker_off_as_free(served):
+    """Eight sessions that send nothing, on a server of eight threads. Before: seven waited 10 s
+    each for the busy lock and one held the worker for the idle timeout, so Info and health
+    timed out; and while that one held it, Info said active_request_id "": free. Now one holds
+    it until its Begin is overdue (Info says it is opening), one may wait BUSY_WAIT_SECONDS, the
+    others are refused at once."""
+    from grpc_health.v1 import health_pb2_grpc
+
+    served.health.set("", serving.SERVING)
+    health = health_pb2_grpc.HealthStub(served.channel)
+    busy_before = served.outcomes("busy")
+    channels = [grpc.insecure_channel(f"127.0.0.1:{served.port}") for _ in range(8)]
+    outcomes: queue.Queue = queue.Queue()
+
+    def hold(channel) -> None:
+        stream = Stream(worker_pb2_grpc.WorkerControlServiceStub(channel))
+        try:
+            list(stream.call)
+            outcomes.put("ok")
+        except grpc.RpcError as err:
+            outcomes.put(status_details(err)["ErrorInfo"].reason)
+        finally:
+            stream.close()
+
+    try:
+        for channel in channels:
+            threading.Thread(target=hold, args=(channel,), daemon=True).start()
+        wait_for(lambda: served.service._busy.locked(), 10, "a silent session took the worker")
+        while served.service._busy.locked():  # until its Begin is overdue
+            info = served.info()
+            if served.service._busy.locked():  # (else it was released while Info answered)
+                assert info.active_request_id == OPENING
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            time.sleep(0.05)
+        reasons = [
+            outcomes.get(timeout=served.service.begin_seconds + BUSY_WAIT_SECONDS + 10) for _ in channels
+        ]
+        assert sorted(reasons) == ["SESSION_IDLE"] + ["WORKER_BUSY"] * 7
+        assert served.outcomes("busy") == busy_before + 7
+        assert served.info().active_request_id == ""
+        assert run_to_the_end(served.stub, "req-after-silence")[-1].WhichOneof("event") == "finish"
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def test_a_session_waits_briefly_for_the_one_before_it_to_unwind(served):
+    """The legitimate wait: the worker is still held when the next session opens; it takes the
+    worker once released (one waiter at a time, at most BUSY_WAIT_SECONDS)."""
+    served.service._busy.acquire()  # the previous session, unwinding
+    threading.Timer(BUSY_WAIT_SECONDS / 4, served.service._busy.release).start()
+    assert run_to_the_end(served.stub, "req-waited")[-1].WhichOneof("event") == "finish"
 
 
 def test_a_client_that_does_not_read_its_events_is_cut_off(served):

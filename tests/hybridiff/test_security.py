@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from hybridiff import serving
 from hybridiff.security import BearerTokenInterceptor
 
 SERVICE = "test.Echo"
@@ -51,6 +52,7 @@ def _server(interceptor: BearerTokenInterceptor, reads: Reads):
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    serving.add_reflection(server, [health.SERVICE_NAME])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
@@ -101,9 +103,27 @@ def test_a_refused_call_is_answered_before_its_request_is_read(serve, method):
     assert reads.count == 1
 
 
-def test_health_stays_open(serve):
+def test_health_check_stays_open(serve):
     channel, _ = serve("s3cret", "adm1n")
     health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+
+
+def test_watch_and_reflection_take_the_token(serve):
+    """Streams a caller may hold open (each holds a server thread): before, open to every caller."""
+    channel, _ = serve("s3cret")
+    token = (("authorization", "Bearer s3cret"),)
+    watch = health_pb2_grpc.HealthStub(channel).Watch
+    with pytest.raises(grpc.RpcError) as err:
+        next(watch(health_pb2.HealthCheckRequest(), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    call = watch(health_pb2.HealthCheckRequest(), timeout=10, metadata=token)
+    assert next(call).status == health_pb2.HealthCheckResponse.SERVING
+    call.cancel()
+    reflect = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+    with pytest.raises(grpc.RpcError) as err:
+        list(reflect(iter([b""]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert list(reflect(iter([b"\x3a\x00"]), timeout=10, metadata=token))  # list_services="": answered
 
 
 # (token configured, admin token configured, token presented) -> (ordinary method, admin method)
