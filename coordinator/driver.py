@@ -52,14 +52,56 @@ class WorkerHandle(Protocol):
 
 @dataclass
 class WorkerStepStat:
+    """One worker's step: compute + copies + send + receive wait + other = wall."""
+
     phase: Phase
     compute_seconds: float
     wall_seconds: float
     bytes_sent: int
+    device_to_host_copies: int = 0
+    device_to_host_seconds: float = 0.0
+    host_to_device_copies: int = 0
+    host_to_device_seconds: float = 0.0
+    send_seconds: float = 0.0
+    receive_wait_seconds: float = 0.0
+    bytes_received: int = 0
+    other_seconds: float = field(init=False, default=0.0)  # the rest: scheduler step, guidance, bookkeeping
+
+    def __post_init__(self) -> None:
+        self.other_seconds = max(
+            0.0, self.wall_seconds - self.compute_seconds - self.copy_seconds - self.wire_seconds
+        )
+
+    @property
+    def copy_seconds(self) -> float:
+        return self.device_to_host_seconds + self.host_to_device_seconds
+
+    @property
+    def wire_seconds(self) -> float:
+        return self.send_seconds + self.receive_wait_seconds
+
+    @classmethod
+    def from_report(cls, r: worker_pb2.StepDone) -> WorkerStepStat:
+        return cls(
+            Phase(r.phase),
+            r.compute_seconds,
+            r.wall_seconds,
+            r.bytes_sent,
+            r.device_to_host_copies,
+            r.device_to_host_seconds,
+            r.host_to_device_copies,
+            r.host_to_device_seconds,
+            r.send_seconds,
+            r.receive_wait_seconds,
+            r.bytes_received,
+        )
 
 
 @dataclass
 class StepStat:
+    """One step as the coordinator saw it; the split fields describe its slowest worker, and
+    critical_compute + copy + wire + worker_other + control = wall (control never below 0)."""
+
     step: int
     phase: Phase
     rel_mae: float | None
@@ -67,6 +109,25 @@ class StepStat:
     wall_seconds: float
     compute_seconds: float
     workers: dict[str, WorkerStepStat] = field(default_factory=dict)
+    critical_compute_seconds: float = field(init=False, default=0.0)
+    copy_seconds: float = field(init=False, default=0.0)
+    wire_seconds: float = field(init=False, default=0.0)
+    worker_other_seconds: float = field(init=False, default=0.0)
+    control_seconds: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        if self.workers:
+            self._split_overhead()
+
+    def _split_overhead(self) -> None:
+        """The split of the slowest worker; control is what the step's wall time spent outside
+        it (commands and events in flight, the worker waiting for its next command)."""
+        w = max(self.workers.values(), key=lambda w: w.wall_seconds)
+        self.critical_compute_seconds = w.compute_seconds
+        self.copy_seconds = w.copy_seconds
+        self.wire_seconds = w.wire_seconds
+        self.worker_other_seconds = w.other_seconds
+        self.control_seconds = max(0.0, self.wall_seconds - w.wall_seconds)
 
 
 @dataclass
@@ -381,7 +442,9 @@ class _RequestRun:
                     or recoveries >= self.max_recoveries
                     or isinstance(cause, UNRECOVERABLE)
                 ):
-                    raise _as_seen_by_the_client(failure.worker, cause) from None
+                    error = _as_seen_by_the_client(failure.worker, cause)
+                    error.blamed_worker = failure.worker.name  # the pool quarantines it alone
+                    raise error from None
                 survivors = [w for w in self.used if w is not failure.worker]
                 self.used = self.recover(failure.worker, survivors)
                 recoveries += 1
@@ -516,10 +579,7 @@ class _RequestRun:
                     bytes_sent=sum(r.bytes_sent for _, r in reports),
                     wall_seconds=now - last_done,
                     compute_seconds=max(r.compute_seconds for _, r in reports),
-                    workers={
-                        name: WorkerStepStat(Phase(r.phase), r.compute_seconds, r.wall_seconds, r.bytes_sent)
-                        for name, r in reports
-                    },
+                    workers={name: WorkerStepStat.from_report(r) for name, r in reports},
                 )
                 last_done = now
                 self.stats.append(stat)

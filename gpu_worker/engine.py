@@ -11,6 +11,10 @@ through the data plane (DESIGN section 1):
 - PIPELINE_FILL / PIPELINE: stage activations one way, the stage return (nested split) or the
   guided prediction the other way; the stale activations of the previous step make both
   stages run at once (AsyncDiff), the fill step is a synchronous full forward.
+
+Each step reports where its time went (``StepDone``): compute, device/host copies around the
+data plane (``gpu_worker.transfers``: none on CPU; pinned, pooled, zero-copy on CUDA), time in
+sends and waiting for the peer's messages, with counts and bytes.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import torch
 
 from gpu_worker.adapters.base import Conditioning, ModelAdapter, RequestTimeline, StageSplit, encode_image
 from gpu_worker.dataplane import Expect, Mailbox, PeerLink, session_kinds
-from gpu_worker.split_balance import device_clock
+from gpu_worker.split_balance import compile_request_shapes, device_clock
+from gpu_worker.transfers import DirectTransfers, StagedTransfers, StepCosts, transfers_for
 from hybridiff.errors import BadCommand, WorkerFailed
 from hybridiff.internal.v1 import worker_pb2 as wpb
 from hybridiff.protocol import MIME_TYPES, OutputFormat, Phase, Role, WindowGuidance
@@ -97,17 +102,22 @@ class WorkerEngine:
         links: Callable[[str], PeerLink] | None,
         peer_timeout: float = 120.0,
         metrics=None,
+        transfers: DirectTransfers | StagedTransfers | None = None,
     ) -> None:
         """``links(peer_address)`` gives the link to a peer (cached by the caller as it likes);
-        ``metrics``: an optional ``gpu_worker.metrics.WorkerMetrics`` (step times, bytes sent)."""
+        ``metrics``: an optional ``gpu_worker.metrics.WorkerMetrics`` (step times, bytes sent);
+        ``transfers``: how tensors go between the device and the wire (default: by device)."""
         self.adapter = adapter
         self.name = name
         self.mailbox = mailbox
         self.links = links
         self.peer_timeout = peer_timeout
         self.metrics = metrics
+        self.transfers = transfers if transfers is not None else transfers_for(adapter.device)
         self._clock = device_clock(adapter.device)
         self._active: dict[str, _Active] = {}
+        self._costs = StepCosts()
+        self._trace_context: dict[str, str] = {}
 
     def handle(
         self, cmd: wpb.SessionRequest, trace_context: Mapping[str, str] | None = None
@@ -148,6 +158,10 @@ class WorkerEngine:
         negative = req.negative_prompt if req.HasField("negative_prompt") else None
         guided = req.guidance_scale > 1.0
         num_images = req.num_images or 1
+        # Compile on: what the request runs is compiled now, never during a step its peer waits on.
+        windowed = split if cmd.HasField("split_cut") else None
+        full_cfg = cmd.window_guidance == WindowGuidance.FULL_CFG
+        compile_request_shapes(a, req.height, req.width, num_images, windowed, cmd.solo, guided, full_cfg)
         cond = a.encode(req.prompt, negative, guided, req.height, req.width, num_images)
         timeline = a.new_timeline(req.num_steps, req.seed, req.height, req.width)
         last_difference = None
@@ -250,7 +264,7 @@ class WorkerEngine:
         except (RuntimeError, ValueError) as exc:
             raise BadCommand("resume.generator_state", str(exc)) from None
         if checkpoint.HasField("scheduler"):
-            timeline.restore_scheduler(checkpoint.scheduler, a.device)
+            timeline.restore_scheduler(checkpoint.scheduler, a.device, shape, checkpoint.next_step)
         elif hasattr(timeline.scheduler, "set_begin_index"):
             # A checkpoint without the scheduler's state (from an older worker): the step index only.
             timeline.scheduler.set_begin_index(checkpoint.next_step)
@@ -268,7 +282,10 @@ class WorkerEngine:
             raise BadCommand(f"resume.{name}", str(exc)) from None
         if not tensor.is_floating_point():
             raise BadCommand(f"resume.{name}", f"{tensor.dtype} is not a floating-point type")
-        return tensor.to(device=self.adapter.device, dtype=self.adapter.dtype)
+        tensor = tensor.to(dtype=self.adapter.dtype)  # checked as the steps will read it
+        if not bool(torch.isfinite(tensor).all()):
+            raise BadCommand(f"resume.{name}", "values that are not finite (in the worker's dtype)")
+        return tensor.to(device=self.adapter.device)
 
     def _fill_checkpoint(self, checkpoint: wpb.Checkpoint, st: _Active, next_step: int) -> None:
         """Everything another worker needs to go on at ``next_step`` as this one would: the
@@ -334,16 +351,23 @@ class WorkerEngine:
             Phase.PIPELINE_FILL: self._window,
             Phase.PIPELINE: self._window,
         }[phase]
-        self._compute = 0.0
-        self._sent = 0
+        self._costs = StepCosts()
         self._trace_context = dict(trace_context)
         d = run(st, cmd)
+        c = self._costs.finish()
         done = wpb.StepDone(
             step=cmd.step,
             phase=phase,
-            bytes_sent=self._sent,
-            compute_seconds=self._compute,
+            bytes_sent=c.bytes_sent,
+            compute_seconds=c.compute_seconds,
             wall_seconds=time.perf_counter() - start,
+            device_to_host_copies=c.device_to_host_copies,
+            device_to_host_seconds=c.device_to_host_seconds,
+            host_to_device_copies=c.host_to_device_copies,
+            host_to_device_seconds=c.host_to_device_seconds,
+            send_seconds=c.send_seconds,
+            receive_wait_seconds=c.receive_wait_seconds,
+            bytes_received=c.bytes_received,
         )
         if d is not None:
             done.rel_mae = d
@@ -358,30 +382,48 @@ class WorkerEngine:
     def _timed(self, fn, *args) -> Any:
         start = self._clock()
         out = fn(*args)
-        self._compute += self._clock() - start
+        self._costs.compute_seconds += self._clock() - start
         return out
 
     def _send(
         self, st: _Active, step: int, kind: int, tensors: dict[str, torch.Tensor], cmd: wpb.StepCommand
     ) -> None:
-        rid = st.request_id
-        # The mailbox is closed on abort or cancel: a send still waiting for the peer ends then.
-        sent = st.link.send(
-            rid,
-            step,
-            kind,
-            tensors,
-            self._trace_context,
-            cancelled=lambda: not self.mailbox.is_open(rid),
-            session=st.nonce,
-        )
-        self._sent += sent
+        """Stages ``tensors`` for the wire (device-to-host where the transfers need it) and sends
+        them; staged buffers go back to their pool once the transport is done reading them."""
+        rid, costs = st.request_id, self._costs
+        staged = self.transfers.to_host(tensors, costs, st.peer_timeout)
+        start = time.perf_counter()
+        try:
+            # The mailbox is closed on abort or cancel: a send still waiting for the peer ends then.
+            sent = st.link.send_tracked(
+                rid,
+                step,
+                kind,
+                staged.tensors,
+                self._trace_context,
+                cancelled=lambda: not self.mailbox.is_open(rid),
+                session=st.nonce,
+                zero_copy=self.transfers.zero_copy,
+            )
+        except BaseException:
+            staged.release(None)  # nothing was queued (a message goes all or nothing)
+            raise
+        finally:
+            costs.send_seconds += time.perf_counter() - start
+        staged.release(sent.tracker)
+        costs.bytes_sent += sent.nbytes
         if self.metrics is not None:
-            self.metrics.sent_bytes.inc(sent)
+            self.metrics.sent_bytes.inc(sent.nbytes)
 
     def _recv(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
-        msg = self.mailbox.take(st.request_id, kind, step, st.peer_timeout, peer=st.peer)
-        return {k: v.to(self.adapter.device) for k, v in msg.tensors.items()}
+        """The peer's tensors of ``step`` on this worker's device."""
+        start = time.perf_counter()
+        try:
+            msg = self.mailbox.take(st.request_id, kind, step, st.peer_timeout, peer=st.peer)
+        finally:
+            self._costs.receive_wait_seconds += time.perf_counter() - start
+        self._costs.bytes_received += msg.nbytes
+        return self.transfers.to_device(msg.tensors, self._costs)
 
     def _update(self, st: _Active, eps: torch.Tensor, t: torch.Tensor) -> None:
         st.latents = self.adapter.scheduler_step(st.timeline, eps, t, st.latents)

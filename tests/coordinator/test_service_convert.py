@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from coordinator.driver import GenerationResult, GenerationStats, StepStat, WorkerStepStat
-from coordinator.service import model_info_to_proto, model_rules, request_input_from_proto, response_to_proto
+from coordinator.service import (
+    model_info_to_proto,
+    model_rules,
+    request_input_from_proto,
+    response_to_proto,
+    step_stat_to_proto,
+)
 from hybridiff.errors import InvalidArgument
 from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance
@@ -117,3 +123,23 @@ def test_list_models_shows_the_size_rules_and_the_image_limit():
         3,
         500,
     )
+
+
+def test_step_stats_carry_the_overhead_split():
+    """Each worker's split travels; the step's split is its slowest worker's, plus control."""
+    u = WorkerStepStat(Phase.DATA_PARALLEL, 0.05, 0.1, 5, 1, 0.01, 2, 0.005, 0.002, 0.02, 7)
+    c = WorkerStepStat(Phase.DATA_PARALLEL, 0.06, 0.08, 5)
+    step = StepStat(0, Phase.DATA_PARALLEL, 0.25, 10, 0.12, 0.06, {"u": u, "c": c})
+    assert u.other_seconds == pytest.approx(0.1 - 0.05 - 0.015 - 0.022)
+    assert (step.critical_compute_seconds, step.control_seconds) == (0.05, pytest.approx(0.02))
+    msg = step_stat_to_proto(step)
+    total = msg.critical_compute_seconds + msg.copy_seconds + msg.wire_seconds + msg.worker_other_seconds
+    assert total + msg.control_seconds == pytest.approx(msg.wall_seconds)
+    w = {x.worker: x for x in msg.workers}["u"]
+    assert (w.device_to_host_copies, w.host_to_device_copies, w.bytes_received) == (1, 2, 7)
+    assert (w.device_to_host_seconds, w.host_to_device_seconds) == (0.01, 0.005)
+    assert (w.send_seconds, w.receive_wait_seconds) == (0.002, 0.02)
+    assert w.other_seconds == pytest.approx(u.other_seconds)
+    # a step slower on its worker than as the coordinator saw it: control is 0, never negative
+    late = StepStat(1, Phase.DATA_PARALLEL, None, 10, 0.09, 0.06, {"u": u, "c": c})
+    assert late.control_seconds == 0.0

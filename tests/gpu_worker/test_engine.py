@@ -29,7 +29,9 @@ def _strip_timings(stats):
     d = stats.to_dict()
     d.pop("encoding_seconds"), d.pop("denoising_seconds"), d.pop("decoding_seconds")
     for s in d["steps"]:
-        s.pop("wall_seconds"), s.pop("compute_seconds"), s.pop("workers")
+        for key in [k for k in s if k.endswith("_seconds")]:
+            s.pop(key)
+        s.pop("workers")
     return d
 
 

@@ -1,0 +1,258 @@
+"""Tensor transfers between the device and the data plane, counted and timed per step.
+
+Two ways, chosen by the worker's device (``transfers_for``):
+
+- ``DirectTransfers`` (CPU): tensors go to the wire as they are (the wire reads them in place,
+  ZeroMQ copies them into its message) and come back as the mailbox decoded them: no copy of
+  ours, nothing to count.
+- ``StagedTransfers`` (CUDA): before a send, the tensors are copied device-to-host on a side
+  stream straight into ONE pinned host buffer per message from a bounded ``HostBufferPool``,
+  laid out as the message's payload (``hybridiff.wire.Payload``: each tensor at its 64-byte
+  aligned offset, room for the header in front); the sender waits on the copy's event (not on
+  the device), the link writes the header in front and sends the buffer as the message's one
+  frame, zero-copy. A buffer goes back to the pool only when ZeroMQ's tracker says it no longer
+  reads it. After a receive, the mailbox has
+  already decoded the message into pinned memory (on its IO thread); the copy to the device is
+  issued ``non_blocking`` on the compute stream, so the compute thread does not wait for it and
+  the kernels that use it are ordered after it. Device memory for received tensors comes from
+  torch's caching allocator (reused blocks, not fresh allocations, once warm); pinned receive
+  buffers from torch's caching host allocator, which keeps a block until the copies reading it
+  have completed.
+
+Where the copies overlap compute: a send's device-to-host copy runs after the forward that
+produced the tensor (the compute clock waits for it), so on the worker's own timeline it
+overlaps nothing; what moves off the critical path is what the schedule allows: in the pipeline
+window the stage-1 worker's activations are copied and sent while its peer computes stage 2 on
+the previous step's activations, and a receive's host-to-device copy is queued without
+blocking the compute thread. ``StagedTransfers`` also runs on CPU (pool and zero-copy sends,
+without pinning or streams), which is how the suite exercises it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from hybridiff.errors import PeerTimeout
+from hybridiff.wire import Payload
+
+PER_KEY = 4  # buffers of one shape and dtype: a step has at most a few sends of one kind in flight
+MAX_KEYS = 32  # shapes and dtypes kept; the least recently used idle ones are dropped first
+POLL_SECONDS = 0.001
+
+
+class Tracker(Protocol):
+    """What a pool buffer waits on: ``zmq.MessageTracker`` (``done``) or anything like it."""
+
+    @property
+    def done(self) -> bool: ...
+
+
+@dataclass
+class StepCosts:
+    """What one step spent on the compute thread besides compute, with counts and bytes."""
+
+    compute_seconds: float = 0.0
+    device_to_host_copies: int = 0
+    device_to_host_seconds: float = 0.0
+    host_to_device_copies: int = 0
+    host_to_device_seconds: float = 0.0
+    send_seconds: float = 0.0
+    receive_wait_seconds: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    # CUDA copies timed by events, read once the step's work is done: (start, end) pairs.
+    pending: list[tuple[Any, Any]] = field(default_factory=list)
+
+    def finish(self) -> StepCosts:
+        """Adds the device time of the step's pending host-to-device copies."""
+        for start, end in self.pending:
+            end.synchronize()
+            self.host_to_device_seconds += start.elapsed_time(end) / 1000
+        self.pending.clear()
+        return self
+
+
+@dataclass(eq=False)
+class _Slot:
+    buffer: torch.Tensor  # uint8: one message (HEADER_ROOM, then the payload)
+    tracker: Tracker | None = None  # None: free
+    in_use: bool = False  # handed out, not yet released
+    payload: Payload | None = None  # the tensors' views, of the current use
+
+    def free(self) -> bool:
+        return not self.in_use and (self.tracker is None or self.tracker.done)
+
+
+class HostBufferPool:
+    """Host message buffers, at most ``per_key`` per layout (the shapes and dtypes of a message's
+    tensors) and ``max_keys`` layouts, handed out for a send and reused only once the transport
+    no longer reads them (the tracker a buffer was released with says ``done``). A buffer's
+    padding is zeroed once, when allocated. Used by one thread (the compute thread)."""
+
+    def __init__(self, pin: bool = False, per_key: int = PER_KEY, max_keys: int = MAX_KEYS) -> None:
+        self.pin = pin
+        self.per_key = per_key
+        self.max_keys = max_keys
+        self._slots: OrderedDict[tuple, list[_Slot]] = OrderedDict()
+        self.allocated = 0  # buffers ever allocated (a test counts reuse by it)
+
+    def acquire(self, specs: Mapping[str, tuple[torch.Size, torch.dtype]], timeout: float) -> _Slot:
+        """A free message buffer for tensors of these names, shapes and dtypes (its ``payload``);
+        waits for one in flight when all ``per_key`` are, ``PeerTimeout`` when none comes free
+        within ``timeout`` seconds."""
+        key = tuple((tuple(shape), dtype) for shape, dtype in specs.values())
+        slots = self._slots.setdefault(key, [])
+        self._slots.move_to_end(key)
+        deadline = time.monotonic() + timeout
+        while True:
+            slot = next((s for s in slots if s.free()), None)
+            if slot is None and len(slots) < self.per_key:
+                buffer = torch.empty(Payload.buffer_bytes(key), dtype=torch.uint8, pin_memory=self.pin)
+                slot = _Slot(buffer)
+                Payload(buffer, specs).zero_padding()
+                slots.append(slot)
+                self.allocated += 1
+                self._trim()
+            if slot is not None:
+                slot.in_use, slot.tracker = True, None
+                slot.payload = Payload(slot.buffer, specs)
+                return slot
+            if time.monotonic() >= deadline:
+                shapes = [list(shape) for shape, _ in key]
+                raise PeerTimeout(f"no send buffer for shapes {shapes} came free in {timeout:.1f}s")
+            time.sleep(POLL_SECONDS)
+
+    def release(self, slot: _Slot, tracker: Tracker | None) -> None:
+        """``slot`` may be reused once ``tracker`` is done (None: at once)."""
+        slot.tracker, slot.in_use = tracker, False
+
+    def _trim(self) -> None:
+        for key in list(self._slots)[: max(0, len(self._slots) - self.max_keys)]:
+            self._slots[key] = [s for s in self._slots[key] if not s.free()]
+            if not self._slots[key]:
+                del self._slots[key]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._slots.values())
+
+
+@dataclass
+class Staged:
+    """Tensors ready for the wire (a ``Payload`` when staged in a pool buffer) and the pool
+    buffers behind them."""
+
+    tensors: Mapping[str, torch.Tensor]
+    slots: list[_Slot]
+    pool: HostBufferPool | None = None
+
+    def release(self, tracker: Tracker | None) -> None:
+        for slot in self.slots:
+            self.pool.release(slot, tracker)
+
+
+class DirectTransfers:
+    """CPU: no copies of ours; a tensor on another device is moved plainly (counted)."""
+
+    zero_copy = False
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+
+    def to_host(self, tensors: Mapping[str, torch.Tensor], costs: StepCosts, timeout: float) -> Staged:
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if t.device.type != "cpu":
+                start = time.perf_counter()
+                t = t.cpu()
+                costs.device_to_host_copies += 1
+                costs.device_to_host_seconds += time.perf_counter() - start
+            out[name] = t
+        return Staged(out, [])
+
+    def to_device(self, tensors: Mapping[str, torch.Tensor], costs: StepCosts) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if t.device != self.device:
+                start = time.perf_counter()
+                t = t.to(self.device)
+                costs.host_to_device_copies += 1
+                costs.host_to_device_seconds += time.perf_counter() - start
+            out[name] = t
+        return out
+
+
+class StagedTransfers:
+    """Device-to-host into pooled (pinned on CUDA) buffers, zero-copy sends, non-blocking
+    host-to-device; see the module docstring."""
+
+    zero_copy = True
+
+    def __init__(self, device: torch.device, pool: HostBufferPool | None = None) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.pool = pool if pool is not None else HostBufferPool(pin=self.cuda)
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def to_host(self, tensors: Mapping[str, torch.Tensor], costs: StepCosts, timeout: float) -> Staged:
+        slot = self.pool.acquire({name: (t.shape, t.dtype) for name, t in tensors.items()}, timeout)
+        staged = Staged(slot.payload, [slot], self.pool)
+        pairs = [(t, slot.payload[name]) for name, t in tensors.items() if t.numel()]
+        try:
+            start = time.perf_counter()
+            if self.cuda:
+                seconds = self._copy_on_side_stream(pairs)
+            else:
+                for t, host in pairs:
+                    host.copy_(t)
+                seconds = time.perf_counter() - start
+        except BaseException:
+            staged.release(None)
+            raise
+        costs.device_to_host_copies += len(pairs)
+        costs.device_to_host_seconds += seconds
+        return staged
+
+    def _copy_on_side_stream(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Copies each (tensor, pinned view) pair into the view on the side stream, after the work
+        queued so far on the compute stream (which produced the tensors); waits for the copies
+        only (not for the device) and returns their device time."""
+        compute = torch.cuda.current_stream(self.device)
+        start, ready = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            start.record(self.stream)
+            for t, host in pairs:
+                host.copy_(t, non_blocking=True)
+                if t.is_cuda:
+                    t.record_stream(self.stream)  # the allocator keeps t until the copy has read it
+            ready.record(self.stream)
+        ready.synchronize()  # the send reads the buffers: they must hold the copies
+        return start.elapsed_time(ready) / 1000
+
+    def to_device(self, tensors: Mapping[str, torch.Tensor], costs: StepCosts) -> dict[str, torch.Tensor]:
+        if not self.cuda:
+            return DirectTransfers(self.device).to_device(tensors, costs)
+        compute = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(compute)
+        # From pinned memory (the mailbox decodes into it) the copy is asynchronous; the caching
+        # host allocator keeps the pinned block until it has completed.
+        out = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
+        end.record(compute)
+        costs.host_to_device_copies += len(out)
+        costs.pending.append((start, end))
+        return out
+
+
+def transfers_for(device: torch.device | str) -> DirectTransfers | StagedTransfers:
+    """Staged transfers on CUDA, direct ones elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return StagedTransfers(device)
+    return DirectTransfers(device)
