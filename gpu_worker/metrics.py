@@ -70,6 +70,35 @@ class WorkerMetrics:
             registry=r,
         )
 
+        self.compile_mode = Gauge(
+            "hybridiff_worker_compile_mode",
+            "1 for the --compile mode this worker resolved to (none, default, reduce-overhead, max-autotune)",
+            ["mode"],
+            registry=r,
+        )
+        self.compile_warm = Gauge(
+            "hybridiff_worker_compile_warm",
+            "1 once the default size is compiled (or compile is off): the worker is ready",
+            registry=r,
+        )
+        self.compilations = Counter(
+            "hybridiff_worker_compilations",
+            "Graphs compiled (one per function and shape: batch, height, width), by function",
+            ["function"],
+            registry=r,
+        )
+        self.compile_seconds = Counter(
+            "hybridiff_worker_compile_seconds",
+            "Seconds spent compiling (the first call of each function and shape), by function",
+            ["function"],
+            registry=r,
+        )
+
+    def compiled(self, function: str, seconds: float) -> None:
+        """A ``CompileCache`` compiled ``function`` for a new shape in ``seconds``."""
+        self.compilations.labels(function).inc()
+        self.compile_seconds.labels(function).inc(seconds)
+
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port

@@ -2,7 +2,9 @@
 health answers while the model loads; then the model and the data plane), serve until
 signalled, shut down.
 
-Health ("" and the control service: readiness) is NOT_SERVING until the model is loaded,
+Health ("" and the control service: readiness) is NOT_SERVING until the model is loaded
+(and, with ``--compile``, until its default size is compiled: in the background, while health
+answers; the control service answers Info only from then on, so the pool joins a warm worker),
 SERVING after, NOT_SERVING again while it drains on SIGTERM. ``hybridiff.liveness`` is SERVING
 from the start; it and readiness turn NOT_SERVING for good when the watchdog sees a command
 stall, so Kubernetes restarts the pod.
@@ -20,23 +22,32 @@ from pathlib import Path
 import torch
 import zmq
 
+from gpu_worker import compiled
 from gpu_worker.dataplane import Mailbox, message_bound
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter, weights_digest
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.service import (
+    BEGIN_SECONDS,
     LIVENESS_SERVICE,
     SERVICE_NAME,
     SESSION_IDLE_SECONDS,
     WATCHDOG_SECONDS,
     WorkerService,
 )
+from gpu_worker.split_balance import SplitPlanner, warm_up
 from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLinks, parse_networks
 from hybridiff import security, serving, telemetry
 from hybridiff.errors import InvalidArgument
 from hybridiff.internal.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+# Calls the control port runs at once (one thread each; the next is refused with
+# RESOURCE_EXHAUSTED): the coordinator makes at most a session, the next one waiting for it to
+# unwind, a probe (Check, then Info) and a MeasureSplit; the rest is headroom. Health Watch and
+# reflection streams may take CONTROL_LINGERING_STREAMS of them, never the coordinator's share.
+CONTROL_CALL_SLOTS = 8
+CONTROL_LINGERING_STREAMS = 2
 
 
 def pin_cpus(cpus: str | None) -> None:
@@ -74,20 +85,27 @@ class WorkerProcess:
         client_name: str = security.COORDINATOR_NAME,
         health_port: int | None = None,
         advertise_data_address: str | None = None,
+        compile_mode: str | None = compiled.AUTO,
+        compile_backend: str = "inductor",
+        begin_seconds: float = BEGIN_SECONDS,
     ) -> None:
         """Port 0 picks a free port (``metrics_port`` too; None: no /metrics). ``tls`` = (cert, key,
         client CA): with a client CA only the coordinator (a cert that CA signed, naming
         ``client_name`` in a subjectAltName) may control this worker; ``health_port``: plaintext
         gRPC health only (kubelet probes), allowed next to TLS only with a client CA.
         ``curve_keys_dir``: ZeroMQ CURVE with the pool keypair found there.
-        ``session_idle_seconds``: a session waiting longer for its next command is ended;
+        ``session_idle_seconds``: a session waiting longer for its next command is ended
+        (``begin_seconds``: for its Begin);
         ``watchdog_seconds``: a command running longer is a stall (see the module docstring).
         ``data_peer_cidrs`` ("10.0.0.0/8,..."): the only networks it pushes data-plane frames to
         (None: any, safe only on a private network); ``data_max_message_bytes``: the largest
-        data-plane message it accepts (None: derived from the model's size limits)."""
+        data-plane message it accepts (None: derived from the model's size limits).
+        ``compile_mode``: see ``gpu_worker.compiled`` (``compile_backend`` other than inductor: tests)."""
         telemetry.setup_tracing("hybridiff-worker")
         self.model_dir, self.host, self.data_port, self.grace = model_dir, host, data_port, grace
         self.device, self.dtype = device, dtype
+        self.compile_mode, self.compile_backend = compile_mode, compile_backend
+        self.data_address = ""
         self.advertise = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "::") else host)
         self.advertise_data_address = advertise_data_address
         self.curve = security.load_curve_keys(curve_keys_dir) if curve_keys_dir else None
@@ -98,14 +116,21 @@ class WorkerProcess:
         interceptors = telemetry.server_interceptors()
         if tls[2]:  # only the coordinator: a certificate from the client CA naming client_name
             interceptors.append(security.PeerNameInterceptor(client_name))
-        self.server = serving.new_server(8, interceptors, max_message_bytes=serving.CONTROL_MESSAGE_BYTES)
+        self.server = serving.new_server(
+            CONTROL_CALL_SLOTS,
+            interceptors,
+            max_message_bytes=serving.CONTROL_MESSAGE_BYTES,
+            lingering_streams=CONTROL_LINGERING_STREAMS,
+        )
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self.health.set(LIVENESS_SERVICE, serving.SERVING)  # alive while loading (startup probe waits)
         self.port = serving.bind(self.server, f"{host}:{port}", tls)
-        # Plaintext, for kubelet's gRPC probes (they cannot speak TLS): PeerNameInterceptor
-        # refuses every method but health there (no client certificate).
-        self.health_port = (
-            self.server.add_insecure_port(f"{host}:{health_port}") if health_port is not None else None
+        # Plaintext, for kubelet's gRPC probes (they cannot speak TLS): a server of its own that
+        # answers health Check only, so a probe never waits behind (or is refused for) control calls.
+        self.health_server, self.health_port = (
+            serving.health_server(f"{host}:{health_port}", self.health)
+            if health_port is not None
+            else (None, None)
         )
         self.worker_id = worker_id or f"{self.advertise}:{self.port}"
         self.metrics = WorkerMetrics()
@@ -117,6 +142,7 @@ class WorkerProcess:
             session_idle_seconds=session_idle_seconds,
             watchdog_seconds=watchdog_seconds,
             on_stall=self._stalled,
+            begin_seconds=begin_seconds,
         )
         worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self.service, self.server)
         self._stop = threading.Event()
@@ -124,9 +150,15 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         """Answer health at once, then load the model and open the data plane; SERVING after."""
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         log.info("worker control API on %s:%d (loading model)", self.host, self.port)
         started = time.perf_counter()
         adapter = load_adapter(self.model_dir, self.device, self.dtype)
+        compiled.enable(
+            adapter, self.compile_mode, backend=self.compile_backend, on_compile=self.metrics.compiled
+        )
+        self.metrics.compile_mode.labels(adapter.compile_mode).set(1)
         digest_started = time.perf_counter()
         digest = weights_digest(self.model_dir)
         self.metrics.weights_digest_seconds.set(time.perf_counter() - digest_started)
@@ -140,32 +172,62 @@ class WorkerProcess:
         self.links = ZmqLinks(self.context, self.worker_id, curve=self.curve, networks=self.data_networks)
         engine = WorkerEngine(adapter, self.worker_id, mailbox, self.links, metrics=self.metrics)
         # A forwarder or a NAT may stand between the peers: the address they push to, as given.
-        data_address = self.advertise_data_address or f"tcp://{self.advertise}:{self.receiver.port}"
-        self.service.attach(engine, data_address, digest)
+        self.data_address = self.advertise_data_address or f"tcp://{self.advertise}:{self.receiver.port}"
+        if adapter.compiler is None:
+            self._serve(engine, digest)
+        else:
+            threading.Thread(target=self._warm_up, args=(engine, digest), name="warm-up", daemon=True).start()
+        return self
+
+    def _warm_up(self, engine: WorkerEngine, digest: str) -> None:
+        """Compile the default size, then serve; a warm-up that fails leaves the worker unready
+        and not alive (a restart is the cure, as for a stall)."""
+        adapter = engine.adapter
+        started = time.perf_counter()
+        planner = SplitPlanner(adapter)
+        try:
+            warm_up(adapter, planner, adapter.default_size, adapter.default_size)
+        except Exception:
+            log.exception("compile warm-up (%s) failed: the worker stays NOT_SERVING", adapter.compile_mode)
+            self._stalled()
+            return
+        log.info(
+            "compiled %d graphs for %dpx (%s) in %.1fs",
+            adapter.compiler.compilations,
+            adapter.default_size,
+            adapter.compile_mode,
+            time.perf_counter() - started,
+        )
+        self._serve(engine, digest, planner)
+
+    def _serve(self, engine: WorkerEngine, digest: str, planner: SplitPlanner | None = None) -> None:
+        adapter = engine.adapter
+        self.service.attach(engine, self.data_address, digest)
+        if planner is not None:
+            self.service.planner = planner  # the cut the warm-up measured compiled: not measured again
+        self.metrics.compile_warm.set(1)
         if not self.service.stalled.is_set():
             for name in ("", SERVICE_NAME):
                 self.health.set(name, serving.SERVING)
         log.info(
-            "worker %s serving %s (%s, weights %s) on %s, data plane %s, metrics on %s",
+            "worker %s serving %s (%s, weights %s, compile %s) on %s, data plane %s, metrics on %s",
             self.worker_id,
             self.service.model_name,
             adapter.arch,
             digest,
+            adapter.compile_mode,
             adapter.device,
-            self.service.data_address,
+            self.data_address,
             self.metrics_port,
         )
-        print(
-            f"worker ready: control {self.advertise}:{self.port} data {self.service.data_address}", flush=True
-        )
-        return self
+        print(f"worker ready: control {self.advertise}:{self.port} data {self.data_address}", flush=True)
 
     def serve_until_signalled(self, ready_file: str | None = None) -> None:
         serving.write_ready_file(
             ready_file,
             {
                 "control": f"{self.advertise}:{self.port}",
-                "data": self.service.data_address,
+                "data": self.data_address,
                 "metrics_port": self.metrics_port,
                 "health_port": self.health_port,
             },
@@ -185,6 +247,8 @@ class WorkerProcess:
     def shutdown(self) -> None:
         """Finish the session in flight (within the grace period), then close everything."""
         self.server.stop(self.grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0)
         self.service.close()
         self.receiver.stop()
         self.links.close()

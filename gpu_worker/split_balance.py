@@ -1,5 +1,10 @@
 """Choose the stage cut by measured cost so both stages take about the same time (DESIGN section 1).
 
+Eager, the cut comes from per-unit costs. Compiled (``adapter.compiler`` set), eager timing
+misleads (compilation removes launch overhead and fuses unevenly), so the cut comes from the
+compiled stage callables themselves, each timed after its first (compiling) call: starting from
+the eager cut, it moves one cut at a time toward the cheaper stage while the balance improves.
+
 The cut must be the same on both workers of a pair, so it is decided once, on one worker
 (``SplitPlanner``, behind the control API's ``MeasureSplit``), and handed to both by the
 coordinator. ``choose_cut`` is the one rule, also used by the GPU profile.
@@ -16,9 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_worker.adapters.base import ModelAdapter
+from gpu_worker.adapters.base import ModelAdapter, StageSplit
 
 log = logging.getLogger(__name__)
+
+# The compiled functions of each topology's stages (as the adapters name them, before "@cut").
+STAGES = {"nested": ("stage1_pre", "stage2", "stage1_post"), "sequential": ("stage1", "stage2")}
 
 
 @dataclass(frozen=True)
@@ -51,16 +59,79 @@ def measure_unit_costs(
     adapter: ModelAdapter, height: int, width: int, batch: int = 1, repeats: int = 3
 ) -> dict[str, float]:
     """Median seconds per unit of a denoiser forward at ``height`` x ``width`` (random inputs)."""
-    cond = adapter.encode("a photograph", None, guidance=batch == 2, height=height, width=width)
-    inputs = cond.for_branches("both" if batch == 2 else "cond")
-    timeline = adapter.new_timeline(10, 0, height, width)
-    latents = adapter.initial_latents(timeline, height, width)
-    t = timeline.timesteps[len(timeline.timesteps) // 2]
-    sample = adapter.model_input(timeline, latents, t)
+    sample, t, inputs = _request_inputs(adapter, height, width, batch)
     split = adapter.make_split()
     clock = device_clock(adapter.device)
     runs = [split.unit_costs(sample, t, inputs, clock) for _ in range(repeats + 1)][1:]  # first run warms up
     return {name: statistics.median(r[name] for r in runs) for name in runs[0]}
+
+
+def _request_inputs(adapter: ModelAdapter, height: int, width: int, batch: int, num_images: int = 1):
+    """Inputs of a forward at ``batch`` = 1 (a branch) or 2 (the CFG batch), per image."""
+    cond = adapter.encode("a photograph", None, batch == 2, height, width, num_images)
+    inputs = cond.for_branches("both" if batch == 2 else "cond")
+    timeline = adapter.new_timeline(10, 0, height, width)
+    latents = adapter.initial_latents(timeline, height, width, num_images)
+    t = timeline.timesteps[len(timeline.timesteps) // 2]
+    return adapter.model_input(timeline, latents, t), t, inputs
+
+
+def run_stages(split, sample: torch.Tensor, t: torch.Tensor, inputs, clock) -> tuple[float, float]:
+    """Seconds of stage 1 and stage 2 of one forward through the engine's own stage API (compiled
+    when the adapter compiles)."""
+    if split.topology == "nested":
+        start = clock()
+        core_in, state = split.stage1_pre(sample, t, inputs)
+        pre = clock()
+        core_out = split.stage2(core_in, sample, t, inputs)
+        core = clock()
+        split.stage1_post(core_out, state)
+        return pre - start + clock() - core, core - pre
+    start = clock()
+    boundary = split.stage1_fwd(sample, t, inputs)
+    mid = clock()
+    split.stage2_fwd(boundary, sample, t, inputs)
+    return mid - start, clock() - mid
+
+
+@torch.no_grad()
+def measure_stage_costs(
+    adapter: ModelAdapter, height: int, width: int, cut: int, batch: int = 1, repeats: int = 3
+) -> tuple[float, float]:
+    """Median seconds of stage 1 and stage 2 at ``cut``, after one warm-up (compiling) run."""
+    sample, t, inputs = _request_inputs(adapter, height, width, batch)
+    split, clock = adapter.make_split(cut), device_clock(adapter.device)
+    runs = [run_stages(split, sample, t, inputs, clock) for _ in range(repeats + 1)][1:]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def _imbalance(seconds: tuple[float, float]) -> float:
+    lo, hi = sorted(seconds)
+    return hi / lo if lo > 0 else float("inf")
+
+
+def compiled_plan(
+    adapter: ModelAdapter, height: int, width: int, unit_seconds: dict[str, float], repeats: int = 3
+) -> SplitPlan:
+    """The balanced cut by compiled stage timings, searched from the eager cut (each cut measured
+    costs a compilation of its stages, so only the cuts on the way are)."""
+    cuts = valid_cuts(adapter)
+    measured: dict[int, tuple[float, float]] = {}
+
+    def stages(cut: int) -> tuple[float, float]:
+        if cut not in measured:
+            measured[cut] = measure_stage_costs(adapter, height, width, cut, repeats=repeats)
+        return measured[cut]
+
+    cut = balanced_plan(adapter, unit_seconds).cut
+    while True:
+        s1, s2 = stages(cut)
+        step = cut - 1 if s1 > s2 else cut + 1
+        if step not in cuts or step in measured or _imbalance(stages(step)) >= _imbalance((s1, s2)):
+            break
+        cut = step
+    best = choose_cut(measured, stages)
+    return SplitPlan(best, *measured[best], unit_seconds)
 
 
 def stage_costs(stage1_units: Iterable[str], unit_seconds: dict[str, float]) -> tuple[float, float]:
@@ -108,11 +179,16 @@ class SplitPlanner:
     def plan(self, height: int, width: int) -> SplitPlan:
         with self._lock:
             if (height, width) not in self._plans:
-                plan = balanced_plan(self.adapter, measure_unit_costs(self.adapter, height, width))
+                units = measure_unit_costs(self.adapter, height, width)
+                if self.adapter.compiler is None:
+                    plan = balanced_plan(self.adapter, units)
+                else:
+                    plan = compiled_plan(self.adapter, height, width, units)
                 log.info(
-                    "split at %dx%d: cut %d, stages %.4fs / %.4fs (ratio %.3f)",
+                    "split at %dx%d (%s): cut %d, stages %.4fs / %.4fs (ratio %.3f)",
                     width,
                     height,
+                    "eager" if self.adapter.compiler is None else f"compiled, {self.adapter.compile_mode}",
                     plan.cut,
                     plan.stage1_seconds,
                     plan.stage2_seconds,
@@ -120,3 +196,65 @@ class SplitPlanner:
                 )
                 self._plans[(height, width)] = plan
             return self._plans[(height, width)]
+
+
+def request_functions(
+    split: StageSplit | None, solo: bool, guided: bool, full_cfg: bool
+) -> dict[int, list[str]]:
+    """The compiled functions a request runs, by batch per image: alone, the forward at batch 1
+    (a branch) and, guided, 2 (SINGLE's CFG batch); a pair, its data-parallel steps at batch 1
+    and, with a stage cut (``split``: HYBRID, PIPELINE), its window's stages at the window
+    policy's batch."""
+    if solo:
+        return {1: ["forward"], 2: ["forward"]} if guided else {1: ["forward"]}
+    if split is None:
+        return {1: ["forward"]}
+    stages = [f"{name}@cut{split.cut}" for name in STAGES[split.topology]]
+    if guided and full_cfg:
+        return {1: ["forward"], 2: stages}
+    return {1: ["forward", *stages]}
+
+
+@torch.no_grad()
+def compile_request_shapes(
+    adapter: ModelAdapter,
+    height: int,
+    width: int,
+    num_images: int = 1,
+    split: StageSplit | None = None,
+    solo: bool = False,
+    guided: bool = True,
+    full_cfg: bool = False,
+) -> int:
+    """With compile on, compile what a request at this size runs (``request_functions``) and is
+    not compiled yet, on random inputs. Called before the request's first step (at Begin): no step
+    then compiles while its peer waits with a timeout sized for compiled steps. The number of
+    graphs compiled."""
+    compiler = adapter.compiler
+    if compiler is None:
+        return 0
+    before = compiler.compilations
+    scale = adapter.vae_scale_factor
+    for per_image, names in request_functions(split, solo, guided, full_cfg).items():
+        shape = (per_image * num_images, height // scale, width // scale)
+        if all(compiler.warm((f"{adapter.arch}.{n}", *shape)) for n in names):
+            continue
+        sample, t, inputs = _request_inputs(adapter, height, width, per_image, num_images)
+        if "forward" in names:
+            adapter.forward(sample, t, inputs)
+        if split is not None and any("@cut" in n for n in names):
+            run_stages(split, sample, t, inputs, time.perf_counter)
+    return compiler.compilations - before
+
+
+@torch.no_grad()
+def warm_up(adapter: ModelAdapter, planner: SplitPlanner, height: int, width: int) -> SplitPlan:
+    """Compile before the first request what one at ``height`` x ``width`` runs in any mode: the
+    balanced plan (its stages measured compiled), then the forward and that cut's stages at a
+    branch's batch and the CFG batch."""
+    plan = planner.plan(height, width)
+    split = adapter.make_split(plan.cut)
+    compile_request_shapes(adapter, height, width, 1, solo=True)
+    compile_request_shapes(adapter, height, width, 1, split, full_cfg=True)
+    compile_request_shapes(adapter, height, width, 1, split, full_cfg=False)
+    return plan

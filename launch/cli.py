@@ -191,7 +191,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from launch.inprocess import InProcessEngine
     from launch.model_dirs import default_model_dir
 
-    engine = InProcessEngine(args.model_dir or default_model_dir(), args.device, args.dtype, args.split_cut)
+    engine = InProcessEngine(
+        args.model_dir or default_model_dir(), args.device, args.dtype, args.split_cut, compile=args.compile
+    )
     try:
         spec = engine.resolve(request_input(args))
         with tqdm(total=spec.num_steps, desc=label(spec.mode), unit="step", disable=args.quiet) as bar:
@@ -235,7 +237,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         data_peer_cidrs=args.data_peer_cidrs,
         data_max_message_bytes=args.data_max_message_mib << 20 if args.data_max_message_mib else None,
         session_idle_seconds=args.session_idle_timeout,
+        begin_seconds=args.session_begin_timeout,
         watchdog_seconds=args.watchdog_seconds,
+        compile_mode=args.compile,
     )
     return EXIT_OK
 
@@ -285,9 +289,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from launch.local_cluster import run_local  # deferred: builds the default model with torch if needed
+    # deferred: builds the default model with torch if needed
+    from launch.local_cluster import parse_devices, run_local
     from launch.model_dirs import default_model_dir
 
+    devices = parse_devices(args.devices) if args.devices is not None else None
     return run_local(
         str(args.model_dir or default_model_dir()),
         args.workers,
@@ -298,6 +304,8 @@ def cmd_local(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         log_dir=args.log_dir,
         verbose=args.verbose,
+        devices=devices,
+        compile_mode=args.compile,
     )
 
 
@@ -412,6 +420,16 @@ def tool_commands() -> dict[str, object]:
     return {ep.name: ep for ep in entry_points(group=TOOLS_GROUP)}
 
 
+def add_compile_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile",
+        choices=("auto", "none", "default", "reduce-overhead", "max-autotune"),
+        default="auto",
+        help="torch.compile the denoiser and its stages per shape (auto: reduce-overhead on CUDA, none "
+        "on CPU); a worker is ready once its default size is compiled",
+    )
+
+
 def add_log_format_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-format",
@@ -456,6 +474,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         "--split-cut", type=int, default=None, help="stage cut (default: balanced by measured cost)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_flag(p)
     add_generation_flags(p)
     p.set_defaults(func=cmd_run)
 
@@ -526,11 +545,18 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         help="seconds a control session may wait for its next command before the worker ends it",
     )
     p.add_argument(
+        "--session-begin-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a new control session may take to send its Begin (the coordinator sends it at once)",
+    )
+    p.add_argument(
         "--watchdog-seconds",
         type=float,
         default=300.0,
         help="a command running longer is a stall: health and liveness turn NOT_SERVING until restart",
     )
+    add_compile_flag(p)
     add_log_format_flag(p)
     p.set_defaults(func=cmd_worker)
 
@@ -607,6 +633,12 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         "--model-dir", default=None, help="diffusers model directory (default: the embedded model)"
     )
     p.add_argument("--workers", type=int, default=2, help="how many workers (each gets its own cores)")
+    p.add_argument(
+        "--devices",
+        default=None,
+        help="the workers' devices, round robin (e.g. cuda:0,cuda:1; cpu,cpu); default: one per visible "
+        "GPU, round robin (two workers may share one), else cpu",
+    )
     p.add_argument("--port", type=int, default=50051, help="public API port")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for workers")
@@ -615,6 +647,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.add_argument(
         "--log-dir", default=None, help="write each process's log here (default: a new temporary directory)"
     )
+    add_compile_flag(p)
     p.set_defaults(func=cmd_local)
 
     p = sub.add_parser("generate", help="send one request to a running service")

@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from coordinator.driver import GenerationResult, StepStat, drive_request
+from gpu_worker import compiled
 from gpu_worker.dataplane import InMemoryLink, Mailbox
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter
@@ -53,8 +54,13 @@ class InProcessEngine:
         device: str | None = None,
         dtype: str | None = None,
         split_cut: int | None = None,
+        compile: str | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
+        """``compile``: none | default | reduce-overhead | max-autotune (None or auto: by device;
+        see ``gpu_worker.compiled``); shapes compile at their first use."""
         self.adapter = load_adapter(model_dir, device, dtype)
+        compiled.enable(self.adapter, compile, backend=compile_backend)
         self.limits = self.adapter.size_limits()
         self.defaults = self.adapter.defaults
         self._split_cut = split_cut

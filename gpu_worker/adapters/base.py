@@ -11,13 +11,14 @@ from __future__ import annotations
 import io
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 
-from gpu_worker import scheduler_state
+from gpu_worker import compiled, scheduler_state
 from hybridiff.internal.v1 import worker_pb2 as wpb
 from hybridiff.protocol import OutputFormat
 from hybridiff.request import MODEL_DEFAULTS, ModelDefaults, SizeLimits
@@ -75,9 +76,13 @@ class RequestTimeline:
         """The scheduler's state after the steps run so far, its history included."""
         return scheduler_state.capture(self.scheduler, self.fresh)
 
-    def restore_scheduler(self, state: wpb.SchedulerState, device: torch.device) -> None:
-        """Continue from ``state``, what ``capture_scheduler`` gave on another worker."""
-        scheduler_state.restore(self.scheduler, state, device)
+    def restore_scheduler(
+        self, state: wpb.SchedulerState, device: torch.device, sample_shape: Sequence[int], steps: int
+    ) -> None:
+        """Continue from ``state``, what ``capture_scheduler`` gave on another worker after
+        ``steps`` steps on latents of ``sample_shape``; ``BadCommand`` for one it could not have
+        given (``scheduler_state.restore``)."""
+        scheduler_state.restore(self.scheduler, state, device, sample_shape, steps)
 
 
 class StageSplit(ABC):
@@ -112,6 +117,14 @@ class ModelAdapter(ABC):
         self.defaults = defaults or MODEL_DEFAULTS[self.arch]  # steps, guidance, hybrid parameters
         # prepare_latents reads pipe.scheduler; requests assign their own scheduler under this lock.
         self._pipe_lock = threading.Lock()
+        # Set by ``compiled.enable``: the denoiser and its stages then run compiled per shape.
+        self.compile_mode = compiled.NONE
+        self.compiler: compiled.CompileCache | None = None
+
+    def run_compiled(self, name: str, fn, like: torch.Tensor, *args):
+        """``fn(*args)``, compiled for the (batch, height, width) of ``like`` when compile is on;
+        ``name`` names the function (and whatever else fixes its graph, such as the cut)."""
+        return compiled.run(self.compiler, f"{self.arch}.{name}", fn, like, *args)
 
     # --- request set-up -------------------------------------------------------------
     @property

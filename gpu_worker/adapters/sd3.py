@@ -71,11 +71,24 @@ class SD3Adapter(ModelAdapter):
 
     def forward(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
         sample = repeat_to_batch(sample, inputs)
+        return self.run_compiled(
+            "forward",
+            self._forward,
+            sample,
+            sample,
+            t,
+            inputs["encoder_hidden_states"],
+            inputs["pooled_projections"],
+        )
+
+    def _forward(
+        self, sample: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
         return self.pipe.transformer(
             hidden_states=sample,
             timestep=t.expand(sample.shape[0]),
-            encoder_hidden_states=inputs["encoder_hidden_states"],
-            pooled_projections=inputs["pooled_projections"],
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled,
             joint_attention_kwargs=None,
             return_dict=False,
         )[0]
@@ -90,6 +103,7 @@ class SD3Adapter(ModelAdapter):
 
 class SD3Split(SequentialDiTSplit):
     def __init__(self, adapter: SD3Adapter, cut: int | None) -> None:
+        self.adapter = adapter
         n = len(adapter.pipe.transformer.transformer_blocks)
         super().__init__(adapter.pipe.transformer, cut if cut is not None else n // 2)
 
@@ -99,17 +113,47 @@ class SD3Split(SequentialDiTSplit):
         sample = repeat_to_batch(sample, inputs)
         return sample, self.temb(t.expand(sample.shape[0]), inputs["pooled_projections"])
 
-    # Engine-facing stage API (sequential topology).
+    # Engine-facing stage API (sequential topology); compiled per shape when compile is on.
     def stage1_fwd(
         self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
     ) -> dict[str, torch.Tensor]:
-        sample, temb = self.prepare(sample, t, inputs)
-        return self.stage1(sample, inputs["encoder_hidden_states"], temb)
+        sample = repeat_to_batch(sample, inputs)
+        hidden, context = self._run(
+            "stage1",
+            self._stage1,
+            sample,
+            sample,
+            t,
+            inputs["encoder_hidden_states"],
+            inputs["pooled_projections"],
+        )
+        return {"hidden_states": hidden, "encoder_hidden_states": context}
 
     def stage2_fwd(
         self, boundary: dict[str, torch.Tensor], sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
     ) -> torch.Tensor:
-        sample, temb = self.prepare(sample, t, inputs)
+        sample = repeat_to_batch(sample, inputs)
+        return self._run(
+            "stage2",
+            self._stage2,
+            sample,
+            boundary["hidden_states"],
+            boundary["encoder_hidden_states"],
+            sample,
+            t,
+            inputs["pooled_projections"],
+        )
+
+    def _run(self, name: str, fn, like: torch.Tensor, *args):
+        return self.adapter.run_compiled(f"{name}@cut{self.cut}", fn, like, *args)
+
+    def _stage1(self, sample, t, encoder_hidden_states, pooled) -> tuple[torch.Tensor, torch.Tensor]:
+        boundary = self.stage1(sample, encoder_hidden_states, self.temb(t.expand(sample.shape[0]), pooled))
+        return boundary["hidden_states"], boundary["encoder_hidden_states"]
+
+    def _stage2(self, hidden, context, sample, t, pooled) -> torch.Tensor:
+        temb = self.temb(t.expand(sample.shape[0]), pooled)
+        boundary = {"hidden_states": hidden, "encoder_hidden_states": context}
         return self.stage2(boundary, temb, sample.shape[-2], sample.shape[-1])
 
     def unit_costs(

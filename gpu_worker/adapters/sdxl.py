@@ -14,7 +14,12 @@ from gpu_worker.adapters.base import (
     RequestTimeline,
     repeat_to_batch,
 )
-from gpu_worker.adapters.unet_split import NestedUNetSplit, time_units
+from gpu_worker.adapters.unet_split import NestedUNetSplit, UNetContext, time_units, upsample_size_needed
+
+
+def conditioning(inputs: BranchInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The UNet's conditioning tensors in the order the compiled functions take them."""
+    return inputs["encoder_hidden_states"], inputs["text_embeds"], inputs["time_ids"]
 
 
 class SDXLAdapter(ModelAdapter):
@@ -78,13 +83,24 @@ class SDXLAdapter(ModelAdapter):
         return timeline.scheduler.scale_model_input(latents, t)
 
     def forward(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
+        sample = repeat_to_batch(sample, inputs)
+        return self.run_compiled("forward", self._forward, sample, sample, t, *conditioning(inputs))
+
+    def _forward(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
         return self.pipe.unet(
-            repeat_to_batch(sample, inputs),
+            sample,
             t,
-            encoder_hidden_states=inputs["encoder_hidden_states"],
+            encoder_hidden_states=encoder_hidden_states,
             timestep_cond=None,
             cross_attention_kwargs=None,
-            added_cond_kwargs={"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]},
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
             return_dict=False,
         )[0]
 
@@ -120,22 +136,54 @@ class SDXLSplit(NestedUNetSplit):
         return sample, ctx
 
     # Engine-facing stage API (nested topology): stage 1 = outer ring (pre, then post), stage 2 = core.
+    # Each runs compiled per shape when compile is on; the compiled functions take tensors only.
     def stage1_pre(
         self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
     ) -> tuple[dict[str, torch.Tensor], Any]:
-        sample, ctx = self.prepare(sample, t, inputs)
-        residuals = self.outer_pre(sample, ctx)
+        sample = repeat_to_batch(sample, inputs)
+        *residuals, emb, states = self._run("stage1_pre", self._pre, sample, sample, t, *conditioning(inputs))
+        ctx = UNetContext(emb, states, upsample_size_needed(self.unet, sample))
         return {"core_input": residuals[-1]}, (residuals, ctx)
 
     def stage2(
         self, core_in: dict[str, torch.Tensor], sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
     ) -> dict[str, torch.Tensor]:
-        sample, ctx = self.prepare(sample, t, inputs)
-        return {"core_output": self.core(core_in["core_input"], ctx)}
+        sample = repeat_to_batch(sample, inputs)
+        core_out = self._run(
+            "stage2", self._core, sample, core_in["core_input"], sample, t, *conditioning(inputs)
+        )
+        return {"core_output": core_out}
 
     def stage1_post(self, core_out: dict[str, torch.Tensor], state: Any) -> torch.Tensor:
         residuals, ctx = state
-        return self.outer_post(core_out["core_output"], residuals, ctx)
+        return self._run(
+            "stage1_post",
+            self._post,
+            residuals[0],  # conv_in's output: the sample's batch and size
+            core_out["core_output"],
+            ctx.emb,
+            ctx.encoder_hidden_states,
+            *residuals,
+        )
+
+    def _run(self, name: str, fn, like: torch.Tensor, *args):
+        return self.adapter.run_compiled(f"{name}@cut{self.cut}", fn, like, *args)
+
+    def _pre(self, sample, t, encoder_hidden_states, text_embeds, time_ids) -> tuple[torch.Tensor, ...]:
+        ctx = self.context(
+            sample, t, encoder_hidden_states, {"text_embeds": text_embeds, "time_ids": time_ids}
+        )
+        return (*self.outer_pre(sample, ctx), ctx.emb, ctx.encoder_hidden_states)
+
+    def _core(self, h, sample, t, encoder_hidden_states, text_embeds, time_ids) -> torch.Tensor:
+        ctx = self.context(
+            sample, t, encoder_hidden_states, {"text_embeds": text_embeds, "time_ids": time_ids}
+        )
+        return self.core(h, ctx)
+
+    def _post(self, core_out, emb, encoder_hidden_states, *residuals) -> torch.Tensor:
+        ctx = UNetContext(emb, encoder_hidden_states, upsample_size_needed(self.unet, residuals[0]))
+        return self.outer_post(core_out, list(residuals), ctx)
 
     def unit_costs(
         self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs, clock

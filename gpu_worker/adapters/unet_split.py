@@ -113,8 +113,7 @@ class NestedUNetSplit(StageSplit):
     ) -> UNetContext:
         """The prologue of ``UNet2DConditionModel.forward``: time, class and added embeddings."""
         unet = self.unet
-        up_factor = 2**unet.num_upsamplers
-        forward_upsample_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
+        forward_upsample_size = upsample_size_needed(unet, sample)
         t_emb = unet.get_time_embed(sample=sample, timestep=t)
         emb = unet.time_embedding(t_emb, None)
         class_emb = unet.get_class_embed(sample=sample, class_labels=None)
@@ -215,6 +214,13 @@ class NestedUNetSplit(StageSplit):
                 for upsampler in unit.upsamplers:
                     h = upsampler(h, size)
         return h
+
+
+def upsample_size_needed(unet: Any, sample: torch.Tensor) -> bool:
+    """Whether the upsamplers need the skip's size (a side not a multiple of the total upsampling),
+    as ``UNet2DConditionModel.forward`` decides it."""
+    up_factor = 2**unet.num_upsamplers
+    return any(dim % up_factor != 0 for dim in sample.shape[-2:])
 
 
 def _layer(resnet: Any, attn: Any | None) -> Callable[[torch.Tensor, UNetContext], torch.Tensor]:
