@@ -1,11 +1,12 @@
 """``hybridiff local``: the coordinator and its workers as local processes on loopback.
 
 Each worker gets its own share of the CPU cores (pinned, one torch thread per core it owns),
-as each pod gets its own GPU. Children die with the launcher (PR_SET_PDEATHSIG) and are
-stopped on SIGTERM/SIGINT: SIGTERM first, SIGKILL after a grace period — no orphans. Each
-process logs to its own file (``worker0.log`` ..., ``coordinator.log``) in ``log_dir``, a new
-temporary directory when none is given; a process that dies during start-up is reported with
-the end of its log.
+as each pod gets its own GPU, and its own device: the ``devices`` given, round robin, else one
+per visible GPU, round robin (two workers may share a GPU), else the CPU. Children die with
+the launcher (PR_SET_PDEATHSIG) and are stopped on SIGTERM/SIGINT: SIGTERM first, SIGKILL
+after a grace period — no orphans. Each process logs to its own file (``worker0.log`` ...,
+``coordinator.log``) in ``log_dir``, a new temporary directory when none is given; a process
+that dies during start-up is reported with the end of its log.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hybridiff.errors import InvalidArgument
 from hybridiff.v1 import diffusion_pb2, diffusion_pb2_grpc
 from launch.children import LAUNCHER_PID_ENV
 
@@ -34,6 +36,32 @@ def core_shares(workers: int, cores: list[int] | None = None) -> list[str]:
         per = len(cores) // workers
         return [",".join(str(c) for c in cores[i * per : (i + 1) * per]) for i in range(workers)]
     return [str(cores[i % len(cores)]) for i in range(workers)]
+
+
+def parse_devices(text: str) -> list[str]:
+    """``"cuda:0,cuda:1"`` -> ``["cuda:0", "cuda:1"]``; each entry cpu, cuda or cuda:N."""
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise InvalidArgument("devices", f"expected a list like cuda:0,cuda:1 or cpu, got {text!r}")
+    for d in devices:
+        kind, colon, index = d.partition(":")
+        if not (d == "cpu" or (kind == "cuda" and (not colon or index.isdigit()))):
+            raise InvalidArgument("devices", f"expected cpu, cuda or cuda:N, got {d!r}")
+    return devices
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices this process (and so each child, same environment) can see."""
+    import torch  # deferred: slow to import; only the default assignment needs it
+
+    return torch.cuda.device_count()
+
+
+def assign_devices(workers: int, devices: list[str] | None = None, gpus: int = 0) -> list[str]:
+    """The device of each worker: ``devices`` round robin when given, else one per visible GPU
+    (``gpus`` of them) round robin, else the CPU for all."""
+    pool = devices or [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
+    return [pool[i % len(pool)] for i in range(workers)]
 
 
 class LocalCluster:
@@ -51,9 +79,13 @@ class LocalCluster:
         log_format: str = "text",
         verbose: bool = True,
         worker_args: dict[int, list[str]] | None = None,
+        devices: list[str] | None = None,
+        compile_mode: str = "auto",
     ) -> None:
-        """``log_format``: the processes' ``--log-format``; ``verbose``: they log at INFO (``-v``);
-        ``worker_args``: more flags for worker i (they override the defaults)."""
+        """``compile_mode``: the workers' ``--compile``; ``log_format``: the processes'
+        ``--log-format``; ``verbose``: they log at INFO (``-v``);
+        ``worker_args``: more flags for worker i (they override the defaults); ``devices``: the
+        workers' devices, round robin (default: one per visible GPU, round robin, else cpu)."""
         self.model_dir = str(model_dir)
         self.num_workers = workers
         self.port = port  # 0: the coordinator picks a free port
@@ -71,6 +103,8 @@ class LocalCluster:
         }
         self.cores = cores
         self.worker_args = worker_args or {}
+        self.compile_mode = compile_mode
+        self.devices = assign_devices(workers, devices) if devices else None  # None: chosen at start
         self.procs: list[subprocess.Popen] = []
         self._names: dict[int, str] = {}  # pid -> process name (its log file's stem)
         self.worker_addresses: list[str] = []
@@ -107,6 +141,8 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         print(f"hybridiff local: logs in {self.log_dir}", file=sys.stderr, flush=True)
         try:
+            if self.devices is None:
+                self.devices = assign_devices(self.num_workers, gpus=visible_gpus())
             ready = []
             for i, cpus in enumerate(core_shares(self.num_workers, self.cores)):
                 ready.append(run_dir / f"worker{i}.json")
@@ -128,10 +164,14 @@ class LocalCluster:
                         "127.0.0.0/8",
                         "--cpus",
                         cpus,
+                        "--device",
+                        self.devices[i],
                         "--worker-id",
                         f"worker{i}",
                         "--ready-file",
                         str(ready[-1]),
+                        "--compile",
+                        self.compile_mode,
                         *self.worker_args.get(i, []),
                     ],
                 )
@@ -248,6 +288,8 @@ def run_local(
     log_format: str = "text",
     log_dir: str | None = None,
     verbose: bool = False,
+    devices: list[str] | None = None,
+    compile_mode: str = "auto",
 ) -> int:
     cluster = LocalCluster(
         model_dir,
@@ -259,6 +301,8 @@ def run_local(
         log_dir=log_dir,
         log_format=log_format,
         verbose=verbose,
+        devices=devices,
+        compile_mode=compile_mode,
     )
     stop = {"now": False}
 
@@ -267,10 +311,11 @@ def run_local(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    cluster.start()
+    cluster.start(timeout=300.0 if compile_mode == "none" else 1800.0)  # compiling takes minutes
     print(
         f"hybridiff local cluster ready at {cluster.address} ({workers} workers, cores "
-        f"{' | '.join(core_shares(workers))}); metrics at http://127.0.0.1:{cluster.metrics_port}/metrics",
+        f"{' | '.join(core_shares(workers))}, devices {' | '.join(cluster.devices)}); "
+        f"metrics at http://127.0.0.1:{cluster.metrics_port}/metrics",
         flush=True,
     )
     try:
