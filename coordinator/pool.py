@@ -31,6 +31,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -158,6 +159,8 @@ class WorkerPool:
         self._tickets = itertools.count()
         self._closed = False
         self._probes: set[threading.Thread] = set()
+        # Every entry whose channel may be open, also one replaced while busy (its lease holds it).
+        self._entries: weakref.WeakSet[WorkerEntry] = weakref.WeakSet()
         self.quarantines = 0  # workers quarantined so far (hybridiff_worker_quarantines_total)
 
     # --- discovery sink -------------------------------------------------------------
@@ -183,6 +186,7 @@ class WorkerPool:
                     entry.channel.close()
             entry = WorkerEntry(worker_id, address, self._channel_factory(address))
             self._workers[worker_id] = entry
+            self._entries.add(entry)
             self._spawn(entry, self._join)
         self._changed()
 
@@ -249,15 +253,16 @@ class WorkerPool:
                 was, entry.info = entry.status, info
                 entry.status = INCOMPATIBLE if problem else IDLE
                 kinds = {pairing_key(e.info) for e in self._serving(info.model_name) if e is not entry}
+                if not problem and kinds and pairing_key(info) not in kinds:
+                    # Said before anyone can see it idle (a reader of the state finds the reason logged).
+                    log.warning(
+                        "worker %s differs from the other workers of %s in protocol, dtype, device kind "
+                        "or weights (%s): it is paired only with workers that agree",
+                        entry.worker_id,
+                        info.model_name,
+                        pairing_key(info),
+                    )
                 self._cond.notify_all()
-            if not problem and kinds and pairing_key(info) not in kinds:
-                log.warning(
-                    "worker %s differs from the other workers of %s in protocol, dtype, device kind "
-                    "or weights (%s): it is paired only with workers that agree",
-                    entry.worker_id,
-                    info.model_name,
-                    pairing_key(info),
-                )
             if problem:
                 if was != INCOMPATIBLE:
                     log.error("worker %s refused: %s; it gets no requests", entry.worker_id, problem)
@@ -562,6 +567,23 @@ class WorkerPool:
         for thread in probes:
             thread.join(timeout=max(5.0, self.health.probe_timeout) + 1)
 
+    def shutdown(self, timeout: float) -> bool:
+        """The end of the pool (at exit): closed as by ``close``, every worker channel closed (a
+        probe's call in flight ends at once instead of at its deadline) and the probes joined,
+        all within ``timeout`` seconds. Whether every probe ended."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._closed = True
+            self._stop.set()
+            self._cond.notify_all()
+            probes = list(self._probes)
+            entries = list(self._entries)
+        for entry in entries:
+            entry.channel.close()
+        for thread in probes:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in probes)
+
 
 class Lease:
     """The workers one request holds: it swaps a failed one for an idle one (``replace_failed``)
@@ -588,6 +610,13 @@ class Lease:
         if not self.entries:
             raise Unavailable(f"worker {worker_id} failed and no other worker is free")
         return self.entries
+
+    def release_blaming(self, worker_id: str) -> None:
+        """Give every worker back after a failure blamed on ``worker_id``: it is quarantined, the
+        others (healthy, their sessions aborted) are released as aborted."""
+        entries, self.entries = self.entries, []
+        self.pool.release([e for e in entries if e.worker_id == worker_id], failed=True)
+        self.pool.release([e for e in entries if e.worker_id != worker_id], aborted=True)
 
     def release(self, failed: bool = False, aborted: bool = False) -> None:
         """Give every worker back: ``failed`` quarantines them; ``aborted`` (the request ended

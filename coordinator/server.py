@@ -36,9 +36,17 @@ SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].ful
 MAX_REQUEST_BYTES = 64 * 1024
 # Worker addresses and request ids: only the admin token may read them.
 ADMIN_METHODS = (f"/{SERVICE_NAME}/ClusterStatus",)
-# Threads that call workers and may outlive a request (the pool's probes, the sessions' readers):
-# at the end of a drain they are joined once the worker channels are closed.
-WORKER_CALL_THREADS = ("probe-", "session-")
+# The sessions' reader threads (coordinator.remote) read a worker's stream and may outlive their
+# request: at the end of a drain they are joined once the worker channels are closed.
+SESSION_READER_THREADS = "session-"
+
+
+def call_slots(queue_size: int) -> int:
+    """Calls the public port runs at once (one thread each; the next is refused with
+    RESOURCE_EXHAUSTED): ``queue_size`` waiting requests, as many running ones and short calls
+    (health Check, ListModels) besides, plus the few health Watch / reflection streams
+    (``serving.LINGERING_STREAMS``) on top, so that those never take the API's share."""
+    return max(16, 2 * queue_size + 8) + serving.LINGERING_STREAMS
 
 
 def worker_channel_factory(
@@ -93,7 +101,7 @@ class Coordinator:
         if token or admin_token:  # first: a refused call is answered before anything reads it
             interceptors.insert(0, security.BearerTokenInterceptor(token, admin_token, ADMIN_METHODS))
         self.server = serving.new_server(
-            max(16, 2 * queue_size + 8), interceptors, max_receive_bytes=MAX_REQUEST_BYTES
+            call_slots(queue_size), interceptors, max_receive_bytes=MAX_REQUEST_BYTES
         )
         diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server(self.service, self.server)
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
@@ -146,13 +154,14 @@ class Coordinator:
 
     def _let_go_of_workers(self, timeout: float = 5.0) -> None:
         """Close every worker channel (a probe or a session still in a call ends with it) and wait,
-        bounded, for the threads that were in those calls."""
-        for entry in self.pool.snapshot():
-            entry.channel.close()
+        bounded, for the threads that were in those calls: the pool's probes, the streamed
+        requests' threads and the sessions' readers."""
         deadline = time.monotonic() + timeout
-        self.service.join_streams(timeout)
+        if not self.pool.shutdown(timeout):
+            log.warning("a worker probe was still running at exit")
+        self.service.join_streams(max(0.0, deadline - time.monotonic()))
         for thread in threading.enumerate():
-            if thread.name.startswith(WORKER_CALL_THREADS) and thread is not threading.current_thread():
+            if thread.name.startswith(SESSION_READER_THREADS) and thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
         self.metrics.close()
 

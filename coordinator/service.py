@@ -99,9 +99,22 @@ def step_stat_to_proto(s: StepStat) -> pb.StepStat:
                 compute_seconds=w.compute_seconds,
                 wall_seconds=w.wall_seconds,
                 bytes_sent=w.bytes_sent,
+                device_to_host_copies=w.device_to_host_copies,
+                device_to_host_seconds=w.device_to_host_seconds,
+                host_to_device_copies=w.host_to_device_copies,
+                host_to_device_seconds=w.host_to_device_seconds,
+                send_seconds=w.send_seconds,
+                receive_wait_seconds=w.receive_wait_seconds,
+                bytes_received=w.bytes_received,
+                other_seconds=w.other_seconds,
             )
             for name, w in s.workers.items()
         ],
+        critical_compute_seconds=s.critical_compute_seconds,
+        copy_seconds=s.copy_seconds,
+        wire_seconds=s.wire_seconds,
+        worker_other_seconds=s.worker_other_seconds,
+        control_seconds=s.control_seconds,
     )
     if s.rel_mae is not None:
         msg.rel_mae = s.rel_mae
@@ -423,6 +436,7 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
             lease.release()
             raise Unavailable("the coordinator is draining")
         failed = finished = False
+        blamed: str | None = None
         try:
             elastic = None
             if mode == Mode.AUTO and policy == Policy.ADAPTIVE and spec.guided:
@@ -470,13 +484,16 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
             error = as_typed_error(exc)
             # A cancel, a deadline or a refused argument says nothing about the workers' health.
             failed = not isinstance(error, (Cancelled, DeadlineExceeded, InvalidArgument))
+            blamed = error.blamed_worker
             outcome.count("unknown", error.code)
             if error is exc:
                 raise
             raise error from exc
         finally:
-            # Ended early, the workers may still be in the aborted step: free once they confirm.
-            lease.release(failed=failed, aborted=not finished)
+            if failed and blamed is not None:  # only the worker at fault is quarantined
+                lease.release_blaming(blamed)
+            else:  # ended early, the workers may still be in the aborted step: free once they confirm
+                lease.release(failed=failed, aborted=not finished)
 
     def _split_cut(self, lease: Lease, spec, check_alive) -> int:
         """The model's stage cut at this size: measured once, by the first lease that needs it."""
@@ -492,10 +509,32 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         with self._cuts_lock:
             cut = self._cuts.get(key)
         if cut is None:
-            cut = self._measure_cut(lease, spec, check_alive)
+            try:
+                cut = self._measure_cut(lease, spec, check_alive)
+            except HybridiffError as error:
+                if error.blamed_worker is None:
+                    raise
+                cut = self._measure_cut(self._replace(lease, error), spec, check_alive)
             with self._cuts_lock:
                 cut = self._cuts.setdefault(key, cut)
         return cut
+
+    def _replace(self, lease: Lease, error: HybridiffError) -> Lease:
+        """A worker failed before any step: quarantine it and go on with an idle one, as the driver
+        does for a failed step; ``error`` again when no worker is free to take its place."""
+        want = len(lease)
+        others = {e.worker_id for e in lease.entries if e.worker_id != error.blamed_worker}
+        try:
+            lease.replace_failed(error.blamed_worker, others, want)
+        except Unavailable:
+            raise error from None
+        if len(lease) < want:
+            raise error
+        self.metrics.recoveries.inc()
+        log.warning(
+            "worker %s failed (%s); measuring on %s", error.blamed_worker, error, lease.entries[0].worker_id
+        )
+        return lease
 
     def _measure_cut(self, lease: Lease, spec, check_alive) -> int:
         """The balanced stage cut, measured by the lease's first worker: a call that a cancel or
@@ -510,7 +549,9 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 except grpc.FutureTimeoutError:
                     check_alive()
         except grpc.RpcError as err:
-            raise worker_call_error(entry.worker_id, "MeasureSplit", err) from None
+            error = worker_call_error(entry.worker_id, "MeasureSplit", err)
+            error.blamed_worker = entry.worker_id
+            raise error from None
         finally:
             call.cancel()  # no-op once done
 

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -174,43 +173,6 @@ def test_a_partition_between_the_workers_resumes_within_a_few_step_costs(model_d
     assert elapsed < fault_free_seconds + 2 * peer_wait + 15, (elapsed, peer_wait, resp.stats.notes)
 
 
-def test_sigterm_starts_no_queued_request(model_dirs, tmp_path):
-    with LocalCluster(model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs") as cluster:
-        client = DiffusionClient(cluster.address)
-        outcomes: dict[str, object] = {}
-        running = threading.Event()
-        queued_progress: list[int] = []
-
-        def run(name: str, steps: int, on_progress) -> None:
-            raw = make_input(prompt=name, num_steps=steps, mode="cfg-parallel")
-            try:
-                outcomes[name] = send(client, raw, timeout=120, on_progress=on_progress)
-            except HybridiffError as err:
-                outcomes[name] = err
-
-        first = threading.Thread(target=run, args=("first", 60, lambda p: running.set()))
-        first.start()
-        assert running.wait(60)
-        queued = threading.Thread(target=run, args=("queued", 4, lambda p: queued_progress.append(p.step)))
-        queued.start()
-        with grpc.insecure_channel(cluster.address) as ch:
-            stub = diffusion_pb2_grpc.DiffusionServiceStub(ch)
-            assert _await(
-                lambda: stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=5).queue_depth == 1, within=30
-            )
-        coordinator = cluster.procs[-1]
-        coordinator.send_signal(signal.SIGTERM)
-        queued.join(timeout=30)
-        assert isinstance(outcomes.get("queued"), HybridiffError), outcomes.get("queued")
-        assert outcomes["queued"].code == grpc.StatusCode.UNAVAILABLE
-        assert not queued_progress  # it never started
-        first.join(timeout=120)
-        assert not isinstance(outcomes.get("first"), HybridiffError), outcomes.get("first")
-        assert len(outcomes["first"].stats.steps) == 60  # the running one finished
-        assert coordinator.wait(timeout=60) == 0
-        client.close()
-
-
 def _coordinator(workers: list[str], run_dir, n: int, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     ready = run_dir / f"coordinator{n}.json"
     log = open(run_dir / f"coordinator{n}.log", "wb")
@@ -227,6 +189,7 @@ def _coordinator(workers: list[str], run_dir, n: int, env: dict[str, str]) -> tu
     return proc, json.loads(ready.read_text())["port"]
 
 
+@pytest.mark.slow  # long by nature: .ci/run runs the slow tests after the README's command
 def test_the_coordinator_exits_0_after_a_drain_20_times(model_dirs, otlp, tmp_path):
     # Spans exported over OTLP/gRPC: the exporter's thread and channel are alive too.
     env = {

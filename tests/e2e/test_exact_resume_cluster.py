@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import grpc
+import pytest
 from cluster_helpers import make_input, send
 
 from hybridiff.client import DiffusionClient
@@ -43,6 +44,7 @@ def _busy_worker(cluster) -> str:
     return sorted(w.address for w in status.workers if w.state == "busy")[0]
 
 
+@pytest.mark.slow  # a cluster and a killed worker (.ci/run runs the slow tests)
 def test_a_multistep_request_killed_mid_way_gives_the_same_png(model_dirs, tmp_path):
     model = _with_unipc(Path(model_dirs["sdxl"]), tmp_path / "unipc")
     raw = make_input(prompt="a blue circle", num_steps=16, seed=5, mode="cfg-parallel")

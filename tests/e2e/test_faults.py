@@ -1,11 +1,16 @@
 """A worker's death does not lose the request (DESIGN section 5): kill -9 during phase 1, during
-the pipeline window and at the end (decode); the coordinator resumes from its checkpoint."""
+the pipeline window and at the end (decode); the coordinator resumes from its checkpoint, and the
+worker restarted rejoins. SIGTERM drains the coordinator."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,178 +23,242 @@ from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 from launch.local_cluster import LocalCluster
 
-
-def _busy_workers(cluster) -> list[str]:
-    with grpc.insecure_channel(cluster.address) as ch:
-        status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(
-            pb.ClusterStatusRequest(), timeout=5
-        )
-    return sorted(w.address for w in status.workers if w.state == "busy")
+FREEZE_PLUG = Path(__file__).with_name("freeze_plug")  # its sitecustomize stops a worker on a plan
 
 
-def _kill(cluster, address: str) -> None:
-    proc = cluster.procs[cluster.worker_addresses.index(address)]
+class Freezer:
+    """Holds a worker at an exact point of a request: the worker stops itself there (SIGSTOP,
+    freeze_plug/sitecustomize.py); the test kills the stopped process (or lets it go on with
+    SIGCONT). Killing at a progress
+    event instead races with the request: by the time the client has read the event, the workers
+    may have run the next steps, or finished and gone idle (the last step's event comes after
+    every step is done; the decode that follows takes milliseconds on a tiny model)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def env(self) -> dict[str, str]:
+        path = os.pathsep.join(p for p in (str(FREEZE_PLUG), os.environ.get("PYTHONPATH", "")) if p)
+        return {"PYTHONPATH": path, "HYBRIDIFF_TEST_FREEZE": str(self.dir)}
+
+    def arm(self, request_id: str, where: str) -> None:
+        """The next worker to reach ``where`` ("step N" or "decode") of ``request_id`` stops there."""
+        for stale in self.dir.glob("frozen*"):
+            stale.unlink()
+        tmp = self.dir / "plan.tmp"
+        tmp.write_text(f"{request_id} {where}")
+        tmp.replace(self.dir / "plan")
+
+    def disarm(self) -> None:
+        (self.dir / "plan").unlink(missing_ok=True)
+
+    def frozen_pid(self, give_up: threading.Event | None = None, within: float = 300.0) -> int | None:
+        """The pid of the worker that stopped, once one has (None when ``give_up`` is set first,
+        or after ``within`` seconds)."""
+        give_up = give_up or threading.Event()
+        deadline = time.monotonic() + within
+        while not give_up.is_set() and time.monotonic() < deadline:
+            try:
+                return int((self.dir / "frozen").read_text())
+            except FileNotFoundError:
+                give_up.wait(0.01)
+        return None
+
+
+def _kill_process(cluster, proc) -> str:
+    """SIGKILL worker process ``proc`` of ``cluster`` (stopped or not); its control address."""
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
+    return cluster.worker_addresses[cluster.procs.index(proc)]
 
 
-def _generate_killing(cluster, raw: RequestInput, kill_after: int, pick=lambda busy: busy[0]):
-    """Run ``raw`` and kill one of its workers when progress event ``kill_after`` arrives."""
-    client = DiffusionClient(cluster.address)
+def _generate_killing(cluster, freezer: Freezer, raw: RequestInput, where: str):
+    """Run ``raw`` (it names its request id) and kill the worker that reaches ``where`` first."""
+    freezer.arm(raw.request_id, where)
     killed: list[str] = []
-    lock = threading.Lock()
+    ended = threading.Event()
 
-    def on_progress(p) -> None:
-        with lock:
-            if p.step + 1 == kill_after and not killed:
-                victim = pick(_busy_workers(cluster))
-                _kill(cluster, victim)
-                killed.append(victim)
+    def killer() -> None:
+        pid = freezer.frozen_pid(ended)
+        if pid is not None:
+            killed.append(_kill_process(cluster, next(p for p in cluster.procs if p.pid == pid)))
 
+    thread = threading.Thread(target=killer, name="killer")
+    thread.start()
+    client = DiffusionClient(cluster.address)
     try:
-        return send(client, raw, timeout=300, on_progress=on_progress), killed
+        return send(client, raw, timeout=300), killed
     finally:
+        ended.set()
+        thread.join()
+        freezer.disarm()
         client.close()
 
 
-def test_kill_in_phase_one_gives_the_same_png_on_the_lone_survivor(model_dirs, tmp_path):
+def test_kill_in_phase_one_gives_the_same_png_and_the_worker_restarted_rejoins(model_dirs, tmp_path):
     raw = make_input(prompt="a blue circle", num_steps=16, seed=5, mode="cfg-parallel")
-    with LocalCluster(model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs") as cluster:
-        client = DiffusionClient(cluster.address)
-        fault_free = send(client, raw, timeout=120)
-        client.close()
-        resp, killed = _generate_killing(cluster, raw, kill_after=5)
-    assert killed and resp.images[0].data == fault_free.images[0].data  # byte for byte
-    notes = " ".join(resp.stats.notes)
-    assert "failed" in notes and "resumed at step" in notes
-    assert len(resp.stats.steps) == 16
-
-
-def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tmp_path):
-    with LocalCluster(model_dirs["sdxl"], workers=3, log_dir=tmp_path / "logs") as cluster:
-        window = make_input(prompt="a red square", num_steps=20, seed=7, mode="hybrid", tau_cap=3, k=12)
-        resp, killed = _generate_killing(cluster, window, kill_after=8)  # steps 3..15 are the window
-        assert killed and resp.images[0].data.startswith(b"\x89PNG")
-        assert resp.stats.tau1 == 3 and any("resumed at step" in n for n in resp.stats.notes)
-        assert len(resp.stats.workers) == 3  # the survivor and a replacement took over
-
-        # kill worker U (it decodes) as the last step completes: the image still comes back
-        last = make_input(prompt="a green star", num_steps=8, seed=9, mode="cfg-parallel")
-        resp, killed = _generate_killing(cluster, last, kill_after=8, pick=lambda busy: busy[0])
-        assert killed and resp.images[0].data.startswith(b"\x89PNG")
+    freezer = Freezer(tmp_path / "freeze")
+    with LocalCluster(
+        model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs", extra_env=freezer.env()
+    ) as cluster:
         client = DiffusionClient(cluster.address)
         try:
-            with pytest.raises(HybridiffError):  # only one worker is left, and it is not a pair
-                send(client, make_input(prompt="x", num_steps=2, mode="hybrid"), timeout=5)
+            fault_free = send(client, raw, timeout=120)
+            raw.request_id = "killed-at-step-5"
+            resp, killed = _generate_killing(cluster, freezer, raw, "step 5")
+            assert len(killed) == 1 and resp.images[0].data == fault_free.images[0].data  # byte for byte
+            notes = " ".join(resp.stats.notes)
+            assert f"worker {killed[0]} failed" in notes and "resumed at step 5" in notes
+            assert len(resp.stats.steps) == 16
+
+            # Out of service while dead; restarted at its address, it is probed back in and serves.
+            assert _states(cluster)[killed[0]] == "unhealthy"
+            restarted = _restart(cluster, killed[0], tmp_path / "logs" / "restarted.log")
+            try:
+                _await_state(cluster, killed[0], "idle", within=120)
+                again = send(
+                    client, make_input(prompt="a circle", num_steps=4, mode="cfg-parallel"), timeout=60
+                )
+                assert again.stats.notes == [] and sorted(again.stats.workers) == sorted(
+                    cluster.worker_addresses
+                )
+            finally:
+                restarted.terminate()
+                restarted.wait(timeout=30)
         finally:
             client.close()
 
 
-def test_a_restarted_worker_rejoins_the_pool(model_dirs, tmp_path):
-    import subprocess
-    import sys
-    import time
+def _states(cluster) -> dict[str, str]:
+    with grpc.insecure_channel(cluster.address) as ch:
+        status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(
+            pb.ClusterStatusRequest(), timeout=5
+        )
+    return {w.address: w.state for w in status.workers}
 
-    with LocalCluster(model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs") as cluster:
-        address = cluster.worker_addresses[0]
-        _kill(cluster, address)
-        port = address.rsplit(":", 1)[1]
-        restarted = subprocess.Popen(
+
+def _await_state(cluster, address: str, state: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    while _states(cluster).get(address) != state:
+        assert time.monotonic() < deadline, f"{address} not {state} within {within}s: {_states(cluster)}"
+        time.sleep(0.1)
+
+
+def _restart(cluster, address: str, log: Path) -> subprocess.Popen:
+    """A new worker process of the cluster's model at the control address of a dead one."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "launch.cli",
                 "worker",
                 "--model-dir",
-                str(model_dirs["sdxl"]),
+                cluster.model_dir,
                 "--host",
                 "127.0.0.1",
                 "--port",
-                port,
+                address.rsplit(":", 1)[1],
                 "--data-port",
                 "0",
                 "--metrics-port",
                 "0",
+                "--data-peer-cidrs",
+                "127.0.0.0/8",
                 "--worker-id",
-                "worker0-again",
+                "restarted",
             ],
             env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
-        try:
-            deadline = time.monotonic() + 60
-            states = {}
-            while time.monotonic() < deadline:
-                with grpc.insecure_channel(cluster.address) as ch:
-                    status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(
-                        pb.ClusterStatusRequest(), timeout=5
-                    )
-                states = {w.address: w.state for w in status.workers}
-                if states.get(address) == "idle":
-                    break
-                time.sleep(0.5)
-            assert states.get(address) == "idle", states
-            client = DiffusionClient(cluster.address)
-            try:  # and it serves: a pair request runs on both workers again
-                resp = send(
-                    client, make_input(prompt="a circle", num_steps=4, mode="cfg-parallel"), timeout=60
-                )
-                assert len(resp.stats.workers) == 2
-            finally:
-                client.close()
-        finally:
-            restarted.terminate()
-            restarted.wait(timeout=30)
+
+
+def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tmp_path):
+    freezer = Freezer(tmp_path / "freeze")
+    with LocalCluster(
+        model_dirs["sdxl"], workers=3, log_dir=tmp_path / "logs", extra_env=freezer.env()
+    ) as cluster:
+        window = make_input(
+            prompt="a red square", num_steps=20, seed=7, mode="hybrid", tau_cap=3, k=12, request_id="window"
+        )
+        resp, killed = _generate_killing(cluster, freezer, window, "step 8")  # steps 3..15: the window
+        assert len(killed) == 1 and resp.images[0].data.startswith(b"\x89PNG")
+        assert resp.stats.tau1 == 3 and resp.stats.tau2 == 15
+        assert any(f"worker {killed[0]} failed" in n and "resumed at step 8" in n for n in resp.stats.notes)
+        assert len(resp.stats.workers) == 3  # the survivor and a replacement took over
+
+        # kill worker U as it decodes, every step done: the lone survivor decodes the checkpoint
+        last = make_input(prompt="a green star", num_steps=8, seed=9, mode="cfg-parallel", request_id="last")
+        resp, killed = _generate_killing(cluster, freezer, last, "decode")
+        assert len(killed) == 1 and killed[0] == resp.stats.workers[0]  # U, the worker that decodes
+        assert resp.images[0].data.startswith(b"\x89PNG") and len(resp.stats.steps) == 8
+        assert any(f"worker {killed[0]} failed" in n and "resumed at step 8" in n for n in resp.stats.notes)
+        # the two killed workers are out of service, the lone survivor free again
+        assert sorted(_states(cluster).values()) == ["idle", "unhealthy", "unhealthy"]
 
 
 def test_sigterm_drains_the_coordinator(model_dirs, tmp_path):
-    import time
-
+    """SIGTERM while a request runs (held at a step: it is in flight whatever the machine's speed)
+    and another waits: health is no longer SERVING, new and queued requests get UNAVAILABLE (the
+    queued one never starts), the running one finishes, and the coordinator exits 0."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with LocalCluster(model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs") as cluster:
+    freezer = Freezer(tmp_path / "freeze")
+    with LocalCluster(
+        model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs", extra_env=freezer.env()
+    ) as cluster:
         client = DiffusionClient(cluster.address)
-        result = {}
-        progress = threading.Event()
+        outcomes: dict[str, object] = {}
+        queued_progress: list[int] = []
 
-        def long_request():
+        def run(name: str, steps: int, on_progress=None) -> None:
+            raw = make_input(prompt=name, num_steps=steps, mode="cfg-parallel", request_id=name)
             try:
-                result["resp"] = send(
-                    client,
-                    make_input(prompt="a star", num_steps=40, mode="cfg-parallel"),
-                    timeout=120,
-                    on_progress=lambda p: progress.set(),
-                )
+                outcomes[name] = send(client, raw, timeout=120, on_progress=on_progress)
             except HybridiffError as err:
-                result["error"] = err
+                outcomes[name] = err
 
-        worker = threading.Thread(target=long_request)
-        worker.start()
-        assert progress.wait(60)
+        freezer.arm("running", "step 5")
+        running = threading.Thread(target=run, args=("running", 40))
+        running.start()
+        frozen = freezer.frozen_pid(within=120)  # held at step 5 until SIGCONT below
+        assert frozen is not None, "no worker reached step 5"
+        queued = threading.Thread(target=run, args=("queued", 4, lambda p: queued_progress.append(p.step)))
+        queued.start()
         coordinator = cluster.procs[-1]
-        coordinator.send_signal(signal.SIGTERM)
-        with grpc.insecure_channel(cluster.address) as ch:
-            deadline = time.monotonic() + 10
-            status = None
-            while time.monotonic() < deadline:
-                try:
-                    status = (
-                        health_pb2_grpc.HealthStub(ch)
-                        .Check(health_pb2.HealthCheckRequest(), timeout=2)
-                        .status
-                    )
-                except grpc.RpcError:
-                    status = None
-                if status == health_pb2.HealthCheckResponse.NOT_SERVING or status is None:
-                    break
-                time.sleep(0.05)
-            assert status != health_pb2.HealthCheckResponse.SERVING
-            with pytest.raises(grpc.RpcError) as err:  # new requests are refused
-                diffusion_pb2_grpc.DiffusionServiceStub(ch).Generate(
-                    pb.GenerateRequest(prompt="x"), timeout=5
-                )
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        worker.join(timeout=120)
-        assert "resp" in result, result.get("error")  # the request in flight finished
-        assert len(result["resp"].stats.steps) == 40
+        try:
+            with grpc.insecure_channel(cluster.address) as ch:
+                stub = diffusion_pb2_grpc.DiffusionServiceStub(ch)
+                deadline = time.monotonic() + 30
+                while stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=5).queue_depth != 1:
+                    assert time.monotonic() < deadline, "the second request never queued"
+                    time.sleep(0.01)
+                coordinator.send_signal(signal.SIGTERM)
+                queued.join(timeout=30)
+                assert isinstance(outcomes.get("queued"), HybridiffError), outcomes.get("queued")
+                assert outcomes["queued"].code == grpc.StatusCode.UNAVAILABLE
+                assert not queued_progress  # it never started
+                health = health_pb2_grpc.HealthStub(ch)
+                deadline = time.monotonic() + 10
+                while True:  # the drain flips health once the pool is closed
+                    try:
+                        status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    except grpc.RpcError:
+                        status = None  # the server already refuses new calls
+                    if status != health_pb2.HealthCheckResponse.SERVING or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+                assert status != health_pb2.HealthCheckResponse.SERVING
+                with pytest.raises(grpc.RpcError) as err:  # new requests are refused
+                    stub.Generate(pb.GenerateRequest(prompt="x"), timeout=5)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+            freezer.disarm()
+        running.join(timeout=120)
+        assert not isinstance(outcomes.get("running"), HybridiffError), outcomes.get("running")
+        assert len(outcomes["running"].stats.steps) == 40  # the request in flight finished
         assert coordinator.wait(timeout=30) == 0
         client.close()

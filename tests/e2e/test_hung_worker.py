@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import grpc
+import pytest
 from cluster_helpers import make_input, send
 
 from coordinator.pool import HealthPolicy
@@ -59,6 +60,7 @@ def _timed(client, raw) -> tuple[pb.GenerateResponse, float]:
     return resp, time.monotonic() - start
 
 
+@pytest.mark.slow  # long by nature: .ci/run runs the slow tests after the README's command
 def test_a_stopped_worker_is_quarantined_and_never_waited_on(model_dirs, tmp_path):
     raw = make_input(prompt="a blue circle", num_steps=12, seed=5, mode="cfg-parallel")
     with LocalCluster(model_dirs["sdxl"], workers=3, log_dir=tmp_path / "logs") as cluster:
@@ -113,4 +115,28 @@ def test_a_stopped_worker_is_quarantined_and_never_waited_on(model_dirs, tmp_pat
         finally:
             for address in stopped:  # never leave a stopped process behind
                 os.kill(cluster.procs[cluster.worker_addresses.index(address)].pid, signal.SIGCONT)
+            client.close()
+
+
+@pytest.mark.slow  # waits for keepalive to notice the stopped worker
+def test_a_worker_hung_before_measure_split_is_replaced_and_quarantined_alone(model_dirs, tmp_path):
+    """The first pipeline request of a size measures the stage cut on its lease's first worker:
+    stopped, that worker fails the call (keepalive), is quarantined alone, an idle worker takes
+    its place, and the request completes; its healthy partner is never quarantined."""
+    raw = make_input(prompt="a green triangle", num_steps=8, seed=3, mode="pipeline")
+    with LocalCluster(model_dirs["sdxl"], workers=3, log_dir=tmp_path / "logs") as cluster:
+        client = DiffusionClient(cluster.address)
+        victim = min(cluster.worker_addresses)  # leases take idle workers in id order
+        pid = cluster.procs[cluster.worker_addresses.index(victim)].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            resp = send(client, raw, timeout=300)
+            assert resp.images[0].data.startswith(b"\x89PNG") and len(resp.stats.steps) == 8
+            assert victim not in resp.stats.workers and len(resp.stats.workers) == 2
+            states = _states(cluster)
+            assert states[victim] == "unhealthy", states
+            assert all(s != "unhealthy" for a, s in states.items() if a != victim), states
+            assert _quarantines(cluster) == 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
             client.close()

@@ -145,15 +145,16 @@ def test_still_serving_after_the_fuzzing(stub):
 
 def test_deadline_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
     step_time = _step_time(stub)
+    before = _requests(sdxl_cluster, "DEADLINE_EXCEEDED")
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(_req(num_inference_steps=400, mode=pb.MODE_HYBRID), timeout=1.0)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _all_idle(stub, within=max(1.0, 5 * step_time))
-    _await_metric(sdxl_cluster, 'code="DEADLINE_EXCEEDED"')
+    _assert_counted_once_then_freed(stub, sdxl_cluster, "DEADLINE_EXCEEDED", before, step_time)
 
 
 def test_client_cancel_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
     step_time = _step_time(stub)
+    before = _requests(sdxl_cluster, "CANCELLED")
     call = stub.GenerateStream(
         pb.GenerateStreamRequest(request=_req(num_inference_steps=400, mode=pb.MODE_CFG_PARALLEL)),
         timeout=120,
@@ -164,16 +165,29 @@ def test_client_cancel_stops_the_work_and_frees_the_pair(stub, sdxl_cluster):
         if seen == 3:
             call.cancel()
             break
+    _assert_counted_once_then_freed(stub, sdxl_cluster, "CANCELLED", before, step_time)
+
+
+def _assert_counted_once_then_freed(stub, cluster, code: str, before: float, step_time: float) -> None:
+    """The request ended with ``code``: counted exactly once, and its pair idle again soon after.
+    The outcome is counted as soon as the coordinator notices the end (within one alive-check
+    slice), before it releases the workers (coordinator.service._Outcome): so the pair being idle
+    again implies the count, and the bound on the count only waits for the coordinator to notice."""
+    deadline = time.monotonic() + 30  # a loaded machine: the condition, not the bound, ends the wait
+    while _requests(cluster, code) == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _requests(cluster, code) == before + 1
     assert _all_idle(stub, within=max(1.0, 5 * step_time))
-    _await_metric(sdxl_cluster, 'code="CANCELLED"')
+    assert _requests(cluster, code) == before + 1  # once, however the request unwound
 
 
-def _await_metric(cluster, needle: str, within: float = 15.0) -> None:
-    """The request counter is bumped as the RPC unwinds, just after the pair is released."""
-    deadline = time.monotonic() + within
-    while needle not in _metrics(cluster) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert needle in _metrics(cluster)
+def _requests(cluster, code: str) -> float:
+    """hybridiff_requests_total with ``code``, all modes together."""
+    total = 0.0
+    for line in _metrics(cluster).splitlines():
+        if line.startswith("hybridiff_requests_total{") and f'code="{code}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _step_time(stub) -> float:
@@ -197,7 +211,9 @@ def _rss_kib(pids) -> int:
 
 
 def test_load_small_queue_every_request_succeeds_or_is_refused(model_dirs, tmp_path):
-    with LocalCluster(model_dirs["sdxl"], workers=4, queue_size=2, log_dir=tmp_path / "logs") as cluster:
+    # Two workers for eight callers: the queue of two overflows (four workers running pairs side by
+    # side: test_cluster.py, test_four_workers_eight_concurrent_mixed_requests).
+    with LocalCluster(model_dirs["sdxl"], workers=2, queue_size=2, log_dir=tmp_path / "logs") as cluster:
         clients = [DiffusionClient(cluster.address) for _ in range(8)]
         modes = ["hybrid", "cfg-parallel", "single", "auto"]
 
@@ -214,7 +230,7 @@ def test_load_small_queue_every_request_succeeds_or_is_refused(model_dirs, tmp_p
             with ThreadPoolExecutor(8) as pool:
                 outcomes = list(pool.map(one, range(24)))
             assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, outcomes
-            assert outcomes.count("OK") >= 4
+            assert outcomes.count("OK") >= 3  # at least the first to run and the two it queued
             with grpc.insecure_channel(cluster.address) as ch:
                 assert _all_idle(diffusion_pb2_grpc.DiffusionServiceStub(ch), 10)
             rss.append(_rss_kib([p.pid for p in cluster.procs]))

@@ -1,0 +1,76 @@
+"""Test-only fault injection at an exact point (tests/e2e/test_faults.py): a cluster started with
+this folder on PYTHONPATH and HYBRIDIFF_TEST_FREEZE=<dir> loads it in each of its processes. A
+worker about to run the command that ``<dir>/plan`` names ("<request id> step <n>" or
+"<request id> decode") stops itself there (SIGSTOP), the first worker only, once it has written
+its pid to ``<dir>/frozen``; the test then kills it at that very point, not wherever a race with
+the request's progress events happens to put it. Nothing changes while no plan names a request."""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import signal
+import sys
+
+FREEZE_DIR = os.environ.get("HYBRIDIFF_TEST_FREEZE", "")
+
+
+def _planned(cmd, plan: list[str]) -> bool:
+    if len(plan) < 2 or cmd.request_id != plan[0]:
+        return False
+    which = cmd.WhichOneof("command")
+    if plan[1:] == ["decode"]:
+        return which == "finish" and cmd.finish.decode
+    return plan[1] == "step" and which == "step" and cmd.step.step == int(plan[2])
+
+
+def _freeze_if_planned(cmd) -> None:
+    try:
+        with open(os.path.join(FREEZE_DIR, "plan")) as f:
+            plan = f.read().split()
+    except FileNotFoundError:
+        return
+    if not _planned(cmd, plan):
+        return
+    mine = os.path.join(FREEZE_DIR, f"frozen.{os.getpid()}")
+    with open(mine, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        os.link(mine, os.path.join(FREEZE_DIR, "frozen"))  # atomic: one worker only, pid complete
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _patch(engine_module) -> None:
+    handle = engine_module.WorkerEngine.handle
+
+    def handle_or_freeze(self, cmd, *args, **kwargs):
+        _freeze_if_planned(cmd)
+        return handle(self, cmd, *args, **kwargs)
+
+    engine_module.WorkerEngine.handle = handle_or_freeze
+
+
+class _PatchWorkerEngine(importlib.abc.MetaPathFinder):
+    """Patches gpu_worker.engine once a worker imports it (other processes never do)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "gpu_worker.engine":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        run = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            run(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if FREEZE_DIR:
+    sys.meta_path.insert(0, _PatchWorkerEngine())
