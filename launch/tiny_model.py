@@ -84,7 +84,8 @@ def _text_encoders(
     return enc_1, enc_2
 
 
-def _vae(latent_channels: int, seed: int, sd3: bool):
+def tiny_vae(latent_channels: int, seed: int, sd3: bool, sample_size: int = 64) -> AutoencoderKL:
+    """A small VAE with SDXL's (or SD3's) latent layout: 1/8 of the image side."""
     torch.manual_seed(seed + 3)
     extra = (
         dict(shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
@@ -101,7 +102,7 @@ def _vae(latent_channels: int, seed: int, sd3: bool):
         block_out_channels=(8, 8, 16, 16),
         layers_per_block=1,
         norm_num_groups=4,
-        sample_size=64,
+        sample_size=sample_size,
         **extra,
     )
 
@@ -166,7 +167,7 @@ def build_sdxl(size: str = "tiny", seed: int = 0):
         size, cross_dim=shape_1.hidden + shape_2.hidden, pooled_dim=shape_2.projection, seed=seed
     )
     return StableDiffusionXLPipeline(
-        vae=_vae(4, seed, sd3=False),
+        vae=tiny_vae(4, seed, sd3=False),
         text_encoder=enc_1,
         text_encoder_2=enc_2,
         tokenizer=tok,
@@ -199,7 +200,7 @@ def build_sd3(size: str = "tiny", seed: int = 0):
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(4, seed, sd3=True),
+        vae=tiny_vae(4, seed, sd3=True),
         text_encoder=enc_1,
         tokenizer=tok,
         text_encoder_2=enc_2,

@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from launch.tiny_model import build_sd3, build_sdxl, write_tiny_model
+from launch.tiny_model import build_sd3, build_sdxl, tiny_vae, write_tiny_model
 from tools.bench.gpu_profile import DTYPES, build_model, load_config
 
 ARCHS = ("sdxl", "sd3")
@@ -45,27 +45,6 @@ def _clip(cls, hidden: int, vocab: int, seed: int):
     return cls(config)
 
 
-def _vae(latent_channels: int, seed: int, sd3: bool) -> AutoencoderKL:
-    torch.manual_seed(seed + 3)
-    extra = (
-        dict(shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
-        if sd3
-        else {}
-    )
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=1024,
-        **extra,
-    )
-
-
 def build_full_pipeline(
     arch: str, device: torch.device, dtype: torch.dtype, seed: int = 0, denoiser_config: dict | None = None
 ):
@@ -78,7 +57,7 @@ def build_full_pipeline(
     first_cls = CLIPTextModel if arch == "sdxl" else CLIPTextModelWithProjection
     enc_1 = _clip(first_cls, CLIP_WIDTHS[0], vocab, seed + 1)
     enc_2 = _clip(CLIPTextModelWithProjection, CLIP_WIDTHS[1], vocab, seed + 2)
-    vae = _vae(cfg["in_channels"], seed, sd3=arch == "sd3")
+    vae = tiny_vae(cfg["in_channels"], seed, sd3=arch == "sd3", sample_size=1024)
     for module in (enc_1, enc_2, vae):
         module.to(device=device, dtype=dtype)
     if arch == "sdxl":
