@@ -375,6 +375,13 @@ class WorkerEngine:
             name = phase.name.lower()
             self.metrics.step_compute_seconds.labels(name).observe(done.compute_seconds)
             self.metrics.step_seconds.labels(name).observe(done.wall_seconds)
+            for direction, count, seconds in (
+                ("to_host", done.device_to_host_copies, done.device_to_host_seconds),
+                ("to_device", done.host_to_device_copies, done.host_to_device_seconds),
+            ):
+                if count:
+                    self.metrics.copies.labels(direction).inc(count)
+                    self.metrics.copy_seconds.labels(direction).inc(seconds)
         if cmd.report_latents:
             self._fill_checkpoint(done.checkpoint, st, cmd.step + 1)
         return done

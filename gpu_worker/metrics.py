@@ -87,6 +87,25 @@ class WorkerMetrics:
             ["function"],
             registry=r,
         )
+        self.copy_seconds = Counter(
+            "hybridiff_worker_copy_seconds",
+            "Seconds of device copies around the data plane, by direction (to_host before a send, "
+            "to_device after a receive; none on a CPU worker)",
+            ["direction"],
+            registry=r,
+        )
+        self.copies = Counter(
+            "hybridiff_worker_copies",
+            "Device copies around the data plane, by direction",
+            ["direction"],
+            registry=r,
+        )
+        self.device_memory_bytes = Gauge(
+            "hybridiff_worker_device_memory_bytes",
+            "The accelerator memory torch holds (kind: allocated, reserved, peak_allocated), read at scrape",
+            ["kind"],
+            registry=r,
+        )
         self.compile_seconds = Counter(
             "hybridiff_worker_compile_seconds",
             "Seconds spent compiling (the first call of each function and shape), by function",
@@ -98,6 +117,20 @@ class WorkerMetrics:
         """A ``CompileCache`` compiled ``function`` for a new shape in ``seconds``."""
         self.compilations.labels(function).inc()
         self.compile_seconds.labels(function).inc(seconds)
+
+    def watch_device_memory(self, device) -> None:
+        """Export the CUDA memory of ``device`` (read at each scrape); a CPU worker has none."""
+        import torch  # deferred: only a worker that owns a device calls this
+
+        if torch.device(device).type != "cuda":
+            return
+        readers = {
+            "allocated": torch.cuda.memory_allocated,
+            "reserved": torch.cuda.memory_reserved,
+            "peak_allocated": torch.cuda.max_memory_allocated,
+        }
+        for kind, read in readers.items():
+            self.device_memory_bytes.labels(kind).set_function(lambda read=read: read(device))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

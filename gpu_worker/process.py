@@ -163,6 +163,7 @@ class WorkerProcess:
         digest = weights_digest(self.model_dir)
         self.metrics.weights_digest_seconds.set(time.perf_counter() - digest_started)
         self.metrics.model_load_seconds.set(time.perf_counter() - started)
+        self.metrics.watch_device_memory(adapter.device)
         self.context = zmq.Context()
         max_message = self.data_max_message_bytes or message_bound(adapter)
         mailbox = Mailbox(self.worker_id, adapter.device, metrics=self.metrics, max_message_bytes=max_message)

@@ -229,15 +229,18 @@ REQUEST = dict(prompt="a green cone", num_steps=12, guidance_scale=5.0, l_slope=
 
 
 class _ZmqPair:
-    def __init__(self, adapter, transfers) -> None:
+    def __init__(self, adapter, transfers, metrics=None) -> None:
         self.adapter = adapter
+        self.metrics = [metrics() if metrics else None for _ in range(2)]
         self.ctx = zmq.Context()
         self.receivers, self.links, self.workers = [], [], []
-        for name in ("U", "C"):
+        for i, name in enumerate(("U", "C")):
             box = Mailbox(name, max_message_bytes=message_bound(adapter))
             receiver = DataPlaneReceiver(self.ctx, box, "127.0.0.1", 0).start()
             links = ZmqLinks(self.ctx, name, networks=parse_networks("127.0.0.0/8"))
-            worker = InProcessWorker(WorkerEngine(adapter, name, box, links, transfers=transfers()))
+            worker = InProcessWorker(
+                WorkerEngine(adapter, name, box, links, transfers=transfers(), metrics=self.metrics[i])
+            )
             worker.data_address = f"tcp://127.0.0.1:{receiver.port}"
             self.receivers.append(receiver)
             self.links.append(links)
@@ -285,6 +288,31 @@ def test_staged_zero_copy_pair_gives_the_same_image(engines, arch):
     finally:
         direct.close()
         staged.close()
+
+
+def test_worker_metrics_count_the_copies_the_stats_report(engines):
+    """hybridiff_worker_copies / _copy_seconds add up what the steps' stats say, per direction;
+    a CPU worker exports no device memory."""
+    from gpu_worker.metrics import WorkerMetrics
+
+    cpu = torch.device("cpu")
+    pair = _ZmqPair(
+        engines["sdxl"].adapter, lambda: StagedTransfers(cpu, HostBufferPool(per_key=2)), WorkerMetrics
+    )
+    try:
+        result = pair.run("cfg-parallel")
+    finally:
+        pair.close()
+    for name, metrics in zip(("U", "C"), pair.metrics):
+        copies = sum(s.workers[name].device_to_host_copies for s in result.stats.steps)
+        seconds = sum(s.workers[name].device_to_host_seconds for s in result.stats.steps)
+        sample = metrics.registry.get_sample_value
+        assert copies > 0 and sample("hybridiff_worker_copies_total", {"direction": "to_host"}) == copies
+        assert sample("hybridiff_worker_copy_seconds_total", {"direction": "to_host"}) == pytest.approx(
+            seconds
+        )
+        metrics.watch_device_memory(cpu)
+        assert sample("hybridiff_worker_device_memory_bytes", {"kind": "allocated"}) is None
 
 
 # --- through a real cluster -----------------------------------------------------------------

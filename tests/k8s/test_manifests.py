@@ -1798,3 +1798,17 @@ def test_workers_push_data_plane_frames_only_inside_the_private_networks(key):
     worker = container(workload(rendered(key), "worker")["spec"]["template"]["spec"], "worker")
     (flag,) = [a for a in worker["args"] if a.startswith("--data-peer-cidrs=")]
     assert flag.split("=", 1)[1].split(",") == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+
+
+def test_the_chart_log_format_reaches_every_pod():
+    """`logFormat` (json by default) is every role's --log-format; text is accepted too."""
+    for key in ("helm:default", "helm:production"):
+        docs = rendered(key)
+        for role in ("coordinator", "worker"):
+            args = container(workload(docs, role)["spec"]["template"]["spec"], role)["args"]
+            assert "--log-format=json" in args, (key, role)
+    docs = render_values({"logFormat": "text"})
+    for role in ("coordinator", "worker"):
+        assert (
+            "--log-format=text" in container(workload(docs, role)["spec"]["template"]["spec"], role)["args"]
+        )
