@@ -80,13 +80,16 @@ class CompileCache:
         capacity: int = DEFAULT_CAPACITY,
         backend: str = "inductor",
         on_compile: Callable[[str, float], None] | None = None,
+        on_lookup: Callable[[bool], None] | None = None,
     ) -> None:
+        """``on_lookup(hit)`` hears of every call: whether its shape was compiled already."""
         if mode not in COMPILE_MODES or mode == NONE:
             raise InvalidArgument("compile", f"a compile cache needs a compile mode, got {mode!r}")
         if capacity < 1:
             raise InvalidArgument("compile_capacity", f"must be at least 1, got {capacity}")
         self.mode, self.device, self.capacity, self.backend = mode, device, capacity, backend
-        self.on_compile = on_compile
+        self.on_compile, self.on_lookup = on_compile, on_lookup
+        self.hits = 0
         self.compilations = 0
         self.compile_seconds = 0.0
         self.evictions = 0
@@ -112,6 +115,10 @@ class CompileCache:
     def call(self, name: str, fn: Callable, shape: tuple[int, int, int], *args: Any) -> Any:
         """``fn(*args)`` through the callable compiled for ``(name, *shape)``."""
         entry = self._entry((name, *shape), fn)
+        if entry.warm:
+            self.hits += 1
+        if self.on_lookup is not None:
+            self.on_lookup(entry.warm)
         if not entry.warm:
             with entry.lock:  # one thread compiles a shape; a second waits for it
                 if not entry.warm:
@@ -174,6 +181,7 @@ def enable(
     capacity: int = DEFAULT_CAPACITY,
     backend: str = "inductor",
     on_compile: Callable[[str, float], None] | None = None,
+    on_lookup: Callable[[bool], None] | None = None,
 ) -> CompileCache | None:
     """Resolve ``mode`` for the adapter's device and give the adapter a compile cache (None and
     eager calls for ``none``)."""
@@ -182,7 +190,9 @@ def enable(
     adapter.compiler = (
         None
         if resolved == NONE
-        else CompileCache(resolved, adapter.device, capacity, backend=backend, on_compile=on_compile)
+        else CompileCache(
+            resolved, adapter.device, capacity, backend=backend, on_compile=on_compile, on_lookup=on_lookup
+        )
     )
     log.info("compile mode %s on %s (%s)", resolved, adapter.device, backend if adapter.compiler else "eager")
     return adapter.compiler

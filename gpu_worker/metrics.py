@@ -106,12 +106,22 @@ class WorkerMetrics:
             ["kind"],
             registry=r,
         )
+        self.compile_cache_lookups = Counter(
+            "hybridiff_worker_compile_cache_lookups",
+            "Calls through the compile cache, by result (hit: the shape was compiled; miss: compiled now)",
+            ["result"],
+            registry=r,
+        )
         self.compile_seconds = Counter(
             "hybridiff_worker_compile_seconds",
             "Seconds spent compiling (the first call of each function and shape), by function",
             ["function"],
             registry=r,
         )
+
+    def compile_lookup(self, hit: bool) -> None:
+        """A call through the ``CompileCache``: its shape was compiled already (hit) or not (miss)."""
+        self.compile_cache_lookups.labels("hit" if hit else "miss").inc()
 
     def compiled(self, function: str, seconds: float) -> None:
         """A ``CompileCache`` compiled ``function`` for a new shape in ``seconds``."""

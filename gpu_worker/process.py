@@ -156,7 +156,11 @@ class WorkerProcess:
         started = time.perf_counter()
         adapter = load_adapter(self.model_dir, self.device, self.dtype)
         compiled.enable(
-            adapter, self.compile_mode, backend=self.compile_backend, on_compile=self.metrics.compiled
+            adapter,
+            self.compile_mode,
+            backend=self.compile_backend,
+            on_compile=self.metrics.compiled,
+            on_lookup=self.metrics.compile_lookup,
         )
         self.metrics.compile_mode.labels(adapter.compile_mode).set(1)
         digest_started = time.perf_counter()

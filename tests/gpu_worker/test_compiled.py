@@ -42,9 +42,14 @@ def _scale(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_cache_compiles_once_per_shape_and_evicts_the_least_recently_used():
-    heard = []
+    heard, lookups = [], []
     cache = CompileCache(
-        "default", torch.device("cpu"), capacity=2, backend="eager", on_compile=lambda n, s: heard.append(n)
+        "default",
+        torch.device("cpu"),
+        capacity=2,
+        backend="eager",
+        on_compile=lambda n, s: heard.append(n),
+        on_lookup=lookups.append,
     )
     k = torch.tensor(2.0)
     a, b, c = torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(1, 4, 16, 8)
@@ -53,6 +58,7 @@ def test_the_cache_compiles_once_per_shape_and_evicts_the_least_recently_used():
         assert torch.equal(compiled.run(cache, "scale", _scale, a, a, k), _scale(a, k))
         assert torch.equal(compiled.run(cache, "scale", _scale, b, b, k), _scale(b, k))
     assert cache.compilations == 2 and graphs() - before == 2 and heard == ["scale", "scale"]
+    assert lookups == [False, False] + [True, True] * 2 and cache.hits == 4  # hits and misses, in order
     compiled.run(cache, "scale", _scale, c, c, k)  # a third shape: the oldest (batch 1, 8x8) goes
     assert cache.keys() == [("scale", 2, 8, 8), ("scale", 1, 16, 8)] and cache.evictions == 1
     compiled.run(cache, "scale", _scale, a, a, k)  # back again: compiled again, from a fresh graph
