@@ -642,8 +642,3 @@ class Lease:
             taken = self.pool.take_idle(self.model, 1, self.request_id, partner)
         self.entries.extend(taken)
         return taken[0] if taken else None
-
-    def split_cut(self, height: int, width: int, timeout: float = 300.0) -> int:
-        """The balanced stage cut at this size (each worker measures a size once and keeps it)."""
-        request = worker_pb2.MeasureSplitRequest(width=width, height=height)
-        return self.entries[0].stub.MeasureSplit(request, timeout=timeout).cut

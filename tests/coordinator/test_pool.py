@@ -36,24 +36,23 @@ HEALTH = HealthPolicy(
 
 class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer, health_pb2_grpc.HealthServicer):
     """A worker that answers Info (or refuses while ``healthy`` is clear, as one still loading its
-    model or just failed), ``grpc.health.v1`` Check (``serving`` clear: NOT_SERVING, as a worker
-    whose watchdog fired; refused while not ``healthy``) and MeasureSplit with a fixed cut,
-    counting the calls. ``active_request_id`` is what its Info reports it runs; while ``frozen``
-    is set it answers nothing (a stopped process: every call runs into its deadline).
-    ``version``, ``dtype``, ``device`` and ``digest`` are what its Info reports."""
+    model or just failed) and ``grpc.health.v1`` Check (``serving`` clear: NOT_SERVING, as a worker
+    whose watchdog fired; refused while not ``healthy``), counting the calls.
+    ``active_request_id`` is what its Info reports it runs; while ``frozen`` is set it answers
+    nothing (a stopped process: every call runs into its deadline). ``version``, ``dtype``,
+    ``device`` and ``digest`` are what its Info reports."""
 
     def __init__(
         self,
         worker_id: str,
         model: str,
-        cut: int = 3,
         healthy: bool = True,
         version: int = WORKER_PROTOCOL_VERSION,
         dtype: str = "float32",
         device: str = "cpu",
         digest: str = "d1",
     ) -> None:
-        self.worker_id, self.model, self.cut = worker_id, model, cut
+        self.worker_id, self.model = worker_id, model
         self.version, self.dtype, self.device, self.digest = version, dtype, device, digest
         self.healthy = threading.Event()
         if healthy:
@@ -65,7 +64,6 @@ class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer, health_pb2_grpc.H
         self.active_request_id = ""
         self.info_calls = 0
         self.health_calls = 0
-        self.split_calls: list[tuple[int, int]] = []
         self._lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self, self.server)
@@ -113,11 +111,6 @@ class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer, health_pb2_grpc.H
             weights_digest=self.digest,
             active_request_id=self.active_request_id,
         )
-
-    def MeasureSplit(self, request, context):
-        with self._lock:
-            self.split_calls.append((request.width, request.height))
-        return worker_pb2.MeasureSplitResponse(cut=self.cut, stage1_seconds=0.5, stage2_seconds=0.5)
 
 
 class ChannelFactory:
@@ -571,16 +564,6 @@ def test_lease_release_failed_makes_its_workers_unhealthy(pool, fakes):
     w1.healthy.set()
     w2.healthy.set()
     wait_for(lambda: states(pool) == {"w1": IDLE, "w2": IDLE})
-
-
-def test_lease_split_cut_asks_the_worker(pool, fakes):
-    w1, w2 = fakes("w1", cut=5), fakes("w2", cut=5)
-    join(pool, w1, w2)
-    lease = pool.lease("sdxl", 2, False, "r1", timeout=1)
-    assert lease.split_cut(height=768, width=1024, timeout=5) == 5
-    first = {"w1": w1, "w2": w2}[lease.entries[0].worker_id]
-    assert first.split_calls == [(1024, 768)]  # width, height as the worker expects them
-    assert w1.split_calls + w2.split_calls == [(1024, 768)]  # one worker measures, once
 
 
 # --- quarantine: probed with health, re-admitted once it proves itself --------------------------

@@ -33,6 +33,7 @@ class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer):
     def __init__(self, name: str, how: str) -> None:
         self.name, self.how = name, how
         self.calls: list[tuple[str, float]] = []
+        self.sizes: list[tuple[int, int]] = []  # MeasureSplit's (width, height)
         self.cancelled = threading.Event()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self, self.server)
@@ -76,6 +77,7 @@ class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer):
         if self.how == "refuse":  # as a worker refuses: a typed error with its google.rpc details
             serving.abort(context, InvalidArgument("width", "64 is not a valid size for this model"))
         if self.how == "cut":  # each worker measures its own cut (timings differ between workers)
+            self.sizes.append((request.width, request.height))
             return worker_pb2.MeasureSplitResponse(cut=2 if self.name == "fake0" else 4)
         context.add_callback(self.cancelled.set)
         while context.is_active():
@@ -187,7 +189,7 @@ def test_every_pair_of_a_model_splits_at_the_first_measured_cut(cluster):
     """Identical requests give identical images whichever pair runs them: the cut is measured
     once per model and size, not once per pair (two workers' timings pick different cuts)."""
     coord, _, fakes = cluster
-    spec = SimpleNamespace(model="fake", height=64, width=64)
+    spec = SimpleNamespace(model="fake", height=64, width=128)
     cuts = []
     for first in (0, 1):
         lease = coord.pool.lease("fake", 2, False, f"r{first}", timeout=10)
@@ -196,3 +198,4 @@ def test_every_pair_of_a_model_splits_at_the_first_measured_cut(cluster):
         lease.release()
     assert cuts == [2, 2]
     assert sum(name == "MeasureSplit" for f in fakes for name, _ in f.calls) == 1
+    assert [size for f in fakes for size in f.sizes] == [(128, 64)]  # width, height as the worker expects
