@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -166,3 +168,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def proc_status_bytes(pid: int, field: str) -> int:
+    """A memory field of /proc/<pid>/status (VmRSS, VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+class SessionStream:
+    """A client's worker control Session whose commands a test sends one by one."""
+
+    _END = object()
+
+    def __init__(self, stub, timeout: float = 60) -> None:
+        self.outbox: queue.Queue = queue.Queue()
+        self.call = stub.Session(iter(self.outbox.get, self._END), timeout=timeout)
+
+    def send(self, cmd) -> None:
+        self.outbox.put(cmd)
+
+    def close(self) -> None:
+        self.outbox.put(self._END)

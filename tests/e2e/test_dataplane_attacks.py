@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from cluster_helpers import make_input
+from cluster_helpers import make_input, proc_status_bytes
 
 from coordinator.driver import drive_request
 from gpu_worker.dataplane import Mailbox, message_bound
@@ -219,14 +219,6 @@ def test_frames_of_an_aborted_attempt_do_not_reach_the_next_attempt(pair):
 # --- an oversized frame at a real worker process ----------------------------------------------
 
 
-def _vm(pid: int, field: str) -> int:
-    """A /proc/<pid>/status field in bytes (VmRSS, VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -287,7 +279,7 @@ def test_an_oversized_frame_costs_a_worker_less_than_50_mib(worker_process):
         assert recv_monitor_message(monitor)["event"] == zmq.EVENT_CONNECTED
         # Reset the peak RSS counter (VmHWM) to the current RSS.
         Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
-        before = _vm(proc.pid, "VmRSS")
+        before = proc_status_bytes(proc.pid, "VmRSS")
         size = 300 << 20
         header = pb.TensorFrameHeader(
             version=WIRE_VERSION, request_id="victim", step=0, kind=pb.FRAME_KIND_BRANCH_PREDICTION
@@ -308,7 +300,7 @@ def test_an_oversized_frame_costs_a_worker_less_than_50_mib(worker_process):
                 dropped = recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
             except zmq.Again:
                 pass
-        peak = max(_vm(proc.pid, "VmHWM"), _vm(proc.pid, "VmRSS"))
+        peak = max(proc_status_bytes(proc.pid, "VmHWM"), proc_status_bytes(proc.pid, "VmRSS"))
         grown = (peak - before) / 2**20
         print(f"worker RSS before {before / 2**20:.0f} MiB, peak after a 300 MiB frame +{grown:.1f} MiB")
         assert grown < 50, f"RSS grew by {grown:.0f} MiB"
@@ -344,7 +336,7 @@ def test_a_multipart_flood_is_refused_its_memory_returned_and_the_worker_serves_
     try:
         assert recv_monitor_message(monitor)["event"] == zmq.EVENT_CONNECTED
         Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
-        before = _vm(proc.pid, "VmRSS")
+        before = proc_status_bytes(proc.pid, "VmRSS")
         part = b"\0" * part_bytes
         for _ in range(parts - 1):
             push.send(part, zmq.SNDMORE, copy=part_bytes < 65536)
@@ -355,7 +347,7 @@ def test_a_multipart_flood_is_refused_its_memory_returned_and_the_worker_serves_
         _wait_for(lambda: f"a message of {parts} parts" in log.read_text(), 120, "the multipart refusal")
         _wait_for(lambda: "unknown request 'victim'" in log.read_text(), 60, "the real frame")
         served = time.monotonic() - flooded
-        after, peak = _vm(proc.pid, "VmRSS"), _vm(proc.pid, "VmHWM")
+        after, peak = proc_status_bytes(proc.pid, "VmRSS"), proc_status_bytes(proc.pid, "VmHWM")
         grown, peaked = (after - before) / 2**20, (peak - before) / 2**20
         print(f"{parts} x {part_bytes} B: RSS +{grown:.1f} MiB after, +{peaked:.1f} MiB peak, {served:.1f}s")
         assert grown < 50, f"RSS grew by {grown:.0f} MiB"

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from cluster_helpers import make_input, send
+from cluster_helpers import make_input, proc_status_bytes, send
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -201,15 +201,6 @@ def _metrics(cluster) -> str:
     )
 
 
-def _rss_kib(pids) -> int:
-    total = 0
-    for pid in pids:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total
-
-
 def test_load_small_queue_every_request_succeeds_or_is_refused(model_dirs, tmp_path):
     # Two workers for eight callers: the queue of two overflows (four workers running pairs side by
     # side: test_cluster.py, test_four_workers_eight_concurrent_mixed_requests).
@@ -233,7 +224,7 @@ def test_load_small_queue_every_request_succeeds_or_is_refused(model_dirs, tmp_p
             assert outcomes.count("OK") >= 3  # at least the first to run and the two it queued
             with grpc.insecure_channel(cluster.address) as ch:
                 assert _all_idle(diffusion_pb2_grpc.DiffusionServiceStub(ch), 10)
-            rss.append(_rss_kib([p.pid for p in cluster.procs]))
+            rss.append(sum(proc_status_bytes(p.pid, "VmRSS") for p in cluster.procs) // 1024)
         # memory does not grow across rounds (allow 15% for allocator noise)
         assert rss[1] <= rss[0] * 1.15, rss
         for c in clients:

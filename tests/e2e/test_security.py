@@ -14,6 +14,7 @@ import grpc
 import pytest
 import torch
 import zmq
+from cluster_helpers import proc_status_bytes
 
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 from hybridiff.security import COORDINATOR_NAME, WORKER_NAME, load_curve_keys, write_curve_keys
@@ -404,13 +405,6 @@ def test_cluster_status_answers_only_the_admin_token():
         coord.drain_and_stop()
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_oversized_requests_leave_the_coordinators_memory_flat(tmp_path):
     """8 unauthenticated 60 MiB requests are refused from their metadata (UNAUTHENTICATED), 8
     authenticated ones by size (RESOURCE_EXHAUSTED), and neither is read: RSS grows < 50 MiB.
@@ -461,7 +455,7 @@ def test_oversized_requests_leave_the_coordinators_memory_flat(tmp_path):
             for _ in range(8):
                 assert code(biggest, auth) == grpc.StatusCode.UNAVAILABLE  # no workers
                 assert code(biggest, None) == grpc.StatusCode.UNAUTHENTICATED
-            before = _rss_mib(proc.pid)
+            before = proc_status_bytes(proc.pid, "VmRSS") / 2**20
             oversized = pb.GenerateRequest(prompt="x" * (60 << 20))
             assert [code(oversized, None) for _ in range(8)] == [grpc.StatusCode.UNAUTHENTICATED] * 8
             assert [code(oversized, auth) for _ in range(8)] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 8
@@ -469,7 +463,7 @@ def test_oversized_requests_leave_the_coordinators_memory_flat(tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 next(stub.GenerateStream(streamed, timeout=60))
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            grown = _rss_mib(proc.pid) - before
+            grown = proc_status_bytes(proc.pid, "VmRSS") / 2**20 - before
         assert grown < 50, f"the coordinator's RSS grew by {grown:.0f} MiB"
         assert proc.poll() is None
     finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cluster_helpers import SessionStream
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpu_worker.service import LIVENESS_SERVICE, SERVICE_NAME
@@ -143,20 +143,6 @@ def full_session(stub, request_id: str) -> list[str]:
     return [e.WhichOneof("event") for e in stub.Session(iter(cmds), timeout=120)]
 
 
-class Stream:
-    _END = object()
-
-    def __init__(self, stub, timeout: float = 60) -> None:
-        self.outbox: queue.Queue = queue.Queue()
-        self.call = stub.Session(iter(self.outbox.get, self._END), timeout=timeout)
-
-    def send(self, cmd) -> None:
-        self.outbox.put(cmd)
-
-    def close(self) -> None:
-        self.outbox.put(self._END)
-
-
 def test_info_says_who_the_worker_is(workers):
     quick, patient, other = (workers[n].info() for n in ("quick", "patient", "other"))
     assert quick.weights_digest.startswith("sha256:")
@@ -167,7 +153,7 @@ def test_info_says_who_the_worker_is(workers):
 
 def test_an_idle_control_session_is_ended_and_the_worker_is_free_again(workers):
     w = workers["quick"]
-    stream = Stream(w.stub)
+    stream = SessionStream(w.stub)
     stream.send(begin("idle-1"))
     assert next(stream.call).WhichOneof("event") == "begin"
     started = time.monotonic()
@@ -229,7 +215,7 @@ def test_a_command_stuck_past_the_watchdog_turns_health_and_liveness_off_for_goo
     assert w.metric("hybridiff_worker_stalled") == 0
     # A paired request whose peer never sends: the step waits for the peer's prediction far
     # longer than this worker's 1 s watchdog bound.
-    stream = Stream(w.stub)
+    stream = SessionStream(w.stub)
     stream.send(
         begin(
             "stuck-1",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cluster_helpers import SessionStream
 from grpc_health.v1 import health_pb2
 
 from gpu_worker.dataplane import Mailbox
@@ -98,22 +99,6 @@ def step(request_id: str, i: int, report_latents: bool = False) -> worker_pb2.Se
     )
 
 
-class Stream:
-    """A client's Session whose commands the test sends one by one."""
-
-    _END = object()
-
-    def __init__(self, stub, timeout: float = 60) -> None:
-        self.outbox: queue.Queue = queue.Queue()
-        self.call = stub.Session(iter(self.outbox.get, self._END), timeout=timeout)
-
-    def send(self, cmd) -> None:
-        self.outbox.put(cmd)
-
-    def close(self) -> None:
-        self.outbox.put(self._END)
-
-
 def run_to_the_end(stub, request_id: str) -> list[worker_pb2.SessionResponse]:
     cmds = [begin(request_id, steps=2), step(request_id, 0), step(request_id, 1)]
     cmds.append(worker_pb2.SessionRequest(request_id=request_id, finish=worker_pb2.FinishCommand()))
@@ -122,7 +107,7 @@ def run_to_the_end(stub, request_id: str) -> list[worker_pb2.SessionResponse]:
 
 def test_info_names_the_running_request_until_its_cleanup_is_done(served):
     assert served.info().active_request_id == ""
-    stream = Stream(served.stub)
+    stream = SessionStream(served.stub)
     stream.send(begin("req-info"))
     assert next(stream.call).WhichOneof("event") == "begin"
     assert served.info().active_request_id == "req-info"
@@ -136,7 +121,7 @@ def test_info_names_the_running_request_until_its_cleanup_is_done(served):
 
 def test_an_idle_session_is_ended_with_a_typed_status_and_the_worker_is_free(served):
     before = served.outcomes("idle_timeout")
-    stream = Stream(served.stub)
+    stream = SessionStream(served.stub)
     stream.send(begin("req-idle"))
     started = time.monotonic()
     assert next(stream.call).WhichOneof("event") == "begin"
@@ -159,7 +144,7 @@ def test_an_idle_session_is_ended_with_a_typed_status_and_the_worker_is_free(ser
 
 
 def test_a_session_that_never_begins_is_ended_too(served):
-    stream = Stream(served.stub)  # opened, nothing sent
+    stream = SessionStream(served.stub)  # opened, nothing sent
     with pytest.raises(grpc.RpcError) as err:
         next(stream.call)
     assert err.value.code() == grpc.StatusCode.ABORTED
@@ -182,7 +167,7 @@ def test_silent_sessions_hold_no_threads_and_never_pass_the_worker_off_as_free(s
     outcomes: queue.Queue = queue.Queue()
 
     def hold(channel) -> None:
-        stream = Stream(worker_pb2_grpc.WorkerControlServiceStub(channel))
+        stream = SessionStream(worker_pb2_grpc.WorkerControlServiceStub(channel))
         try:
             list(stream.call)
             outcomes.put("ok")
@@ -227,7 +212,7 @@ def test_a_client_that_does_not_read_its_events_is_cut_off(served):
     that wait is bounded by the idle timeout as well."""
     before = served.outcomes("idle_timeout")
     steps = 500
-    stream = Stream(served.stub)
+    stream = SessionStream(served.stub)
     first = begin("req-deaf", steps=steps, side=128)
     first.begin.request.num_images = 4
     stream.send(first)
@@ -246,7 +231,7 @@ def test_health_keeps_answering_while_a_session_runs(served):
     from grpc_health.v1 import health_pb2_grpc
 
     served.health.set("", serving.SERVING)
-    stream = Stream(served.stub)
+    stream = SessionStream(served.stub)
     stream.send(begin("req-health"))
     next(stream.call)
     health = health_pb2_grpc.HealthStub(served.channel)
