@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gpu_worker.engine import WorkerEngine
+from gpu_worker.engine import MAX_PEER_TIMEOUT, WorkerEngine
 from gpu_worker.split_balance import SplitPlanner
+from gpu_worker.zmq_plane import SEND_TIMEOUT_MS
 from hybridiff import logs, serving, telemetry
 from hybridiff.errors import (
     BadCommand,
@@ -74,8 +75,7 @@ OPENING = "(opening)"
 # waits (the nested pipeline's core waits for two messages) and one send.
 WATCHDOG_SECONDS = 300.0
 PEER_WAITS_PER_COMMAND = 2
-SEND_WAIT_SECONDS = 60.0  # ZmqLink's send timeout
-PEER_TIMEOUT_CAP = 600.0  # the engine trusts no longer peer timeout from a coordinator
+SEND_WAIT_SECONDS = SEND_TIMEOUT_MS / 1000  # one send the peer does not take
 READ_AHEAD = 4  # commands read ahead of the one running (the coordinator sends steps ahead)
 
 
@@ -396,7 +396,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         requested = begin.peer_timeout_seconds
         if not requested > 0:  # 0 (this worker's default) or not a number
             return self.watchdog_seconds
-        waits = PEER_WAITS_PER_COMMAND * min(requested, PEER_TIMEOUT_CAP) + SEND_WAIT_SECONDS
+        waits = PEER_WAITS_PER_COMMAND * min(requested, MAX_PEER_TIMEOUT) + SEND_WAIT_SECONDS
         return max(self.watchdog_seconds, waits)
 
     def _release(self, session: _SessionState) -> None:

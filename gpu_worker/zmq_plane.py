@@ -55,6 +55,7 @@ except (OSError, AttributeError):  # not glibc
 
 HWM = 64  # messages; a step has at most a few in flight per direction
 SEND_SLICE_MS = 100  # a blocked send checks this often whether its request was aborted
+SEND_TIMEOUT_MS = 60_000  # a send the peer does not take within this fails with PeerTimeout
 MAX_LINKS = 8  # a worker talks to one peer at a time; a few more keep a flapping pair warm
 HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000  # no traffic for this long: the connection is closed (and redialled)
@@ -174,7 +175,7 @@ class ZmqLink(PeerLink):
         context: zmq.Context,
         sender: str,
         address: str,
-        send_timeout_ms: int = 60_000,
+        send_timeout_ms: int = SEND_TIMEOUT_MS,
         curve: CurveKeys | None = None,
         on_peer_timeout: Callable[[ZmqLink], None] | None = None,
     ) -> None:
@@ -252,7 +253,7 @@ class ZmqLinks:
         curve: CurveKeys | None = None,
         networks: Sequence[Network] | None = None,
         max_links: int = MAX_LINKS,
-        send_timeout_ms: int = 60_000,
+        send_timeout_ms: int = SEND_TIMEOUT_MS,
     ) -> None:
         self.context = context
         self.sender = sender
