@@ -24,7 +24,7 @@ from coordinator.allocation import CostBook, Policy, admission
 from coordinator.driver import ALIVE_CHECK_SECONDS, GenerationResult, StepStat, drive_request
 from coordinator.elastic import ElasticLease
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.pool import Lease, WorkerPool
+from coordinator.pool import Lease, WorkerPool, pairing_key
 from coordinator.remote import RemoteWorker
 from hybridiff import logs, serving, telemetry
 from hybridiff.errors import (
@@ -238,7 +238,7 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
         self.config = config or ServiceConfig()
         self.draining = False
         self.costs = CostBook()
-        # The stage cut per (model, weights, device kind, dtype, size), first measurement wins:
+        # The stage cut per (model, pairing key, size), first measurement wins:
         # every pair of a model then splits alike, so an identical request gives an identical
         # image whichever pair runs it (each worker's timing differs, most under load).
         self._cuts: dict[tuple, int] = {}
@@ -498,14 +498,7 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
     def _split_cut(self, lease: Lease, spec, check_alive) -> int:
         """The model's stage cut at this size: measured once, by the first lease that needs it."""
         info = lease.entries[0].info
-        key = (
-            spec.model,
-            info.weights_digest,
-            info.device.split(":")[0],
-            info.dtype,
-            spec.height,
-            spec.width,
-        )
+        key = (spec.model, pairing_key(info), spec.height, spec.width)
         with self._cuts_lock:
             cut = self._cuts.get(key)
         if cut is None:
