@@ -41,12 +41,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator.allocation import PoolView
 from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, QueueFull, Unavailable
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
+from hybridiff.protocol import WORKER_PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
 
-# The step protocol this coordinator speaks; a worker must report the same (the worker's own
-# constant is gpu_worker.service.PROTOCOL_VERSION: the roles never import each other).
-WORKER_PROTOCOL_VERSION = 3
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerControlService"].full_name
 
 JOINING, IDLE, BUSY, ABORTING, DRAINING = "joining", "idle", "busy", "aborting", "draining"

@@ -50,11 +50,11 @@ from hybridiff.errors import (
     WorkerFailed,
 )
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
-from hybridiff.protocol import Phase
+from hybridiff.protocol import WORKER_PROTOCOL_VERSION, Phase
 from hybridiff.v1 import diffusion_pb2
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = WORKER_PROTOCOL_VERSION  # shared with the coordinator (hybridiff.protocol)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerControlService"].full_name
 # A health-service name, not an RPC service: SERVING from start-up until the watchdog fires.
 # Kubernetes' liveness probe asks for it (readiness asks for ""), so a stalled worker restarts.

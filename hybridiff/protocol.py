@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+# The version of the internal worker protocol (worker.proto, dataplane.proto) both roles speak:
+# a worker reports it in Info, and the coordinator's pool refuses a worker of another version.
+WORKER_PROTOCOL_VERSION = 3
+
 
 class Mode(IntEnum):
     AUTO = 1
