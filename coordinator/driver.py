@@ -2,9 +2,14 @@
 
 The driver owns the schedule (and so the discrepancy monitor). It issues every step whose
 phase is already decided — all of them in SINGLE / CFG_PARALLEL / PIPELINE, and in HYBRID
-the steps before the monitor could possibly fire, then one step per observed rel-MAE until
-tau1 is known — so both workers run each step with the same phase at the same index, and the
-control round trip is off the critical path wherever the schedule allows.
+the steps before the monitor could possibly fire — so both workers run each step with the same
+phase at the same index. In HYBRID between L and tau1, where the phase of step i + 1 depends on
+the rel-MAE of step i, it also issues step i + 1 *speculatively* before that value arrives: the
+workers compute it as data parallel (the conditional branch through the stages), and once the
+monitor has observed step i the driver sends the step's ``ResolveCommand``: DATA_PARALLEL, or
+the PIPELINE_FILL opening the window. The round trip then overlaps step i + 1's compute
+instead of idling both workers (issue 14); the decision stays the monitor's, and both workers
+switch at the step it names whatever the timing of the messages.
 """
 
 from __future__ import annotations
@@ -65,16 +70,27 @@ class WorkerStepStat:
     send_seconds: float = 0.0
     receive_wait_seconds: float = 0.0
     bytes_received: int = 0
+    frame_copies: int = 0
+    frame_copy_seconds: float = 0.0
+    resolve_wait_seconds: float = 0.0  # a speculative step waiting for its phase (inside wall)
+    command_wait_seconds: float = 0.0  # waiting for this step's command (before wall began)
+    overlapped_copy_seconds: float = 0.0  # staged sends' copies on the sending thread (overlapped)
+    overlapped_send_seconds: float = 0.0
     other_seconds: float = field(init=False, default=0.0)  # the rest: scheduler step, guidance, bookkeeping
 
     def __post_init__(self) -> None:
         self.other_seconds = max(
-            0.0, self.wall_seconds - self.compute_seconds - self.copy_seconds - self.wire_seconds
+            0.0,
+            self.wall_seconds
+            - self.compute_seconds
+            - self.copy_seconds
+            - self.wire_seconds
+            - self.resolve_wait_seconds,
         )
 
     @property
     def copy_seconds(self) -> float:
-        return self.device_to_host_seconds + self.host_to_device_seconds
+        return self.device_to_host_seconds + self.host_to_device_seconds + self.frame_copy_seconds
 
     @property
     def wire_seconds(self) -> float:
@@ -94,13 +110,21 @@ class WorkerStepStat:
             r.send_seconds,
             r.receive_wait_seconds,
             r.bytes_received,
+            r.frame_copies,
+            r.frame_copy_seconds,
+            r.resolve_wait_seconds,
+            r.command_wait_seconds,
+            r.overlapped_copy_seconds,
+            r.overlapped_send_seconds,
         )
 
 
 @dataclass
 class StepStat:
     """One step as the coordinator saw it; the split fields describe its slowest worker, and
-    critical_compute + copy + wire + worker_other + control = wall (control never below 0)."""
+    critical_compute + copy + wire + worker_other + control = wall (control never below 0):
+    control is the time between coordinator and workers, a speculative step's wait for its
+    phase included."""
 
     step: int
     phase: Phase
@@ -127,7 +151,7 @@ class StepStat:
         self.copy_seconds = w.copy_seconds
         self.wire_seconds = w.wire_seconds
         self.worker_other_seconds = w.other_seconds
-        self.control_seconds = max(0.0, self.wall_seconds - w.wall_seconds)
+        self.control_seconds = max(0.0, self.wall_seconds - w.wall_seconds) + w.resolve_wait_seconds
 
 
 @dataclass
@@ -313,6 +337,7 @@ def drive_request(
     max_recoveries: int = 2,
     elastic: Elastic | None = None,
     step_cost: float | None = None,
+    speculate: bool = True,
 ) -> GenerationResult:
     """Run ``spec`` in ``mode`` (not AUTO) on ``workers`` (one for SINGLE, two otherwise; with
     ``elastic``, ``mode`` is the paired schedule and the request may start, shrink to and grow
@@ -326,6 +351,8 @@ def drive_request(
     With ``recover``, worker U reports the latents after every step (the checkpoint) and a
     worker that dies or stops answering is replaced: the request resumes from the last
     completed step on the workers ``recover`` gives (DESIGN section 5).
+    ``speculate``: issue HYBRID's undecided step ahead (see the module's doc); off, every step
+    between L and tau1 waits for the round trip (kept to measure what speculation saves).
     Trace context: commands carry the current span (begin/finish) or their phase's span (steps).
     """
     return _RequestRun(
@@ -340,6 +367,7 @@ def drive_request(
         max_recoveries,
         elastic,
         step_cost,
+        speculate,
     ).execute()
 
 
@@ -362,8 +390,11 @@ class _RequestRun:
         max_recoveries,
         elastic,
         step_cost,
+        speculate=True,
     ) -> None:
         self.spec, self.rid = spec, spec.request_id
+        self.speculate = speculate
+        self.unresolved: set[int] = set()  # speculative steps issued, their phase not yet sent
         self.schedule = StepSchedule(mode, spec.num_steps, spec.hybrid, spec.guided)
         self.policy = window_policy(self.schedule.mode, spec.window_guidance)
         self.request = worker_request(spec)
@@ -500,6 +531,7 @@ class _RequestRun:
                 peer_worker_id="" if self.solo else self.used[1 - i].identity,
                 session_nonce=nonce,
                 peer_timeout_seconds=self.waits.peer(self.step_cost),
+                speculative=self.speculate and self.schedule.mode == Mode.HYBRID,
             )
             if self.split_cut is not None:
                 begin.split_cut = self.split_cut
@@ -529,14 +561,38 @@ class _RequestRun:
             return Phase.PIPELINE_FILL  # resumed mid-window: the new pair has no stale activations
         return phase
 
+    def _speculates(self) -> bool:
+        """Whether the step after the decided ones may go out speculatively: HYBRID with the
+        window not yet decided, on workers that run the schedule's phases."""
+        return (
+            self.speculate
+            and self.schedule.mode == Mode.HYBRID
+            and self.schedule.monitor.tau1 is None
+            and not (self.elastic is not None and self.solo)
+        )
+
     def _issue_limit(self, step: int) -> int:
         limit = self.schedule.decided_through()
+        if self._speculates():
+            limit = min(limit + 1, self.schedule.last)
         return limit if self.elastic is None else min(limit, step + ELASTIC_LOOKAHEAD)
+
+    def _resolve(self, step: int, first: int, spans: _PhaseSpans) -> None:
+        """Send the phase of speculative ``step``, now that the monitor has decided it."""
+        self.unresolved.discard(step)
+        phase = self._phase(step, first)
+        window = self.schedule.window()
+        resolve = worker_pb2.ResolveCommand(
+            step=step, phase=phase, last_in_window=bool(window) and step == window[1]
+        )
+        for w in self.used:
+            w.send(self._command(spans.carrier_for(step, phase), resolve=resolve))
 
     def _steps(self) -> None:
         schedule, used = self.schedule, self.used
         first = len(self.stats)
         issued = first
+        self.unresolved.clear()
         pending: dict[int, list[Future]] = {}
         intent = Decision.KEEP  # an elastic change waiting for the steps in flight
         spans = _PhaseSpans()
@@ -553,13 +609,17 @@ class _RequestRun:
                         raise _Switch(decision, workers)
                 while intent == Decision.KEEP and issued <= self._issue_limit(step):
                     window = schedule.window()
-                    phase = self._phase(issued, first)
+                    speculative = issued > schedule.decided_through()
+                    phase = Phase.DATA_PARALLEL if speculative else self._phase(issued, first)
                     cmd = worker_pb2.StepCommand(
                         step=issued,
                         phase=phase,
                         last_in_window=bool(window) and issued == window[1],
                         report_latents=self.recover is not None or self.elastic is not None,
+                        speculative=speculative,
                     )
+                    if speculative:
+                        self.unresolved.add(issued)
                     pending[issued] = [
                         w.send(self._command(spans.carrier_for(issued, phase), step=cmd)) for w in used
                     ]
@@ -569,6 +629,8 @@ class _RequestRun:
                 reports = [(e.worker_id, e.step) for e in events]
                 d = next((r.rel_mae for _, r in reports if r.HasField("rel_mae")), None)
                 schedule.observe(step, d)
+                if step + 1 in self.unresolved:
+                    self._resolve(step + 1, first, spans)
                 spans.done(step, schedule.last)
                 if reports[0][1].HasField("checkpoint"):
                     self.checkpoint = reports[0][1].checkpoint

@@ -1,7 +1,8 @@
 """The coordinator's handle on a remote worker: one control-API Session stream per request.
 
 Commands are queued onto the stream as they are issued (the driver sends steps ahead); the
-worker answers each with one event, in order, which resolves the oldest pending future. A
+worker answers each with one event, in order, which resolves the oldest pending future (a
+speculative step's ResolveCommand has none: the step's own event answers it). A
 broken stream fails every pending future with the typed error the worker sent
 (``hybridiff.errors.from_rpc_error``), naming the worker.
 """
@@ -36,11 +37,15 @@ class _Session:
 
     def send(self, command: worker_pb2.SessionRequest) -> Future:
         fut: Future = Future()
+        which = command.WhichOneof("command")
         with self._lock:
             if self._failed is not None:
                 fut.set_exception(self._failed)
                 return fut
-            self._pending.append((fut, command.WhichOneof("command")))
+            if which == "resolve":
+                fut.set_result(None)  # a resolution has no event: its step's event follows it
+            else:
+                self._pending.append((fut, which))
         self._outbox.put(command)
         return fut
 

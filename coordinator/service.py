@@ -107,6 +107,12 @@ def step_stat_to_proto(s: StepStat) -> pb.StepStat:
                 receive_wait_seconds=w.receive_wait_seconds,
                 bytes_received=w.bytes_received,
                 other_seconds=w.other_seconds,
+                frame_copies=w.frame_copies,
+                frame_copy_seconds=w.frame_copy_seconds,
+                resolve_wait_seconds=w.resolve_wait_seconds,
+                command_wait_seconds=w.command_wait_seconds,
+                overlapped_copy_seconds=w.overlapped_copy_seconds,
+                overlapped_send_seconds=w.overlapped_send_seconds,
             )
             for name, w in s.workers.items()
         ],
@@ -227,6 +233,7 @@ class ServiceConfig:
     # None keeps the model's.
     hybrid_defaults: dict = field(default_factory=dict)
     policy: Policy = Policy.ADAPTIVE  # how AUTO requests are given workers (coordinator.allocation)
+    speculative_steps: bool = True  # HYBRID's undecided step goes out speculatively (coordinator.driver)
 
 
 class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
@@ -475,6 +482,7 @@ class DiffusionService(diffusion_pb2_grpc.DiffusionServiceServicer):
                 recover=recover,
                 elastic=elastic,
                 step_cost=self._expected_step(spec),
+                speculate=self.config.speculative_steps,
             )
             finished = True  # the workers ended their sessions: free at once
             result.stats.queued_seconds = queued

@@ -341,6 +341,8 @@ class Sent:
 
     nbytes: int
     tracker: Any = None  # None: the transport copied the tensors
+    frame_copies: int = 0  # tensors copied into a fresh frame (none for a sealed payload)
+    frame_copy_seconds: float = 0.0
 
 
 class PeerLink(ABC):
@@ -384,12 +386,15 @@ class PeerLink(ABC):
         if zero_copy and self.zero_copy and isinstance(tensors, Payload):
             frame = tensors.seal(request_id, step, kind, trace_context, self.sender, session)
         tracked = frame is not None
+        copies, copy_seconds = 0, 0.0
         if frame is None:
+            start = time.perf_counter()
             frame = encode(
                 request_id, step, kind, tensors, trace_context, sender=self.sender, session=session
             )
+            copies, copy_seconds = len(tensors), time.perf_counter() - start
         tracker = self._send_frame(frame, cancelled, tracked)
-        return Sent(memoryview(frame).nbytes, tracker)
+        return Sent(memoryview(frame).nbytes, tracker, copies, copy_seconds)
 
     @abstractmethod
     def _send_frame(

@@ -12,9 +12,17 @@ through the data plane (DESIGN section 1):
   guided prediction the other way; the stale activations of the previous step make both
   stages run at once (AsyncDiff), the fill step is a synchronous full forward.
 
+A *speculative* step (HYBRID, between L and tau1, while the coordinator's monitor has not yet
+decided whether the window opens at this step) runs as data parallel, with the conditional
+branch computed through the stages: its output is then also what the window's fill step
+computes. After the exchange the worker takes the step's ``ResolveCommand`` from its session
+(sent while it computed) and finishes the step as DATA_PARALLEL or as the PIPELINE_FILL, so no
+worker idles on the coordinator's round trip and both switch at the same step (issue 14).
+
 Each step reports where its time went (``StepDone``): compute, device/host copies around the
-data plane (``gpu_worker.transfers``: none on CPU; pinned, pooled, zero-copy on CUDA), time in
-sends and waiting for the peer's messages, with counts and bytes.
+data plane (``gpu_worker.transfers``: none on CPU; pinned, pooled, zero-copy on CUDA) and into
+message frames, time in sends and waiting for the peer's messages, and the control waits (for
+the step's command, for a speculative step's resolution), with counts and bytes.
 """
 
 from __future__ import annotations
@@ -30,10 +38,11 @@ from typing import Any
 import torch
 
 from gpu_worker.adapters.base import Conditioning, ModelAdapter, RequestTimeline, StageSplit, encode_image
-from gpu_worker.dataplane import Expect, Mailbox, PeerLink, session_kinds
+from gpu_worker.dataplane import Expect, Mailbox, PeerLink, Sent, session_kinds
+from gpu_worker.outgoing import Outgoing
 from gpu_worker.split_balance import compile_request_shapes, device_clock
-from gpu_worker.transfers import DirectTransfers, StagedTransfers, StepCosts, transfers_for
-from hybridiff.errors import BadCommand, WorkerFailed
+from gpu_worker.transfers import DirectTransfers, Staged, StagedTransfers, StepCosts, transfers_for
+from hybridiff.errors import BadCommand, Cancelled, SessionIdle, WorkerFailed
 from hybridiff.internal.v1 import worker_pb2 as wpb
 from hybridiff.protocol import MIME_TYPES, OutputFormat, Phase, Role, WindowGuidance
 from hybridiff.request import MAX_GUIDANCE, MAX_STEPS
@@ -41,9 +50,17 @@ from hybridiff.wire import FrameError, FrameKind, tensor_from_proto, tensor_to_p
 
 log = logging.getLogger(__name__)
 
+# The session's next control message within a timeout, None when none came (the service reads
+# it from the Session stream, the in-process pair from its queue): a speculative step's
+# ResolveCommand.
+NextCommand = Callable[[float], "wpb.SessionRequest | None"]
+
 MIN_NONCE_BYTES = 16  # the coordinator draws 16 random bytes per attempt
 MAX_NONCE_BYTES = 64
 MAX_PEER_TIMEOUT = 600.0  # seconds: a coordinator's peer timeout is never trusted beyond this
+# A step waits for its sends on the sending thread at most the session's peer timeout and this
+# (ZmqLink's own send timeout, 60 s, ends a send the peer does not take before then).
+MAX_SEND_SECONDS = 65.0
 
 
 def rel_mae(e_u: torch.Tensor, e_c: torch.Tensor) -> float:
@@ -83,6 +100,8 @@ class _Active:
     stale_step: int = -1
     nonce: bytes = b""  # the attempt's session nonce, carried by every frame this session sends
     peer_timeout: float = 120.0  # seconds to wait for one peer message
+    speculative: bool = False  # its Begin announced speculative steps
+    last_end: float | None = None  # when its previous command ended (perf_counter)
 
     @property
     def guided(self) -> bool:
@@ -118,23 +137,32 @@ class WorkerEngine:
         self._active: dict[str, _Active] = {}
         self._costs = StepCosts()
         self._trace_context: dict[str, str] = {}
+        self._outgoing = Outgoing(name)
 
     def handle(
-        self, cmd: wpb.SessionRequest, trace_context: Mapping[str, str] | None = None
+        self,
+        cmd: wpb.SessionRequest,
+        trace_context: Mapping[str, str] | None = None,
+        next_command: NextCommand | None = None,
     ) -> wpb.SessionResponse:
         """Run one command of a session and answer its event. A step's data-plane frames carry
-        ``trace_context`` (the worker's own step span), else the command's."""
+        ``trace_context`` (the worker's own step span), else the command's; a speculative step
+        takes its resolution from ``next_command``."""
         which = cmd.WhichOneof("command")
         out = wpb.SessionResponse(request_id=cmd.request_id, worker_id=self.name)
         if which == "begin":
             out.begin.encoding_seconds = self.begin(cmd.request_id, cmd.begin)
         elif which == "step":
             context = cmd.trace_context if trace_context is None else trace_context
-            out.step.CopyFrom(self.step(cmd.request_id, cmd.step, context))
+            out.step.CopyFrom(self.step(cmd.request_id, cmd.step, context, next_command))
         elif which == "finish":
             out.finish.CopyFrom(self.finish(cmd.request_id, cmd.finish))
+            return out
+        elif which == "resolve":
+            raise BadCommand("resolve", f"no speculative step {cmd.resolve.step} is waiting for it")
         else:
             raise BadCommand("command", "empty worker command")
+        self._active[cmd.request_id].last_end = time.perf_counter()
         return out
 
     # --- lifecycle ------------------------------------------------------------------
@@ -161,7 +189,9 @@ class WorkerEngine:
         # Compile on: what the request runs is compiled now, never during a step its peer waits on.
         windowed = split if cmd.HasField("split_cut") else None
         full_cfg = cmd.window_guidance == WindowGuidance.FULL_CFG
-        compile_request_shapes(a, req.height, req.width, num_images, windowed, cmd.solo, guided, full_cfg)
+        compile_request_shapes(
+            a, req.height, req.width, num_images, windowed, cmd.solo, guided, full_cfg, cmd.speculative
+        )
         cond = a.encode(req.prompt, negative, guided, req.height, req.width, num_images)
         timeline = a.new_timeline(req.num_steps, req.seed, req.height, req.width)
         last_difference = None
@@ -194,6 +224,7 @@ class WorkerEngine:
             nonce=cmd.session_nonce,
             peer_timeout=peer_timeout,
             last_difference=last_difference,
+            speculative=cmd.speculative,
         )
         return time.perf_counter() - start
 
@@ -319,6 +350,10 @@ class WorkerEngine:
         self._active.pop(request_id, None)
         self.mailbox.close(request_id)
 
+    def close(self) -> None:
+        """Ends the sending thread (once what it holds is sent)."""
+        self._outgoing.close()
+
     def _take(self, request_id: str) -> _Active:
         st = self._active.pop(request_id, None)
         self.mailbox.close(request_id)
@@ -335,7 +370,11 @@ class WorkerEngine:
     # --- one step -------------------------------------------------------------------
     @torch.no_grad()
     def step(
-        self, request_id: str, cmd: wpb.StepCommand, trace_context: Mapping[str, str] = ()
+        self,
+        request_id: str,
+        cmd: wpb.StepCommand,
+        trace_context: Mapping[str, str] = (),
+        next_command: NextCommand | None = None,
     ) -> wpb.StepDone:
         st = self.active(request_id)
         if not 0 <= cmd.step < len(st.timeline.timesteps):
@@ -344,16 +383,24 @@ class WorkerEngine:
             phase = Phase(cmd.phase)
         except ValueError:
             raise BadCommand("phase", f"unknown phase {cmd.phase}") from None
+        if cmd.speculative:
+            self._check_speculative(st, cmd, next_command)
         start = time.perf_counter()
-        run = {
-            Phase.SINGLE: self._single,
-            Phase.DATA_PARALLEL: self._data_parallel,
-            Phase.PIPELINE_FILL: self._window,
-            Phase.PIPELINE: self._window,
-        }[phase]
+        command_wait = start - st.last_end if st.last_end is not None else 0.0
         self._costs = StepCosts()
         self._trace_context = dict(trace_context)
-        d = run(st, cmd)
+        self._outgoing.discard()  # what a failed step left on the sending thread
+        if cmd.speculative:
+            d, phase = self._speculative(st, cmd, next_command)
+        else:
+            run = {
+                Phase.SINGLE: self._single,
+                Phase.DATA_PARALLEL: self._data_parallel,
+                Phase.PIPELINE_FILL: self._window,
+                Phase.PIPELINE: self._window,
+            }[phase]
+            d = run(st, cmd)
+        self._flush_sends(st)
         c = self._costs.finish()
         done = wpb.StepDone(
             step=cmd.step,
@@ -368,6 +415,12 @@ class WorkerEngine:
             send_seconds=c.send_seconds,
             receive_wait_seconds=c.receive_wait_seconds,
             bytes_received=c.bytes_received,
+            frame_copies=c.frame_copies,
+            frame_copy_seconds=c.frame_copy_seconds,
+            resolve_wait_seconds=c.resolve_wait_seconds,
+            command_wait_seconds=command_wait,
+            overlapped_copy_seconds=c.overlapped_copy_seconds,
+            overlapped_send_seconds=c.overlapped_send_seconds,
         )
         if d is not None:
             done.rel_mae = d
@@ -376,8 +429,13 @@ class WorkerEngine:
             self.metrics.step_compute_seconds.labels(name).observe(done.compute_seconds)
             self.metrics.step_seconds.labels(name).observe(done.wall_seconds)
             for direction, count, seconds in (
-                ("to_host", done.device_to_host_copies, done.device_to_host_seconds),
+                (
+                    "to_host",
+                    done.device_to_host_copies,
+                    done.device_to_host_seconds + done.overlapped_copy_seconds,
+                ),
                 ("to_device", done.host_to_device_copies, done.host_to_device_seconds),
+                ("to_frame", done.frame_copies, done.frame_copy_seconds),
             ):
                 if count:
                     self.metrics.copies.labels(direction).inc(count)
@@ -396,10 +454,37 @@ class WorkerEngine:
         self, st: _Active, step: int, kind: int, tensors: dict[str, torch.Tensor], cmd: wpb.StepCommand
     ) -> None:
         """Stages ``tensors`` for the wire (device-to-host where the transfers need it) and sends
-        them; staged buffers go back to their pool once the transport is done reading them."""
-        rid, costs = st.request_id, self._costs
-        staged = self.transfers.to_host(tensors, costs, st.peer_timeout)
-        start = time.perf_counter()
+        them; staged buffers go back to their pool once the transport is done reading them. With
+        staged transfers the copy's wait and the send run on the sending thread (``Outgoing``)
+        while this thread computes on; the step's end waits for them (``_flush_sends``)."""
+        costs = self._costs
+        if not self.transfers.overlaps:
+            staged = self.transfers.to_host(tensors, costs, st.peer_timeout)
+            start = time.perf_counter()
+            try:
+                sent = self._send_now(st, step, kind, staged)
+            finally:
+                costs.send_seconds += time.perf_counter() - start
+            costs.send_seconds -= sent.frame_copy_seconds  # counted as a copy, not as wire time
+            self._record_send(costs, sent)
+            return
+        staged, copied = self.transfers.stage(tensors, st.peer_timeout)
+        context = self._trace_context
+
+        def copy_and_send() -> tuple[int, float, Sent, float]:
+            try:
+                copies, copy_seconds = copied()
+            except BaseException:
+                staged.release(None)
+                raise
+            start = time.perf_counter()
+            sent = self._send_now(st, step, kind, staged, context)
+            return copies, copy_seconds, sent, time.perf_counter() - start
+
+        self._outgoing.submit(copy_and_send)
+
+    def _send_now(self, st: _Active, step: int, kind: int, staged: Staged, context=None) -> Sent:
+        rid = st.request_id
         try:
             # The mailbox is closed on abort or cancel: a send still waiting for the peer ends then.
             sent = st.link.send_tracked(
@@ -407,7 +492,7 @@ class WorkerEngine:
                 step,
                 kind,
                 staged.tensors,
-                self._trace_context,
+                self._trace_context if context is None else context,
                 cancelled=lambda: not self.mailbox.is_open(rid),
                 session=st.nonce,
                 zero_copy=self.transfers.zero_copy,
@@ -415,12 +500,31 @@ class WorkerEngine:
         except BaseException:
             staged.release(None)  # nothing was queued (a message goes all or nothing)
             raise
-        finally:
-            costs.send_seconds += time.perf_counter() - start
         staged.release(sent.tracker)
+        return sent
+
+    def _record_send(self, costs: StepCosts, sent: Sent) -> None:
         costs.bytes_sent += sent.nbytes
+        costs.frame_copies += sent.frame_copies
+        costs.frame_copy_seconds += sent.frame_copy_seconds
         if self.metrics is not None:
             self.metrics.sent_bytes.inc(sent.nbytes)
+
+    def _flush_sends(self, st: _Active) -> None:
+        """Waits for the step's sends still on the sending thread (the wait is this thread's
+        send time) and counts their copies, bytes and the time they took there, overlapped."""
+        if not self.transfers.overlaps:
+            return
+        costs, start = self._costs, time.perf_counter()
+        try:
+            done = self._outgoing.flush(st.peer_timeout + MAX_SEND_SECONDS)
+        finally:
+            costs.send_seconds += time.perf_counter() - start
+        for copies, copy_seconds, sent, send_seconds in done:
+            costs.device_to_host_copies += copies
+            costs.overlapped_copy_seconds += copy_seconds
+            costs.overlapped_send_seconds += send_seconds
+            self._record_send(costs, sent)
 
     def _recv(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
         """The peer's tensors of ``step`` on this worker's device."""
@@ -472,6 +576,112 @@ class WorkerEngine:
         eps = guide(e_u, e_c, st.guidance_scale)
         self._update(st, eps, t)
         return rel_mae(e_u, e_c)
+
+    # --- speculative steps (issue 14: no control round trip between L and tau1) ------
+    def _check_speculative(self, st: _Active, cmd: wpb.StepCommand, next_command: NextCommand | None) -> None:
+        if not st.speculative:
+            raise BadCommand("speculative", "a speculative step in a session not begun as speculative")
+        if cmd.phase != Phase.DATA_PARALLEL or not st.guided:
+            raise BadCommand("speculative", "a speculative step is a guided DATA_PARALLEL step")
+        if not st.solo and st.split is None:
+            raise BadCommand("speculative", "a speculative step of a pair needs the session's stage cut")
+        if next_command is None:
+            raise BadCommand("speculative", f"{self.name} has no way to receive a step's resolution")
+
+    def _speculative(
+        self, st: _Active, cmd: wpb.StepCommand, next_command: NextCommand
+    ) -> tuple[float | None, Phase]:
+        """The data-parallel exchange, then the step as its resolution says: DATA_PARALLEL, or
+        the PIPELINE_FILL opening the window. The conditional branch ran through the stages, so
+        the fill's prediction and its stale activations are at hand: the next pipeline step's
+        stage keeps (or is sent) them, as after a synchronous fill (DESIGN section 1)."""
+        a, i = self.adapter, cmd.step
+        t = st.timeline.timesteps[i]
+        x_in = a.model_input(st.timeline, st.latents, t)
+        full_cfg = st.policy == WindowGuidance.FULL_CFG
+        kept: dict[str, dict[str, torch.Tensor]] = {}  # the branch's stage activations, by branch
+        if st.solo:
+            e_u = self._timed(a.forward, x_in, t, st.cond.for_branches("uncond"))
+            e_c = self._timed(a.forward, x_in, t, st.cond.for_branches("cond"))
+        else:
+            branch = "uncond" if st.role == Role.U else "cond"
+            inputs = st.cond.for_branches(branch)
+            if branch == "cond" or full_cfg:  # what a fill's stale activations may need
+                mine, kept[branch] = self._timed(self._through_stages, st.split, x_in, t, inputs)
+            else:
+                mine = self._timed(a.forward, x_in, t, inputs)
+            self._send(st, i, FrameKind.BRANCH_PREDICTION, {"prediction": mine}, cmd)
+            other = self._recv(st, i, FrameKind.BRANCH_PREDICTION)["prediction"]
+            e_u, e_c = (mine, other) if st.role == Role.U else (other, mine)
+        resolution = self._resolution(st, i, next_command)
+        if resolution.phase == Phase.DATA_PARALLEL:
+            if st.policy == WindowGuidance.LAST_DIFFERENCE:
+                st.last_difference = e_c - e_u
+            self._update(st, guide(e_u, e_c, st.guidance_scale), t)
+            return rel_mae(e_u, e_c), Phase.DATA_PARALLEL
+        raw = torch.cat([e_u, e_c]) if full_cfg else e_c  # the window inputs' prediction
+        if not st.solo and not resolution.last_in_window:
+            self._keep_fill_activations(st, cmd, kept, full_cfg)
+        self._update(st, self._window_prediction(st, raw), t)
+        return None, Phase.PIPELINE_FILL
+
+    @staticmethod
+    def _through_stages(split: StageSplit, x_in, t, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A full forward as stage 1 then stage 2 (what a fill step computes), with what the next
+        pipeline step re-uses: stage 1's output (sequential) or the core's output (nested)."""
+        if split.topology == "nested":
+            core_in, state = split.stage1_pre(x_in, t, inputs)
+            core_out = split.stage2(core_in, x_in, t, inputs)
+            return split.stage1_post(core_out, state), core_out
+        boundary = split.stage1_fwd(x_in, t, inputs)
+        return split.stage2_fwd(boundary, x_in, t, inputs), boundary
+
+    def _keep_fill_activations(
+        self, st: _Active, cmd: wpb.StepCommand, kept: dict[str, dict[str, torch.Tensor]], full_cfg: bool
+    ) -> None:
+        """Leave the fill's stale activations where the next pipeline step reads them: with C
+        (sequential: stage 2 runs there) or U (nested: the outer ring). The window's batch is the
+        conditional branch, or [uncond, cond] under FULL_CFG, whose halves the two workers hold."""
+        i = cmd.step
+        holder = Role.C if st.split.topology == "sequential" else Role.U
+        kind = FrameKind.STAGE_ACTIVATIONS if holder == Role.C else FrameKind.STAGE_RETURN
+        if not full_cfg:
+            if st.role == Role.C and holder == Role.C:
+                st.stale, st.stale_step = kept["cond"], i
+            elif st.role == Role.C:
+                self._send(st, i, kind, kept["cond"], cmd)  # U takes it at the next step
+            return
+        mine = kept["uncond" if st.role == Role.U else "cond"]
+        if st.role != holder:
+            self._send(st, i, kind, mine, cmd)
+            return
+        theirs = self._recv(st, i, kind)
+        u, c = (mine, theirs) if st.role == Role.U else (theirs, mine)
+        st.stale, st.stale_step = {k: torch.cat([u[k], c[k]]) for k in c}, i
+
+    def _resolution(self, st: _Active, step: int, next_command: NextCommand) -> wpb.ResolveCommand:
+        """The coordinator's ResolveCommand of speculative ``step``, waited for at most the
+        session's peer timeout (sent while this step computed, it is normally there already)."""
+        start = time.perf_counter()
+        try:
+            cmd = next_command(st.peer_timeout)
+        finally:
+            self._costs.resolve_wait_seconds += time.perf_counter() - start
+        if cmd is None:
+            if not self.mailbox.is_open(st.request_id):
+                raise Cancelled(
+                    f"{self.name}: request {st.request_id} was aborted in speculative step {step}"
+                )
+            raise SessionIdle(
+                f"{self.name}: no resolution of speculative step {step} within {st.peer_timeout:.1f}s"
+            )
+        which = cmd.WhichOneof("command")
+        if which != "resolve" or cmd.request_id != st.request_id or cmd.resolve.step != step:
+            got = f"{which} step {cmd.resolve.step}" if which == "resolve" else which
+            raise BadCommand("resolve", f"expected the resolution of step {step}, got {got}")
+        if cmd.resolve.phase not in (Phase.DATA_PARALLEL, Phase.PIPELINE_FILL):
+            raise BadCommand("resolve.phase", f"a speculative step cannot become phase {cmd.resolve.phase}")
+        return cmd.resolve
 
     # --- the pipeline window --------------------------------------------------------
     def _window_inputs(self, st: _Active):

@@ -89,14 +89,15 @@ class WorkerMetrics:
         )
         self.copy_seconds = Counter(
             "hybridiff_worker_copy_seconds",
-            "Seconds of device copies around the data plane, by direction (to_host before a send, "
-            "to_device after a receive; none on a CPU worker)",
+            "Seconds of tensor copies around the data plane, by direction (to_host: device to a "
+            "pinned send buffer; to_device: after a receive; to_frame: into a fresh message frame, "
+            "every send of a CPU worker)",
             ["direction"],
             registry=r,
         )
         self.copies = Counter(
             "hybridiff_worker_copies",
-            "Device copies around the data plane, by direction",
+            "Tensor copies around the data plane, by direction (see hybridiff_worker_copy_seconds)",
             ["direction"],
             registry=r,
         )

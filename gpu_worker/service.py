@@ -72,9 +72,11 @@ SESSION_IDLE_SECONDS = 60.0
 # never "" then, or the coordinator's pool would read the worker as free.
 OPENING = "(opening)"
 # Above the longest healthy command with the engine's default peer timeout (120 s): two peer
-# waits (the nested pipeline's core waits for two messages) and one send.
-WATCHDOG_SECONDS = 300.0
-PEER_WAITS_PER_COMMAND = 2
+# waits (the nested pipeline's core waits for two messages; a speculative step for its peer's
+# prediction and its resolution, then, as a FULL_CFG fill, for the peer's half of the stale
+# activations: three) and one send.
+WATCHDOG_SECONDS = 400.0
+PEER_WAITS_PER_COMMAND = 3
 SEND_WAIT_SECONDS = SEND_TIMEOUT_MS / 1000  # one send the peer does not take
 READ_AHEAD = 4  # commands read ahead of the one running (the coordinator sends steps ahead)
 
@@ -192,6 +194,17 @@ class _Commands:
         if isinstance(item, BaseException):
             raise Cancelled("the session was cancelled or its connection dropped")
         return item
+
+    def poll(self, timeout: float) -> worker_pb2.SessionRequest | None:
+        """``next``, but None when none came in time (the engine says what it waited for); a
+        stream the client closed is cancelled here, since a step still waits on it."""
+        try:
+            cmd = self.next(timeout)
+        except SessionIdle:
+            return None
+        if cmd is None:
+            raise Cancelled("the session's stream ended while a speculative step waited for its resolution")
+        return cmd
 
     def close(self) -> None:
         self._closed.set()
@@ -315,7 +328,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
                 with self._watchdog.watch(
                     f"{which} of request {session.request_id}", session.watchdog_bound, self._stall
                 ):
-                    event = self._run(cmd, which)
+                    event = self._run(cmd, which, commands)
                 # Handing the event over waits on the client when it does not read: bounded too.
                 with self._watchdog.watch(
                     f"the event of {which}", self.session_idle_seconds, self._idle(context, session)
@@ -444,8 +457,11 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         if self.metrics is not None:
             self.metrics.requests.labels(outcome).inc()
 
-    def _run(self, cmd: worker_pb2.SessionRequest, which: str | None) -> worker_pb2.SessionResponse:
-        """One command under its span; a step's frames carry the worker's step span."""
+    def _run(
+        self, cmd: worker_pb2.SessionRequest, which: str | None, commands: _Commands
+    ) -> worker_pb2.SessionResponse:
+        """One command under its span; a step's frames carry the worker's step span, and a
+        speculative step reads its resolution, the next command on the stream."""
         attributes = {"hybridiff.worker": self.worker_id}
         if which == "step":
             attributes.update(
@@ -461,4 +477,4 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         ):
             if which in ("begin", "finish"):
                 log.info("%s: %s of request %s", self.worker_id, which, cmd.request_id)
-            return self.engine.handle(cmd, trace_context=telemetry.inject())
+            return self.engine.handle(cmd, trace_context=telemetry.inject(), next_command=commands.poll)

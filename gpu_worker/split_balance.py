@@ -199,19 +199,19 @@ class SplitPlanner:
 
 
 def request_functions(
-    split: StageSplit | None, solo: bool, guided: bool, full_cfg: bool
+    split: StageSplit | None, solo: bool, guided: bool, full_cfg: bool, speculative: bool = False
 ) -> dict[int, list[str]]:
     """The compiled functions a request runs, by batch per image: alone, the forward at batch 1
     (a branch) and, guided, 2 (SINGLE's CFG batch); a pair, its data-parallel steps at batch 1
     and, with a stage cut (``split``: HYBRID, PIPELINE), its window's stages at the window
-    policy's batch."""
+    policy's batch; ``speculative`` steps (HYBRID) also run a branch through the stages."""
     if solo:
         return {1: ["forward"], 2: ["forward"]} if guided else {1: ["forward"]}
     if split is None:
         return {1: ["forward"]}
     stages = [f"{name}@cut{split.cut}" for name in STAGES[split.topology]]
     if guided and full_cfg:
-        return {1: ["forward"], 2: stages}
+        return {1: ["forward", *stages], 2: stages} if speculative else {1: ["forward"], 2: stages}
     return {1: ["forward", *stages]}
 
 
@@ -225,6 +225,7 @@ def compile_request_shapes(
     solo: bool = False,
     guided: bool = True,
     full_cfg: bool = False,
+    speculative: bool = False,
 ) -> int:
     """With compile on, compile what a request at this size runs (``request_functions``) and is
     not compiled yet, on random inputs. Called before the request's first step (at Begin): no step
@@ -235,7 +236,7 @@ def compile_request_shapes(
         return 0
     before = compiler.compilations
     scale = adapter.vae_scale_factor
-    for per_image, names in request_functions(split, solo, guided, full_cfg).items():
+    for per_image, names in request_functions(split, solo, guided, full_cfg, speculative).items():
         shape = (per_image * num_images, height // scale, width // scale)
         if all(compiler.warm((f"{adapter.arch}.{n}", *shape)) for n in names):
             continue

@@ -19,20 +19,25 @@ Two ways, chosen by the worker's device (``transfers_for``):
   buffers from torch's caching host allocator, which keeps a block until the copies reading it
   have completed.
 
-Where the copies overlap compute: a send's device-to-host copy runs after the forward that
-produced the tensor (the compute clock waits for it), so on the worker's own timeline it
-overlaps nothing; what moves off the critical path is what the schedule allows: in the pipeline
-window the stage-1 worker's activations are copied and sent while its peer computes stage 2 on
-the previous step's activations, and a receive's host-to-device copy is queued without
-blocking the compute thread. ``StagedTransfers`` also runs on CPU (pool and zero-copy sends,
-without pinning or streams), which is how the suite exercises it.
+Where the copies overlap compute: a send's device-to-host copy is queued on the side stream
+after the work that produced the tensor, and the engine hands the wait for it and the send to
+its sending thread (``gpu_worker.outgoing``, ``stage``): the compute thread goes on with what the
+schedule has next — in the nested window the outer ring's second half after the core's input
+left, the scheduler step after a prediction left — and the copy engine works meanwhile; the
+step waits at its end only for what is still in flight. Across workers, in the pipeline window
+the stage-1 worker's activations are copied and sent while its peer computes stage 2 on the
+previous step's activations, and a receive's host-to-device copy is queued without blocking
+the compute thread. ``StagedTransfers`` also runs on CPU (pool, sending thread and zero-copy
+sends, without pinning or streams; the copy itself is done on the sending thread), which is
+how the suite exercises it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,8 +67,15 @@ class StepCosts:
     device_to_host_seconds: float = 0.0
     host_to_device_copies: int = 0
     host_to_device_seconds: float = 0.0
+    frame_copies: int = 0  # tensors copied into a fresh message frame (every send on CPU)
+    frame_copy_seconds: float = 0.0
     send_seconds: float = 0.0
     receive_wait_seconds: float = 0.0
+    resolve_wait_seconds: float = 0.0  # a speculative step waiting for its resolution
+    # Staged sends on the sending thread, while this one computed on: their device-to-host
+    # copies (waited for there) and their hand-over to the transport.
+    overlapped_copy_seconds: float = 0.0
+    overlapped_send_seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
     # CUDA copies timed by events, read once the step's work is done: (start, end) pairs.
@@ -93,13 +105,15 @@ class HostBufferPool:
     """Host message buffers, at most ``per_key`` per layout (the shapes and dtypes of a message's
     tensors) and ``max_keys`` layouts, handed out for a send and reused only once the transport
     no longer reads them (the tracker a buffer was released with says ``done``). A buffer's
-    padding is zeroed once, when allocated. Used by one thread (the compute thread)."""
+    padding is zeroed once, when allocated. Acquired on the compute thread, released by the
+    sending thread too."""
 
     def __init__(self, pin: bool = False, per_key: int = PER_KEY, max_keys: int = MAX_KEYS) -> None:
         self.pin = pin
         self.per_key = per_key
         self.max_keys = max_keys
         self._slots: OrderedDict[tuple, list[_Slot]] = OrderedDict()
+        self._lock = threading.Lock()
         self.allocated = 0  # buffers ever allocated (a test counts reuse by it)
 
     def acquire(self, specs: Mapping[str, tuple[torch.Size, torch.dtype]], timeout: float) -> _Slot:
@@ -107,22 +121,23 @@ class HostBufferPool:
         waits for one in flight when all ``per_key`` are, ``PeerTimeout`` when none comes free
         within ``timeout`` seconds."""
         key = tuple((tuple(shape), dtype) for shape, dtype in specs.values())
-        slots = self._slots.setdefault(key, [])
-        self._slots.move_to_end(key)
         deadline = time.monotonic() + timeout
         while True:
-            slot = next((s for s in slots if s.free()), None)
-            if slot is None and len(slots) < self.per_key:
-                buffer = torch.empty(Payload.buffer_bytes(key), dtype=torch.uint8, pin_memory=self.pin)
-                slot = _Slot(buffer)
-                Payload(buffer, specs).zero_padding()
-                slots.append(slot)
-                self.allocated += 1
-                self._trim()
-            if slot is not None:
-                slot.in_use, slot.tracker = True, None
-                slot.payload = Payload(slot.buffer, specs)
-                return slot
+            with self._lock:
+                slots = self._slots.setdefault(key, [])
+                self._slots.move_to_end(key)
+                slot = next((s for s in slots if s.free()), None)
+                if slot is None and len(slots) < self.per_key:
+                    buffer = torch.empty(Payload.buffer_bytes(key), dtype=torch.uint8, pin_memory=self.pin)
+                    slot = _Slot(buffer)
+                    Payload(buffer, specs).zero_padding()
+                    slots.append(slot)
+                    self.allocated += 1
+                    self._trim()
+                if slot is not None:
+                    slot.in_use, slot.tracker = True, None
+                    slot.payload = Payload(slot.buffer, specs)
+                    return slot
             if time.monotonic() >= deadline:
                 shapes = [list(shape) for shape, _ in key]
                 raise PeerTimeout(f"no send buffer for shapes {shapes} came free in {timeout:.1f}s")
@@ -130,7 +145,8 @@ class HostBufferPool:
 
     def release(self, slot: _Slot, tracker: Tracker | None) -> None:
         """``slot`` may be reused once ``tracker`` is done (None: at once)."""
-        slot.tracker, slot.in_use = tracker, False
+        with self._lock:
+            slot.tracker, slot.in_use = tracker, False
 
     def _trim(self) -> None:
         for key in list(self._slots)[: max(0, len(self._slots) - self.max_keys)]:
@@ -139,7 +155,8 @@ class HostBufferPool:
                 del self._slots[key]
 
     def __len__(self) -> int:
-        return sum(len(s) for s in self._slots.values())
+        with self._lock:
+            return sum(len(s) for s in self._slots.values())
 
 
 @dataclass
@@ -160,6 +177,7 @@ class DirectTransfers:
     """CPU: no copies of ours; a tensor on another device is moved plainly (counted)."""
 
     zero_copy = False
+    overlaps = False  # sends stay on the compute thread
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
@@ -187,11 +205,16 @@ class DirectTransfers:
         return out
 
 
+# Waits until a staged message's copies are in its buffer: (copies, their seconds).
+Copied = Callable[[], tuple[int, float]]
+
+
 class StagedTransfers:
-    """Device-to-host into pooled (pinned on CUDA) buffers, zero-copy sends, non-blocking
-    host-to-device; see the module docstring."""
+    """Device-to-host into pooled (pinned on CUDA) buffers, zero-copy sends from the engine's
+    sending thread, non-blocking host-to-device; see the module docstring."""
 
     zero_copy = True
+    overlaps = True  # the engine sends from its sending thread (``stage``)
 
     def __init__(self, device: torch.device, pool: HostBufferPool | None = None) -> None:
         self.device = torch.device(device)
@@ -200,28 +223,34 @@ class StagedTransfers:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
 
     def to_host(self, tensors: Mapping[str, torch.Tensor], costs: StepCosts, timeout: float) -> Staged:
-        slot = self.pool.acquire({name: (t.shape, t.dtype) for name, t in tensors.items()}, timeout)
-        staged = Staged(slot.payload, [slot], self.pool)
-        pairs = [(t, slot.payload[name]) for name, t in tensors.items() if t.numel()]
-        try:
-            start = time.perf_counter()
-            if self.cuda:
-                seconds = self._copy_on_side_stream(pairs)
-            else:
-                for t, host in pairs:
-                    host.copy_(t)
-                seconds = time.perf_counter() - start
-        except BaseException:
-            staged.release(None)
-            raise
-        costs.device_to_host_copies += len(pairs)
+        """``stage``, waiting for the copies."""
+        staged, copied = self.stage(tensors, timeout)
+        copies, seconds = copied()
+        costs.device_to_host_copies += copies
         costs.device_to_host_seconds += seconds
         return staged
 
-    def _copy_on_side_stream(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Copies each (tensor, pinned view) pair into the view on the side stream, after the work
-        queued so far on the compute stream (which produced the tensors); waits for the copies
-        only (not for the device) and returns their device time."""
+    def stage(self, tensors: Mapping[str, torch.Tensor], timeout: float) -> tuple[Staged, Copied]:
+        """A pool buffer laid out for ``tensors`` with their copies into it under way (on CUDA:
+        queued on the side stream after the work that produces them; on CPU: done by the
+        ``Copied`` call), and the call that waits for them. The tensors must not change until
+        then (the engine never writes a tensor it has sent)."""
+        slot = self.pool.acquire({name: (t.shape, t.dtype) for name, t in tensors.items()}, timeout)
+        staged = Staged(slot.payload, [slot], self.pool)
+        pairs = [(t, slot.payload[name]) for name, t in tensors.items() if t.numel()]
+        if not self.cuda:
+            return staged, lambda: _copy_on_host(pairs)
+        try:
+            ready = self._copy_on_side_stream(pairs)
+        except BaseException:
+            staged.release(None)
+            raise
+        return staged, ready
+
+    def _copy_on_side_stream(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Copied:
+        """Queues the copy of each (tensor, pinned view) pair into the view on the side stream,
+        after the work queued so far on the compute stream (which produced the tensors); the
+        call returned waits for the copies only (not for the device) and gives their device time."""
         compute = torch.cuda.current_stream(self.device)
         start, ready = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         self.stream.wait_stream(compute)
@@ -232,8 +261,12 @@ class StagedTransfers:
                 if t.is_cuda:
                     t.record_stream(self.stream)  # the allocator keeps t until the copy has read it
             ready.record(self.stream)
-        ready.synchronize()  # the send reads the buffers: they must hold the copies
-        return start.elapsed_time(ready) / 1000
+
+        def wait() -> tuple[int, float]:
+            ready.synchronize()  # the send reads the buffers: they must hold the copies
+            return len(pairs), start.elapsed_time(ready) / 1000
+
+        return wait
 
     def to_device(self, tensors: Mapping[str, torch.Tensor], costs: StepCosts) -> dict[str, torch.Tensor]:
         if not self.cuda:
@@ -248,6 +281,13 @@ class StagedTransfers:
         costs.host_to_device_copies += len(out)
         costs.pending.append((start, end))
         return out
+
+
+def _copy_on_host(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, float]:
+    start = time.perf_counter()
+    for t, host in pairs:
+        host.copy_(t)
+    return len(pairs), time.perf_counter() - start
 
 
 def transfers_for(device: torch.device | str) -> DirectTransfers | StagedTransfers:

@@ -12,7 +12,7 @@ from enum import IntEnum
 
 # The version of the internal worker protocol (worker.proto, dataplane.proto) both roles speak:
 # a worker reports it in Info, and the coordinator's pool refuses a worker of another version.
-WORKER_PROTOCOL_VERSION = 3
+WORKER_PROTOCOL_VERSION = 4
 
 
 class Mode(IntEnum):

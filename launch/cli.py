@@ -268,6 +268,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         config=ServiceConfig(
             step_timeout=args.step_timeout,
+            speculative_steps=args.speculative_steps == "on",
             hybrid_defaults={
                 "l_slope": args.l_slope,
                 "eps_slope": args.eps_slope,
@@ -593,6 +594,13 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         type=float,
         default=600.0,
         help="the most seconds to wait for a worker's answer (a step waits a few measured step costs)",
+    )
+    p.add_argument(
+        "--speculative-steps",
+        choices=("on", "off"),
+        default="on",
+        help="HYBRID: issue the step whose phase the monitor has not decided yet speculatively, so no "
+        "worker waits for the decision (off: every step after L waits for the round trip)",
     )
     p.add_argument("--ready-file", default=None, help="write the bound ports here as JSON once serving")
     p.add_argument("--l-slope", type=int, default=None, help="override every model's default L_slope")

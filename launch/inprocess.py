@@ -8,6 +8,7 @@ messages the cluster carries over gRPC and ZeroMQ.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,8 @@ from hybridiff.request import GenerationSpec, RequestInput, resolve_spec
 
 
 class InProcessWorker:
-    """A ``WorkerHandle`` over a local engine: commands run in order on the worker's own thread."""
+    """A ``WorkerHandle`` over a local engine: commands run in order on the worker's own thread;
+    a speculative step's resolution goes to a queue the running step reads (it has no event)."""
 
     def __init__(self, engine: WorkerEngine) -> None:
         self.engine = engine
@@ -32,17 +34,42 @@ class InProcessWorker:
         self.identity = engine.name
         self.data_address = ""
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker-{engine.name}")
+        self._resolutions: queue.Queue[worker_pb2.SessionRequest | None] = queue.Queue()
 
     def send(self, cmd: worker_pb2.SessionRequest) -> Future:
-        return self._thread.submit(self.engine.handle, cmd)
+        which = cmd.WhichOneof("command")
+        if which == "resolve":
+            self._resolutions.put(cmd)
+            done: Future = Future()
+            done.set_result(None)
+            return done
+        if which == "begin":
+            self._drain()  # what an aborted attempt left
+        return self._thread.submit(self.engine.handle, cmd, None, self._next_resolution)
+
+    def _next_resolution(self, timeout: float) -> worker_pb2.SessionRequest | None:
+        try:
+            return self._resolutions.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._resolutions.get_nowait()
+            except queue.Empty:
+                return
 
     def abort(self, request_id: str) -> None:
-        # Closing the mailbox first wakes a step that waits for its peer; the abort itself is queued.
+        # Closing the mailbox first wakes a step that waits for its peer (or, with the None, for
+        # its resolution); the abort itself is queued.
         self.engine.mailbox.close(request_id)
+        self._resolutions.put(None)
         self._thread.submit(self.engine.abort, request_id)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
+        self.engine.close()
 
 
 class InProcessEngine:

@@ -81,9 +81,11 @@ class LocalCluster:
         worker_args: dict[int, list[str]] | None = None,
         devices: list[str] | None = None,
         compile_mode: str = "auto",
+        coordinator_args: list[str] | None = None,
     ) -> None:
         """``compile_mode``: the workers' ``--compile``; ``log_format``: the processes'
-        ``--log-format``; ``verbose``: they log at INFO (``-v``);
+        ``--log-format``; ``verbose``: they log at INFO (``-v``); ``coordinator_args``: more
+        flags for the coordinator;
         ``worker_args``: more flags for worker i (they override the defaults); ``devices``: the
         workers' devices, round robin (default: one per visible GPU, round robin, else cpu)."""
         self.model_dir = str(model_dir)
@@ -103,6 +105,7 @@ class LocalCluster:
         }
         self.cores = cores
         self.worker_args = worker_args or {}
+        self.coordinator_args = coordinator_args or []
         self.compile_mode = compile_mode
         self.devices = assign_devices(workers, devices) if devices else None  # None: chosen at start
         self.procs: list[subprocess.Popen] = []
@@ -197,6 +200,7 @@ class LocalCluster:
                     ",".join(self.worker_addresses),
                     "--ready-file",
                     str(coordinator_file),
+                    *self.coordinator_args,
                 ],
             )
             ports = self._await_file(coordinator_file, deadline)

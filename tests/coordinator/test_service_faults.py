@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hybridiff import serving
 from hybridiff.errors import InvalidArgument, status_details
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
+from hybridiff.protocol import WORKER_PROTOCOL_VERSION
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 
@@ -66,7 +67,7 @@ class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer):
             hybrid_defaults=pb.HybridParams(l_slope=10, eps_slope=0.1, k=2, tau_cap=3),
             device="cpu",
             dtype="float32",
-            protocol_version=3,
+            protocol_version=WORKER_PROTOCOL_VERSION,
             weights_digest="same-weights",
         )
 

@@ -45,6 +45,9 @@ def test_coordinator_and_worker_metrics_after_a_paired_request(sdxl_cluster):
     assert total(worker, "hybridiff_worker_data_plane_sent_bytes_total") > 0
     assert total(worker, "hybridiff_worker_data_plane_received_bytes_total") > 0
     assert total(worker, "hybridiff_worker_peer_wait_seconds_count") >= 4
+    # A CPU worker copies each tensor it sends into the message's frame: one per data-parallel step.
+    assert total(worker, "hybridiff_worker_copies_total", direction="to_frame") >= 4
+    assert total(worker, "hybridiff_worker_copy_seconds_total", direction="to_frame") > 0
     assert total(worker, "hybridiff_worker_model_load_seconds") > 0
     assert total(worker, "hybridiff_worker_requests_total", outcome="ok") >= 1
 

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gpu_worker.service import LIVENESS_SERVICE, SERVICE_NAME
 from hybridiff.errors import status_details
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
-from hybridiff.protocol import Phase, Role, WindowGuidance
+from hybridiff.protocol import WORKER_PROTOCOL_VERSION, Phase, Role, WindowGuidance
 
 IDLE = 2.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -148,7 +148,7 @@ def test_info_says_who_the_worker_is(workers):
     assert quick.weights_digest.startswith("sha256:")
     assert quick.weights_digest == patient.weights_digest  # two processes, one model directory
     assert other.weights_digest != quick.weights_digest  # same architecture, other weights
-    assert quick.active_request_id == "" and quick.protocol_version == 3
+    assert quick.active_request_id == "" and quick.protocol_version == WORKER_PROTOCOL_VERSION
 
 
 def test_an_idle_control_session_is_ended_and_the_worker_is_free_again(workers):

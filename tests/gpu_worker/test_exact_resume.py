@@ -130,7 +130,11 @@ class _Recording:
         return future
 
     def _keep(self, future: Future) -> None:
-        if future.exception() is None and future.result().step.HasField("checkpoint"):
+        if (
+            future.exception() is None
+            and future.result() is not None
+            and future.result().step.HasField("checkpoint")
+        ):
             cp = future.result().step.checkpoint
             self.checkpoints[cp.next_step] = cp
 

@@ -24,7 +24,7 @@ import zmq
 from cluster_helpers import make_input, send
 
 from coordinator.driver import drive_request
-from gpu_worker.dataplane import Mailbox, message_bound
+from gpu_worker.dataplane import Mailbox, PeerLink, message_bound
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.transfers import DirectTransfers, HostBufferPool, StagedTransfers, StepCosts, transfers_for
 from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLink, ZmqLinks, parse_networks
@@ -155,7 +155,8 @@ def test_one_pool_buffer_is_the_whole_message_and_its_tracker_waits_for_the_read
 
 def test_a_failed_send_gives_its_buffers_back(engines):
     """The engine's send: a send the peer never takes (nobody listens; the request is closed)
-    returns its pool buffers, or the pool would run dry after ``per_key`` failures."""
+    returns its pool buffers, or the pool would run dry after ``per_key`` failures; it fails on
+    the sending thread, and the step's flush raises its error."""
     ctx = zmq.Context()
     link = ZmqLink(ctx, "U", "tcp://127.0.0.1:1", send_timeout_ms=200)
     pool = HostBufferPool(per_key=1)
@@ -165,12 +166,57 @@ def test_a_failed_send_gives_its_buffers_back(engines):
     session = SimpleNamespace(request_id="r", link=link, nonce=b"", peer_timeout=0.5)
     try:
         for step in range(3):
+            engine._send(session, step, FrameKind.BRANCH_PREDICTION, {"p": torch.zeros(BIG)}, None)
             with pytest.raises(Cancelled):  # the mailbox has no open session "r": cancelled at once
-                engine._send(session, step, FrameKind.BRANCH_PREDICTION, {"p": torch.zeros(BIG)}, None)
+                engine._flush_sends(session)
         assert pool.allocated == 1
     finally:
+        engine.close()
         link.close()
         ctx.term()
+
+
+class _SlowLink(PeerLink):
+    """A transport that takes ``seconds`` to take each message, and keeps them in order."""
+
+    zero_copy = False
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__("U")
+        self.seconds, self.frames = seconds, []
+
+    def _send_frame(self, frame, cancelled=None, track=False):
+        time.sleep(self.seconds)
+        self.frames.append(decode(bytes(frame)))
+
+
+def test_staged_sends_leave_the_compute_thread_and_keep_their_order(engines):
+    """With staged transfers the copy and the send run on the engine's sending thread: ``_send``
+    returns at once, the compute after it overlaps them, and the step's flush waits only for
+    the rest. Messages reach the transport in the order sent."""
+    link = _SlowLink(0.3)
+    engine = WorkerEngine(
+        engines["sdxl"].adapter, "U", Mailbox("U"), None, transfers=StagedTransfers(torch.device("cpu"))
+    )
+    engine.mailbox.open("r")
+    session = SimpleNamespace(request_id="r", link=link, nonce=b"", peer_timeout=5.0)
+    try:
+        engine._costs = StepCosts()
+        start = time.perf_counter()
+        engine._send(session, 0, FrameKind.STAGE_ACTIVATIONS, {"a": torch.full((BIG,), 1.0)}, None)
+        engine._send(session, 0, FrameKind.GUIDED_PREDICTION, {"p": torch.full((BIG,), 2.0)}, None)
+        handed_over = time.perf_counter() - start
+        time.sleep(0.4)  # the compute that overlaps the first send
+        engine._flush_sends(session)
+        costs = engine._costs
+        assert handed_over < 0.1  # neither send held the compute thread
+        assert [f.kind for f in link.frames] == [FrameKind.STAGE_ACTIVATIONS, FrameKind.GUIDED_PREDICTION]
+        assert float(link.frames[1].tensors["p"][0]) == 2.0
+        assert costs.overlapped_send_seconds >= 0.6 and costs.device_to_host_copies == 2
+        assert costs.send_seconds < 0.35  # waited only for the second send's rest
+        assert costs.bytes_sent > 2 * BIG * 4
+    finally:
+        engine.close()
 
 
 def test_transfers_by_device():
@@ -305,7 +351,12 @@ def test_worker_metrics_count_the_copies_the_stats_report(engines):
         pair.close()
     for name, metrics in zip(("U", "C"), pair.metrics):
         copies = sum(s.workers[name].device_to_host_copies for s in result.stats.steps)
-        seconds = sum(s.workers[name].device_to_host_seconds for s in result.stats.steps)
+        # staged sends copy on the sending thread: overlapped, reported apart from the split
+        seconds = sum(
+            s.workers[name].device_to_host_seconds + s.workers[name].overlapped_copy_seconds
+            for s in result.stats.steps
+        )
+        assert all(s.workers[name].device_to_host_seconds == 0 for s in result.stats.steps)
         sample = metrics.registry.get_sample_value
         assert copies > 0 and sample("hybridiff_worker_copies_total", {"direction": "to_host"}) == copies
         assert sample("hybridiff_worker_copy_seconds_total", {"direction": "to_host"}) == pytest.approx(
@@ -328,16 +379,19 @@ def test_cluster_stats_split_each_step(sd3_cluster):
                 w.compute_seconds
                 + w.device_to_host_seconds
                 + w.host_to_device_seconds
+                + w.frame_copy_seconds
                 + w.send_seconds
                 + w.receive_wait_seconds
+                + w.resolve_wait_seconds
                 + w.other_seconds
             )
             assert min(w.compute_seconds, w.send_seconds, w.receive_wait_seconds, w.other_seconds) >= 0
             assert parts == pytest.approx(w.wall_seconds, rel=1e-6, abs=1e-6)
             assert w.device_to_host_copies == w.host_to_device_copies == 0  # CPU: none of ours
             assert w.compute_seconds > 0 or w.receive_wait_seconds > 0
-            if s.phase == Phase.DATA_PARALLEL:  # one prediction each way
+            if s.phase == Phase.DATA_PARALLEL:  # one prediction each way, copied into its frame
                 assert w.compute_seconds > 0 and w.send_seconds > 0 and w.bytes_received > 0
+                assert w.frame_copies == 1 and w.frame_copy_seconds > 0
         slowest = max(s.workers, key=lambda w: w.wall_seconds)
         assert s.critical_compute_seconds == slowest.compute_seconds
         assert s.wire_seconds == pytest.approx(slowest.send_seconds + slowest.receive_wait_seconds)
@@ -347,6 +401,11 @@ def test_cluster_stats_split_each_step(sd3_cluster):
         # the sum is the wall time, or the worker's own when the coordinator saw the step shorter.
         assert total + s.control_seconds == pytest.approx(max(s.wall_seconds, slowest.wall_seconds), abs=1e-6)
         assert max(s.wall_seconds, slowest.wall_seconds) - s.wall_seconds < 0.05 + 0.2 * s.wall_seconds
+    # Steps after L = 3 up to the window's fill went out speculatively: each waited for its
+    # resolution, which came over the Session stream.
+    fill = next(s.step for s in steps if s.phase == Phase.PIPELINE_FILL)
+    resolved = [s.step for s in steps if all(w.resolve_wait_seconds > 0 for w in s.workers)]
+    assert resolved == list(range(4, fill + 1))
     for s in (s for s in steps if s.phase == Phase.DATA_PARALLEL):
         for w, peer in zip(s.workers, reversed(s.workers)):
             assert 0 < peer.bytes_sent - w.bytes_received < 1024  # the peer's prediction and its header
