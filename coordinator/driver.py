@@ -151,7 +151,7 @@ class StepStat:
         self.copy_seconds = w.copy_seconds
         self.wire_seconds = w.wire_seconds
         self.worker_other_seconds = w.other_seconds
-        self.control_seconds = max(0.0, self.wall_seconds - w.wall_seconds) + w.resolve_wait_seconds
+        self.control_seconds = max(0.0, self.wall_seconds - (w.wall_seconds - w.resolve_wait_seconds))
 
 
 @dataclass
@@ -272,7 +272,8 @@ def _results(
 class StepWaits:
     """How long to wait, in step costs (issue 11): a worker waits for its peer's frame
     ``peer_steps`` expected steps (at least ``peer_floor`` seconds, at most ``cap``); the driver
-    waits for a step's answers longer than a worker may wait for its peer twice, so a silent
+    waits for a step's answers longer than a worker may wait for its peer three times (a
+    speculative step: the peer's prediction, its resolution, a FULL_CFG fill's half), so a silent
     peer is reported by the worker that waited, which blames the right one. Before any step was
     measured (a model's first request, a new device), the worker's own default peer wait and
     ``cap`` for the step: a first step may be far slower than any floor guesses."""
@@ -290,7 +291,7 @@ class StepWaits:
     def step(self, step_cost: float | None) -> float:
         if step_cost is None:
             return self.cap
-        return min(2 * self.peer(step_cost) + step_cost, self.cap)
+        return min(3 * self.peer(step_cost) + step_cost, self.cap)
 
 
 def _as_seen_by_the_client(worker: WorkerHandle, cause: BaseException) -> BaseException:
@@ -538,6 +539,8 @@ class _RequestRun:
             if self.checkpoint is not None:
                 begin.resume.CopyFrom(self.checkpoint)
             futures.append(w.send(self._command(begin=begin)))
+        # Both Begins must be done before any step: a worker files a peer's frame only for a
+        # session its own Begin has opened, so this round trip is the pair's barrier.
         events = self._wait(futures, "begin")  # encoding: not a step, bounded by the cap
         self.encoding = max(self.encoding, max(e.begin.encoding_seconds for e in events))
 
@@ -570,6 +573,20 @@ class _RequestRun:
             and self.schedule.monitor.tau1 is None
             and not (self.elastic is not None and self.solo)
         )
+
+    def _in_speculative_zone(self, step: int) -> bool:
+        """Steps after the earliest deciding one up to the window's fill (or, undecided, any):
+        every one of them goes out speculative, also when a resumed attempt already knows its
+        phase (then resolved at once), so each is computed the same way in every attempt and a
+        resumed request is bit-identical to an unbroken one."""
+        if not (self.speculate and self.schedule.mode == Mode.HYBRID) or (
+            self.elastic is not None and self.solo
+        ):
+            return False
+        monitor = self.schedule.monitor
+        if step <= monitor.earliest_decision_step():
+            return False
+        return monitor.tau1 is None or step <= monitor.decided_at + 1
 
     def _issue_limit(self, step: int) -> int:
         limit = self.schedule.decided_through()
@@ -609,7 +626,8 @@ class _RequestRun:
                         raise _Switch(decision, workers)
                 while intent == Decision.KEEP and issued <= self._issue_limit(step):
                     window = schedule.window()
-                    speculative = issued > schedule.decided_through()
+                    decided = issued <= schedule.decided_through()
+                    speculative = not decided or self._in_speculative_zone(issued)
                     phase = Phase.DATA_PARALLEL if speculative else self._phase(issued, first)
                     cmd = worker_pb2.StepCommand(
                         step=issued,
@@ -623,6 +641,8 @@ class _RequestRun:
                     pending[issued] = [
                         w.send(self._command(spans.carrier_for(issued, phase), step=cmd)) for w in used
                     ]
+                    if speculative and decided:
+                        self._resolve(issued, first, spans)  # its phase is known: resolved at once
                     issued += 1
                 events = self._wait(pending.pop(step), f"step {step}", self.waits.step(self.step_cost))
                 now = time.perf_counter()

@@ -137,7 +137,7 @@ class WorkerEngine:
         self._active: dict[str, _Active] = {}
         self._costs = StepCosts()
         self._trace_context: dict[str, str] = {}
-        self._outgoing = Outgoing(name)
+        self._outgoing = Outgoing(name) if self.transfers.overlaps else None
 
     def handle(
         self,
@@ -175,6 +175,10 @@ class WorkerEngine:
         if request_id in self._active:
             raise BadCommand("request_id", f"request {request_id!r} is already running on {self.name}")
         self._check_begin(cmd)
+        if self._outgoing is not None:
+            # Sends an aborted session left are cancelled (not this attempt's): let them end, so
+            # that no link is used by two threads and this session's sends queue behind nothing.
+            self._outgoing.drain(MAX_SEND_SECONDS)
         peer_timeout = self._session_peer_timeout(cmd)
         split = None if cmd.solo else self._split(cmd)
         link = None
@@ -352,7 +356,8 @@ class WorkerEngine:
 
     def close(self) -> None:
         """Ends the sending thread (once what it holds is sent)."""
-        self._outgoing.close()
+        if self._outgoing is not None:
+            self._outgoing.close()
 
     def _take(self, request_id: str) -> _Active:
         st = self._active.pop(request_id, None)
@@ -389,7 +394,8 @@ class WorkerEngine:
         command_wait = start - st.last_end if st.last_end is not None else 0.0
         self._costs = StepCosts()
         self._trace_context = dict(trace_context)
-        self._outgoing.discard()  # what a failed step left on the sending thread
+        if self._outgoing is not None:
+            self._outgoing.discard()  # what a failed step left on the sending thread
         if cmd.speculative:
             d, phase = self._speculative(st, cmd, next_command)
         else:
@@ -486,14 +492,15 @@ class WorkerEngine:
     def _send_now(self, st: _Active, step: int, kind: int, staged: Staged, context=None) -> Sent:
         rid = st.request_id
         try:
-            # The mailbox is closed on abort or cancel: a send still waiting for the peer ends then.
+            # The mailbox is closed on abort or cancel, and a later attempt of the request is
+            # another session: a send still waiting for the peer ends then.
             sent = st.link.send_tracked(
                 rid,
                 step,
                 kind,
                 staged.tensors,
                 self._trace_context if context is None else context,
-                cancelled=lambda: not self.mailbox.is_open(rid),
+                cancelled=lambda: not self.mailbox.is_open(rid) or self._active.get(rid) is not st,
                 session=st.nonce,
                 zero_copy=self.transfers.zero_copy,
             )
@@ -522,9 +529,12 @@ class WorkerEngine:
             costs.send_seconds += time.perf_counter() - start
         for copies, copy_seconds, sent, send_seconds in done:
             costs.device_to_host_copies += copies
-            costs.overlapped_copy_seconds += copy_seconds
-            costs.overlapped_send_seconds += send_seconds
-            self._record_send(costs, sent)
+            costs.frame_copies += sent.frame_copies  # a link that copies: done there too
+            costs.overlapped_copy_seconds += copy_seconds + sent.frame_copy_seconds
+            costs.overlapped_send_seconds += send_seconds - sent.frame_copy_seconds
+            costs.bytes_sent += sent.nbytes
+            if self.metrics is not None:
+                self.metrics.sent_bytes.inc(sent.nbytes)
 
     def _recv(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
         """The peer's tensors of ``step`` on this worker's device."""

@@ -57,6 +57,18 @@ class Outgoing:
         """Forget sends of a step that failed before its flush: they end (or fail) on their own."""
         self._pending = []
 
+    def drain(self, timeout: float) -> bool:
+        """Wait until every send submitted so far has ended (their results and errors dropped);
+        False when they did not within ``timeout``."""
+        self._pending = []
+        marker: Future = Future()
+        self._queue.put((lambda: None, marker))
+        try:
+            marker.result(timeout=timeout)
+            return True
+        except TimeoutError:
+            return False
+
     def close(self) -> None:
         self._queue.put((_STOP, None))
 

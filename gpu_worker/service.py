@@ -71,12 +71,12 @@ SESSION_IDLE_SECONDS = 60.0
 # Info's active_request_id while a session holds the worker before its Begin named the request:
 # never "" then, or the coordinator's pool would read the worker as free.
 OPENING = "(opening)"
-# Above the longest healthy command with the engine's default peer timeout (120 s): two peer
+# Above the longest healthy command with the engine's default peer timeout (120 s): its peer
 # waits (the nested pipeline's core waits for two messages; a speculative step for its peer's
-# prediction and its resolution, then, as a FULL_CFG fill, for the peer's half of the stale
-# activations: three) and one send.
-WATCHDOG_SECONDS = 400.0
-PEER_WAITS_PER_COMMAND = 3
+# prediction, its resolution, as a FULL_CFG fill for the peer's half of the stale activations,
+# and with staged transfers for its own sends at its end: four) and one send.
+WATCHDOG_SECONDS = 600.0
+PEER_WAITS_PER_COMMAND = 4
 SEND_WAIT_SECONDS = SEND_TIMEOUT_MS / 1000  # one send the peer does not take
 READ_AHEAD = 4  # commands read ahead of the one running (the coordinator sends steps ahead)
 

@@ -38,38 +38,34 @@ class InProcessWorker:
 
     def send(self, cmd: worker_pb2.SessionRequest) -> Future:
         which = cmd.WhichOneof("command")
+        if which == "begin":
+            self._resolutions = queue.Queue()  # one per attempt: nothing of an earlier one is read
+        resolutions = self._resolutions
         if which == "resolve":
-            self._resolutions.put(cmd)
+            resolutions.put(cmd)
             done: Future = Future()
             done.set_result(None)
             return done
-        if which == "begin":
-            self._drain()  # what an aborted attempt left
-        return self._thread.submit(self.engine.handle, cmd, None, self._next_resolution)
-
-    def _next_resolution(self, timeout: float) -> worker_pb2.SessionRequest | None:
-        try:
-            return self._resolutions.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                self._resolutions.get_nowait()
-            except queue.Empty:
-                return
+        return self._thread.submit(self.engine.handle, cmd, None, lambda timeout: _get(resolutions, timeout))
 
     def abort(self, request_id: str) -> None:
-        # Closing the mailbox first wakes a step that waits for its peer (or, with the None, for
-        # its resolution); the abort itself is queued.
+        # Closing the mailbox first wakes a step that waits for its peer (and the None one that
+        # waits for its resolution); the abort itself is queued.
         self.engine.mailbox.close(request_id)
         self._resolutions.put(None)
         self._thread.submit(self.engine.abort, request_id)
 
     def close(self) -> None:
+        self._resolutions.put(None)
         self._thread.shutdown(wait=True, cancel_futures=True)
         self.engine.close()
+
+
+def _get(resolutions: queue.Queue, timeout: float) -> worker_pb2.SessionRequest | None:
+    try:
+        return resolutions.get(timeout=timeout)
+    except queue.Empty:
+        return None
 
 
 class InProcessEngine:

@@ -65,7 +65,7 @@ def test_waits_are_measured_in_step_costs():
     assert waits.step(None) == 600.0
     assert waits.peer(0.01) == waits.peer_floor  # a tiny step: the floor
     assert waits.peer(2.0) == 20.0  # ten steps
-    assert waits.step(2.0) == 2 * 20.0 + 2.0  # longer than a worker's two peer waits
+    assert waits.step(2.0) == 3 * 20.0 + 2.0  # longer than a speculative step's three peer waits
     assert StepWaits(cap=30.0).peer(100.0) == 30.0 and StepWaits(cap=30.0).step(100.0) == 30.0
 
 

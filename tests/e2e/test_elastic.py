@@ -4,9 +4,11 @@ their unbroken runs."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from cluster_helpers import make_input, send
@@ -18,10 +20,23 @@ from tools.quality import psnr
 STEPS = 120
 
 
+PLUG = Path(__file__).with_name("freeze_plug")  # its sitecustomize can slow the lone steps down
+
+
 @pytest.fixture(scope="module")
-def pair_cluster(model_dirs, tmp_path_factory):
+def plug_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("plug")
+
+
+@pytest.fixture(scope="module")
+def pair_cluster(model_dirs, tmp_path_factory, plug_dir):
+    path = os.pathsep.join(p for p in (str(PLUG), os.environ.get("PYTHONPATH", "")) if p)
     with LocalCluster(
-        model_dirs["sdxl"], workers=2, log_dir=tmp_path_factory.mktemp("logs"), policy="adaptive"
+        model_dirs["sdxl"],
+        workers=2,
+        log_dir=tmp_path_factory.mktemp("logs"),
+        policy="adaptive",
+        extra_env={"PYTHONPATH": path, "HYBRIDIFF_TEST_FREEZE": str(plug_dir)},
     ) as c:
         yield c
 
@@ -81,7 +96,10 @@ def test_a_pair_shrinks_for_a_newcomer_and_both_images_hold(pair_cluster):
     client.close()
 
 
-def test_a_lone_request_grows_when_a_worker_frees(pair_cluster):
+def test_a_lone_request_grows_when_a_worker_frees(pair_cluster, plug_dir):
+    # A lone step (the CFG batch) of the tiny model costs about what a paired one does, so under
+    # load the policy's cost gate may never open; 20 ms more per lone step opens it for sure.
+    (plug_dir / "slow_single").write_text("0.02")
     client = DiffusionClient(pair_cluster.address)
     steps = 400  # long enough alone to outlast the blocker, whose end frees the second worker
     unbroken = send(client, _auto(3, steps=steps), timeout=300)  # also teaches the pool the paired step cost
@@ -101,3 +119,4 @@ def test_a_lone_request_grows_when_a_worker_frees(pair_cluster):
     status = client.cluster_status()
     assert [w.state for w in status.workers] == ["idle", "idle"]
     client.close()
+    (plug_dir / "slow_single").unlink()

@@ -226,6 +226,26 @@ def test_a_last_difference_resume_at_the_window_keeps_the_difference(adapters, p
     assert broken.images[0] == unbroken.images[0]
 
 
+@pytest.mark.parametrize("policy", ["conditional", "full-cfg"])
+@pytest.mark.parametrize("fail_at", [5, 6])
+def test_a_resume_in_the_speculative_steps_is_bit_identical(adapters, pairs, policy, fail_at):
+    """Steps 4-6 go out speculative (L = 3; 6 becomes the fill). A pair resumed at one of them
+    already knows its phase, yet gets it as a speculative step resolved at once: it computes
+    what the unbroken run computed (a FULL_CFG fill from two batch-1 halves, not a batch of 2)."""
+    adapter = adapters["euler"]
+    spec = _hybrid(adapter, policy)
+    unbroken = _run(spec, Mode.HYBRID, pairs(adapter, "a"), recover=None)
+    assert (unbroken.stats.tau1, unbroken.stats.tau2) == (6, 9)
+    second, third = pairs(adapter, "b"), pairs(adapter, "c")
+    broken = _run(spec, Mode.HYBRID, [_Handle(second[0], fail_at), second[1]], lambda f, s: third)
+    assert any(f"resumed at step {fail_at}" in n for n in broken.stats.notes)
+    resolved = [
+        s.step for s in broken.stats.steps if all(w.resolve_wait_seconds > 0 for w in s.workers.values())
+    ]
+    assert resolved == [4, 5, 6]
+    assert torch.equal(_latents(broken), _latents(unbroken))
+
+
 def test_every_window_checkpoint_carries_the_last_difference(adapters, pairs):
     """Deeper in the window a resumed pair restarts the pipeline with a fill step (it has no
     stale activations), so the image is not the unbroken one; the difference still comes along."""

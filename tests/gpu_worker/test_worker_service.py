@@ -259,8 +259,9 @@ def test_the_watchdog_fires_once_per_overdue_watch_and_never_for_a_quick_one():
 def test_the_watchdog_bound_covers_the_peer_waits_a_session_asks_for():
     service = WorkerService("w", "m", watchdog_seconds=300)
     try:
-        # three peer waits (a speculative step: the prediction, the resolution, a FULL_CFG half) and a send
-        for requested, bound in ((0, 300), (50, 300), (200, 660), (1e9, 1860), (float("nan"), 300)):
+        # four peer waits (a speculative step: the prediction, the resolution, a FULL_CFG half, its
+        # sends at the end of a staged step) and a send
+        for requested, bound in ((0, 300), (50, 300), (200, 860), (1e9, 2460), (float("nan"), 300)):
             assert service.watchdog_bound(worker_pb2.BeginCommand(peer_timeout_seconds=requested)) == bound
     finally:
         service.close()

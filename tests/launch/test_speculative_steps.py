@@ -114,7 +114,8 @@ def test_workers_never_wait_for_the_monitor_between_l_and_tau1(engines, monkeypa
     assert reference.stats.steps[6].phase == Phase.PIPELINE_FILL
 
     waits = _control_waits(fast)
-    # Step 0 waits for the Begin round trip (the driver reads the workers' Begin events first).
+    # Step 0 waits for the Begin round trip: the pair's barrier (a peer's frames are filed only
+    # once the receiving worker's Begin has opened its session).
     assert all(waits[i] < delay / 2 for i in range(1, 12)), waits
     baseline = _control_waits(slow)
     assert all(baseline[i] > 1.5 * delay for i in SPECULATIVE), baseline  # the round trip, paid

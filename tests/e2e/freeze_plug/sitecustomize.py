@@ -3,7 +3,12 @@ this folder on PYTHONPATH and HYBRIDIFF_TEST_FREEZE=<dir> loads it in each of it
 worker about to run the command that ``<dir>/plan`` names ("<request id> step <n>" or
 "<request id> decode") stops itself there (SIGSTOP), the first worker only, once it has written
 its pid to ``<dir>/frozen``; the test then kills it at that very point, not wherever a race with
-the request's progress events happens to put it. Nothing changes while no plan names a request."""
+the request's progress events happens to put it. Nothing changes while no plan names a request.
+
+A second knob: while ``<dir>/slow_single`` holds a number of seconds, every worker sleeps that long
+in each step it runs alone (Phase.SINGLE: the CFG batch), so that a lone step surely costs more
+than a paired one and the adaptive policy's cost gate opens for a grow (tests/e2e/test_elastic.py),
+whatever the machine's load does to the tiny model's step costs."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import importlib.machinery
 import os
 import signal
 import sys
+import time
 
 FREEZE_DIR = os.environ.get("HYBRIDIFF_TEST_FREEZE", "")
 
@@ -43,14 +49,28 @@ def _freeze_if_planned(cmd) -> None:
     os.kill(os.getpid(), signal.SIGSTOP)
 
 
+def _slow_single_seconds() -> float:
+    try:
+        with open(os.path.join(FREEZE_DIR, "slow_single")) as f:
+            return float(f.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0.0
+
+
 def _patch(engine_module) -> None:
     handle = engine_module.WorkerEngine.handle
+    single = engine_module.WorkerEngine._single
 
     def handle_or_freeze(self, cmd, *args, **kwargs):
         _freeze_if_planned(cmd)
         return handle(self, cmd, *args, **kwargs)
 
+    def slow_single(self, *args, **kwargs):
+        time.sleep(_slow_single_seconds())
+        return single(self, *args, **kwargs)
+
     engine_module.WorkerEngine.handle = handle_or_freeze
+    engine_module.WorkerEngine._single = slow_single
 
 
 class _PatchWorkerEngine(importlib.abc.MetaPathFinder):
