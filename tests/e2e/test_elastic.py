@@ -101,12 +101,12 @@ def test_a_lone_request_grows_when_a_worker_frees(pair_cluster, plug_dir):
     # load the policy's cost gate may never open; 20 ms more per lone step opens it for sure.
     (plug_dir / "slow_single").write_text("0.02")
     client = DiffusionClient(pair_cluster.address)
-    steps = 400  # long enough alone to outlast the blocker, whose end frees the second worker
+    steps = 250  # long enough alone to outlast the blocker, whose end frees the second worker
     unbroken = send(client, _auto(3, steps=steps), timeout=300)  # also teaches the pool the paired step cost
     # a SINGLE request holds one worker, so the AUTO one starts alone; when it ends, the AUTO one grows
     started = threading.Event()
     blocker, _ = _in_background(
-        client, make_input(prompt="a blue square", num_steps=100, seed=4, mode="single"), started
+        client, make_input(prompt="a blue square", num_steps=60, seed=4, mode="single"), started
     )
     assert started.wait(60)
     grown = send(client, _auto(3, steps=steps), timeout=300)
