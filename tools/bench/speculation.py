@@ -3,7 +3,8 @@ coordinator's ``--speculative-steps on`` and one ``off``, the same HYBRID reques
 turn (alternating which goes first). Per request: latency, the denoising steps' control seconds
 (what the step's wall time spent between coordinator and workers) inside the speculative zone
 (after L, up to the window's fill step) and outside it, the workers' waits for a command or a
-resolution, and whether the two images are identical. Writes JSON and prints a table.
+resolution, and whether the two images are identical. Writes JSON and a plot of the workers'
+per-step wait on the coordinator (PNG, next to it) and prints the summary.
 
     python -m tools.bench.speculation [--model-dir models/shapes-sdxl] [--requests 6] [--out FILE]
 """
@@ -44,6 +45,11 @@ def measure(client: DiffusionClient, seed: int, args: argparse.Namespace) -> dic
     return {
         "seed": seed,
         "latency_seconds": latency,
+        # per step: the longest a worker waited on the coordinator (its command, its resolution)
+        "step_waits_ms": [
+            1000 * max(w.command_wait_seconds + w.resolve_wait_seconds for w in s.workers) for s in stats.steps
+        ],
+        "zone": [s.step for s in inside],
         "tau1": stats.tau1,
         "zone_steps": len(inside),
         "zone_control_seconds": sum(s.control_seconds for s in inside),
@@ -72,6 +78,32 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         a["image"] == b["image"] for a, b in zip(runs["on"], runs["off"], strict=True)
     )
     return out
+
+
+def plot(runs: dict[str, list[dict]], l_slope: int, path: Path) -> None:
+    """Per step, the workers' wait on the coordinator, median over the requests, on and off."""
+    from tools.bench.plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for name, color in (("off", "tab:red"), ("on", "tab:blue")):
+        rows = runs[name]
+        steps = range(min(len(r["step_waits_ms"]) for r in rows))
+        ax.plot(
+            list(steps),
+            [statistics.median(r["step_waits_ms"][i] for r in rows) for i in steps],
+            color=color,
+            label=f"speculative steps {name}",
+        )
+    fills = [max(r["zone"]) for r in runs["on"] if r["zone"]]
+    ax.axvspan(l_slope + 0.5, max(fills, default=l_slope) + 0.5, color="0.9", label="speculative zone (L..fill)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("worker wait on the coordinator, ms (median)")
+    ax.set_title("HYBRID, embedded model, 50 steps: waits for the command or the resolution")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = {k: [{f: v for f, v in r.items() if f != "image"} for r in rs] for k, rs in runs.items()}
     args.out.write_text(json.dumps({"summary": result, "runs": rows}, indent=2) + "\n")
+    plot(runs, args.l_slope, args.out.with_suffix(".png"))
     print(json.dumps(result, indent=2))
     return 0
 
