@@ -47,7 +47,8 @@ def measure(client: DiffusionClient, seed: int, args: argparse.Namespace) -> dic
         "latency_seconds": latency,
         # per step: the longest a worker waited on the coordinator (its command, its resolution)
         "step_waits_ms": [
-            1000 * max(w.command_wait_seconds + w.resolve_wait_seconds for w in s.workers) for s in stats.steps
+            1000 * max(w.command_wait_seconds + w.resolve_wait_seconds for w in s.workers)
+            for s in stats.steps
         ],
         "zone": [s.step for s in inside],
         "tau1": stats.tau1,
@@ -96,7 +97,8 @@ def plot(runs: dict[str, list[dict]], l_slope: int, path: Path) -> None:
             label=f"speculative steps {name}",
         )
     fills = [max(r["zone"]) for r in runs["on"] if r["zone"]]
-    ax.axvspan(l_slope + 0.5, max(fills, default=l_slope) + 0.5, color="0.9", label="speculative zone (L..fill)")
+    last = max(fills, default=l_slope)
+    ax.axvspan(l_slope + 0.5, last + 0.5, color="0.9", label="speculative zone (L..fill)")
     ax.set_xlabel("step")
     ax.set_ylabel("worker wait on the coordinator, ms (median)")
     ax.set_title("HYBRID, embedded model, 50 steps: waits for the command or the resolution")
