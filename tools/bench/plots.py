@@ -21,7 +21,7 @@ PHASE_LABELS = {
 }
 
 
-def _plt():
+def headless_pyplot():
     import matplotlib  # deferred: matplotlib is optional (the bench extra) and slow to import
 
     matplotlib.use("Agg")
@@ -31,7 +31,7 @@ def _plt():
 
 
 def latency_bars(result: dict, path: Path) -> None:
-    plt = _plt()
+    plt = headless_pyplot()
     modes = result["modes"]
     labels = list(modes)
     med = [modes[m]["latency_median"] for m in labels]
@@ -58,7 +58,7 @@ def latency_bars(result: dict, path: Path) -> None:
 
 def rel_mae_curve(stats: pb.GenerateStats, window: tuple[int, int] | None, path: Path, title: str) -> None:
     """The rel-MAE of every step of a run that measured it, and a pipeline ``window`` (tau1, tau2)."""
-    plt = _plt()
+    plt = headless_pyplot()
     measured = [s for s in stats.steps if s.HasField("rel_mae")]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(
@@ -86,7 +86,7 @@ def rel_mae_curve(stats: pb.GenerateStats, window: tuple[int, int] | None, path:
 
 def timeline(stats: pb.GenerateStats, path: Path, title: str) -> None:
     """What each worker computed at each step: bars of compute time on a wall-clock axis."""
-    plt = _plt()
+    plt = headless_pyplot()
     steps = stats.steps
     workers = [w.worker for w in steps[0].workers] if steps else []
     fig, ax = plt.subplots(figsize=(11, 2.2 + 0.5 * len(workers)))

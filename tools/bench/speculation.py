@@ -21,6 +21,7 @@ from hybridiff.client import DiffusionClient
 from hybridiff.protocol import Mode, Phase
 from launch.local_cluster import LocalCluster
 from launch.model_dirs import default_model_dir
+from tools.bench.plots import headless_pyplot
 
 PROMPT = "a red circle above a blue square"
 
@@ -83,9 +84,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 
 def plot(runs: dict[str, list[dict]], l_slope: int, path: Path) -> None:
     """Per step, the workers' wait on the coordinator, median over the requests, on and off."""
-    from tools.bench.plots import _plt
-
-    plt = _plt()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for name, color in (("off", "tab:red"), ("on", "tab:blue")):
         rows = runs[name]
