@@ -564,16 +564,6 @@ class _RequestRun:
             return Phase.PIPELINE_FILL  # resumed mid-window: the new pair has no stale activations
         return phase
 
-    def _speculates(self) -> bool:
-        """Whether the step after the decided ones may go out speculatively: HYBRID with the
-        window not yet decided, on workers that run the schedule's phases."""
-        return (
-            self.speculate
-            and self.schedule.mode == Mode.HYBRID
-            and self.schedule.monitor.tau1 is None
-            and not (self.elastic is not None and self.solo)
-        )
-
     def _in_speculative_zone(self, step: int) -> bool:
         """Steps after the earliest deciding one up to the window's fill (or, undecided, any):
         every one of them goes out speculative, also when a resumed attempt already knows its
@@ -590,8 +580,8 @@ class _RequestRun:
 
     def _issue_limit(self, step: int) -> int:
         limit = self.schedule.decided_through()
-        if self._speculates():
-            limit = min(limit + 1, self.schedule.last)
+        if limit < self.schedule.last and self._in_speculative_zone(limit + 1):
+            limit += 1  # the undecided step, speculatively
         return limit if self.elastic is None else min(limit, step + ELASTIC_LOOKAHEAD)
 
     def _resolve(self, step: int, first: int, spans: _PhaseSpans) -> None:

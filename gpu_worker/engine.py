@@ -468,11 +468,12 @@ class WorkerEngine:
             staged = self.transfers.to_host(tensors, costs, st.peer_timeout)
             start = time.perf_counter()
             try:
-                sent = self._send_now(st, step, kind, staged)
+                sent = self._send_now(st, step, kind, staged, self._trace_context)
             finally:
                 costs.send_seconds += time.perf_counter() - start
             costs.send_seconds -= sent.frame_copy_seconds  # counted as a copy, not as wire time
-            self._record_send(costs, sent)
+            costs.frame_copy_seconds += sent.frame_copy_seconds
+            self._count_sent(costs, sent)
             return
         staged, copied = self.transfers.stage(tensors, st.peer_timeout)
         context = self._trace_context
@@ -489,7 +490,9 @@ class WorkerEngine:
 
         self._outgoing.submit(copy_and_send)
 
-    def _send_now(self, st: _Active, step: int, kind: int, staged: Staged, context=None) -> Sent:
+    def _send_now(
+        self, st: _Active, step: int, kind: int, staged: Staged, context: Mapping[str, str]
+    ) -> Sent:
         rid = st.request_id
         try:
             # The mailbox is closed on abort or cancel, and a later attempt of the request is
@@ -499,7 +502,7 @@ class WorkerEngine:
                 step,
                 kind,
                 staged.tensors,
-                self._trace_context if context is None else context,
+                context,
                 cancelled=lambda: not self.mailbox.is_open(rid) or self._active.get(rid) is not st,
                 session=st.nonce,
                 zero_copy=self.transfers.zero_copy,
@@ -510,10 +513,9 @@ class WorkerEngine:
         staged.release(sent.tracker)
         return sent
 
-    def _record_send(self, costs: StepCosts, sent: Sent) -> None:
+    def _count_sent(self, costs: StepCosts, sent: Sent) -> None:
         costs.bytes_sent += sent.nbytes
         costs.frame_copies += sent.frame_copies
-        costs.frame_copy_seconds += sent.frame_copy_seconds
         if self.metrics is not None:
             self.metrics.sent_bytes.inc(sent.nbytes)
 
@@ -529,12 +531,10 @@ class WorkerEngine:
             costs.send_seconds += time.perf_counter() - start
         for copies, copy_seconds, sent, send_seconds in done:
             costs.device_to_host_copies += copies
-            costs.frame_copies += sent.frame_copies  # a link that copies: done there too
+            # a link that copies into a frame copied there too, overlapped like the rest
             costs.overlapped_copy_seconds += copy_seconds + sent.frame_copy_seconds
             costs.overlapped_send_seconds += send_seconds - sent.frame_copy_seconds
-            costs.bytes_sent += sent.nbytes
-            if self.metrics is not None:
-                self.metrics.sent_bytes.inc(sent.nbytes)
+            self._count_sent(costs, sent)
 
     def _recv(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
         """The peer's tensors of ``step`` on this worker's device."""
