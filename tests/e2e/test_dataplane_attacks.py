@@ -27,82 +27,20 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from cluster_helpers import make_input, proc_status_bytes
+from cluster_helpers import proc_status_bytes
+from pair_helpers import ZmqPair
 
-from coordinator.driver import drive_request
-from gpu_worker.dataplane import Mailbox, message_bound
-from gpu_worker.engine import WorkerEngine
-from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLinks, parse_networks
 from hybridiff.errors import Cancelled
 from hybridiff.internal.v1 import dataplane_pb2 as pb
-from hybridiff.protocol import Mode
-from hybridiff.request import resolve_spec
 from hybridiff.wire import ALIGN, MAGIC, PREFIX, WIRE_VERSION, FrameKind, encode
-from launch.inprocess import InProcessWorker
 
 REQUEST = dict(
     prompt="a blue circle on the left", num_steps=12, guidance_scale=5.0, l_slope=3, tau_cap=6, k=3
 )
 
 
-class ZmqPair:
-    """Two worker engines of one model, each with its own mailbox, ZeroMQ receiver and links,
-    driven by the coordinator's driver: the cluster's data plane without the processes."""
-
-    def __init__(self, adapter) -> None:
-        self.adapter = adapter
-        self.ctx = zmq.Context()
-        self.receivers: list[DataPlaneReceiver] = []
-        self.links: list[ZmqLinks] = []
-        self.workers: list[InProcessWorker] = []
-        self.recorded: list[bytes] = []
-        self._recording = threading.Lock()
-        for name in ("U", "C"):
-            box = Mailbox(name, max_message_bytes=message_bound(adapter))
-            real_deliver = box.deliver
-
-            def deliver(frame, real_deliver=real_deliver):
-                with self._recording:
-                    self.recorded.append(bytes(frame))
-                return real_deliver(frame)
-
-            box.deliver = deliver
-            receiver = DataPlaneReceiver(self.ctx, box, "127.0.0.1", 0).start()
-            links = ZmqLinks(self.ctx, name, networks=parse_networks("127.0.0.0/8"))
-            worker = InProcessWorker(WorkerEngine(adapter, name, box, links))
-            worker.data_address = f"tcp://127.0.0.1:{receiver.port}"
-            self.receivers.append(receiver)
-            self.links.append(links)
-            self.workers.append(worker)
-
-    @property
-    def addresses(self) -> list[str]:
-        return [w.data_address for w in self.workers]
-
-    def boxes(self) -> list[Mailbox]:
-        return [w.engine.mailbox for w in self.workers]
-
-    def run(self, request_id: str, seed: int, check_alive=None):
-        spec = resolve_spec(
-            make_input(mode="hybrid", request_id=request_id, seed=seed, **REQUEST),
-            self.adapter.size_limits(),
-            self.adapter.defaults,
-        )
-        return drive_request(spec, Mode.HYBRID, self.workers, check_alive=check_alive)
-
-    def take_recorded(self) -> list[bytes]:
-        with self._recording:
-            out, self.recorded = self.recorded, []
-        return out
-
-    def close(self) -> None:
-        for w in self.workers:
-            w.close()
-        for r in self.receivers:
-            r.stop()
-        for links in self.links:
-            links.close()
-        self.ctx.term()
+def _hybrid(pair: ZmqPair, request_id: str, seed: int, check_alive=None):
+    return pair.run("hybrid", check_alive, request_id=request_id, seed=seed, **REQUEST)
 
 
 class Flood:
@@ -146,7 +84,7 @@ class Flood:
 
 @pytest.fixture(params=["sdxl", "sd3"])
 def pair(request, engines):
-    made = ZmqPair(engines[request.param].adapter)
+    made = ZmqPair(engines[request.param].adapter, record=True)
     yield made
     made.close()
 
@@ -183,18 +121,18 @@ def _same_image(a, b) -> None:
 
 
 def test_forged_frames_from_a_foreign_socket_do_not_change_the_image(pair):
-    reference = pair.run("clean", seed=11)
+    reference = _hybrid(pair, "clean", seed=11)
     forged = _forged(pair.take_recorded(), "victim")
     assert {_split(f)[0].kind for f in forged} >= {1, 4}
     with Flood(pair.ctx, pair.addresses, lambda: forged) as flood:
-        attacked = pair.run("victim", seed=11)
+        attacked = _hybrid(pair, "victim", seed=11)
     _same_image(attacked, reference)
     rejected = [box.rejected_by_reason["session"] for box in pair.boxes()]
     assert all(n > 0 for n in rejected), (rejected, flood.sent)  # the flood hit both open sessions
 
 
 def test_frames_of_an_aborted_attempt_do_not_reach_the_next_attempt(pair):
-    reference = pair.run("clean", seed=11)
+    reference = _hybrid(pair, "clean", seed=11)
     pair.take_recorded()
     steps_done = []
 
@@ -205,12 +143,12 @@ def test_frames_of_an_aborted_attempt_do_not_reach_the_next_attempt(pair):
 
     # Attempt 1 of "victim" (another seed, so its frames differ) is aborted inside the window.
     with pytest.raises(Cancelled):
-        pair.run("victim", seed=99, check_alive=abort_after_8)
+        _hybrid(pair, "victim", seed=99, check_alive=abort_after_8)
     stale = pair.take_recorded()
     assert len(stale) > 8
     # Its frames, exactly as its workers sent them, keep arriving during attempt 2.
     with Flood(pair.ctx, pair.addresses, lambda: stale):
-        resumed = pair.run("victim", seed=11)
+        resumed = _hybrid(pair, "victim", seed=11)
     _same_image(resumed, reference)
     rejected = [box.rejected_by_reason["session"] for box in pair.boxes()]
     assert all(n > 0 for n in rejected), rejected

@@ -22,18 +22,16 @@ import pytest
 import torch
 import zmq
 from cluster_helpers import make_input, send
+from pair_helpers import ZmqPair
 
-from coordinator.driver import drive_request
-from gpu_worker.dataplane import Mailbox, PeerLink, message_bound
+from gpu_worker.dataplane import Mailbox, PeerLink
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.transfers import DirectTransfers, HostBufferPool, StagedTransfers, StepCosts, transfers_for
-from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLink, ZmqLinks, parse_networks
+from gpu_worker.zmq_plane import ZmqLink
 from hybridiff.client import DiffusionClient
 from hybridiff.errors import Cancelled, PeerTimeout
-from hybridiff.protocol import Mode, Phase
-from hybridiff.request import resolve_spec
+from hybridiff.protocol import Phase
 from hybridiff.wire import ALIGN, HEADER_ROOM, FrameKind, Payload, decode
-from launch.inprocess import InProcessWorker
 
 BIG = 256 * 1024  # float32 elements: 1 MiB, far above pyzmq's 64 KiB copy threshold
 
@@ -274,40 +272,8 @@ def test_cuda_mailbox_decodes_into_pinned_memory():
 REQUEST = dict(prompt="a green cone", num_steps=12, guidance_scale=5.0, l_slope=3, tau_cap=6, k=3, seed=5)
 
 
-class _ZmqPair:
-    def __init__(self, adapter, transfers, metrics=None) -> None:
-        self.adapter = adapter
-        self.metrics = [metrics() if metrics else None for _ in range(2)]
-        self.ctx = zmq.Context()
-        self.receivers, self.links, self.workers = [], [], []
-        for i, name in enumerate(("U", "C")):
-            box = Mailbox(name, max_message_bytes=message_bound(adapter))
-            receiver = DataPlaneReceiver(self.ctx, box, "127.0.0.1", 0).start()
-            links = ZmqLinks(self.ctx, name, networks=parse_networks("127.0.0.0/8"))
-            worker = InProcessWorker(
-                WorkerEngine(adapter, name, box, links, transfers=transfers(), metrics=self.metrics[i])
-            )
-            worker.data_address = f"tcp://127.0.0.1:{receiver.port}"
-            self.receivers.append(receiver)
-            self.links.append(links)
-            self.workers.append(worker)
-
-    def run(self, mode: str):
-        spec = resolve_spec(
-            make_input(mode=mode, request_id=f"r-{mode}", **REQUEST),
-            self.adapter.size_limits(),
-            self.adapter.defaults,
-        )
-        return drive_request(spec, Mode[mode.upper().replace("-", "_")], self.workers)
-
-    def close(self) -> None:
-        for w in self.workers:
-            w.close()
-        for r in self.receivers:
-            r.stop()
-        for links in self.links:
-            links.close()
-        self.ctx.term()
+def _run(pair: ZmqPair, mode: str):
+    return pair.run(mode, request_id=f"r-{mode}", **REQUEST)
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd3"])
@@ -315,12 +281,12 @@ def test_staged_zero_copy_pair_gives_the_same_image(engines, arch):
     adapter = engines[arch].adapter
     cpu = torch.device("cpu")
     direct, staged = (
-        _ZmqPair(adapter, lambda: DirectTransfers(cpu)),
-        _ZmqPair(adapter, lambda: StagedTransfers(cpu, HostBufferPool(per_key=2))),
+        ZmqPair(adapter, lambda: DirectTransfers(cpu)),
+        ZmqPair(adapter, lambda: StagedTransfers(cpu, HostBufferPool(per_key=2))),
     )
     try:
         for mode in ("hybrid", "cfg-parallel"):
-            a, b = direct.run(mode), staged.run(mode)
+            a, b = _run(direct, mode), _run(staged, mode)
             assert a.images[0] == b.images[0], mode
             for step_a, step_b in zip(a.stats.steps, b.stats.steps):
                 for w_a, w_b in zip(step_a.workers.values(), step_b.workers.values()):
@@ -342,11 +308,11 @@ def test_worker_metrics_count_the_copies_the_stats_report(engines):
     from gpu_worker.metrics import WorkerMetrics
 
     cpu = torch.device("cpu")
-    pair = _ZmqPair(
+    pair = ZmqPair(
         engines["sdxl"].adapter, lambda: StagedTransfers(cpu, HostBufferPool(per_key=2)), WorkerMetrics
     )
     try:
-        result = pair.run("cfg-parallel")
+        result = _run(pair, "cfg-parallel")
     finally:
         pair.close()
     for name, metrics in zip(("U", "C"), pair.metrics):
