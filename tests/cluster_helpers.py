@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -176,6 +181,134 @@ def proc_status_bytes(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+TEST_ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def start_local(
+    args: list[str], within: float, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """``hybridiff local ARGS`` as a process of its own, once it has printed its "ready at" line:
+    (the process, that line); fails when it exits first or is not ready ``within`` seconds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "local", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env or TEST_ENV,
+    )
+    deadline = time.monotonic() + within
+    line = ""
+    try:
+        while time.monotonic() < deadline and "ready at" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "hybridiff local exited early"
+        assert "ready at" in line
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=60)
+        raise
+    return proc, line
+
+
+def spawn_worker(
+    model_dir, *flags: str, port: str = "0", log: Path | None = None, verbose: bool = False
+) -> subprocess.Popen:
+    """A ``hybridiff worker`` process serving ``model_dir`` on loopback (control port ``port``,
+    its data and metrics ports picked by the system) with ``flags``; its output goes to ``log``
+    (default: this process's)."""
+    argv = [sys.executable, "-m", "launch.cli", *(["-v"] if verbose else []), "worker"]
+    argv += ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", port]
+    argv += ["--data-port", "0", "--metrics-port", "0", *flags]
+    if log is None:
+        return subprocess.Popen(argv, env=TEST_ENV)
+    with open(log, "wb") as out:
+        return subprocess.Popen(argv, env=TEST_ENV, stdout=out, stderr=subprocess.STDOUT)
+
+
+def await_ready_file(proc: subprocess.Popen, ready: Path, within: float, log: Path | None = None) -> dict:
+    """The JSON a process wrote to its ``--ready-file``, once written; fails (with the tail of
+    ``log``) when the process exits first or after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not (ready.exists() and ready.stat().st_size > 0):
+        tail = log.read_text(errors="replace")[-3000:] if log else ""
+        assert proc.poll() is None, f"exited with {proc.returncode} before it was ready:\n{tail}"
+        assert time.monotonic() < deadline, f"not ready within {within:.0f}s:\n{tail}"
+        time.sleep(0.1)
+    return json.loads(ready.read_text())
+
+
+def worker_states(cluster, timeout: float = 10.0) -> dict[str, str]:
+    """Each worker's state as the coordinator's ClusterStatus says, by address."""
+    from hybridiff.v1 import diffusion_pb2, diffusion_pb2_grpc
+
+    with grpc.insecure_channel(cluster.address) as ch:
+        status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(
+            diffusion_pb2.ClusterStatusRequest(), timeout=timeout
+        )
+    return {w.address: w.state for w in status.workers}
+
+
+def await_worker_state(
+    cluster, address: str, state: str, within: float, poll: float = 0.2, rpc_timeout: float = 10.0
+) -> float:
+    """Seconds until ``address`` shows ``state`` in ClusterStatus; fails after ``within``."""
+    start = time.monotonic()
+    seen: dict[str, str] = {}
+    while time.monotonic() - start < within:
+        seen = worker_states(cluster, rpc_timeout)
+        if seen.get(address) == state:
+            return time.monotonic() - start
+        time.sleep(poll)
+    raise AssertionError(f"{address} not {state} within {within}s: {seen}")
+
+
+def solo_begin(request_id: str, steps: int = 2, **fields):
+    """A Begin of a tiny solo request (64 px, guided) for a worker's control Session."""
+    from hybridiff.internal.v1 import worker_pb2
+    from hybridiff.protocol import Role, WindowGuidance
+
+    return worker_pb2.SessionRequest(
+        request_id=request_id,
+        begin=worker_pb2.BeginCommand(
+            request=worker_pb2.WorkerRequest(
+                prompt="a red square", width=64, height=64, num_steps=steps, guidance_scale=2.0, seed=1
+            ),
+            role=Role.U,
+            window_guidance=WindowGuidance.FULL_CFG,
+            **({"solo": True} | fields),
+        ),
+    )
+
+
+def solo_session(stub, request_id: str, timeout: float) -> list[str]:
+    """A whole solo request of 2 SINGLE steps on a worker's Session: its events' kinds."""
+    from hybridiff.internal.v1 import worker_pb2
+    from hybridiff.protocol import Phase
+
+    cmds = [solo_begin(request_id)] + [
+        worker_pb2.SessionRequest(
+            request_id=request_id, step=worker_pb2.StepCommand(step=i, phase=Phase.SINGLE)
+        )
+        for i in range(2)
+    ]
+    cmds.append(worker_pb2.SessionRequest(request_id=request_id, finish=worker_pb2.FinishCommand()))
+    return [e.WhichOneof("event") for e in stub.Session(iter(cmds), timeout=timeout)]
 
 
 class SessionStream:

@@ -16,7 +16,7 @@ import grpc
 import pytest
 import torch
 import zmq
-from cluster_helpers import make_input, send
+from cluster_helpers import child_pids, make_input, send, start_local
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import hybridiff
@@ -305,46 +305,12 @@ def test_one_trace_per_request_across_processes(sdxl_cluster, otlp, tmp_path):
 
 
 def test_local_leaves_no_process_behind(model_dirs, tmp_path):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "launch.cli",
-            "local",
-            "--model-dir",
-            str(model_dirs["sdxl"]),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+    proc, _ = start_local(
+        ["--model-dir", str(model_dirs["sdxl"]), "--port", "0", "--metrics-port", "0", "--workers", "1"],
+        within=120,
     )
-    deadline = time.monotonic() + 120
-    line = ""
-    while time.monotonic() < deadline and "ready at" not in line:
-        line = proc.stdout.readline()
-        assert line or proc.poll() is None, "hybridiff local exited early"
-    assert "ready at" in line
 
-    def children(pid):
-        kids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = open(f"/proc/{entry}/stat").read()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(entry))
-        return kids
-
-    kids = children(proc.pid)
+    kids = child_pids(proc.pid)
     assert len(kids) == 2  # the worker and the coordinator
     proc.send_signal(15)
     assert proc.wait(timeout=60) == 0

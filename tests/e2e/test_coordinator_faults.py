@@ -5,7 +5,6 @@ exit after a drain, 20 runs out of 20."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ import urllib.request
 
 import grpc
 import pytest
-from cluster_helpers import TcpForwarder, free_port, make_input, send
+from cluster_helpers import TcpForwarder, await_ready_file, free_port, make_input, send, worker_states
 
 from coordinator.driver import StepWaits
 from hybridiff.client import DiffusionClient
@@ -39,14 +38,6 @@ def _await(condition, within: float, poll: float = 0.05) -> bool:
             return False
         time.sleep(poll)
     return True
-
-
-def _states(cluster) -> dict[str, str]:
-    with grpc.insecure_channel(cluster.address) as ch:
-        status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(
-            pb.ClusterStatusRequest(), timeout=5
-        )
-    return {w.address: w.state for w in status.workers}
 
 
 def _long_request(steps: int = 400) -> pb.GenerateStreamRequest:
@@ -84,7 +75,9 @@ def _stopped_mid_step(cluster, call):
 def _resume(cluster, proc) -> None:
     os.kill(proc.pid, signal.SIGCONT)
     # the pool probes the stopped worker back in (it quarantined it: it never confirmed the abort)
-    assert _await(lambda: set(_states(cluster).values()) == {"idle"}, within=120, poll=0.2), _states(cluster)
+    assert _await(
+        lambda: set(worker_states(cluster, timeout=5).values()) == {"idle"}, within=120, poll=0.2
+    ), worker_states(cluster, timeout=5)
 
 
 def test_a_cancel_while_a_step_hangs_is_noticed_at_once_and_the_pair_is_not_handed_on(pair, stub):
@@ -98,10 +91,12 @@ def test_a_cancel_while_a_step_hangs_is_noticed_at_once_and_the_pair_is_not_hand
         # channel's keepalive (5-10 s) ends the step.
         assert _await(lambda: _metric(pair, "CANCELLED") > before, within=2.0)
         live, stopped = pair.worker_addresses
-        assert _await(lambda: _states(pair)[live] == "idle", within=3.0), _states(pair)
+        assert _await(lambda: worker_states(pair, timeout=5)[live] == "idle", within=3.0), worker_states(
+            pair, timeout=5
+        )
         # The stopped worker cannot confirm the abort: it is handed to no request meanwhile, so
         # the next one runs on the live worker and is not held up.
-        assert _states(pair)[stopped] != "idle"
+        assert worker_states(pair, timeout=5)[stopped] != "idle"
         client = DiffusionClient(pair.address)
         try:
             resp = send(client, make_input(prompt="next", num_steps=3, mode="single"), timeout=30)
@@ -111,7 +106,9 @@ def test_a_cancel_while_a_step_hangs_is_noticed_at_once_and_the_pair_is_not_hand
         # It never confirms the abort: after the pool's bounded wait for it, it is
         # quarantined, never freed.
         seen = []
-        assert _await(lambda: seen.append(_states(pair)[stopped]) or seen[-1] == "unhealthy", within=30)
+        assert _await(
+            lambda: seen.append(worker_states(pair, timeout=5)[stopped]) or seen[-1] == "unhealthy", within=30
+        )
         assert "idle" not in seen, seen
     finally:
         _resume(pair, proc)
@@ -184,9 +181,7 @@ def _coordinator(workers: list[str], run_dir, n: int, env: dict[str, str]) -> tu
         stderr=subprocess.STDOUT,
     )
     log.close()
-    assert _await(lambda: ready.exists() or proc.poll() is not None, within=60)
-    assert proc.poll() is None, (run_dir / f"coordinator{n}.log").read_text()
-    return proc, json.loads(ready.read_text())["port"]
+    return proc, await_ready_file(proc, ready, 60, run_dir / f"coordinator{n}.log")["port"]
 
 
 @pytest.mark.slow  # long by nature: .ci/run runs the slow tests after the README's command

@@ -16,10 +16,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from cluster_helpers import proc_status_bytes
+from cluster_helpers import await_ready_file, proc_status_bytes, spawn_worker
 from pair_helpers import ZmqPair
 
 from hybridiff.errors import Cancelled
@@ -168,37 +165,11 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 @pytest.fixture
 def worker_process(model_dirs, tmp_path):
     ready, log = tmp_path / "ready.json", tmp_path / "worker.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "launch.cli",
-                "worker",
-                "--model-dir",
-                str(model_dirs["sdxl"]),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--data-port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--worker-id",
-                "w0",
-                "--ready-file",
-                str(ready),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = spawn_worker(model_dirs["sdxl"], "--worker-id", "w0", "--ready-file", str(ready), log=log)
     try:
-        _wait_for(
-            lambda: ready.exists() and ready.stat().st_size > 0 or proc.poll() is not None, 180, "worker"
-        )
+        data = await_ready_file(proc, ready, 180, log)["data"]
         assert proc.poll() is None, log.read_text()
-        yield proc, json.loads(ready.read_text())["data"], log
+        yield proc, data, log
     finally:
         proc.terminate()
         proc.wait(timeout=30)

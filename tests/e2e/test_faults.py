@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from cluster_helpers import make_input, send
+from cluster_helpers import await_worker_state, make_input, send, spawn_worker, worker_states
 
 from hybridiff.client import DiffusionClient
 from hybridiff.errors import HybridiffError
@@ -113,10 +112,10 @@ def test_kill_in_phase_one_gives_the_same_png_and_the_worker_restarted_rejoins(m
             assert len(resp.stats.steps) == 16
 
             # Out of service while dead; restarted at its address, it is probed back in and serves.
-            assert _states(cluster)[killed[0]] == "unhealthy"
+            assert worker_states(cluster, timeout=5)[killed[0]] == "unhealthy"
             restarted = _restart(cluster, killed[0], tmp_path / "logs" / "restarted.log")
             try:
-                _await_state(cluster, killed[0], "idle", within=120)
+                await_worker_state(cluster, killed[0], "idle", 120, poll=0.1, rpc_timeout=5)
                 again = send(
                     client, make_input(prompt="a circle", num_steps=4, mode="cfg-parallel"), timeout=60
                 )
@@ -130,49 +129,17 @@ def test_kill_in_phase_one_gives_the_same_png_and_the_worker_restarted_rejoins(m
             client.close()
 
 
-def _states(cluster) -> dict[str, str]:
-    with grpc.insecure_channel(cluster.address) as ch:
-        status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(
-            pb.ClusterStatusRequest(), timeout=5
-        )
-    return {w.address: w.state for w in status.workers}
-
-
-def _await_state(cluster, address: str, state: str, within: float) -> None:
-    deadline = time.monotonic() + within
-    while _states(cluster).get(address) != state:
-        assert time.monotonic() < deadline, f"{address} not {state} within {within}s: {_states(cluster)}"
-        time.sleep(0.1)
-
-
 def _restart(cluster, address: str, log: Path) -> subprocess.Popen:
     """A new worker process of the cluster's model at the control address of a dead one."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "launch.cli",
-                "worker",
-                "--model-dir",
-                cluster.model_dir,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                address.rsplit(":", 1)[1],
-                "--data-port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--data-peer-cidrs",
-                "127.0.0.0/8",
-                "--worker-id",
-                "restarted",
-            ],
-            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    return spawn_worker(
+        cluster.model_dir,
+        "--data-peer-cidrs",
+        "127.0.0.0/8",
+        "--worker-id",
+        "restarted",
+        port=address.rsplit(":", 1)[1],
+        log=log,
+    )
 
 
 def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tmp_path):
@@ -196,7 +163,7 @@ def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tm
         assert resp.images[0].data.startswith(b"\x89PNG") and len(resp.stats.steps) == 8
         assert any(f"worker {killed[0]} failed" in n and "resumed at step 8" in n for n in resp.stats.notes)
         # the two killed workers are out of service, the lone survivor free again
-        assert sorted(_states(cluster).values()) == ["idle", "unhealthy", "unhealthy"]
+        assert sorted(worker_states(cluster, timeout=5).values()) == ["idle", "unhealthy", "unhealthy"]
 
 
 def test_sigterm_drains_the_coordinator(model_dirs, tmp_path):

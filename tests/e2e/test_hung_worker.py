@@ -10,40 +10,18 @@ import threading
 import time
 import urllib.request
 
-import grpc
 import pytest
-from cluster_helpers import make_input, send
+from cluster_helpers import await_worker_state, make_input, send, worker_states
 
 from coordinator.pool import HealthPolicy
 from hybridiff import serving
 from hybridiff.client import DiffusionClient
 from hybridiff.v1 import diffusion_pb2 as pb
-from hybridiff.v1 import diffusion_pb2_grpc
 from launch.local_cluster import LocalCluster
 
 # A request that waits on a stopped worker waits at least this long: the keepalive that notices it.
 NOTICED_AFTER = (serving.KEEPALIVE_TIME_MS + serving.KEEPALIVE_TIMEOUT_MS) / 1000
 PROBE_INTERVAL = 1.0  # the coordinator's pool probes a quarantined worker every second
-
-
-def _states(cluster) -> dict[str, str]:
-    with grpc.insecure_channel(cluster.address) as ch:
-        status = diffusion_pb2_grpc.DiffusionServiceStub(ch).ClusterStatus(
-            pb.ClusterStatusRequest(), timeout=10
-        )
-    return {w.address: w.state for w in status.workers}
-
-
-def _wait_state(cluster, address: str, state: str, timeout: float) -> float:
-    """Seconds until ``address`` shows ``state`` in ClusterStatus."""
-    start = time.monotonic()
-    seen = {}
-    while time.monotonic() - start < timeout:
-        seen = _states(cluster)
-        if seen.get(address) == state:
-            return time.monotonic() - start
-        time.sleep(0.2)
-    raise AssertionError(f"{address} not {state} within {timeout}s: {seen}")
 
 
 def _quarantines(cluster) -> float:
@@ -73,7 +51,7 @@ def test_a_stopped_worker_is_quarantined_and_never_waited_on(model_dirs, tmp_pat
             def on_progress(p) -> None:
                 with lock:
                     if p.step + 1 == 4 and not stopped:
-                        busy = sorted(a for a, s in _states(cluster).items() if s == "busy")
+                        busy = sorted(a for a, s in worker_states(cluster).items() if s == "busy")
                         victim = busy[0]
                         os.kill(cluster.procs[cluster.worker_addresses.index(victim)].pid, signal.SIGSTOP)
                         stopped.append(victim)
@@ -83,7 +61,7 @@ def test_a_stopped_worker_is_quarantined_and_never_waited_on(model_dirs, tmp_pat
             victim = stopped[0]
             assert resp.images[0].data.startswith(b"\x89PNG") and len(resp.stats.steps) == 12
             assert any("resumed at step" in n for n in resp.stats.notes), resp.stats.notes
-            _wait_state(cluster, victim, "unhealthy", timeout=30)  # quarantined
+            await_worker_state(cluster, victim, "unhealthy", 30)  # quarantined
             assert _quarantines(cluster) >= 1
 
             latencies = []
@@ -102,12 +80,12 @@ def test_a_stopped_worker_is_quarantined_and_never_waited_on(model_dirs, tmp_pat
             # Its probes time out: it stays quarantined for as long as it is stopped.
             probes_end = time.monotonic() + 2 * (PROBE_INTERVAL + HealthPolicy.probe_timeout)
             while time.monotonic() < probes_end:
-                assert _states(cluster)[victim] == "unhealthy"
+                assert worker_states(cluster)[victim] == "unhealthy"
                 time.sleep(0.2)
 
             os.kill(cluster.procs[cluster.worker_addresses.index(victim)].pid, signal.SIGCONT)
             stopped.clear()
-            back = _wait_state(cluster, victim, "idle", timeout=120)
+            back = await_worker_state(cluster, victim, "idle", 120)
             print(f"re-admitted {back:.1f}s after SIGCONT")
             # It proved itself first: good probes in a row, a probe interval apart (the first may be
             # the one in flight when it resumed), not the first answer it gave.
@@ -133,7 +111,7 @@ def test_a_worker_hung_before_measure_split_is_replaced_and_quarantined_alone(mo
             resp = send(client, raw, timeout=300)
             assert resp.images[0].data.startswith(b"\x89PNG") and len(resp.stats.steps) == 8
             assert victim not in resp.stats.workers and len(resp.stats.workers) == 2
-            states = _states(cluster)
+            states = worker_states(cluster)
             assert states[victim] == "unhealthy", states
             assert all(s != "unhealthy" for a, s in states.items() if a != victim), states
             assert _quarantines(cluster) == 1

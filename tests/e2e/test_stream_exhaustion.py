@@ -8,16 +8,14 @@ health Check answers, Info tells the truth and a real request still runs."""
 
 from __future__ import annotations
 
-import json
-import os
 import queue
 import subprocess
-import sys
 import threading
 import time
 
 import grpc
 import pytest
+from cluster_helpers import await_ready_file, solo_session, spawn_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -25,11 +23,9 @@ from gpu_worker.service import BEGIN_SECONDS, OPENING
 from hybridiff import serving
 from hybridiff.errors import status_details
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
-from hybridiff.protocol import Phase, Role, WindowGuidance
 
 WATCH_STREAMS = 41  # one more than the coordinator's threads before the fix
 SESSIONS = 8  # the worker's threads
-ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -37,22 +33,19 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 def worker(model_dirs, tmp_path_factory):
     run = tmp_path_factory.mktemp("exhaustion")
     ready, log = run / "worker.json", run / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "launch.cli", "-v", "worker", "--model-dir", str(model_dirs["sdxl"])]
-            + ["--host", "127.0.0.1", "--port", "0", "--data-port", "0", "--metrics-port", "0"]
-            + ["--health-port", "0", "--worker-id", "wx", "--ready-file", str(ready)],
-            env=ENV,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = spawn_worker(
+        model_dirs["sdxl"],
+        "--health-port",
+        "0",
+        "--worker-id",
+        "wx",
+        "--ready-file",
+        str(ready),
+        log=log,
+        verbose=True,
+    )
     try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
-        info = json.loads(ready.read_text())
+        info = await_ready_file(proc, ready, 120, log)
         yield {"control": info["control"], "health": f"127.0.0.1:{info['health_port']}", "log": log}
     finally:
         proc.terminate()
@@ -230,32 +223,6 @@ def test_watch_streams_on_the_workers_ports_leave_its_probes_answering(worker):
         held.close()
 
 
-def _begin(request_id: str) -> worker_pb2.SessionRequest:
-    return worker_pb2.SessionRequest(
-        request_id=request_id,
-        begin=worker_pb2.BeginCommand(
-            request=worker_pb2.WorkerRequest(
-                prompt="a red square", width=64, height=64, num_steps=2, guidance_scale=2.0, seed=1
-            ),
-            role=Role.U,
-            window_guidance=WindowGuidance.FULL_CFG,
-            solo=True,
-        ),
-    )
-
-
-def _real_request(stub, request_id: str) -> list[str]:
-    cmds = [_begin(request_id)]
-    cmds += [
-        worker_pb2.SessionRequest(
-            request_id=request_id, step=worker_pb2.StepCommand(step=i, phase=Phase.SINGLE)
-        )
-        for i in range(2)
-    ]
-    cmds.append(worker_pb2.SessionRequest(request_id=request_id, finish=worker_pb2.FinishCommand()))
-    return [e.WhichOneof("event") for e in stub.Session(iter(cmds), timeout=60)]
-
-
 def test_silent_sessions_neither_starve_the_worker_nor_pass_it_off_as_free(worker):
     """Before: 8 silent Sessions took the worker's 8 threads (7 parked 10 s for the busy lock, one
     held the worker for the 60 s idle timeout), health and Info timed out, and while the foreign
@@ -289,7 +256,7 @@ def test_silent_sessions_neither_starve_the_worker_nor_pass_it_off_as_free(worke
             outcomes = held.collect(SESSIONS, within=BEGIN_SECONDS + 20)
             assert outcomes.count(grpc.StatusCode.UNAVAILABLE) == SESSIONS - 1  # WORKER_BUSY
             assert outcomes.count(grpc.StatusCode.ABORTED) == 1  # no Begin in time: SESSION_IDLE
-            assert _real_request(stub, "req-after-silence") == ["begin", "step", "step", "finish"]
+            assert solo_session(stub, "req-after-silence", timeout=60) == ["begin", "step", "step", "finish"]
         finally:
             for outbox in silent:
                 outbox.put(None)

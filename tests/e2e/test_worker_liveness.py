@@ -6,7 +6,6 @@ request."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,18 +17,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster_helpers import SessionStream
+from cluster_helpers import TEST_ENV, SessionStream, await_ready_file, solo_begin, solo_session, spawn_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpu_worker.service import LIVENESS_SERVICE, SERVICE_NAME
 from hybridiff.errors import status_details
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
-from hybridiff.protocol import WORKER_PROTOCOL_VERSION, Phase, Role, WindowGuidance
+from hybridiff.protocol import WORKER_PROTOCOL_VERSION, Phase
 
 IDLE = 2.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 
 
 class Worker:
@@ -37,22 +35,19 @@ class Worker:
         self.name = name
         self.ready = run_dir / f"{name}.json"
         self.log = run_dir / f"{name}.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "launch.cli", "-v", "worker", "--model-dir", str(model_dir)]
-                + ["--host", "127.0.0.1", "--port", "0", "--data-port", "0", "--metrics-port", "0"]
-                + ["--worker-id", name, "--ready-file", str(self.ready), *flags],
-                env=ENV,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        self.proc = spawn_worker(
+            model_dir,
+            "--worker-id",
+            name,
+            "--ready-file",
+            str(self.ready),
+            *flags,
+            log=self.log,
+            verbose=True,
+        )
 
     def wait_ready(self, deadline: float) -> Worker:
-        while not self.ready.exists():
-            assert self.proc.poll() is None, f"{self.name} exited:\n{self.log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"{self.name} not ready:\n{self.log.read_text()[-3000:]}"
-            time.sleep(0.1)
-        ready = json.loads(self.ready.read_text())
+        ready = await_ready_file(self.proc, self.ready, deadline - time.monotonic(), self.log)
         self.address, self.data_address, self.metrics_port = (
             ready["control"],
             ready["data"],
@@ -118,31 +113,6 @@ def wait_for(condition, within: float, what: str) -> float:
     raise AssertionError(f"not within {within} s: {what}")
 
 
-def begin(request_id: str, steps: int = 2, **fields) -> worker_pb2.SessionRequest:
-    return worker_pb2.SessionRequest(
-        request_id=request_id,
-        begin=worker_pb2.BeginCommand(
-            request=worker_pb2.WorkerRequest(
-                prompt="a red square", width=64, height=64, num_steps=steps, guidance_scale=2.0, seed=1
-            ),
-            role=Role.U,
-            window_guidance=WindowGuidance.FULL_CFG,
-            **({"solo": True} | fields),
-        ),
-    )
-
-
-def full_session(stub, request_id: str) -> list[str]:
-    cmds = [begin(request_id)] + [
-        worker_pb2.SessionRequest(
-            request_id=request_id, step=worker_pb2.StepCommand(step=i, phase=Phase.SINGLE)
-        )
-        for i in range(2)
-    ]
-    cmds.append(worker_pb2.SessionRequest(request_id=request_id, finish=worker_pb2.FinishCommand()))
-    return [e.WhichOneof("event") for e in stub.Session(iter(cmds), timeout=120)]
-
-
 def test_info_says_who_the_worker_is(workers):
     quick, patient, other = (workers[n].info() for n in ("quick", "patient", "other"))
     assert quick.weights_digest.startswith("sha256:")
@@ -154,7 +124,7 @@ def test_info_says_who_the_worker_is(workers):
 def test_an_idle_control_session_is_ended_and_the_worker_is_free_again(workers):
     w = workers["quick"]
     stream = SessionStream(w.stub)
-    stream.send(begin("idle-1"))
+    stream.send(solo_begin("idle-1"))
     assert next(stream.call).WhichOneof("event") == "begin"
     started = time.monotonic()
     assert w.info().active_request_id == "idle-1"  # while the session runs
@@ -164,7 +134,7 @@ def test_an_idle_control_session_is_ended_and_the_worker_is_free_again(workers):
     assert status_details(err.value)["ErrorInfo"].reason == "SESSION_IDLE"
     wait_for(lambda: w.info().active_request_id == "", 10, "the idle request cleared")
     assert time.monotonic() - started < IDLE + 10
-    assert full_session(w.stub, "idle-2") == ["begin", "step", "step", "finish"]
+    assert solo_session(w.stub, "idle-2", timeout=120) == ["begin", "step", "step", "finish"]
     assert w.info().active_request_id == ""
     assert w.metric("hybridiff_worker_requests_total") is not None
     stream.close()
@@ -191,8 +161,8 @@ def test_a_sigstopped_client_is_dropped_by_keepalive(workers):
     answer) can free it within the bound."""
     w = workers["patient"]
     client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, w.address, begin("stopped-1").SerializeToString().hex()],
-        env=ENV,
+        [sys.executable, "-c", CLIENT, w.address, solo_begin("stopped-1").SerializeToString().hex()],
+        env=TEST_ENV,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -202,7 +172,7 @@ def test_a_sigstopped_client_is_dropped_by_keepalive(workers):
         os.kill(client.pid, signal.SIGSTOP)
         freed = wait_for(lambda: w.info().active_request_id == "", 60, "keepalive dropped the stopped client")
         assert freed < 30, freed  # keepalive time + timeout is 10 s; without the ping timeout, 65 s
-        assert full_session(w.stub, "stopped-2")[-1] == "finish"
+        assert solo_session(w.stub, "stopped-2", timeout=120)[-1] == "finish"
     finally:
         client.kill()
         client.wait()
@@ -217,7 +187,7 @@ def test_a_command_stuck_past_the_watchdog_turns_health_and_liveness_off_for_goo
     # longer than this worker's 1 s watchdog bound.
     stream = SessionStream(w.stub)
     stream.send(
-        begin(
+        solo_begin(
             "stuck-1",
             solo=False,
             peer_data_address=peer.data_address,
@@ -242,7 +212,7 @@ def test_a_command_stuck_past_the_watchdog_turns_health_and_liveness_off_for_goo
     for service in ("", SERVICE_NAME, LIVENESS_SERVICE):
         assert w.status(service) == NOT_SERVING, service
     with pytest.raises(grpc.RpcError) as err:
-        full_session(w.stub, "after-stall")
+        solo_session(w.stub, "after-stall", timeout=120)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "made no progress" in w.log.read_text()
     stream.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -10,13 +9,12 @@ import time
 
 import grpc
 import pytest
+from cluster_helpers import TEST_ENV, child_pids, start_local
 
 from hybridiff.errors import InvalidArgument
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 from hybridiff.v1 import diffusion_pb2, diffusion_pb2_grpc
 from launch.local_cluster import assign_devices, parse_devices
-
-ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
 
 
 @pytest.mark.parametrize(
@@ -49,7 +47,7 @@ def test_a_bad_devices_list_is_a_usage_error():
         [sys.executable, "-m", "launch.cli", "local", "--devices", "cuda:0,gpu1"],
         capture_output=True,
         text=True,
-        env=ENV,
+        env=TEST_ENV,
         timeout=120,
     )
     assert proc.returncode == 2
@@ -74,56 +72,22 @@ def _worker_devices(coordinator: str, expected_workers: int, deadline: float) ->
 
 @pytest.mark.slow  # a local cluster start-up (.ci/run runs the slow tests)
 def test_local_workers_report_the_devices_they_were_given(model_dirs, tmp_path):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "launch.cli",
-            "local",
-            "--model-dir",
-            str(model_dirs["sdxl"]),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--devices",
-            "cpu,cpu",
-            "--log-dir",
-            str(tmp_path / "logs"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV,
+    deadline = time.monotonic() + 240
+    proc, line = start_local(
+        ["--model-dir", str(model_dirs["sdxl"]), "--port", "0", "--metrics-port", "0"]
+        + ["--devices", "cpu,cpu", "--log-dir", str(tmp_path / "logs")],
+        within=240,
     )
     try:
-        deadline = time.monotonic() + 240
-        line = ""
-        while time.monotonic() < deadline and "ready at" not in line:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "hybridiff local exited early"
         assert "devices cpu | cpu" in line, line
         address = re.search(r"ready at (\S+)", line).group(1)
         assert _worker_devices(address, 2, deadline) == ["cpu", "cpu"]
-        workers = [c for c in map(_cmdline, _children(proc.pid)) if "\0worker\0" in c]
+        workers = [c for c in map(_cmdline, child_pids(proc.pid)) if "\0worker\0" in c]
         assert len(workers) == 2
         assert all("--device\0cpu\0" in c for c in workers)  # the flag the launcher gave each
     finally:
         proc.send_signal(15)
         proc.wait(timeout=60)
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(entry))
-    return kids
 
 
 def _cmdline(pid: int) -> str:
