@@ -40,7 +40,7 @@ import torch
 from gpu_worker.adapters.base import Conditioning, ModelAdapter, RequestTimeline, StageSplit, encode_image
 from gpu_worker.dataplane import Expect, Mailbox, PeerLink, Sent, session_kinds
 from gpu_worker.outgoing import Outgoing
-from gpu_worker.split_balance import compile_request_shapes, device_clock
+from gpu_worker.split_balance import compile_request_shapes, device_clock, through_stages
 from gpu_worker.transfers import DirectTransfers, Staged, StagedTransfers, StepCosts, transfers_for
 from hybridiff.errors import BadCommand, Cancelled, SessionIdle, WorkerFailed
 from hybridiff.internal.v1 import worker_pb2 as wpb
@@ -617,7 +617,7 @@ class WorkerEngine:
             branch = "uncond" if st.role == Role.U else "cond"
             inputs = st.cond.for_branches(branch)
             if branch == "cond" or full_cfg:  # what a fill's stale activations may need
-                mine, kept[branch] = self._timed(self._through_stages, st.split, x_in, t, inputs)
+                mine, kept[branch], _, _ = self._timed(through_stages, st.split, x_in, t, inputs)
             else:
                 mine = self._timed(a.forward, x_in, t, inputs)
             self._send(st, i, FrameKind.BRANCH_PREDICTION, {"prediction": mine}, cmd)
@@ -634,17 +634,6 @@ class WorkerEngine:
             self._keep_fill_activations(st, cmd, kept, full_cfg)
         self._update(st, self._window_prediction(st, raw), t)
         return None, Phase.PIPELINE_FILL
-
-    @staticmethod
-    def _through_stages(split: StageSplit, x_in, t, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A full forward as stage 1 then stage 2 (what a fill step computes), with what the next
-        pipeline step re-uses: stage 1's output (sequential) or the core's output (nested)."""
-        if split.topology == "nested":
-            core_in, state = split.stage1_pre(x_in, t, inputs)
-            core_out = split.stage2(core_in, x_in, t, inputs)
-            return split.stage1_post(core_out, state), core_out
-        boundary = split.stage1_fwd(x_in, t, inputs)
-        return split.stage2_fwd(boundary, x_in, t, inputs), boundary
 
     def _keep_fill_activations(
         self, st: _Active, cmd: wpb.StepCommand, kept: dict[str, dict[str, torch.Tensor]], full_cfg: bool

@@ -76,22 +76,32 @@ def _request_inputs(adapter: ModelAdapter, height: int, width: int, batch: int, 
     return adapter.model_input(timeline, latents, t), t, inputs
 
 
-def run_stages(split, sample: torch.Tensor, t: torch.Tensor, inputs, clock) -> tuple[float, float]:
-    """Seconds of stage 1 and stage 2 of one forward through the engine's own stage API (compiled
-    when the adapter compiles)."""
+def through_stages(
+    split, sample: torch.Tensor, t: torch.Tensor, inputs, clock=None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], float, float]:
+    """One full forward as stage 1 then stage 2, through the engine's own stage API (compiled when
+    the adapter compiles): what a fill step computes. Gives the prediction, what the next
+    pipeline step re-uses (stage 1's output when sequential, the core's output when nested) and,
+    with a ``clock``, the seconds of stage 1 and stage 2 (else 0, 0: no clock, no device sync)."""
+    tick = clock or (lambda: 0.0)
     if split.topology == "nested":
-        start = clock()
+        start = tick()
         core_in, state = split.stage1_pre(sample, t, inputs)
-        pre = clock()
+        pre = tick()
         core_out = split.stage2(core_in, sample, t, inputs)
-        core = clock()
-        split.stage1_post(core_out, state)
-        return pre - start + clock() - core, core - pre
-    start = clock()
+        core = tick()
+        out = split.stage1_post(core_out, state)
+        return out, core_out, pre - start + tick() - core, core - pre
+    start = tick()
     boundary = split.stage1_fwd(sample, t, inputs)
-    mid = clock()
-    split.stage2_fwd(boundary, sample, t, inputs)
-    return mid - start, clock() - mid
+    mid = tick()
+    out = split.stage2_fwd(boundary, sample, t, inputs)
+    return out, boundary, mid - start, tick() - mid
+
+
+def run_stages(split, sample: torch.Tensor, t: torch.Tensor, inputs, clock) -> tuple[float, float]:
+    """Seconds of stage 1 and stage 2 of one forward (``through_stages``)."""
+    return through_stages(split, sample, t, inputs, clock)[2:]
 
 
 @torch.no_grad()
