@@ -566,25 +566,41 @@ class WorkerEngine:
         return d
 
     def _data_parallel(self, st: _Active, cmd: wpb.StepCommand) -> float:
-        a, t = self.adapter, st.timeline.timesteps[cmd.step]
-        role = st.role
-        x_in = a.model_input(st.timeline, st.latents, t)
+        t = st.timeline.timesteps[cmd.step]
+        x_in = self.adapter.model_input(st.timeline, st.latents, t)
+        e_u, e_c, _ = self._branch_predictions(st, cmd, x_in, t)
+        return self._guided_update(st, e_u, e_c, t)
+
+    def _branch_predictions(
+        self, st: _Active, cmd: wpb.StepCommand, x_in, t, through_stages_for: tuple[str, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+        """e_u and e_c of the step: one computed here and one from the peer, or alone both here.
+        A branch named in ``through_stages_for`` runs stage by stage; what the next pipeline step
+        would re-use of it is kept (by branch)."""
+        a = self.adapter
         if st.solo:
             # A lone survivor of a pair runs the two branches one after the other at batch 1:
             # the same arithmetic as the pair, so the image does not change.
             e_u = self._timed(a.forward, x_in, t, st.cond.for_branches("uncond"))
             e_c = self._timed(a.forward, x_in, t, st.cond.for_branches("cond"))
+            return e_u, e_c, {}
+        kept: dict[str, dict[str, torch.Tensor]] = {}
+        branch = "uncond" if st.role == Role.U else "cond"
+        inputs = st.cond.for_branches(branch)
+        if branch in through_stages_for:
+            mine, kept[branch], _, _ = self._timed(through_stages, st.split, x_in, t, inputs)
         else:
-            mine = self._timed(
-                a.forward, x_in, t, st.cond.for_branches("uncond" if role == Role.U else "cond")
-            )
-            self._send(st, cmd.step, FrameKind.BRANCH_PREDICTION, {"prediction": mine}, cmd)
-            other = self._recv(st, cmd.step, FrameKind.BRANCH_PREDICTION)["prediction"]
-            e_u, e_c = (mine, other) if role == Role.U else (other, mine)
+            mine = self._timed(a.forward, x_in, t, inputs)
+        self._send(st, cmd.step, FrameKind.BRANCH_PREDICTION, {"prediction": mine}, cmd)
+        other = self._recv(st, cmd.step, FrameKind.BRANCH_PREDICTION)["prediction"]
+        e_u, e_c = (mine, other) if st.role == Role.U else (other, mine)
+        return e_u, e_c, kept
+
+    def _guided_update(self, st: _Active, e_u: torch.Tensor, e_c: torch.Tensor, t) -> float:
+        """The CFG update of a phase-1 step; its rel-MAE."""
         if st.policy == WindowGuidance.LAST_DIFFERENCE:
             st.last_difference = e_c - e_u
-        eps = guide(e_u, e_c, st.guidance_scale)
-        self._update(st, eps, t)
+        self._update(st, guide(e_u, e_c, st.guidance_scale), t)
         return rel_mae(e_u, e_c)
 
     # --- speculative steps (issue 14: no control round trip between L and tau1) ------
@@ -605,30 +621,17 @@ class WorkerEngine:
         the PIPELINE_FILL opening the window. The conditional branch ran through the stages, so
         the fill's prediction and its stale activations are at hand: the next pipeline step's
         stage keeps (or is sent) them, as after a synchronous fill (DESIGN section 1)."""
-        a, i = self.adapter, cmd.step
+        i = cmd.step
         t = st.timeline.timesteps[i]
-        x_in = a.model_input(st.timeline, st.latents, t)
+        x_in = self.adapter.model_input(st.timeline, st.latents, t)
         full_cfg = st.policy == WindowGuidance.FULL_CFG
-        kept: dict[str, dict[str, torch.Tensor]] = {}  # the branch's stage activations, by branch
-        if st.solo:
-            e_u = self._timed(a.forward, x_in, t, st.cond.for_branches("uncond"))
-            e_c = self._timed(a.forward, x_in, t, st.cond.for_branches("cond"))
-        else:
-            branch = "uncond" if st.role == Role.U else "cond"
-            inputs = st.cond.for_branches(branch)
-            if branch == "cond" or full_cfg:  # what a fill's stale activations may need
-                mine, kept[branch], _, _ = self._timed(through_stages, st.split, x_in, t, inputs)
-            else:
-                mine = self._timed(a.forward, x_in, t, inputs)
-            self._send(st, i, FrameKind.BRANCH_PREDICTION, {"prediction": mine}, cmd)
-            other = self._recv(st, i, FrameKind.BRANCH_PREDICTION)["prediction"]
-            e_u, e_c = (mine, other) if st.role == Role.U else (other, mine)
+        # the branches a fill's stale activations are made of
+        e_u, e_c, kept = self._branch_predictions(
+            st, cmd, x_in, t, ("uncond", "cond") if full_cfg else ("cond",)
+        )
         resolution = self._resolution(st, i, next_command)
         if resolution.phase == Phase.DATA_PARALLEL:
-            if st.policy == WindowGuidance.LAST_DIFFERENCE:
-                st.last_difference = e_c - e_u
-            self._update(st, guide(e_u, e_c, st.guidance_scale), t)
-            return rel_mae(e_u, e_c), Phase.DATA_PARALLEL
+            return self._guided_update(st, e_u, e_c, t), Phase.DATA_PARALLEL
         raw = torch.cat([e_u, e_c]) if full_cfg else e_c  # the window inputs' prediction
         if not st.solo and not resolution.last_in_window:
             self._keep_fill_activations(st, cmd, kept, full_cfg)
