@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ import torch
 import zmq
 from cluster_helpers import await_ready_file, proc_status_bytes, spawn_worker
 from pair_helpers import ZmqPair
+from zmq.utils.monitor import recv_monitor_message
 
 from hybridiff.errors import Cancelled
 from hybridiff.internal.v1 import dataplane_pb2 as pb
@@ -175,17 +177,30 @@ def worker_process(model_dirs, tmp_path):
         proc.wait(timeout=30)
 
 
-def test_an_oversized_frame_costs_a_worker_less_than_50_mib(worker_process):
-    from zmq.utils.monitor import recv_monitor_message
-
-    proc, data_address, log = worker_process
+@contextlib.contextmanager
+def _connected_push(address: str, events: int, **options: int):
+    """A PUSH socket (LINGER 0, and ``options``) connected to ``address``, once connected, and a
+    monitor of its ``events`` (CONNECTED among them); all closed on exit."""
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 0)
-    monitor = push.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-    push.connect(data_address)
+    for name, value in options.items():
+        push.setsockopt(getattr(zmq, name), value)
+    monitor = push.get_monitor_socket(events)
+    push.connect(address)
     try:
         assert recv_monitor_message(monitor)["event"] == zmq.EVENT_CONNECTED
+        yield push, monitor
+    finally:
+        push.disable_monitor()
+        monitor.close()
+        push.close()
+        ctx.term()
+
+
+def test_an_oversized_frame_costs_a_worker_less_than_50_mib(worker_process):
+    proc, data_address, log = worker_process
+    with _connected_push(data_address, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED) as (push, monitor):
         # Reset the peak RSS counter (VmHWM) to the current RSS.
         Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
         before = proc_status_bytes(proc.pid, "VmRSS")
@@ -215,11 +230,6 @@ def test_an_oversized_frame_costs_a_worker_less_than_50_mib(worker_process):
         assert grown < 50, f"RSS grew by {grown:.0f} MiB"
         assert dropped and "'victim'" not in log.read_text()  # never reached the mailbox
         assert proc.poll() is None
-    finally:
-        push.disable_monitor()
-        monitor.close()
-        push.close()
-        ctx.term()
 
 
 @pytest.mark.parametrize(
@@ -233,17 +243,8 @@ def test_a_multipart_flood_is_refused_its_memory_returned_and_the_worker_serves_
     the worker's RSS is back within 50 MiB of before (and for tiny parts never rose by 50 MiB:
     no Python object per part), and a real frame sent right after the flood is handled (refused
     as of an unknown request: none runs) well within a peer wait."""
-    from zmq.utils.monitor import recv_monitor_message
-
     proc, data_address, log = worker_process
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 0)
-    push.setsockopt(zmq.SNDHWM, 0)
-    monitor = push.get_monitor_socket(zmq.EVENT_CONNECTED)
-    push.connect(data_address)
-    try:
-        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_CONNECTED
+    with _connected_push(data_address, zmq.EVENT_CONNECTED, SNDHWM=0) as (push, _):
         Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
         before = proc_status_bytes(proc.pid, "VmRSS")
         part = b"\0" * part_bytes
@@ -264,8 +265,3 @@ def test_a_multipart_flood_is_refused_its_memory_returned_and_the_worker_serves_
             assert peaked < 50, f"RSS peaked {peaked:.0f} MiB above"
         assert served < 60  # the peer wait of a step (the worker default is longer)
         assert proc.poll() is None
-    finally:
-        push.disable_monitor()
-        monitor.close()
-        push.close()
-        ctx.term()
