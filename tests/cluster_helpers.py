@@ -183,6 +183,24 @@ def proc_status_bytes(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
+def poll_until(condition, within: float, poll: float = 0.05) -> bool:
+    """Whether ``condition()`` came true within ``within`` seconds (asked every ``poll``)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+    return True
+
+
+def wait_until(condition, within: float, what: str = "the condition", poll: float = 0.05) -> float:
+    """Seconds until ``condition()`` came true; fails, naming ``what``, after ``within``."""
+    started = time.monotonic()
+    if not poll_until(condition, within, poll):
+        raise AssertionError(f"not within {within} s: {what}")
+    return time.monotonic() - started
+
+
 def child_pids(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (from /proc)."""
     kids = []

@@ -7,6 +7,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+from cluster_helpers import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.pool import (
@@ -128,11 +129,7 @@ class ChannelFactory:
 
 
 def wait_for(predicate, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.005)
+    wait_until(predicate, timeout, poll=0.005)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+from cluster_helpers import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.pool import WORKER_PROTOCOL_VERSION, HealthPolicy, WorkerPool
@@ -60,10 +61,7 @@ class StoppableWorker(worker_pb2_grpc.WorkerControlServiceServicer, health_pb2_g
 
 
 def _wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
+    wait_until(predicate, timeout, poll=0.005)
 
 
 @pytest.fixture

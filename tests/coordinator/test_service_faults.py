@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from cluster_helpers import poll_until
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hybridiff import serving
@@ -122,15 +123,6 @@ def _counted(coord, code: str) -> float:
     )
 
 
-def _await(condition, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def _hybrid() -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt="a red circle", mode=pb.MODE_HYBRID, num_inference_steps=4)
 
@@ -154,21 +146,21 @@ def test_a_measure_split_failure_is_internal_counted_and_probed(cluster, method)
     assert "secret internal detail" not in err.value.details()
     assert "Exception calling application" not in err.value.details()
     assert "Traceback" not in err.value.details()
-    assert _await(lambda: _counted(coord, "INTERNAL") == 1, within=5)
+    assert poll_until(lambda: _counted(coord, "INTERNAL") == 1, 5, poll=0.02)
     assert _counted(coord, "OK") is None and _counted(coord, "UNKNOWN") is None
     # released as failed: the pool probes both workers again before they serve
     failed_at = measured.measured_at()
-    assert _await(lambda: all(f.probed_after(failed_at) for f in fakes), within=10)
+    assert poll_until(lambda: all(f.probed_after(failed_at) for f in fakes), 10, poll=0.02)
 
 
 @pytest.mark.parametrize("cluster", ["hang"], indirect=True)
 def test_a_cancel_during_measure_split_is_noticed_at_once(cluster):
     coord, stub, fakes = cluster
     call = stub.GenerateStream(pb.GenerateStreamRequest(request=_hybrid()), timeout=60)  # sent at once
-    assert _await(lambda: any(f.measured_at() for f in fakes), within=10)
+    assert poll_until(lambda: any(f.measured_at() for f in fakes), 10, poll=0.02)
     call.cancel()
     cancelled_at = time.monotonic()
-    assert _await(lambda: _counted(coord, "CANCELLED") == 1, within=2)
+    assert poll_until(lambda: _counted(coord, "CANCELLED") == 1, 2, poll=0.02)
     measured = next(f for f in fakes if f.measured_at() is not None)
     assert measured.cancelled.wait(2)  # the worker's call was cancelled too
     assert time.monotonic() - cancelled_at < 3
@@ -180,7 +172,7 @@ def test_a_deadline_during_measure_split_is_noticed_at_once(cluster):
     with pytest.raises(grpc.RpcError) as err:
         stub.Generate(_hybrid(), timeout=1.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _await(lambda: _counted(coord, "DEADLINE_EXCEEDED") == 1, within=2)
+    assert poll_until(lambda: _counted(coord, "DEADLINE_EXCEEDED") == 1, 2, poll=0.02)
     measured = next(f for f in fakes if f.measured_at() is not None)
     assert measured.cancelled.wait(2)
 

@@ -15,7 +15,15 @@ import urllib.request
 
 import grpc
 import pytest
-from cluster_helpers import TcpForwarder, await_ready_file, free_port, make_input, send, worker_states
+from cluster_helpers import (
+    TcpForwarder,
+    await_ready_file,
+    free_port,
+    make_input,
+    poll_until,
+    send,
+    worker_states,
+)
 
 from coordinator.driver import StepWaits
 from hybridiff.client import DiffusionClient
@@ -29,15 +37,6 @@ def _metric(cluster, code: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=5).read()
     found = re.findall(rf'hybridiff_requests_total{{[^}}]*code="{code}"[^}}]*}} ([0-9.e+]+)', text.decode())
     return sum(float(v) for v in found)
-
-
-def _await(condition, within: float, poll: float = 0.05) -> bool:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(poll)
-    return True
 
 
 def _long_request(steps: int = 400) -> pb.GenerateStreamRequest:
@@ -75,7 +74,7 @@ def _stopped_mid_step(cluster, call):
 def _resume(cluster, proc) -> None:
     os.kill(proc.pid, signal.SIGCONT)
     # the pool probes the stopped worker back in (it quarantined it: it never confirmed the abort)
-    assert _await(
+    assert poll_until(
         lambda: set(worker_states(cluster, timeout=5).values()) == {"idle"}, within=120, poll=0.2
     ), worker_states(cluster, timeout=5)
 
@@ -89,9 +88,9 @@ def test_a_cancel_while_a_step_hangs_is_noticed_at_once_and_the_pair_is_not_hand
         call.cancel()
         # Noticed while waiting: not when the live worker's peer wait (5 s at least) or the
         # channel's keepalive (5-10 s) ends the step.
-        assert _await(lambda: _metric(pair, "CANCELLED") > before, within=2.0)
+        assert poll_until(lambda: _metric(pair, "CANCELLED") > before, within=2.0)
         live, stopped = pair.worker_addresses
-        assert _await(lambda: worker_states(pair, timeout=5)[live] == "idle", within=3.0), worker_states(
+        assert poll_until(lambda: worker_states(pair, timeout=5)[live] == "idle", within=3.0), worker_states(
             pair, timeout=5
         )
         # The stopped worker cannot confirm the abort: it is handed to no request meanwhile, so
@@ -106,7 +105,7 @@ def test_a_cancel_while_a_step_hangs_is_noticed_at_once_and_the_pair_is_not_hand
         # It never confirms the abort: after the pool's bounded wait for it, it is
         # quarantined, never freed.
         seen = []
-        assert _await(
+        assert poll_until(
             lambda: seen.append(worker_states(pair, timeout=5)[stopped]) or seen[-1] == "unhealthy", within=30
         )
         assert "idle" not in seen, seen
@@ -128,7 +127,7 @@ def test_a_deadline_while_a_step_hangs_is_noticed_at_once(pair, stub):
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             # Noticed at the deadline: not when the live worker's peer wait (5 s at least) or the
             # channel's keepalive (5-10 s) ends the step.
-            assert _await(lambda: _metric(pair, "DEADLINE_EXCEEDED") > before, within=1.5)
+            assert poll_until(lambda: _metric(pair, "DEADLINE_EXCEEDED") > before, within=1.5)
             return
         finally:
             _resume(pair, proc)
@@ -198,7 +197,7 @@ def test_the_coordinator_exits_0_after_a_drain_20_times(model_dirs, otlp, tmp_pa
             try:
                 client = DiffusionClient(f"127.0.0.1:{port}")
                 raw = make_input(prompt="a star", num_steps=2, mode="cfg-parallel", request_id=f"drain-{n}")
-                assert _await(lambda: _served(client, raw), within=60)  # channels, sessions, spans
+                assert poll_until(lambda: _served(client, raw), within=60)  # channels, sessions, spans
                 client.close()
             finally:
                 proc.send_signal(signal.SIGTERM)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from cluster_helpers import await_ready_file, proc_status_bytes, spawn_worker
+from cluster_helpers import await_ready_file, proc_status_bytes, spawn_worker, wait_until
 from pair_helpers import ZmqPair
 from zmq.utils.monitor import recv_monitor_message
 
@@ -156,14 +156,6 @@ def test_frames_of_an_aborted_attempt_do_not_reach_the_next_attempt(pair):
 # --- an oversized frame at a real worker process ----------------------------------------------
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def worker_process(model_dirs, tmp_path):
     ready, log = tmp_path / "ready.json", tmp_path / "worker.log"
@@ -254,8 +246,8 @@ def test_a_multipart_flood_is_refused_its_memory_returned_and_the_worker_serves_
         real = encode("victim", 0, FrameKind.BRANCH_PREDICTION, {"p": torch.ones(4)}, sender="w1")
         push.send(real)  # queued behind the flood on the same connection
         flooded = time.monotonic()
-        _wait_for(lambda: f"a message of {parts} parts" in log.read_text(), 120, "the multipart refusal")
-        _wait_for(lambda: "unknown request 'victim'" in log.read_text(), 60, "the real frame")
+        wait_until(lambda: f"a message of {parts} parts" in log.read_text(), 120, "the multipart refusal")
+        wait_until(lambda: "unknown request 'victim'" in log.read_text(), 60, "the real frame")
         served = time.monotonic() - flooded
         after, peak = proc_status_bytes(proc.pid, "VmRSS"), proc_status_bytes(proc.pid, "VmHWM")
         grown, peaked = (after - before) / 2**20, (peak - before) / 2**20

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster_helpers import TEST_ENV, SessionStream, await_ready_file, solo_begin, solo_session, spawn_worker
+from cluster_helpers import (
+    TEST_ENV,
+    SessionStream,
+    await_ready_file,
+    solo_begin,
+    solo_session,
+    spawn_worker,
+    wait_until,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpu_worker.service import LIVENESS_SERVICE, SERVICE_NAME
@@ -103,16 +111,6 @@ def workers(model_dirs, tmp_path_factory):
             w.stop()
 
 
-def wait_for(condition, within: float, what: str) -> float:
-    """Seconds until ``condition()`` held; fails after ``within``."""
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.1)
-    raise AssertionError(f"not within {within} s: {what}")
-
-
 def test_info_says_who_the_worker_is(workers):
     quick, patient, other = (workers[n].info() for n in ("quick", "patient", "other"))
     assert quick.weights_digest.startswith("sha256:")
@@ -132,7 +130,7 @@ def test_an_idle_control_session_is_ended_and_the_worker_is_free_again(workers):
         next(stream.call)  # nothing more is sent
     assert err.value.code() == grpc.StatusCode.ABORTED
     assert status_details(err.value)["ErrorInfo"].reason == "SESSION_IDLE"
-    wait_for(lambda: w.info().active_request_id == "", 10, "the idle request cleared")
+    wait_until(lambda: w.info().active_request_id == "", 10, "the idle request cleared")
     assert time.monotonic() - started < IDLE + 10
     assert solo_session(w.stub, "idle-2", timeout=120) == ["begin", "step", "step", "finish"]
     assert w.info().active_request_id == ""
@@ -170,7 +168,9 @@ def test_a_sigstopped_client_is_dropped_by_keepalive(workers):
         assert client.stdout.readline().strip() == "begin"
         assert w.info().active_request_id == "stopped-1"
         os.kill(client.pid, signal.SIGSTOP)
-        freed = wait_for(lambda: w.info().active_request_id == "", 60, "keepalive dropped the stopped client")
+        freed = wait_until(
+            lambda: w.info().active_request_id == "", 60, "keepalive dropped the stopped client"
+        )
         assert freed < 30, freed  # keepalive time + timeout is 10 s; without the ping timeout, 65 s
         assert solo_session(w.stub, "stopped-2", timeout=120)[-1] == "finish"
     finally:
@@ -202,13 +202,13 @@ def test_a_command_stuck_past_the_watchdog_turns_health_and_liveness_off_for_goo
             request_id="stuck-1", step=worker_pb2.StepCommand(step=0, phase=Phase.DATA_PARALLEL)
         )
     )
-    wait_for(lambda: w.status(LIVENESS_SERVICE) == NOT_SERVING, 30, "liveness turned off")
+    wait_until(lambda: w.status(LIVENESS_SERVICE) == NOT_SERVING, 30, "liveness turned off")
     assert w.status("") == NOT_SERVING and w.status(SERVICE_NAME) == NOT_SERVING
     assert w.metric("hybridiff_worker_stalled") == 1
     assert w.info().active_request_id == "stuck-1"  # Info still answers, and says what is stuck
 
     stream.call.cancel()  # the coordinator gives up: the command ends, the worker stays off
-    wait_for(lambda: w.info().active_request_id == "", 30, "the stuck request aborted")
+    wait_until(lambda: w.info().active_request_id == "", 30, "the stuck request aborted")
     for service in ("", SERVICE_NAME, LIVENESS_SERVICE):
         assert w.status(service) == NOT_SERVING, service
     with pytest.raises(grpc.RpcError) as err:

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import zmq
-from cluster_helpers import make_input, send
+from cluster_helpers import make_input, poll_until, send
 from pair_helpers import ZmqPair
 
 from gpu_worker.dataplane import Mailbox, PeerLink
@@ -34,15 +34,6 @@ from hybridiff.protocol import Phase
 from hybridiff.wire import ALIGN, HEADER_ROOM, FrameKind, Payload, decode
 
 BIG = 256 * 1024  # float32 elements: 1 MiB, far above pyzmq's 64 KiB copy threshold
-
-
-def _wait_until(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture
@@ -79,7 +70,7 @@ def test_zero_copy_send_reads_the_buffer_itself(inproc):
     assert sent.tracker is not None and not sent.tracker.done
     staged.tensors["p"].fill_(7.0)  # changed after send returned, before the peer read it
     assert torch.equal(_received(pull), torch.full((BIG,), 7.0))
-    assert _wait_until(lambda: sent.tracker.done)
+    assert poll_until(lambda: sent.tracker.done, 30.0, poll=0.01)
     for zero_copy in (False, True):  # not a staged payload, or not zero-copy: encoded, a copy
         tensor = torch.full((BIG,), 2.0)
         copied = link.send_tracked("r", 1, FrameKind.BRANCH_PREDICTION, {"p": tensor}, zero_copy=zero_copy)
@@ -97,7 +88,7 @@ def test_pooled_buffer_is_not_reused_while_in_flight(inproc):
     assert torch.equal(_received(pull), torch.full((BIG,), 1.0))  # not overwritten by the second send
     assert torch.equal(_received(pull), torch.full((BIG,), 2.0))
     assert pool.allocated == 2
-    assert _wait_until(lambda: first.tracker.done and second.tracker.done)
+    assert poll_until(lambda: first.tracker.done and second.tracker.done, 30.0, poll=0.01)
     _send(link, transfers, 2, 3.0, costs)  # done: reused, not allocated
     assert pool.allocated == 2 and len(pool) == 2
     assert torch.equal(_received(pull), torch.full((BIG,), 3.0))
@@ -146,7 +137,7 @@ def test_one_pool_buffer_is_the_whole_message_and_its_tracker_waits_for_the_read
     time.sleep(0.2)
     assert not sent.tracker.done and a_view[0] == 1.0
     del a_view
-    assert _wait_until(lambda: sent.tracker.done)
+    assert poll_until(lambda: sent.tracker.done, 30.0, poll=0.01)
     transfers.to_host({"a": a, "b": b}, costs, timeout=5.0)  # done: the one buffer is reused
     assert pool.allocated == 1
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster_helpers import SessionStream
+from cluster_helpers import SessionStream, wait_until
 from grpc_health.v1 import health_pb2
 
 from gpu_worker.dataplane import Mailbox
@@ -28,16 +28,6 @@ from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 from hybridiff.protocol import Phase, Role, WindowGuidance
 
 IDLE = 1.5
-
-
-def wait_for(condition, within: float, what: str):
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {within} s: {what}")
 
 
 class Served:
@@ -112,7 +102,7 @@ def test_info_names_the_running_request_until_its_cleanup_is_done(served):
     assert next(stream.call).WhichOneof("event") == "begin"
     assert served.info().active_request_id == "req-info"
     stream.close()  # the coordinator's stream ends without a finish: the worker aborts the request
-    wait_for(lambda: served.info().active_request_id == "", 10, "the active request cleared")
+    wait_until(lambda: served.info().active_request_id == "", 10, "the active request cleared")
     assert "req-info" not in served.service.engine._active  # "" only after engine.abort
     events = run_to_the_end(served.stub, "req-after")
     assert [e.WhichOneof("event") for e in events] == ["begin", "step", "step", "finish"]
@@ -131,10 +121,10 @@ def test_an_idle_session_is_ended_with_a_typed_status_and_the_worker_is_free(ser
     assert err.value.code() == grpc.StatusCode.ABORTED
     assert status_details(err.value)["ErrorInfo"].reason == "SESSION_IDLE"
     assert IDLE <= waited < IDLE + 10
-    wait_for(lambda: served.info().active_request_id == "", 10, "the idle request cleared")
+    wait_until(lambda: served.info().active_request_id == "", 10, "the idle request cleared")
     assert served.outcomes("idle_timeout") == before + 1
     assert "req-idle" not in served.service.engine._active
-    wait_for(
+    wait_until(
         lambda: not [t for t in threading.enumerate() if t.name.startswith("session-reader-")],
         10,
         "the session's reader thread ended",
@@ -179,7 +169,7 @@ def test_silent_sessions_hold_no_threads_and_never_pass_the_worker_off_as_free(s
     try:
         for channel in channels:
             threading.Thread(target=hold, args=(channel,), daemon=True).start()
-        wait_for(lambda: served.service._busy.locked(), 10, "a silent session took the worker")
+        wait_until(lambda: served.service._busy.locked(), 10, "a silent session took the worker")
         while served.service._busy.locked():  # until its Begin is overdue
             info = served.info()
             if served.service._busy.locked():  # (else it was released while Info answered)
@@ -218,8 +208,8 @@ def test_a_client_that_does_not_read_its_events_is_cut_off(served):
     stream.send(first)
     for i in range(steps):
         stream.send(step("req-deaf", i, report_latents=True))  # 16 KiB of latents per event
-    wait_for(lambda: served.info().active_request_id == "req-deaf", 30, "the request started")
-    wait_for(lambda: served.info().active_request_id == "", 60, "the deaf session ended")
+    wait_until(lambda: served.info().active_request_id == "req-deaf", 30, "the request started")
+    wait_until(lambda: served.info().active_request_id == "", 60, "the deaf session ended")
     assert served.outcomes("idle_timeout") == before + 1
     with pytest.raises(grpc.RpcError) as err:
         list(stream.call)
@@ -238,7 +228,7 @@ def test_health_keeps_answering_while_a_session_runs(served):
     status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.SERVING
     stream.close()
-    wait_for(lambda: served.info().active_request_id == "", 10, "the request cleared")
+    wait_until(lambda: served.info().active_request_id == "", 10, "the request cleared")
 
 
 def test_the_watchdog_fires_once_per_overdue_watch_and_never_for_a_quick_one():
@@ -248,7 +238,7 @@ def test_the_watchdog_fires_once_per_overdue_watch_and_never_for_a_quick_one():
         with dog.watch("quick", 5.0, lambda w: fired.append(w.what)):
             pass
         with dog.watch("stuck", 0.1, lambda w: fired.append(w.what)) as w:
-            wait_for(lambda: fired, 10, "the watchdog fired")
+            wait_until(lambda: fired, 10, "the watchdog fired")
             time.sleep(0.2)  # overdue for longer still: it does not fire again
             assert "test_the_watchdog_fires" in w.stack()  # where the stuck thread is
         assert fired == ["stuck"]
