@@ -362,26 +362,14 @@ class PeerLink(ABC):
         trace_context: Mapping[str, str] | None = None,
         cancelled: Callable[[], bool] | None = None,
         session: bytes = b"",
-    ) -> int:
-        """``cancelled()`` turning true (the request was aborted) ends a send still waiting for the peer;
-        ``session``: the attempt's nonce, without which the peer refuses the message."""
-        return self.send_tracked(request_id, step, kind, tensors, trace_context, cancelled, session).nbytes
-
-    def send_tracked(
-        self,
-        request_id: str,
-        step: int,
-        kind: int,
-        tensors: Mapping[str, torch.Tensor],
-        trace_context: Mapping[str, str] | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        session: bytes = b"",
         zero_copy: bool = False,
     ) -> Sent:
-        """``send``; with ``zero_copy`` and ``tensors`` a ``Payload`` (on a transport that can),
-        the transport reads the payload's buffer after this returns, until the returned tracker
-        is done: the caller keeps it unchanged until then. Otherwise the message is a fresh
-        buffer the transport owns (tracker None)."""
+        """Sends one message: ``cancelled()`` turning true (the request was aborted) ends a send
+        still waiting for the peer; ``session``: the attempt's nonce, without which the peer
+        refuses the message. With ``zero_copy`` and ``tensors`` a ``Payload`` (on a transport
+        that can), the transport reads the payload's buffer after this returns, until the
+        returned tracker is done: the caller keeps it unchanged until then. Otherwise the message
+        is a fresh buffer the transport owns (tracker None)."""
         frame = None
         if zero_copy and self.zero_copy and isinstance(tensors, Payload):
             frame = tensors.seal(request_id, step, kind, trace_context, self.sender, session)

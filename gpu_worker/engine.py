@@ -497,7 +497,7 @@ class WorkerEngine:
         try:
             # The mailbox is closed on abort or cancel, and a later attempt of the request is
             # another session: a send still waiting for the peer ends then.
-            sent = st.link.send_tracked(
+            sent = st.link.send(
                 rid,
                 step,
                 kind,

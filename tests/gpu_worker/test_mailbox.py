@@ -240,7 +240,7 @@ def test_in_memory_link_round_trip_with_bf16():
     sent = {name: t.clone() for name, t in tensors.items()}
     nbytes = link.send(
         "r", 2, FrameKind.STAGE_ACTIVATIONS, tensors, trace_context={"traceparent": "00-ab"}, session=NONCE
-    )
+    ).nbytes
 
     payload = sum(t.numel() * t.element_size() for t in tensors.values())
     assert payload < nbytes < payload + 1024  # the tensors plus a small header

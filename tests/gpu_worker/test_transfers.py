@@ -51,7 +51,7 @@ def inproc():
 
 def _send(link, transfers, step: int, value: float, costs: StepCosts):
     staged = transfers.to_host({"p": torch.full((BIG,), value)}, costs, timeout=5.0)
-    sent = link.send_tracked("r", step, FrameKind.BRANCH_PREDICTION, staged.tensors, zero_copy=True)
+    sent = link.send("r", step, FrameKind.BRANCH_PREDICTION, staged.tensors, zero_copy=True)
     staged.release(sent.tracker)
     return sent
 
@@ -66,14 +66,14 @@ def test_zero_copy_send_reads_the_buffer_itself(inproc):
     transfers = StagedTransfers(torch.device("cpu"), HostBufferPool(per_key=1))
     staged = transfers.to_host({"p": torch.full((BIG,), 1.0)}, StepCosts(), timeout=5.0)
     assert isinstance(staged.tensors, Payload)
-    sent = link.send_tracked("r", 0, FrameKind.BRANCH_PREDICTION, staged.tensors, zero_copy=True)
+    sent = link.send("r", 0, FrameKind.BRANCH_PREDICTION, staged.tensors, zero_copy=True)
     assert sent.tracker is not None and not sent.tracker.done
     staged.tensors["p"].fill_(7.0)  # changed after send returned, before the peer read it
     assert torch.equal(_received(pull), torch.full((BIG,), 7.0))
     assert poll_until(lambda: sent.tracker.done, 30.0, poll=0.01)
     for zero_copy in (False, True):  # not a staged payload, or not zero-copy: encoded, a copy
         tensor = torch.full((BIG,), 2.0)
-        copied = link.send_tracked("r", 1, FrameKind.BRANCH_PREDICTION, {"p": tensor}, zero_copy=zero_copy)
+        copied = link.send("r", 1, FrameKind.BRANCH_PREDICTION, {"p": tensor}, zero_copy=zero_copy)
         tensor.fill_(5.0)
         assert copied.tracker is None and torch.equal(_received(pull), torch.full((BIG,), 2.0))
 
@@ -121,7 +121,7 @@ def test_one_pool_buffer_is_the_whole_message_and_its_tracker_waits_for_the_read
     assert buffer.data_ptr() % ALIGN == 0 and buffer.numel() == HEADER_ROOM + BIG * 4 + 80
     assert staged.tensors["a"].data_ptr() == buffer.data_ptr() + HEADER_ROOM
     assert staged.tensors["b"].data_ptr() == buffer.data_ptr() + HEADER_ROOM + BIG * 4
-    sent = link.send_tracked("r", 0, FrameKind.STAGE_ACTIVATIONS, staged.tensors, zero_copy=True)
+    sent = link.send("r", 0, FrameKind.STAGE_ACTIVATIONS, staged.tensors, zero_copy=True)
     staged.release(sent.tracker)
     frame = pull.recv(copy=False)
     start = torch.frombuffer(frame.buffer, dtype=torch.uint8).data_ptr()
