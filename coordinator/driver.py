@@ -351,7 +351,7 @@ def drive_request(
     has run steps of its own, their times count too.
     With ``recover``, worker U reports the latents after every step (the checkpoint) and a
     worker that dies or stops answering is replaced: the request resumes from the last
-    completed step on the workers ``recover`` gives (DESIGN section 5).
+    completed step on the workers ``recover`` gives (docs/design.md section 8).
     ``speculate``: issue HYBRID's undecided step ahead (see the module's doc); off, every step
     between L and tau1 waits for the round trip (kept to measure what speculation saves).
     Trace context: commands carry the current span (begin/finish) or their phase's span (steps).

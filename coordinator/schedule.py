@@ -1,4 +1,4 @@
-"""The conditional-guidance schedule: which phase every step runs (DESIGN section 1).
+"""The conditional-guidance schedule: which phase every step runs (docs/design.md section 1).
 
 Pure and deterministic: the phase of a step depends only on the request and on the rel-MAE
 values of earlier steps, never on message timing. ``StepSchedule.decided_through()`` tells the

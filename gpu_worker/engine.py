@@ -4,7 +4,7 @@ One ``WorkerEngine`` per worker. It takes the control API's own messages
 (``hybridiff.internal.v1.SessionRequest``: begin, then one step per denoising step with the
 phase the schedule chose, then finish) and answers each with a ``SessionResponse``, in the
 cluster and in one process alike. It exchanges exactly what each phase needs with its peer
-through the data plane (DESIGN section 1):
+through the data plane (docs/design.md section 5):
 
 - SINGLE: nothing (one worker, the CFG batch of 2).
 - DATA_PARALLEL: one branch prediction each way; both compute the same guided update.
@@ -64,7 +64,7 @@ MAX_SEND_SECONDS = 65.0
 
 
 def rel_mae(e_u: torch.Tensor, e_c: torch.Tensor) -> float:
-    """``mean|e_c - e_u| / (mean|e_u| + 1e-12)`` (DESIGN section 1), in float32."""
+    """``mean|e_c - e_u| / (mean|e_u| + 1e-12)`` (docs/design.md section 1), in float32."""
     e_u, e_c = e_u.float(), e_c.float()
     return float(((e_c - e_u).abs().mean() / (e_u.abs().mean() + 1e-12)).item())
 
@@ -620,7 +620,7 @@ class WorkerEngine:
         """The data-parallel exchange, then the step as its resolution says: DATA_PARALLEL, or
         the PIPELINE_FILL opening the window. The conditional branch ran through the stages, so
         the fill's prediction and its stale activations are at hand: the next pipeline step's
-        stage keeps (or is sent) them, as after a synchronous fill (DESIGN section 1)."""
+        stage keeps (or is sent) them, as after a synchronous fill (docs/design.md section 2)."""
         i = cmd.step
         t = st.timeline.timesteps[i]
         x_in = self.adapter.model_input(st.timeline, st.latents, t)

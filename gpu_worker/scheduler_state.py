@@ -1,8 +1,8 @@
 """A diffusers scheduler's mutable state as a typed ``SchedulerState`` message, and back.
 
-A checkpoint lets another worker continue a request with the very same arithmetic (DESIGN
-section 5). For a one-step scheduler (Euler, DDIM, flow matching) the latents, the generator and
-the step index are enough; a multistep one (DPMSolverMultistep, UniPC, DEIS) also keeps a
+A checkpoint lets another worker continue a request with the very same arithmetic
+(docs/design.md section 8). For a one-step scheduler (Euler, DDIM, flow matching) the latents,
+the generator and the step index are enough; a multistep one (DPMSolverMultistep, UniPC, DEIS) also keeps a
 history that its next steps read: model outputs, the last sample, order counters.
 
 What travels: the attributes in the scheduler's ``__dict__`` whose value differs from the one

@@ -1,4 +1,4 @@
-"""The ZeroMQ data plane between workers (DESIGN sections 2 and 6).
+"""The ZeroMQ data plane between workers (docs/design.md sections 5 and 10).
 
 Each worker binds one PULL socket; its IO thread receives messages of ONE frame each (prefix,
 header, payload: ``hybridiff.wire``) and files them in the worker's ``Mailbox``, which decodes

@@ -1,4 +1,5 @@
-"""The generation request as the coordinator resolves it, and its validation (DESIGN sections 3, 5).
+"""The generation request as the coordinator resolves it, and its validation
+(docs/design.md sections 6 and 8).
 
 ``RequestInput`` is what a user asked for (None: the model's default); ``resolve_spec`` checks
 every field against the model's limits and fills in its defaults, giving a ``GenerationSpec``,
@@ -26,7 +27,7 @@ DEFAULT_MAX_IMAGES = 4
 
 @dataclass(frozen=True)
 class HybridParams:
-    """The hybrid schedule's parameters (DESIGN section 1)."""
+    """The hybrid schedule's parameters (docs/design.md section 1)."""
 
     l_slope: int
     eps_slope: float
@@ -61,7 +62,7 @@ class ModelDefaults:
     guidance_scale: float
 
 
-# Reference defaults (DESIGN section 1).
+# Reference defaults (docs/design.md section 1).
 MODEL_DEFAULTS = {
     "sdxl": ModelDefaults(
         HybridParams(l_slope=12, eps_slope=4e-4, k=5, tau_cap=15), steps=50, guidance_scale=5.0

@@ -1,4 +1,4 @@
-"""SINGLE and CFG_PARALLEL reproduce the diffusers pipelines (DESIGN section 3, "Seeds and parity")."""
+"""SINGLE and CFG_PARALLEL reproduce the diffusers pipelines (docs/design.md section 6)."""
 
 import pytest
 import torch
