@@ -8,7 +8,7 @@ the rel-MAE of step i, it also issues step i + 1 *speculatively* before that val
 workers compute it as data parallel (the conditional branch through the stages), and once the
 monitor has observed step i the driver sends the step's ``ResolveCommand``: DATA_PARALLEL, or
 the PIPELINE_FILL opening the window. The round trip then overlaps step i + 1's compute
-instead of idling both workers (issue 14); the decision stays the monitor's, and both workers
+instead of idling both workers; the decision stays the monitor's, and both workers
 switch at the step it names whatever the timing of the messages.
 """
 
@@ -231,7 +231,7 @@ class WorkerStepFailed(Exception):
 
 
 # The driver waits for workers in slices this long, calling ``check_alive`` between them: a cancel
-# or a passed deadline is noticed within a slice, not after the step (issue 11).
+# or a passed deadline is noticed within a slice, not after the step.
 ALIVE_CHECK_SECONDS = 0.1
 
 
@@ -270,7 +270,7 @@ def _results(
 
 @dataclass(frozen=True)
 class StepWaits:
-    """How long to wait, in step costs (issue 11): a worker waits for its peer's frame
+    """How long to wait, in step costs (docs/design.md section 4): a worker waits for its peer's frame
     ``peer_steps`` expected steps (at least ``peer_floor`` seconds, at most ``cap``); the driver
     waits for a step's answers longer than a worker may wait for its peer three times (a
     speculative step: the peer's prediction, its resolution, a FULL_CFG fill's half), so a silent
@@ -520,7 +520,7 @@ class _RequestRun:
                 self.ever_used.append(w.name)
         futures = []
         # A fresh nonce per attempt: frames of an aborted attempt of this request id, or of anyone
-        # who only knows the id, are rejected by the workers (issue 11).
+        # who only knows the id, are rejected by the workers (docs/design.md section 5).
         nonce = os.urandom(16)
         for i, w in enumerate(self.used):
             begin = worker_pb2.BeginCommand(

@@ -190,7 +190,7 @@ def end_process(code: int) -> NoReturn:
     completion-queue pollers) that can still be returning from C-core calls while Python
     finalizes. Python 3.11 ends such a daemon thread with pthread_exit when it takes the GIL
     back, and the forced unwinding through gRPC's C++ frames calls std::terminate: "terminate
-    called without an active exception", exit -6, a crash on every rollout it hits (issue 11).
+    called without an active exception", exit -6, a crash on every rollout it hits.
     The drain closed our channels and joined our threads first; this closes the race that is
     left inside gRPC.
     """

@@ -1,4 +1,4 @@
-"""Compiled denoiser calls (issue 14): the compile policy and a bounded cache of compiled graphs.
+"""Compiled denoiser calls: the compile policy and a bounded cache of compiled graphs.
 
 Every compiled callable serves one shape: ``torch.compile(..., dynamic=False)`` of the function,
 kept in an LRU cache keyed by (function, batch, height, width). The function is compiled from a

@@ -17,7 +17,7 @@ decided whether the window opens at this step) runs as data parallel, with the c
 branch computed through the stages: its output is then also what the window's fill step
 computes. After the exchange the worker takes the step's ``ResolveCommand`` from its session
 (sent while it computed) and finishes the step as DATA_PARALLEL or as the PIPELINE_FILL, so no
-worker idles on the coordinator's round trip and both switch at the same step (issue 14).
+worker idles on the coordinator's round trip and both switch at the same step (docs/design.md section 4).
 
 Each step reports where its time went (``StepDone``): compute, device/host copies around the
 data plane (``gpu_worker.transfers``: none on CPU; pinned, pooled, zero-copy on CUDA) and into
@@ -603,7 +603,7 @@ class WorkerEngine:
         self._update(st, guide(e_u, e_c, st.guidance_scale), t)
         return rel_mae(e_u, e_c)
 
-    # --- speculative steps (issue 14: no control round trip between L and tau1) ------
+    # --- speculative steps (no control round trip between L and tau1) ----------------
     def _check_speculative(self, st: _Active, cmd: wpb.StepCommand, next_command: NextCommand | None) -> None:
         if not st.speculative:
             raise BadCommand("speculative", "a speculative step in a session not begun as speculative")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU end-to-end check (issue 14): SDXL-base and SD3-medium shaped models (random fp16 weights,
+# The GPU end-to-end check: SDXL-base and SD3-medium shaped models (random fp16 weights,
 # built once into ~/.cache/hybridiff/gpu-check) at 1024x1024 through a local cluster on the GPU(s),
 # every mode eager and compiled, PSNR of each against SINGLE; one JSON (out/gpu-check/gpu_check.json)
 # and a summary table. Needs a CUDA build of torch in the environment (scripts/setup.sh installs the

@@ -1,4 +1,4 @@
-"""The driver's waits (coordinator.driver, issue 11): a cancel or a passed deadline is noticed
+"""The driver's waits (coordinator.driver): a cancel or a passed deadline is noticed
 while it waits for a step, and waits are measured in step costs, not fixed 120 s / 600 s."""
 
 import time

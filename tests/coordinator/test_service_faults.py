@@ -1,4 +1,4 @@
-"""Failures the service maps (coordinator.service, issue 11): a worker's ``MeasureSplit`` that
+"""Failures the service maps (coordinator.service): a worker's ``MeasureSplit`` that
 fails, refuses or hangs. The client gets a proper status (never UNKNOWN with internal text), the
 request is counted under that status, the workers are released as failed (the pool probes them),
 and a cancel or a deadline is noticed while the call is in flight.

@@ -1,4 +1,4 @@
-"""The coordinator under faults it must notice by itself (issue 11), through real processes:
+"""The coordinator under faults it must notice by itself, through real processes:
 a cancel or a deadline while a step hangs (a worker SIGSTOPped), a partition between the two
 workers' data planes (a TCP forwarder blackholed), SIGTERM with requests queued, and a clean
 exit after a drain, 20 runs out of 20."""

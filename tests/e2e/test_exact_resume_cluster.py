@@ -1,4 +1,4 @@
-"""Exact resume through the real cluster (issue 11): a model that ships a multistep scheduler
+"""Exact resume through the real cluster: a model that ships a multistep scheduler
 (UniPC), a worker killed with SIGKILL mid-request, and the PNG of the resumed request is byte
 for byte the fault-free one — the checkpoint (scheduler history included) travels through the
 workers' gRPC control API and the coordinator."""

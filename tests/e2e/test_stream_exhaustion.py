@@ -1,5 +1,5 @@
-"""Nobody freezes the coordinator or a worker by holding streams open (the hostile review of
-issue 11: 41 health Watch streams took every thread of the coordinator's public port; 8 Watch
+"""Nobody freezes the coordinator or a worker by holding streams open (as a hostile review
+found: 41 health Watch streams took every thread of the coordinator's public port; 8 Watch
 streams on a worker's health port, or 8 silent control Sessions, took every thread of a worker).
 
 Real processes and sockets: a worker process (plaintext control port and a health port) and an

@@ -1,4 +1,4 @@
-"""A worker checks every Begin against its own limits, whoever sent it (issue 11): sizes, steps,
+"""A worker checks every Begin against its own limits, whoever sent it: sizes, steps,
 images, guidance, the split cut, the peer's identity and session nonce, the peer address it is
 told to push to, and the peer timeout. Each refusal is a BadCommand naming the field, and
 nothing of the session is left behind."""

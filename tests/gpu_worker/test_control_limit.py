@@ -1,4 +1,4 @@
-"""The control API's message bound fits the largest checkpoint a worker reports (issue 11): the
+"""The control API's message bound fits the largest checkpoint a worker reports: the
 latents, a multistep scheduler's history and the last difference of the largest SD3 request
 (2048 px, 4 images), built by the real scheduler and the real capture."""
 

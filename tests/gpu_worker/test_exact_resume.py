@@ -617,7 +617,7 @@ def test_the_engine_refuses_a_checkpoint_that_does_not_fit(adapters, pairs):
     engine.abort("r")
 
 
-# The hostile review's forgeries (issue 11), as any client of a worker's control port can send
+# Forgeries a hostile review found, as any client of a worker's control port can send
 # them: before the check each was accepted at Begin, then crashed a step (blamed on the resuming
 # worker) or gave a non-finite image.
 REVIEW_FORGERIES = {

@@ -1,4 +1,4 @@
-"""A late close must not end the next attempt's session (issue 11 review): the Session RPC closes
+"""A late close must not end the next attempt's session: the Session RPC closes
 its request's mailbox from gRPC's callback, which can run after the handler freed the worker and
 the coordinator's recovery began the same request id here again."""
 

@@ -67,7 +67,7 @@ def test_a_send_to_a_gone_peer_still_times_out(ctx, silent_address):
     assert err.value.metadata["peer"] == silent_address  # the coordinator blames the peer, by this field
 
 
-# --- peers the coordinator names, within the pool; a bounded link cache (issue 11) -------------
+# --- peers the coordinator names, within the pool; a bounded link cache ------------------------
 
 
 def _links(ctx, **kw):

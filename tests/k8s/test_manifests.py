@@ -1794,7 +1794,7 @@ def test_readme_cert_manager_certificates_match_what_the_code_checks():
 @pytest.mark.parametrize("key", ["helm:default", "helm:production", "helm:secure", "kustomize:secure"])
 def test_workers_push_data_plane_frames_only_inside_the_private_networks(key):
     """The peer allow-list is on where the chart or the secure overlay deploys workers: a Begin
-    cannot make a worker push activations to an arbitrary host (issue 11)."""
+    cannot make a worker push activations to an arbitrary host."""
     worker = container(workload(rendered(key), "worker")["spec"]["template"]["spec"], "worker")
     (flag,) = [a for a in worker["args"] if a.startswith("--data-peer-cidrs=")]
     assert flag.split("=", 1)[1].split(",") == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]

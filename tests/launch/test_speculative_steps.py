@@ -1,4 +1,4 @@
-"""No control round trip on the critical path (issue 14): in HYBRID between L and tau1 the driver
+"""No control round trip on the critical path: in HYBRID between L and tau1 the driver
 issues the undecided step speculatively and resolves it once the monitor has seen the step
 before. Run on the in-process pair, whose commands go through the same driver and engines as
 the cluster's, with the coordinator's messages delayed both ways."""

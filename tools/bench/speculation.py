@@ -1,4 +1,4 @@
-"""What speculative steps save (issue 14, item 3): two local clusters side by side, one with the
+"""What speculative steps save (docs/design.md section 1): two local clusters side by side, one with the
 coordinator's ``--speculative-steps on`` and one ``off``, the same HYBRID requests sent to each in
 turn (alternating which goes first). Per request: latency, the denoising steps' control seconds
 (what the step's wall time spent between coordinator and workers) inside the speculative zone
