@@ -1,6 +1,6 @@
 """Build hook: generate the gRPC/protobuf Python modules from proto/ before packaging.
 
-The generated modules are never committed or edited (docs/design.md section 3, proto/); they are
+The generated modules are never committed or edited (docs/design.md section 2, proto/); they are
 written into hybridiff/v1/ and hybridiff/internal/v1/ with a digest of the .proto sources, so
 that a stale generation is detected (hybridiff.codegen.assert_fresh).
 """

@@ -1,4 +1,4 @@
-"""The allocation policy (docs/design.md section 7): how many workers a request gets,
+"""The allocation policy (docs/design.md section 10): how many workers a request gets,
 at admission and again at every step boundary.
 
 - ``latency``: a pair whenever two workers are free, kept to the end (one request's latency).

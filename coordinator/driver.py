@@ -270,7 +270,7 @@ def _results(
 
 @dataclass(frozen=True)
 class StepWaits:
-    """How long to wait, in step costs (docs/design.md section 4): a worker waits for its peer's frame
+    """How long to wait, in step costs (docs/design.md section 8): a worker waits for its peer's frame
     ``peer_steps`` expected steps (at least ``peer_floor`` seconds, at most ``cap``); the driver
     waits for a step's answers longer than a worker may wait for its peer three times (a
     speculative step: the peer's prediction, its resolution, a FULL_CFG fill's half), so a silent
@@ -351,7 +351,7 @@ def drive_request(
     has run steps of its own, their times count too.
     With ``recover``, worker U reports the latents after every step (the checkpoint) and a
     worker that dies or stops answering is replaced: the request resumes from the last
-    completed step on the workers ``recover`` gives (docs/design.md section 8).
+    completed step on the workers ``recover`` gives (docs/design.md section 5).
     ``speculate``: issue HYBRID's undecided step ahead (see the module's doc); off, every step
     between L and tau1 waits for the round trip (kept to measure what speculation saves).
     Trace context: commands carry the current span (begin/finish) or their phase's span (steps).
@@ -520,7 +520,7 @@ class _RequestRun:
                 self.ever_used.append(w.name)
         futures = []
         # A fresh nonce per attempt: frames of an aborted attempt of this request id, or of anyone
-        # who only knows the id, are rejected by the workers (docs/design.md section 5).
+        # who only knows the id, are rejected by the workers (docs/design.md section 9).
         nonce = os.urandom(16)
         for i, w in enumerate(self.used):
             begin = worker_pb2.BeginCommand(

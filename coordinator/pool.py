@@ -1,4 +1,4 @@
-"""The worker pool and pair allocator (docs/design.md section 7).
+"""The worker pool and pair allocator (docs/design.md section 10).
 
 Discovery reports workers (``worker_ready`` / ``worker_gone``); the pool connects to each,
 reads its ``WorkerInfo`` and keeps its state:

@@ -1,4 +1,4 @@
-"""The public ``hybridiff.v1.DiffusionService`` (docs/design.md section 6).
+"""The public ``hybridiff.v1.DiffusionService`` (docs/design.md section 3).
 
 Every request: validate (INVALID_ARGUMENT naming the field, NOT_FOUND for an unknown model),
 wait in the admission queue for a pair (RESOURCE_EXHAUSTED at once when full), resolve AUTO

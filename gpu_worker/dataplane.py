@@ -323,7 +323,7 @@ def boundary_elements(config: Any, latent_side: int) -> int:
 
 def session_kinds(role_is_u: bool, topology: str) -> frozenset[int]:
     """The kinds a paired session receives: the peer's branch prediction (data parallel), and in
-    the window what the other stage sends (docs/design.md section 5)."""
+    the window what the other stage sends (docs/design.md section 9)."""
     kinds = {pb.FRAME_KIND_BRANCH_PREDICTION}
     if topology == "sequential":
         kinds.add(pb.FRAME_KIND_GUIDED_PREDICTION if role_is_u else pb.FRAME_KIND_STAGE_ACTIVATIONS)

@@ -4,7 +4,7 @@ One ``WorkerEngine`` per worker. It takes the control API's own messages
 (``hybridiff.internal.v1.SessionRequest``: begin, then one step per denoising step with the
 phase the schedule chose, then finish) and answers each with a ``SessionResponse``, in the
 cluster and in one process alike. It exchanges exactly what each phase needs with its peer
-through the data plane (docs/design.md section 5):
+through the data plane (docs/design.md section 9):
 
 - SINGLE: nothing (one worker, the CFG batch of 2).
 - DATA_PARALLEL: one branch prediction each way; both compute the same guided update.
@@ -17,7 +17,7 @@ decided whether the window opens at this step) runs as data parallel, with the c
 branch computed through the stages: its output is then also what the window's fill step
 computes. After the exchange the worker takes the step's ``ResolveCommand`` from its session
 (sent while it computed) and finishes the step as DATA_PARALLEL or as the PIPELINE_FILL, so no
-worker idles on the coordinator's round trip and both switch at the same step (docs/design.md section 4).
+worker idles on the coordinator's round trip and both switch at the same step (docs/design.md section 8).
 
 Each step reports where its time went (``StepDone``): compute, device/host copies around the
 data plane (``gpu_worker.transfers``: none on CPU; pinned, pooled, zero-copy on CUDA) and into
@@ -620,7 +620,7 @@ class WorkerEngine:
         """The data-parallel exchange, then the step as its resolution says: DATA_PARALLEL, or
         the PIPELINE_FILL opening the window. The conditional branch ran through the stages, so
         the fill's prediction and its stale activations are at hand: the next pipeline step's
-        stage keeps (or is sent) them, as after a synchronous fill (docs/design.md section 2)."""
+        stage keeps (or is sent) them, as after a synchronous fill (docs/design.md section 7)."""
         i = cmd.step
         t = st.timeline.timesteps[i]
         x_in = self.adapter.model_input(st.timeline, st.latents, t)

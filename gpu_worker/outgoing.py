@@ -5,7 +5,7 @@ hands the rest to ``Outgoing``: waiting for the copies, then the zero-copy hand-
 transport. The compute thread goes on with what the schedule has next (the outer ring's second
 half after sending the core's input, the scheduler step after sending a prediction), so the
 copy overlaps that compute; at the end of the step it ``flush``es, waiting only for what has
-not finished by then (docs/design.md section 5, "Transfers"). One thread keeps the
+not finished by then (docs/design.md section 9, "Transfers"). One thread keeps the
 messages in the order they were sent.
 """
 

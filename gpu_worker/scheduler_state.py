@@ -1,7 +1,7 @@
 """A diffusers scheduler's mutable state as a typed ``SchedulerState`` message, and back.
 
 A checkpoint lets another worker continue a request with the very same arithmetic
-(docs/design.md section 8). For a one-step scheduler (Euler, DDIM, flow matching) the latents,
+(docs/design.md section 5). For a one-step scheduler (Euler, DDIM, flow matching) the latents,
 the generator and the step index are enough; a multistep one (DPMSolverMultistep, UniPC, DEIS) also keeps a
 history that its next steps read: model outputs, the last sample, order counters.
 

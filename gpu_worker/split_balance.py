@@ -1,4 +1,4 @@
-"""Choose the stage cut by measured cost so both stages take about the same time (docs/design.md section 2).
+"""Choose the stage cut by measured cost so both stages take about the same time (docs/design.md section 7).
 
 Eager, the cut comes from per-unit costs. Compiled (``adapter.compiler`` set), eager timing
 misleads (compilation removes launch overhead and fuses unevenly), so the cut comes from the

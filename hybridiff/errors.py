@@ -1,4 +1,4 @@
-"""Typed errors of the service, each mapped to one gRPC status code at the edge (docs/design.md section 6).
+"""Typed errors of the service, each mapped to one gRPC status code at the edge (docs/design.md section 3).
 
 An error keeps its type across a process boundary: ``to_status`` writes it as a gRPC status with
 ``google.rpc`` details (``ErrorInfo`` with a stable ``reason``, ``BadRequest`` naming the field,

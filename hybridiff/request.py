@@ -1,5 +1,5 @@
 """The generation request as the coordinator resolves it, and its validation
-(docs/design.md sections 6 and 8).
+(docs/design.md sections 3 and 5).
 
 ``RequestInput`` is what a user asked for (None: the model's default); ``resolve_spec`` checks
 every field against the model's limits and fills in its defaults, giving a ``GenerationSpec``,

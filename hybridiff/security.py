@@ -1,4 +1,4 @@
-"""Transport security and authentication for both roles (docs/design.md section 8).
+"""Transport security and authentication for both roles (docs/design.md section 5).
 
 - gRPC: optional TLS, and mutual TLS when a client CA is given. Control-plane certificates
   name roles (``WORKER_NAME``, ``COORDINATOR_NAME`` as subjectAltNames): the coordinator checks

@@ -1,7 +1,7 @@
 """Tensor wire format of the data plane: every message is ONE frame (prefix, header, payload).
 
 ``encode`` / ``decode`` are the only way tensors cross between workers, in the in-process
-engine and over ZeroMQ alike (docs/design.md section 5); ``tensor_to_proto`` / ``tensor_from_proto``
+engine and over ZeroMQ alike (docs/design.md section 9); ``tensor_to_proto`` / ``tensor_from_proto``
 carry a tensor inside another message (checkpoints, final latents) as the same ``Tensor``
 message with its bytes inline. bf16 travels as raw bytes; an unknown dtype, a version mismatch
 or a size that does not match the header is rejected with ``FrameError`` — never a pickle

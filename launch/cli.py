@@ -1,4 +1,4 @@
-"""The ``hybridiff`` command line (docs/design.md section 6).
+"""The ``hybridiff`` command line (docs/design.md section 3).
 
 Exit codes: 0 ok; 2 bad usage or an invalid argument; 3 the service is unavailable or the
 deadline passed; 4 any other server error; 130 interrupted. Serving commands import their role

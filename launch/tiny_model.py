@@ -2,7 +2,7 @@
 
 Used by the tests, the CPU demos and the benchmark (``hybridiff tiny-model``). The CLIP
 tokenizers are byte-level BPE tokenizers built from an in-memory vocabulary, so no hub is
-needed. ``size="bench"`` is the SDXL-shaped UNet of about 30M parameters of docs/design.md section 9.
+needed. ``size="bench"`` is the SDXL-shaped UNet of about 30M parameters of docs/design.md section 4.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The layers hold (docs/design.md section 3, "Layers"): a test, not a memory.
+"""The layers hold (docs/design.md section 2, "Layers"): a test, not a memory.
 
     tools/        bench, the default model's training and evaluation, quality metrics
     launch/       the CLI, the local cluster, the in-process pair, tiny models

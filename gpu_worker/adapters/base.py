@@ -1,7 +1,7 @@
 """What the runtime needs from a diffusers model, with the pipeline's own methods doing the work.
 
 An adapter wraps a loaded diffusers pipeline. It never runs the pipeline's denoising loop: it
-exposes the pieces of one step (docs/design.md section 2) — prompt encoding, initial latents, one
+exposes the pieces of one step (docs/design.md section 7) — prompt encoding, initial latents, one
 denoiser forward for a branch or the CFG batch, the two-stage split, the scheduler step and
 the VAE decode — so that the worker engine can interleave them with its peer.
 """
@@ -86,7 +86,7 @@ class RequestTimeline:
 
 
 class StageSplit(ABC):
-    """The two-stage split of a denoiser (docs/design.md section 2).
+    """The two-stage split of a denoiser (docs/design.md section 7).
 
     ``topology`` is ``"sequential"`` (stage 1 then stage 2; the boundary goes forward: DiT) or
     ``"nested"`` (stage 1 is an outer ring around stage 2; the inner core's input goes in and

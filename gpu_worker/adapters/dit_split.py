@@ -1,4 +1,4 @@
-"""Sequential two-stage split of a diffusers ``SD3Transformer2DModel`` (docs/design.md section 2).
+"""Sequential two-stage split of a diffusers ``SD3Transformer2DModel`` (docs/design.md section 7).
 
 Stage 1 = patch/caption embedding + transformer blocks ``[0, cut)``; stage 2 = blocks
 ``[cut, n)`` + the output head (norm_out, proj_out, unpatchify). The boundary is exactly the

@@ -1,4 +1,4 @@
-"""Nested two-stage split of a diffusers ``UNet2DConditionModel`` (docs/design.md section 2).
+"""Nested two-stage split of a diffusers ``UNet2DConditionModel`` (docs/design.md section 7).
 
 The UNet is a list of *units*: on the way down each unit produces one skip residual (conv_in,
 each resnet[+attention] layer, each downsampler); on the way up each unit consumes one (each

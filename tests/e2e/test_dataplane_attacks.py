@@ -1,4 +1,4 @@
-"""The data plane under attack (docs/design.md section 5), over real ZeroMQ sockets.
+"""The data plane under attack (docs/design.md section 9), over real ZeroMQ sockets.
 
 - Someone who knows a request id (clients choose them; ClusterStatus published them) and the
   workers' names floods both workers of a pair with frames for every kind and step of that

@@ -1,4 +1,4 @@
-"""A worker's death does not lose the request (docs/design.md section 8): kill -9 during phase 1, during
+"""A worker's death does not lose the request (docs/design.md section 5): kill -9 during phase 1, during
 the pipeline window and at the end (decode); the coordinator resumes from its checkpoint, and the
 worker restarted rejoins. SIGTERM drains the coordinator."""
 

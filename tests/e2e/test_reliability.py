@@ -1,4 +1,4 @@
-"""Reliability (docs/design.md section 8) through a running cluster: bad input never crashes or leaks a
+"""Reliability (docs/design.md section 5) through a running cluster: bad input never crashes or leaks a
 trace, deadlines and cancellation free the pair, a full queue answers at once."""
 
 from __future__ import annotations

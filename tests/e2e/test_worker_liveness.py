@@ -1,5 +1,5 @@
 """A worker frees itself from abandoned control sessions, sees its own stalls and says who it is
-(docs/design.md section 8), as real worker processes: an idle session is ended within the idle timeout, a
+(docs/design.md section 5), as real worker processes: an idle session is ended within the idle timeout, a
 SIGSTOPped client is dropped by gRPC keepalive, a command stuck past the watchdog's bound turns
 health and liveness NOT_SERVING for good, and Info carries the weights digest and the running
 request."""

@@ -1,4 +1,4 @@
-"""Compiled workers (docs/design.md section 9): the compile policy, the bounded per-shape cache, the
+"""Compiled workers (docs/design.md section 4): the compile policy, the bounded per-shape cache, the
 cut chosen from compiled timings, readiness only once warm, and compiled = eager images.
 
 The fast tests compile with dynamo's ``eager`` backend (a real trace, no code generation); the

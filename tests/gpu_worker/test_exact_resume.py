@@ -1,4 +1,4 @@
-"""Exact resume (docs/design.md section 8): a request resumed from its checkpoint on other
+"""Exact resume (docs/design.md section 5): a request resumed from its checkpoint on other
 workers computes the very image of the unbroken run, whatever the scheduler — the checkpoint
 carries the scheduler's history (DPMSolverMultistep, UniPC) and the window policy's state (the
 last measured e_c - e_u of ``last-difference``).

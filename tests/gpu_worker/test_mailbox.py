@@ -267,7 +267,7 @@ def test_in_memory_link_to_a_peer_without_the_request_is_rejected_there():
     link.close()
 
 
-# --- frames bound to one attempt (docs/design.md section 5) ---------------------------------
+# --- frames bound to one attempt (docs/design.md section 9) ---------------------------------
 
 
 def _refused(box: Mailbox, frames, reason: str) -> None:

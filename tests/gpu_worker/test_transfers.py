@@ -1,4 +1,4 @@
-"""Transfers around the data plane (docs/design.md section 5), on CPU.
+"""Transfers around the data plane (docs/design.md section 9), on CPU.
 
 - A staged send puts the message's tensors straight into ONE pool buffer laid out as the
   message (header written in front at send time) and hands ZeroMQ that buffer itself, as the

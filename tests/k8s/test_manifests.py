@@ -512,7 +512,7 @@ def test_helm_rejects_incomplete_values():
             chart.render(bad, name="hybridiff", namespace="serving")
 
 
-# Flags of the CLI contract (docs/design.md section 6) that the chart renders
+# Flags of the CLI contract (docs/design.md section 3) that the chart renders
 # only when auth, TLS or hybrid defaults are configured. Until the CLI accepts them, a render
 # that uses them is reported as skipped (never as passing); once it does, they are checked.
 PENDING_CLI_FLAGS: set[str] = set()

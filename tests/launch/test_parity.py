@@ -1,4 +1,4 @@
-"""SINGLE and CFG_PARALLEL reproduce the diffusers pipelines (docs/design.md section 6)."""
+"""SINGLE and CFG_PARALLEL reproduce the diffusers pipelines (docs/design.md section 3)."""
 
 import pytest
 import torch

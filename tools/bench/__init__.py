@@ -1,4 +1,4 @@
-"""Benchmark and profiling tools (docs/design.md section 9).
+"""Benchmark and profiling tools (docs/design.md section 4).
 
 ``perfmodel`` is the pure schedule latency model (the "ideal speedup" and the two-GPU
 prediction); ``gpu_profile`` times full-size SDXL / SD3 denoisers with random weights and feeds

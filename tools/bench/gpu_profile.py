@@ -1,5 +1,5 @@
 """GPU profile of full-size SDXL / SD3 denoisers and the two-GPU latency it predicts
-(docs/design.md section 9).
+(docs/design.md section 4).
 
 Builds the SDXL-base UNet and the SD3-medium transformer from the configs in ``configs/``
 (random weights, no download), times at 1024x1024 a denoiser forward at batch 1 and 2, picks

@@ -1,4 +1,4 @@
-"""``hybridiff bench``: every mode side by side through the gRPC service (docs/design.md section 9).
+"""``hybridiff bench``: every mode side by side through the gRPC service (docs/design.md section 4).
 
 Starts a local cluster (each worker pinned to its own core with one torch thread: the CPU
 stand-in for one GPU each), or targets a running one, and for each prompt and seed runs
@@ -49,7 +49,7 @@ DEFAULT_PROMPTS = (
     "a green triangle at the bottom",
     "a yellow star on the right",
 )
-# (label, mode, window guidance; None: the mode's default): the modes of docs/design.md section 9 plus
+# (label, mode, window guidance; None: the mode's default): the modes of docs/design.md section 4 plus
 # the second window policy. The labels name the variants in the JSON, the table and the plots.
 VARIANTS: tuple[Variant, ...] = (
     Variant("single", Mode.SINGLE),

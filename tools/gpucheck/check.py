@@ -1,5 +1,5 @@
 """``hybridiff gpu-check``: every mode end to end through a local cluster on the GPU(s), eager and
-compiled, checked against SINGLE (``scripts/gpu-check.sh``; docs/design.md section 9).
+compiled, checked against SINGLE (``scripts/gpu-check.sh``; docs/design.md section 4).
 
 For each architecture (SDXL-base and SD3-medium shaped, random fp16 weights, 1024x1024 by
 default on CUDA) and each compile setting (eager, then ``--compile`` when the worker has that

@@ -1,5 +1,5 @@
 """``hybridiff load-sweep``: latency and SLO attainment against offered load, for each allocation
-policy, on a local cluster (docs/design.md section 9, "Under load").
+policy, on a local cluster (docs/design.md section 4, "Under load").
 
 For each policy and load point a fresh local cluster (each worker pinned to its own cores, as on
 the benchmark) serves open-loop Poisson load at a fraction of the ``throughput`` policy's
