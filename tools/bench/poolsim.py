@@ -1,5 +1,5 @@
 """``hybridiff poolsim``: the allocation policies on pools of many workers, simulated
-(docs/design.md sections 10 and 4).
+(docs/design.md sections 4 and 10).
 
 A discrete-event simulation (a heap of events, no ticking) of N workers serving one model under
 open-loop Poisson arrivals of AUTO guided requests. Every decision is the service's own code:
