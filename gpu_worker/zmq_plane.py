@@ -1,4 +1,4 @@
-"""The ZeroMQ data plane between workers (docs/design.md sections 9 and 6).
+"""The ZeroMQ data plane between workers (docs/design.md sections 6 and 9).
 
 Each worker binds one PULL socket; its IO thread receives messages of ONE frame each (prefix,
 header, payload: ``hybridiff.wire``) and files them in the worker's ``Mailbox``, which decodes
