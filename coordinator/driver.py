@@ -26,10 +26,10 @@ from typing import Protocol
 from opentelemetry import trace
 
 from coordinator.allocation import Decision
+from coordinator.remote import WorkerFault, as_seen_by_the_client
 from coordinator.schedule import StepSchedule
 from hybridiff import telemetry
 from hybridiff.errors import (
-    BadCommand,
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
@@ -294,14 +294,6 @@ class StepWaits:
         return min(3 * self.peer(step_cost) + step_cost, self.cap)
 
 
-def _as_seen_by_the_client(worker: WorkerHandle, cause: BaseException) -> BaseException:
-    """A worker refusing a command is this service's fault, not the caller's: INTERNAL, naming
-    the worker; every other error keeps its type."""
-    if isinstance(cause, BadCommand):
-        return WorkerFailed(f"worker {worker.name} refused a command ({cause.reason}): {cause}")
-    return cause
-
-
 # Given the failed worker and the survivors, the workers to continue on (one or two); raises
 # (e.g. Unavailable) when there is nothing to continue on.
 Recover = Callable[[WorkerHandle, list[WorkerHandle]], list[WorkerHandle]]
@@ -474,9 +466,8 @@ class _RequestRun:
                     or recoveries >= self.max_recoveries
                     or isinstance(cause, UNRECOVERABLE)
                 ):
-                    error = _as_seen_by_the_client(failure.worker, cause)
-                    error.blamed_worker = failure.worker.name  # the pool quarantines it alone
-                    raise error from None
+                    error = as_seen_by_the_client(failure.worker.name, cause)
+                    raise WorkerFault(error, failure.worker.name) from None  # the pool quarantines it alone
                 survivors = [w for w in self.used if w is not failure.worker]
                 self.used = self.recover(failure.worker, survivors)
                 recoveries += 1

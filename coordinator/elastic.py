@@ -18,14 +18,13 @@ class ElasticLease:
         policy: Policy,
         costs: CostBook,
         num_steps: int,
-        handles: Callable[[Lease], list[WorkerHandle]],
         on_event: Callable[[Decision], None],
     ) -> None:
         self.lease, self.policy, self.costs, self.num_steps = lease, policy, costs, num_steps
-        self.handles, self.on_event = handles, on_event
+        self.on_event = on_event
 
     def decide(self, next_step: int, used: list[WorkerHandle]) -> Decision:
-        view = self.lease.pool.view(self.lease.model)
+        view = self.lease.view()
         return at_boundary(
             self.policy, len(used) == 2, view, self.num_steps - next_step, self.costs.costs(self.lease.model)
         )
@@ -34,7 +33,7 @@ class ElasticLease:
         """Make the change if the pool still calls for it (it may have moved while the step in
         flight completed): a shrink keeps worker U and hands C to the pool's head waiter; a grow
         takes an idle worker as C."""
-        view = self.lease.pool.view(self.lease.model)
+        view = self.lease.view()
         if decision == Decision.SHRINK and len(used) == 2 and view.waiting and not view.idle:
             self.lease.give_back(used[1].name)
         elif decision == Decision.GROW and len(used) == 1 and self.lease.take_one() is not None:
@@ -42,4 +41,4 @@ class ElasticLease:
         else:
             return None
         self.on_event(decision)
-        return self.handles(self.lease)
+        return self.lease.handles()

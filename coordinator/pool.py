@@ -39,6 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.allocation import PoolView
+from coordinator.remote import RemoteWorker
 from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, QueueFull, Unavailable
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 from hybridiff.protocol import WORKER_PROTOCOL_VERSION
@@ -593,6 +594,16 @@ class Lease:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def view(self) -> PoolView:
+        """The pool as the lease's model sees it now (idle workers, waiting requests)."""
+        return self.pool.view(self.model)
+
+    def handles(self) -> list[RemoteWorker]:
+        """The driver's handles on the leased workers, in lease order (U first)."""
+        return [
+            RemoteWorker(e.worker_id, e.channel, e.info.data_address, e.info.worker_id) for e in self.entries
+        ]
 
     def replace_failed(self, worker_id: str, keep: set[str], want: int) -> list[WorkerEntry]:
         """Quarantine ``worker_id``; keep the workers named in ``keep`` (the driver aborted every

@@ -1,4 +1,7 @@
-"""The coordinator's handle on a remote worker: one control-API Session stream per request.
+"""Every call the coordinator makes to a worker, and the one mapping of a worker's errors to
+what the client is told.
+
+``RemoteWorker`` is the handle on a remote worker: one control-API Session stream per request.
 
 Commands are queued onto the stream as they are issued (the driver sends steps ahead); the
 worker answers each with one event, in order, which resolves the oldest pending future (a
@@ -13,15 +16,91 @@ import logging
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import grpc
 
-from hybridiff.errors import HybridiffError, WorkerFailed, from_rpc_error
+from hybridiff.errors import (
+    BadCommand,
+    Cancelled,
+    DeadlineExceeded,
+    HybridiffError,
+    InvalidArgument,
+    Unavailable,
+    WorkerFailed,
+    from_rpc_error,
+    status_details,
+)
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 _END = object()
+MEASURE_SPLIT_TIMEOUT = 300.0  # a worker measures a size once (a few forwards) and keeps it
+
+
+class WorkerFault(Exception):
+    """A request failed because of one worker: ``error`` is what the client is told, ``worker``
+    the one the pool quarantines (the others of the lease are released healthy)."""
+
+    def __init__(self, error: HybridiffError, worker: str) -> None:
+        super().__init__(str(error))
+        self.error, self.worker = error, worker
+
+
+def as_seen_by_the_client(worker: str, cause: BaseException, what: str = "a command") -> BaseException:
+    """A worker's failure as the client sees it, naming the worker. A worker refusing a command
+    (or a call) is this service's fault, not the caller's: INTERNAL. A control call that broke
+    without one of our typed errors stays UNAVAILABLE when the worker is gone (a retry may find
+    another) and is INTERNAL otherwise; one that was not answered in time is UNAVAILABLE. Every
+    other error keeps its type."""
+    if isinstance(cause, grpc.RpcError):
+        if "ErrorInfo" not in status_details(cause):  # not one of ours: its text is the worker's internals
+            if cause.code() == grpc.StatusCode.UNAVAILABLE:
+                return Unavailable(f"worker {worker} is unreachable ({what})", worker=worker)
+            return WorkerFailed(
+                f"worker {worker}: {what} failed ({cause.code().name}); see its log", worker=worker
+            )
+        typed = from_rpc_error(cause, prefix=f"worker {worker}: {what}: ")
+        if isinstance(typed, (DeadlineExceeded, Cancelled)):
+            return Unavailable(f"worker {worker} did not answer {what}: {cause.details()}", worker=worker)
+        if isinstance(typed, InvalidArgument):
+            return WorkerFailed(
+                f"worker {worker} refused {what} ({typed.reason}): {cause.details()}", worker=worker
+            )
+        if isinstance(typed, Unavailable):
+            return typed
+        return WorkerFailed(
+            f"worker {worker} failed {what} ({typed.reason}): {cause.details()}", worker=worker
+        )
+    if isinstance(cause, BadCommand):
+        return WorkerFailed(f"worker {worker} refused {what} ({cause.reason}): {cause}")
+    return cause
+
+
+def measure_split(
+    stub: worker_pb2_grpc.WorkerControlServiceStub,
+    worker: str,
+    width: int,
+    height: int,
+    check_alive: Callable[[], None],
+    poll_seconds: float,
+) -> int:
+    """The balanced stage cut at a size, measured by ``worker``: a call that a cancel or a passed
+    deadline (``check_alive`` raising) ends at once; its failure is a ``WorkerFault`` naming it."""
+    call = stub.MeasureSplit.future(
+        worker_pb2.MeasureSplitRequest(width=width, height=height), timeout=MEASURE_SPLIT_TIMEOUT
+    )
+    try:
+        while True:
+            try:
+                return call.result(timeout=poll_seconds).cut
+            except grpc.FutureTimeoutError:
+                check_alive()
+    except grpc.RpcError as err:
+        raise WorkerFault(as_seen_by_the_client(worker, err, "MeasureSplit"), worker) from None
+    finally:
+        call.cancel()  # no-op once done
 
 
 class _Session:

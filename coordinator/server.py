@@ -23,7 +23,8 @@ from opentelemetry import trace
 from coordinator.discovery import StaticDiscovery
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import WorkerPool
-from coordinator.service import DiffusionService, ServiceConfig
+from coordinator.runner import RequestRunner, RunnerConfig
+from coordinator.service import DiffusionService
 from hybridiff import security, serving, telemetry
 from hybridiff.v1 import diffusion_pb2, diffusion_pb2_grpc
 
@@ -76,7 +77,7 @@ class Coordinator:
         port: int = 50051,
         metrics_port: int | None = 9090,
         queue_size: int = 16,
-        config: ServiceConfig | None = None,
+        config: RunnerConfig | None = None,
         grace: float = 60.0,
         tls: serving.TlsFiles = (None, None, None),
         token: str | None = None,
@@ -96,7 +97,8 @@ class Coordinator:
             queue_capacity=queue_size,
             on_change=self._pool_changed,
         )
-        self.service = DiffusionService(self.pool, self.metrics, config)
+        self.runner = RequestRunner(self.pool, self.metrics, config)
+        self.service = DiffusionService(self.runner)
         interceptors = telemetry.server_interceptors()
         if token or admin_token:  # first: a refused call is answered before anything reads it
             interceptors.insert(0, security.BearerTokenInterceptor(token, admin_token, ADMIN_METHODS))
@@ -115,7 +117,7 @@ class Coordinator:
         self._draining = False
 
     def _set_health(self, has_workers: bool) -> None:
-        draining = self.service.draining
+        draining = self.runner.draining
         self.health.set("", serving.NOT_SERVING if draining else serving.SERVING)
         self.health.set(
             SERVICE_NAME, serving.SERVING if has_workers and not draining else serving.NOT_SERVING
@@ -141,7 +143,7 @@ class Coordinator:
                 return
             self._draining = True
         try:
-            self.service.draining = True
+            self.runner.draining = True
             self.pool.close()
             self._set_health(False)
             self.health.enter_graceful_shutdown()

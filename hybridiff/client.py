@@ -23,7 +23,6 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Generic, TypeVar
 
 import grpc
@@ -32,9 +31,9 @@ from opentelemetry import propagate, trace
 from PIL import Image
 
 from hybridiff import security
-from hybridiff.errors import HybridiffError, InvalidArgument, Unavailable, WorkerFailed, from_rpc_error
-from hybridiff.protocol import Mode, OutputFormat, WindowGuidance, parse
-from hybridiff.request import RequestInput
+from hybridiff.errors import HybridiffError, Unavailable, WorkerFailed, from_rpc_error
+from hybridiff.protocol import Mode, OutputFormat
+from hybridiff.request import request_from_names
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 
@@ -73,44 +72,6 @@ def is_loopback(target: str) -> bool:
         return False
 
 
-def request_to_proto(raw: RequestInput) -> pb.GenerateRequest:
-    """The wire request of a ``RequestInput`` (None fields stay unset: the server's defaults). A
-    value the wire cannot carry (a negative seed, a count past 2**32) raises ``InvalidArgument``
-    naming the field, as the server would."""
-    req = pb.GenerateRequest()
-    for name, value in (
-        ("model", raw.model),
-        ("prompt", raw.prompt),
-        ("negative_prompt", raw.negative_prompt),
-        ("width", raw.width),
-        ("height", raw.height),
-        ("num_inference_steps", raw.num_steps),
-        ("guidance_scale", raw.guidance_scale),
-        ("seed", raw.seed),
-        ("mode", int(raw.mode)),
-        ("request_id", raw.request_id),
-        ("window_guidance", int(raw.window_guidance)),
-        ("output_format", int(raw.output_format)),
-        ("quality", raw.quality),
-        ("num_images", raw.num_images),
-    ):
-        if value is not None:
-            _set(req, name, value, name)
-    for name, value in raw.hybrid.items():
-        if value is not None:
-            _set(req.hybrid, name, value, f"hybrid.{name}")
-    return req
-
-
-def _set(message, name: str, value: object, path: str) -> None:
-    if name not in message.DESCRIPTOR.fields_by_name:
-        raise InvalidArgument(path, "unknown field")
-    try:
-        setattr(message, name, value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(path, f"cannot send {value!r}: {exc}") from None
-
-
 @dataclass
 class Generation:
     """A finished request: its id and seed, the encoded images, and the run's statistics."""
@@ -142,16 +103,6 @@ class Generation:
             for image in self.response.images
             if image.mime_type.startswith("image/")
         ]
-
-
-def _enum(enum: type[IntEnum], value: str | int, field: str) -> int:
-    """An enum's wire number from the enum, its number or its CLI name; 0 or "": unset."""
-    if not value:
-        return 0
-    try:
-        return int(parse(enum, value)) if isinstance(value, str) else int(value)
-    except ValueError as exc:
-        raise InvalidArgument(field, str(exc)) from None
 
 
 ProgressCallback = Callable[[pb.StepProgress], object]
@@ -233,24 +184,24 @@ class _Client(ABC, Generic[_Result]):
         client). Unset arguments take the model's defaults; ``mode``, ``window_guidance`` and
         ``output_format`` take enums or their CLI names ("cfg-parallel", "last-difference",
         "webp"). ``on_progress`` sees every step."""
-        raw = RequestInput(
-            prompt=prompt,
+        request = request_from_names(
+            prompt,
             negative_prompt=negative_prompt,
             width=width,
             height=height,
-            num_steps=steps,
+            steps=steps,
             guidance_scale=guidance_scale,
             seed=seed,
-            mode=_enum(Mode, mode, "mode"),
-            hybrid=dict(hybrid or {}),
-            window_guidance=_enum(WindowGuidance, window_guidance, "window_guidance"),
-            output_format=_enum(OutputFormat, output_format, "output_format"),
+            mode=mode,
+            hybrid=hybrid,
+            window_guidance=window_guidance,
+            output_format=output_format,
             quality=quality,
             num_images=num_images,
             request_id=request_id,
             model=model,
         )
-        return self._generate(request_to_proto(raw), timeout, on_progress)
+        return self._generate(request, timeout, on_progress)
 
     def _call_metadata(self) -> list[tuple[str, str]]:
         carrier: dict[str, str] = {}
@@ -403,6 +354,6 @@ __all__ = [
     "Generation",
     "HybridiffError",
     "PlaintextTokenWarning",
-    "request_to_proto",
+    "request_from_names",
     "default_target",
 ]

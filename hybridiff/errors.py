@@ -25,8 +25,6 @@ class HybridiffError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
     retry_after: float | None = None  # seconds, for RetryInfo
-    # The worker the coordinator holds responsible (it alone is quarantined); never sent to clients.
-    blamed_worker: str | None = None
 
     def __init__(self, message: str, **metadata: str) -> None:
         super().__init__(message)

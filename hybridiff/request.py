@@ -1,9 +1,10 @@
 """The generation request as the coordinator resolves it, and its validation
 (docs/design.md sections 3 and 5).
 
-``RequestInput`` is what a user asked for (None: the model's default); ``resolve_spec`` checks
-every field against the model's limits and fills in its defaults, giving a ``GenerationSpec``,
-or raises ``InvalidArgument`` naming the field.
+The public ``GenerateRequest`` is what a user asked for (an unset field: the model's default;
+``request_from_names`` builds one from Python values); ``resolve_spec`` checks every field
+against the model's limits and fills in its defaults, giving a ``GenerationSpec``, or raises
+``InvalidArgument`` naming the field.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import math
 import secrets
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from enum import IntEnum
 
 from hybridiff.errors import InvalidArgument
-from hybridiff.protocol import Mode, OutputFormat, WindowGuidance
+from hybridiff.protocol import Mode, OutputFormat, WindowGuidance, parse
+from hybridiff.v1 import diffusion_pb2 as pb
 
 MAX_STEPS = 500
 MAX_PROMPT_CHARS = 4000
@@ -130,26 +133,78 @@ class GenerationSpec:
         return self.guidance_scale > 1.0
 
 
-@dataclass
-class RequestInput:
-    """Raw user input; None means "the model's default" (0 is a value, and out of range).
-    Enum fields take the enums or their wire numbers (0: the default)."""
+HYBRID_FIELDS = ("l_slope", "eps_slope", "k", "tau_cap")
 
-    prompt: str = ""
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    num_steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None  # None: a random seed, reported back
-    mode: int = Mode.AUTO
-    hybrid: dict[str, int | float | None] = field(default_factory=dict)  # l_slope, eps_slope, k, tau_cap
-    window_guidance: int = 0
-    output_format: int = OutputFormat.PNG
-    quality: int = 0
-    num_images: int = 1
-    request_id: str = ""
-    model: str = ""
+
+def wire_enum(enum: type[IntEnum], value: str | int | None, field: str) -> int:
+    """An enum's wire number from the enum, its number or its edge name ("cfg-parallel");
+    None, 0, "" or "default": unset."""
+    if not value or value == "default":
+        return 0
+    try:
+        return int(parse(enum, value)) if isinstance(value, str) else int(value)
+    except ValueError as exc:
+        raise InvalidArgument(field, str(exc)) from None
+
+
+def request_from_names(
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    num_images: int | None = None,
+    mode: str | int | None = None,
+    hybrid: dict[str, int | float | None] | None = None,
+    window_guidance: str | int | None = None,
+    output_format: str | int | None = None,
+    quality: int | None = None,
+    model: str = "",
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """The public request from Python values, as the CLI, the clients and the tools name them:
+    None leaves a field unset (the model's default); enums take their edge names
+    (``mode="cfg-parallel"``), numbers or values. A value the wire cannot carry (a negative seed,
+    a count past 2**32) raises ``InvalidArgument`` naming the field, as the server would."""
+    req = pb.GenerateRequest()
+    for name, value in (
+        ("model", model),
+        ("prompt", prompt),
+        ("negative_prompt", negative_prompt),
+        ("width", width),
+        ("height", height),
+        ("num_inference_steps", steps),
+        ("guidance_scale", guidance_scale),
+        ("seed", seed),
+        ("mode", wire_enum(Mode, mode, "mode")),
+        ("request_id", request_id),
+        ("window_guidance", wire_enum(WindowGuidance, window_guidance, "window_guidance")),
+        ("output_format", wire_enum(OutputFormat, output_format, "output_format")),
+        ("quality", quality),
+        ("num_images", num_images),
+    ):
+        if value is not None:
+            _set(req, name, value, name)
+    for name, value in (hybrid or {}).items():
+        if value is not None:
+            _set(req.hybrid, name, value, f"hybrid.{name}")
+    return req
+
+
+def _set(message, name: str, value: object, path: str) -> None:
+    if name not in message.DESCRIPTOR.fields_by_name:
+        raise InvalidArgument(path, "unknown field")
+    try:
+        setattr(message, name, value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(path, f"cannot send {value!r}: {exc}") from None
+
+
+def _optional(message, name: str):
+    return getattr(message, name) if message.HasField(name) else None
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> int:
@@ -195,40 +250,46 @@ def _check_prompt(name: str, value: object, required: bool) -> None:
         raise InvalidArgument(name, f"longer than {MAX_PROMPT_CHARS} characters")
 
 
-def resolve_spec(raw: RequestInput, limits: SizeLimits, defaults: ModelDefaults) -> GenerationSpec:
-    """Validate ``raw`` against the model's limits and fill in its ``defaults``."""
-    _check_prompt("prompt", raw.prompt, required=True)
-    if raw.negative_prompt is not None:
-        _check_prompt("negative_prompt", raw.negative_prompt, required=False)
-    width = _check_side("width", raw.width, limits)
-    height = _check_side("height", raw.height, limits)
-    steps = _check_int("num_inference_steps", _default(raw.num_steps, defaults.steps), 1, MAX_STEPS)
-    guidance = _default(raw.guidance_scale, defaults.guidance_scale)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+def resolve_spec(
+    req: pb.GenerateRequest, limits: SizeLimits, defaults: ModelDefaults, model: str | None = None
+) -> GenerationSpec:
+    """Validate ``req`` against the model's limits and fill in its ``defaults``; ``model``: the
+    served model's name (default: the request's)."""
+    _check_prompt("prompt", req.prompt, required=True)
+    negative_prompt = _optional(req, "negative_prompt")
+    if negative_prompt is not None:
+        _check_prompt("negative_prompt", negative_prompt, required=False)
+    width = _check_side("width", _optional(req, "width"), limits)
+    height = _check_side("height", _optional(req, "height"), limits)
+    steps = _check_int(
+        "num_inference_steps", _default(_optional(req, "num_inference_steps"), defaults.steps), 1, MAX_STEPS
+    )
+    guidance = _default(_optional(req, "guidance_scale"), defaults.guidance_scale)
+    if not math.isfinite(guidance):
         raise InvalidArgument("guidance_scale", f"must be a finite number, got {guidance!r}")
     if not 0 <= guidance <= MAX_GUIDANCE:
         raise InvalidArgument("guidance_scale", f"must be in 0..{MAX_GUIDANCE}, got {guidance}")
-    seed = secrets.randbits(63) if raw.seed is None else _check_int("seed", raw.seed, 0, MAX_SEED)
-    mode = _check_enum("mode", Mode, raw.mode, unset=Mode.AUTO)
+    seed = _optional(req, "seed")
+    seed = secrets.randbits(63) if seed is None else _check_int("seed", seed, 0, MAX_SEED)
+    mode = _check_enum("mode", Mode, req.mode, unset=Mode.AUTO)
     policy = (
         None
-        if raw.window_guidance == 0
-        else _check_enum("window_guidance", WindowGuidance, raw.window_guidance)
+        if req.window_guidance == 0
+        else _check_enum("window_guidance", WindowGuidance, req.window_guidance)
     )
-    output_format = _check_enum("output_format", OutputFormat, raw.output_format, unset=OutputFormat.PNG)
-    quality = DEFAULT_QUALITY if raw.quality == 0 else _check_int("quality", raw.quality, 1, 100)
-    num_images = _check_int("num_images", raw.num_images or 1, 1, limits.max_images)
-    unknown = set(raw.hybrid) - {"l_slope", "eps_slope", "k", "tau_cap"}
-    if unknown:
-        raise InvalidArgument(f"hybrid.{sorted(unknown)[0]}", "unknown hybrid parameter")
-    hybrid = defaults.hybrid.replace(**raw.hybrid).validate()
-    request_id = raw.request_id or uuid.uuid4().hex
+    output_format = _check_enum("output_format", OutputFormat, req.output_format, unset=OutputFormat.PNG)
+    quality = DEFAULT_QUALITY if req.quality == 0 else _check_int("quality", req.quality, 1, 100)
+    num_images = _check_int("num_images", req.num_images or 1, 1, limits.max_images)
+    hybrid = defaults.hybrid.replace(
+        **{name: _optional(req.hybrid, name) for name in HYBRID_FIELDS}
+    ).validate()
+    request_id = req.request_id or uuid.uuid4().hex
     if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
         raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
     return GenerationSpec(
         request_id=request_id,
-        prompt=raw.prompt,
-        negative_prompt=raw.negative_prompt,
+        prompt=req.prompt,
+        negative_prompt=negative_prompt,
         width=width,
         height=height,
         num_steps=steps,
@@ -240,5 +301,5 @@ def resolve_spec(raw: RequestInput, limits: SizeLimits, defaults: ModelDefaults)
         output_format=output_format,
         quality=quality,
         num_images=num_images,
-        model=raw.model,
+        model=req.model if model is None else model,
     )

@@ -27,11 +27,11 @@ from hybridiff.client import (
     DEFAULT_TIMEOUT,
     DiffusionClient,
     default_target,
-    request_to_proto,
 )
 from hybridiff.errors import DeadlineExceeded, HybridiffError, InvalidArgument, ModelLoadError, Unavailable
-from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label, labels, parse
-from hybridiff.request import RequestInput
+from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label, labels
+from hybridiff.request import request_from_names
+from hybridiff.v1 import diffusion_pb2 as pb
 from launch.children import die_with_launcher
 
 EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_SERVER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
@@ -137,21 +137,19 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-json", default=None, help="also write the run's statistics as JSON here")
 
 
-def request_input(args: argparse.Namespace) -> RequestInput:
-    return RequestInput(
-        prompt=args.prompt,
+def request_input(args: argparse.Namespace) -> pb.GenerateRequest:
+    return request_from_names(
+        args.prompt,
         negative_prompt=args.negative_prompt,
         width=args.width,
         height=args.height,
-        num_steps=args.steps,
+        steps=args.steps,
         guidance_scale=args.guidance,
         seed=args.seed,
-        mode=parse(Mode, args.mode),
+        mode=args.mode,
         hybrid={"l_slope": args.l_slope, "eps_slope": args.eps_slope, "k": args.k, "tau_cap": args.tau_cap},
-        window_guidance=0
-        if args.window_guidance == "default"
-        else parse(WindowGuidance, args.window_guidance),
-        output_format=parse(OutputFormat, args.format),
+        window_guidance=args.window_guidance,
+        output_format=args.format,
         quality=args.quality,
         num_images=args.num_images,
         request_id=args.request_id,
@@ -248,8 +246,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     # deferred: the coordinator role (prometheus, the OpenTelemetry SDK, the kubernetes client).
     from coordinator.allocation import Policy
     from coordinator.discovery import StaticDiscovery
+    from coordinator.runner import RunnerConfig
     from coordinator.server import serve_coordinator
-    from coordinator.service import ServiceConfig
 
     if args.discovery == "kubernetes":
         from coordinator.discovery.kubernetes import KubernetesDiscovery  # deferred: the kubernetes client
@@ -266,7 +264,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         port=args.port,
         metrics_port=args.metrics_port,
         queue_size=args.queue_size,
-        config=ServiceConfig(
+        config=RunnerConfig(
             step_timeout=args.step_timeout,
             speculative_steps=args.speculative_steps == "on",
             hybrid_defaults={
@@ -332,7 +330,7 @@ def client_for(args: argparse.Namespace) -> DiffusionClient:
 def cmd_generate(args: argparse.Namespace) -> int:
     # The CLI is an application: it configures the OpenTelemetry SDK (from OTEL_* variables) when installed.
     telemetry.setup_tracing_if_installed("hybridiff-client")
-    request = request_to_proto(request_input(args))
+    request = request_input(args)
     bar = tqdm(unit="step", disable=args.quiet)
 
     def on_progress(p) -> None:

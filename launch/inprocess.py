@@ -21,7 +21,8 @@ from gpu_worker.loader import load_adapter
 from gpu_worker.split_balance import SplitPlan, SplitPlanner
 from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import Mode
-from hybridiff.request import GenerationSpec, RequestInput, resolve_spec
+from hybridiff.request import GenerationSpec, resolve_spec
+from hybridiff.v1 import diffusion_pb2 as pb
 
 
 class InProcessWorker:
@@ -94,8 +95,8 @@ class InProcessEngine:
             InProcessWorker(WorkerEngine(self.adapter, "C", boxes[1], lambda _: InMemoryLink("C", boxes[0]))),
         ]
 
-    def resolve(self, raw: RequestInput) -> GenerationSpec:
-        return resolve_spec(raw, self.limits, self.defaults)
+    def resolve(self, request: pb.GenerateRequest) -> GenerationSpec:
+        return resolve_spec(request, self.limits, self.defaults)
 
     def split_plan(self, height: int, width: int) -> SplitPlan:
         """The balanced cut at this resolution, measured once and cached."""

@@ -75,24 +75,25 @@ def make_input(
     tau_cap=None,
     **fields,
 ):
-    """A ``RequestInput`` from the CLI's names (``mode="cfg-parallel"``, flat hybrid parameters)."""
-    from hybridiff.protocol import Mode, OutputFormat, WindowGuidance, parse
-    from hybridiff.request import RequestInput
+    """A ``GenerateRequest`` from the CLI's names (``mode="cfg-parallel"``, flat hybrid parameters,
+    ``num_steps`` for the steps)."""
+    from hybridiff.request import request_from_names
 
-    return RequestInput(
-        mode=parse(Mode, mode),
-        output_format=parse(OutputFormat, output_format),
-        window_guidance=0 if window_guidance == "default" else parse(WindowGuidance, window_guidance),
+    if "num_steps" in fields:
+        fields["steps"] = fields.pop("num_steps")
+    return request_from_names(
+        fields.pop("prompt"),
+        mode=mode,
+        output_format=output_format,
+        window_guidance=window_guidance,
         hybrid={"l_slope": l_slope, "eps_slope": eps_slope, "k": k, "tau_cap": tau_cap},
         **fields,
     )
 
 
 def send(client, raw, timeout=None, on_progress=None):
-    """Send a ``RequestInput`` through a ``DiffusionClient``; the ``GenerateResponse``."""
-    from hybridiff.client import request_to_proto
-
-    return client.generate_request(request_to_proto(raw), timeout=timeout, on_progress=on_progress)
+    """Send a ``GenerateRequest`` through a ``DiffusionClient``; the ``GenerateResponse``."""
+    return client.generate_request(raw, timeout=timeout, on_progress=on_progress)
 
 
 class TcpForwarder:

@@ -5,7 +5,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from coordinator.driver import WorkerStepFailed, _as_seen_by_the_client, _results
+from coordinator.driver import WorkerStepFailed, _results
+from coordinator.remote import as_seen_by_the_client
 from hybridiff.errors import BadCommand, PeerTimeout, Unavailable, WorkerFailed
 
 
@@ -83,7 +84,7 @@ def test_blame_goes_by_the_error_type_not_its_text():
 
 def test_a_refused_command_reaches_the_client_as_an_internal_error():
     cause = BadCommand("resume.next_step", "9 is past the last step")
-    seen = _as_seen_by_the_client(C, cause)
+    seen = as_seen_by_the_client(C.name, cause)
     assert isinstance(seen, WorkerFailed) and seen.code.name == "INTERNAL"
     assert "worker c refused a command (BAD_COMMAND)" in str(seen)
-    assert _as_seen_by_the_client(C, DEAD) is DEAD
+    assert as_seen_by_the_client(C.name, DEAD) is DEAD

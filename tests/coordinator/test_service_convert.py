@@ -1,17 +1,13 @@
-"""The public API's edge converters (coordinator.service): unset fields stay unset, enums travel
+"""The public API's edge converters (coordinator.service) and the runner's validation against a
+model's rules (coordinator.runner.model_rules): unset fields stay unset, enums travel
 as enums, raw latents split per image, the model's limits reach ListModels."""
 
 import pytest
 import torch
 
 from coordinator.driver import GenerationResult, GenerationStats, StepStat, WorkerStepStat
-from coordinator.service import (
-    model_info_to_proto,
-    model_rules,
-    request_input_from_proto,
-    response_to_proto,
-    step_stat_to_proto,
-)
+from coordinator.runner import model_rules
+from coordinator.service import model_info_to_proto, response_to_proto, step_stat_to_proto
 from hybridiff.errors import InvalidArgument
 from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance
@@ -30,8 +26,7 @@ INFO = worker_pb2.InfoResponse(
 
 
 def test_unset_fields_take_the_models_defaults_and_set_ones_are_kept():
-    raw = request_input_from_proto(pb.GenerateRequest(prompt="p"))
-    spec = resolve_spec(raw, *model_rules(INFO, {}))
+    spec = resolve_spec(pb.GenerateRequest(prompt="p"), *model_rules(INFO, {}))
     assert (spec.width, spec.num_steps, spec.guidance_scale, spec.negative_prompt) == (64, 30, 5.0, None)
     assert spec.mode == Mode.AUTO and spec.window_guidance is None and spec.output_format == OutputFormat.PNG
     req = pb.GenerateRequest(
@@ -46,7 +41,7 @@ def test_unset_fields_take_the_models_defaults_and_set_ones_are_kept():
         num_images=3,
     )
     req.hybrid.k = 0
-    spec = resolve_spec(request_input_from_proto(req), *model_rules(INFO, {"tau_cap": 9}))
+    spec = resolve_spec(req, *model_rules(INFO, {"tau_cap": 9}))
     assert (spec.negative_prompt, spec.seed, spec.width, spec.num_images, spec.quality) == ("", 0, 32, 3, 70)
     assert (spec.mode, spec.window_guidance, spec.output_format) == (
         Mode.PIPELINE,
@@ -58,14 +53,10 @@ def test_unset_fields_take_the_models_defaults_and_set_ones_are_kept():
 
 def test_an_unknown_wire_enum_and_too_many_images_are_named():
     with pytest.raises(InvalidArgument) as err:
-        resolve_spec(
-            request_input_from_proto(pb.GenerateRequest(prompt="p", mode=42)), *model_rules(INFO, {})
-        )
+        resolve_spec(pb.GenerateRequest(prompt="p", mode=42), *model_rules(INFO, {}))
     assert err.value.field == "mode"
     with pytest.raises(InvalidArgument) as err:
-        resolve_spec(
-            request_input_from_proto(pb.GenerateRequest(prompt="p", num_images=4)), *model_rules(INFO, {})
-        )
+        resolve_spec(pb.GenerateRequest(prompt="p", num_images=4), *model_rules(INFO, {}))
     assert err.value.field == "num_images"
 
 

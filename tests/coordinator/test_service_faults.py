@@ -119,7 +119,7 @@ def cluster(request):
 
 def _counted(coord, code: str) -> float:
     return coord.metrics.registry.get_sample_value(
-        "hybridiff_requests_total", {"mode": "unknown", "code": code}
+        "hybridiff_requests_total", {"mode": "hybrid", "code": code}
     )
 
 
@@ -187,7 +187,7 @@ def test_every_pair_of_a_model_splits_at_the_first_measured_cut(cluster):
     for first in (0, 1):
         lease = coord.pool.lease("fake", 2, False, f"r{first}", timeout=10)
         lease.entries.sort(key=lambda e: e.info.worker_id != f"fake{first}")  # fake<first> measures
-        cuts.append(coord.service._split_cut(lease, spec, lambda: None))
+        cuts.append(coord.runner._split_cut(lease, spec, SimpleNamespace(check_alive=lambda: None)))
         lease.release()
     assert cuts == [2, 2]
     assert sum(name == "MeasureSplit" for f in fakes for name, _ in f.calls) == 1

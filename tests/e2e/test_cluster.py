@@ -23,7 +23,6 @@ import hybridiff
 from hybridiff.client import DiffusionClient
 from hybridiff.errors import status_details
 from hybridiff.protocol import Mode
-from hybridiff.request import RequestInput
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 from tools.quality import psnr
@@ -33,13 +32,13 @@ def _client(cluster) -> DiffusionClient:
     return DiffusionClient(cluster.address)
 
 
-def _request(**kw) -> RequestInput:
+def _request(**kw) -> pb.GenerateRequest:
     base = dict(prompt="a blue square at the top", num_steps=10, seed=21, guidance_scale=5.0, tau_cap=4, k=3)
     base.update(kw)
     return make_input(**base)
 
 
-def _diffusers_image(engines, arch, req: RequestInput):
+def _diffusers_image(engines, arch, req: pb.GenerateRequest):
     """The reference: the diffusers pipeline for the same model, prompt and seed."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
@@ -52,7 +51,7 @@ def _diffusers_image(engines, arch, req: RequestInput):
     with torch.no_grad():
         return pipe(
             prompt=req.prompt,
-            num_inference_steps=req.num_steps,
+            num_inference_steps=req.num_inference_steps,
             guidance_scale=req.guidance_scale,
             height=size,
             width=size,

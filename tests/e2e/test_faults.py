@@ -17,7 +17,6 @@ from cluster_helpers import await_worker_state, make_input, send, spawn_worker, 
 
 from hybridiff.client import DiffusionClient
 from hybridiff.errors import HybridiffError
-from hybridiff.request import RequestInput
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 from launch.local_cluster import LocalCluster
@@ -72,7 +71,7 @@ def _kill_process(cluster, proc) -> str:
     return cluster.worker_addresses[cluster.procs.index(proc)]
 
 
-def _generate_killing(cluster, freezer: Freezer, raw: RequestInput, where: str):
+def _generate_killing(cluster, freezer: Freezer, raw: pb.GenerateRequest, where: str):
     """Run ``raw`` (it names its request id) and kill the worker that reaches ``where`` first."""
     freezer.arm(raw.request_id, where)
     killed: list[str] = []

@@ -6,7 +6,7 @@ import pytest
 
 from hybridiff.errors import InvalidArgument
 from hybridiff.protocol import Mode, OutputFormat, WindowGuidance
-from hybridiff.request import MODEL_DEFAULTS, HybridParams, RequestInput, SizeLimits, resolve_spec
+from hybridiff.request import MODEL_DEFAULTS, HybridParams, SizeLimits, request_from_names, resolve_spec
 
 LIMITS = SizeLimits(multiple=8, min_side=16, max_side=128, default_side=64)
 
@@ -16,9 +16,10 @@ HYBRID_KEYS = ("l_slope", "eps_slope", "k", "tau_cap")
 
 def resolve(**kw):
     hybrid = {k: kw.pop(k) for k in HYBRID_KEYS if k in kw}
-    return resolve_spec(
-        RequestInput(**{"prompt": "a red circle", "hybrid": hybrid, **kw}), LIMITS, MODEL_DEFAULTS["sdxl"]
-    )
+    if "num_steps" in kw:
+        kw["steps"] = kw.pop("num_steps")
+    request = request_from_names(kw.pop("prompt", "a red circle"), hybrid=hybrid, **kw)
+    return resolve_spec(request, LIMITS, MODEL_DEFAULTS["sdxl"])
 
 
 def test_defaults_applied():
@@ -72,7 +73,7 @@ def test_bad_fields_are_named(kw, field):
 def test_sd3_needs_multiples_of_16():
     limits = SizeLimits(multiple=16, min_side=16, max_side=128, default_side=64)
     with pytest.raises(InvalidArgument, match="multiple of 16"):
-        resolve_spec(RequestInput(prompt="p", width=40), limits, MODEL_DEFAULTS["sd3"])
+        resolve_spec(request_from_names("p", width=40), limits, MODEL_DEFAULTS["sd3"])
 
 
 def test_unset_seed_is_random_and_reported():
@@ -104,5 +105,5 @@ def test_enums_resolve_and_unset_means_default():
 
 def test_unknown_hybrid_parameter_is_named():
     with pytest.raises(InvalidArgument) as err:
-        resolve_spec(RequestInput(prompt="p", hybrid={"tau": 3}), LIMITS, MODEL_DEFAULTS["sdxl"])
+        request_from_names("p", hybrid={"tau": 3})
     assert err.value.field == "hybrid.tau"

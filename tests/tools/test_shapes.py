@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from hybridiff.protocol import Mode
-from hybridiff.request import RequestInput
+from hybridiff.request import request_from_names
 from launch.model_dirs import EMBEDDED_MODEL_DIR
 from tools.shapes.adherence import AdherenceReport, check, read_image
 from tools.shapes.evaluate import in_process_generate
@@ -113,7 +113,7 @@ def test_the_committed_model_draws_a_held_out_prompt(prompt):
     generate, close = in_process_generate(EMBEDDED_MODEL_DIR)
     try:
         png, stats = generate(
-            RequestInput(prompt=prompt, seed=11, num_steps=20, guidance_scale=5.0, mode=Mode.CFG_PARALLEL)
+            request_from_names(prompt, seed=11, steps=20, guidance_scale=5.0, mode=Mode.CFG_PARALLEL)
         )
     finally:
         close()

@@ -9,9 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybridiff.client import DiffusionClient, request_to_proto
+from hybridiff.client import DiffusionClient
 from hybridiff.protocol import Mode, WindowGuidance
-from hybridiff.request import RequestInput
 from hybridiff.v1 import diffusion_pb2 as pb
 from launch.local_cluster import LocalCluster
 from tools.quality import psnr, ssim
@@ -45,13 +44,15 @@ def adherence_by_variant(
         try:
             for variant in variants:
 
-                def generate(raw: RequestInput, variant: Variant = variant) -> tuple[bytes, pb.GenerateStats]:
-                    raw.mode, raw.window_guidance = variant.mode, variant.window_guidance or 0
-                    response = client.generate_request(request_to_proto(raw), timeout=300)
+                def generate(
+                    req: pb.GenerateRequest, variant: Variant = variant
+                ) -> tuple[bytes, pb.GenerateStats]:
+                    req.mode, req.window_guidance = variant.mode, variant.window_guidance or 0
+                    response = client.generate_request(req, timeout=300)
                     on_run(variant.label)
                     return response.images[0].data, response.stats
 
-                requests = held_out_requests(EVAL_SEEDS[:seeds], num_steps=steps)
+                requests = held_out_requests(EVAL_SEEDS[:seeds], steps=steps)
                 report, samples = run_adherence(generate, requests)
                 images[variant.label] = {(s.caption.text, s.seed): s.image_png for s in samples}
                 results[variant.label] = _summary(report, [s.stats for s in samples])

@@ -197,6 +197,12 @@ class _Lease:
     def __init__(self, pool: PoolSim, req: Request) -> None:
         self.pool, self.model, self.req = pool, MODEL, req
 
+    def view(self) -> PoolView:
+        return self.pool.view()
+
+    def handles(self) -> list[_Worker]:
+        return PAIR if self.req.workers == 2 else SOLO
+
     def give_back(self, worker_id: str) -> None:
         self.pool.give_back(self.req)
 
@@ -270,9 +276,7 @@ class PoolSim:
             req.paired_steps = dev.steps if take == 2 else 0
             self._push(self.now + (dev.pair_latency if take == 2 else dev.alone_latency), DONE, req)
             return
-        req.elastic = ElasticLease(
-            _Lease(self, req), self.policy, self.costs, dev.steps, _handles, self._count
-        )
+        req.elastic = ElasticLease(_Lease(self, req), self.policy, self.costs, dev.steps, self._count)
         self._push(self.now + dev.switch + self._step_cost(req, 0), STEP_DONE, req, 0)
 
     def _count(self, decision: Decision) -> None:
@@ -352,10 +356,6 @@ class PoolSim:
         req.takes_one = adm.want == 1 or adm.accept_one
         self.queue.append(req)
         self._dispatch()
-
-
-def _handles(lease: _Lease) -> list[_Worker]:
-    return PAIR if lease.req.workers == 2 else SOLO
 
 
 def poisson(rate: float, rng: random.Random) -> Iterator[float]:

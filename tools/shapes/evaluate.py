@@ -1,7 +1,7 @@
 """Evaluate the default model: prompt adherence over the fixed held-out prompts and seeds,
 and its rel-MAE curve with the tau1 the slope rule finds (``hybridiff adherence``).
 
-Generation goes through any ``generate(RequestInput) -> (png, stats)`` callable, so the same
+Generation goes through any ``generate(GenerateRequest) -> (png, stats)`` callable, so the same
 evaluation runs on the in-process engine here and through the gRPC service in the benchmark.
 """
 
@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw
 from coordinator.schedule import DiscrepancyMonitor
 from gpu_worker.loader import detect_arch, read_model_defaults
 from hybridiff.protocol import Mode
-from hybridiff.request import HybridParams, RequestInput
+from hybridiff.request import HybridParams, request_from_names
+from hybridiff.v1 import diffusion_pb2 as pb
 from launch.inprocess import InProcessEngine
 from tools.shapes.adherence import AdherenceReport, Verdict, check
 from tools.shapes.grammar import Caption, held_out_prompts
@@ -27,7 +28,7 @@ EVAL_SEEDS = (11, 22, 33, 44)  # fixed: with the 8 held-out prompts, 32 images p
 
 # A request -> (its first image as PNG, the run's stats: the driver's ``GenerationStats`` in
 # process, the public API's ``GenerateStats`` through the service).
-Generate = Callable[[RequestInput], tuple[bytes, object]]
+Generate = Callable[[pb.GenerateRequest], tuple[bytes, object]]
 
 
 @dataclass
@@ -41,14 +42,14 @@ class Sample:
 
 def held_out_requests(
     seeds: tuple[int, ...] = EVAL_SEEDS, **request: object
-) -> list[tuple[Caption, RequestInput]]:
+) -> list[tuple[Caption, pb.GenerateRequest]]:
     """One request per held-out prompt and seed; ``request`` sets the other fields."""
-    return [(c, RequestInput(prompt=c.text, seed=s, **request)) for c in held_out_prompts() for s in seeds]
+    return [(c, request_from_names(c.text, seed=s, **request)) for c in held_out_prompts() for s in seeds]
 
 
 def run_adherence(
     generate: Generate,
-    requests: list[tuple[Caption, RequestInput]],
+    requests: list[tuple[Caption, pb.GenerateRequest]],
     on_sample: Callable[[Sample], None] | None = None,
 ) -> tuple[AdherenceReport, list[Sample]]:
     samples = []
@@ -163,7 +164,7 @@ def in_process_generate(model_dir: str | Path) -> tuple[Generate, Callable[[], N
     """A ``Generate`` over the in-process engine, and its ``close``."""
     engine = InProcessEngine(model_dir)
 
-    def generate(raw: RequestInput) -> tuple[bytes, object]:
+    def generate(raw: pb.GenerateRequest) -> tuple[bytes, object]:
         result = engine.generate(engine.resolve(raw))
         return result.images[0], result.stats
 
@@ -188,7 +189,7 @@ def study(
     try:
         for g in guidances:
             report, samples = run_adherence(
-                generate, held_out_requests(num_steps=steps, guidance_scale=g, mode=Mode.CFG_PARALLEL)
+                generate, held_out_requests(steps=steps, guidance_scale=g, mode=Mode.CFG_PARALLEL)
             )
             record["adherence"][str(g)] = report.as_dict()
             progress(f"guidance {g}: adherence {report.accuracy:.0%} {report.attribute_accuracy()}")
@@ -196,7 +197,7 @@ def study(
         curves: dict[str, list[float]] = {}
         for caption, raw in held_out_requests(
             seeds=EVAL_SEEDS[:2],
-            num_steps=curve_steps,
+            steps=curve_steps,
             guidance_scale=defaults.guidance_scale,
             mode=Mode.CFG_PARALLEL,
         ):

@@ -1,0 +1,373 @@
+"""The coordinator's request runner: one request's life, from the public ``GenerateRequest`` to
+its ``GenerationResult``, whichever edge (gRPC or HTTP) received it (docs/design.md section 2).
+
+In order: validate against the model's limits (``hybridiff.request.resolve_spec``), wait in the
+model's admission queue for the workers the policy wants (``coordinator.pool``), resolve AUTO,
+measure the stage cut once per model and size, drive the steps (``coordinator.driver``) with
+recovery and elastic changes on the lease, learn the step costs, and count the request in the
+metrics, the span and the logs. The edges only convert: their message to a ``GenerateRequest``,
+the result to theirs, and a typed error to their status.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, field
+from typing import Protocol
+
+import grpc
+from opentelemetry import trace
+
+from coordinator.allocation import CostBook, Policy, admission
+from coordinator.driver import ALIVE_CHECK_SECONDS, GenerationResult, StepStat, drive_request
+from coordinator.elastic import ElasticLease
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.pool import Lease, WorkerPool, pairing_key
+from coordinator.remote import WorkerFault, measure_split
+from hybridiff import logs, telemetry
+from hybridiff.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    HybridiffError,
+    InvalidArgument,
+    Unavailable,
+    WorkerFailed,
+)
+from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
+from hybridiff.protocol import Mode, Phase, label
+from hybridiff.request import GenerationSpec, HybridParams, ModelDefaults, SizeLimits, resolve_spec
+from hybridiff.v1 import diffusion_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+OnStep = Callable[[StepStat, int], None]
+
+
+class ClientCall(Protocol):
+    """The client's side of one request, as the runner sees it: ``check_alive`` raises
+    ``Cancelled`` once the client went away and ``DeadlineExceeded`` once its deadline passed."""
+
+    def check_alive(self) -> None: ...
+
+
+@dataclass
+class RunnerConfig:
+    acquire_timeout: float = 600.0
+    step_timeout: float = 600.0
+    # Operator overrides of the models' hybrid defaults (l_slope, eps_slope, k, tau_cap);
+    # None keeps the model's.
+    hybrid_defaults: dict = field(default_factory=dict)
+    policy: Policy = Policy.ADAPTIVE  # how AUTO requests are given workers (coordinator.allocation)
+    speculative_steps: bool = True  # HYBRID's undecided step goes out speculatively (coordinator.driver)
+
+
+@dataclass
+class Generation:
+    """A request that ran: the spec it resolved to and what the workers made of it."""
+
+    spec: GenerationSpec
+    result: GenerationResult
+
+
+def model_rules(
+    info: worker_pb2.InfoResponse, overrides: dict[str, float | int | None]
+) -> tuple[SizeLimits, ModelDefaults]:
+    """Size limits and defaults of the model a worker serves; ``overrides`` replace hybrid defaults."""
+    lim, hd = info.limits, info.hybrid_defaults
+    params = HybridParams(hd.l_slope, hd.eps_slope, hd.k, hd.tau_cap).replace(**overrides).validate()
+    return (
+        SizeLimits(lim.multiple, lim.min_side, lim.max_side, lim.default_side, lim.max_images or 1),
+        ModelDefaults(params, info.default_steps, info.default_guidance_scale),
+    )
+
+
+def as_typed_error(exc: BaseException) -> HybridiffError:
+    """What the client is told: a typed error as it is; anything else is this service's bug,
+    logged here with its traceback and answered as INTERNAL without its text."""
+    if isinstance(exc, WorkerFault):
+        return exc.error
+    if isinstance(exc, HybridiffError):
+        return exc
+    log.error("request failed", exc_info=exc)
+    return WorkerFailed("internal error; see the coordinator log")
+
+
+class _Outcome:
+    """A request's status, counted once, as soon as it is known: before its workers are
+    released (a release may wait for them), and under the code the client is answered with."""
+
+    def __init__(self, metrics: CoordinatorMetrics) -> None:
+        self.metrics = metrics
+        self.counted = False
+        self.mode_label = "unknown"  # the mode the request runs in, once known
+
+    def count(self, code: grpc.StatusCode) -> None:
+        if not self.counted:
+            self.counted = True
+            self.metrics.requests.labels(self.mode_label, code.name).inc()
+
+
+class RequestRunner:
+    def __init__(
+        self, pool: WorkerPool, metrics: CoordinatorMetrics, config: RunnerConfig | None = None
+    ) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.config = config or RunnerConfig()
+        self.draining = False
+        self.costs = CostBook()
+        # The stage cut per (model, pairing key, size), first measurement wins:
+        # every pair of a model then splits alike, so an identical request gives an identical
+        # image whichever pair runs it (each worker's timing differs, most under load).
+        self._cuts: dict[tuple, int] = {}
+        self._cuts_lock = threading.Lock()
+        # Per model: seconds of one step per pixel of the batch (the slowest worker's compute),
+        # a moving average; a request's expected step cost scales it by its own size.
+        self._pixel_cost: dict[str, float] = {}
+        self._tracer = telemetry.tracer("hybridiff.coordinator")
+
+    def models(self) -> list[worker_pb2.InfoResponse]:
+        """What each served model's workers say of it, one per model, in pool order."""
+        seen: dict[str, worker_pb2.InfoResponse] = {}
+        for e in self.pool.snapshot():
+            if e.info is not None and not e.gone and e.model not in seen:
+                seen[e.model] = e.info
+        return list(seen.values())
+
+    def generate(
+        self,
+        request: pb.GenerateRequest,
+        client: ClientCall,
+        *,
+        on_step: OnStep | None = None,
+        on_resolved: Callable[[GenerationSpec], None] | None = None,
+        span_attributes: dict | None = None,
+    ) -> Generation:
+        """Run one request to its end; raises a ``HybridiffError`` (never anything else) on failure.
+        ``on_resolved`` is told the spec once validated, ``on_step`` every completed step;
+        ``span_attributes``: the edge's own attributes of the request's span."""
+        received = time.perf_counter()
+        code = grpc.StatusCode.OK
+        outcome = _Outcome(self.metrics)
+        self.metrics.requests_in_flight.inc()
+        log_token = logs.set_request_id(None)  # named once the request is resolved
+        with self._tracer.start_as_current_span("hybridiff.generate", attributes=span_attributes) as span:
+            try:
+                if self.draining:
+                    raise Unavailable("the coordinator is draining")
+                spec = self._resolve(request)
+                logs.set_request_id(spec.request_id)
+                if on_resolved:
+                    on_resolved(spec)
+                span.set_attributes(
+                    {
+                        "gen_ai.request.model": spec.model,
+                        "hybridiff.request_id": spec.request_id,
+                        "hybridiff.model": spec.model,
+                        "hybridiff.mode_requested": label(spec.mode),
+                        "hybridiff.steps": spec.num_steps,
+                    }
+                )
+                result = self._run(spec, client, on_step, outcome)
+                self._observe(span, result, time.perf_counter() - received)
+                client.check_alive()  # a client gone meanwhile is answered, and counted, as such
+                return Generation(spec, result)
+            except Exception as exc:
+                error = as_typed_error(exc)
+                code = error.code
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+                if error is exc:
+                    raise
+                raise error from exc
+            except BaseException:
+                code = grpc.StatusCode.INTERNAL
+                raise
+            finally:
+                outcome.count(code)
+                self.metrics.requests_in_flight.dec()
+                logs.reset_request_id(log_token)
+
+    def _resolve(self, request: pb.GenerateRequest) -> GenerationSpec:
+        info = self.pool.model_info(request.model)
+        limits, defaults = model_rules(info, self.config.hybrid_defaults)
+        return resolve_spec(request, limits, defaults, model=info.model_name)
+
+    def _observe(self, span: trace.Span, result: GenerationResult, seconds: float) -> None:
+        stats = result.stats
+        mode_label = label(stats.mode_used)
+        span.set_attributes(
+            {
+                "hybridiff.mode": mode_label,
+                "hybridiff.tau1": -1 if stats.tau1 is None else stats.tau1,
+                "hybridiff.tau2": -1 if stats.tau2 is None else stats.tau2,
+                "hybridiff.workers": ",".join(stats.workers),
+            }
+        )
+        for s in stats.steps:
+            self.metrics.step_seconds.labels(label(s.phase)).observe(s.wall_seconds)
+        self.metrics.data_plane_bytes.inc(stats.data_plane_bytes)
+        self.metrics.request_seconds.labels(mode_label).observe(seconds)
+        log.info("request done: mode %s, %d steps, %.3fs", mode_label, len(stats.steps), seconds)
+
+    def _run(self, spec: GenerationSpec, client: ClientCall, on_step, outcome: _Outcome) -> GenerationResult:
+        lease, queued = self._lease(spec, client)
+        mode, elastic = self._mode(spec, lease)
+        # A request that ends early is counted under the mode it was running in.
+        outcome.mode_label = label(mode)
+        failed = finished = False
+        blamed: str | None = None
+        try:
+            cut = None
+            if mode in (Mode.HYBRID, Mode.PIPELINE) and (len(lease) == 2 or elastic is not None):
+                cut = self._split_cut(lease, spec, client)
+
+            def recover(failed_handle, survivors):
+                """Swap a failed worker for an idle one, or go on with the survivor alone."""
+                lease.replace_failed(
+                    failed_handle.name, {h.name for h in survivors}, want=1 if mode == Mode.SINGLE else 2
+                )
+                self.metrics.recoveries.inc()
+                return lease.handles()
+
+            result = drive_request(
+                spec,
+                mode,
+                lease.handles(),
+                split_cut=cut,
+                on_step=on_step,
+                check_alive=client.check_alive,
+                step_timeout=self.config.step_timeout,
+                recover=recover,
+                elastic=elastic,
+                step_cost=self._expected_step(spec),
+                speculate=self.config.speculative_steps,
+            )
+            finished = True  # the workers ended their sessions: free at once
+            outcome.mode_label = label(result.stats.mode_used)
+            result.stats.queued_seconds = queued
+            self._learn_costs(spec, result)
+            return result
+        except Exception as exc:
+            blamed = exc.worker if isinstance(exc, WorkerFault) else None
+            error = as_typed_error(exc)
+            # A cancel, a deadline or a refused argument says nothing about the workers' health.
+            failed = not isinstance(error, (Cancelled, DeadlineExceeded, InvalidArgument))
+            outcome.count(error.code)
+            if error is exc:
+                raise
+            raise error from exc
+        finally:
+            if failed and blamed is not None:  # only the worker at fault is quarantined
+                lease.release_blaming(blamed)
+            else:  # ended early, the workers may still be in the aborted step: free once they confirm
+                lease.release(failed=failed, aborted=not finished)
+
+    def _lease(self, spec: GenerationSpec, client: ClientCall) -> tuple[Lease, float]:
+        """The workers the policy wants for ``spec``, and the seconds it waited for them."""
+        policy = self.config.policy
+        width = admission(
+            policy, spec.mode, spec.guided, self.pool.view(spec.model), self.costs.costs(spec.model)
+        )
+        decide_again = None
+        if spec.mode == Mode.AUTO:  # the width is decided again when the request reaches the queue's head
+
+            def decide_again(view):
+                return astuple(admission(policy, spec.mode, spec.guided, view, self.costs.costs(spec.model)))
+
+        start = time.perf_counter()
+        lease = self.pool.lease(
+            spec.model,
+            width.want,
+            accept_one=width.accept_one,
+            request_id=spec.request_id,
+            timeout=self.config.acquire_timeout,
+            check_alive=client.check_alive,
+            admission=decide_again,
+        )
+        queued = time.perf_counter() - start
+        self.metrics.queue_wait_seconds.observe(queued)
+        if self.draining:  # granted as the drain began: it starts nothing new
+            lease.release()
+            raise Unavailable("the coordinator is draining")
+        return lease, queued
+
+    def _mode(self, spec: GenerationSpec, lease: Lease) -> tuple[Mode, ElasticLease | None]:
+        """The mode the request runs in on its lease (AUTO resolved), and its elastic hook."""
+        if spec.mode != Mode.AUTO:
+            return spec.mode, None
+        if self.config.policy == Policy.ADAPTIVE and spec.guided:
+            # The paired schedule; alone, the request runs the CFG batch until it grows.
+            return Mode.HYBRID, ElasticLease(
+                lease,
+                self.config.policy,
+                self.costs,
+                spec.num_steps,
+                lambda decision: self.metrics.elastic_events.labels(decision.value).inc(),
+            )
+        return (Mode.HYBRID if (len(lease) == 2 and spec.guided) else Mode.SINGLE), None
+
+    def _split_cut(self, lease: Lease, spec: GenerationSpec, client: ClientCall) -> int:
+        """The model's stage cut at this size: measured once, by the first lease that needs it."""
+        info = lease.entries[0].info
+        key = (spec.model, pairing_key(info), spec.height, spec.width)
+        with self._cuts_lock:
+            cut = self._cuts.get(key)
+        if cut is None:
+            try:
+                cut = self._measure_cut(lease, spec, client)
+            except WorkerFault as fault:
+                cut = self._measure_cut(self._replace(lease, fault), spec, client)
+            with self._cuts_lock:
+                cut = self._cuts.setdefault(key, cut)
+        return cut
+
+    def _replace(self, lease: Lease, fault: WorkerFault) -> Lease:
+        """A worker failed before any step: quarantine it and go on with an idle one, as the driver
+        does for a failed step; ``fault`` again when no worker is free to take its place."""
+        want = len(lease)
+        others = {e.worker_id for e in lease.entries if e.worker_id != fault.worker}
+        try:
+            lease.replace_failed(fault.worker, others, want)
+        except Unavailable:
+            raise fault from None
+        if len(lease) < want:
+            raise fault
+        self.metrics.recoveries.inc()
+        log.warning(
+            "worker %s failed (%s); measuring on %s", fault.worker, fault.error, lease.entries[0].worker_id
+        )
+        return lease
+
+    def _measure_cut(self, lease: Lease, spec: GenerationSpec, client: ClientCall) -> int:
+        entry = lease.entries[0]
+        stub = worker_pb2_grpc.WorkerControlServiceStub(entry.channel)
+        return measure_split(
+            stub, entry.worker_id, spec.width, spec.height, client.check_alive, ALIVE_CHECK_SECONDS
+        )
+
+    def _expected_step(self, spec: GenerationSpec) -> float | None:
+        """One step of ``spec`` as the model's earlier requests measured it (None: none yet)."""
+        per_pixel = self._pixel_cost.get(spec.model)
+        return None if per_pixel is None else per_pixel * spec.width * spec.height * spec.num_images
+
+    def _learn_costs(self, spec: GenerationSpec, result: GenerationResult) -> None:
+        """Feed the allocation policy the step costs this request measured (median per kind)."""
+        by_kind: dict[str, list[float]] = {"single": [], "paired": []}
+        for s in result.stats.steps[1:]:  # the first step after a begin carries no queueing of steps
+            if s.phase == Phase.SINGLE and spec.guided:
+                by_kind["single"].append(s.wall_seconds)
+            elif s.phase == Phase.DATA_PARALLEL:
+                by_kind["paired"].append(s.wall_seconds)
+        for kind, values in by_kind.items():
+            if values:
+                self.costs.observe(spec.model, kind, statistics.median(values))
+        self.costs.observe(spec.model, "switch", result.stats.encoding_seconds)
+        steps = [s.compute_seconds for s in result.stats.steps[1:]]
+        if steps:
+            per_pixel = statistics.median(steps) / (spec.width * spec.height * spec.num_images)
+            old = self._pixel_cost.get(spec.model)
+            self._pixel_cost[spec.model] = per_pixel if old is None else 0.8 * old + 0.2 * per_pixel
