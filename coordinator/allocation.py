@@ -48,7 +48,7 @@ PAIR_OVERHEAD_TOLERANCE = 1.10
 
 
 @dataclass(frozen=True)
-class StepCosts:
+class PolicyCosts:
     """Measured seconds of one step: alone (both branches, batch 2) and paired (one branch each,
     batch 1, plus the exchange), and what a switch costs (a new session: prompt encoding and a
     control round trip)."""
@@ -81,7 +81,7 @@ class Admission:
 
 
 def admission(
-    policy: Policy, mode: Mode, guided: bool, pool: PoolView, costs: StepCosts | None = None
+    policy: Policy, mode: Mode, guided: bool, pool: PoolView, costs: PolicyCosts | None = None
 ) -> Admission:
     """How many workers a new request asks the pool for. Explicit modes get what they name;
     the policy decides for AUTO (adaptive: with the measured ``costs``, once known)."""
@@ -98,7 +98,7 @@ def admission(
 
 
 def at_boundary(
-    policy: Policy, paired: bool, pool: PoolView, steps_left: int, costs: StepCosts | None
+    policy: Policy, paired: bool, pool: PoolView, steps_left: int, costs: PolicyCosts | None
 ) -> Decision:
     """What an elastic (AUTO, guided) request does at its next step boundary."""
     if policy != Policy.ADAPTIVE or steps_left <= 0:
@@ -132,9 +132,9 @@ class CostBook:
         old = book.get(kind)
         book[kind] = seconds if old is None else (1 - self.weight) * old + self.weight * seconds
 
-    def costs(self, model: str) -> StepCosts | None:
+    def costs(self, model: str) -> PolicyCosts | None:
         """The model's costs once both step kinds were seen (no guess before: no grow)."""
         book = self._costs.get(model, {})
         if "single" not in book or "paired" not in book:
             return None
-        return StepCosts(single=book["single"], paired=book["paired"], switch=book.get("switch", 0.0))
+        return PolicyCosts(single=book["single"], paired=book["paired"], switch=book.get("switch", 0.0))

@@ -198,7 +198,7 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def window_policy(mode: Mode, requested: WindowGuidance | None) -> WindowGuidance:
+def window_guidance_for(mode: Mode, requested: WindowGuidance | None) -> WindowGuidance:
     """The window policy: as requested, else CONDITIONAL for HYBRID and FULL_CFG for PIPELINE."""
     if requested is not None:
         return requested
@@ -389,7 +389,7 @@ class _RequestRun:
         self.speculate = speculate
         self.unresolved: set[int] = set()  # speculative steps issued, their phase not yet sent
         self.schedule = StepSchedule(mode, spec.num_steps, spec.hybrid, spec.guided)
-        self.policy = window_policy(self.schedule.mode, spec.window_guidance)
+        self.window_guidance = window_guidance_for(self.schedule.mode, spec.window_guidance)
         self.request = worker_request(spec)
         self.elastic = elastic
         single = self.schedule.mode == Mode.SINGLE
@@ -488,7 +488,7 @@ class _RequestRun:
         single = self.schedule.mode == Mode.SINGLE or all(s.phase == Phase.SINGLE for s in self.stats)
         stats = GenerationStats(
             mode_used=Mode.SINGLE if single else self.schedule.mode,
-            window_guidance=self.policy if window else None,
+            window_guidance=self.window_guidance if window else None,
             tau1=self.schedule.tau1,
             tau2=self.schedule.tau2,
             tau1_source=self.schedule.tau1_source,
@@ -517,7 +517,7 @@ class _RequestRun:
             begin = worker_pb2.BeginCommand(
                 request=self.request,
                 role=(Role.U, Role.C)[i],
-                window_guidance=self.policy,
+                window_guidance=self.window_guidance,
                 solo=self.solo,
                 peer_data_address="" if self.solo else self.used[1 - i].data_address,
                 peer_worker_id="" if self.solo else self.used[1 - i].identity,

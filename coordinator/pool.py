@@ -51,7 +51,6 @@ WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerControlService"].
 JOINING, IDLE, BUSY, ABORTING, DRAINING = "joining", "idle", "busy", "aborting", "draining"
 # A quarantined worker shows as "unhealthy" (ClusterStatus, hybridiff_workers{state}).
 UNHEALTHY, INCOMPATIBLE = "unhealthy", "incompatible"
-QUARANTINED = UNHEALTHY
 STATES = (JOINING, IDLE, BUSY, ABORTING, DRAINING, UNHEALTHY, INCOMPATIBLE)
 OCCUPIED = (BUSY, ABORTING)  # still running something of a request
 
@@ -70,9 +69,6 @@ class HealthPolicy:
 
     def quarantine_seconds(self, failures: int) -> float:
         return min(self.quarantine_max, self.quarantine_base * 2 ** max(0, failures - 1))
-
-
-ABORT_CONFIRM_SECONDS = HealthPolicy.abort_confirm
 
 
 def pairing_key(info: worker_pb2.InfoResponse) -> tuple[int, str, str, str]:
@@ -95,7 +91,7 @@ class WorkerEntry:
     worker_id: str
     address: str
     channel: grpc.Channel
-    status: str = JOINING  # the state as the pool keeps it; ``state`` is what it shows
+    held: str = JOINING  # the state as the pool holds it; ``state`` is what it shows
     info: worker_pb2.InfoResponse | None = None
     request_id: str = ""
     gone: bool = False
@@ -112,7 +108,7 @@ class WorkerEntry:
 
     @property
     def state(self) -> str:
-        return DRAINING if self.gone and self.status in OCCUPIED else self.status
+        return DRAINING if self.gone and self.held in OCCUPIED else self.held
 
     @property
     def model(self) -> str:
@@ -169,11 +165,11 @@ class WorkerPool:
             if entry is not None and entry.address == address:
                 if not entry.gone:
                     return
-                if entry.status in OCCUPIED:
+                if entry.held in OCCUPIED:
                     # A readiness flap: the same worker, still in its request, is back; a second
                     # entry would hand it to another request while this one runs.
                     entry.gone = False
-                    log.info("worker %s is ready again while %s", worker_id, entry.status)
+                    log.info("worker %s is ready again while %s", worker_id, entry.held)
                     self._cond.notify_all()
                     self._changed()
                     return
@@ -181,7 +177,7 @@ class WorkerPool:
                 # Replaced: a busy one finishes its request, then leaves; any other goes now (and
                 # its probe, if it is still being probed, ends instead of dialling the old address).
                 entry.gone = True
-                if entry.status not in OCCUPIED:
+                if entry.held not in OCCUPIED:
                     entry.channel.close()
             entry = WorkerEntry(worker_id, address, self._channel_factory(address))
             self._workers[worker_id] = entry
@@ -195,7 +191,7 @@ class WorkerPool:
             if entry is None:
                 return
             entry.gone = True  # an occupied one shows as draining and leaves at release
-            if entry.status not in OCCUPIED:
+            if entry.held not in OCCUPIED:
                 self._remove(entry)
             self._cond.notify_all()
         self._changed()
@@ -249,8 +245,8 @@ class WorkerPool:
             with self._cond:
                 if not self._current(entry, epoch) or entry.gone:
                     return
-                was, entry.info = entry.status, info
-                entry.status = INCOMPATIBLE if problem else IDLE
+                was, entry.info = entry.held, info
+                entry.held = INCOMPATIBLE if problem else IDLE
                 kinds = {pairing_key(e.info) for e in self._serving(info.model_name) if e is not entry}
                 if not problem and kinds and pairing_key(info) not in kinds:
                     # Said before anyone can see it idle (a reader of the state finds the reason logged).
@@ -305,7 +301,7 @@ class WorkerPool:
             entry.failures = 0
         entry.failures += 1
         seconds = self.health.quarantine_seconds(entry.failures)
-        entry.status, entry.request_id = QUARANTINED, ""
+        entry.held, entry.request_id = UNHEALTHY, ""
         entry.quarantined_until = now + seconds
         self.quarantines += 1
         log.warning(
@@ -333,7 +329,7 @@ class WorkerPool:
             with self._cond:
                 if not self._current(entry, epoch) or entry.gone:
                     return
-                entry.info, entry.status, entry.readmitted_at = info, IDLE, time.monotonic()
+                entry.info, entry.held, entry.readmitted_at = info, IDLE, time.monotonic()
                 self._cond.notify_all()
             log.info("worker %s re-admitted after %d good probes", entry.worker_id, good)
             self._changed()
@@ -358,7 +354,7 @@ class WorkerPool:
                     if entry.gone:
                         self._remove(entry)
                     elif confirmed:
-                        entry.status, entry.request_id = IDLE, ""
+                        entry.held, entry.request_id = IDLE, ""
                     else:
                         self._quarantine(
                             entry,
@@ -375,7 +371,7 @@ class WorkerPool:
         return [
             e
             for e in self._workers.values()
-            if e.model == model and not e.gone and e.status not in (JOINING, INCOMPATIBLE)
+            if e.model == model and not e.gone and e.held not in (JOINING, INCOMPATIBLE)
         ]
 
     def model_info(self, model: str) -> worker_pb2.InfoResponse:
@@ -384,7 +380,7 @@ class WorkerPool:
             infos = {
                 e.model: e.info
                 for e in self._workers.values()
-                if e.info is not None and not e.gone and e.status != INCOMPATIBLE
+                if e.info is not None and not e.gone and e.held != INCOMPATIBLE
             }
         if not infos:
             raise Unavailable("no workers are ready")
@@ -434,10 +430,10 @@ class WorkerPool:
                         if admission is not None:
                             want, accept_one = admission(self._view(model, behind=ticket))
                             self._wants[ticket] = (model, want, accept_one)
-                        chosen = _pick([e for e in serving if e.status == IDLE], want, accept_one)
+                        chosen = _pick([e for e in serving if e.held == IDLE], want, accept_one)
                         if chosen:
                             for e in chosen:
-                                e.status, e.request_id = BUSY, request_id
+                                e.held, e.request_id = BUSY, request_id
                             return chosen
                         largest = max(len(g) for g in _groups(serving))
                         if want > largest and not accept_one:
@@ -469,12 +465,12 @@ class WorkerPool:
         request that lost a worker mid-way resumes before new requests start. With ``partner``,
         only workers compatible with it."""
         with self._cond:
-            idle = [e for e in self._serving(model) if e.status == IDLE]
+            idle = [e for e in self._serving(model) if e.held == IDLE]
             if partner is not None and partner.info is not None:
                 idle = [e for e in idle if pairing_key(e.info) == pairing_key(partner.info)]
             taken = _pick(idle, count, accept_one=True) if count > 0 else []
             for e in taken:
-                e.status, e.request_id = BUSY, request_id
+                e.held, e.request_id = BUSY, request_id
         if taken:
             self._changed()
         return taken
@@ -492,12 +488,12 @@ class WorkerPool:
                     else:
                         self._quarantine(e, f"request {request_id} failed on it")
                 elif aborted:
-                    e.status, e.request_id = ABORTING, request_id
+                    e.held, e.request_id = ABORTING, request_id
                     self._spawn(e, self._confirm_abort, request_id)
                 elif e.gone:
                     self._remove(e)
                 else:
-                    e.status = IDLE
+                    e.held = IDLE
             self._cond.notify_all()
         self._changed()
 
@@ -517,7 +513,7 @@ class WorkerPool:
 
     def _view(self, model: str, behind: int | None = None) -> PoolView:
         """The pool as a request of ``model`` sees it (with ``behind``: the waiters after that ticket)."""
-        idle = sum(e.status == IDLE for e in self._serving(model))
+        idle = sum(e.held == IDLE for e in self._serving(model))
         queue = self._waiting.get(model, [])
         if behind is not None:
             queue = queue[queue.index(behind) + 1 :]
@@ -533,7 +529,7 @@ class WorkerPool:
         """Workers busy plus workers wanted by the queued requests (the autoscaler's signal: it
         does not read zero on a saturated pool, as the queue depth alone can)."""
         with self._cond:
-            busy = sum(e.status in OCCUPIED for e in self._workers.values())
+            busy = sum(e.held in OCCUPIED for e in self._workers.values())
             return busy + sum(want for _, want, _ in self._wants.values())
 
     # --- introspection ----------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -103,7 +104,26 @@ def measure_split(
         call.cancel()  # no-op once done
 
 
-class _Session:
+# The sessions' reader threads: each reads one worker's stream and may outlive its request; at the
+# end of a drain, once the worker channels are closed, ``join_session_readers`` waits for them.
+_readers: set[threading.Thread] = set()
+_readers_lock = threading.Lock()
+
+
+def join_session_readers(timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for every session's reader thread; whether all ended."""
+    deadline = time.monotonic() + timeout
+    with _readers_lock:
+        readers = [t for t in _readers if t is not threading.current_thread()]
+    for t in readers:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in readers)
+
+
+class WorkerSession:
+    """One request's control Session stream to one worker: commands queued in order, each
+    answered by one event, read by a thread of its own."""
+
     def __init__(self, stub: worker_pb2_grpc.WorkerControlServiceStub, worker: str) -> None:
         self.worker = worker
         self._outbox: queue.Queue = queue.Queue()
@@ -112,6 +132,8 @@ class _Session:
         self._failed: HybridiffError | None = None
         self._call = stub.Session(iter(self._outbox.get, _END), wait_for_ready=False)
         self._reader = threading.Thread(target=self._read, name=f"session-{worker}", daemon=True)
+        with _readers_lock:
+            _readers.add(self._reader)
         self._reader.start()
 
     def send(self, command: worker_pb2.SessionRequest) -> Future:
@@ -129,6 +151,13 @@ class _Session:
         return fut
 
     def _read(self) -> None:
+        try:
+            self._read_events()
+        finally:
+            with _readers_lock:
+                _readers.discard(threading.current_thread())
+
+    def _read_events(self) -> None:
         try:
             for event in self._call:
                 with self._lock:
@@ -169,12 +198,12 @@ class RemoteWorker:
         self.data_address = data_address
         self.identity = identity or worker_id
         self._stub = worker_pb2_grpc.WorkerControlServiceStub(channel)
-        self._session: _Session | None = None
+        self._session: WorkerSession | None = None
 
     def send(self, cmd: worker_pb2.SessionRequest) -> Future:
         which = cmd.WhichOneof("command")
         if which == "begin":
-            self._session = _Session(self._stub, self.name)
+            self._session = WorkerSession(self._stub, self.name)
         fut = self._session.send(cmd)
         if which == "finish":
             self._session.close()

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from coordinator.discovery import StaticDiscovery
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import WorkerPool
+from coordinator.remote import join_session_readers
 from coordinator.runner import RequestRunner, RunnerConfig
 from coordinator.service import DiffusionService
 from hybridiff import security, serving, telemetry
@@ -37,9 +38,6 @@ SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].ful
 MAX_REQUEST_BYTES = 64 * 1024
 # Worker addresses and request ids: only the admin token may read them.
 ADMIN_METHODS = (f"/{SERVICE_NAME}/ClusterStatus",)
-# The sessions' reader threads (coordinator.remote) read a worker's stream and may outlive their
-# request: at the end of a drain they are joined once the worker channels are closed.
-SESSION_READER_THREADS = "session-"
 
 
 def call_slots(queue_size: int) -> int:
@@ -162,9 +160,7 @@ class Coordinator:
         if not self.pool.shutdown(timeout):
             log.warning("a worker probe was still running at exit")
         self.service.join_streams(max(0.0, deadline - time.monotonic()))
-        for thread in threading.enumerate():
-            if thread.name.startswith(SESSION_READER_THREADS) and thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
+        join_session_readers(max(0.0, deadline - time.monotonic()))
         self.metrics.close()
 
     def serve_until_signalled(self, ready_file: str | None = None) -> None:

@@ -8,7 +8,7 @@ from coordinator.allocation import (
     Decision,
     Policy,
     PoolView,
-    StepCosts,
+    PolicyCosts,
     admission,
     at_boundary,
 )
@@ -17,7 +17,7 @@ from hybridiff.protocol import Mode
 FREE = PoolView(idle=2, waiting=0)
 ONE_FREE = PoolView(idle=1, waiting=0)
 BUSY_WITH_QUEUE = PoolView(idle=0, waiting=1)
-COSTS = StepCosts(single=1.0, paired=0.6, switch=0.3)  # a CPU-like device: b2/b1 = 1.67
+COSTS = PolicyCosts(single=1.0, paired=0.6, switch=0.3)  # a CPU-like device: b2/b1 = 1.67
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_adaptive_grows_when_idle_nothing_waits_and_the_steps_left_pay():
 
 
 def test_a_device_where_batch_two_is_free_never_grows():
-    launch_bound = StepCosts(single=1.0, paired=1.02, switch=0.01)  # b2/b1 ~ 1: a pair saves nothing
+    launch_bound = PolicyCosts(single=1.0, paired=1.02, switch=0.01)  # b2/b1 ~ 1: a pair saves nothing
     assert at_boundary(Policy.ADAPTIVE, False, ONE_FREE, 50, launch_bound) == Decision.KEEP
 
 
@@ -89,7 +89,7 @@ def test_the_cost_book_learns_from_measured_steps():
 
 
 def test_where_a_pair_costs_no_more_worker_time_adaptive_pairs_like_latency():
-    free_pairs = StepCosts(single=1.0, paired=0.52, switch=0.01)  # 2 x 0.52 / 1.0 = 1.04 <= 1.10
+    free_pairs = PolicyCosts(single=1.0, paired=0.52, switch=0.01)  # 2 x 0.52 / 1.0 = 1.04 <= 1.10
     assert not free_pairs.pair_spends_capacity() and COSTS.pair_spends_capacity()
     assert admission(Policy.ADAPTIVE, Mode.AUTO, True, ONE_FREE, free_pairs) == Admission(2, True)
     assert admission(Policy.ADAPTIVE, Mode.AUTO, True, PoolView(2, 1), free_pairs) == Admission(2, True)

@@ -568,7 +568,7 @@ def fail(pool: WorkerPool, worker_id: str, request_id: str = "r0") -> None:
     """Acquire ``worker_id`` alone (every other idle worker busy meanwhile) and fail its request."""
     held = [e for e in pool.snapshot() if e.state == IDLE and e.worker_id != worker_id]
     for e in held:
-        e.status = BUSY
+        e.held = BUSY
     try:
         (entry,) = pool.take_idle("sdxl", 1, request_id)
         assert entry.worker_id == worker_id

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.allocation import CostBook, Decision, Policy, PoolView, StepCosts, admission
+from coordinator.allocation import CostBook, Decision, Policy, PoolView, PolicyCosts, admission
 from coordinator.elastic import ElasticLease
 from hybridiff.protocol import Mode, Phase
 from tools.bench import gpu_profile
@@ -101,12 +101,14 @@ class DeviceCosts:
             return self.paired[w[0]]
         return self.paired[i]
 
-    def rule_costs(self) -> StepCosts:
+    def rule_costs(self) -> PolicyCosts:
         """What the service's ``CostBook`` holds once warm: the median data-parallel step as the
         paired cost (``DiffusionService._learn_costs``), a begin as the switch."""
         w = self.window
         dp = [t for i, t in enumerate(self.paired) if w is None or not w[0] <= i <= w[1]]
-        return StepCosts(single=self.single, paired=statistics.median(dp or self.paired), switch=self.switch)
+        return PolicyCosts(
+            single=self.single, paired=statistics.median(dp or self.paired), switch=self.switch
+        )
 
 
 def scaled_to_2x(ct: ComputeTimes) -> ComputeTimes:
