@@ -82,11 +82,14 @@ class Coordinator:
         worker_credentials: grpc.ChannelCredentials | None = None,
         admin_token: str | None = None,
         worker_tls_name: str = security.WORKER_NAME,
+        health_port: int | None = None,
     ) -> None:
         """``tls`` = (cert, key, client CA) of the public API (mutual TLS with a client CA);
         ``token``: bearer token required on the public API; ``admin_token``: the only token
         ``ClusterStatus`` takes (with a ``token`` and no ``admin_token`` nobody may call it);
-        ``worker_credentials``: TLS to workers, whose certificates must name ``worker_tls_name``."""
+        ``worker_credentials``: TLS to workers, whose certificates must name ``worker_tls_name``;
+        ``health_port``: plaintext gRPC health Check only, on threads of its own (kubelet probes:
+        no caller of the public port can starve them; 0: any free port)."""
         telemetry.setup_tracing("hybridiff-coordinator")
         self.grace = grace
         self.metrics = CoordinatorMetrics()
@@ -98,15 +101,25 @@ class Coordinator:
         self.runner = RequestRunner(self.pool, self.metrics, config)
         self.service = DiffusionService(self.runner)
         interceptors = telemetry.server_interceptors()
+        auth = security.BearerTokenInterceptor(token, admin_token, ADMIN_METHODS)
         if token or admin_token:  # first: a refused call is answered before anything reads it
-            interceptors.insert(0, security.BearerTokenInterceptor(token, admin_token, ADMIN_METHODS))
+            interceptors.insert(0, auth)
+        # Health Check without a token runs in open slots of its own: it never takes a token holder's.
         self.server = serving.new_server(
-            call_slots(queue_size), interceptors, max_receive_bytes=MAX_REQUEST_BYTES
+            call_slots(queue_size),
+            interceptors,
+            max_receive_bytes=MAX_REQUEST_BYTES,
+            authenticated=auth.authenticated,
         )
         diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server(self.service, self.server)
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self._set_health(False)
         self.port = serving.bind(self.server, f"{host}:{port}", tls)
+        self.health_server, self.health_port = (
+            serving.health_server(f"{host}:{health_port}", self.health)
+            if health_port is not None
+            else (None, None)
+        )
         self.service.server_address = f"{host}:{self.port}"
         self.metrics_port = self.metrics.serve(metrics_port, host) if metrics_port is not None else None
         self.discovery = discovery
@@ -128,8 +141,11 @@ class Coordinator:
 
     def start(self) -> Coordinator:
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         self.discovery.start(self.pool)
-        log.info("coordinator on port %d, metrics on %s", self.port, self.metrics_port)
+        ports = (self.port, self.health_port, self.metrics_port)
+        log.info("coordinator on port %d, health on %s, metrics on %s", *ports)
         return self
 
     def drain_and_stop(self) -> None:
@@ -146,6 +162,8 @@ class Coordinator:
             self._set_health(False)
             self.health.enter_graceful_shutdown()
             self.server.stop(self.grace).wait()
+            if self.health_server is not None:
+                self.health_server.stop(0)
             self.discovery.stop()
             self._let_go_of_workers()
             telemetry.shutdown_tracing()
@@ -165,7 +183,8 @@ class Coordinator:
 
     def serve_until_signalled(self, ready_file: str | None = None) -> None:
         print(f"coordinator ready on port {self.port}", flush=True)
-        serving.write_ready_file(ready_file, {"port": self.port, "metrics_port": self.metrics_port})
+        ports = {"port": self.port, "metrics_port": self.metrics_port, "health_port": self.health_port}
+        serving.write_ready_file(ready_file, ports)
         serving.on_termination(lambda: threading.Thread(target=self.drain_and_stop, daemon=True).start())
         self._stopped.wait()
 
@@ -174,7 +193,7 @@ def serve_coordinator(
     workers: list[str] | None = None, discovery=None, ready_file: str | None = None, **kwargs
 ) -> NoReturn:
     """Serve until SIGTERM/SIGINT, drain, and end the process (exit 0 after a drain);
-    ``ready_file`` receives {"port": P, "metrics_port": M} once listening."""
+    ``ready_file`` receives {"port": P, "metrics_port": M, "health_port": H} once listening."""
     coordinator = Coordinator(discovery or StaticDiscovery(workers or []), **kwargs).start()
     coordinator.serve_until_signalled(ready_file)
     end_process(0)

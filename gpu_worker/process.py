@@ -114,13 +114,17 @@ class WorkerProcess:
         if health_port is not None and tls[0] and not tls[2]:
             raise InvalidArgument("health-port", "a plaintext health port next to TLS needs --tls-client-ca")
         interceptors = telemetry.server_interceptors()
+        peer = security.PeerNameInterceptor(client_name)
         if tls[2]:  # only the coordinator: a certificate from the client CA naming client_name
-            interceptors.append(security.PeerNameInterceptor(client_name))
+            interceptors.append(peer)
+        # Health Check from anyone but the coordinator runs in open slots of its own (without a
+        # client CA nobody is authenticated, and every Check does).
         self.server = serving.new_server(
             CONTROL_CALL_SLOTS,
             interceptors,
             max_message_bytes=serving.CONTROL_MESSAGE_BYTES,
             lingering_streams=CONTROL_LINGERING_STREAMS,
+            authenticated=peer.authenticated if tls[2] else None,
         )
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self.health.set(LIVENESS_SERVICE, serving.SERVING)  # alive while loading (startup probe waits)

@@ -138,6 +138,15 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             return None
         return Unauthenticated("missing or invalid bearer token")
 
+    def authenticated(self, context: grpc.ServicerContext) -> bool:
+        """Whether the call presents the token or the admin token (an open method's caller
+        without one runs in the open slots, ``serving.new_server``)."""
+        presented = str(dict(context.invocation_metadata() or ()).get("authorization", "")).encode()
+        return any(
+            expected is not None and hmac.compare_digest(presented, expected)
+            for expected in (self._expected, self._admin)
+        )
+
     def intercept_service(self, continuation, handler_call_details):
         metadata = dict(handler_call_details.invocation_metadata or ())
         verdict = self._verdict(handler_call_details.method, str(metadata.get("authorization", "")).encode())
@@ -177,8 +186,13 @@ class PeerNameInterceptor(grpc.ServerInterceptor):
         self._name = name
         self._open = open_prefixes
 
+    def authenticated(self, context: grpc.ServicerContext) -> bool:
+        """Whether the caller's certificate names ``name`` (an open method's caller without one
+        runs in the open slots, ``serving.new_server``)."""
+        return self._name in peer_names(context.auth_context())
+
     def _check(self, context: grpc.ServicerContext) -> None:
-        if self._name not in peer_names(context.auth_context()):
+        if not self.authenticated(context):
             error = PermissionDenied(f"the peer's certificate does not name {self._name}")
             context.abort_with_status(to_status(error))
 

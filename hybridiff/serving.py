@@ -14,9 +14,12 @@ happens to have imported (the coordinator's public port never shows the internal
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from pathlib import Path
@@ -24,11 +27,12 @@ from pathlib import Path
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hybridiff import security
-from hybridiff.errors import HybridiffError, PermissionDenied, TooManyCalls, to_status
+from hybridiff.errors import HybridiffError, InvalidArgument, PermissionDenied, TooManyCalls, to_status
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # The control API (coordinator <-> worker) carries checkpoints: the latents, the scheduler's
@@ -49,6 +53,19 @@ LINGERING_METHODS = ("/grpc.health.v1.Health/Watch", "/grpc.reflection.")
 LINGERING_STREAMS = 4
 HEALTH_THREADS = 4  # a probe port's: kubelet probes one at a time, a Check takes microseconds
 HEALTH_MESSAGE_BYTES = 4096  # a HealthCheckRequest is a service name
+# Streams one connection may hold open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): gRPC core
+# refuses the next one (REFUSED_STREAM; ENHANCE_YOUR_CALM before the client acknowledged the
+# setting; measured: 268 of 300 bodiless calls on one connection); a gRPC client queues its calls
+# beyond it instead of failing them.
+STREAMS_PER_CONNECTION = 32
+# Calls made without credentials (health Check: the one method open without a token, or without
+# the control plane's client certificate) run in OPEN_CALL_SLOTS slots of their own, on top of
+# the server's: however many such calls a caller opens, the authenticated ones keep theirs.
+OPEN_CALL_SLOTS = 4
+# A unary call's request message must arrive within BODY_SECONDS of its headers (a client sends
+# both at once); a call that sends headers only is cancelled then, and its thread freed. gRPC
+# offers no such deadline of its own: a bodiless call would hold its thread for ever.
+BODY_SECONDS = 5.0
 
 
 # gRPC keepalive on both sides: a peer that stops answering (SIGSTOP, a partition, a dead node)
@@ -95,6 +112,10 @@ def keepalive_server_options(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", min(time_ms, 1_000)),
         ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
+        # Count open HTTP/2 streams, not stream objects the server has yet to free (the default
+        # "overload protection" refused a fresh call on a busy but legitimate connection).
+        ("grpc.http.overload_protection", 0),
     ]
 
 
@@ -104,12 +125,16 @@ def new_server(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     max_receive_bytes: int | None = None,
     lingering_streams: int = LINGERING_STREAMS,
+    authenticated: Callable[[grpc.ServicerContext], bool] | None = None,
+    open_slots: int = OPEN_CALL_SLOTS,
 ) -> grpc.Server:
     """A server that runs at most ``max_workers`` calls at once, each on a thread of its own: the
     next call is refused with RESOURCE_EXHAUSTED at once instead of waiting, unseen, for a thread
     (grpcio hands an admitted call to its thread pool, where it queues when every thread is held).
     Of those, at most ``lingering_streams`` (and at most half) are health Watch or reflection
-    streams.
+    streams. Health Check calls that ``authenticated(context)`` does not vouch for (None: any)
+    run in ``open_slots`` more, of their own. A unary request must arrive within BODY_SECONDS,
+    and a malformed one is INVALID_ARGUMENT (``ReadRequests``).
     ``max_receive_bytes``: a smaller bound on received messages (the public API's requests)."""
     options = message_options(max_message_bytes, max_receive_bytes) + keepalive_server_options()
     if max_receive_bytes is not None:
@@ -118,29 +143,45 @@ def new_server(
         # limit (measured: 8 x 60 MiB requests, +250 MiB RSS); without it the window stays at
         # 64 KiB per stream, and the refused message is never read past it.
         options.append(("grpc.http2.bdp_probe", 0))
+
+    def is_open(context: grpc.ServicerContext) -> bool:
+        return authenticated is None or not authenticated(context)
+
     return grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-server"),
-        # Innermost: a call the other interceptors refuse (no token, wrong peer) takes no slot.
+        futures.ThreadPoolExecutor(max_workers=max_workers + open_slots, thread_name_prefix="grpc-server"),
+        # Innermost: a call the other interceptors refuse (no token, wrong peer) takes no slot;
+        # the request is read (ReadRequests) only once the call holds its slot.
         interceptors=[
             *interceptors,
             ConcurrencyLimit(LINGERING_METHODS, min(lingering_streams, max_workers // 2)),
+            ConcurrencyLimit((HEALTH_CHECK,), open_slots, applies=is_open),
+            ReadRequests(),
         ],
         options=options,
-        maximum_concurrent_rpcs=max_workers,
+        maximum_concurrent_rpcs=max_workers + open_slots,
     )
 
 
 class ConcurrencyLimit(grpc.ServerInterceptor):
-    """At most ``limit`` calls at once of the methods whose names start with ``prefixes``; another
-    is ended with TOO_MANY_CALLS (RESOURCE_EXHAUSTED) before its request is read. A slot is held
-    from the moment the call's handler starts until the call ends, however it ends."""
+    """At most ``limit`` calls at once of the methods whose names start with ``prefixes`` (and,
+    with ``applies``, for which ``applies(context)`` holds); another is ended with TOO_MANY_CALLS
+    (RESOURCE_EXHAUSTED) before its request is read. A slot is held from the moment the call's
+    handler starts until the call ends, however it ends."""
 
-    def __init__(self, prefixes: tuple[str, ...], limit: int) -> None:
+    def __init__(
+        self,
+        prefixes: tuple[str, ...],
+        limit: int,
+        applies: Callable[[grpc.ServicerContext], bool] | None = None,
+    ) -> None:
         self._prefixes = prefixes
         self._slots = threading.BoundedSemaphore(limit) if limit > 0 else None
         self._limit = limit
+        self._applies = applies
 
     def _take(self, context: grpc.ServicerContext) -> None:
+        if self._applies is not None and not self._applies(context):
+            return
         if self._slots is None or not self._slots.acquire(blocking=False):
             abort(context, TooManyCalls(f"at most {self._limit} such streams at once; retry later"))
         if not context.add_callback(self._slots.release):  # already over: nothing else will free it
@@ -151,6 +192,95 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
         if handler is None or not handler_call_details.method.startswith(self._prefixes):
             return handler
         return security.checked_handler(handler, self._take)
+
+
+class _BodyWatch:
+    """One thread for every server of the process: cancels each call whose request message has not
+    arrived by its deadline (the call's thread, waiting for it, is then freed)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, grpc.ServicerContext, list[bool]]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, context: grpc.ServicerContext, seconds: float) -> list[bool]:
+        """Cancel ``context`` in ``seconds`` unless the returned flag's [0] is set by then."""
+        arrived = [False]
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._order), context, arrived))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="grpc-body-watch", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return arrived
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                deadline, _, context, arrived = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+            if not arrived[0]:
+                context.cancel()
+
+
+_BODY_WATCH = _BodyWatch()
+
+
+class ReadRequests(grpc.ServerInterceptor):
+    """Unary requests read by the handler itself, as bytes: the message must arrive within
+    ``seconds`` of the call (else the call is cancelled), and bytes that do not parse (invalid
+    UTF-8 in a string, a truncated varint) end it with INVALID_ARGUMENT instead of grpcio's
+    INTERNAL "Exception deserializing request!". Streamed requests are left as they are."""
+
+    def __init__(self, seconds: float = BODY_SECONDS) -> None:
+        self._seconds = seconds
+
+    def _read(self, parse, requests, context: grpc.ServicerContext):
+        arrived = _BODY_WATCH.watch(context, self._seconds)
+        try:
+            raw = next(requests, None)
+        except grpc.RpcError:  # cancelled: by the watch, or by the client
+            raw = None
+        finally:
+            arrived[0] = True
+        if raw is None:
+            if context.is_active():
+                abort(context, InvalidArgument("request", "no request message"))
+            return None
+        if parse is None:
+            return raw
+        try:
+            return parse(raw)
+        except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+            abort(context, InvalidArgument("request", f"malformed message: {exc}"))
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        parse = handler.request_deserializer
+        behavior = handler.unary_unary or handler.unary_stream
+
+        def run(requests, context):
+            request = self._read(parse, requests, context)
+            return None if request is None else behavior(request, context)
+
+        def run_stream(requests, context):
+            request = self._read(parse, requests, context)
+            if request is not None:
+                yield from behavior(request, context)
+
+        serialize = handler.response_serializer
+        if handler.unary_unary:
+            return grpc.stream_unary_rpc_method_handler(run, response_serializer=serialize)
+        return grpc.stream_stream_rpc_method_handler(run_stream, response_serializer=serialize)
 
 
 class HealthCheckOnly(grpc.ServerInterceptor):
@@ -172,7 +302,7 @@ def health_server(
     Not started; (server, port)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc-health"),
-        interceptors=[HealthCheckOnly()],
+        interceptors=[HealthCheckOnly(), ReadRequests()],
         options=message_options(HEALTH_MESSAGE_BYTES) + keepalive_server_options(),
         maximum_concurrent_rpcs=threads,
     )

@@ -283,6 +283,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key
         ),
         worker_tls_name=args.worker_tls_name,
+        health_port=args.health_port,
     )
     return EXIT_OK
 
@@ -584,6 +585,12 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     )
     p.add_argument(
         "--worker-port", type=int, default=50061, help="kubernetes discovery: workers' control port"
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="plaintext gRPC health Check only, on threads of its own, for kubelet probes (0: any port)",
     )
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for workers")
     add_policy_flag(p)
