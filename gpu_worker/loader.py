@@ -71,7 +71,11 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_adapter(model_dir: str | Path, device: str | None = None, dtype: str | None = None) -> ModelAdapter:
+def load_adapter(
+    model_dir: str | Path, device: str | None = None, dtype: str | None = None, variant: str | None = None
+) -> ModelAdapter:
+    """The adapter of the diffusers folder ``model_dir`` (offline); ``variant`` (e.g. fp16) loads
+    the ``*.fp16.safetensors`` files, the only ones a variant-only folder has."""
     arch = detect_arch(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -79,15 +83,26 @@ def load_adapter(model_dir: str | Path, device: str | None = None, dtype: str | 
     transformers.utils.logging.disable_progress_bar()
     try:
         if arch == "sdxl":
-            pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), dtype=dt, local_files_only=True)
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                str(model_dir), dtype=dt, local_files_only=True, variant=variant
+            )
             adapter_cls = SDXLAdapter
         else:
             pipe = StableDiffusion3Pipeline.from_pretrained(
-                str(model_dir), dtype=dt, local_files_only=True, text_encoder_3=None, tokenizer_3=None
+                str(model_dir),
+                dtype=dt,
+                local_files_only=True,
+                variant=variant,
+                text_encoder_3=None,
+                tokenizer_3=None,
             )
             adapter_cls = SD3Adapter
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"cannot load {arch} model from {str(model_dir)!r}: {exc}") from None
+        held = sorted(saved_variants(model_dir) - {variant})
+        hint = f"; it holds {', '.join(held)} weights: pass --variant {held[0]}" if held else ""
+        what = f"{arch} model" + (f" (variant {variant!r})" if variant else "")
+        reason = " ".join(str(exc).split())
+        raise ModelLoadError(f"cannot load {what} from {str(model_dir)!r}: {reason}{hint}") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
     if dt == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
@@ -103,6 +118,17 @@ def load_adapter(model_dir: str | Path, device: str | None = None, dtype: str | 
             module.eval().requires_grad_(False)
     log.info("loaded %s model from %s on %s (%s)", arch, model_dir, dev, dt)
     return adapter_cls(pipe, dev, dt, read_model_defaults(model_dir, arch))
+
+
+def saved_variants(model_dir: str | Path) -> set[str]:
+    """The variants a folder's components hold weights of: ``unet/diffusion_pytorch_model.fp16.safetensors``
+    and ``text_encoder/model.fp16-00001-of-00002.safetensors`` are fp16."""
+    found = set()
+    for path in Path(model_dir).glob("*/*.safetensors"):
+        parts = path.name.split(".")
+        if len(parts) == 3:
+            found.add(parts[1].split("-")[0])
+    return found
 
 
 def weights_digest(model_dir: str | Path, skip: Iterable[str] | None = None) -> str:

@@ -17,12 +17,11 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 
 import torch
 import zmq
 
-from gpu_worker import compiled
+from gpu_worker import compiled, weights
 from gpu_worker.dataplane import Mailbox, message_bound
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter, weights_digest
@@ -88,6 +87,8 @@ class WorkerProcess:
         compile_mode: str | None = compiled.AUTO,
         compile_backend: str = "inductor",
         begin_seconds: float = BEGIN_SECONDS,
+        variant: str | None = None,
+        hf_token: str | None = None,
     ) -> None:
         """Port 0 picks a free port (``metrics_port`` too; None: no /metrics). ``tls`` = (cert, key,
         client CA): with a client CA only the coordinator (a cert that CA signed, naming
@@ -100,10 +101,13 @@ class WorkerProcess:
         ``data_peer_cidrs`` ("10.0.0.0/8,..."): the only networks it pushes data-plane frames to
         (None: any, safe only on a private network); ``data_max_message_bytes``: the largest
         data-plane message it accepts (None: derived from the model's size limits).
-        ``compile_mode``: see ``gpu_worker.compiled`` (``compile_backend`` other than inductor: tests)."""
+        ``compile_mode``: see ``gpu_worker.compiled`` (``compile_backend`` other than inductor: tests).
+        ``model_dir``: a diffusers folder or a Hub id ``ORG/NAME[@REV]``, fetched (``variant``'s
+        files, with ``hf_token``) before loading, while health says NOT_SERVING."""
         telemetry.setup_tracing("hybridiff-worker")
         self.model_dir, self.host, self.data_port, self.grace = model_dir, host, data_port, grace
         self.device, self.dtype = device, dtype
+        self.variant, self.hf_token = variant, hf_token
         self.compile_mode, self.compile_backend = compile_mode, compile_backend
         self.data_address = ""
         self.advertise = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "::") else host)
@@ -141,7 +145,7 @@ class WorkerProcess:
         self.metrics_port = self.metrics.serve(metrics_port, host) if metrics_port is not None else None
         self.service = WorkerService(
             self.worker_id,
-            model_name or Path(model_dir).name,
+            model_name or weights.served_name(model_dir),
             self.metrics,
             session_idle_seconds=session_idle_seconds,
             watchdog_seconds=watchdog_seconds,
@@ -158,7 +162,8 @@ class WorkerProcess:
             self.health_server.start()
         log.info("worker control API on %s:%d (loading model)", self.host, self.port)
         started = time.perf_counter()
-        adapter = load_adapter(self.model_dir, self.device, self.dtype)
+        self.model_dir = str(weights.resolve(self.model_dir, variant=self.variant, token=self.hf_token))
+        adapter = load_adapter(self.model_dir, self.device, self.dtype, self.variant)
         compiled.enable(
             adapter,
             self.compile_mode,

@@ -33,6 +33,7 @@ from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label,
 from hybridiff.request import request_from_names
 from hybridiff.v1 import diffusion_pb2 as pb
 from launch.children import die_with_launcher
+from launch.model_dirs import add_model_flags, default_model_dir, resolve_model
 
 EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_SERVER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 TOOLS_GROUP = "hybridiff.tools"
@@ -57,8 +58,9 @@ def package_version() -> str:
 
 
 # --- flags ------------------------------------------------------------------------------
-def add_generation_flags(p: argparse.ArgumentParser) -> None:
-    """The generation flags shared by ``run`` and ``generate``."""
+def add_generation_flags(p: argparse.ArgumentParser, request_model: bool = True) -> None:
+    """The generation flags shared by ``run`` and ``generate`` (``request_model``: the request's
+    ``--model``, the served name; ``run`` has its own ``--model``, the weights)."""
     p.add_argument("--prompt", required=True, help="what to draw (at most 4000 characters)")
     p.add_argument(
         "--negative-prompt",
@@ -96,7 +98,13 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
         "cfg-parallel: one guidance branch per worker; pipeline: two-stage pipeline (AsyncDiff); "
         "hybrid: cfg-parallel, the pipeline from tau1 to tau2, cfg-parallel again",
     )
-    p.add_argument("--model", default="", help="the served model's name (default: the only one)")
+    if request_model:
+        p.add_argument(
+            "--model",
+            dest="request_model",
+            default="",
+            help="the served model's name (default: the only one)",
+        )
     p.add_argument(
         "--l-slope",
         type=int,
@@ -153,7 +161,7 @@ def request_input(args: argparse.Namespace) -> pb.GenerateRequest:
         quality=args.quality,
         num_images=args.num_images,
         request_id=args.request_id,
-        model=args.model,
+        model=getattr(args, "request_model", ""),
     )
 
 
@@ -187,10 +195,10 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     # deferred: the engine imports torch and diffusers (seconds), which client commands never need.
     from launch.inprocess import InProcessEngine
-    from launch.model_dirs import default_model_dir
 
+    model_dir, _ = resolve_model(args)
     engine = InProcessEngine(
-        args.model_dir or default_model_dir(), args.device, args.dtype, args.split_cut, compile=args.compile
+        model_dir, args.device, args.dtype, args.split_cut, compile=args.compile, variant=args.variant
     )
     try:
         spec = engine.resolve(request_input(args))
@@ -212,11 +220,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from gpu_worker.process import pin_cpus, serve_worker  # deferred: the worker role (torch, diffusers, zmq)
-    from launch.model_dirs import default_model_dir
+    from gpu_worker.weights import read_token  # deferred: with the worker role
 
     pin_cpus(args.cpus)
     serve_worker(
-        args.model_dir or str(default_model_dir()),
+        args.model or str(default_model_dir()),  # a Hub id is fetched by the worker, before it serves
         args.port,
         args.data_port,
         host=args.host,
@@ -224,7 +232,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         advertise_data_address=args.advertise_data_address,
         device=args.device,
         dtype=args.dtype,
-        model_name=args.model_name,
+        model_name=args.served_model_name,
+        variant=args.variant,
+        hf_token=read_token(args.hf_token_file),
         worker_id=args.worker_id,
         ready_file=args.ready_file,
         tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
@@ -291,11 +301,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_local(args: argparse.Namespace) -> int:
     # deferred: builds the default model with torch if needed
     from launch.local_cluster import parse_devices, run_local
-    from launch.model_dirs import default_model_dir
 
     devices = parse_devices(args.devices) if args.devices is not None else None
+    model_dir, served_name = resolve_model(args)  # fetched once, here, not by each worker
     return run_local(
-        str(args.model_dir or default_model_dir()),
+        str(model_dir),
         args.workers,
         args.port,
         args.metrics_port,
@@ -306,7 +316,27 @@ def cmd_local(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         devices=devices,
         compile_mode=args.compile,
+        served_model_name=served_name,
+        variant=args.variant,
     )
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from gpu_worker import weights  # deferred: huggingface_hub, a server dependency
+
+    source = weights.parse_model(args.model, args.revision)
+    if source.repo_id is None:
+        raise InvalidArgument("model", f"{args.model!r} is a local path; download takes a Hub id ORG/NAME")
+    folder = weights.fetch(
+        source.repo_id,
+        source.revision,
+        variant=args.variant,
+        with_t5=args.with_t5,
+        token=weights.read_token(args.hf_token_file),
+        refresh=True,
+    )
+    print(folder)
+    return EXIT_OK
 
 
 def cmd_curve_keys(args: argparse.Namespace) -> int:
@@ -463,9 +493,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("run", help="the engine in one process, no servers")
-    p.add_argument(
-        "--model-dir", default=None, help="diffusers model directory (default: the embedded model)"
-    )
+    add_model_flags(p, served_name=False)
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
     p.add_argument(
         "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp16 on GPU, fp32 on CPU)"
@@ -475,14 +503,11 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_compile_flag(p)
-    add_generation_flags(p)
+    add_generation_flags(p, request_model=False)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("worker", help="one GPU worker: control API over gRPC, data plane over ZeroMQ")
-    p.add_argument(
-        "--model-dir", default=None, help="diffusers model directory (default: the embedded model)"
-    )
-    p.add_argument("--model-name", default=None, help="name clients use (default: the directory name)")
+    add_model_flags(p)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument(
         "--advertise-host", default=None, help="host peers reach this worker at (default: hostname)"
@@ -642,9 +667,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("local", help="coordinator + workers as local processes (the embedded default)")
-    p.add_argument(
-        "--model-dir", default=None, help="diffusers model directory (default: the embedded model)"
-    )
+    add_model_flags(p)
     p.add_argument("--workers", type=int, default=2, help="how many workers (each gets its own cores)")
     p.add_argument(
         "--devices",
@@ -662,6 +685,23 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     )
     add_compile_flag(p)
     p.set_defaults(func=cmd_local)
+
+    p = sub.add_parser(
+        "download",
+        help="fetch the files of a Hub model that the workers load into the Hub cache (HF_HOME)",
+    )
+    p.add_argument("model", help="the Hub id, ORG/NAME[@REV]")
+    p.add_argument("--revision", default=None, help="a branch, tag or commit (default: @REV, else main)")
+    p.add_argument(
+        "--variant", default=None, help="the weights' variant (fp16: the *.fp16.safetensors files)"
+    )
+    p.add_argument("--with-t5", action="store_true", help="SD3: the T5 text encoder too")
+    p.add_argument(
+        "--hf-token-file",
+        default=None,
+        help="a Hub token for gated or private repositories (default: $HF_TOKEN or a stored login)",
+    )
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("generate", help="send one request to a running service")
     add_client_flags(p)
@@ -701,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup_logging(
             getattr(args, "log_format", "text"), logging.INFO if args.verbose else logging.WARNING
         )
+        logging.getLogger("gpu_worker.weights").setLevel(logging.INFO)  # a fetch's progress, always
         return args.func(args)
     except HybridiffError as exc:
         print(f"error: {exc.code.name}: {exc}", file=sys.stderr)

@@ -80,10 +80,12 @@ class InProcessEngine:
         split_cut: int | None = None,
         compile: str | None = None,
         compile_backend: str = "inductor",
+        variant: str | None = None,
     ) -> None:
         """``compile``: none | default | reduce-overhead | max-autotune (None or auto: by device;
-        see ``gpu_worker.compiled``); shapes compile at their first use."""
-        self.adapter = load_adapter(model_dir, device, dtype)
+        see ``gpu_worker.compiled``); shapes compile at their first use. ``variant``: the weights'
+        (e.g. fp16), as ``from_pretrained`` takes it."""
+        self.adapter = load_adapter(model_dir, device, dtype, variant)
         compiled.enable(self.adapter, compile, backend=compile_backend)
         self.limits = self.adapter.size_limits()
         self.defaults = self.adapter.defaults

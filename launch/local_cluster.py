@@ -82,8 +82,12 @@ class LocalCluster:
         devices: list[str] | None = None,
         compile_mode: str = "auto",
         coordinator_args: list[str] | None = None,
+        served_model_name: str | None = None,
+        variant: str | None = None,
     ) -> None:
-        """``compile_mode``: the workers' ``--compile``; ``log_format``: the processes'
+        """``model_dir``: a local folder (a launcher fetches a Hub id once, before it starts the
+        workers); ``served_model_name``, ``variant``: the workers' flags of those names;
+        ``compile_mode``: the workers' ``--compile``; ``log_format``: the processes'
         ``--log-format``; ``verbose``: they log at INFO (``-v``); ``coordinator_args``: more
         flags for the coordinator;
         ``worker_args``: more flags for worker i (they override the defaults); ``devices``: the
@@ -107,6 +111,10 @@ class LocalCluster:
         self.worker_args = worker_args or {}
         self.coordinator_args = coordinator_args or []
         self.compile_mode = compile_mode
+        self.model_args = [
+            *(["--served-model-name", served_model_name] if served_model_name else []),
+            *(["--variant", variant] if variant else []),
+        ]
         self.devices = assign_devices(workers, devices) if devices else None  # None: chosen at start
         self.procs: list[subprocess.Popen] = []
         self._names: dict[int, str] = {}  # pid -> process name (its log file's stem)
@@ -153,8 +161,9 @@ class LocalCluster:
                     f"worker{i}",
                     [
                         "worker",
-                        "--model-dir",
+                        "--model",
                         self.model_dir,
+                        *self.model_args,
                         "--host",
                         "127.0.0.1",
                         "--port",
@@ -294,6 +303,8 @@ def run_local(
     verbose: bool = False,
     devices: list[str] | None = None,
     compile_mode: str = "auto",
+    served_model_name: str | None = None,
+    variant: str | None = None,
 ) -> int:
     cluster = LocalCluster(
         model_dir,
@@ -307,6 +318,8 @@ def run_local(
         verbose=verbose,
         devices=devices,
         compile_mode=compile_mode,
+        served_model_name=served_model_name,
+        variant=variant,
     )
     stop = {"now": False}
 

@@ -1,12 +1,13 @@
-"""Where the launch layer finds a model when none is named: the embedded default."""
+"""Where the launch layer finds a model: the one ``--model`` names (a folder, a single-file
+checkpoint or a Hub id, see ``gpu_worker.weights``), else the embedded default. Light to import:
+the command line builds its parser from here before any server dependency is loaded."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
-
-from launch.tiny_model import write_tiny_model
 
 DEFAULT_MODEL_ENV = "HYBRIDIFF_MODEL_DIR"
 # The trained default model (hybridiff train-default-model), committed next to the packages.
@@ -29,9 +30,53 @@ def default_model_dir() -> Path:
         return EMBEDDED_MODEL_DIR
     cache = tiny_model_cache() / "tiny-sdxl"
     if not (cache / "model_index.json").is_file():
+        from launch.tiny_model import write_tiny_model  # deferred: torch and diffusers, slow to import
+
         print(
             f"no embedded model at {EMBEDDED_MODEL_DIR}; building a tiny random SDXL model in {cache}",
             file=sys.stderr,
         )
         write_tiny_model("sdxl", cache)
     return cache
+
+
+def add_model_flags(p: argparse.ArgumentParser, served_name: bool = True) -> None:
+    """``--model`` (the weights) and how to fetch them; ``--served-model-name`` when clients call it."""
+    p.add_argument(
+        "--model",
+        "--model-dir",
+        dest="model",
+        default=None,
+        help="the weights: a diffusers folder, or a Hugging Face Hub id ORG/NAME[@REV] fetched into the "
+        "Hub cache (HF_HOME; only the files loaded; offline once cached) (default: the embedded model)",
+    )
+    p.add_argument(
+        "--variant",
+        default=None,
+        help="the weights' variant as diffusers names it (fp16: the *.fp16.safetensors files)",
+    )
+    p.add_argument(
+        "--hf-token-file",
+        default=None,
+        help="a Hub token for gated or private repositories (default: $HF_TOKEN or a stored login)",
+    )
+    if served_name:
+        p.add_argument(
+            "--served-model-name",
+            "--model-name",
+            dest="served_model_name",
+            default=None,
+            help="the name clients use (default: the Hub id or the folder's name)",
+        )
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
+    """(the local folder, the served name) of ``args.model`` (fetched when a Hub id), or of the
+    embedded default when none is named."""
+    # deferred: huggingface_hub, a server dependency (the client commands never need it)
+    from gpu_worker import weights
+
+    model = args.model or str(default_model_dir())
+    token = weights.read_token(getattr(args, "hf_token_file", None))
+    path = weights.resolve(model, variant=getattr(args, "variant", None), token=token)
+    return path, getattr(args, "served_model_name", None) or weights.served_name(model)
