@@ -317,13 +317,13 @@ def check_worker(sts: dict) -> None:
 def check_coordinator(dep: dict, tls: bool) -> None:
     spec = dep["spec"]["template"]["spec"]
     c = container(spec, "coordinator")
-    port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
-    for probe in ("readinessProbe", "livenessProbe"):
+    # Probes on the health-only port (plaintext with or without TLS on the public port), never on
+    # the public port, where callers without a token could crowd them out (issue 24).
+    port = next(p["containerPort"] for p in c["ports"] if p["name"] == "health")
+    assert flag(c["args"], "health-port") == str(port), "probes on a port the coordinator does not serve"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         p = c.get(probe) or {}
-        # kubelet's gRPC probe is plaintext: with TLS on the port, a TCP check instead.
-        assert p.get("tcpSocket") if tls else p.get("grpc", {}).get("port") == port, (
-            f"coordinator {probe} missing or wrong"
-        )
+        assert p.get("grpc", {}).get("port") == port, f"coordinator {probe} is not a gRPC probe of port {port}"
     check_secure_container(c, spec.get("securityContext") or {}, "coordinator")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
 
