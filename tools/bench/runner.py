@@ -35,7 +35,7 @@ from hybridiff.client import DiffusionClient
 from hybridiff.protocol import Mode, Phase, WindowGuidance, label
 from hybridiff.v1 import diffusion_pb2 as pb
 from launch.local_cluster import LocalCluster
-from launch.model_dirs import default_model_dir, tiny_model_cache
+from launch.model_dirs import add_model_flags, default_model_dir, resolve_model, tiny_model_cache
 from launch.tiny_model import write_tiny_model
 from tools.bench import plots
 from tools.bench.adherence import Variant, adherence_by_variant, format_adherence
@@ -113,7 +113,13 @@ def run_variant(
 
 
 def diffusers_reference(
-    model_dir: str, prompt: str, seed: int, steps: int, guidance: float, core: int | None
+    model_dir: str,
+    prompt: str,
+    seed: int,
+    steps: int,
+    guidance: float,
+    core: int | None,
+    variant: str | None = None,
 ) -> tuple[float, Image.Image]:
     """The diffusers pipeline in this process, on one core with one thread (the outside reference)."""
     affinity = os.sched_getaffinity(0)
@@ -122,7 +128,7 @@ def diffusers_reference(
         os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
     try:
-        pipe = load_adapter(model_dir).pipe
+        pipe = load_adapter(model_dir, variant=variant).pipe
         start = time.perf_counter()
         with torch.no_grad():
             image = pipe(
@@ -321,9 +327,7 @@ def format_table(result: dict) -> str:
 # --- the command ------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hybridiff bench", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--model-dir", default=None, help="default: the SDXL-shaped bench model (built once, ~30M params)"
-    )
+    add_model_flags(p, served_name=False)  # default: the SDXL-shaped bench model (built once, ~30M params)
     p.add_argument(
         "--target", default=None, help="HOST:PORT of a running coordinator (default: start a local cluster)"
     )
@@ -368,13 +372,15 @@ def bench_model_dir() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model_dir = str(args.model_dir or bench_model_dir())
+    model_dir = str(resolve_model(args)[0] if args.model else bench_model_dir())
     topology = "nested" if detect_arch(model_dir) == "sdxl" else "sequential"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     cluster = None
     if args.target is None:
-        cluster = LocalCluster(model_dir, workers=2, log_dir=args.out_dir / "logs").start()
+        cluster = LocalCluster(
+            model_dir, workers=2, log_dir=args.out_dir / "logs", variant=args.variant
+        ).start()
     target = args.target or cluster.address
     client = DiffusionClient(target)
     pairs = [(p, s) for p in DEFAULT_PROMPTS[: args.prompts] for s in range(args.seeds)]
@@ -397,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update(1)
         if not args.no_reference:  # once: it takes as long as SINGLE
             prompt, seed = pairs[0]
-            latency, image = diffusers_reference(model_dir, prompt, seed, args.steps, args.guidance, core=0)
+            latency, image = diffusers_reference(
+                model_dir, prompt, seed, args.steps, args.guidance, core=0, variant=args.variant
+            )
             reference.append((prompt, seed, latency, png_bytes(image)))
             bar.update(1)
         if cluster is not None:  # the timing cluster goes before the adherence pass starts its own

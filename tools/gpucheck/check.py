@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 
+from gpu_worker.loader import detect_arch
 from hybridiff.client import DiffusionClient
 from hybridiff.errors import HybridiffError
 from hybridiff.protocol import Mode, Phase, label
 from hybridiff.v1 import diffusion_pb2 as pb
 from launch.cli import build_parser
 from launch.local_cluster import LocalCluster, parse_devices, visible_gpus
-from launch.model_dirs import tiny_model_cache
+from launch.model_dirs import add_model_flags, resolve_model, tiny_model_cache
 from tools.bench.runner import (
     Run,
     compute_bound_latency,
@@ -113,6 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the workers' devices, round robin (default: cuda: one per visible GPU; cpu: cpu)",
     )
     p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated: sdxl, sd3")
+    add_model_flags(p, served_name=False)  # a named model replaces --archs and --models
     p.add_argument(
         "--models",
         choices=("full", "tiny"),
@@ -243,6 +245,7 @@ def run_pass(
         devices=args.devices,
         log_dir=log_dir,
         worker_args={i: ["--dtype", args.dtype, *flags] for i in range(args.workers)},
+        variant=args.variant,
     )
     started = time.perf_counter()
     try:
@@ -552,12 +555,16 @@ def main(argv: list[str] | None = None) -> int:
         "archs": {},
         "failures": [],
     }
+    named = None
+    if args.model:  # the weights named, fetched once: its own architecture only
+        named = resolve_model(args)[0]
+        args.archs = [detect_arch(named)]
     for arch in args.archs:
         t0 = time.perf_counter()
         print(
             f"hybridiff gpu-check: {arch}: model ({args.models}, {args.dtype})", file=sys.stderr, flush=True
         )
-        model_dir = ensure_model(arch, args.models, cache, args.device, args.dtype)
+        model_dir = named or ensure_model(arch, args.models, cache, args.device, args.dtype)
         model_seconds = time.perf_counter() - t0
         topology = "nested" if arch == "sdxl" else "sequential"
         records, eager = [], None
