@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
@@ -409,16 +410,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0 (0, -5 or nan is a usage error, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, not {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number, 0 or more (-1 is a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
         default=default_target(),
         help="HOST:PORT of the coordinator (default: $HYBRIDIFF_TARGET, else 127.0.0.1:50051)",
     )
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline of the call in seconds")
+    p.add_argument(
+        "--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT, help="deadline of the call in seconds"
+    )
     p.add_argument(
         "--connect-timeout",
-        type=float,
+        type=positive_seconds,
         default=DEFAULT_CONNECT_TIMEOUT,
         help="give up after this many seconds when the target cannot be reached",
     )
@@ -565,19 +590,19 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     )
     p.add_argument(
         "--session-idle-timeout",
-        type=float,
+        type=positive_seconds,
         default=60.0,
         help="seconds a control session may wait for its next command before the worker ends it",
     )
     p.add_argument(
         "--session-begin-timeout",
-        type=float,
+        type=positive_seconds,
         default=5.0,
         help="seconds a new control session may take to send its Begin (the coordinator sends it at once)",
     )
     p.add_argument(
         "--watchdog-seconds",
-        type=float,
+        type=positive_seconds,
         default=300.0,
         help="a command running longer is a stall: health and liveness turn NOT_SERVING until restart",
     )
@@ -617,11 +642,13 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         default=None,
         help="plaintext gRPC health Check only, on threads of its own, for kubelet probes (0: any port)",
     )
-    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for workers")
+    p.add_argument(
+        "--queue-size", type=non_negative_int, default=16, help="requests that may wait for workers"
+    )
     add_policy_flag(p)
     p.add_argument(
         "--step-timeout",
-        type=float,
+        type=positive_seconds,
         default=600.0,
         help="the most seconds to wait for a worker's answer (a step waits a few measured step costs)",
     )
@@ -677,7 +704,9 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     )
     p.add_argument("--port", type=int, default=50051, help="public API port")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port")
-    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for workers")
+    p.add_argument(
+        "--queue-size", type=non_negative_int, default=16, help="requests that may wait for workers"
+    )
     add_policy_flag(p)
     add_log_format_flag(p)
     p.add_argument(
