@@ -27,7 +27,6 @@ is never in two requests at once.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -38,9 +37,10 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.admission_queue import AdmissionQueue, Readmit
 from coordinator.allocation import PoolView
 from coordinator.remote import RemoteWorker
-from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, QueueFull, Unavailable
+from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, Unavailable
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 from hybridiff.protocol import WORKER_PROTOCOL_VERSION
 
@@ -149,9 +149,7 @@ class WorkerPool:
         self._cond = threading.Condition()
         self._stop = threading.Event()  # set at close: every probe ends at its next wait
         self._workers: dict[str, WorkerEntry] = {}
-        self._waiting: dict[str, list[int]] = {}  # model -> tickets, first come first served
-        self._wants: dict[int, tuple[str, int, bool]] = {}  # ticket -> (model, want, accept_one)
-        self._tickets = itertools.count()
+        self._queue = AdmissionQueue(queue_capacity)
         self._closed = False
         self._probes: set[threading.Thread] = set()
         # Every entry whose channel may be open, also one replaced while busy (its lease holds it).
@@ -402,7 +400,7 @@ class WorkerPool:
         request_id: str,
         timeout: float,
         check_alive: Callable[[], None] | None = None,
-        admission: Callable[[PoolView], tuple[int, bool]] | None = None,
+        admission: Readmit | None = None,
     ) -> list[WorkerEntry]:
         """Wait in the model's admission queue for ``want`` idle, compatible workers of ``model``
         (or one when ``accept_one``); ``QueueFull`` at once when the queue is full. With
@@ -412,12 +410,7 @@ class WorkerPool:
         with self._cond:
             if self._closed:
                 raise Unavailable("the coordinator is draining")
-            if self.queue_depth >= self.queue_capacity:
-                raise QueueFull(f"admission queue is full ({self.queue_capacity} waiting)")
-            ticket = next(self._tickets)
-            queue = self._waiting.setdefault(model, [])
-            queue.append(ticket)
-            self._wants[ticket] = (model, want, accept_one)
+            ticket = self._queue.enqueue(model, want, accept_one)
             self._changed()  # the condition's lock is reentrant
             try:
                 while True:
@@ -426,19 +419,19 @@ class WorkerPool:
                     serving = self._serving(model)
                     if not serving:
                         raise Unavailable(f"no worker serves model {model!r} any more")
-                    if queue[0] == ticket:
-                        if admission is not None:
-                            want, accept_one = admission(self._view(model, behind=ticket))
-                            self._wants[ticket] = (model, want, accept_one)
-                        chosen = _pick([e for e in serving if e.held == IDLE], want, accept_one)
+                    if self._queue.is_head(ticket):
+                        idle = [e for e in serving if e.held == IDLE]
+                        self._queue.readmit(ticket, len(idle), admission)
+                        chosen = _pick(idle, ticket.want, ticket.accept_one)
                         if chosen:
                             for e in chosen:
                                 e.held, e.request_id = BUSY, request_id
                             return chosen
                         largest = max(len(g) for g in _groups(serving))
-                        if want > largest and not accept_one:
+                        if ticket.want > largest and not ticket.accept_one:
                             raise Unavailable(
-                                f"{want} workers needed, {largest} compatible ones serve model {model!r}"
+                                f"{ticket.want} workers needed, {largest} compatible ones serve "
+                                f"model {model!r}"
                             )
                     if check_alive:
                         self._cond.release()
@@ -451,10 +444,7 @@ class WorkerPool:
                         raise DeadlineExceeded("no workers became free in time")
                     self._cond.wait(min(remaining, 0.5))
             finally:
-                queue.remove(ticket)
-                if not queue and self._waiting.get(model) is queue:
-                    del self._waiting[model]
-                self._wants.pop(ticket, None)
+                self._queue.remove(ticket)
                 self._cond.notify_all()
                 self._changed()  # the condition's lock is reentrant
 
@@ -505,21 +495,15 @@ class WorkerPool:
         request_id: str,
         timeout: float,
         check_alive: Callable[[], None] | None = None,
-        admission: Callable[[PoolView], tuple[int, bool]] | None = None,
+        admission: Readmit | None = None,
     ) -> Lease:
         """``acquire`` as a ``Lease`` that owns the request's workers until released."""
         entries = self.acquire(model, want, accept_one, request_id, timeout, check_alive, admission)
         return Lease(self, model, request_id, entries)
 
-    def _view(self, model: str, behind: int | None = None) -> PoolView:
-        """The pool as a request of ``model`` sees it (with ``behind``: the waiters after that ticket)."""
-        idle = sum(e.held == IDLE for e in self._serving(model))
-        queue = self._waiting.get(model, [])
-        if behind is not None:
-            queue = queue[queue.index(behind) + 1 :]
-        waiters = [self._wants[t] for t in queue]
-        takes_one = bool(waiters) and (waiters[0][1] == 1 or waiters[0][2])
-        return PoolView(idle=idle, waiting=len(waiters), waiting_takes_one=takes_one)
+    def _view(self, model: str) -> PoolView:
+        """The pool as a request of ``model`` sees it."""
+        return self._queue.view(model, sum(e.held == IDLE for e in self._serving(model)))
 
     def view(self, model: str) -> PoolView:
         with self._cond:
@@ -530,7 +514,7 @@ class WorkerPool:
         does not read zero on a saturated pool, as the queue depth alone can)."""
         with self._cond:
             busy = sum(e.held in OCCUPIED for e in self._workers.values())
-            return busy + sum(want for _, want, _ in self._wants.values())
+            return busy + self._queue.wanted()
 
     # --- introspection ----------------------------------------------------------------
     def snapshot(self) -> list[WorkerEntry]:
@@ -547,7 +531,7 @@ class WorkerPool:
     @property
     def queue_depth(self) -> int:
         """Requests waiting, all models together."""
-        return sum(len(q) for q in self._waiting.values())
+        return self._queue.depth
 
     def close(self) -> None:
         """Drain: waiting requests get ``Unavailable`` and none starts any more (running requests

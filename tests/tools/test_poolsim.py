@@ -47,7 +47,7 @@ def test_two_requests_together_on_two_workers_each_policy():
     for policy, want in expected.items():
         sim = PoolSim(dev, policy, workers=2)
         assert timeline(sim.run([0.0, 0.0])) == want, policy
-        assert sim.idle == 2 and not sim.queue
+        assert sim.idle == 2 and sim.queue.depth == 0
         assert sim.events == {"shrink": int(policy == Policy.ADAPTIVE), "grow": 0}
 
 
@@ -143,7 +143,7 @@ def test_every_arrival_completes_or_is_rejected(sdxl, policy):
     assert len(requests) == 400 and rejected and len(rejected) + len(done) == 400
     assert all(r.start is None for r in rejected)
     assert all(r.arrival <= r.start < r.done for r in done)
-    assert sim.idle == 8 and not sim.queue  # every worker came back
+    assert sim.idle == 8 and sim.queue.depth == 0  # every worker came back
     assert sum(r.shrinks for r in done) == sim.events["shrink"]
     assert sum(r.grows for r in done) == sim.events["grow"]
 

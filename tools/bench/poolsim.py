@@ -41,14 +41,15 @@ import random
 import statistics
 import sys
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.allocation import CostBook, Decision, Policy, PoolView, PolicyCosts, admission
+from coordinator.admission_queue import AdmissionQueue, Ticket, workers_to_take
+from coordinator.allocation import CostBook, Decision, Policy, PolicyCosts, PoolView, admission
 from coordinator.elastic import ElasticLease
+from hybridiff.errors import QueueFull
 from hybridiff.protocol import Mode, Phase
 from tools.bench import gpu_profile
 from tools.bench.perfmodel import ComputeTimes, LinkModel, ScheduleParams, StageTimes, simulate
@@ -181,7 +182,6 @@ class Request:
     shrinks: int = 0
     grows: int = 0
     paired_steps: int = 0
-    takes_one: bool = True  # as the pool stores it: want == 1 or accept_one
     first: int = 0  # first step of the current session
     intent: Decision | None = None
     elastic: ElasticLease | None = None
@@ -222,9 +222,9 @@ class PoolSim:
         self, device: DeviceCosts, policy: Policy, workers: int, queue_capacity: int | None = None
     ) -> None:
         self.device, self.policy, self.workers = device, policy, workers
-        self.queue_capacity = queue_capacity
         self.idle = workers
-        self.queue: deque[Request] = deque()
+        self.queue = AdmissionQueue(queue_capacity)  # the pool's own queue, driven by the simulation
+        self._waiting: dict[Ticket, Request] = {}
         self.costs = CostBook()
         rule = device.rule_costs()
         for kind in ("single", "paired", "switch"):  # warm, as after the first requests
@@ -237,8 +237,7 @@ class PoolSim:
 
     # the pool as the service's WorkerPool shows it
     def view(self, model: str = MODEL) -> PoolView:
-        q = self.queue
-        return PoolView(idle=self.idle, waiting=len(q), waiting_takes_one=bool(q) and q[0].takes_one)
+        return self.queue.view(model, self.idle)
 
     def give_back(self, req: Request) -> None:
         req.workers -= 1
@@ -246,7 +245,7 @@ class PoolSim:
         self._dispatch()  # the head waiter takes it
 
     def take_one(self, req: Request) -> bool | None:
-        if self.queue or not self.idle:
+        if self.queue.depth or not self.idle:
             return None
         self.idle -= 1
         req.workers += 1
@@ -258,17 +257,18 @@ class PoolSim:
     def _dispatch(self) -> None:
         """``WorkerPool.acquire`` for the head, again and again: its width decided again
         (AUTO) from the pool behind it; it takes ``want`` idle workers, or one if ``accept_one``."""
-        q = self.queue
-        while q:
-            head, behind = q[0], len(q) - 1
-            view = PoolView(self.idle, behind, behind > 0 and q[1].takes_one)
-            adm = admission(self.policy, Mode.AUTO, True, view, self.costs.costs(MODEL))
-            head.takes_one = adm.want == 1 or adm.accept_one
-            take = adm.want if self.idle >= adm.want else (1 if adm.accept_one and self.idle else 0)
+        while (head := self.queue.head(MODEL)) is not None:
+            self.queue.readmit(head, self.idle, self._admission)
+            take = workers_to_take(head, self.idle)
             if not take:
                 return
-            q.popleft()
-            self._start(head, take)
+            self.queue.remove(head)
+            self._start(self._waiting.pop(head), take)
+
+    def _admission(self, view: PoolView) -> tuple[int, bool]:
+        """An AUTO request's width from the pool as it sees it (as the request runner decides it)."""
+        adm = admission(self.policy, Mode.AUTO, True, view, self.costs.costs(MODEL))
+        return adm.want, adm.accept_one
 
     def _start(self, req: Request, take: int) -> None:
         self.idle -= take
@@ -349,14 +349,14 @@ class PoolSim:
     def _arrive(self, req: Request, tracked: list[Request]) -> None:
         if req.index < self._track:
             tracked.append(req)
-        if self.queue_capacity is not None and len(self.queue) >= self.queue_capacity:
-            req.rejected = True  # QueueFull, at once
+        want, accept_one = self._admission(self.view())  # decided on arrival, and again at the head
+        try:
+            ticket = self.queue.enqueue(MODEL, want, accept_one)
+        except QueueFull:
+            req.rejected = True  # at once
             self._resolved += req.index < self._track
             return
-        # The service decides the width on arrival (it is stored with the ticket) and again at the head.
-        adm = admission(self.policy, Mode.AUTO, True, self.view(), self.costs.costs(MODEL))
-        req.takes_one = adm.want == 1 or adm.accept_one
-        self.queue.append(req)
+        self._waiting[ticket] = req
         self._dispatch()
 
 
