@@ -60,6 +60,8 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "hybridiff.modelDir" -}}
 {{- if eq .Values.model.source "tiny" -}}
 /models/tiny-{{ .Values.model.tiny.arch }}
+{{- else if eq .Values.model.source "hf" -}}
+{{ .Values.model.hf.id }}{{ with .Values.model.hf.revision }}@{{ . }}{{ end }}
 {{- else -}}
 /models/{{ .Values.model.pvc.path | trimPrefix "/" }}
 {{- end -}}
@@ -91,8 +93,11 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* Model source checks, so that a bad value fails at render time and not in the cluster. */}}
 {{- define "hybridiff.validate" -}}
-{{- if not (has .Values.model.source (list "tiny" "pvc")) }}
-{{- fail (printf "model.source must be tiny or pvc, got %q" .Values.model.source) }}
+{{- if not (has .Values.model.source (list "tiny" "pvc" "hf")) }}
+{{- fail (printf "model.source must be tiny, pvc or hf, got %q" .Values.model.source) }}
+{{- end }}
+{{- if and (eq .Values.model.source "hf") (not .Values.model.hf.id) }}
+{{- fail "model.source=hf needs model.hf.id (ORG/NAME)" }}
 {{- end }}
 {{- if and (eq .Values.model.source "pvc") (not .Values.model.pvc.claimName) (not .Values.model.pvc.create) }}
 {{- fail "model.source=pvc needs model.pvc.claimName or model.pvc.create=true" }}
