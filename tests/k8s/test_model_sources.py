@@ -6,6 +6,8 @@ the id from that cache offline; the schema refuses an ``hf`` source without an i
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,28 @@ def test_a_persistent_compile_cache_outlives_the_pod(helm):
         worker = next(c for c in pod["containers"] if c["name"] == "worker")
         assert env(worker)["TORCHINDUCTOR_CACHE_DIR"]["value"].startswith("/var/cache/hybridiff/")
         assert any(m["name"] == "compile-cache" for m in worker["volumeMounts"])
+
+
+def test_the_kustomize_component_serves_a_hub_model_the_same_way():
+    from launch.cli import build_parser
+
+    kubectl = Path(sys.executable).with_name("kubectl")
+    overlay = Path(__file__).parent / "overlays" / "gpu-hf"
+    out = subprocess.run(
+        [str(kubectl), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    pod = worker_pod([d for d in yaml.safe_load_all(out) if d])
+    (init,) = pod["initContainers"]
+    worker = next(c for c in pod["containers"] if c["name"] == "worker")
+    model = env(init)["HYBRIDIFF_MODEL_DIR"]["value"]
+    assert model == env(worker)["HYBRIDIFF_MODEL_DIR"]["value"] and "/" in model
+    assert env(init)["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+    assert env(worker)["HF_HUB_OFFLINE"]["value"] == "1" and "HF_TOKEN" not in env(worker)
+    for c, command in ((init, "cmd_download"), (worker, "cmd_worker")):
+        args = [a.replace("$(HYBRIDIFF_MODEL_DIR)", model) for a in c["args"]]
+        parsed, _ = build_parser().parse_known_args(args)
+        assert parsed.func.__name__ == command and parsed.model == model and parsed.variant == "fp16"
+    assert next(v for v in pod["volumes"] if v["name"] == "model") == {
+        "name": "model",
+        "emptyDir": {"sizeLimit": "100Gi"},
+    }
