@@ -40,7 +40,7 @@ import torch
 from gpu_worker.adapters.base import Conditioning, ModelAdapter, RequestTimeline, StageSplit, encode_image
 from gpu_worker.dataplane import Expect, Mailbox, PeerLink, Sent, session_kinds
 from gpu_worker.outgoing import Outgoing
-from gpu_worker.split_balance import compile_request_shapes, device_clock, through_stages
+from gpu_worker.split_balance import prepare_request_shapes, through_stages
 from gpu_worker.transfers import DirectTransfers, Staged, StagedTransfers, StepCosts, transfers_for
 from hybridiff.errors import BadCommand, Cancelled, SessionIdle, WorkerFailed
 from hybridiff.internal.v1 import worker_pb2 as wpb
@@ -133,7 +133,7 @@ class WorkerEngine:
         self.peer_timeout = peer_timeout
         self.metrics = metrics
         self.transfers = transfers if transfers is not None else transfers_for(adapter.device)
-        self._clock = device_clock(adapter.device)
+        self._cuda = adapter.device.type == "cuda"
         self._active: dict[str, _Active] = {}
         self._costs = StepCosts()
         self._trace_context: dict[str, str] = {}
@@ -190,10 +190,12 @@ class WorkerEngine:
         negative = req.negative_prompt if req.HasField("negative_prompt") else None
         guided = req.guidance_scale > 1.0
         num_images = req.num_images or 1
-        # Compile on: what the request runs is compiled now, never during a step its peer waits on.
+        # Compile on: what the request runs is compiled now on the device thread, never during a
+        # step its peer waits on; or, on a serving worker, behind the device thread's work while
+        # the request's calls run eager (docs/design.md section 4).
         windowed = split if cmd.HasField("split_cut") else None
         full_cfg = cmd.window_guidance == WindowGuidance.FULL_CFG
-        compile_request_shapes(
+        prepare_request_shapes(
             a, req.height, req.width, num_images, windowed, cmd.solo, guided, full_cfg, cmd.speculative
         )
         cond = a.encode(req.prompt, negative, guided, req.height, req.width, num_images)
@@ -451,9 +453,19 @@ class WorkerEngine:
         return done
 
     def _timed(self, fn, *args) -> Any:
-        start = self._clock()
+        """``fn(*args)``, its compute time counted: on CUDA by events on the compute stream, read
+        at the step's end (no device sync here, so the CPU queues ahead and copies overlap)."""
+        if self._cuda:
+            stream = torch.cuda.current_stream(self.adapter.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            out = fn(*args)
+            end.record(stream)
+            self._costs.compute_events.append((start, end))
+            return out
+        start = time.perf_counter()
         out = fn(*args)
-        self._costs.compute_seconds += self._clock() - start
+        self._costs.compute_seconds += time.perf_counter() - start
         return out
 
     def _send(

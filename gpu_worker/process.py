@@ -212,6 +212,9 @@ class WorkerProcess:
             adapter.compile_mode,
             time.perf_counter() - started,
         )
+        # From now on a shape not compiled yet runs eager while it compiles behind the device
+        # thread's work: compile time never counts against a request (docs/design.md section 4).
+        adapter.compiler.background = True
         self._serve(engine, digest, planner)
 
     def _serve(self, engine: WorkerEngine, digest: str, planner: SplitPlanner | None = None) -> None:
@@ -264,6 +267,9 @@ class WorkerProcess:
         if self.health_server is not None:
             self.health_server.stop(0)
         self.service.close()
+        adapter = getattr(self.service, "adapter", None)
+        if adapter is not None and adapter.compiler is not None:
+            adapter.compiler.device_thread.close()  # compiles queued in the background are dropped
         self.receiver.stop()
         self.links.close()
         self.context.term()

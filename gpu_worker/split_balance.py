@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from gpu_worker.adapters.base import ModelAdapter, StageSplit
+from gpu_worker.compiled import on_device
 
 log = logging.getLogger(__name__)
 
@@ -179,33 +180,66 @@ def balanced_plan(adapter: ModelAdapter, unit_seconds: dict[str, float]) -> Spli
 
 class SplitPlanner:
     """The one place a worker chooses and caches its balanced cut per size (the control API's
-    ``MeasureSplit`` and the in-process pair both ask it; measured once per size)."""
+    ``MeasureSplit`` and the in-process pair both ask it; measured once per size).
+
+    Compiled, the measurement runs on the device thread (it enters compiled graphs). A compiling
+    worker that serves (``compiler.background``) answers a size it has not measured compiled with
+    the eager plan at once and measures the compiled one behind the device thread's work: the
+    compiles never count against ``MeasureSplit``'s deadline; later questions get the compiled plan."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
         self._plans: dict[tuple[int, int], SplitPlan] = {}
+        self._eager: dict[tuple[int, int], SplitPlan] = {}  # answered while the compiled one is measured
         self._lock = threading.Lock()
 
     def plan(self, height: int, width: int) -> SplitPlan:
+        compiler = self.adapter.compiler
+        if compiler is not None and compiler.background and not compiler.device_thread.on_thread():
+            with self._lock:
+                size = (height, width)
+                if size in self._plans:
+                    return self._plans[size]
+                if size not in self._eager:
+                    self._eager[size] = self._log(
+                        size,
+                        balanced_plan(self.adapter, measure_unit_costs(self.adapter, height, width)),
+                        "eager, compiled in the background",
+                    )
+                    compiler.device_thread.background(self._measure_later, height, width)
+                return self._eager[size]
         with self._lock:
             if (height, width) not in self._plans:
-                units = measure_unit_costs(self.adapter, height, width)
-                if self.adapter.compiler is None:
-                    plan = balanced_plan(self.adapter, units)
-                else:
-                    plan = compiled_plan(self.adapter, height, width, units)
-                log.info(
-                    "split at %dx%d (%s): cut %d, stages %.4fs / %.4fs (ratio %.3f)",
-                    width,
-                    height,
-                    "eager" if self.adapter.compiler is None else f"compiled, {self.adapter.compile_mode}",
-                    plan.cut,
-                    plan.stage1_seconds,
-                    plan.stage2_seconds,
-                    plan.ratio,
-                )
-                self._plans[(height, width)] = plan
+                self._plans[(height, width)] = on_device(self.adapter, self._measure, height, width)
             return self._plans[(height, width)]
+
+    def _measure_later(self, height: int, width: int) -> None:
+        """On the device thread, in the background: measured without the lock, which a
+        ``MeasureSplit`` meanwhile takes to answer the eager plan."""
+        plan = self._measure(height, width)
+        with self._lock:
+            self._plans.setdefault((height, width), plan)
+
+    def _measure(self, height: int, width: int) -> SplitPlan:
+        units = measure_unit_costs(self.adapter, height, width)
+        if self.adapter.compiler is None:
+            return self._log((height, width), balanced_plan(self.adapter, units), "eager")
+        plan = compiled_plan(self.adapter, height, width, units)
+        return self._log((height, width), plan, f"compiled, {self.adapter.compile_mode}")
+
+    @staticmethod
+    def _log(size: tuple[int, int], plan: SplitPlan, how: str) -> SplitPlan:
+        log.info(
+            "split at %dx%d (%s): cut %d, stages %.4fs / %.4fs (ratio %.3f)",
+            size[1],
+            size[0],
+            how,
+            plan.cut,
+            plan.stage1_seconds,
+            plan.stage2_seconds,
+            plan.ratio,
+        )
+        return plan
 
 
 def request_functions(
@@ -258,11 +292,28 @@ def compile_request_shapes(
     return compiler.compilations - before
 
 
-@torch.no_grad()
+def prepare_request_shapes(adapter: ModelAdapter, *args, **kwargs) -> None:
+    """``compile_request_shapes`` on the device thread: at once (the caller waits), or behind its
+    work when the compile cache compiles in the background (the request's calls run eager until
+    their shapes are warm)."""
+    compiler = adapter.compiler
+    if compiler is None:
+        return
+    if compiler.background and not compiler.device_thread.on_thread():
+        compiler.device_thread.background(compile_request_shapes, adapter, *args, **kwargs)
+    else:
+        on_device(adapter, compile_request_shapes, adapter, *args, **kwargs)
+
+
 def warm_up(adapter: ModelAdapter, planner: SplitPlanner, height: int, width: int) -> SplitPlan:
     """Compile before the first request what one at ``height`` x ``width`` runs in any mode: the
     balanced plan (its stages measured compiled), then the forward and that cut's stages at a
-    branch's batch and the CFG batch."""
+    branch's batch and the CFG batch; on the device thread."""
+    return on_device(adapter, _warm_up, adapter, planner, height, width)
+
+
+@torch.no_grad()
+def _warm_up(adapter: ModelAdapter, planner: SplitPlanner, height: int, width: int) -> SplitPlan:
     plan = planner.plan(height, width)
     split = adapter.make_split(plan.cut)
     compile_request_shapes(adapter, height, width, 1, solo=True)

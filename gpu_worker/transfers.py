@@ -80,13 +80,19 @@ class StepCosts:
     bytes_received: int = 0
     # CUDA copies timed by events, read once the step's work is done: (start, end) pairs.
     pending: list[tuple[Any, Any]] = field(default_factory=list)
+    # CUDA compute timed by events on the compute stream, read at the step's end likewise.
+    compute_events: list[tuple[Any, Any]] = field(default_factory=list)
 
     def finish(self) -> StepCosts:
-        """Adds the device time of the step's pending host-to-device copies."""
+        """Adds the device time of the step's pending host-to-device copies and compute."""
         for start, end in self.pending:
             end.synchronize()
             self.host_to_device_seconds += start.elapsed_time(end) / 1000
+        for start, end in self.compute_events:
+            end.synchronize()
+            self.compute_seconds += start.elapsed_time(end) / 1000
         self.pending.clear()
+        self.compute_events.clear()
         return self
 
 

@@ -1,21 +1,25 @@
-"""The engine in one process (``hybridiff run``): two worker engines, one thread each.
+"""The engine in one process (``hybridiff run``): two worker engines, one device thread each.
 
 The two engines share one loaded model (weights are read-only) but nothing else: each has its
-own mailbox, scheduler and latents. The driver sends them the control API's own messages, and
-they exchange tensors only as encoded data-plane frames through ``InMemoryLink`` — the same
-messages the cluster carries over gRPC and ZeroMQ.
+own mailbox, scheduler and latents, and, compiled, its own compile cache whose graphs only its
+own device thread enters (``gpu_worker.device_thread``: CUDA graphs are per thread, and two
+threads replaying one graph would share its static buffers). The driver sends them the control
+API's own messages, and they exchange tensors only as encoded data-plane frames through
+``InMemoryLink`` — the same messages the cluster carries over gRPC and ZeroMQ.
 """
 
 from __future__ import annotations
 
+import copy
 import queue
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 from coordinator.driver import GenerationResult, StepStat, drive_request
 from gpu_worker import compiled
 from gpu_worker.dataplane import InMemoryLink, Mailbox
+from gpu_worker.device_thread import DeviceThread
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter
 from gpu_worker.split_balance import SplitPlan, SplitPlanner
@@ -26,15 +30,16 @@ from hybridiff.v1 import diffusion_pb2 as pb
 
 
 class InProcessWorker:
-    """A ``WorkerHandle`` over a local engine: commands run in order on the worker's own thread;
-    a speculative step's resolution goes to a queue the running step reads (it has no event)."""
+    """A ``WorkerHandle`` over a local engine: commands run in order on the worker's device
+    thread (the one its compiled graphs run on, so that no call hops threads); a speculative
+    step's resolution goes to a queue the running step reads (it has no event)."""
 
-    def __init__(self, engine: WorkerEngine) -> None:
+    def __init__(self, engine: WorkerEngine, thread: DeviceThread | None = None) -> None:
         self.engine = engine
         self.name = engine.name
         self.identity = engine.name
         self.data_address = ""
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker-{engine.name}")
+        self._thread = thread if thread is not None else DeviceThread(f"worker-{engine.name}")
         self._resolutions: queue.Queue[worker_pb2.SessionRequest | None] = queue.Queue()
 
     def send(self, cmd: worker_pb2.SessionRequest) -> Future:
@@ -58,7 +63,7 @@ class InProcessWorker:
 
     def close(self) -> None:
         self._resolutions.put(None)
-        self._thread.shutdown(wait=True, cancel_futures=True)
+        self._thread.close()
         self.engine.close()
 
 
@@ -86,15 +91,24 @@ class InProcessEngine:
         see ``gpu_worker.compiled``); shapes compile at their first use. ``variant``: the weights'
         (e.g. fp16), as ``from_pretrained`` takes it."""
         self.adapter = load_adapter(model_dir, device, dtype, variant)
-        compiled.enable(self.adapter, compile, backend=compile_backend)
+        # One adapter per worker over the same model, each with its own compile cache on its
+        # own device thread (``self.adapter`` is U's; the split is measured there).
+        threads = [DeviceThread("worker-U"), DeviceThread("worker-C")]
+        adapters = [self.adapter, copy.copy(self.adapter)]
+        for adapter, thread in zip(adapters, threads, strict=True):
+            compiled.enable(adapter, compile, backend=compile_backend, device_thread=thread)
         self.limits = self.adapter.size_limits()
         self.defaults = self.adapter.defaults
         self._split_cut = split_cut
         self.planner = SplitPlanner(self.adapter)
         boxes = [Mailbox("U", self.adapter.device), Mailbox("C", self.adapter.device)]
         self.workers = [
-            InProcessWorker(WorkerEngine(self.adapter, "U", boxes[0], lambda _: InMemoryLink("U", boxes[1]))),
-            InProcessWorker(WorkerEngine(self.adapter, "C", boxes[1], lambda _: InMemoryLink("C", boxes[0]))),
+            InProcessWorker(
+                WorkerEngine(adapters[0], "U", boxes[0], lambda _: InMemoryLink("U", boxes[1])), threads[0]
+            ),
+            InProcessWorker(
+                WorkerEngine(adapters[1], "C", boxes[1], lambda _: InMemoryLink("C", boxes[0])), threads[1]
+            ),
         ]
 
     def resolve(self, request: pb.GenerateRequest) -> GenerationSpec:
