@@ -19,7 +19,6 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from hybridiff import logs, security, telemetry
@@ -31,6 +30,7 @@ from hybridiff.client import (
 )
 from hybridiff.errors import DeadlineExceeded, HybridiffError, InvalidArgument, ModelLoadError, Unavailable
 from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label, labels
+from hybridiff.protojson import message_json, response_json
 from hybridiff.request import request_from_names
 from hybridiff.v1 import diffusion_pb2 as pb
 from launch.children import die_with_launcher
@@ -195,6 +195,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     # deferred: the engine imports torch and diffusers (seconds), which client commands never need.
+    from coordinator.service import response_to_proto
     from launch.inprocess import InProcessEngine
 
     model_dir, _ = resolve_model(args)
@@ -215,7 +216,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     images = result.images or [result.latents.data]
-    write_outputs(args, images, {"seed": result.seed, **result.stats.to_dict()})
+    # The statistics as the public API gives them: one --stats-json format for run and generate.
+    response = response_to_proto(result, spec.width, spec.height, spec.output_format)
+    write_outputs(args, images, response_json(response))
     return EXIT_OK
 
 
@@ -378,35 +381,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         finally:
             bar.close()
             telemetry.shutdown_tracing()
-    stats = MessageToDict(
-        response.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    write_outputs(
-        args,
-        [image.data for image in response.images],
-        {"request_id": response.request_id, "seed": str(response.seed), **stats},
-    )
+    write_outputs(args, [image.data for image in response.images], response_json(response))
     return EXIT_OK
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     with client_for(args) as client:
         models = client.list_models()
-    print(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in models], indent=2))
+    print(json.dumps([message_json(m) for m in models], indent=2))
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     with client_for(args) as client:
         status = client.cluster_status()
-    print(
-        json.dumps(
-            MessageToDict(
-                status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-            ),
-            indent=2,
-        )
-    )
+    print(json.dumps(message_json(status), indent=2))
     return EXIT_OK
 
 

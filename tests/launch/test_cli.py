@@ -52,7 +52,10 @@ def test_tiny_model_and_run(tmp_path):
     assert f"wrote {out}" in proc.stdout
     assert out.read_bytes().startswith(b"\x89PNG")
     s = json.loads(stats.read_text())
-    assert s["mode_used"] == "hybrid" and s["tau2"] == s["tau1"] + 2 and len(s["steps"]) == 8
+    # The public API's JSON, as `generate` writes it, with 64-bit integers as numbers.
+    assert s["mode_used"] == "MODE_HYBRID" and s["tau2"] == s["tau1"] + 2 and len(s["steps"]) == 8
+    assert isinstance(s["seed"], int) and isinstance(s["data_plane_bytes"], int) and s["request_id"]
+    assert isinstance(s["steps"][0]["workers"], list)
 
 
 @pytest.mark.parametrize(
