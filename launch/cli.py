@@ -38,6 +38,7 @@ from launch.model_dirs import add_model_flags, default_model_dir, resolve_model
 
 EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_SERVER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 TOOLS_GROUP = "hybridiff.tools"
+OUR_PACKAGES = {"hybridiff", "coordinator", "gpu_worker", "launch", "tools"}
 
 
 def exit_code(exc: HybridiffError) -> int:
@@ -744,6 +745,19 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     return parser
 
 
+def missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
+    """The one line to print when ``command`` needs a dependency that only an extra installs
+    (a plain ``pip install hybridiff`` is the client); None when the missing module is our own."""
+    name = (exc.name or "").split(".")[0]
+    if not name or name in OUR_PACKAGES:
+        return None
+    extra = "bench" if name == "matplotlib" else "server"
+    return (
+        f"error: `hybridiff {command}` needs the {extra} extras (no module {name}): "
+        f"pip install 'hybridiff[{extra}]'"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     die_with_launcher()  # a child of the local cluster: ends with it
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no import-time chatter on a CLI
@@ -764,6 +778,12 @@ def main(argv: list[str] | None = None) -> int:
     except HybridiffError as exc:
         print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
         return exit_code(exc)
+    except ModuleNotFoundError as exc:
+        line = missing_extra(exc, argv[0] if argv else "")
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 
