@@ -48,6 +48,10 @@ from hybridiff.wire import Payload
 
 PER_KEY = 4  # buffers of one shape and dtype: a step has at most a few sends of one kind in flight
 MAX_KEYS = 32  # shapes and dtypes kept; the least recently used idle ones are dropped first
+# Host bytes the pool holds at most (pinned memory counts against the pod's memory limit; the
+# caching host allocator rounds a block up to a power of two): idle buffers are dropped, the least
+# recently used layouts first, to make room, and a send waits for room beyond it.
+MAX_BYTES = 2 << 30
 POLL_SECONDS = 0.001
 
 
@@ -112,15 +116,22 @@ class HostBufferPool:
     tensors) and ``max_keys`` layouts, handed out for a send and reused only once the transport
     no longer reads them (the tracker a buffer was released with says ``done``). A buffer's
     padding is zeroed once, when allocated. Acquired on the compute thread, released by the
-    sending thread too."""
+    sending thread too. At most ``max_bytes`` are held (a buffer counted as the power of two the
+    pinned allocator rounds it to): idle buffers are dropped to make room, else a send waits for
+    one in flight to come free; one message larger than the bound is allowed alone."""
 
-    def __init__(self, pin: bool = False, per_key: int = PER_KEY, max_keys: int = MAX_KEYS) -> None:
+    def __init__(
+        self, pin: bool = False, per_key: int = PER_KEY, max_keys: int = MAX_KEYS, max_bytes: int = MAX_BYTES
+    ) -> None:
         self.pin = pin
         self.per_key = per_key
         self.max_keys = max_keys
+        self.max_bytes = max_bytes
+        self.bytes = 0  # held now, as counted against max_bytes
         self._slots: OrderedDict[tuple, list[_Slot]] = OrderedDict()
         self._lock = threading.Lock()
         self.allocated = 0  # buffers ever allocated (a test counts reuse by it)
+        self.dropped = 0  # buffers dropped to stay within the bounds
 
     def acquire(self, specs: Mapping[str, tuple[torch.Size, torch.dtype]], timeout: float) -> _Slot:
         """A free message buffer for tensors of these names, shapes and dtypes (its ``payload``);
@@ -133,12 +144,15 @@ class HostBufferPool:
                 slots = self._slots.setdefault(key, [])
                 self._slots.move_to_end(key)
                 slot = next((s for s in slots if s.free()), None)
-                if slot is None and len(slots) < self.per_key:
+                nbytes = self._counted(Payload.buffer_bytes(key))
+                if slot is None and len(slots) < self.per_key and self._make_room(nbytes):
                     buffer = torch.empty(Payload.buffer_bytes(key), dtype=torch.uint8, pin_memory=self.pin)
                     slot = _Slot(buffer)
                     Payload(buffer, specs).zero_padding()
+                    slots = self._slots.setdefault(key, slots)  # making room may have dropped the empty list
                     slots.append(slot)
                     self.allocated += 1
+                    self.bytes += nbytes
                     self._trim()
                 if slot is not None:
                     slot.in_use, slot.tracker = True, None
@@ -154,11 +168,36 @@ class HostBufferPool:
         with self._lock:
             slot.tracker, slot.in_use = tracker, False
 
+    def _counted(self, nbytes: int) -> int:
+        """What a buffer of ``nbytes`` holds: pinned blocks are rounded up to a power of two."""
+        return 1 << (nbytes - 1).bit_length() if self.pin and nbytes > 1 else nbytes
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Drop idle buffers, the least recently used layouts first, until ``nbytes`` more fit;
+        whether they do (or nothing else is held: one message above the bound goes alone)."""
+        if self.bytes + nbytes > self.max_bytes:
+            for key in list(self._slots):
+                self._drop_idle(key, lambda: self.bytes + nbytes > self.max_bytes)
+        return self.bytes + nbytes <= self.max_bytes or self.bytes == 0
+
+    def _drop_idle(self, key: tuple, more: Callable[[], bool] = lambda: True) -> None:
+        kept = []
+        for slot in self._slots[key]:
+            if slot.free() and more():
+                self.bytes -= self._counted(slot.buffer.numel())
+                self.dropped += 1
+            else:
+                kept.append(slot)
+        freed = len(kept) < len(self._slots[key])
+        self._slots[key] = kept
+        if not kept:
+            del self._slots[key]
+        if freed and self.pin:
+            torch.accelerator.empty_host_cache()  # the caching host allocator gives the blocks back
+
     def _trim(self) -> None:
         for key in list(self._slots)[: max(0, len(self._slots) - self.max_keys)]:
-            self._slots[key] = [s for s in self._slots[key] if not s.free()]
-            if not self._slots[key]:
-                del self._slots[key]
+            self._drop_idle(key)
 
     def __len__(self) -> int:
         with self._lock:
