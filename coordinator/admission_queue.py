@@ -28,6 +28,7 @@ class Ticket:
     want: int
     accept_one: bool
     number: int = field(default=0)
+    resuming: bool = False  # a request whose worker failed, back at the head with its checkpoint
 
     @property
     def takes_one(self) -> bool:
@@ -47,6 +48,14 @@ class AdmissionQueue:
             raise QueueFull(f"admission queue is full ({self.capacity} waiting)")
         ticket = Ticket(model, want, accept_one, next(self._numbers))
         self._waiting.setdefault(model, []).append(ticket)
+        return ticket
+
+    def enqueue_resuming(self, model: str, want: int, accept_one: bool) -> Ticket:
+        """A ticket for a request that lost a worker mid-way: ahead of every new request (behind
+        those resuming before it), and never refused for a full queue — it was admitted once."""
+        ticket = Ticket(model, want, accept_one, next(self._numbers), resuming=True)
+        queue = self._waiting.setdefault(model, [])
+        queue.insert(sum(t.resuming for t in queue), ticket)
         return ticket
 
     def remove(self, ticket: Ticket) -> None:

@@ -296,7 +296,9 @@ class StepWaits:
 
 # Given the failed worker and the survivors, the workers to continue on (one or two); raises
 # (e.g. Unavailable) when there is nothing to continue on.
-Recover = Callable[[WorkerHandle, list[WorkerHandle]], list[WorkerHandle]]
+# ``needs_pair``: the steps left include pipeline-window steps, which only a pair runs as
+# scheduled, so a lone survivor must wait for a partner rather than go on alone.
+Recover = Callable[[WorkerHandle, list[WorkerHandle], bool], list[WorkerHandle]]
 UNRECOVERABLE = (Cancelled, DeadlineExceeded, InvalidArgument)
 
 
@@ -469,7 +471,7 @@ class _RequestRun:
                     error = as_seen_by_the_client(failure.worker.name, cause)
                     raise WorkerFault(error, failure.worker.name) from None  # the pool quarantines it alone
                 survivors = [w for w in self.used if w is not failure.worker]
-                self.used = self.recover(failure.worker, survivors)
+                self.used = self.recover(failure.worker, survivors, self._needs_pair())
                 recoveries += 1
                 at = self.checkpoint.next_step if self.checkpoint else 0
                 self.notes.append(
@@ -504,6 +506,18 @@ class _RequestRun:
         image = finishes[0]
         images = list(image.images) if self.spec.output_format != OutputFormat.RAW_LATENTS else []
         return GenerationResult(self.rid, self.spec.seed, images, image.mime_type, image.latents, stats)
+
+    def _needs_pair(self) -> bool:
+        """Whether the steps left include pipeline-window steps (HYBRID before tau2, PIPELINE):
+        one worker alone would run them as full forwards, which is another image. An elastic
+        request runs alone by design (the CFG batch, labelled SINGLE), so it never needs one."""
+        if self.elastic is not None or self.schedule.mode not in (Mode.HYBRID, Mode.PIPELINE):
+            return False
+        window = self.schedule.window()
+        if window is None:  # HYBRID before tau1 is known: the window is still ahead
+            return self.schedule.mode == Mode.HYBRID and self.schedule.tau1 is None
+        next_step = self.checkpoint.next_step if self.checkpoint else 0
+        return next_step <= window[1]
 
     def _begin(self) -> None:
         for w in self.used:

@@ -401,16 +401,20 @@ class WorkerPool:
         timeout: float,
         check_alive: Callable[[], None] | None = None,
         admission: Readmit | None = None,
+        resuming: bool = False,
     ) -> list[WorkerEntry]:
         """Wait in the model's admission queue for ``want`` idle, compatible workers of ``model``
         (or one when ``accept_one``); ``QueueFull`` at once when the queue is full. With
         ``admission``, the width is decided again from the pool as it is when the request
-        reaches the head."""
+        reaches the head. ``resuming``: a request that lost a worker waits ahead of new ones."""
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._closed:
                 raise Unavailable("the coordinator is draining")
-            ticket = self._queue.enqueue(model, want, accept_one)
+            if resuming:
+                ticket = self._queue.enqueue_resuming(model, want, accept_one)
+            else:
+                ticket = self._queue.enqueue(model, want, accept_one)
             self._changed()  # the condition's lock is reentrant
             try:
                 while True:
@@ -585,10 +589,22 @@ class Lease:
             RemoteWorker(e.worker_id, e.channel, e.info.data_address, e.info.worker_id) for e in self.entries
         ]
 
-    def replace_failed(self, worker_id: str, keep: set[str], want: int) -> list[WorkerEntry]:
+    def replace_failed(
+        self,
+        worker_id: str,
+        keep: set[str],
+        want: int,
+        need: int = 1,
+        timeout: float = 0.0,
+        check_alive: Callable[[], None] | None = None,
+    ) -> list[WorkerEntry]:
         """Quarantine ``worker_id``; keep the workers named in ``keep`` (the driver aborted every
         session: the others are released as aborted); top up to ``want`` with idle workers
-        compatible with the kept ones, ahead of the queue. ``Unavailable`` when none is left."""
+        compatible with the kept ones, ahead of the queue. With fewer than ``need`` then, the
+        request goes back to the head of its model's queue holding nothing (no request holds a
+        worker while it waits for another) and resumes on the next ``need`` free workers, waiting
+        up to ``timeout`` (``check_alive`` raising ends the wait: the client's deadline or
+        cancel). ``Unavailable`` when no worker is left to wait for, or none came in time."""
         failed = [e for e in self.entries if e.worker_id == worker_id]
         self.pool.release(failed, failed=True)
         others = [e for e in self.entries if e.worker_id != worker_id]
@@ -596,8 +612,20 @@ class Lease:
         self.pool.release([e for e in others if e.worker_id not in keep], aborted=True)
         partner = kept[0] if kept else None
         self.entries = kept + self.pool.take_idle(self.model, want - len(kept), self.request_id, partner)
-        if not self.entries:
+        if len(self.entries) >= need:
+            return self.entries
+        waiting, self.entries = self.entries, []
+        self.pool.release(waiting, aborted=True)
+        if timeout <= 0:
             raise Unavailable(f"worker {worker_id} failed and no other worker is free")
+        try:
+            self.entries = self.pool.acquire(
+                self.model, want, need < want, self.request_id, timeout, check_alive, resuming=True
+            )
+        except DeadlineExceeded:
+            raise Unavailable(
+                f"worker {worker_id} failed and no other worker freed in {timeout:g}s"
+            ) from None
         return self.entries
 
     def release_blaming(self, worker_id: str) -> None:

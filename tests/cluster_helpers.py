@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -344,3 +345,78 @@ class SessionStream:
 
     def close(self) -> None:
         self.outbox.put(self._END)
+
+
+FREEZE_PLUG = Path(__file__).parent / "e2e" / "freeze_plug"  # its sitecustomize stops a worker on a plan
+
+
+class Freezer:
+    """Holds a worker at an exact point of a request: the worker stops itself there (SIGSTOP,
+    freeze_plug/sitecustomize.py); the test kills the stopped process (or lets it go on with
+    SIGCONT). Killing at a progress
+    event instead races with the request: by the time the client has read the event, the workers
+    may have run the next steps, or finished and gone idle (the last step's event comes after
+    every step is done; the decode that follows takes milliseconds on a tiny model)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def env(self) -> dict[str, str]:
+        path = os.pathsep.join(p for p in (str(FREEZE_PLUG), os.environ.get("PYTHONPATH", "")) if p)
+        return {"PYTHONPATH": path, "HYBRIDIFF_TEST_FREEZE": str(self.dir)}
+
+    def arm(self, request_id: str, where: str) -> None:
+        """The next worker to reach ``where`` ("step N" or "decode") of ``request_id`` stops there."""
+        for stale in self.dir.glob("frozen*"):
+            stale.unlink()
+        tmp = self.dir / "plan.tmp"
+        tmp.write_text(f"{request_id} {where}")
+        tmp.replace(self.dir / "plan")
+
+    def disarm(self) -> None:
+        (self.dir / "plan").unlink(missing_ok=True)
+
+    def frozen_pid(self, give_up: threading.Event | None = None, within: float = 300.0) -> int | None:
+        """The pid of the worker that stopped, once one has (None when ``give_up`` is set first,
+        or after ``within`` seconds)."""
+        give_up = give_up or threading.Event()
+        deadline = time.monotonic() + within
+        while not give_up.is_set() and time.monotonic() < deadline:
+            try:
+                return int((self.dir / "frozen").read_text())
+            except FileNotFoundError:
+                give_up.wait(0.01)
+        return None
+
+
+def kill_worker_process(cluster, proc) -> str:
+    """SIGKILL worker process ``proc`` of ``cluster`` (stopped or not); its control address."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    return cluster.worker_addresses[cluster.procs.index(proc)]
+
+
+def generate_killing(cluster, freezer: Freezer, raw, where: str):
+    """Run ``raw`` (it names its request id) and kill the worker that reaches ``where`` first."""
+    freezer.arm(raw.request_id, where)
+    killed: list[str] = []
+    ended = threading.Event()
+
+    def killer() -> None:
+        pid = freezer.frozen_pid(ended)
+        if pid is not None:
+            killed.append(kill_worker_process(cluster, next(p for p in cluster.procs if p.pid == pid)))
+
+    thread = threading.Thread(target=killer, name="killer")
+    thread.start()
+    from hybridiff.client import DiffusionClient
+
+    client = DiffusionClient(cluster.address)
+    try:
+        return send(client, raw, timeout=300), killed
+    finally:
+        ended.set()
+        thread.join()
+        freezer.disarm()
+        client.close()

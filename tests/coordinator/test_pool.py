@@ -519,6 +519,79 @@ def test_lease_replace_failed_goes_on_with_the_survivor_alone(pool, fakes):
     assert states(pool) == {"w1": BUSY, "w2": UNHEALTHY}
 
 
+def test_a_request_that_lost_its_only_worker_waits_for_the_next_free_one(pool, fakes):
+    """Every worker busy: the failed request goes back to the head of the queue and resumes on the
+    first worker another request frees, ahead of a request that arrived before the failure."""
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    other = pool.lease("sdxl", 1, False, "r0", timeout=1)
+    lease = pool.lease("sdxl", 1, False, "r1", timeout=1)
+    failed_id = ids(lease.entries)[0]
+    waiter: list = []
+    new_request = threading.Thread(
+        target=lambda: waiter.append(ids(pool.acquire("sdxl", 1, False, "r2", timeout=WAIT))), daemon=True
+    )
+    new_request.start()
+    wait_for(lambda: pool.queue_depth == 1)  # r2 queued before the failure
+    {"w1": w1, "w2": w2}[failed_id].healthy.clear()
+    resumed: list = []
+    recovery = threading.Thread(
+        target=lambda: resumed.append(
+            ids(lease.replace_failed(failed_id, keep=set(), want=1, need=1, timeout=WAIT))
+        ),
+        daemon=True,
+    )
+    recovery.start()
+    wait_for(lambda: pool.queue_depth == 2)
+    assert not resumed
+    survivor = ids(other.entries)[0]
+    other.release()  # the only healthy worker frees: the resuming request takes it, not r2
+    recovery.join(WAIT)
+    assert resumed == [[survivor]] and not waiter
+    lease.release()
+    new_request.join(WAIT)
+    assert waiter == [[survivor]]
+
+
+def test_a_pair_that_needs_a_partner_waits_holding_nothing(pool, fakes):
+    """A survivor that cannot finish alone (a pipeline window ahead) is given back and the
+    request waits at the head for a pair: no request holds a worker while it waits for another."""
+    w1, w2, w3 = fakes("w1"), fakes("w2"), fakes("w3")
+    join(pool, w1, w2, w3)
+    lease = pool.lease("sdxl", 2, False, "r1", timeout=1)
+    other = pool.lease("sdxl", 1, False, "r0", timeout=1)
+    failed_id, survivor = ids(lease.entries)  # the third worker is busy with r0
+    {"w1": w1, "w2": w2, "w3": w3}[failed_id].healthy.clear()
+    resumed: list = []
+    recovery = threading.Thread(
+        target=lambda: resumed.append(
+            ids(lease.replace_failed(failed_id, keep={survivor}, want=2, need=2, timeout=WAIT))
+        ),
+        daemon=True,
+    )
+    recovery.start()
+    wait_for(lambda: states(pool)[survivor] == IDLE and pool.queue_depth == 1)
+    assert not resumed
+    other.release()
+    recovery.join(WAIT)
+    third = next(w for w in ("w1", "w2", "w3") if w not in (failed_id, survivor))
+    assert len(resumed) == 1 and sorted(resumed[0]) == sorted([survivor, third])
+    lease.release()
+
+
+def test_a_resuming_request_gives_up_when_no_worker_frees_in_time(pool, fakes):
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    other = pool.lease("sdxl", 1, False, "r0", timeout=1)
+    lease = pool.lease("sdxl", 1, False, "r1", timeout=1)
+    failed_id = ids(lease.entries)[0]
+    {"w1": w1, "w2": w2}[failed_id].healthy.clear()
+    with pytest.raises(Unavailable, match="no other worker freed"):
+        lease.replace_failed(failed_id, keep=set(), want=1, need=1, timeout=0.3)
+    assert pool.queue_depth == 0
+    other.release()
+
+
 def test_lease_replace_failed_is_unavailable_when_no_worker_is_left(pool, fakes):
     w1, w2 = fakes("w1"), fakes("w2")
     join(pool, w1, w2)

@@ -13,85 +13,21 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster_helpers import await_worker_state, make_input, send, spawn_worker, worker_states
+from cluster_helpers import (
+    Freezer,
+    await_worker_state,
+    generate_killing,
+    make_input,
+    send,
+    spawn_worker,
+    worker_states,
+)
 
 from hybridiff.client import DiffusionClient
 from hybridiff.errors import HybridiffError
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 from launch.local_cluster import LocalCluster
-
-FREEZE_PLUG = Path(__file__).with_name("freeze_plug")  # its sitecustomize stops a worker on a plan
-
-
-class Freezer:
-    """Holds a worker at an exact point of a request: the worker stops itself there (SIGSTOP,
-    freeze_plug/sitecustomize.py); the test kills the stopped process (or lets it go on with
-    SIGCONT). Killing at a progress
-    event instead races with the request: by the time the client has read the event, the workers
-    may have run the next steps, or finished and gone idle (the last step's event comes after
-    every step is done; the decode that follows takes milliseconds on a tiny model)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def env(self) -> dict[str, str]:
-        path = os.pathsep.join(p for p in (str(FREEZE_PLUG), os.environ.get("PYTHONPATH", "")) if p)
-        return {"PYTHONPATH": path, "HYBRIDIFF_TEST_FREEZE": str(self.dir)}
-
-    def arm(self, request_id: str, where: str) -> None:
-        """The next worker to reach ``where`` ("step N" or "decode") of ``request_id`` stops there."""
-        for stale in self.dir.glob("frozen*"):
-            stale.unlink()
-        tmp = self.dir / "plan.tmp"
-        tmp.write_text(f"{request_id} {where}")
-        tmp.replace(self.dir / "plan")
-
-    def disarm(self) -> None:
-        (self.dir / "plan").unlink(missing_ok=True)
-
-    def frozen_pid(self, give_up: threading.Event | None = None, within: float = 300.0) -> int | None:
-        """The pid of the worker that stopped, once one has (None when ``give_up`` is set first,
-        or after ``within`` seconds)."""
-        give_up = give_up or threading.Event()
-        deadline = time.monotonic() + within
-        while not give_up.is_set() and time.monotonic() < deadline:
-            try:
-                return int((self.dir / "frozen").read_text())
-            except FileNotFoundError:
-                give_up.wait(0.01)
-        return None
-
-
-def _kill_process(cluster, proc) -> str:
-    """SIGKILL worker process ``proc`` of ``cluster`` (stopped or not); its control address."""
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-    return cluster.worker_addresses[cluster.procs.index(proc)]
-
-
-def _generate_killing(cluster, freezer: Freezer, raw: pb.GenerateRequest, where: str):
-    """Run ``raw`` (it names its request id) and kill the worker that reaches ``where`` first."""
-    freezer.arm(raw.request_id, where)
-    killed: list[str] = []
-    ended = threading.Event()
-
-    def killer() -> None:
-        pid = freezer.frozen_pid(ended)
-        if pid is not None:
-            killed.append(_kill_process(cluster, next(p for p in cluster.procs if p.pid == pid)))
-
-    thread = threading.Thread(target=killer, name="killer")
-    thread.start()
-    client = DiffusionClient(cluster.address)
-    try:
-        return send(client, raw, timeout=300), killed
-    finally:
-        ended.set()
-        thread.join()
-        freezer.disarm()
-        client.close()
 
 
 def test_kill_in_phase_one_gives_the_same_png_and_the_worker_restarted_rejoins(model_dirs, tmp_path):
@@ -104,7 +40,7 @@ def test_kill_in_phase_one_gives_the_same_png_and_the_worker_restarted_rejoins(m
         try:
             fault_free = send(client, raw, timeout=120)
             raw.request_id = "killed-at-step-5"
-            resp, killed = _generate_killing(cluster, freezer, raw, "step 5")
+            resp, killed = generate_killing(cluster, freezer, raw, "step 5")
             assert len(killed) == 1 and resp.images[0].data == fault_free.images[0].data  # byte for byte
             notes = " ".join(resp.stats.notes)
             assert f"worker {killed[0]} failed" in notes and "resumed at step 5" in notes
@@ -149,7 +85,7 @@ def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tm
         window = make_input(
             prompt="a red square", num_steps=20, seed=7, mode="hybrid", tau_cap=3, k=12, request_id="window"
         )
-        resp, killed = _generate_killing(cluster, freezer, window, "step 8")  # steps 3..15: the window
+        resp, killed = generate_killing(cluster, freezer, window, "step 8")  # steps 3..15: the window
         assert len(killed) == 1 and resp.images[0].data.startswith(b"\x89PNG")
         assert resp.stats.tau1 == 3 and resp.stats.tau2 == 15
         assert any(f"worker {killed[0]} failed" in n and "resumed at step 8" in n for n in resp.stats.notes)
@@ -157,7 +93,7 @@ def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tm
 
         # kill worker U as it decodes, every step done: the lone survivor decodes the checkpoint
         last = make_input(prompt="a green star", num_steps=8, seed=9, mode="cfg-parallel", request_id="last")
-        resp, killed = _generate_killing(cluster, freezer, last, "decode")
+        resp, killed = generate_killing(cluster, freezer, last, "decode")
         assert len(killed) == 1 and killed[0] == resp.stats.workers[0]  # U, the worker that decodes
         assert resp.images[0].data.startswith(b"\x89PNG") and len(resp.stats.steps) == 8
         assert any(f"worker {killed[0]} failed" in n and "resumed at step 8" in n for n in resp.stats.notes)
