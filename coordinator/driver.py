@@ -333,6 +333,7 @@ def drive_request(
     elastic: Elastic | None = None,
     step_cost: float | None = None,
     speculate: bool = True,
+    on_latents: Callable[[int, dataplane_pb2.Tensor], None] | None = None,
 ) -> GenerationResult:
     """Run ``spec`` in ``mode`` (not AUTO) on ``workers`` (one for SINGLE, two otherwise; with
     ``elastic``, ``mode`` is the paired schedule and the request may start, shrink to and grow
@@ -348,6 +349,8 @@ def drive_request(
     completed step on the workers ``recover`` gives (docs/design.md section 5).
     ``speculate``: issue HYBRID's undecided step ahead (see the module's doc); off, every step
     between L and tau1 waits for the round trip (kept to measure what speculation saves).
+    ``on_latents(step, latents)``: the latents after each step whose checkpoint came back (every
+    step with ``recover`` or ``elastic``), for previews.
     Trace context: commands carry the current span (begin/finish) or their phase's span (steps).
     """
     return _RequestRun(
@@ -363,6 +366,7 @@ def drive_request(
         elastic,
         step_cost,
         speculate,
+        on_latents,
     ).execute()
 
 
@@ -386,8 +390,10 @@ class _RequestRun:
         elastic,
         step_cost,
         speculate=True,
+        on_latents=None,
     ) -> None:
         self.spec, self.rid = spec, spec.request_id
+        self.on_latents = on_latents
         self.speculate = speculate
         self.unresolved: set[int] = set()  # speculative steps issued, their phase not yet sent
         self.schedule = StepSchedule(mode, spec.num_steps, spec.hybrid, spec.guided)
@@ -649,6 +655,8 @@ class _RequestRun:
                 spans.done(step, schedule.last)
                 if reports[0][1].HasField("checkpoint"):
                     self.checkpoint = reports[0][1].checkpoint
+                    if self.on_latents:
+                        self.on_latents(step, self.checkpoint.latents)
                 stat = StepStat(
                     step=step,
                     phase=Phase(reports[0][1].phase),

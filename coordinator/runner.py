@@ -37,7 +37,7 @@ from hybridiff.errors import (
     Unavailable,
     WorkerFailed,
 )
-from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
+from hybridiff.internal.v1 import dataplane_pb2, worker_pb2, worker_pb2_grpc
 from hybridiff.protocol import Mode, Phase, label
 from hybridiff.request import GenerationSpec, HybridParams, ModelDefaults, SizeLimits, resolve_spec
 from hybridiff.v1 import diffusion_pb2 as pb
@@ -146,10 +146,12 @@ class RequestRunner:
         on_step: OnStep | None = None,
         on_resolved: Callable[[GenerationSpec], None] | None = None,
         span_attributes: dict | None = None,
+        on_latents: Callable[[int, dataplane_pb2.Tensor], None] | None = None,
     ) -> Generation:
         """Run one request to its end; raises a ``HybridiffError`` (never anything else) on failure.
         ``on_resolved`` is told the spec once validated, ``on_step`` every completed step;
-        ``span_attributes``: the edge's own attributes of the request's span."""
+        ``span_attributes``: the edge's own attributes of the request's span; ``on_latents(step,
+        latents)``: the latents after each step (the checkpoint worker U reports), for previews."""
         received = time.perf_counter()
         code = grpc.StatusCode.OK
         outcome = _Outcome(self.metrics)
@@ -172,7 +174,7 @@ class RequestRunner:
                         "hybridiff.steps": spec.num_steps,
                     }
                 )
-                result = self._run(spec, client, on_step, outcome)
+                result = self._run(spec, client, on_step, outcome, on_latents)
                 self._observe(span, result, time.perf_counter() - received)
                 client.check_alive()  # a client gone meanwhile is answered, and counted, as such
                 return Generation(spec, result)
@@ -213,7 +215,9 @@ class RequestRunner:
         self.metrics.request_seconds.labels(mode_label).observe(seconds)
         log.info("request done: mode %s, %d steps, %.3fs", mode_label, len(stats.steps), seconds)
 
-    def _run(self, spec: GenerationSpec, client: ClientCall, on_step, outcome: _Outcome) -> GenerationResult:
+    def _run(
+        self, spec: GenerationSpec, client: ClientCall, on_step, outcome: _Outcome, on_latents=None
+    ) -> GenerationResult:
         lease, queued = self._lease(spec, client)
         mode, elastic = self._mode(spec, lease)
         # A request that ends early is counted under the mode it was running in.
@@ -253,6 +257,7 @@ class RequestRunner:
                 elastic=elastic,
                 step_cost=self._expected_step(spec),
                 speculate=self.config.speculative_steps,
+                on_latents=on_latents,
             )
             finished = True  # the workers ended their sessions: free at once
             outcome.mode_label = label(result.stats.mode_used)

@@ -21,6 +21,7 @@ import grpc
 from opentelemetry import trace
 
 from coordinator.discovery import StaticDiscovery
+from coordinator.http_api import HttpEdge, HttpServer
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import WorkerPool
 from coordinator.remote import join_session_readers
@@ -83,13 +84,16 @@ class Coordinator:
         admin_token: str | None = None,
         worker_tls_name: str = security.WORKER_NAME,
         health_port: int | None = None,
+        http_port: int | None = None,
     ) -> None:
         """``tls`` = (cert, key, client CA) of the public API (mutual TLS with a client CA);
         ``token``: bearer token required on the public API; ``admin_token``: the only token
         ``ClusterStatus`` takes (with a ``token`` and no ``admin_token`` nobody may call it);
         ``worker_credentials``: TLS to workers, whose certificates must name ``worker_tls_name``;
         ``health_port``: plaintext gRPC health Check only, on threads of its own (kubelet probes:
-        no caller of the public port can starve them; 0: any free port)."""
+        no caller of the public port can starve them; 0: any free port); ``http_port``: the
+        OpenAI-compatible HTTP API and the playground (``coordinator.http_api``), with the same
+        token, TLS and body limit (None: none; 0: any free port)."""
         telemetry.setup_tracing("hybridiff-coordinator")
         self.grace = grace
         self.metrics = CoordinatorMetrics()
@@ -102,7 +106,8 @@ class Coordinator:
         self.service = DiffusionService(self.runner)
         interceptors = telemetry.server_interceptors()
         auth = security.BearerTokenInterceptor(token, admin_token, ADMIN_METHODS)
-        if token or admin_token:  # first: a refused call is answered before anything reads it
+        self.requires_token = bool(token or admin_token)
+        if self.requires_token:  # first: a refused call is answered before anything reads it
             interceptors.insert(0, auth)
         # Health Check without a token runs in open slots of its own: it never takes a token holder's.
         self.server = serving.new_server(
@@ -122,6 +127,17 @@ class Coordinator:
         )
         self.service.server_address = f"{host}:{self.port}"
         self.metrics_port = self.metrics.serve(metrics_port, host) if metrics_port is not None else None
+        self.http, self.http_server = None, None
+        if http_port is not None:
+            self.http = HttpEdge(
+                self.runner,
+                token=token,
+                admin_token=admin_token,
+                max_body=MAX_REQUEST_BYTES,
+                max_calls=call_slots(queue_size),
+            )
+            self.http_server = HttpServer(self.http.app, host, http_port, tls, grace)
+        self.http_port = self.http_server.port if self.http_server else None
         self.discovery = discovery
         self._stopped = threading.Event()
         self._drain_lock = threading.Lock()
@@ -143,9 +159,17 @@ class Coordinator:
         self.server.start()
         if self.health_server is not None:
             self.health_server.start()
+        if self.http_server is not None:
+            self.http_server.start()
         self.discovery.start(self.pool)
         ports = (self.port, self.health_port, self.metrics_port)
         log.info("coordinator on port %d, health on %s, metrics on %s", *ports)
+        if not self.requires_token:  # a demo (the chart's insecure=true) or a local cluster
+            log.warning(
+                "serving without authentication: no --auth-token-file or --admin-token-file, so anyone "
+                "who reaches port %d may call every method, ClusterStatus included",
+                self.port,
+            )
         return self
 
     def drain_and_stop(self) -> None:
@@ -161,7 +185,11 @@ class Coordinator:
             self.pool.close()
             self._set_health(False)
             self.health.enter_graceful_shutdown()
+            if self.http_server is not None:  # both edges drain at once, within the one grace period
+                self.http_server.begin_stop()
             self.server.stop(self.grace).wait()
+            if self.http_server is not None:
+                self.http_server.wait_stopped(self.grace)
             if self.health_server is not None:
                 self.health_server.stop(0)
             self.discovery.stop()
@@ -178,12 +206,15 @@ class Coordinator:
         if not self.pool.shutdown(timeout):
             log.warning("a worker probe was still running at exit")
         self.service.join_streams(max(0.0, deadline - time.monotonic()))
+        if self.http is not None:
+            self.http.close(max(0.0, deadline - time.monotonic()))
         join_session_readers(max(0.0, deadline - time.monotonic()))
         self.metrics.close()
 
     def serve_until_signalled(self, ready_file: str | None = None) -> None:
         print(f"coordinator ready on port {self.port}", flush=True)
         ports = {"port": self.port, "metrics_port": self.metrics_port, "health_port": self.health_port}
+        ports["http_port"] = self.http_port
         serving.write_ready_file(ready_file, ports)
         serving.on_termination(lambda: threading.Thread(target=self.drain_and_stop, daemon=True).start())
         self._stopped.wait()

@@ -299,6 +299,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         ),
         worker_tls_name=args.worker_tls_name,
         health_port=args.health_port,
+        http_port=args.http_port or None,
     )
     return EXIT_OK
 
@@ -323,6 +324,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         compile_mode=args.compile,
         served_model_name=served_name,
         variant=args.variant,
+        http_port=args.http_port or None,
     )
 
 
@@ -633,6 +635,12 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         help="plaintext gRPC health Check only, on threads of its own, for kubelet probes (0: any port)",
     )
     p.add_argument(
+        "--http-port",
+        type=int,
+        default=0,
+        help="the OpenAI-compatible HTTP API and the playground page on this port (0: off)",
+    )
+    p.add_argument(
         "--queue-size", type=non_negative_int, default=16, help="requests that may wait for workers"
     )
     add_policy_flag(p)
@@ -694,6 +702,12 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     )
     p.add_argument("--port", type=int, default=50051, help="public API port")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="the OpenAI-compatible HTTP API and the playground page (http://127.0.0.1:PORT/) (0: off)",
+    )
     p.add_argument(
         "--queue-size", type=non_negative_int, default=16, help="requests that may wait for workers"
     )

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,13 @@ def core_shares(workers: int, cores: list[int] | None = None) -> list[str]:
         per = len(cores) // workers
         return [",".join(str(c) for c in cores[i * per : (i + 1) * per]) for i in range(workers)]
     return [str(cores[i % len(cores)]) for i in range(workers)]
+
+
+def free_port() -> int:
+    """A loopback port free at the moment (for a flag where 0 does not mean "any")."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def parse_devices(text: str) -> list[str]:
@@ -84,8 +92,10 @@ class LocalCluster:
         coordinator_args: list[str] | None = None,
         served_model_name: str | None = None,
         variant: str | None = None,
+        http_port: int | None = None,
     ) -> None:
-        """``model_dir``: a local folder (a launcher fetches a Hub id once, before it starts the
+        """``http_port``: the coordinator's HTTP API (None: off; 0: a free port, picked here);
+        ``model_dir``: a local folder (a launcher fetches a Hub id once, before it starts the
         workers); ``served_model_name``, ``variant``: the workers' flags of those names;
         ``compile_mode``: the workers' ``--compile``; ``log_format``: the processes'
         ``--log-format``; ``verbose``: they log at INFO (``-v``); ``coordinator_args``: more
@@ -96,6 +106,7 @@ class LocalCluster:
         self.num_workers = workers
         self.port = port  # 0: the coordinator picks a free port
         self.metrics_port = metrics_port
+        self.http_port = http_port
         self.queue_size = queue_size
         self.policy = policy
         self.log_dir = Path(log_dir) if log_dir else None  # None: a temporary directory, made at start
@@ -120,6 +131,11 @@ class LocalCluster:
         self._names: dict[int, str] = {}  # pid -> process name (its log file's stem)
         self.worker_addresses: list[str] = []
         self.worker_metrics_ports: list[int] = []
+
+    def _http_args(self) -> list[str]:
+        if self.http_port is None:
+            return []
+        return ["--http-port", str(self.http_port or free_port())]
 
     @property
     def address(self) -> str:
@@ -209,11 +225,13 @@ class LocalCluster:
                     ",".join(self.worker_addresses),
                     "--ready-file",
                     str(coordinator_file),
+                    *self._http_args(),
                     *self.coordinator_args,
                 ],
             )
             ports = self._await_file(coordinator_file, deadline)
             self.port, self.metrics_port = ports["port"], ports["metrics_port"]
+            self.http_port = ports.get("http_port")
             self.wait_ready(max(1.0, deadline - time.monotonic()))
         except BaseException:
             self.stop()
@@ -305,6 +323,7 @@ def run_local(
     compile_mode: str = "auto",
     served_model_name: str | None = None,
     variant: str | None = None,
+    http_port: int | None = None,
 ) -> int:
     cluster = LocalCluster(
         model_dir,
@@ -320,6 +339,7 @@ def run_local(
         compile_mode=compile_mode,
         served_model_name=served_model_name,
         variant=variant,
+        http_port=http_port,
     )
     stop = {"now": False}
 
@@ -335,6 +355,12 @@ def run_local(
         f"metrics at http://127.0.0.1:{cluster.metrics_port}/metrics",
         flush=True,
     )
+    if cluster.http_port:
+        print(
+            f"OpenAI-compatible API at http://127.0.0.1:{cluster.http_port}/v1, "
+            f"playground at http://127.0.0.1:{cluster.http_port}/",
+            flush=True,
+        )
     try:
         while not stop["now"]:
             if any(p.poll() is not None for p in cluster.procs):

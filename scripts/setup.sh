@@ -23,3 +23,9 @@ if [ ! -x .venv/bin/promtool ] && command -v apt-get >/dev/null && command -v dp
   fi
   rm -rf "$tmp"
 fi
+# Debian's chromium and its driver for the playground test (tests/e2e/test_playground.py, selenium):
+# best effort, as root only; without them that test skips and says so.
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get install -y -qq chromium chromium-driver || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }; } >/dev/null 2>&1 \
+    || echo "setup: chromium not installed (apt-get install chromium chromium-driver failed); the playground test will skip" >&2
+fi

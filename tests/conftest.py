@@ -47,7 +47,12 @@ def sdxl_cluster(model_dirs, otlp, tmp_path_factory):
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
     }
     with LocalCluster(
-        model_dirs["sdxl"], workers=4, log_dir=tmp_path_factory.mktemp("logs"), extra_env=env, queue_size=16
+        model_dirs["sdxl"],
+        workers=4,
+        log_dir=tmp_path_factory.mktemp("logs"),
+        extra_env=env,
+        queue_size=16,
+        http_port=0,  # the HTTP edge too (tests/e2e/test_http_api.py, test_playground.py)
     ) as cluster:
         yield cluster
 
