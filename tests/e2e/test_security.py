@@ -132,6 +132,19 @@ def test_bearer_token_required_on_the_public_api_but_not_on_health(tmp_path):
         coord.drain_and_stop()
 
 
+def test_a_coordinator_without_tokens_says_so_at_start(caplog):
+    """No token (a demo: the chart's insecure=true): a warning at start that nothing is checked;
+    with a token, none."""
+    for kwargs, warned in (({}, True), ({"token": "s3cret", "admin_token": "adm1n"}, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="coordinator.server"):
+            coord = _coordinator(**kwargs)
+            coord.drain_and_stop()
+        said = [r.getMessage() for r in caplog.records if "serving without authentication" in r.getMessage()]
+        assert len(said) == int(warned), (kwargs, said)
+        assert not said or f"port {coord.port}" in said[0] and "ClusterStatus" in said[0]
+
+
 def test_tls_and_mutual_tls_on_the_public_api(pki):
     ca = pki["ca"].read_bytes()
     server_crt, server_key = pki["server"]

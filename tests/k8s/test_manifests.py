@@ -296,11 +296,15 @@ def check_worker(sts: dict) -> None:
     pod_sc = spec.get("securityContext") or {}
     assert pod_sc.get("runAsNonRoot") is True, "worker pod may run as root"
     worker = container(spec, "worker")
-    port = next(p["containerPort"] for p in worker["ports"] if p["name"] == "grpc")
-    if flag(worker["args"], "tls-cert"):  # kubelet's gRPC probes cannot speak TLS: the health port
-        port = next(p["containerPort"] for p in worker["ports"] if p["name"] == "health")
-        assert flag(worker["args"], "health-port") == str(port), "probes on a port the worker does not serve"
-        assert flag(worker["args"], "tls-client-ca"), "a plaintext health port needs the client CA"
+    # Probes on the health-only port (plaintext, TLS on the control port or not), never on the
+    # control port, where callers could crowd them out.
+    port = next((p["containerPort"] for p in worker["ports"] if p["name"] == "health"), None)
+    assert port is not None, "the worker declares no health port"
+    assert flag(worker["args"], "health-port") == str(port), "probes on a port the worker does not serve"
+    if flag(worker["args"], "tls-cert"):
+        assert flag(worker["args"], "tls-client-ca"), (
+            "a plaintext health port next to TLS needs the client CA"
+        )
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert (worker.get(probe) or {}).get("grpc", {}).get("port") == port, (
             f"worker {probe} is not a native gRPC probe on port {port}"
@@ -318,12 +322,14 @@ def check_coordinator(dep: dict, tls: bool) -> None:
     spec = dep["spec"]["template"]["spec"]
     c = container(spec, "coordinator")
     # Probes on the health-only port (plaintext with or without TLS on the public port), never on
-    # the public port, where callers without a token could crowd them out (issue 24).
+    # the public port, where callers without a token could crowd them out.
     port = next(p["containerPort"] for p in c["ports"] if p["name"] == "health")
     assert flag(c["args"], "health-port") == str(port), "probes on a port the coordinator does not serve"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         p = c.get(probe) or {}
-        assert p.get("grpc", {}).get("port") == port, f"coordinator {probe} is not a gRPC probe of port {port}"
+        assert p.get("grpc", {}).get("port") == port, (
+            f"coordinator {probe} is not a gRPC probe of port {port}"
+        )
     check_secure_container(c, spec.get("securityContext") or {}, "coordinator")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
 
@@ -502,11 +508,11 @@ def test_helm_rejects_incomplete_values():
         {"model": {"source": "hub"}},
         {"model": {"source": "pvc"}},
         {"tls": {"enabled": True}},
-        {"auth": {"enabled": True}},
         {"controlTLS": {"enabled": True, "workerSecretName": "w"}},
         {"curve": {"enabled": True}},
-        {"auth": {"enabled": True, "token": "t", "admin": {"enabled": True}}},
-        {"auth": {"admin": {"enabled": True, "token": "a"}}},
+        # Turning authentication or the data-peer networks off takes insecure=true.
+        {"auth": {"enabled": False}},
+        {"worker": {"dataPeerCidrs": ""}},
     ):
         with helm().Chart.load(CHART) as chart, pytest.raises(helm().HelmError):
             chart.render(bad, name="hybridiff", namespace="serving")
@@ -1739,12 +1745,15 @@ def test_security_renders_mount_every_key_from_secrets_and_pass_the_flags(key):
         assert set(coordinator_mounts.values()) | set(worker_mounts.values()) == set(README_SECRETS)
 
 
-def test_security_is_off_unless_asked():
+def test_transport_security_is_off_unless_asked():
+    """TLS and CURVE need Secrets an operator makes (certificates, a keypair): off unless asked.
+    Tokens are on everywhere (test_secure_by_default)."""
     off = {
-        "coordinator": ("worker-tls-cert", "admin-token-file"),
-        "worker": ("tls-cert", "curve-keys", "health-port"),
+        "coordinator": ("worker-tls-cert", "tls-cert"),
+        "worker": ("tls-cert", "curve-keys"),
     }
-    for key in sorted(set(RENDERS) - set(SECURE)):
+    secure = set(SECURE) | {"helm:production", "helm:production-extras", "helm:variant"}
+    for key in sorted(set(RENDERS) - secure):
         for role, names in off.items():
             args = container(workload(rendered(key), role)["spec"]["template"]["spec"], role)["args"]
             for name in names:
@@ -1791,10 +1800,10 @@ def test_readme_cert_manager_certificates_match_what_the_code_checks():
     assert set(certificates) <= README_SECRETS
 
 
-@pytest.mark.parametrize("key", ["helm:default", "helm:production", "helm:secure", "kustomize:secure"])
+@pytest.mark.parametrize("key", sorted(RENDERS))
 def test_workers_push_data_plane_frames_only_inside_the_private_networks(key):
-    """The peer allow-list is on where the chart or the secure overlay deploys workers: a Begin
-    cannot make a worker push activations to an arbitrary host."""
+    """The peer allow-list is on wherever the chart or an overlay deploys workers: a Begin cannot
+    make a worker push activations to an arbitrary host."""
     worker = container(workload(rendered(key), "worker")["spec"]["template"]["spec"], "worker")
     (flag,) = [a for a in worker["args"] if a.startswith("--data-peer-cidrs=")]
     assert flag.split("=", 1)[1].split(",") == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
@@ -1812,3 +1821,129 @@ def test_the_chart_log_format_reaches_every_pod():
         assert (
             "--log-format=text" in container(workload(docs, role)["spec"]["template"]["spec"], role)["args"]
         )
+
+
+# -- secure by default ----------------------------------------------------------------------
+
+
+def render_notes(values: dict) -> str:
+    with helm().Chart.load(CHART) as chart:
+        manifests = chart.render(values, name="hybridiff", namespace="serving", is_install=True)
+    return next(text for path, text in manifests.items() if path.endswith("NOTES.txt"))
+
+
+def token_files(docs) -> dict[str, str]:
+    """--auth-token-file and --admin-token-file of the coordinator -> the Secret each is mounted from."""
+    spec = workload(docs, "coordinator")["spec"]["template"]["spec"]
+    c = container(spec, "coordinator")
+    mounts = _mounted_secrets(spec, c)
+    return {
+        name: _secret_of(flag(c["args"], name), mounts)
+        for name in ("auth-token-file", "admin-token-file")
+        if flag(c["args"], name)
+    }
+
+
+@pytest.mark.parametrize("key", sorted(RENDERS))
+def test_secure_by_default(key):
+    """Every render with its default values: a bearer token and an admin token (for ClusterStatus)
+    from a mounted Secret, probes on the health-only ports (check_worker/check_coordinator),
+    --data-peer-cidrs on the workers, and the workers' egress confined."""
+    docs = rendered(key)
+    files = token_files(docs)
+    assert set(files) == {"auth-token-file", "admin-token-file"}, f"{key}: tokens {files}"
+    assert len(set(files.values())) == 1
+    check_worker(workload(docs, "worker"))
+    check_coordinator(workload(docs, "coordinator"), tls=False)
+    worker = container(workload(docs, "worker")["spec"]["template"]["spec"], "worker")
+    assert flag(worker["args"], "data-peer-cidrs"), f"{key}: workers push frames anywhere"
+
+
+def test_the_chart_generates_random_tokens_unless_given():
+    """No Secret named: the chart makes one with both keys, random (48 characters, a new one per
+    install; upgrades keep the Secret's through lookup); tokens given in values are used as given."""
+    import base64
+
+    def secret(docs) -> dict[str, str]:
+        (s,) = [d for d in objects(docs, "Secret") if d["metadata"]["name"] == "hybridiff-auth"]
+        return {k: base64.b64decode(v).decode() for k, v in s["data"].items()}
+
+    first, second = secret(render_values({})), secret(render_values({}))
+    assert set(first) == {"token", "admin-token"}
+    assert all(len(v) == 48 and v.isalnum() for v in first.values())
+    assert first["token"] != first["admin-token"] and first["token"] != second["token"]
+    given = secret(render_values({"auth": {"token": "tok", "admin": {"token": "adm"}}}))
+    assert given == {"token": "tok", "admin-token": "adm"}
+    assert not [d for d in objects(render_chart("production"), "Secret")], "existingSecret: none made"
+    text = (CHART / "templates" / "coordinator.yaml").read_text()
+    assert re.search(r'lookup "v1" "Secret" \.Release\.Namespace', text), "upgrades would rotate the tokens"
+    notes = render_notes({})
+    assert "get secret hybridiff-auth -o jsonpath='{.data.token}' | base64 -d" in notes
+    assert "{.data.admin-token}" in notes and "--auth-token-file" in notes
+    assert "WITHOUT AUTHENTICATION" not in notes
+
+
+def test_insecure_is_explicit_and_loud():
+    """insecure=true (a demo): no tokens, no Secret, no control-plane mTLS or CURVE even where the
+    values ask for them; NOTES says so at the top."""
+    values = deep_merge(chart_values("production"), {"insecure": True, "tls": {"enabled": False}})
+    docs = render_values(values)
+    assert token_files(docs) == {}
+    assert not objects(docs, "Secret")
+    coordinator = container(workload(docs, "coordinator")["spec"]["template"]["spec"], "coordinator")
+    worker = container(workload(docs, "worker")["spec"]["template"]["spec"], "worker")
+    assert flag(coordinator["args"], "worker-tls-cert") is None
+    assert flag(worker["args"], "tls-cert") is None and flag(worker["args"], "curve-keys") is None
+    check_worker(workload(docs, "worker"))  # still probed on the health-only port
+    notes = render_notes({"insecure": True})
+    assert notes.lstrip().startswith("####") and "WITHOUT AUTHENTICATION" in notes.split("Hybridiff")[0]
+    assert "--auth-token-file" not in notes and "serving without authentication" in notes
+    # Without insecure, turning a guard off is refused (test_helm_rejects_incomplete_values).
+    render_values({"insecure": True, "auth": {"enabled": False}, "worker": {"dataPeerCidrs": ""}})
+
+
+def test_gpu_values_add_control_plane_mtls_and_curve():
+    docs = render_chart("production")
+    coordinator = container(workload(docs, "coordinator")["spec"]["template"]["spec"], "coordinator")
+    worker = container(workload(docs, "worker")["spec"]["template"]["spec"], "worker")
+    for name in ("worker-tls-ca", "worker-tls-cert", "worker-tls-key", "tls-cert"):
+        assert flag(coordinator["args"], name), name
+    for name in ("tls-cert", "tls-key", "tls-client-ca", "curve-keys"):
+        assert flag(worker["args"], name), name
+
+
+@pytest.mark.parametrize("key", sorted(RENDERS))
+def test_workers_reach_out_only_to_dns_their_peers_and_the_collector(key):
+    docs = rendered(key)
+    if not policies_on(key):
+        return
+    worker = workload(docs, "worker")
+    data = container_port(container(worker["spec"]["template"]["spec"], "worker"), "data")
+    policy = network_policy(docs, worker)
+    assert "Egress" in policy["spec"]["policyTypes"], f"{key}: worker egress is open"
+    egress = policy["spec"]["egress"]
+    for rule in egress:
+        assert rule.get("ports"), "an egress rule without ports opens every port"
+    (to_peers,) = [r for r in egress if (data, "TCP") in rule_ports(r)]
+    assert [selects(peer, worker) for peer in to_peers["to"]] == [True]
+    allowed = set().union(*(rule_ports(r) for r in egress))
+    assert {(53, "UDP"), (53, "TCP")} <= allowed
+    assert allowed <= {(data, "TCP"), (53, "UDP"), (53, "TCP"), (4317, "TCP")}, f"{key}: {allowed}"
+
+
+def test_workers_reach_the_hub_only_with_model_source_hf():
+    def worker_egress(docs) -> set:
+        policy = network_policy(docs, workload(docs, "worker"))
+        return set().union(*(rule_ports(r) for r in policy["spec"]["egress"]))
+
+    hf = render_values({"model": {"source": "hf", "hf": {"id": "org/name"}}})
+    assert (443, "TCP") in worker_egress(hf)
+    assert (443, "TCP") not in worker_egress(render_chart("default"))
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(Path(__file__).parent / "overlays" / "gpu-hf")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (443, "TCP") in worker_egress([d for d in yaml.safe_load_all(out.stdout) if d])

@@ -71,6 +71,20 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- default (printf "%s-auth" (include "hybridiff.fullname" .)) .Values.auth.existingSecret }}
 {{- end }}
 
+{{/* The security switches once `insecure` (a demo: every one off) is applied: "true" or "". */}}
+{{- define "hybridiff.auth" -}}
+{{- if and .Values.auth.enabled (not .Values.insecure) }}true{{ end }}
+{{- end }}
+{{- define "hybridiff.adminAuth" -}}
+{{- if and (include "hybridiff.auth" .) .Values.auth.admin.enabled }}true{{ end }}
+{{- end }}
+{{- define "hybridiff.controlTLS" -}}
+{{- if and .Values.controlTLS.enabled (not .Values.insecure) }}true{{ end }}
+{{- end }}
+{{- define "hybridiff.curve" -}}
+{{- if and .Values.curve.enabled (not .Values.insecure) }}true{{ end }}
+{{- end }}
+
 {{/* Downward-API env shared by both roles, plus OpenTelemetry settings. */}}
 {{- define "hybridiff.commonEnv" -}}
 - name: POD_NAME
@@ -105,19 +119,16 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
 {{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret)" }}
 {{- end }}
-{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.token) }}
-{{- fail "auth.enabled needs auth.existingSecret or auth.token" }}
+{{- if and (not .Values.auth.enabled) (not .Values.insecure) }}
+{{- fail "auth.enabled=false serves the API without authentication: set insecure=true to mean it" }}
 {{- end }}
-{{- if and .Values.auth.admin.enabled (not .Values.auth.enabled) }}
-{{- fail "auth.admin.enabled needs auth.enabled (the admin token lives in the auth Secret)" }}
+{{- if and (not .Values.worker.dataPeerCidrs) (not .Values.insecure) }}
+{{- fail "worker.dataPeerCidrs is empty (workers would push frames to any address): set it to the pod CIDR, or insecure=true" }}
 {{- end }}
-{{- if and .Values.auth.enabled .Values.auth.admin.enabled (not .Values.auth.existingSecret) (not .Values.auth.admin.token) }}
-{{- fail "auth.admin.enabled needs auth.existingSecret or auth.admin.token" }}
-{{- end }}
-{{- if and .Values.controlTLS.enabled (not (and .Values.controlTLS.coordinatorSecretName .Values.controlTLS.workerSecretName)) }}
+{{- if and (include "hybridiff.controlTLS" .) (not (and .Values.controlTLS.coordinatorSecretName .Values.controlTLS.workerSecretName)) }}
 {{- fail "controlTLS.enabled needs controlTLS.coordinatorSecretName and controlTLS.workerSecretName" }}
 {{- end }}
-{{- if and .Values.curve.enabled (not .Values.curve.secretName) }}
+{{- if and (include "hybridiff.curve" .) (not .Values.curve.secretName) }}
 {{- fail "curve.enabled needs curve.secretName (a Secret with pool.key and pool.key_secret)" }}
 {{- end }}
 {{- end }}
