@@ -6,6 +6,7 @@ from pathlib import Path
 
 from hybridiff.protocol import Phase
 from hybridiff.v1 import diffusion_pb2 as pb
+from tools.pyplot import headless_pyplot
 
 PHASE_COLORS = {
     Phase.SINGLE: "#7f7f7f",
@@ -19,15 +20,6 @@ PHASE_LABELS = {
     Phase.PIPELINE_FILL: "pipeline fill",
     Phase.PIPELINE: "pipelined stage",
 }
-
-
-def headless_pyplot():
-    import matplotlib  # deferred: matplotlib is optional (the bench extra) and slow to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: after choosing the headless backend
-
-    return plt
 
 
 def latency_bars(result: dict, path: Path) -> None:

@@ -53,6 +53,7 @@ from hybridiff.errors import QueueFull
 from hybridiff.protocol import Mode, Phase
 from tools.bench import gpu_profile
 from tools.bench.perfmodel import ComputeTimes, LinkModel, ScheduleParams, StageTimes, simulate
+from tools.pyplot import headless_pyplot
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
 ENCODE_S = 0.005  # prompt encoding of a new session (not profiled: CLIP/T5 at fp16, a few ms on an H200)
@@ -495,11 +496,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Rows: devices; per pool size, p95 latency and SLO attainment against offered load."""
-    import matplotlib  # deferred: matplotlib is a [bench] extra
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: after choosing the headless backend
-
+    plt = headless_pyplot()
     devices = result["devices"]
     sizes = list(next(iter(devices.values()))["pools"])
     fig, axes = plt.subplots(

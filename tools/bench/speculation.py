@@ -21,7 +21,7 @@ from hybridiff.client import DiffusionClient
 from hybridiff.protocol import Mode, Phase
 from launch.local_cluster import LocalCluster
 from launch.model_dirs import default_model_dir
-from tools.bench.plots import headless_pyplot
+from tools.pyplot import headless_pyplot
 
 PROMPT = "a red circle above a blue square"
 

@@ -5,18 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _pyplot():
-    import matplotlib  # deferred: matplotlib is a [bench] extra
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: see above
-
-    return plt
+from tools.pyplot import headless_pyplot
 
 
 def plot_run(records, summary: dict, out: str | Path) -> None:
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for ok, colour in ((True, "tab:blue"), (False, "tab:red")):
         rs = [r for r in records if (r.code == "OK") == ok]
@@ -37,7 +30,7 @@ def plot_run(records, summary: dict, out: str | Path) -> None:
 
 def plot_sweep(points: dict[str, list[dict]], out: str | Path, title: str) -> None:
     """``points[policy]``: summaries ordered by offered load (each with ``load_fraction``)."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for policy, summaries in points.items():
         x = [s["load_fraction"] * 100 for s in summaries]

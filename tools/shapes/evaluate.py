@@ -21,6 +21,7 @@ from hybridiff.protocol import Mode
 from hybridiff.request import HybridParams, request_from_names
 from hybridiff.v1 import diffusion_pb2 as pb
 from launch.inprocess import InProcessEngine
+from tools.pyplot import headless_pyplot
 from tools.shapes.adherence import AdherenceReport, Verdict, check
 from tools.shapes.grammar import Caption, held_out_prompts
 
@@ -100,17 +101,8 @@ def rel_mae_section(
     }
 
 
-def _plt():
-    import matplotlib  # deferred: matplotlib is optional (the bench extra) and slow to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: after choosing the headless backend
-
-    return plt
-
-
 def plot_rel_mae(curves: dict[str, list[float]], tau1: dict[str, int], out: Path, title: str) -> None:
-    plt = _plt()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, curve in curves.items():
         (line,) = ax.plot(range(len(curve)), curve, lw=1.2, label=label)
@@ -128,7 +120,7 @@ def plot_rel_mae(curves: dict[str, list[float]], tau1: dict[str, int], out: Path
 
 def plot_training_losses(log: dict, out: Path) -> None:
     """The logged losses of both training stages (``training_log.json``)."""
-    plt = _plt()
+    plt = headless_pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, stage, title in zip(axes, ("vae", "denoiser"), ("autoencoder", "denoiser + text encoders")):
         rows = [r for r in log["losses"] if r["stage"] == stage]
