@@ -116,3 +116,32 @@ def test_an_unreachable_target_exits_3():
         "loadtest", "--target", "127.0.0.1:1", "--rate", "1", "--duration", "1", "--quiet", timeout=30
     )
     assert proc.returncode == 3 and "UNAVAILABLE" in proc.stderr
+
+
+def test_the_http_api_under_load(sdxl_cluster, tmp_path):
+    """``--api http``: the same closed loop through the OpenAI-compatible edge (its --http-port)."""
+    out = tmp_path / "http.json"
+    proc = _cli(
+        "loadtest",
+        "--api",
+        "http",
+        "--target",
+        f"127.0.0.1:{sdxl_cluster.http_port}",
+        "--concurrency",
+        "2",
+        "--duration",
+        "1.5",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--json",
+        str(out),
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["summary"]["completed"] >= 2 and report["summary"]["errors"] == {}
+    assert all(r["mode_used"] and r["workers"] for r in report["requests"])

@@ -1,9 +1,10 @@
-"""``hybridiff loadtest --target HOST:PORT (--rate R | --concurrency C) ...``."""
+"""``hybridiff loadtest --target HOST:PORT [--api grpc|http] (--rate R | --concurrency C) ...``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,12 +13,20 @@ from tqdm import tqdm
 from hybridiff.client import DiffusionClient, default_target
 from hybridiff.protocol import Mode, labels, parse
 from tools.loadtest.generator import LoadConfig, LoadConfigError, LoadTest
+from tools.loadtest.http_client import HttpImagesClient
 from tools.loadtest.plots import plot_run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hybridiff loadtest", description=__doc__)
     p.add_argument("--target", default=default_target(), help="HOST:PORT (default: $HYBRIDIFF_TARGET)")
+    p.add_argument(
+        "--api",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="the public gRPC API, or the OpenAI-compatible HTTP API (--target: the coordinator's "
+        "--http-port; token: $HYBRIDIFF_AUTH_TOKEN)",
+    )
     load = p.add_mutually_exclusive_group(required=True)
     load.add_argument("--rate", type=float, help="open loop: Poisson arrivals at this many requests/s")
     load.add_argument("--concurrency", type=int, help="closed loop: this many clients, one request at a time")
@@ -62,13 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     expected = round(args.rate * args.duration) if args.rate else None
+    if args.api == "http":
+        connect = HttpImagesClient(
+            args.target, timeout=args.timeout, token=os.environ.get("HYBRIDIFF_AUTH_TOKEN")
+        )
+    else:
+        connect = DiffusionClient(args.target, timeout=args.timeout)
     with (
-        DiffusionClient(args.target, timeout=args.timeout) as client,
+        connect as client,
         tqdm(total=expected, unit="req", disable=args.quiet) as bar,
     ):
         client.list_models()  # fail fast (exit 3) when the target cannot be reached
         test = LoadTest(client, config, on_done=lambda r: bar.update(1))
         summary = test.run()
+    summary["api"] = args.api
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
