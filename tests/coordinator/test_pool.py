@@ -3,12 +3,11 @@ on 127.0.0.1 implementing WorkerControlService, dialled through the pool's chann
 
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import pytest
 from cluster_helpers import wait_until
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from fake_worker import FakeWorker
 
 from coordinator.pool import (
     ABORTING,
@@ -20,12 +19,10 @@ from coordinator.pool import (
     STATES,
     UNHEALTHY,
     WORKER_PROTOCOL_VERSION,
-    WORKER_SERVICE,
     HealthPolicy,
     WorkerPool,
 )
 from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, QueueFull, Unavailable
-from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 
 WAIT = 5.0  # the most any condition below may take to come true
 PROBE_INTERVAL = 0.02
@@ -33,85 +30,6 @@ PROBE_INTERVAL = 0.02
 HEALTH = HealthPolicy(
     probe_timeout=0.5, readmit_probes=2, quarantine_base=0.2, quarantine_max=0.8, abort_confirm=1.0
 )
-
-
-class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer, health_pb2_grpc.HealthServicer):
-    """A worker that answers Info (or refuses while ``healthy`` is clear, as one still loading its
-    model or just failed) and ``grpc.health.v1`` Check (``serving`` clear: NOT_SERVING, as a worker
-    whose watchdog fired; refused while not ``healthy``), counting the calls.
-    ``active_request_id`` is what its Info reports it runs; while ``frozen`` is set it answers
-    nothing (a stopped process: every call runs into its deadline). ``version``, ``dtype``,
-    ``device`` and ``digest`` are what its Info reports."""
-
-    def __init__(
-        self,
-        worker_id: str,
-        model: str,
-        healthy: bool = True,
-        version: int = WORKER_PROTOCOL_VERSION,
-        dtype: str = "float32",
-        device: str = "cpu",
-        digest: str = "d1",
-    ) -> None:
-        self.worker_id, self.model = worker_id, model
-        self.version, self.dtype, self.device, self.digest = version, dtype, device, digest
-        self.healthy = threading.Event()
-        if healthy:
-            self.healthy.set()
-        self.serving = threading.Event()
-        self.serving.set()
-        self.frozen = threading.Event()
-        self.health_script: list[bool] = []  # the next probes' answers (SERVING or not), then ``serving``
-        self.active_request_id = ""
-        self.info_calls = 0
-        self.health_calls = 0
-        self._lock = threading.Lock()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-        worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self, self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
-
-    def _hang_while_frozen(self, context) -> None:
-        while self.frozen.is_set() and context.is_active():
-            time.sleep(0.01)
-
-    def Check(self, request, context):
-        with self._lock:
-            self.health_calls += 1
-        self._hang_while_frozen(context)
-        if not self.healthy.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} is down")
-        if request.service != WORKER_SERVICE:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        with self._lock:
-            serving = self.health_script.pop(0) if self.health_script else self.serving.is_set()
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        return health_pb2.HealthCheckResponse(status=status)
-
-    def Info(self, request, context):
-        with self._lock:
-            self.info_calls += 1
-        self._hang_while_frozen(context)
-        if not self.healthy.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} is loading")
-        return worker_pb2.InfoResponse(
-            worker_id=self.worker_id,
-            model_name=self.model,
-            arch="sdxl",
-            data_address=f"tcp://127.0.0.1:{6000 + int(self.worker_id[1:])}",
-            limits=worker_pb2.SizeLimits(
-                multiple=8, min_side=64, max_side=1024, default_side=512, max_images=4
-            ),
-            default_steps=20,
-            device=self.device,
-            dtype=self.dtype,
-            protocol_version=self.version,
-            weights_digest=self.digest,
-            active_request_id=self.active_request_id,
-        )
 
 
 class ChannelFactory:

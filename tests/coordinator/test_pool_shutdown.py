@@ -4,60 +4,18 @@ nothing (a stopped process), whose call would otherwise run to its deadline."""
 
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import pytest
 from cluster_helpers import wait_until
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from fake_worker import FakeWorker
 
-from coordinator.pool import WORKER_PROTOCOL_VERSION, HealthPolicy, WorkerPool
+from coordinator.pool import HealthPolicy, WorkerPool
 from hybridiff.errors import Unavailable
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 
 # A probe's call to a stopped worker would wait this long: far more than any shutdown may take.
 SLOW_PROBE = HealthPolicy(probe_timeout=60.0, readmit_probes=1, quarantine_base=0.1, quarantine_max=0.1)
-
-
-class StoppableWorker(worker_pb2_grpc.WorkerControlServiceServicer, health_pb2_grpc.HealthServicer):
-    """A worker whose calls hang while ``stopped`` is set (SIGSTOP), counting the calls that arrived."""
-
-    def __init__(self, worker_id: str) -> None:
-        self.worker_id = worker_id
-        self.stopped = threading.Event()
-        self.released = threading.Event()  # set at teardown: no handler stays blocked
-        self.calls = 0
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self, self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
-
-    def _hang_while_stopped(self) -> None:
-        self.calls += 1
-        while self.stopped.is_set() and not self.released.wait(0.05):
-            pass
-
-    def Check(self, request, context):
-        self._hang_while_stopped()
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
-
-    def Info(self, request, context):
-        self._hang_while_stopped()
-        return worker_pb2.InfoResponse(
-            worker_id=self.worker_id,
-            model_name="sdxl",
-            arch="sdxl",
-            limits=worker_pb2.SizeLimits(multiple=8, min_side=64, max_side=1024, default_side=512),
-            device="cpu",
-            dtype="float32",
-            protocol_version=WORKER_PROTOCOL_VERSION,
-            weights_digest="d1",
-        )
-
-    def stop(self) -> None:
-        self.released.set()
-        self.server.stop(0)
 
 
 def _wait_for(predicate, timeout: float = 10.0) -> None:
@@ -66,7 +24,7 @@ def _wait_for(predicate, timeout: float = 10.0) -> None:
 
 @pytest.fixture
 def workers():
-    made = [StoppableWorker(f"w{i}") for i in range(3)]
+    made = [FakeWorker(f"w{i}") for i in range(3)]
     yield made
     for w in made:
         w.stop()
@@ -90,11 +48,11 @@ def test_shutdown_closes_every_channel_and_ends_a_probe_stuck_in_a_call(workers)
     _wait_for(lambda: pool.counts()["idle"] == 3)
     lease = pool.lease("sdxl", 2, False, "r1", timeout=5)  # w0 and w1
     pool.worker_ready("w1", w2.address)  # w1 replaced while busy: its lease still holds the old one
-    w0.stopped.set()
-    before = w0.calls
+    w0.frozen.set()
+    before = len(w0.calls)
     w0_entry = next(e for e in lease.entries if e.worker_id == "w0")
     pool.release([w0_entry], failed=True)  # quarantined: its probe calls w0 and hangs there
-    _wait_for(lambda: w0.calls > before)
+    _wait_for(lambda: len(w0.calls) > before)
 
     start = time.monotonic()
     assert pool.shutdown(timeout=5.0) is True

@@ -8,91 +8,31 @@ A real coordinator (in process, real gRPC) over two fake workers: real gRPC serv
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent import futures
 from types import SimpleNamespace
 
 import grpc
 import pytest
 from cluster_helpers import poll_until
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from fake_worker import FakeWorker
 
-from hybridiff import serving
-from hybridiff.errors import InvalidArgument, status_details
-from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
-from hybridiff.protocol import WORKER_PROTOCOL_VERSION
+from hybridiff.errors import status_details
+from hybridiff.internal.v1 import worker_pb2
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 
-WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerControlService"].full_name
 
-
-class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer):
-    """Answers ``Info`` like a worker of model "fake"; ``MeasureSplit`` does ``how``:
-    "crash" (a handler exception: UNKNOWN), "refuse" (INVALID_ARGUMENT), "hang" (until cancelled)."""
-
-    def __init__(self, name: str, how: str) -> None:
-        self.name, self.how = name, how
-        self.calls: list[tuple[str, float]] = []
-        self.sizes: list[tuple[int, int]] = []  # MeasureSplit's (width, height)
-        self.cancelled = threading.Event()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self, self.server)
-        fake = self
-
-        class _Health(health.HealthServicer):
-            def Check(self, request, context):
-                fake.calls.append(("Check", time.monotonic()))
-                return super().Check(request, context)
-
-        self.health = _Health()
-        for service in ("", WORKER_SERVICE):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
-
-    def Info(self, request, context):
-        self.calls.append(("Info", time.monotonic()))
-        return worker_pb2.InfoResponse(
-            worker_id=self.name,
-            model_name="fake",
-            arch="sdxl",
-            data_address="tcp://127.0.0.1:9",
-            limits=worker_pb2.SizeLimits(
-                multiple=8, min_side=64, max_side=512, default_side=64, max_images=1
-            ),
-            default_steps=4,
-            default_guidance_scale=5.0,
-            hybrid_defaults=pb.HybridParams(l_slope=10, eps_slope=0.1, k=2, tau_cap=3),
-            device="cpu",
-            dtype="float32",
-            protocol_version=WORKER_PROTOCOL_VERSION,
-            weights_digest="same-weights",
-        )
-
-    def MeasureSplit(self, request, context):
-        self.calls.append(("MeasureSplit", time.monotonic()))
-        if self.how == "crash":
-            raise RuntimeError("secret internal detail")
-        if self.how == "refuse":  # as a worker refuses: a typed error with its google.rpc details
-            serving.abort(context, InvalidArgument("width", "64 is not a valid size for this model"))
-        if self.how == "cut":  # each worker measures its own cut (timings differ between workers)
-            self.sizes.append((request.width, request.height))
-            return worker_pb2.MeasureSplitResponse(cut=2 if self.name == "fake0" else 4)
-        context.add_callback(self.cancelled.set)
-        while context.is_active():
-            time.sleep(0.02)
-
-    def probed_after(self, when: float) -> bool:
-        return any(name in ("Check", "Info") and at > when for name, at in list(self.calls))
-
-    def measured_at(self) -> float | None:
-        return next((at for name, at in self.calls if name == "MeasureSplit"), None)
-
-    def stop(self) -> None:
-        self.server.stop(0)
+def _fake(name: str, measure: str) -> FakeWorker:
+    """A worker of model "fake" that ``MeasureSplit``s as told."""
+    return FakeWorker(
+        name,
+        "fake",
+        measure=measure,
+        limits=worker_pb2.SizeLimits(multiple=8, min_side=64, max_side=512, default_side=64, max_images=1),
+        default_steps=4,
+        hybrid_defaults=pb.HybridParams(l_slope=10, eps_slope=0.1, k=2, tau_cap=3),
+        weights_digest="same-weights",
+    )
 
 
 @pytest.fixture
@@ -100,7 +40,7 @@ def cluster(request):
     from coordinator.discovery import StaticDiscovery
     from coordinator.server import Coordinator
 
-    fakes = [FakeWorker(f"fake{i}", request.param) for i in range(2)]
+    fakes = [_fake(f"fake{i}", request.param) for i in range(2)]
     coord = Coordinator(
         StaticDiscovery([f.address for f in fakes]), host="127.0.0.1", port=0, metrics_port=None, grace=0
     ).start()
