@@ -55,7 +55,7 @@ from coordinator.runner import Generation, RequestRunner, as_typed_error
 from hybridiff import __version__
 from hybridiff.errors import Cancelled, HybridiffError, InvalidArgument, TooManyCalls, Unauthenticated
 from hybridiff.protocol import OutputFormat, label
-from hybridiff.request import MAX_REQUEST_ID_CHARS
+from hybridiff.request import MAX_REQUEST_ID_CHARS, side_multiple
 from hybridiff.v1 import diffusion_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -467,7 +467,7 @@ class HttpEdge:
                     arch=info.arch,
                     default_size=f"{lim.default_side}x{lim.default_side}",
                     max_size=f"{lim.max_side}x{lim.max_side}",
-                    size_multiple=lim.multiple,
+                    size_multiple=side_multiple(lim.multiple),
                     max_images=lim.max_images or 1,
                     default_steps=info.default_steps,
                     default_guidance_scale=info.default_guidance_scale,

@@ -24,7 +24,7 @@ from hybridiff import serving
 from hybridiff.errors import Cancelled, DeadlineExceeded, HybridiffError
 from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import MIME_TYPES, OutputFormat
-from hybridiff.request import MAX_STEPS
+from hybridiff.request import MAX_STEPS, side_multiple
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 
@@ -126,7 +126,7 @@ def model_info_to_proto(info: worker_pb2.InfoResponse) -> pb.ModelInfo:
         hybrid_defaults=info.hybrid_defaults,
         default_guidance_scale=info.default_guidance_scale,
         default_steps=info.default_steps,
-        size_multiple=lim.multiple,
+        size_multiple=side_multiple(lim.multiple),
         min_side=lim.min_side,
         max_images=lim.max_images or 1,
         max_steps=MAX_STEPS,

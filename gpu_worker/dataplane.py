@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +58,9 @@ STEPS_AHEAD = 2
 # A session holds at most two messages of each of the (at most two) kinds it receives at once.
 MAX_HELD_MESSAGES = 8
 WARN_INTERVAL = 10.0  # seconds between two warnings of the same rejection reason
+# Paired sessions remembered after their close, so that the peer's frames still in flight when a
+# request is cancelled or aborted (a normal event) are dropped without a warning.
+CLOSED_REMEMBERED = 64
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class Mailbox:
         self.max_held_bytes = max_held_bytes if max_held_bytes is not None else 4 * max_message_bytes
         self._cond = threading.Condition()
         self._open: dict[str, _Session] = {}
+        self._closed: OrderedDict[str, Expect] = OrderedDict()  # request id -> its last paired session
         self.rejected = 0
         self.rejected_by_reason: Counter[str] = Counter()
         self._warnings = RateLimitedWarnings(log)
@@ -168,6 +172,11 @@ class Mailbox:
             if nonce is not None and (session.expect is None or session.expect.nonce != nonce):
                 return  # a solo session accepts no frame: no wait of its own that a close must end
             del self._open[request_id]
+            if session.expect is not None:
+                self._closed[request_id] = session.expect
+                self._closed.move_to_end(request_id)
+                if len(self._closed) > CLOSED_REMEMBERED:
+                    self._closed.popitem(last=False)
             self._cond.notify_all()
 
     def held(self, request_id: str) -> int:
@@ -193,8 +202,9 @@ class Mailbox:
             refusal = self._refusal(session, header, size)
             if refusal is None:
                 session.pending[key] = size  # counts against the caps while it is copied
+            late = session is None and self._late(header)
         if refusal is not None:
-            return self._reject(*refusal)
+            return self._reject(*refusal, quiet=late)
         try:
             msg = decode_payload(parsed, frame, pin_memory=self.pin_memory)
         except FrameError as exc:  # parse_header checked every size: not expected, but never trusted
@@ -209,7 +219,8 @@ class Mailbox:
                 session.held_bytes += msg.nbytes
                 self._cond.notify_all()
         if not current:
-            return self._reject("unknown_request", f"request {header.request_id!r} was closed meanwhile")
+            detail = f"request {header.request_id!r} was closed meanwhile"
+            return self._reject("unknown_request", detail, quiet=True)
         if self.metrics is not None:
             self.metrics.received_bytes.inc(memoryview(frame).nbytes)
         return True
@@ -248,13 +259,30 @@ class Mailbox:
             )
         return None
 
-    def _reject(self, reason: str, detail: str) -> bool:
+    def _late(self, header: pb.TensorFrameHeader) -> bool:
+        """Whether a frame of no open session is the peer's, still in flight when this side closed
+        the session (the request was cancelled or aborted): its request id, attempt nonce and
+        sender are those of a session closed lately. Caller holds the lock."""
+        expect = self._closed.get(header.request_id)
+        return (
+            expect is not None
+            and hmac.compare_digest(header.session, expect.nonce)
+            and header.sender == expect.peer
+        )
+
+    def _reject(self, reason: str, detail: str, quiet: bool = False) -> bool:
+        """Count and log a refused message; ``quiet``: an expected one (a frame still in flight
+        when its request was cancelled), logged at DEBUG instead of as a warning."""
         with self._cond:
             self.rejected += 1
             self.rejected_by_reason[reason] += 1
         if self.metrics is not None and hasattr(self.metrics, "rejected_frames"):
             self.metrics.rejected_frames.labels(reason).inc()
-        self._warnings.warn(reason, f"{self.owner}: rejected data-plane message ({reason}): {detail}")
+        message = f"{self.owner}: rejected data-plane message ({reason}): {detail}"
+        if quiet:
+            log.debug("%s (its request was closed: a cancel or an abort)", message)
+        else:
+            self._warnings.warn(reason, message)
         return False
 
     # --- the engine's side ----------------------------------------------------------

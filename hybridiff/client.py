@@ -4,7 +4,8 @@ the OpenTelemetry API only.
 ``DiffusionClient(target).generate(prompt=..., num_images=2, seed=7)`` returns a ``Generation``:
 the images (PIL), the seed used and the run's statistics; ``AsyncDiffusionClient`` (``grpc.aio``)
 is the same API awaited; both build requests and call metadata in one place (``_Client``). Every
-call has a deadline (``timeout``, 300 s unless given); an unreachable target fails within
+call has a deadline (``timeout``, 300 s unless given); a refused connection or an unknown host
+fails at once, each with its own message, and a target that does not answer fails within
 ``connect_timeout`` seconds. Failures raise the typed errors of ``hybridiff.errors``
 (``InvalidArgument`` names its field, read from the status details, never from text). Tracing
 goes through the OpenTelemetry API: the host application configures (or not) the SDK; the client
@@ -19,6 +20,9 @@ import io
 import ipaddress
 import os
 import re
+import socket
+import threading
+import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -32,7 +36,7 @@ from PIL import Image
 
 from hybridiff import security
 from hybridiff.errors import HybridiffError, Unavailable, WorkerFailed, from_rpc_error
-from hybridiff.protocol import Mode, OutputFormat
+from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label
 from hybridiff.request import request_from_names
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
@@ -54,16 +58,25 @@ class PlaintextTokenWarning(UserWarning):
     """A bearer token is about to travel unencrypted to a host other than this one."""
 
 
+def _host_and_port(target: str) -> tuple[str, str]:
+    """The host and port (empty when none) of a gRPC target such as ``127.0.0.1:50051``,
+    ``[::1]:50051``, ``dns:///localhost:50051`` or ``ipv4:127.0.0.1:50051``."""
+    rest = re.sub(r"^(dns:(//[^/]*)?/|ipv4:|ipv6:)", "", target)
+    if rest.startswith("["):
+        end = rest.find("]")
+        return rest[1:end], rest[end + 2 :] if rest[end + 1 : end + 2] == ":" else ""
+    if rest.count(":") == 1:
+        host, port = rest.split(":")
+        return host, port
+    return rest, ""
+
+
 def is_loopback(target: str) -> bool:
     """Whether a gRPC target stays on this host: a Unix socket, ``localhost`` or a loopback IP
     (``127.0.0.1:50051``, ``[::1]:50051``, ``dns:///localhost:50051``, ``ipv4:127.0.0.1:50051``)."""
     if target.startswith(("unix:", "unix-abstract:")):
         return True
-    rest = re.sub(r"^(dns:(//[^/]*)?/|ipv4:|ipv6:)", "", target)
-    if rest.startswith("["):
-        host = rest[1 : rest.find("]")]
-    else:
-        host = rest.split(":")[0] if rest.count(":") == 1 else rest
+    host, _ = _host_and_port(target)
     if host.lower() == "localhost":
         return True
     try:
@@ -72,9 +85,45 @@ def is_loopback(target: str) -> bool:
         return False
 
 
+def why_unreachable(target: str, timeout: float = 1.0) -> str:
+    """Why a channel to ``target`` failed, in words: an unknown host, a refused connection, or a
+    server that accepts connections yet not this channel (checked by a DNS lookup and one TCP
+    connect of at most ``timeout`` seconds)."""
+    host, port = _host_and_port(target)
+    if target.startswith(("unix:", "unix-abstract:")) or not port.isdigit():
+        return f"cannot connect to {target}"
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"unknown host {host!r}: the name does not resolve ({getattr(exc, 'strerror', exc)})"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except ConnectionRefusedError:
+        return f"connection refused by {target}: nothing listens there (is the service running?)"
+    except OSError as exc:
+        return f"cannot connect to {target}: {exc.strerror or exc}"
+    return (
+        f"{target} accepts TCP connections but the gRPC channel failed "
+        "(TLS on one side only, or not a gRPC server?)"
+    )
+
+
+def _name(enum: type[Mode | Phase | WindowGuidance], value: int) -> str:
+    """The CLI name of a proto enum value ("hybrid", "data-parallel"); "" when unset or unknown."""
+    try:
+        return label(enum(value))
+    except ValueError:
+        return ""
+
+
 @dataclass
 class Generation:
-    """A finished request: its id and seed, the encoded images, and the run's statistics."""
+    """A finished request: its id and seed, the encoded images, and the run's statistics.
+
+    ``stats`` is the protobuf message (``stats.mode_used`` is the enum's number); ``mode``,
+    ``window_guidance``, ``phases``, ``tau1`` and ``tau2`` give the same facts by name:
+    ``"hybrid"``, ``"conditional"``, ``["data-parallel", ..., "pipeline", ...]``, or None for a
+    window that never opened."""
 
     response: pb.GenerateResponse
 
@@ -89,6 +138,31 @@ class Generation:
     @property
     def stats(self) -> pb.GenerateStats:
         return self.response.stats
+
+    @property
+    def mode(self) -> str:
+        """The mode the request ran in: "single", "cfg-parallel", "pipeline" or "hybrid"."""
+        return _name(Mode, self.stats.mode_used)
+
+    @property
+    def window_guidance(self) -> str:
+        """The pipeline window's prediction ("conditional", ...); "" when the mode has no window."""
+        return _name(WindowGuidance, self.stats.window_guidance)
+
+    @property
+    def phases(self) -> list[str]:
+        """Each step's phase by name, in order."""
+        return [_name(Phase, step.phase) for step in self.stats.steps]
+
+    @property
+    def tau1(self) -> int | None:
+        """The pipeline window's first step; None when no window was opened."""
+        return self.stats.tau1 if self.stats.HasField("tau1") else None
+
+    @property
+    def tau2(self) -> int | None:
+        """The pipeline window's last step; None when no window was opened."""
+        return self.stats.tau2 if self.stats.HasField("tau2") else None
 
     @property
     def data(self) -> list[bytes]:
@@ -208,7 +282,11 @@ class _Client(ABC, Generic[_Result]):
         propagate.inject(carrier)  # the caller's span, if its application traces
         return self._metadata + list(carrier.items())
 
-    def _unreachable(self) -> Unavailable:
+    def _unreachable(self, failed: bool) -> Unavailable:
+        """``failed``: the channel went to TRANSIENT_FAILURE (refused, unknown host, handshake),
+        else it did not connect within the connect timeout."""
+        if failed:
+            return Unavailable(why_unreachable(self.target))
         return Unavailable(f"cannot reach {self.target} within {self.connect_timeout:g}s")
 
 
@@ -251,12 +329,30 @@ class DiffusionClient(_Client[Generation]):
         return self._call(self.stub.ClusterStatus, pb.ClusterStatusRequest(), timeout)
 
     def _connect(self) -> None:
+        """Wait until the channel is ready: fail at once when it goes to TRANSIENT_FAILURE (a refused
+        connection, an unknown host), after ``connect_timeout`` when it stays connecting."""
         if self._connected:
             return
+        changed = threading.Condition()
+        states: list[grpc.ChannelConnectivity] = []
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            with changed:
+                states.append(state)
+                changed.notify_all()
+
+        done = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+        deadline = time.monotonic() + self.connect_timeout
+        self.channel.subscribe(watch, try_to_connect=True)
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=self.connect_timeout)
-        except grpc.FutureTimeoutError:
-            raise self._unreachable() from None
+            with changed:
+                while not (states and states[-1] in done) and (left := deadline - time.monotonic()) > 0:
+                    changed.wait(left)
+                state = states[-1] if states else None
+        finally:
+            self.channel.unsubscribe(watch)
+        if state != grpc.ChannelConnectivity.READY:
+            raise self._unreachable(state == grpc.ChannelConnectivity.TRANSIENT_FAILURE)
         self._connected = True
 
     def _call(self, method, request, timeout: float | None):
@@ -323,12 +419,21 @@ class AsyncDiffusionClient(_Client[Awaitable[Generation]]):
         return await self._call(self.stub.ClusterStatus, pb.ClusterStatusRequest(), timeout)
 
     async def _connect(self) -> None:
+        """As the blocking client's: at once on TRANSIENT_FAILURE, else within ``connect_timeout``."""
         if self._connected:
             return
-        try:
-            await asyncio.wait_for(self.channel.channel_ready(), self.connect_timeout)
-        except asyncio.TimeoutError:
-            raise self._unreachable() from None
+        deadline = time.monotonic() + self.connect_timeout
+        state = self.channel.get_state(try_to_connect=True)
+        while state not in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            try:
+                await asyncio.wait_for(self.channel.wait_for_state_change(state), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+            state = self.channel.get_state(try_to_connect=True)
+        if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:  # the lookup blocks: off the loop
+            raise Unavailable(await asyncio.to_thread(why_unreachable, self.target))
+        if state != grpc.ChannelConnectivity.READY:
+            raise self._unreachable(False)
         self._connected = True
 
     async def _call(self, method, request, timeout: float | None):

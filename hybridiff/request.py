@@ -95,6 +95,13 @@ def model_defaults(arch: str, recorded: dict | None = None) -> ModelDefaults:
     )
 
 
+def side_multiple(model_multiple: int) -> int:
+    """The multiple every width and height must be: 8 (whole latent pixels) and the model's own
+    (its UNet's or patch size's), so their least common multiple: what ``ModelInfo.size_multiple``
+    reports, the rule ``_check_side`` applies."""
+    return math.lcm(8, max(model_multiple, 1))
+
+
 @dataclass(frozen=True)
 class SizeLimits:
     """What a model accepts: sides are multiples of ``multiple`` within [min_side, max_side];

@@ -134,3 +134,22 @@ def test_step_stats_carry_the_overhead_split():
     # a step slower on its worker than as the coordinator saw it: control is 0, never negative
     late = StepStat(1, Phase.DATA_PARALLEL, None, 10, 0.09, 0.06, {"u": u, "c": c})
     assert late.control_seconds == 0.0
+
+
+@pytest.mark.parametrize("model_multiple,reported", [(4, 8), (8, 8), (16, 16), (12, 24)])
+def test_size_multiple_is_the_rule_the_server_applies(model_multiple, reported):
+    """Every side must be a multiple of 8 and of the model's own multiple: the lcm is reported,
+    and exactly the multiples of it are accepted."""
+    info = worker_pb2.InfoResponse()
+    info.CopyFrom(INFO)
+    info.limits.multiple = model_multiple
+    assert model_info_to_proto(info).size_multiple == reported
+    for side in range(16, 129, 4):
+        request = pb.GenerateRequest(prompt="x", width=side, height=2 * reported)
+        ok = side % reported == 0
+        try:
+            resolve_spec(request, *model_rules(info, {}))
+        except InvalidArgument as exc:
+            assert not ok and exc.field == "width", (side, exc)
+        else:
+            assert ok, side

@@ -445,3 +445,20 @@ def test_rejections_are_counted_by_reason_and_logged_at_a_bounded_rate(caplog):
     assert metrics.rejected_frames.labels("session")._value.get() == 201
     assert metrics.rejected_frames.labels("sender")._value.get() == 1
     assert box.rejected_by_reason == {"session": 201, "sender": 1}
+
+
+def test_a_frame_in_flight_when_its_request_is_cancelled_is_dropped_without_a_warning(caplog):
+    box = Mailbox("C")
+    box.open("r1", _expect())
+    box.close("r1")  # the request was cancelled: the peer's next frame is already on its way
+    with caplog.at_level(logging.DEBUG, logger="gpu_worker.dataplane"):
+        assert not box.deliver(_frames("r1", 3))
+    assert box.rejected_by_reason == {"unknown_request": 1}  # still counted
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+    caplog.clear()
+    # Not the closed session's frame (another nonce, another sender, an id never opened): a warning.
+    with caplog.at_level(logging.WARNING, logger="gpu_worker.dataplane"):
+        assert not box.deliver(_frames("r1", 4, session=b"x" * 16))
+        assert not box.deliver(_frames("r2", 4))
+    assert box.rejected_by_reason == {"unknown_request": 3}
+    assert caplog.records and all(r.levelno == logging.WARNING for r in caplog.records)
