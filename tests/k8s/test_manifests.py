@@ -434,7 +434,14 @@ def test_discovery_wiring_and_least_privilege(key):
     headless = services[worker["spec"]["serviceName"]]
     assert headless["spec"]["clusterIP"] == "None"
     public = [s for s in services.values() if s["spec"].get("clusterIP") != "None"]
-    assert {p["port"] for p in public[0]["spec"]["ports"]} == {50051, 9090}
+    assert {p["port"] for p in public[0]["spec"]["ports"]} == {50051, 9090, 8000}
+    # The HTTP API: the flag, the container's port, the Service's and the NetworkPolicy's agree.
+    http_port = int(flag(args, "http-port"))
+    coordinator_c = container(coordinator["spec"]["template"]["spec"], "coordinator")
+    assert container_port(coordinator_c, "http") == http_port == 8000
+    if policies_on(key):
+        ingress = network_policy(docs, coordinator)["spec"]["ingress"]
+        assert (http_port, "TCP") in set().union(*(rule_ports(rule) for rule in ingress))
     pdbs = objects(docs, "PodDisruptionBudget")
     assert pdbs and pdbs[0]["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
 
@@ -1650,26 +1657,25 @@ def test_workers_admit_control_only_from_the_coordinator_and_data_only_from_work
 
 @pytest.mark.parametrize("key", sorted(RENDERS))
 def test_the_coordinator_has_a_network_policy(key):
-    """In: the public port (from anywhere, or the configured peers), metrics only from the monitoring
-    namespace. Out: the workers' control port, DNS, the Kubernetes API and the OTLP collector only."""
+    """In: the public ports, gRPC and HTTP (from anywhere, or the configured peers), metrics only
+    from the monitoring namespace. Out: the workers' control port, DNS, the Kubernetes API and the
+    OTLP collector only."""
     docs = rendered(key)
     if not policies_on(key):
         assert not objects(docs, "NetworkPolicy")
         return
     coordinator, worker = workload(docs, "coordinator"), workload(docs, "worker")
     c = container(coordinator["spec"]["template"]["spec"], "coordinator")
-    public, metrics = container_port(c, "grpc"), container_port(c, "metrics")
+    public = frozenset({container_port(c, "grpc"), container_port(c, "http")})
+    metrics = container_port(c, "metrics")
     policy = network_policy(docs, coordinator)
     assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"]
     ingress = {frozenset(p for p, _ in rule_ports(r)): r for r in policy["spec"]["ingress"]}
-    assert set(ingress) == {frozenset({public}), frozenset({metrics})}
+    assert set(ingress) == {public, frozenset({metrics})}
     monitoring = ingress[frozenset({metrics})]["from"]
     assert monitoring and all("namespaceSelector" in peer for peer in monitoring), "metrics open to anyone"
     if key == "helm:secure":
-        assert (
-            ingress[frozenset({public})]["from"]
-            == SECURE_VARIANT["networkPolicy"]["coordinator"]["publicFrom"]
-        )
+        assert ingress[public]["from"] == SECURE_VARIANT["networkPolicy"]["coordinator"]["publicFrom"]
     egress = policy["spec"]["egress"]
     for rule in egress:
         assert rule.get("ports"), "an egress rule without ports opens every port"
