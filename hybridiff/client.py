@@ -6,7 +6,9 @@ the images (PIL), the seed used and the run's statistics; ``AsyncDiffusionClient
 is the same API awaited; both build requests and call metadata in one place (``_Client``). Every
 call has a deadline (``timeout``, 300 s unless given); a refused connection or an unknown host
 fails at once, each with its own message, and a target that does not answer fails within
-``connect_timeout`` seconds. Failures raise the typed errors of ``hybridiff.errors``
+``connect_timeout`` seconds; a coordinator that stops answering mid-call (stopped, partitioned, a
+dead node) fails the call within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS (keepalive pings), not
+at its deadline, and a lost connection says so. Failures raise the typed errors of ``hybridiff.errors``
 (``InvalidArgument`` names its field, read from the status details, never from text). Tracing
 goes through the OpenTelemetry API: the host application configures (or not) the SDK; the client
 installs nothing.
@@ -35,7 +37,7 @@ from opentelemetry import propagate, trace
 from PIL import Image
 
 from hybridiff import security
-from hybridiff.errors import HybridiffError, Unavailable, WorkerFailed, from_rpc_error
+from hybridiff.errors import HybridiffError, Unavailable, WorkerFailed, from_rpc_error, status_details
 from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label
 from hybridiff.request import request_from_names
 from hybridiff.v1 import diffusion_pb2 as pb
@@ -46,7 +48,20 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
+# Keepalive: the channel pings the coordinator every KEEPALIVE_TIME_MS, calls or not, and drops the
+# connection (failing its calls with UNAVAILABLE) when a ping is unanswered for KEEPALIVE_TIMEOUT_MS.
+# The coordinator accepts pings this often (hybridiff.serving.keepalive_server_options).
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC core waits for a ping's ack for ping_timeout_ms (default 1 min) as well.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 _tracer = trace.get_tracer("hybridiff.client")
 
 
@@ -282,6 +297,17 @@ class _Client(ABC, Generic[_Result]):
         propagate.inject(carrier)  # the caller's span, if its application traces
         return self._metadata + list(carrier.items())
 
+    def _error(self, err: grpc.RpcError) -> HybridiffError:
+        """The typed error of a failed call. UNAVAILABLE without the coordinator's error details
+        is the transport's (a coordinator killed, stopped past the keepalive timeout, or cut off):
+        said as a lost connection instead of gRPC's "Stream removed" or "Socket closed"."""
+        if err.code() == grpc.StatusCode.UNAVAILABLE and "ErrorInfo" not in status_details(err):
+            return Unavailable(
+                f"lost the connection to the coordinator at {self.target} ({err.details() or 'no details'}); "
+                "the request may not have finished: retry it"
+            )
+        return from_rpc_error(err)
+
     def _unreachable(self, failed: bool) -> Unavailable:
         """``failed``: the channel went to TRANSIENT_FAILURE (refused, unknown host, handshake),
         else it did not connect within the connect timeout."""
@@ -319,7 +345,7 @@ class DiffusionClient(_Client[Generation]):
                     if on_progress:
                         on_progress(event.progress)
             except grpc.RpcError as err:
-                raise from_rpc_error(err) from None
+                raise self._error(err) from None
         raise WorkerFailed("the stream ended without a result")
 
     def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
@@ -360,7 +386,7 @@ class DiffusionClient(_Client[Generation]):
         try:
             return method(request, timeout=timeout or self.timeout, metadata=self._call_metadata())
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            raise self._error(err) from None
 
     def close(self) -> None:
         self.channel.close()
@@ -407,7 +433,7 @@ class AsyncDiffusionClient(_Client[Awaitable[Generation]]):
                     if on_progress and inspect.isawaitable(done := on_progress(event.progress)):
                         await done
             except grpc.RpcError as err:
-                raise from_rpc_error(err) from None
+                raise self._error(err) from None
             finally:
                 call.cancel()  # no-op once the stream ended; frees the call if the caller left early
         raise WorkerFailed("the stream ended without a result")
@@ -441,7 +467,7 @@ class AsyncDiffusionClient(_Client[Awaitable[Generation]]):
         try:
             return await method(request, timeout=timeout or self.timeout, metadata=self._call_metadata())
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            raise self._error(err) from None
 
     async def close(self) -> None:
         await self.channel.close()

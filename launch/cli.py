@@ -10,6 +10,7 @@ through the ``hybridiff.tools`` entry points: the launch layer never imports the
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import math
@@ -174,15 +175,23 @@ def output_paths(out: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
-def write_outputs(args: argparse.Namespace, images: list[bytes], stats: dict) -> None:
-    for path, data in zip(output_paths(args.out, len(images)), images):
+def write_file(path: Path, data: bytes, flag: str) -> None:
+    """Write ``data`` to ``path`` (its folders made); a path that cannot be written is the flag's
+    usage error (one line, exit 2), not a traceback."""
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        print(f"wrote {path}")
+    except OSError as exc:
+        raise InvalidArgument(flag, f"cannot write {path}: {exc.strerror or exc}") from None
+    print(f"wrote {path}")
+
+
+def write_outputs(args: argparse.Namespace, images: list[bytes], stats: dict) -> None:
+    """The images first, then the statistics: an unwritable --stats-json still leaves the images."""
+    for path, data in zip(output_paths(args.out, len(images)), images):
+        write_file(path, data, "out")
     if args.stats_json:
-        Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.stats_json).write_text(json.dumps(stats, indent=2))
-        print(f"wrote {args.stats_json}")
+        write_file(Path(args.stats_json), json.dumps(stats, indent=2).encode(), "stats-json")
 
 
 # --- serving commands -------------------------------------------------------------------
@@ -413,6 +422,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def cidr_list(text: str) -> str:
+    """An argparse type: comma-separated networks (``10.0.0.0/8,fd00::/8``), kept as given; a bad
+    entry is a usage error (exit 2) instead of a traceback when the worker starts."""
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a network (CIDR such as 10.0.0.0/8): {entry!r}") from None
+    return text
+
+
 def non_negative_int(text: str) -> int:
     """An argparse type: a whole number, 0 or more (-1 is a usage error, exit 2)."""
     try:
@@ -570,6 +590,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.add_argument("--curve-keys", default=None, help="data plane: directory with the CURVE pool keypair")
     p.add_argument(
         "--data-peer-cidrs",
+        type=cidr_list,
         default="",
         help="data plane: push frames only to peers in these networks (e.g. 10.0.0.0/8,fd00::/8); "
         "default: any address, which is safe only on a private network",
