@@ -1,6 +1,7 @@
 """Bad flag values are usage errors at parse time (exit 2, one line naming the flag), never a
-traceback or a server that starts with them (issue 24: ``--timeout 0``, ``-5`` or ``nan`` exited
-3 after trying; the coordinator started with ``--queue-size -1`` or ``--step-timeout -1``)."""
+traceback or a server that starts with them (``--timeout 0``, ``-5`` or ``nan`` used to exit 3
+after trying; the coordinator started with ``--queue-size -1`` or ``--step-timeout -1``; a bad
+``--data-peer-cidrs`` was a traceback); an unwritable output is one line too."""
 
 from __future__ import annotations
 
