@@ -1,6 +1,6 @@
-"""Nobody starves the probes or the token holders with calls that never send their request (the
-hostile review of issue 24: ~150 health Check calls opened on one connection, headers sent and
-no body, took every call slot of the coordinator's public port, for as long as the attacker
+"""Nobody starves the probes or the token holders with calls that never send their request (found
+by a hostile review: ~150 health Check calls opened on one connection, headers sent and no body,
+took every call slot of the coordinator's public port, for as long as the attacker
 liked; 8 did the same to a worker's control port).
 
 Real processes and sockets: a worker process and an in-process coordinator in front of it, each

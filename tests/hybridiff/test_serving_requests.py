@@ -1,5 +1,5 @@
 """Requests the servers read themselves (``serving.ReadRequests``): bytes that do not parse are
-INVALID_ARGUMENT, not grpcio's INTERNAL "Exception deserializing request!" (issue 24); a
+INVALID_ARGUMENT, not grpcio's INTERNAL "Exception deserializing request!"; a
 well-formed request is served as before. A real server on a loopback port; the client sends raw
 bytes."""
 
