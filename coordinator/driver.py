@@ -34,6 +34,7 @@ from hybridiff.errors import (
     DeadlineExceeded,
     InvalidArgument,
     PeerTimeout,
+    WorkerBusy,
     WorkerFailed,
 )
 from hybridiff.internal.v1 import dataplane_pb2, worker_pb2
@@ -298,8 +299,13 @@ class StepWaits:
 # (e.g. Unavailable) when there is nothing to continue on.
 # ``needs_pair``: the steps left include pipeline-window steps, which only a pair runs as
 # scheduled, so a lone survivor must wait for a partner rather than go on alone.
-Recover = Callable[[WorkerHandle, list[WorkerHandle], bool], list[WorkerHandle]]
+# Called with ``busy=True`` when the worker refused its Begin as busy with another coordinator's
+# request (WORKER_BUSY): it is healthy, held aside rather than quarantined (docs/design.md section 10).
+Recover = Callable[..., list[WorkerHandle]]
 UNRECOVERABLE = (Cancelled, DeadlineExceeded, InvalidArgument)
+# Begins refused as busy, per request, before it fails: each sends it to other workers (or back to
+# the queue's head until one frees), so the bound only ends a pathological churn.
+MAX_BUSY_REFUSALS = 50
 
 
 class Elastic(Protocol):
@@ -443,8 +449,9 @@ class _RequestRun:
         )
 
     def execute(self) -> GenerationResult:
-        recoveries = 0
+        recoveries = busy_refusals = 0
         while True:
+            used_before = list(self.ever_used)
             try:
                 self._begin()
                 self._steps()
@@ -469,14 +476,28 @@ class _RequestRun:
             except WorkerStepFailed as failure:
                 self._abort()
                 cause = failure.cause
+                busy = isinstance(cause, WorkerBusy)
                 if (
                     self.recover is None
-                    or recoveries >= self.max_recoveries
+                    or (busy and busy_refusals >= MAX_BUSY_REFUSALS)
+                    or (not busy and recoveries >= self.max_recoveries)
                     or isinstance(cause, UNRECOVERABLE)
                 ):
                     error = as_seen_by_the_client(failure.worker.name, cause)
                     raise WorkerFault(error, failure.worker.name) from None  # the pool quarantines it alone
                 survivors = [w for w in self.used if w is not failure.worker]
+                if busy:  # it ran nothing of this request: another coordinator's, not a fault
+                    refused = failure.worker.name
+                    self.ever_used = [n for n in self.ever_used if n in used_before or n != refused]
+                    self.used = self.recover(failure.worker, survivors, self._needs_pair(), busy=True)
+                    busy_refusals += 1
+                    log.info(
+                        "request %s: worker %s is busy with another coordinator; going on with %s",
+                        self.rid,
+                        failure.worker.name,
+                        ", ".join(w.name for w in self.used),
+                    )
+                    continue
                 self.used = self.recover(failure.worker, survivors, self._needs_pair())
                 recoveries += 1
                 at = self.checkpoint.next_step if self.checkpoint else 0

@@ -305,7 +305,7 @@ class HttpEdge:
     # --- readiness ------------------------------------------------------------------
     def ready(self) -> bool:
         counts = self.runner.pool.counts()
-        return not self.runner.draining and counts["idle"] + counts["busy"] > 0
+        return not self.runner.draining and counts["idle"] + counts["busy"] + counts["elsewhere"] > 0
 
     # --- conversions ----------------------------------------------------------------
     def _learn_previews(self, done: Generation) -> None:

@@ -15,7 +15,11 @@ reads its ``WorkerInfo`` and keeps its state:
   that doubles with each failure in a row (capped; reset after a healthy stretch);
 - gone while busy or aborting: ``draining`` (no new work; it leaves at release). Reported ready
   again at the same address before then (a readiness flap), it is the same worker, still in
-  its request: it is never entered twice.
+  its request: it is never entered twice;
+- idle -> elsewhere -> idle: a worker that refused a Begin with WORKER_BUSY serves another
+  coordinator (several coordinators share the workers, docs/design.md section 10). It is not
+  quarantined: it is held aside and its ``Info`` read every ``ELSEWHERE_POLL`` seconds until it
+  names no request; a probe that gets no answer quarantines it.
 
 Requests wait in one FIFO admission queue per model; the queue capacity is one bound over all
 models. The head of a model's queue takes the workers it needs — two idle, compatible workers
@@ -28,6 +32,7 @@ is never in two requests at once.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -51,7 +56,11 @@ WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerControlService"].
 JOINING, IDLE, BUSY, ABORTING, DRAINING = "joining", "idle", "busy", "aborting", "draining"
 # A quarantined worker shows as "unhealthy" (ClusterStatus, hybridiff_workers{state}).
 UNHEALTHY, INCOMPATIBLE = "unhealthy", "incompatible"
-STATES = (JOINING, IDLE, BUSY, ABORTING, DRAINING, UNHEALTHY, INCOMPATIBLE)
+# Busy with another coordinator's request: healthy, not ours to give (docs/design.md section 10).
+ELSEWHERE = "elsewhere"
+STATES = (JOINING, IDLE, BUSY, ABORTING, DRAINING, UNHEALTHY, INCOMPATIBLE, ELSEWHERE)
+SERVING_STATES = (IDLE, BUSY, ELSEWHERE)  # a coordinator with any worker so is ready
+ELSEWHERE_POLL = 0.2  # seconds between reads of a worker busy with another coordinator
 OCCUPIED = (BUSY, ABORTING)  # still running something of a request
 
 
@@ -96,6 +105,7 @@ class WorkerEntry:
     request_id: str = ""
     gone: bool = False
     failures: int = 0  # quarantines in a row
+    failed_request: str = ""  # the request it was quarantined for: still running it is not healthy
     quarantined_until: float = 0.0
     readmitted_at: float | None = None
     epoch: int = 0  # bumped whenever a new probe starts: an older probe then stops
@@ -155,6 +165,10 @@ class WorkerPool:
         # Every entry whose channel may be open, also one replaced while busy (its lease holds it).
         self._entries: weakref.WeakSet[WorkerEntry] = weakref.WeakSet()
         self.quarantines = 0  # workers quarantined so far (hybridiff_worker_quarantines_total)
+        self.busy_elsewhere = 0  # Begins refused as WORKER_BUSY: the worker served another coordinator
+        # Sent with every Session (``remote.COORDINATOR_METADATA``): a worker busy with another
+        # coordinator's session refuses this one at once rather than waiting for it.
+        self.identity = os.urandom(8).hex()
 
     # --- discovery sink -------------------------------------------------------------
     def worker_ready(self, worker_id: str, address: str) -> None:
@@ -287,18 +301,22 @@ class WorkerPool:
             info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=timeout)
         except grpc.RpcError as err:
             return None, f"{err.code().name}"
-        if info.active_request_id:
+        if info.active_request_id and info.active_request_id == entry.failed_request:
             return None, f"still running request {info.active_request_id}"
+        # Another request is another coordinator's (this one gives a quarantined worker none):
+        # the worker is healthy, re-admitted as busy elsewhere.
         problem = incompatibility(info)
         return (None, problem) if problem else (info, "")
 
-    def _quarantine(self, entry: WorkerEntry, reason: str) -> None:
-        """Take ``entry`` out of service until it proves itself (call under the lock)."""
+    def _quarantine(self, entry: WorkerEntry, reason: str, request_id: str | None = None) -> None:
+        """Take ``entry`` out of service until it proves itself (call under the lock);
+        ``request_id``: the request that failed on it (default: the one it holds)."""
         now = time.monotonic()
         if entry.readmitted_at is not None and now - entry.readmitted_at >= self.health.healthy_stretch:
             entry.failures = 0
         entry.failures += 1
         seconds = self.health.quarantine_seconds(entry.failures)
+        entry.failed_request = entry.request_id if request_id is None else request_id
         entry.held, entry.request_id = UNHEALTHY, ""
         entry.quarantined_until = now + seconds
         self.quarantines += 1
@@ -327,9 +345,43 @@ class WorkerPool:
             with self._cond:
                 if not self._current(entry, epoch) or entry.gone:
                     return
-                entry.info, entry.held, entry.readmitted_at = info, IDLE, time.monotonic()
+                entry.info, entry.readmitted_at, entry.failed_request = info, time.monotonic(), ""
+                if info.active_request_id:
+                    self._hold_elsewhere(entry, info.active_request_id)
+                else:
+                    entry.held = IDLE
                 self._cond.notify_all()
             log.info("worker %s re-admitted after %d good probes", entry.worker_id, good)
+            self._changed()
+            return
+
+    def _hold_elsewhere(self, entry: WorkerEntry, reason: str) -> None:
+        """``entry`` serves another coordinator: out of allocation, not quarantined, read again in
+        ``ELSEWHERE_POLL`` seconds (call under the lock)."""
+        entry.held, entry.request_id = ELSEWHERE, ""
+        log.info("worker %s is busy with another coordinator (%s); asked again soon", entry.worker_id, reason)
+        self._spawn(entry, self._probe_elsewhere)
+
+    def _probe_elsewhere(self, entry: WorkerEntry, epoch: int) -> None:
+        """Idle again once the worker's ``Info`` names no request; quarantined if it stops answering."""
+        while not self._stop.wait(ELSEWHERE_POLL) and self._current(entry, epoch) and not entry.gone:
+            try:
+                info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=self.health.probe_timeout)
+                why = ""
+            except grpc.RpcError as err:
+                info, why = None, f"Info failed ({err.code().name}) while it served another coordinator"
+            except ValueError:  # its channel was closed: it is gone or replaced
+                return
+            if info is not None and info.active_request_id:
+                continue
+            with self._cond:
+                if not self._current(entry, epoch) or entry.gone:
+                    return
+                if info is None:
+                    self._quarantine(entry, why)
+                else:
+                    entry.held = IDLE
+                self._cond.notify_all()
             self._changed()
             return
 
@@ -469,18 +521,27 @@ class WorkerPool:
             self._changed()
         return taken
 
-    def release(self, entries: list[WorkerEntry], failed: bool = False, aborted: bool = False) -> None:
+    def release(
+        self, entries: list[WorkerEntry], failed: bool = False, aborted: bool = False, elsewhere: bool = False
+    ) -> None:
         """Give ``entries`` back: ``failed`` quarantines them; ``aborted`` (their session was
         cancelled mid-request) frees each once it confirms it stopped, else quarantines it;
-        otherwise (the request finished) they are idle at once."""
+        ``elsewhere`` (they refused the Begin as busy with another coordinator) holds them aside
+        until they are free; otherwise (the request finished) they are idle at once."""
         with self._cond:
             for e in entries:
                 request_id, e.request_id = e.request_id, ""
-                if failed:
+                if elsewhere:
+                    self.busy_elsewhere += 1
                     if e.gone:
                         self._remove(e)
                     else:
-                        self._quarantine(e, f"request {request_id} failed on it")
+                        self._hold_elsewhere(e, f"it refused request {request_id}")
+                elif failed:
+                    if e.gone:
+                        self._remove(e)
+                    else:
+                        self._quarantine(e, f"request {request_id} failed on it", request_id)
                 elif aborted:
                     e.held, e.request_id = ABORTING, request_id
                     self._spawn(e, self._confirm_abort, request_id)
@@ -586,7 +647,10 @@ class Lease:
     def handles(self) -> list[RemoteWorker]:
         """The driver's handles on the leased workers, in lease order (U first)."""
         return [
-            RemoteWorker(e.worker_id, e.channel, e.info.data_address, e.info.worker_id) for e in self.entries
+            RemoteWorker(
+                e.worker_id, e.channel, e.info.data_address, e.info.worker_id, coordinator=self.pool.identity
+            )
+            for e in self.entries
         ]
 
     def replace_failed(
@@ -597,16 +661,19 @@ class Lease:
         need: int = 1,
         timeout: float = 0.0,
         check_alive: Callable[[], None] | None = None,
+        busy: bool = False,
     ) -> list[WorkerEntry]:
-        """Quarantine ``worker_id``; keep the workers named in ``keep`` (the driver aborted every
-        session: the others are released as aborted); top up to ``want`` with idle workers
-        compatible with the kept ones, ahead of the queue. With fewer than ``need`` then, the
-        request goes back to the head of its model's queue holding nothing (no request holds a
-        worker while it waits for another) and resumes on the next ``need`` free workers, waiting
-        up to ``timeout`` (``check_alive`` raising ends the wait: the client's deadline or
-        cancel). ``Unavailable`` when no worker is left to wait for, or none came in time."""
+        """Quarantine ``worker_id`` (``busy``: it refused the Begin as busy with another
+        coordinator's request, so it is held aside until free instead); keep the workers named
+        in ``keep`` (the driver aborted every session: the others are released as aborted); top
+        up to ``want`` with idle workers compatible with the kept ones, ahead of the queue. With
+        fewer than ``need`` then, the request goes back to the head of its model's queue holding
+        nothing (no request holds a worker while it waits for another) and resumes on the next
+        ``need`` free workers, waiting up to ``timeout`` (``check_alive`` raising ends the wait:
+        the client's deadline or cancel). ``Unavailable`` when no worker is left to wait for,
+        or none came in time."""
         failed = [e for e in self.entries if e.worker_id == worker_id]
-        self.pool.release(failed, failed=True)
+        self.pool.release(failed, failed=not busy, elsewhere=busy)
         others = [e for e in self.entries if e.worker_id != worker_id]
         kept = [e for e in others if e.worker_id in keep]
         self.pool.release([e for e in others if e.worker_id not in keep], aborted=True)
@@ -616,15 +683,16 @@ class Lease:
             return self.entries
         waiting, self.entries = self.entries, []
         self.pool.release(waiting, aborted=True)
+        what = "was busy elsewhere" if busy else "failed"
         if timeout <= 0:
-            raise Unavailable(f"worker {worker_id} failed and no other worker is free")
+            raise Unavailable(f"worker {worker_id} {what} and no other worker is free")
         try:
             self.entries = self.pool.acquire(
                 self.model, want, need < want, self.request_id, timeout, check_alive, resuming=True
             )
         except DeadlineExceeded:
             raise Unavailable(
-                f"worker {worker_id} failed and no other worker freed in {timeout:g}s"
+                f"worker {worker_id} {what} and no other worker freed in {timeout:g}s"
             ) from None
         return self.entries
 

@@ -34,6 +34,7 @@ from hybridiff.errors import (
     status_details,
 )
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
+from hybridiff.protocol import COORDINATOR_METADATA
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -124,13 +125,18 @@ class WorkerSession:
     """One request's control Session stream to one worker: commands queued in order, each
     answered by one event, read by a thread of its own."""
 
-    def __init__(self, stub: worker_pb2_grpc.WorkerControlServiceStub, worker: str) -> None:
+    def __init__(
+        self, stub: worker_pb2_grpc.WorkerControlServiceStub, worker: str, coordinator: str = ""
+    ) -> None:
+        """``coordinator``: this coordinator's identity, sent as call metadata (the worker tells
+        another coordinator's session from one of this coordinator's)."""
         self.worker = worker
         self._outbox: queue.Queue = queue.Queue()
         self._pending: deque[tuple[Future, str]] = deque()
         self._lock = threading.Lock()
         self._failed: HybridiffError | None = None
-        self._call = stub.Session(iter(self._outbox.get, _END), wait_for_ready=False)
+        metadata = [(COORDINATOR_METADATA, coordinator)] if coordinator else None
+        self._call = stub.Session(iter(self._outbox.get, _END), wait_for_ready=False, metadata=metadata)
         self._reader = threading.Thread(target=self._read, name=f"session-{worker}", daemon=True)
         with _readers_lock:
             _readers.add(self._reader)
@@ -193,8 +199,16 @@ class RemoteWorker:
     """A ``WorkerHandle`` (coordinator.driver) over one worker's control channel: a Begin opens
     a new Session stream, a Finish closes it."""
 
-    def __init__(self, worker_id: str, channel: grpc.Channel, data_address: str, identity: str = "") -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        channel: grpc.Channel,
+        data_address: str,
+        identity: str = "",
+        coordinator: str = "",
+    ) -> None:
         self.name = worker_id
+        self.coordinator = coordinator
         self.data_address = data_address
         self.identity = identity or worker_id
         self._stub = worker_pb2_grpc.WorkerControlServiceStub(channel)
@@ -203,7 +217,7 @@ class RemoteWorker:
     def send(self, cmd: worker_pb2.SessionRequest) -> Future:
         which = cmd.WhichOneof("command")
         if which == "begin":
-            self._session = WorkerSession(self._stub, self.name)
+            self._session = WorkerSession(self._stub, self.name, self.coordinator)
         fut = self._session.send(cmd)
         if which == "finish":
             self._session.close()

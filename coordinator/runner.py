@@ -229,10 +229,11 @@ class RequestRunner:
             if mode in (Mode.HYBRID, Mode.PIPELINE) and (len(lease) == 2 or elastic is not None):
                 cut = self._split_cut(lease, spec, client)
 
-            def recover(failed_handle, survivors, needs_pair: bool):
+            def recover(failed_handle, survivors, needs_pair: bool, busy: bool = False):
                 """Swap a failed worker for an idle one, or go on with the survivor alone where that
                 gives the same image; else wait at the head of the queue for the next free worker
-                (or pair), within the request's own deadline (docs/design.md section 5)."""
+                (or pair), within the request's own deadline (docs/design.md section 5). ``busy``:
+                the worker serves another coordinator: held aside, not quarantined (section 10)."""
                 want = 1 if mode == Mode.SINGLE else 2
                 lease.replace_failed(
                     failed_handle.name,
@@ -241,8 +242,10 @@ class RequestRunner:
                     need=2 if needs_pair else 1,
                     timeout=self.config.acquire_timeout,
                     check_alive=client.check_alive,
+                    busy=busy,
                 )
-                self.metrics.recoveries.inc()
+                if not busy:
+                    self.metrics.recoveries.inc()
                 return lease.handles()
 
             result = drive_request(

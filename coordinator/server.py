@@ -153,7 +153,7 @@ class Coordinator:
     def _pool_changed(self, pool: WorkerPool) -> None:
         self.metrics.observe_pool(pool)
         counts = pool.counts()
-        self._set_health(counts["idle"] + counts["busy"] > 0)
+        self._set_health(counts["idle"] + counts["busy"] + counts["elsewhere"] > 0)
 
     def start(self) -> Coordinator:
         self.server.start()

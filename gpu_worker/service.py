@@ -1,14 +1,15 @@
 """The worker's control API (``hybridiff.internal.v1.WorkerControlService``), answered for the
 coordinator.
 
-One request at a time: a second Session is refused with WORKER_BUSY (the coordinator's
-allocator never does that). One Session may wait, briefly (``BUSY_WAIT_SECONDS``), for the one
-before it to unwind after its Finish; any other is refused at once, so sessions never pile up on
-the server's few threads. Each Session runs its commands in order on the handler thread (a
-helper thread reads them); the coordinator sends steps ahead, so the next command is already
-queued. Every failure
-leaves as a typed status (``hybridiff.errors.to_status``): the coordinator reads its reason,
-never its text.
+One request at a time: a second Session is refused with WORKER_BUSY (one coordinator's allocator
+never does that; several coordinators sharing the workers do, and the refused one asks another
+worker, docs/design.md section 10). One Session of the same coordinator (named by the
+``COORDINATOR_METADATA`` call metadata) may wait, briefly (``BUSY_WAIT_SECONDS``), for the one
+before it to unwind after its Finish; any other, and any of another coordinator, is refused at
+once, so sessions never pile up on the server's few threads. Each Session runs its commands in
+order on the handler thread (a helper thread reads them); the coordinator sends steps ahead, so
+the next command is already queued. Every failure leaves as a typed status
+(``hybridiff.errors.to_status``): the coordinator reads its reason, never its text.
 
 Nothing the client does holds the worker for long: a session whose Begin does not come within
 ``begin_seconds`` of its opening, or whose next command does not come within
@@ -50,7 +51,7 @@ from hybridiff.errors import (
     WorkerFailed,
 )
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
-from hybridiff.protocol import WORKER_PROTOCOL_VERSION, Phase
+from hybridiff.protocol import COORDINATOR_METADATA, WORKER_PROTOCOL_VERSION, Phase
 from hybridiff.v1 import diffusion_pb2
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         self._busy = threading.Lock()
         self._waiter = threading.Lock()  # held by the one session that may wait for the busy lock
         self._active_request_id = ""  # cleared before the busy lock is released, set after it is taken
+        self._owner = ""  # the coordinator whose session holds the busy lock ("" when unnamed)
         self._watchdog = Watchdog(poll=min(0.25, watchdog_seconds / 4, session_idle_seconds / 4)).start()
         self._tracer = telemetry.tracer("hybridiff.worker")
 
@@ -362,17 +364,23 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             serving.abort(
                 context, Unavailable(f"worker {self.worker_id} stalled in a command; it needs a restart")
             )
-        if not self._take_busy():
+        caller = dict(context.invocation_metadata()).get(COORDINATOR_METADATA, "")
+        if not self._take_busy(caller):
             self._count("busy")
             serving.abort(context, WorkerBusy(f"worker {self.worker_id} is busy with another request"))
+        self._owner = caller
         self._active_request_id = OPENING
 
-    def _take_busy(self) -> bool:
+    def _take_busy(self, caller: str = "") -> bool:
         """The busy lock, at once, or after a short wait by one session at a time: the previous
         session may still be unwinding after its last event reached the coordinator, which then
-        hands this worker on. Anyone else finds it busy at once (and holds no thread waiting)."""
+        hands this worker on. Anyone else, and a session of another coordinator than the holder's
+        (``caller``), finds it busy at once (and holds no thread waiting)."""
         if self._busy.acquire(blocking=False):
             return True
+        owner = self._owner
+        if caller and owner and caller != owner:
+            return False
         if not self._waiter.acquire(blocking=False):
             return False
         try:
@@ -417,7 +425,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         active request means the abort is done."""
         if session.request_id is not None:
             self.engine.abort(session.request_id)
-        self._active_request_id = ""
+        self._active_request_id = self._owner = ""
         self._busy.release()
         self._count(session.outcome)
         logs.set_request_id(None)

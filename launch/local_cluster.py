@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -93,8 +94,13 @@ class LocalCluster:
         served_model_name: str | None = None,
         variant: str | None = None,
         http_port: int | None = None,
+        coordinators: int = 1,
+        worker_route: Callable[[int, str], str] | None = None,
     ) -> None:
-        """``http_port``: the coordinator's HTTP API (None: off; 0: a free port, picked here);
+        """``coordinators``: how many coordinators share the workers (``addresses``; ``address``
+        is the first's); ``worker_route(i, control)``: the address the coordinators dial for
+        worker i (default its own control address; e.g. a forwarder's);
+        ``http_port``: the coordinator's HTTP API (None: off; 0: a free port, picked here);
         ``model_dir``: a local folder (a launcher fetches a Hub id once, before it starts the
         workers); ``served_model_name``, ``variant``: the workers' flags of those names;
         ``compile_mode``: the workers' ``--compile``; ``log_format``: the processes'
@@ -104,7 +110,13 @@ class LocalCluster:
         workers' devices, round robin (default: one per visible GPU, round robin, else cpu)."""
         self.model_dir = str(model_dir)
         self.num_workers = workers
+        self.num_coordinators = coordinators
+        self.worker_route = worker_route
         self.port = port  # 0: the coordinator picks a free port
+        self.ports: list[int] = []  # each coordinator's, once started
+        self.coordinator_procs: dict[int, subprocess.Popen] = {}
+        self.worker_procs: dict[int, subprocess.Popen] = {}
+        self._metrics_ports: dict[int, int] = {}
         self.metrics_port = metrics_port
         self.http_port = http_port
         self.queue_size = queue_size
@@ -141,11 +153,18 @@ class LocalCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def addresses(self) -> list[str]:
+        """Every coordinator's address, in order (the first is ``address``)."""
+        return [f"127.0.0.1:{p}" for p in self.ports] or [self.address]
+
     def log_file(self, name: str) -> Path:
         """The log of process ``name`` ("worker0", ..., "coordinator")."""
         return self.log_dir / f"{name}.log"
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        # A process started again replaces its dead predecessor (a start-up check sees the live one).
+        self.procs = [p for p in self.procs if self._names.get(p.pid) != name or p.poll() is None]
         flags = ["-v"] if self.verbose else []
         with open(self.log_file(name), "wb") as out:  # the child keeps its own descriptor
             proc = subprocess.Popen(
@@ -159,10 +178,9 @@ class LocalCluster:
         return proc
 
     def start(self, timeout: float = 300.0) -> LocalCluster:
-        """Start the workers on ports they pick themselves, then the coordinator, and wait
-        until the coordinator is SERVING with every worker idle."""
+        """Start the workers on ports they pick themselves, then the coordinators, and wait
+        until each coordinator is SERVING with every worker idle."""
         deadline = time.monotonic() + timeout
-        run_dir = Path(tempfile.mkdtemp(prefix="hybridiff-local-"))
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="hybridiff-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -170,75 +188,106 @@ class LocalCluster:
         try:
             if self.devices is None:
                 self.devices = assign_devices(self.num_workers, gpus=visible_gpus())
-            ready = []
-            for i, cpus in enumerate(core_shares(self.num_workers, self.cores)):
-                ready.append(run_dir / f"worker{i}.json")
-                self._spawn(
-                    f"worker{i}",
-                    [
-                        "worker",
-                        "--model",
-                        self.model_dir,
-                        *self.model_args,
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        "0",
-                        "--data-port",
-                        "0",
-                        "--metrics-port",
-                        "0",
-                        "--data-peer-cidrs",
-                        "127.0.0.0/8",
-                        "--cpus",
-                        cpus,
-                        "--device",
-                        self.devices[i],
-                        "--worker-id",
-                        f"worker{i}",
-                        "--ready-file",
-                        str(ready[-1]),
-                        "--compile",
-                        self.compile_mode,
-                        *self.worker_args.get(i, []),
-                    ],
-                )
+            self._cpus = core_shares(self.num_workers, self.cores)
+            ready = [self.spawn_worker(i) for i in range(self.num_workers)]
             workers = [self._await_file(f, deadline) for f in ready]
             self.worker_addresses = [w["control"] for w in workers]
             self.worker_metrics_ports = [w["metrics_port"] for w in workers]
-            coordinator_file = run_dir / "coordinator.json"
-            self._spawn(
-                "coordinator",
+            self.ports = [0] * self.num_coordinators
+            for i in range(self.num_coordinators):
+                self.start_coordinator(i, max(1.0, deadline - time.monotonic()))
+            self.port, self.metrics_port = self.ports[0], self._metrics_ports[0]
+            self.wait_ready(max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def spawn_worker(self, i: int) -> Path:
+        """Start worker i (again, after it died: the same flags, new ports); the file its ports
+        will be written to (``await_worker`` reads it)."""
+        ready = Path(tempfile.mkdtemp(prefix="hybridiff-local-")) / f"worker{i}.json"
+        self.worker_procs[i] = self._spawn(
+            f"worker{i}",
+            [
+                "worker",
+                "--model",
+                self.model_dir,
+                *self.model_args,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--data-port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--data-peer-cidrs",
+                "127.0.0.0/8",
+                "--cpus",
+                self._cpus[i],
+                "--device",
+                self.devices[i],
+                "--worker-id",
+                f"worker{i}",
+                "--ready-file",
+                str(ready),
+                "--compile",
+                self.compile_mode,
+                *self.worker_args.get(i, []),
+            ],
+        )
+        return ready
+
+    def await_worker(self, ready: Path, timeout: float) -> dict:
+        """What a worker started by ``spawn_worker`` reported (its ports), once it did."""
+        try:
+            return self._await_file(ready, time.monotonic() + timeout)
+        finally:
+            shutil.rmtree(ready.parent, ignore_errors=True)
+
+    def start_coordinator(self, i: int, timeout: float) -> subprocess.Popen:
+        """Start coordinator i over every worker (again, after it died: on its own port) and wait
+        until it reports its ports."""
+        name = "coordinator" if i == 0 else f"coordinator{i}"
+        run_dir = Path(tempfile.mkdtemp(prefix="hybridiff-local-"))
+        ready = run_dir / f"{name}.json"
+        route = self.worker_route or (lambda _, control: control)
+        port = self.ports[i] if i < len(self.ports) and self.ports[i] else (self.port if i == 0 else 0)
+        try:
+            proc = self._spawn(
+                name,
                 [
                     "coordinator",
                     "--host",
                     "127.0.0.1",
                     "--port",
-                    str(self.port),
+                    str(port),
                     "--metrics-port",
-                    str(self.metrics_port),
+                    str(self.metrics_port if i == 0 else 0),
                     "--queue-size",
                     str(self.queue_size),
                     "--policy",
                     self.policy,
                     "--workers",
-                    ",".join(self.worker_addresses),
+                    ",".join(route(w, a) for w, a in enumerate(self.worker_addresses)),
                     "--ready-file",
-                    str(coordinator_file),
-                    *self._http_args(),
+                    str(ready),
+                    *(self._http_args() if i == 0 else []),
                     *self.coordinator_args,
                 ],
             )
-            ports = self._await_file(coordinator_file, deadline)
-            self.port, self.metrics_port = ports["port"], ports["metrics_port"]
-            self.http_port = ports.get("http_port")
-            self.wait_ready(max(1.0, deadline - time.monotonic()))
-        except BaseException:
-            self.stop()
-            raise
+            self.coordinator_procs[i] = proc
+            ports = self._await_file(ready, time.monotonic() + timeout)
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
-        return self
+        while len(self.ports) <= i:
+            self.ports.append(0)
+        self.ports[i] = ports["port"]
+        self._metrics_ports[i] = ports["metrics_port"]
+        if i == 0:
+            self.http_port = ports.get("http_port")
+        return proc
 
     def _await_file(self, path: Path, deadline: float) -> dict:
         while time.monotonic() < deadline:
@@ -268,9 +317,13 @@ class LocalCluster:
         return "\n".join(text.splitlines()[-lines:])
 
     def wait_ready(self, timeout: float) -> None:
-        """Until the coordinator is SERVING and every worker is idle."""
+        """Until every coordinator is SERVING and sees every worker idle."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        for address in self.addresses:
+            self._wait_ready(address, deadline)
+
+    def _wait_ready(self, address: str, deadline: float) -> None:
+        with grpc.insecure_channel(address) as channel:
             health_stub = health_pb2_grpc.HealthStub(channel)
             stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
             while time.monotonic() < deadline:
@@ -286,7 +339,7 @@ class LocalCluster:
                 except grpc.RpcError:
                     pass
                 time.sleep(0.2)
-        raise TimeoutError(f"the local cluster was not ready within {timeout:.0f}s")
+        raise TimeoutError(f"the local cluster's coordinator at {address} was not ready in time")
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the coordinator (it drains), then the workers; SIGKILL what is left."""

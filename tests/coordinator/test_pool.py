@@ -13,6 +13,7 @@ from coordinator.pool import (
     ABORTING,
     BUSY,
     DRAINING,
+    ELSEWHERE,
     IDLE,
     INCOMPATIBLE,
     JOINING,
@@ -401,6 +402,43 @@ def test_a_worker_gone_while_busy_drains_and_leaves_at_release(pool, fakes):
     assert states(pool) == {"w2": IDLE}
     # The drained worker is never handed out again.
     assert ids(pool.acquire("sdxl", 2, True, "r1", timeout=1)) == ["w2"]
+
+
+def test_a_worker_busy_with_another_coordinator_is_held_aside_not_quarantined(pool, fakes):
+    """A Begin refused as WORKER_BUSY (another coordinator's session holds the worker): the
+    worker is ``elsewhere`` until its Info names no request, then idle; never quarantined."""
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    lease = pool.lease("sdxl", 2, False, "r0", timeout=1)
+    w2.active_request_id = "theirs"
+    lease.replace_failed("w2", {"w1"}, want=2, need=1, busy=True)
+    assert states(pool) == {"w1": BUSY, "w2": ELSEWHERE}
+    assert pool.counts()[ELSEWHERE] == 1 and pool.quarantines == 0 and pool.busy_elsewhere == 1
+    assert ids(lease.entries) == ["w1"]
+    calls = w2.info_calls
+    wait_for(lambda: w2.info_calls >= calls + 2)  # read again, soon
+    assert states(pool)["w2"] == ELSEWHERE  # still theirs: not handed out
+    w2.active_request_id = ""
+    wait_for(lambda: states(pool)["w2"] == IDLE)
+    assert pool.quarantines == 0
+    lease.release()
+
+
+def test_a_quarantined_worker_found_serving_another_coordinator_is_readmitted_elsewhere(pool, fakes):
+    """Running a request other than the one that failed on it, a quarantined worker is healthy
+    (another coordinator drives it); running the failed one, it is not."""
+    w1 = fakes("w1")
+    join(pool, w1)
+    held = pool.acquire("sdxl", 1, False, "mine", timeout=1)
+    w1.active_request_id = "mine"
+    pool.release(held, failed=True)
+    calls = w1.info_calls
+    wait_for(lambda: w1.info_calls >= calls + HEALTH.readmit_probes + 1)
+    assert states(pool)["w1"] == UNHEALTHY  # still unwinding the request that failed
+    w1.active_request_id = "theirs"
+    wait_for(lambda: states(pool)["w1"] == ELSEWHERE)
+    w1.active_request_id = ""
+    wait_for(lambda: states(pool)["w1"] == IDLE)
 
 
 def test_the_last_worker_of_a_model_leaving_ends_the_wait(pool, fakes):

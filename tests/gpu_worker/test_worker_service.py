@@ -197,6 +197,33 @@ def test_a_session_waits_briefly_for_the_one_before_it_to_unwind(served):
     assert run_to_the_end(served.stub, "req-waited")[-1].WhichOneof("event") == "finish"
 
 
+def test_another_coordinators_session_is_refused_at_once_while_one_holds_the_worker(served):
+    """Coordinators sharing a worker: while coordinator "a"'s session holds it, a session of "b"
+    is refused with WORKER_BUSY at once (no wait meant for "a"'s own next session), and one of
+    "a" still waits for the holder to unwind."""
+    from hybridiff.protocol import COORDINATOR_METADATA
+
+    outbox: queue.Queue = queue.Queue()
+    held = served.stub.Session(iter(outbox.get, None), timeout=60, metadata=[(COORDINATOR_METADATA, "a")])
+    outbox.put(begin("req-held-by-a"))
+    assert next(held).WhichOneof("event") == "begin"
+    try:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            list(
+                served.stub.Session(
+                    iter([begin("req-of-b")]), timeout=30, metadata=[(COORDINATOR_METADATA, "b")]
+                )
+            )
+        assert status_details(err.value)["ErrorInfo"].reason == "WORKER_BUSY"
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - start < BUSY_WAIT_SECONDS / 2
+    finally:
+        outbox.put(None)
+    wait_until(lambda: served.info().active_request_id == "", 10, "the held request cleared")
+    assert run_to_the_end(served.stub, "req-after-b")[-1].WhichOneof("event") == "finish"
+
+
 def test_a_client_that_does_not_read_its_events_is_cut_off(served):
     """Its events fill the stream's flow-control window, so handing the next one over blocks:
     that wait is bounded by the idle timeout as well."""
