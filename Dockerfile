@@ -1,4 +1,5 @@
-# One image for both roles (`hybridiff coordinator ...`, `hybridiff worker ...`), no weights.
+# One image for both roles (`hybridiff coordinator ...`, `hybridiff worker ...`); the only weights
+# are the trained default model's (models/shapes-sdxl, ~19 MB), served when no --model is named.
 #
 # CPU (default):
 #   docker build -t hybridiff:0.1.0 .
@@ -23,13 +24,15 @@ FROM ${BASE_IMAGE} AS build
 ARG PIP_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY proto ./proto
 COPY hybridiff ./hybridiff
 COPY coordinator ./coordinator
 COPY gpu_worker ./gpu_worker
 COPY launch ./launch
 COPY tools ./tools
+# the trained default model: setup.py puts it into the package (hybridiff/models/shapes-sdxl)
+COPY models/shapes-sdxl ./models/shapes-sdxl
 # The [build-system] requirements from pyproject.toml (setuptools, grpcio-tools), then the
 # gRPC code generated into the tree first, so that package discovery sees hybridiff.v1 and
 # hybridiff.internal.v1, then the wheel.

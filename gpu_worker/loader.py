@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import mmap
@@ -14,6 +15,8 @@ import diffusers
 import torch
 import transformers
 from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import SingleFileComponentError
+from safetensors import safe_open
 
 from gpu_worker.adapters.base import ModelAdapter
 from gpu_worker.adapters.sd3 import SD3Adapter
@@ -27,6 +30,21 @@ PIPELINE_CLASSES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeli
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Components a pipeline directory may hold that the worker does not load (SD3's T5 encoder).
 UNLOADED_COMPONENTS = {"sdxl": (), "sd3": ("text_encoder_3", "tokenizer_3")}
+# Where a single-file checkpoint (the original SDXL and SAI SD3 layouts) keeps the components
+# diffusers' from_single_file reads from it; one it lacks is loaded from the config folder.
+SINGLE_FILE_PREFIXES = {
+    "sdxl": {
+        "text_encoder": "conditioner.embedders.0.transformer.",
+        "text_encoder_2": "conditioner.embedders.1.model.",
+        "vae": "first_stage_model.",
+    },
+    "sd3": {
+        "text_encoder": "text_encoders.clip_l.",
+        "text_encoder_2": "text_encoders.clip_g.",
+        "text_encoder_3": "text_encoders.t5xxl.",
+        "vae": "first_stage_model.",
+    },
+}
 # The weights digest hashes a tensor whole up to this size, else DIGEST_BLOCKS evenly spaced
 # blocks of DIGEST_BLOCK_BYTES (a full-size model costs a few hundred ms, not a full read).
 DIGEST_WHOLE_BYTES = 64 * 1024
@@ -37,6 +55,12 @@ DIGEST_BLOCK_BYTES = 4096
 def detect_arch(model_dir: str | Path) -> str:
     """``"sdxl"`` or ``"sd3"`` from ``model_index.json``; ``ModelLoadError`` otherwise."""
     path = Path(model_dir)
+    if path.is_file():
+        raise InvalidArgument(
+            "config",
+            f"{str(path)!r} is a single-file checkpoint: name its pipeline's diffusers folder or Hub id "
+            "with --config",
+        )
     if not path.is_dir():
         raise ModelLoadError(f"model directory {str(path)!r} does not exist")
     index = path / "model_index.json"
@@ -72,37 +96,50 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def load_adapter(
-    model_dir: str | Path, device: str | None = None, dtype: str | None = None, variant: str | None = None
+    model_dir: str | Path,
+    device: str | None = None,
+    dtype: str | None = None,
+    variant: str | None = None,
+    text_encoder_3: bool = False,
+    config: str | Path | None = None,
 ) -> ModelAdapter:
     """The adapter of the diffusers folder ``model_dir`` (offline); ``variant`` (e.g. fp16) loads
-    the ``*.fp16.safetensors`` files, the only ones a variant-only folder has."""
-    arch = detect_arch(model_dir)
+    the ``*.fp16.safetensors`` files, the only ones a variant-only folder has. ``text_encoder_3``:
+    SD3's T5 encoder too (else the pipeline's zeros stand for its embeddings). ``model_dir`` may be
+    a single-file checkpoint (``.safetensors``), loaded with the pipeline's ``from_single_file``
+    and ``config``, the diffusers folder of its pipeline (components, tokenizers, scheduler; the
+    components the file lacks are loaded from there)."""
+    single_file = Path(model_dir).is_file()
+    if config is not None and not single_file:
+        raise InvalidArgument(
+            "config", "--config goes with a single-file checkpoint (--model FILE.safetensors)"
+        )
+    arch = detect_arch(config if single_file and config is not None else model_dir)
+    if text_encoder_3 and arch != "sd3":
+        raise InvalidArgument("text-encoder-3", f"a {arch} model has no T5 encoder (only SD3 models do)")
+    if text_encoder_3 and not _has_component(config or model_dir, "text_encoder_3"):
+        raise ModelLoadError(f"--text-encoder-3 on: {str(config or model_dir)!r} has no text_encoder_3 (T5)")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    pipe_cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusion3Pipeline
+    adapter_cls = SDXLAdapter if arch == "sdxl" else SD3Adapter
+    extra = {} if arch == "sdxl" or text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
     try:
-        if arch == "sdxl":
-            pipe = StableDiffusionXLPipeline.from_pretrained(
-                str(model_dir), dtype=dt, local_files_only=True, variant=variant
-            )
-            adapter_cls = SDXLAdapter
+        if single_file:
+            pipe = _from_single_file(pipe_cls, Path(model_dir), Path(config), dt, variant, extra)
         else:
-            pipe = StableDiffusion3Pipeline.from_pretrained(
-                str(model_dir),
-                dtype=dt,
-                local_files_only=True,
-                variant=variant,
-                text_encoder_3=None,
-                tokenizer_3=None,
+            pipe = pipe_cls.from_pretrained(
+                str(model_dir), dtype=dt, local_files_only=True, variant=variant, **extra
             )
-            adapter_cls = SD3Adapter
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        held = sorted(saved_variants(model_dir) - {variant})
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as exc:
+        held = sorted(saved_variants(config or model_dir) - {variant})
         hint = f"; it holds {', '.join(held)} weights: pass --variant {held[0]}" if held else ""
         what = f"{arch} model" + (f" (variant {variant!r})" if variant else "")
         reason = " ".join(str(exc).split())
-        raise ModelLoadError(f"cannot load {what} from {str(model_dir)!r}: {reason}{hint}") from None
+        source = str(model_dir) + (f" with the config {str(config)!r}" if single_file else "")
+        raise ModelLoadError(f"cannot load {what} from {source!r}: {reason}{hint}") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
     if dt == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
@@ -111,13 +148,44 @@ def load_adapter(
         pipe.vae,
         pipe.text_encoder,
         pipe.text_encoder_2,
+        getattr(pipe, "text_encoder_3", None),
         getattr(pipe, "unet", None),
         getattr(pipe, "transformer", None),
     ):
         if module is not None:
             module.eval().requires_grad_(False)
-    log.info("loaded %s model from %s on %s (%s)", arch, model_dir, dev, dt)
-    return adapter_cls(pipe, dev, dt, read_model_defaults(model_dir, arch))
+    t5 = " with its T5 encoder" if getattr(pipe, "text_encoder_3", None) is not None else ""
+    log.info("loaded %s model%s from %s on %s (%s)", arch, t5, model_dir, dev, dt)
+    return adapter_cls(pipe, dev, dt, read_model_defaults(config if single_file else model_dir, arch))
+
+
+def _has_component(model_dir: str | Path, name: str) -> bool:
+    try:
+        value = json.loads((Path(model_dir) / "model_index.json").read_text()).get(name)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(value, list) and bool(value) and value[0] is not None
+
+
+def _from_single_file(pipe_cls, path: Path, config: Path, dt: torch.dtype, variant: str | None, extra: dict):
+    """``pipe_cls.from_single_file(path, config=config)``; a component the checkpoint lacks (SD3.5's
+    files hold no text encoders, some files no VAE) is loaded from ``config``."""
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    index = json.loads((config / "model_index.json").read_text())
+    arch = PIPELINE_CLASSES[index["_class_name"]]
+    for name, prefix in SINGLE_FILE_PREFIXES[arch].items():
+        if name in extra or any(k.startswith(prefix) for k in keys):
+            continue
+        library, class_name = index[name]
+        component_cls = getattr(importlib.import_module(library), class_name)
+        extra = {
+            **extra,
+            name: component_cls.from_pretrained(
+                config, subfolder=name, dtype=dt, local_files_only=True, variant=variant
+            ),
+        }
+    return pipe_cls.from_single_file(str(path), config=str(config), dtype=dt, local_files_only=True, **extra)
 
 
 def saved_variants(model_dir: str | Path) -> set[str]:
@@ -131,19 +199,31 @@ def saved_variants(model_dir: str | Path) -> set[str]:
     return found
 
 
-def weights_digest(model_dir: str | Path, skip: Iterable[str] | None = None) -> str:
+def weights_digest(
+    model_dir: str | Path,
+    skip: Iterable[str] | None = None,
+    text_encoder_3: bool = False,
+    config: str | Path | None = None,
+) -> str:
     """Who the loaded model is, for pairing: ``sha256:<hex>`` over the pipeline index, the model's
     defaults and every file of each loaded component (configs, tokenizers, weights), by relative
     path. A safetensors file contributes its header (names, dtypes, shapes, offsets, metadata) and
     its tensors' bytes: whole for small tensors, sampled for large ones (differently trained
     weights differ everywhere; a checkpoint identity, not an integrity check). Independent of the
     directory's path and of file times, so workers loading copies of one model agree.
-    ``skip``: components not loaded (default: by architecture)."""
-    root = Path(model_dir)
-    skipped = set(UNLOADED_COMPONENTS[detect_arch(root)] if skip is None else skip)
+    ``skip``: components not loaded (default: by architecture; SD3's T5 is loaded with
+    ``text_encoder_3``). A single-file checkpoint ``model_dir``: its config folder's files, then
+    the checkpoint's (by name ``single-file``)."""
+    root = Path(config if config is not None and Path(model_dir).is_file() else model_dir)
+    if skip is None:
+        skip = UNLOADED_COMPONENTS[detect_arch(root)]
+        skip = () if text_encoder_3 else skip
     digest = hashlib.sha256()
-    for path in _digest_files(root, skipped):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+    files = [(path, path.relative_to(root).as_posix()) for path in _digest_files(root, set(skip))]
+    if root != Path(model_dir):
+        files.append((Path(model_dir), "single-file"))
+    for path, name in files:
+        digest.update(name.encode() + b"\0")
         with path.open("rb") as f:
             size = path.stat().st_size
             digest.update(struct.pack("<Q", size))

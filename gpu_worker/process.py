@@ -89,6 +89,8 @@ class WorkerProcess:
         begin_seconds: float = BEGIN_SECONDS,
         variant: str | None = None,
         hf_token: str | None = None,
+        text_encoder_3: bool = False,
+        config: str | None = None,
     ) -> None:
         """Port 0 picks a free port (``metrics_port`` too; None: no /metrics). ``tls`` = (cert, key,
         client CA): with a client CA only the coordinator (a cert that CA signed, naming
@@ -103,11 +105,13 @@ class WorkerProcess:
         data-plane message it accepts (None: derived from the model's size limits).
         ``compile_mode``: see ``gpu_worker.compiled`` (``compile_backend`` other than inductor: tests).
         ``model_dir``: a diffusers folder or a Hub id ``ORG/NAME[@REV]``, fetched (``variant``'s
-        files, with ``hf_token``) before loading, while health says NOT_SERVING."""
+        files, with ``hf_token``) before loading, while health says NOT_SERVING; or a single-file
+        checkpoint with ``config``, its pipeline's folder or Hub id. ``text_encoder_3``: SD3's T5 too."""
         telemetry.setup_tracing("hybridiff-worker")
         self.model_dir, self.host, self.data_port, self.grace = model_dir, host, data_port, grace
         self.device, self.dtype = device, dtype
         self.variant, self.hf_token = variant, hf_token
+        self.text_encoder_3, self.config = text_encoder_3, config
         self.compile_mode, self.compile_backend = compile_mode, compile_backend
         self.data_address = ""
         self.advertise = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "::") else host)
@@ -162,8 +166,13 @@ class WorkerProcess:
             self.health_server.start()
         log.info("worker control API on %s:%d (loading model)", self.host, self.port)
         started = time.perf_counter()
-        self.model_dir = str(weights.resolve(self.model_dir, variant=self.variant, token=self.hf_token))
-        adapter = load_adapter(self.model_dir, self.device, self.dtype, self.variant)
+        fetch = dict(variant=self.variant, with_t5=self.text_encoder_3, token=self.hf_token)
+        self.model_dir = str(weights.resolve(self.model_dir, **fetch))
+        if self.config:
+            self.config = str(weights.resolve(self.config, **fetch))
+        adapter = load_adapter(
+            self.model_dir, self.device, self.dtype, self.variant, self.text_encoder_3, self.config
+        )
         compiled.enable(
             adapter,
             self.compile_mode,
@@ -173,7 +182,7 @@ class WorkerProcess:
         )
         self.metrics.compile_mode.labels(adapter.compile_mode).set(1)
         digest_started = time.perf_counter()
-        digest = weights_digest(self.model_dir)
+        digest = weights_digest(self.model_dir, text_encoder_3=self.text_encoder_3, config=self.config)
         self.metrics.weights_digest_seconds.set(time.perf_counter() - digest_started)
         self.metrics.model_load_seconds.set(time.perf_counter() - started)
         self.metrics.watch_device_memory(adapter.device)

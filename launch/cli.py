@@ -35,7 +35,13 @@ from hybridiff.protojson import message_json, response_json
 from hybridiff.request import request_from_names
 from hybridiff.v1 import diffusion_pb2 as pb
 from launch.children import die_with_launcher
-from launch.model_dirs import add_model_flags, default_model_dir, resolve_model
+from launch.model_dirs import (
+    add_model_flags,
+    default_model_dir,
+    resolve_config,
+    resolve_model,
+    text_encoder_3,
+)
 
 EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_SERVER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 TOOLS_GROUP = "hybridiff.tools"
@@ -210,7 +216,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     model_dir, _ = resolve_model(args)
     engine = InProcessEngine(
-        model_dir, args.device, args.dtype, args.split_cut, compile=args.compile, variant=args.variant
+        model_dir,
+        args.device,
+        args.dtype,
+        args.split_cut,
+        compile=args.compile,
+        variant=args.variant,
+        text_encoder_3=text_encoder_3(args),
+        config=resolve_config(args),
     )
     try:
         spec = engine.resolve(request_input(args))
@@ -249,6 +262,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         model_name=args.served_model_name,
         variant=args.variant,
         hf_token=read_token(args.hf_token_file),
+        text_encoder_3=text_encoder_3(args),
+        config=args.config,  # a Hub id is fetched by the worker, as the model is
         worker_id=args.worker_id,
         ready_file=args.ready_file,
         tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
@@ -334,6 +349,8 @@ def cmd_local(args: argparse.Namespace) -> int:
         served_model_name=served_name,
         variant=args.variant,
         http_port=args.http_port or None,
+        text_encoder_3=text_encoder_3(args),
+        config=resolve_config(args),
     )
 
 
@@ -530,7 +547,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("run", help="the engine in one process, no servers")
-    add_model_flags(p, served_name=False)
+    add_model_flags(p, served_name=False, load_options=True)
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
     p.add_argument(
         "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp16 on GPU, fp32 on CPU)"
@@ -544,7 +561,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("worker", help="one GPU worker: control API over gRPC, data plane over ZeroMQ")
-    add_model_flags(p)
+    add_model_flags(p, load_options=True)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument(
         "--advertise-host", default=None, help="host peers reach this worker at (default: hostname)"
@@ -713,7 +730,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("local", help="coordinator + workers as local processes (the embedded default)")
-    add_model_flags(p)
+    add_model_flags(p, load_options=True)
     p.add_argument("--workers", type=int, default=2, help="how many workers (each gets its own cores)")
     p.add_argument(
         "--devices",

@@ -86,11 +86,14 @@ class InProcessEngine:
         compile: str | None = None,
         compile_backend: str = "inductor",
         variant: str | None = None,
+        text_encoder_3: bool = False,
+        config: str | Path | None = None,
     ) -> None:
         """``compile``: none | default | reduce-overhead | max-autotune (None or auto: by device;
         see ``gpu_worker.compiled``); shapes compile at their first use. ``variant``: the weights'
-        (e.g. fp16), as ``from_pretrained`` takes it."""
-        self.adapter = load_adapter(model_dir, device, dtype, variant)
+        (e.g. fp16), as ``from_pretrained`` takes it; ``text_encoder_3``: SD3's T5 encoder too;
+        ``config``: the pipeline folder of a single-file checkpoint ``model_dir``."""
+        self.adapter = load_adapter(model_dir, device, dtype, variant, text_encoder_3, config)
         # One adapter per worker over the same model, each with its own compile cache on its
         # own device thread (``self.adapter`` is U's; the split is measured there).
         threads = [DeviceThread("worker-U"), DeviceThread("worker-C")]

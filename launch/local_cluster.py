@@ -94,12 +94,15 @@ class LocalCluster:
         served_model_name: str | None = None,
         variant: str | None = None,
         http_port: int | None = None,
+        text_encoder_3: bool = False,
+        config: str | Path | None = None,
         coordinators: int = 1,
         worker_route: Callable[[int, str], str] | None = None,
     ) -> None:
         """``coordinators``: how many coordinators share the workers (``addresses``; ``address``
         is the first's); ``worker_route(i, control)``: the address the coordinators dial for
         worker i (default its own control address; e.g. a forwarder's);
+        ``text_encoder_3``, ``config``: the workers' ``--text-encoder-3 on`` and ``--config``;
         ``http_port``: the coordinator's HTTP API (None: off; 0: a free port, picked here);
         ``model_dir``: a local folder (a launcher fetches a Hub id once, before it starts the
         workers); ``served_model_name``, ``variant``: the workers' flags of those names;
@@ -137,6 +140,8 @@ class LocalCluster:
         self.model_args = [
             *(["--served-model-name", served_model_name] if served_model_name else []),
             *(["--variant", variant] if variant else []),
+            *(["--text-encoder-3", "on"] if text_encoder_3 else []),
+            *(["--config", str(config)] if config else []),
         ]
         self.devices = assign_devices(workers, devices) if devices else None  # None: chosen at start
         self.procs: list[subprocess.Popen] = []
@@ -377,6 +382,8 @@ def run_local(
     served_model_name: str | None = None,
     variant: str | None = None,
     http_port: int | None = None,
+    text_encoder_3: bool = False,
+    config: str | Path | None = None,
 ) -> int:
     cluster = LocalCluster(
         model_dir,
@@ -393,6 +400,8 @@ def run_local(
         served_model_name=served_model_name,
         variant=variant,
         http_port=http_port,
+        text_encoder_3=text_encoder_3,
+        config=config,
     )
     stop = {"now": False}
 

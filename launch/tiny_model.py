@@ -21,12 +21,31 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 from hybridiff.errors import InvalidArgument
 
-ARCHS = ("sdxl", "sd3")
+# sd3.5-medium and sd3.5-large are SD3-shaped (the SD3 adapter serves them) with the transformer
+# options of their own: MMDiT-X's dual attention layers and RMS qk-norm, or qk-norm alone.
+ARCHS = ("sdxl", "sd3", "sd3.5-medium", "sd3.5-large")
 SIZES = ("tiny", "bench")
+SD3_FLAVORS: dict[str, dict] = {
+    "sd3": {},
+    # SD3.5 Medium: dual attention in the first blocks (0..12 of 24), RMS-normed queries and keys
+    "sd3.5-medium": {"dual_attention_layers": (0, 1), "qk_norm": "rms_norm"},
+    # SD3.5 Large: RMS qk-norm, no dual attention
+    "sd3.5-large": {"qk_norm": "rms_norm"},
+}
+# A tiny T5 tokenizer's words (besides single characters): the prompts the tests use.
+T5_WORDS = "a the red blue yellow green star circle square triangle at top bottom left right low quality"
 
 
 @dataclass(frozen=True)
@@ -178,7 +197,36 @@ def build_sdxl(size: str = "tiny", seed: int = 0):
     )
 
 
-def build_sd3(size: str = "tiny", seed: int = 0):
+def build_t5_tokenizer() -> T5Tokenizer:
+    """A unigram T5 tokenizer from an in-memory vocabulary (no sentencepiece file, no hub):
+    T5's special tokens, every printable ASCII character and a few whole words."""
+    chars = "\u2581" + "".join(chr(c) for c in range(33, 127))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(c, -5.0) for c in chars] + [("\u2581" + w, -1.0) for w in T5_WORDS.split()]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_t5(vocab_size: int, d_model: int, seed: int) -> T5EncoderModel:
+    """A T5 encoder of ``d_model`` (SD3's joint attention width, as T5-XXL's 4096 is)."""
+    torch.manual_seed(seed + 4)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config)
+
+
+def build_sd3(size: str = "tiny", seed: int = 0, flavor: str = "sd3", with_t5: bool = False):
+    """An SD3-shaped pipeline; ``flavor`` one of ``SD3_FLAVORS``; ``with_t5``: a tiny T5 encoder
+    as ``text_encoder_3`` (else none, as the worker loads SD3 by default)."""
     tok = build_clip_tokenizer()
     shape = TextEncoderShape(hidden=32, layers=2, heads=4, projection=32)
     enc_1, enc_2 = _text_encoders(shape, shape, len(tok), seed, first_with_projection=True)
@@ -196,7 +244,9 @@ def build_sd3(size: str = "tiny", seed: int = 0):
         caption_projection_dim=heads * head_dim,
         pooled_projection_dim=2 * shape.projection,
         pos_embed_max_size=96,
+        **SD3_FLAVORS[flavor],
     )
+    tok_3 = build_t5_tokenizer() if with_t5 else None
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -205,18 +255,23 @@ def build_sd3(size: str = "tiny", seed: int = 0):
         tokenizer=tok,
         text_encoder_2=enc_2,
         tokenizer_2=build_clip_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=tiny_t5(len(tok_3), 2 * shape.hidden, seed) if with_t5 else None,
+        tokenizer_3=tok_3,
     )
 
 
-def write_tiny_model(arch: str, out: str | Path, seed: int = 0, size: str = "tiny") -> Path:
-    """Write a random model of ``arch`` in diffusers format to ``out`` and return the path."""
+def write_tiny_model(
+    arch: str, out: str | Path, seed: int = 0, size: str = "tiny", with_t5: bool = False
+) -> Path:
+    """Write a random model of ``arch`` in diffusers format to ``out`` and return the path;
+    ``with_t5``: SD3-shaped models get a tiny T5 encoder (``text_encoder_3``)."""
     if arch not in ARCHS:
         raise InvalidArgument("arch", f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
     if size not in SIZES:
         raise InvalidArgument("size", f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
-    pipe = build_sdxl(size, seed) if arch == "sdxl" else build_sd3(size, seed)
+    if with_t5 and arch == "sdxl":
+        raise InvalidArgument("with-t5", "only SD3-shaped models have a T5 encoder")
+    pipe = build_sdxl(size, seed) if arch == "sdxl" else build_sd3(size, seed, arch, with_t5)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
