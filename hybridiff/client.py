@@ -12,6 +12,16 @@ at its deadline, and a lost connection says so. Failures raise the typed errors 
 (``InvalidArgument`` names its field, read from the status details, never from text). Tracing
 goes through the OpenTelemetry API: the host application configures (or not) the SDK; the client
 installs nothing.
+
+Several coordinators: ``target`` may name several (``"host1:50051,host2:50051"`` or a list). A
+request fixes its request id and seed on this side when they are unset, so any attempt makes
+the same image, and one that fails with UNAVAILABLE (a coordinator killed, stopped past the
+keepalive, draining, unreachable) before its result is sent again, on the next target, within the
+call's one deadline (``attempts`` in all, default one more than the targets; with a single target,
+such as a Kubernetes Service, the next attempt opens a new connection, which may reach another
+replica). Only the final result counts as one: progress events do not, so a request whose
+coordinator died after some steps is retried from the start (``on_progress`` then sees the steps
+again) and gives the same image. Every attempt lost ends in one ``Unavailable`` naming each target.
 """
 
 from __future__ import annotations
@@ -22,12 +32,14 @@ import io
 import ipaddress
 import os
 import re
+import secrets
 import socket
 import threading
 import time
+import uuid
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -67,6 +79,32 @@ _tracer = trace.get_tracer("hybridiff.client")
 
 def default_target() -> str:
     return os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
+def parse_targets(target: str | Sequence[str] | None) -> list[str]:
+    """The coordinators of ``target``: a list, or one string of comma-separated HOST:PORT
+    (default ``$HYBRIDIFF_TARGET``, else 127.0.0.1:50051)."""
+    if target is None or (isinstance(target, str) and not target.strip()):
+        target = default_target()
+    parts = target.split(",") if isinstance(target, str) else list(target)
+    targets = [t.strip() for t in parts if t and t.strip()]
+    if not targets:
+        raise ValueError(f"no coordinator address in {target!r}")
+    return targets
+
+
+def pinned(request: pb.GenerateRequest) -> pb.GenerateRequest:
+    """``request`` with its request id and seed fixed (a copy, when either was unset): every
+    attempt of it, on any coordinator, makes the same image."""
+    if request.request_id and request.HasField("seed"):
+        return request
+    fixed = pb.GenerateRequest()
+    fixed.CopyFrom(request)
+    if not fixed.request_id:
+        fixed.request_id = uuid.uuid4().hex
+    if not fixed.HasField("seed"):
+        fixed.seed = secrets.randbits(63)
+    return fixed
 
 
 class PlaintextTokenWarning(UserWarning):
@@ -204,7 +242,7 @@ class _Client(ABC, Generic[_Result]):
 
     def __init__(
         self,
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         *,
         tls_ca: str | None = None,
         tls_cert: str | None = None,
@@ -213,11 +251,18 @@ class _Client(ABC, Generic[_Result]):
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         channel: grpc.Channel | grpc.aio.Channel | None = None,
+        attempts: int | None = None,
     ) -> None:
         """``target``: HOST:PORT (default ``$HYBRIDIFF_TARGET``, else 127.0.0.1:50051). Plaintext by
         default; TLS with ``tls_ca`` (mutual with ``tls_cert``/``tls_key``); a bearer ``token`` rides
-        on TLS as call credentials, or in metadata on a plaintext channel."""
-        self.target = target or default_target()
+        on TLS as call credentials, or in metadata on a plaintext channel. Several coordinators:
+        a list or comma-separated targets; ``attempts``: how often a request is sent before its
+        UNAVAILABLE is final (default one more than the targets; 1: never again)."""
+        self.targets = parse_targets(target)
+        self.target = self.targets[0]
+        self.attempts = attempts if attempts is not None else len(self.targets) + 1
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {self.attempts}")
         self.timeout, self.connect_timeout = timeout, connect_timeout
         creds = security.channel_credentials(tls_ca, tls_cert, tls_key)
         self._metadata: list[tuple[str, str]] = []
@@ -227,16 +272,44 @@ class _Client(ABC, Generic[_Result]):
             )
         elif token:
             self._metadata.append(("authorization", f"Bearer {token}"))
-            if not is_loopback(self.target):
+            if remote := [t for t in self.targets if not is_loopback(t)]:
                 warnings.warn(
-                    f"the bearer token goes to {self.target} over plaintext: anyone on the path can "
+                    f"the bearer token goes to {', '.join(remote)} over plaintext: anyone on the path can "
                     "read and reuse it (pass tls_ca to use TLS)",
                     PlaintextTokenWarning,
                     stacklevel=2,
                 )
+        self._creds = creds
         self.channel = channel if channel is not None else self._open_channel(creds)
         self.stub = diffusion_pb2_grpc.DiffusionServiceStub(self.channel)
         self._connected = False
+        self._failover_lock = threading.Lock()
+        self._retired: list = []  # channels failed over from, closed with the client
+
+    def _next_target(self, failed) -> None:
+        """Go on with the next target, on a new channel (with one target, a new connection to
+        it: behind a Service, maybe another replica), unless another call of this client has
+        already left ``failed``, the channel its attempt used. The old channel is closed with the
+        client, not now: calls still running on it (a draining coordinator's) go on."""
+        with self._failover_lock:
+            if self.channel is not failed:
+                return
+            self._retired.append(self.channel)
+            self.target = self.targets[(self.targets.index(self.target) + 1) % len(self.targets)]
+            self.channel = self._open_channel(self._creds)
+            self.stub = diffusion_pb2_grpc.DiffusionServiceStub(self.channel)
+            self._connected = False
+
+    def _retry(self, error: Unavailable, attempt: int, deadline: float, lost: list[str]) -> bool:
+        """Whether a request that failed with ``error`` on ``self.target`` is sent again."""
+        lost.append(f"{self.target}: {error}")
+        return attempt + 1 < self.attempts and deadline - time.monotonic() > 0
+
+    def _all_lost(self, lost: list[str], error: Unavailable) -> Unavailable:
+        """The one error of a request that every attempt lost."""
+        if len(lost) == 1:
+            return error
+        return Unavailable(f"no coordinator could run the request ({len(lost)} attempts): " + "; ".join(lost))
 
     @abstractmethod
     def _open_channel(self, creds: grpc.ChannelCredentials | None):
@@ -335,7 +408,24 @@ class DiffusionClient(_Client[Generation]):
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> pb.GenerateResponse:
-        """Stream one request; ``on_progress`` sees every step. Raises ``HybridiffError``."""
+        """Stream one request; ``on_progress`` sees every step. Raises ``HybridiffError``. Sent
+        again on the next target when it fails with UNAVAILABLE (see the module's doc)."""
+        request = pinned(request)
+        deadline = time.monotonic() + (timeout or self.timeout)
+        lost: list[str] = []
+        for attempt in range(self.attempts):
+            used = self.channel
+            try:
+                return self._stream_once(request, max(0.001, deadline - time.monotonic()), on_progress)
+            except Unavailable as error:
+                if not self._retry(error, attempt, deadline, lost):
+                    raise self._all_lost(lost, error) from None
+                self._next_target(used)
+        raise AssertionError("unreachable")
+
+    def _stream_once(
+        self, request: pb.GenerateRequest, timeout: float, on_progress: ProgressCallback | None
+    ) -> pb.GenerateResponse:
         with _tracer.start_as_current_span("hybridiff.client.generate"):
             events = self._call(self.stub.GenerateStream, pb.GenerateStreamRequest(request=request), timeout)
             try:
@@ -389,7 +479,8 @@ class DiffusionClient(_Client[Generation]):
             raise self._error(err) from None
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in [*self._retired, self.channel]:
+            channel.close()
 
     def __enter__(self) -> DiffusionClient:
         return self
@@ -418,7 +509,24 @@ class AsyncDiffusionClient(_Client[Awaitable[Generation]]):
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> pb.GenerateResponse:
-        """Stream one request; ``on_progress`` (a function or a coroutine function) sees every step."""
+        """Stream one request; ``on_progress`` (a function or a coroutine function) sees every step.
+        Sent again on the next target when it fails with UNAVAILABLE (see the module's doc)."""
+        request = pinned(request)
+        deadline = time.monotonic() + (timeout or self.timeout)
+        lost: list[str] = []
+        for attempt in range(self.attempts):
+            used = self.channel
+            try:
+                return await self._stream_once(request, max(0.001, deadline - time.monotonic()), on_progress)
+            except Unavailable as error:
+                if not self._retry(error, attempt, deadline, lost):
+                    raise self._all_lost(lost, error) from None
+                self._next_target(used)
+        raise AssertionError("unreachable")
+
+    async def _stream_once(
+        self, request: pb.GenerateRequest, timeout: float, on_progress: ProgressCallback | None
+    ) -> pb.GenerateResponse:
         with _tracer.start_as_current_span("hybridiff.client.generate"):
             await self._connect()
             call = self.stub.GenerateStream(
@@ -470,7 +578,8 @@ class AsyncDiffusionClient(_Client[Awaitable[Generation]]):
             raise self._error(err) from None
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in [*self._retired, self.channel]:
+            await channel.close()
 
     async def __aenter__(self) -> AsyncDiffusionClient:
         return self
