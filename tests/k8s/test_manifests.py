@@ -331,7 +331,12 @@ def check_coordinator(dep: dict, tls: bool) -> None:
             f"coordinator {probe} is not a gRPC probe of port {port}"
         )
     check_secure_container(c, spec.get("securityContext") or {}, "coordinator")
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    # Two replicas sharing the workers, rolled one at a time with none down (docs/design.md section 10).
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
 
 
 _SCHEMAS: dict = {}  # kubernetes-validate's schema loader, memoised across tests
@@ -442,8 +447,17 @@ def test_discovery_wiring_and_least_privilege(key):
     if policies_on(key):
         ingress = network_policy(docs, coordinator)["spec"]["ingress"]
         assert (http_port, "TCP") in set().union(*(rule_ports(rule) for rule in ingress))
-    pdbs = objects(docs, "PodDisruptionBudget")
-    assert pdbs and pdbs[0]["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
+    pdbs = {
+        p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]: p
+        for p in objects(docs, "PodDisruptionBudget")
+    }
+    assert pdbs["worker"]["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
+    # The coordinators: one stays up through voluntary disruptions.
+    assert pdbs["coordinator"]["spec"]["minAvailable"] == 1
+    assert (
+        pdbs["coordinator"]["spec"]["selector"]["matchLabels"]
+        == coordinator["spec"]["selector"]["matchLabels"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -485,10 +499,10 @@ def test_gpu_renders_autoscale_on_worker_demand_with_gpus_and_a_model_claim(key)
 
 
 @pytest.mark.parametrize("key", ["kustomize:cpu-demo", "helm:default", "helm:default-extras"])
-def test_cpu_demo_is_one_coordinator_and_two_workers_on_a_generated_tiny_model(key):
+def test_cpu_demo_is_two_coordinators_and_two_workers_on_a_generated_tiny_model(key):
     docs = rendered(key)
     worker = workload(docs, "worker")
-    assert worker["spec"]["replicas"] == 2 and workload(docs, "coordinator")["spec"]["replicas"] == 1
+    assert worker["spec"]["replicas"] == 2 and workload(docs, "coordinator")["spec"]["replicas"] == 2
     assert not objects(docs, "HorizontalPodAutoscaler")
     spec = worker["spec"]["template"]["spec"]
     (init,) = spec["initContainers"]
@@ -1045,7 +1059,7 @@ for _h, _labels in EXPORTED_HISTOGRAMS.items():
     EXPORTED_METRICS[f"{_h}_sum"] = _labels
     EXPORTED_METRICS[f"{_h}_count"] = _labels
 # Values the label `state` takes (coordinator/pool.py STATES).
-WORKER_STATES = {"joining", "idle", "busy", "draining", "unhealthy", "aborting", "incompatible"}
+WORKER_STATES = {"joining", "idle", "busy", "draining", "unhealthy", "aborting", "incompatible", "elsewhere"}
 # Labels Prometheus adds to every scraped series (ServiceMonitor or pod-annotation scraping).
 TARGET_LABELS = {"namespace", "job", "pod", "instance", "service", "container", "endpoint"}
 
