@@ -10,11 +10,14 @@ through the ``hybridiff.tools`` entry points: the launch layer never imports the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import ipaddress
 import json
 import logging
 import math
 import os
+import re
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
@@ -150,8 +153,27 @@ def add_generation_flags(p: argparse.ArgumentParser, request_model: bool = True)
     p.add_argument("--format", choices=labels(OutputFormat), default="png", help="the output's encoding")
     p.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality, 1..100 (default 90)")
     p.add_argument("--request-id", default="", help="your id for the request (default: one is assigned)")
-    p.add_argument("--out", required=True, help="where to write the image")
+    p.add_argument("--out", required=True, help="where to write the image (-: to stdout, alone there)")
     p.add_argument("--stats-json", default=None, help="also write the run's statistics as JSON here")
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """``--out -`` (the image on stdout) takes one image: refused before anything runs."""
+    if args.out == "-" and args.num_images != 1:
+        raise InvalidArgument("out", f"--out - writes one image to stdout, not {args.num_images}")
+
+
+def emit_outputs(args: argparse.Namespace, images: list[bytes], stats: dict) -> None:
+    """Write the outputs; with ``--out -`` the image's bytes are all that stdout carries (the
+    ``wrote`` line of ``--stats-json`` goes to stderr)."""
+    if args.out != "-":
+        write_outputs(args, images, stats)
+        return
+    sys.stdout.buffer.write(images[0])
+    sys.stdout.flush()
+    if args.stats_json:
+        with contextlib.redirect_stdout(sys.stderr):
+            write_outputs(argparse.Namespace(out="", stats_json=args.stats_json), [], stats)
 
 
 def request_input(args: argparse.Namespace) -> pb.GenerateRequest:
@@ -226,8 +248,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         config=resolve_config(args),
     )
     try:
+        check_out(args)
         spec = engine.resolve(request_input(args))
-        with tqdm(total=spec.num_steps, desc=label(spec.mode), unit="step", disable=args.quiet) as bar:
+        quiet = args.quiet or not sys.stderr.isatty()  # a bar only on a terminal
+        with tqdm(total=spec.num_steps, desc=label(spec.mode), unit="step", disable=quiet) as bar:
 
             def on_step(stat, total):
                 bar.set_postfix_str(
@@ -241,7 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     images = result.images or [result.latents.data]
     # The statistics as the public API gives them: one --stats-json format for run and generate.
     response = response_to_proto(result, spec.width, spec.height, spec.output_format)
-    write_outputs(args, images, response_json(response))
+    emit_outputs(args, images, response_json(response))
     return EXIT_OK
 
 
@@ -394,23 +418,29 @@ def client_for(args: argparse.Namespace) -> DiffusionClient:
 def cmd_generate(args: argparse.Namespace) -> int:
     # The CLI is an application: it configures the OpenTelemetry SDK (from OTEL_* variables) when installed.
     telemetry.setup_tracing_if_installed("hybridiff-client")
+    check_out(args)
     request = request_input(args)
-    bar = tqdm(unit="step", disable=args.quiet)
+    show_bar = not args.quiet and sys.stderr.isatty()  # never into a pipe or a log file
+    bars: list[tqdm] = []  # made at the first progress event: once the request is accepted
 
     def on_progress(p) -> None:
-        bar.total = p.total_steps
-        bar.set_postfix_str(
+        if not show_bar:
+            return
+        if not bars:
+            bars.append(tqdm(total=p.total_steps, unit="step", file=sys.stderr))
+        bars[0].set_postfix_str(
             label(Phase(p.phase)) + (f" rel-MAE {p.rel_mae:.4f}" if p.HasField("rel_mae") else "")
         )
-        bar.update(1)
+        bars[0].update(1)
 
     with client_for(args) as client:
         try:
             response = client.generate_request(request, on_progress=on_progress)
         finally:
-            bar.close()
+            for bar in bars:
+                bar.close()
             telemetry.shutdown_tracing()
-    write_outputs(args, [image.data for image in response.images], response_json(response))
+    emit_outputs(args, [image.data for image in response.images], response_json(response))
     return EXIT_OK
 
 
@@ -499,6 +529,92 @@ def add_policy_flag(p: argparse.ArgumentParser) -> None:
 
 
 # --- the parser -------------------------------------------------------------------------
+# `hybridiff --help` lists the user's commands in this order, then the developer tools apart.
+USER_COMMANDS = (
+    "local",
+    "generate",
+    "models",
+    "status",
+    "run",
+    "download",
+    "worker",
+    "coordinator",
+    "curve-keys",
+    "loadtest",
+    "gpu-check",
+)
+DEVELOPER_TOOLS = {
+    "tiny-model": None,  # built in: its own help
+    "train-default-model": "train the embedded default model (models/shapes-sdxl) on CPU",
+    "adherence": "the default model's held-out prompt adherence and rel-MAE curves",
+    "bench": "every mode side by side through the service: latency, speedup, image agreement",
+    "gpu-profile": "GPU profile of full-size SDXL / SD3 denoisers and the two-GPU latency it predicts",
+    "load-sweep": "latency and SLO attainment against offered load, per allocation policy",
+    "poolsim": "the allocation policies on simulated GPU pools",
+}
+TOOL_HELP = {
+    "loadtest": "load a running service (gRPC or HTTP) at a rate or a concurrency: latency, SLO",
+    "gpu-check": "every mode end to end on this host's GPU(s), checked against single",
+}
+NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: an unknown flag is reported with this command's usage and the
+    closest of its flags ("did you mean --prompt?"), also when its misspelling hid a required
+    flag (``--promt x`` is reported as such, not as a missing ``--prompt``)."""
+
+    _argv: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def unknown_flags(self, argv: list[str]) -> list[str]:
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        found = []
+        for token in argv:
+            if token == "--":
+                break
+            flag = token.split("=", 1)[0]
+            if not flag.startswith("-") or flag == "-" or NUMBER.match(flag):
+                continue
+            if flag in self._option_string_actions:
+                continue
+            if flag.startswith("--") and sum(o.startswith(flag) for o in known) == 1:
+                continue  # an unambiguous abbreviation: argparse takes it
+            found.append(flag)
+        return found
+
+    def suggest(self, flag: str) -> str:
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        return f"{flag} (did you mean {close[0]}?)" if close else flag
+
+    def error(self, message: str):
+        unknown = self.unknown_flags(self._argv)
+        if unknown:
+            message = "unrecognized arguments: " + ", ".join(self.suggest(f) for f in unknown)
+        super().error(message)
+
+
+def group_commands(parser: argparse.ArgumentParser, sub) -> None:
+    """Show the user's commands first, in USER_COMMANDS order, and the developer tools in a group
+    of their own (every command still parses as before)."""
+    listed = {action.dest: action for action in sub._choices_actions}
+    order = [name for name in USER_COMMANDS if name in listed]
+    order += [name for name in listed if name not in order and name not in DEVELOPER_TOOLS]
+    sub._choices_actions[:] = [listed[name] for name in order]
+    tools = parser.add_argument_group(
+        "developer tools", "building the default model, benchmarks and simulations (not needed to serve)"
+    )
+    for name, help_text in DEVELOPER_TOOLS.items():
+        if name in listed:
+            if help_text:
+                listed[name].help = help_text
+            tools._group_actions.append(listed[name])
+
+
 def tool_commands() -> dict[str, object]:
     """The tool commands installed as ``hybridiff.tools`` entry points (name -> entry point)."""
     return {ep.name: ep for ep in entry_points(group=TOOLS_GROUP)}
@@ -526,13 +642,17 @@ def add_log_format_flag(p: argparse.ArgumentParser) -> None:
 def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridiff",
-        description=__doc__.split("\n\n")[0],
+        description="Serve diffusion models on pairs of workers (hybrid data-pipeline parallelism). "
+        "Start with `hybridiff local`, then `hybridiff generate --prompt ... --out image.png`; "
+        "`hybridiff COMMAND --help` for a command's flags.",
         epilog="Exit codes: 0 ok, 2 bad usage or invalid argument, 3 unavailable or "
-        "deadline exceeded, 4 other server error.",
+        "deadline exceeded, 4 other server error, 130 cancelled (Ctrl-C).",
     )
     parser.add_argument("--version", action="version", version=f"hybridiff {package_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command", required=True, title="commands", metavar="COMMAND", parser_class=CommandParser
+    )
 
     p = sub.add_parser("tiny-model", help="write a small random SDXL- or SD3-shaped model (diffusers format)")
     p.add_argument("--arch", required=True, choices=("sdxl", "sd3"), help="the architecture")
@@ -793,7 +913,9 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.set_defaults(func=cmd_curve_keys)
 
     for name, ep in sorted((tools or {}).items()):
-        sub.add_parser(name, add_help=False, help=f"a tool ({ep.value}); see `hybridiff {name} --help`")
+        help_text = TOOL_HELP.get(name) or DEVELOPER_TOOLS.get(name) or f"a tool ({ep.value})"
+        sub.add_parser(name, add_help=False, help=help_text)
+    group_commands(parser, sub)
     return parser
 
 
@@ -821,7 +943,11 @@ def main(argv: list[str] | None = None) -> int:
                 level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
             )
             return tools[argv[0]].load()(argv[1:])
-        args = build_parser(tools).parse_args(argv)
+        parser = build_parser(tools)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # the subcommand's usage and a suggestion, not the top-level usage
+            command = parser._subparsers._group_actions[0].choices[args.command]
+            command.error("unrecognized arguments: " + " ".join(unknown))
         logs.setup_logging(
             getattr(args, "log_format", "text"), logging.INFO if args.verbose else logging.WARNING
         )
@@ -836,7 +962,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(line, file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: a call in flight is cancelled as the channel closes
+        print("cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
