@@ -120,7 +120,7 @@ def resolve_config(args: argparse.Namespace) -> Path | None:
     config = getattr(args, "config", None)
     if not config:
         return None
-    from gpu_worker import weights  # deferred, as in resolve_model
+    from gpu_worker import weights  # deferred: huggingface_hub, as in resolve_model
 
     token = weights.read_token(getattr(args, "hf_token_file", None))
     return weights.resolve(
