@@ -44,7 +44,7 @@ def dry_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu-check")
     out = tmp / "out" / "gpu_check.json"
     proc = gpu_check(
-        "--device", "cpu", "--steps", "10", "--tau-cap", "4", "--k", "2",
+        "--device", "cpu", "--steps", "10", "--tau-cap", "4", "--k", "2", "--run-modes", "hybrid",
         "--out", str(out), "--model-cache", str(tmp / "models"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,6 +79,18 @@ def test_the_dry_run_checks_every_mode_of_both_models(dry_run):
             "pipeline",
         }
         assert p["compute_seconds"]["b2"] > 0 and p["modes"]["hybrid"]["ideal_speedup"] > 1
+        # After the default size: every mode at a second, non-square size, and with two images.
+        second, two = p["scenarios"]["second-size"], p["scenarios"]["num-images-2"]
+        assert (second["height"], second["width"], second["num_images"]) == (64, 96, 1)
+        assert (two["height"], two["width"], two["num_images"]) == (64, 64, 2)
+        for sc in (second, two):
+            assert list(sc["modes"]) == list(MODES)
+            for name, m in sc["modes"].items():
+                assert m["mode_used"] == name and m["images"] == sc["num_images"]
+                assert name == "single" or m["psnr_ok"]
+        # ``hybridiff run`` first (the in-process pair), as asked: HYBRID here.
+        (run,) = result["run"][arch]
+        assert run["compile"] == "none" and run["failures"] == [] and list(run["modes"]) == ["hybrid"]
     assert "model compile" in stdout and "all checks passed" in stdout
     for arch in ("sdxl", "sd3"):
         for name in MODES:
@@ -100,6 +112,8 @@ def test_a_cluster_that_does_not_start_fails_loudly(tmp_path, capsys):
         str(out),
         "--model-cache",
         str(tmp_path / "models"),
+        "--run-modes",
+        "",  # the cluster's failure alone (``hybridiff run`` would fail on that model first)
     ]
     assert check.main(argv) == 1
     stdout = capsys.readouterr().out

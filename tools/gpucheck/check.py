@@ -13,6 +13,13 @@ compiled SINGLE against the eager one), and prints a summary table. It exits 1 w
 fails, a mode does not run as asked, an image is degenerate (constant: e.g. NaN latents) or a
 PSNR is below the mode's bound; 0 otherwise. ``--device cpu`` is the dry run (tiny models,
 their own small size): the test suite runs it.
+
+What will break on a first device run is tried first, in this order: ``hybridiff run`` (the
+in-process pair, two device threads) eager, then compiled (CUDA graphs on CUDA), SINGLE and
+HYBRID each, HYBRID's PSNR against SINGLE and the compiled SINGLE against the eager one; then,
+in each cluster pass after the default size's modes, every mode at a second, non-square size
+(768x1344 full, a small one on the tiny models: a shape the compiled workers did not warm up)
+and every mode with ``num_images=2``, each mode's PSNR against that scenario's SINGLE.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,6 +64,8 @@ MODES = (
     ("hybrid", Mode.HYBRID),
 )
 WINDOWED = ("pipeline", "hybrid")  # modes that must open a pipeline window to have been tested
+RUN_MODES = (("single", Mode.SINGLE), ("hybrid", Mode.HYBRID))  # ``hybridiff run``'s scenario
+FULL_SECOND_SIZE = (768, 1344)  # (height, width): the second size on the full-size models
 PROMPT, SEED = "a red circle on the left", 0
 # PSNR (dB) each mode's image must reach against SINGLE's in the same pass, and the compiled
 # SINGLE against the eager one. CFG_PARALLEL is SINGLE's arithmetic at batch 1 (the suite holds it
@@ -144,6 +154,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument(
+        "--run-modes",
+        default="single,hybrid",
+        help="the modes `hybridiff run` tries first, a process each (comma-separated: single, hybrid; "
+        "empty: none)",
+    )
+    p.add_argument(
         "--min-psnr",
         action="append",
         default=[],
@@ -165,6 +181,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.compile in (None, "auto"):  # the worker's own auto, made explicit
         args.compile = "reduce-overhead" if cuda else "none"
     args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    args.run_modes = [m.strip() for m in args.run_modes.split(",") if m.strip()]
+    if set(args.run_modes) - {name for name, _ in RUN_MODES}:
+        p.error("--run-modes: expected some of single, hybrid")
     if not args.archs or set(args.archs) - set(ARCHS):
         p.error(f"--archs: expected some of {', '.join(ARCHS)}")
     if args.repeats < 1 or args.warmup < 0 or args.workers < 2:
@@ -191,6 +210,9 @@ class PassResult:
     failures: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     request: dict[str, Any] = field(default_factory=dict)
+    # scenario ("second-size", "num-images-2") -> mode -> its run and how many images came back
+    scenarios: dict[str, dict[str, tuple[Run, int]]] = field(default_factory=dict)
+    scenario_requests: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def request_params(info: pb.ModelInfo, args: argparse.Namespace) -> dict[str, Any]:
@@ -213,6 +235,24 @@ def request_params(info: pb.ModelInfo, args: argparse.Namespace) -> dict[str, An
     }
 
 
+def second_size(params: dict[str, Any], args: argparse.Namespace) -> tuple[int, int]:
+    """(height, width) of the second-size scenario: 768x1344 on the full models at 1024, else the
+    pass's side by one and a half times it (a multiple of 16, within the tiny models' 2x limit)."""
+    side = params["width"]
+    if args.models == "full" and side == 1024:
+        return FULL_SECOND_SIZE
+    return side, max(16, side * 3 // 2 // 16 * 16)
+
+
+def scenarios(params: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """The cluster scenarios after the default size's modes: a second size, and two images."""
+    height, width = second_size(params, args)
+    return [
+        ("second-size", {**params, "height": height, "width": width}),
+        ("num-images-2", {**params, "num_images": 2}),
+    ]
+
+
 def _generate(
     client: DiffusionClient, mode: Mode, params: dict[str, Any], timeout: float
 ) -> tuple[float, Any]:
@@ -226,6 +266,7 @@ def _generate(
         height=params["height"],
         mode=mode,
         hybrid=params["hybrid"],
+        num_images=params.get("num_images", 1),
         timeout=timeout,
     )
     return time.perf_counter() - start, gen
@@ -271,6 +312,12 @@ def run_pass(
             for name, mode in MODES:
                 _request(client, name, mode, params, args, result, keep=True)
         result.timings["timed_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        for scenario, scenario_params in scenarios(params, args):
+            result.scenario_requests[scenario] = scenario_params
+            for name, mode in MODES:
+                _scenario_request(client, scenario, name, mode, scenario_params, args, result)
+        result.timings["scenarios_s"] = time.perf_counter() - started
     except HybridiffError as exc:
         result.failures.append(f"the cluster did not answer: {exc}")
     finally:
@@ -295,6 +342,113 @@ def _request(
         return
     if keep:
         result.runs.setdefault(name, []).append(Run(name, PROMPT, SEED, latency, gen.stats, gen.data[0]))
+
+
+def _scenario_request(
+    client: DiffusionClient,
+    scenario: str,
+    name: str,
+    mode: Mode,
+    params: dict[str, Any],
+    args: argparse.Namespace,
+    result: PassResult,
+) -> None:
+    try:
+        latency, gen = _generate(client, mode, params, args.request_timeout)
+    except HybridiffError as exc:
+        result.failures.append(f"{scenario} {name}: the request failed: {exc}")
+        return
+    run = Run(name, PROMPT, SEED, latency, gen.stats, gen.data[0])
+    result.scenarios.setdefault(scenario, {})[name] = (run, len(gen.data))
+
+
+def summarize_scenarios(p: PassResult, bounds: dict[str, float]) -> dict[str, Any]:
+    """Each scenario's modes: latency, the mode used, images, PSNR against the scenario's SINGLE;
+    appends what failed to ``p.failures``."""
+    out: dict[str, Any] = {}
+    for scenario, runs in p.scenarios.items():
+        wanted = p.scenario_requests[scenario].get("num_images", 1)
+        single = runs.get("single")
+        modes: dict[str, Any] = {}
+        for name, (run, images) in runs.items():
+            used = label(Mode(run.stats.mode_used))
+            rec: dict[str, Any] = {"latency_s": run.latency, "mode_used": used, "images": images}
+            if used != name:
+                p.failures.append(f"{scenario} {name}: ran as {used}")
+            if images != wanted:
+                p.failures.append(f"{scenario} {name}: {images} images, asked for {wanted}")
+            if degenerate(run.image):
+                p.failures.append(f"{scenario} {name}: the image is constant (NaN or infinite latents?)")
+            if name != "single" and single is not None:
+                value = psnr(run.image, single[0].image)
+                rec.update(psnr_vs_single=value, psnr_bound=bounds[name], psnr_ok=value >= bounds[name])
+                if not rec["psnr_ok"]:
+                    p.failures.append(
+                        f"{scenario} {name}: PSNR vs single {value:.1f} dB < bound {bounds[name]:.1f} dB"
+                    )
+            modes[name] = rec
+        request = p.scenario_requests[scenario]
+        out[scenario] = {
+            "width": request["width"],
+            "height": request["height"],
+            "num_images": wanted,
+            "modes": modes,
+        }
+    return out
+
+
+# --- ``hybridiff run``: the in-process pair -------------------------------------------------
+def run_inprocess(
+    arch: str, model_dir: Path, compile_mode: str, args: argparse.Namespace, out_dir: Path
+) -> dict[str, Any]:
+    """SINGLE and HYBRID through ``hybridiff run`` (a process each, as a user runs it) at the
+    default size: latency, images, HYBRID's PSNR against SINGLE. ``failures`` lists what failed."""
+    rec: dict[str, Any] = {"compile": compile_mode, "modes": {}, "failures": []}
+    images: dict[str, bytes] = {}
+    for name, _ in RUN_MODES:
+        if name not in args.run_modes:
+            continue
+        png = out_dir / f"{arch}-{compile_mode}-{name}.png"
+        cmd = [sys.executable, "-m", "launch.cli", "run", "--model", str(model_dir), "--quiet"]
+        cmd += ["--dtype", args.dtype, "--compile", compile_mode, "--mode", name]
+        cmd += ["--prompt", PROMPT, "--seed", str(SEED), "--out", str(png)]
+        if args.devices:
+            cmd += ["--device", args.devices[0]]
+        if args.variant:
+            cmd += ["--variant", args.variant]
+        for flag, value in (
+            ("--steps", args.steps),
+            ("--guidance", args.guidance),
+            ("--tau-cap", args.tau_cap),
+        ):
+            if value is not None:
+                cmd += [flag, str(value)]
+        if args.k is not None:
+            cmd += ["--k", str(args.k)]
+        if args.size is not None:
+            cmd += ["--width", str(args.size), "--height", str(args.size)]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.request_timeout)
+        except subprocess.TimeoutExpired:
+            rec["failures"].append(f"run {name}: no image within {args.request_timeout:.0f}s")
+            continue
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0 or not png.exists():
+            rec["failures"].append(f"run {name}: exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
+            continue
+        images[name] = png.read_bytes()
+        rec["modes"][name] = {"process_s": seconds}
+        if degenerate(images[name]):
+            rec["failures"].append(f"run {name}: the image is constant (NaN or infinite latents?)")
+    if "single" in images and "hybrid" in images:
+        value = psnr(images["hybrid"], images["single"])
+        bound = args.bounds["hybrid"]
+        rec["modes"]["hybrid"].update(psnr_vs_single=value, psnr_bound=bound, psnr_ok=value >= bound)
+        if value < bound:
+            rec["failures"].append(f"run hybrid: PSNR vs single {value:.1f} dB < bound {bound:.1f} dB")
+    rec["images"] = images
+    return rec
 
 
 # --- what a pass measured ---------------------------------------------------------------
@@ -495,6 +649,22 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{arch:5} {pr['compile']:15} workers share a device ({', '.join(pr['devices'])}): "
                     "correctness and copy costs count, not speed"
                 )
+    for arch, runs in result.get("run", {}).items():
+        for r in runs:
+            for name, m in r["modes"].items():
+                psnr_text = f" PSNR vs single {_db(m['psnr_vs_single'])} dB" if "psnr_vs_single" in m else ""
+                lines.append(f"{arch:5} run {r['compile']:15} {name:12} {m['process_s']:.1f} s{psnr_text}")
+    for arch, passes in result["archs"].items():
+        for pr in passes:
+            for scenario, sc in pr.get("scenarios", {}).items():
+                for name, m in sc["modes"].items():
+                    psnr_text = (
+                        f" PSNR vs single {_db(m['psnr_vs_single'])} dB" if "psnr_vs_single" in m else ""
+                    )
+                    lines.append(
+                        f"{arch:5} {pr['compile']:15} {scenario} {sc['height']}x{sc['width']} "
+                        f"x{sc['num_images']} {name:12} {m['latency_s']:.2f} s{psnr_text}"
+                    )
     if extras:
         lines += ["", "Other per-step figures in the stats:", *extras]
     if result.get("compile_skipped"):
@@ -552,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": SEED,
         },
         "compile_skipped": skipped,
+        "run": {},
         "archs": {},
         "failures": [],
     }
@@ -567,6 +738,26 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = named or ensure_model(arch, args.models, cache, args.device, args.dtype)
         model_seconds = time.perf_counter() - t0
         topology = "nested" if arch == "sdxl" else "sequential"
+        runs: list[dict[str, Any]] = []
+        for compile_mode in passes:  # ``hybridiff run`` first: eager, then compiled
+            print(
+                f"hybridiff gpu-check: {arch}: hybridiff run, compile {compile_mode}",
+                file=sys.stderr,
+                flush=True,
+            )
+            rec = run_inprocess(arch, model_dir, compile_mode, args, out_dir / "run")
+            images = rec.pop("images")
+            if compile_mode != "none" and runs and "single" in images and "single" in runs[0]["images"]:
+                value = psnr(images["single"], runs[0]["images"]["single"])
+                bound = args.bounds["compiled-single"]
+                rec["compiled_vs_eager"] = {"psnr": value, "bound": bound, "ok": value >= bound}
+                if value < bound:
+                    rec["failures"].append(
+                        f"run compiled single vs eager: PSNR {value:.1f} dB < bound {bound:.1f} dB"
+                    )
+            result["failures"] += [f"{arch} {compile_mode} {f}" for f in rec["failures"]]
+            runs.append({**rec, "images": images})
+        result["run"][arch] = [{k: v for k, v in r.items() if k != "images"} for r in runs]
         records, eager = [], None
         for compile_mode in passes:
             print(f"hybridiff gpu-check: {arch}: compile {compile_mode}", file=sys.stderr, flush=True)
@@ -578,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
             elif eager is not None:
                 comparison = compare_compiled(eager, p, args.bounds["compiled-single"])
             record = summarize_pass(p, args.bounds, topology)
+            record["scenarios"] = summarize_scenarios(p, args.bounds)
             record["compiled_vs_eager"] = comparison
             record["failures"] = list(p.failures)
             records.append(record)
