@@ -105,6 +105,7 @@ def _hybrid_input(seed: int = 7):
     )
 
 
+@pytest.mark.slow  # dynamo traces four graphs for each of the pair's two workers (about a minute here)
 def test_a_request_compiles_its_shapes_at_begin_before_any_step(model_dirs):
     """A step must not compile: its peer waits for it with a timeout sized for compiled steps."""
     from launch.inprocess import InProcessEngine
