@@ -1,0 +1,1 @@
+"""``hybridiff chaos``: a load test on a local cluster under injected faults."""
