@@ -52,7 +52,7 @@ def summary(
         f"hybrid   {t_hybrid:.2f} s on {len(hybrid.stats.workers)} workers ({window(hybrid)})",
         f"single   {t_single:.2f} s on 1 worker, the same request (saved as {args.single_out})",
         speedup_line(t_hybrid, t_single),
-        "next     README.md (call it from Python, curl or the OpenAI SDK), docs/api.md, docs/design.md",
+        "next     README.md (call it from Python, curl or the OpenAI SDK) and docs/api.md",
     ]
     lines += [
         "         keep a cluster running: .venv/bin/hybridiff local (gRPC on 127.0.0.1:50051), then",
