@@ -5,8 +5,9 @@ checked against the fault-free image of its seed, computed before the faults beg
 
 Topology: each worker's control port and each coordinator's public port sit behind a TCP
 forwarder (``tools.chaos.forwarder``), so a partition cuts a process off without killing it, and
-a restarted worker (new ports) is reached at the same address. The load's client is given both
-coordinators (``hybridiff.client`` retries a request that failed with UNAVAILABLE on the other).
+a restarted worker (new ports) is reached at the same address. Half the requests start on each
+coordinator, through a client given both (``hybridiff.client`` retries a request that failed
+with UNAVAILABLE on the other).
 Only coordinator 1 is faulted; coordinator 0 is the survivor the clients fail over to.
 
 The report: requests sent, completed, failed by code, lost (failed before their deadline, or
@@ -80,14 +81,17 @@ class SeededLoad(LoadTest):
 
 
 class _Recording:
-    """A client that keeps each response's image digest by its request's index."""
+    """Clients that keep each response's image digest by its request's index; request i goes
+    through client i mod n (one per coordinator, each failing over to the others)."""
 
-    def __init__(self, client: DiffusionClient, load: SeededLoad) -> None:
-        self.client, self.load = client, load
+    def __init__(self, clients: list[DiffusionClient], load: SeededLoad) -> None:
+        self.clients, self.load = clients, load
 
     def generate_request(self, request, timeout=None, on_progress=None):
-        response = self.client.generate_request(request, timeout=timeout, on_progress=on_progress)
-        self.load.digests[int(request.request_id.split("-")[1])] = digest(response)
+        index = int(request.request_id.split("-")[1])
+        client = self.clients[index % len(self.clients)]
+        response = client.generate_request(request, timeout=timeout, on_progress=on_progress)
+        self.load.digests[index] = digest(response)
         return response
 
 
@@ -351,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         targets = ",".join(chaos.targets)
         expected = fault_free(targets, config, args.seeds)
         print(f"fault-free images of {args.seeds} seeds computed; load with faults for {args.duration:g} s")
-        with DiffusionClient(targets) as client:
-            load = SeededLoad(client, config, args.seeds)
+        # The load starts on both coordinators, half on each (each client fails over to the other).
+        with DiffusionClient(chaos.targets) as first, DiffusionClient(chaos.targets[::-1]) as second:
+            load = SeededLoad([first, second], config, args.seeds)
             chaos.t0 = time.monotonic()
             injector = threading.Thread(
                 target=chaos.inject, args=(chaos.t0 + args.duration,), name="faults", daemon=True
