@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
+from google.protobuf.message import Message
 from opentelemetry import trace
 
 from coordinator.allocation import Decision
 from coordinator.remote import WorkerFault, as_seen_by_the_client
 from coordinator.schedule import StepSchedule
-from hybridiff import telemetry
+from hybridiff import step_stats, telemetry
 from hybridiff.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -39,7 +40,9 @@ from hybridiff.errors import (
 )
 from hybridiff.internal.v1 import dataplane_pb2, worker_pb2
 from hybridiff.protocol import Mode, OutputFormat, Phase, Role, WindowGuidance, label
+from hybridiff.protojson import message_json
 from hybridiff.request import GenerationSpec
+from hybridiff.v1 import diffusion_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -57,70 +60,6 @@ class WorkerHandle(Protocol):
 
 
 @dataclass
-class WorkerStepStat:
-    """One worker's step: compute + copies + send + receive wait + other = wall."""
-
-    phase: Phase
-    compute_seconds: float
-    wall_seconds: float
-    bytes_sent: int
-    device_to_host_copies: int = 0
-    device_to_host_seconds: float = 0.0
-    host_to_device_copies: int = 0
-    host_to_device_seconds: float = 0.0
-    send_seconds: float = 0.0
-    receive_wait_seconds: float = 0.0
-    bytes_received: int = 0
-    frame_copies: int = 0
-    frame_copy_seconds: float = 0.0
-    resolve_wait_seconds: float = 0.0  # a speculative step waiting for its phase (inside wall)
-    command_wait_seconds: float = 0.0  # waiting for this step's command (before wall began)
-    overlapped_copy_seconds: float = 0.0  # staged sends' copies on the sending thread (overlapped)
-    overlapped_send_seconds: float = 0.0
-    other_seconds: float = field(init=False, default=0.0)  # the rest: scheduler step, guidance, bookkeeping
-
-    def __post_init__(self) -> None:
-        self.other_seconds = max(
-            0.0,
-            self.wall_seconds
-            - self.compute_seconds
-            - self.copy_seconds
-            - self.wire_seconds
-            - self.resolve_wait_seconds,
-        )
-
-    @property
-    def copy_seconds(self) -> float:
-        return self.device_to_host_seconds + self.host_to_device_seconds + self.frame_copy_seconds
-
-    @property
-    def wire_seconds(self) -> float:
-        return self.send_seconds + self.receive_wait_seconds
-
-    @classmethod
-    def from_report(cls, r: worker_pb2.StepDone) -> WorkerStepStat:
-        return cls(
-            Phase(r.phase),
-            r.compute_seconds,
-            r.wall_seconds,
-            r.bytes_sent,
-            r.device_to_host_copies,
-            r.device_to_host_seconds,
-            r.host_to_device_copies,
-            r.host_to_device_seconds,
-            r.send_seconds,
-            r.receive_wait_seconds,
-            r.bytes_received,
-            r.frame_copies,
-            r.frame_copy_seconds,
-            r.resolve_wait_seconds,
-            r.command_wait_seconds,
-            r.overlapped_copy_seconds,
-            r.overlapped_send_seconds,
-        )
-
-
-@dataclass
 class StepStat:
     """One step as the coordinator saw it; the split fields describe its slowest worker, and
     critical_compute + copy + wire + worker_other + control = wall (control never below 0):
@@ -133,7 +72,7 @@ class StepStat:
     bytes_sent: int
     wall_seconds: float
     compute_seconds: float
-    workers: dict[str, WorkerStepStat] = field(default_factory=dict)
+    workers: dict[str, pb.WorkerStep] = field(default_factory=dict)  # each names its worker
     critical_compute_seconds: float = field(init=False, default=0.0)
     copy_seconds: float = field(init=False, default=0.0)
     wire_seconds: float = field(init=False, default=0.0)
@@ -149,8 +88,8 @@ class StepStat:
         it (commands and events in flight, the worker waiting for its next command)."""
         w = max(self.workers.values(), key=lambda w: w.wall_seconds)
         self.critical_compute_seconds = w.compute_seconds
-        self.copy_seconds = w.copy_seconds
-        self.wire_seconds = w.wire_seconds
+        self.copy_seconds = step_stats.copy_seconds(w)
+        self.wire_seconds = step_stats.wire_seconds(w)
         self.worker_other_seconds = w.other_seconds
         self.control_seconds = max(0.0, self.wall_seconds - (w.wall_seconds - w.resolve_wait_seconds))
 
@@ -177,9 +116,19 @@ class GenerationStats:
         return _jsonable(self)
 
 
+def _named(worker: str, report: pb.WorkerStep) -> pb.WorkerStep:
+    """A worker's step report as the public API gives it: copied whole, naming the worker."""
+    named = pb.WorkerStep()
+    named.CopyFrom(report)
+    named.worker = worker
+    return named
+
+
 def _jsonable(value):
     if isinstance(value, IntEnum):
         return label(value)
+    if isinstance(value, Message):
+        return message_json(value)
     if hasattr(value, "__dataclass_fields__"):
         return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
     if isinstance(value, dict):
@@ -540,11 +489,14 @@ class _RequestRun:
         request runs alone by design (the CFG batch, labelled SINGLE), so it never needs one."""
         if self.elastic is not None or self.schedule.mode not in (Mode.HYBRID, Mode.PIPELINE):
             return False
-        window = self.schedule.window()
-        if window is None:  # HYBRID before tau1 is known: the window is still ahead
-            return self.schedule.mode == Mode.HYBRID and self.schedule.tau1 is None
         next_step = self.checkpoint.next_step if self.checkpoint else 0
-        return next_step <= window[1]
+        window = self.schedule.window()
+        if window is not None:
+            return next_step <= window[1]
+        # HYBRID with tau1 undecided: a window is ahead only if a value still to come can open
+        # one before the last step (a short request never decides it; a late tau1 opens none).
+        monitor = self.schedule.monitor
+        return monitor.tau1 is None and max(next_step, monitor.earliest_decision_step()) < self.schedule.last
 
     def _begin(self) -> None:
         for w in self.used:
@@ -682,10 +634,10 @@ class _RequestRun:
                     step=step,
                     phase=Phase(reports[0][1].phase),
                     rel_mae=d,
-                    bytes_sent=sum(r.bytes_sent for _, r in reports),
+                    bytes_sent=sum(r.report.bytes_sent for _, r in reports),
                     wall_seconds=now - last_done,
-                    compute_seconds=max(r.compute_seconds for _, r in reports),
-                    workers={name: WorkerStepStat.from_report(r) for name, r in reports},
+                    compute_seconds=max(r.report.compute_seconds for _, r in reports),
+                    workers={name: _named(name, r.report) for name, r in reports},
                 )
                 last_done = now
                 self.stats.append(stat)

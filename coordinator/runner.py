@@ -89,7 +89,7 @@ def as_typed_error(exc: BaseException) -> HybridiffError:
     """What the client is told: a typed error as it is; anything else is this service's bug,
     logged here with its traceback and answered as INTERNAL without its text."""
     if isinstance(exc, WorkerFault):
-        return exc.error
+        exc = exc.error
     if isinstance(exc, HybridiffError):
         return exc
     log.error("request failed", exc_info=exc)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from gpu_worker.metrics import WorkerMetrics
 from hybridiff.errors import Cancelled, PeerTimeout
 from hybridiff.internal.v1 import dataplane_pb2 as pb
 from hybridiff.wire import (
@@ -127,15 +128,14 @@ class Mailbox:
         self,
         owner: str,
         device: torch.device | str = "cpu",
-        metrics=None,
+        metrics: WorkerMetrics | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_held: int = MAX_HELD_MESSAGES,
         max_held_bytes: int | None = None,
     ) -> None:
-        """``metrics``: an optional ``gpu_worker.metrics.WorkerMetrics`` (bytes received, peer waits,
-        rejected frames). A session holds at most ``max_held`` messages and ``max_held_bytes``
-        (default: four of the largest message). Messages are decoded into host memory, pinned
-        when ``device`` is a CUDA device."""
+        """``metrics``: bytes received, peer waits, rejected frames. A session holds at most
+        ``max_held`` messages and ``max_held_bytes`` (default: four of the largest message).
+        Messages are decoded into host memory, pinned when ``device`` is a CUDA device."""
         self.owner = owner
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" and torch.cuda.is_available()
@@ -276,7 +276,7 @@ class Mailbox:
         with self._cond:
             self.rejected += 1
             self.rejected_by_reason[reason] += 1
-        if self.metrics is not None and hasattr(self.metrics, "rejected_frames"):
+        if self.metrics is not None:
             self.metrics.rejected_frames.labels(reason).inc()
         message = f"{self.owner}: rejected data-plane message ({reason}): {detail}"
         if quiet:

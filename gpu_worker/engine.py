@@ -300,11 +300,9 @@ class WorkerEngine:
             )
         except (RuntimeError, ValueError) as exc:
             raise BadCommand("resume.generator_state", str(exc)) from None
-        if checkpoint.HasField("scheduler"):
-            timeline.restore_scheduler(checkpoint.scheduler, a.device, shape, checkpoint.next_step)
-        elif hasattr(timeline.scheduler, "set_begin_index"):
-            # A checkpoint without the scheduler's state (from an older worker): the step index only.
-            timeline.scheduler.set_begin_index(checkpoint.next_step)
+        if not checkpoint.HasField("scheduler"):  # every worker of this protocol version sends it
+            raise BadCommand("resume.scheduler", "the checkpoint carries no scheduler state")
+        timeline.restore_scheduler(checkpoint.scheduler, a.device, shape, checkpoint.next_step)
         if not checkpoint.HasField("last_difference"):
             return latents, None
         difference = self._checkpoint_tensor(checkpoint, "last_difference")
@@ -413,41 +411,12 @@ class WorkerEngine:
         done = wpb.StepDone(
             step=cmd.step,
             phase=phase,
-            bytes_sent=c.bytes_sent,
-            compute_seconds=c.compute_seconds,
-            wall_seconds=time.perf_counter() - start,
-            device_to_host_copies=c.device_to_host_copies,
-            device_to_host_seconds=c.device_to_host_seconds,
-            host_to_device_copies=c.host_to_device_copies,
-            host_to_device_seconds=c.host_to_device_seconds,
-            send_seconds=c.send_seconds,
-            receive_wait_seconds=c.receive_wait_seconds,
-            bytes_received=c.bytes_received,
-            frame_copies=c.frame_copies,
-            frame_copy_seconds=c.frame_copy_seconds,
-            resolve_wait_seconds=c.resolve_wait_seconds,
-            command_wait_seconds=command_wait,
-            overlapped_copy_seconds=c.overlapped_copy_seconds,
-            overlapped_send_seconds=c.overlapped_send_seconds,
+            report=c.report(phase, time.perf_counter() - start, command_wait),
         )
         if d is not None:
             done.rel_mae = d
         if self.metrics is not None:
-            name = phase.name.lower()
-            self.metrics.step_compute_seconds.labels(name).observe(done.compute_seconds)
-            self.metrics.step_seconds.labels(name).observe(done.wall_seconds)
-            for direction, count, seconds in (
-                (
-                    "to_host",
-                    done.device_to_host_copies,
-                    done.device_to_host_seconds + done.overlapped_copy_seconds,
-                ),
-                ("to_device", done.host_to_device_copies, done.host_to_device_seconds),
-                ("to_frame", done.frame_copies, done.frame_copy_seconds),
-            ):
-                if count:
-                    self.metrics.copies.labels(direction).inc(count)
-                    self.metrics.copy_seconds.labels(direction).inc(seconds)
+            self.metrics.observe_step(phase.name.lower(), done.report)
         if cmd.report_latents:
             self._fill_checkpoint(done.checkpoint, st, cmd.step + 1)
         return done
@@ -468,9 +437,7 @@ class WorkerEngine:
         self._costs.compute_seconds += time.perf_counter() - start
         return out
 
-    def _send(
-        self, st: _Active, step: int, kind: int, tensors: dict[str, torch.Tensor], cmd: wpb.StepCommand
-    ) -> None:
+    def _send(self, st: _Active, step: int, kind: int, tensors: dict[str, torch.Tensor]) -> None:
         """Stages ``tensors`` for the wire (device-to-host where the transfers need it) and sends
         them; staged buffers go back to their pool once the transport is done reading them. With
         staged transfers the copy's wait and the send run on the sending thread (``Outgoing``)
@@ -603,7 +570,7 @@ class WorkerEngine:
             mine, kept[branch], _, _ = self._timed(through_stages, st.split, x_in, t, inputs)
         else:
             mine = self._timed(a.forward, x_in, t, inputs)
-        self._send(st, cmd.step, FrameKind.BRANCH_PREDICTION, {"prediction": mine}, cmd)
+        self._send(st, cmd.step, FrameKind.BRANCH_PREDICTION, {"prediction": mine})
         other = self._recv(st, cmd.step, FrameKind.BRANCH_PREDICTION)["prediction"]
         e_u, e_c = (mine, other) if st.role == Role.U else (other, mine)
         return e_u, e_c, kept
@@ -663,11 +630,11 @@ class WorkerEngine:
             if st.role == Role.C and holder == Role.C:
                 st.stale, st.stale_step = kept["cond"], i
             elif st.role == Role.C:
-                self._send(st, i, kind, kept["cond"], cmd)  # U takes it at the next step
+                self._send(st, i, kind, kept["cond"])  # U takes it at the next step
             return
         mine = kept["uncond" if st.role == Role.U else "cond"]
         if st.role != holder:
-            self._send(st, i, kind, mine, cmd)
+            self._send(st, i, kind, mine)
             return
         theirs = self._recv(st, i, kind)
         u, c = (mine, theirs) if st.role == Role.U else (theirs, mine)
@@ -743,13 +710,13 @@ class WorkerEngine:
         if st.role == Role.U:
             if fill or not cmd.last_in_window:
                 boundary = self._timed(st.split.stage1_fwd, x_in, t, inputs)
-                self._send(st, i, FrameKind.STAGE_ACTIVATIONS, boundary, cmd)
+                self._send(st, i, FrameKind.STAGE_ACTIVATIONS, boundary)
             eps = self._recv(st, i, FrameKind.GUIDED_PREDICTION)["prediction"]
         else:
             boundary = self._boundary(st, i if fill else i - 1, FrameKind.STAGE_ACTIVATIONS)
             raw = self._timed(st.split.stage2_fwd, boundary, x_in, t, inputs)
             eps = self._window_prediction(st, raw)
-            self._send(st, i, FrameKind.GUIDED_PREDICTION, {"prediction": eps}, cmd)
+            self._send(st, i, FrameKind.GUIDED_PREDICTION, {"prediction": eps})
         self._update(st, eps, t)
 
     def _window_nested(self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in) -> None:
@@ -758,17 +725,17 @@ class WorkerEngine:
         if st.role == Role.U:
             core_in, state = self._timed(st.split.stage1_pre, x_in, t, inputs)
             if fill or not cmd.last_in_window:
-                self._send(st, i, FrameKind.STAGE_ACTIVATIONS, core_in, cmd)
+                self._send(st, i, FrameKind.STAGE_ACTIVATIONS, core_in)
             core_out = self._boundary(st, i if fill else i - 1, FrameKind.STAGE_RETURN)
             raw = self._timed(st.split.stage1_post, core_out, state)
             eps = self._window_prediction(st, raw)
-            self._send(st, i, FrameKind.GUIDED_PREDICTION, {"prediction": eps}, cmd)
+            self._send(st, i, FrameKind.GUIDED_PREDICTION, {"prediction": eps})
         else:
             # On the last window step the core's output would only feed a step that is not
             # pipelined, so the core skips it (unless that step is also the fill).
             if fill or not cmd.last_in_window:
                 core_in = self._recv(st, i, FrameKind.STAGE_ACTIVATIONS)
                 core_out = self._timed(st.split.stage2, core_in, x_in, t, inputs)
-                self._send(st, i, FrameKind.STAGE_RETURN, core_out, cmd)
+                self._send(st, i, FrameKind.STAGE_RETURN, core_out)
             eps = self._recv(st, i, FrameKind.GUIDED_PREDICTION)["prediction"]
         self._update(st, eps, t)

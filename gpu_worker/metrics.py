@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from hybridiff.v1 import diffusion_pb2 as pb
+
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -119,6 +121,20 @@ class WorkerMetrics:
             ["function"],
             registry=r,
         )
+
+    def observe_step(self, phase: str, w: pb.WorkerStep) -> None:
+        """One step's report: its compute and wall time by phase, and its copies by direction
+        (a staged send's device-to-host copy counts its overlapped time too)."""
+        self.step_compute_seconds.labels(phase).observe(w.compute_seconds)
+        self.step_seconds.labels(phase).observe(w.wall_seconds)
+        for direction, count, seconds in (
+            ("to_host", w.device_to_host_copies, w.device_to_host_seconds + w.overlapped_copy_seconds),
+            ("to_device", w.host_to_device_copies, w.host_to_device_seconds),
+            ("to_frame", w.frame_copies, w.frame_copy_seconds),
+        ):
+            if count:
+                self.copies.labels(direction).inc(count)
+                self.copy_seconds.labels(direction).inc(seconds)
 
     def compile_lookup(self, hit: bool) -> None:
         """A call through the ``CompileCache``: its shape was compiled already (hit) or not (miss)."""

@@ -55,7 +55,6 @@ from hybridiff.protocol import COORDINATOR_METADATA, WORKER_PROTOCOL_VERSION, Ph
 from hybridiff.v1 import diffusion_pb2
 
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = WORKER_PROTOCOL_VERSION  # shared with the coordinator (hybridiff.protocol)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerControlService"].full_name
 # A health-service name, not an RPC service: SERVING from start-up until the watchdog fires.
 # Kubernetes' liveness probe asks for it (readiness asks for ""), so a stalled worker restarts.
@@ -301,7 +300,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             ),
             device=str(self.adapter.device),
             dtype=str(self.adapter.dtype).removeprefix("torch."),
-            protocol_version=PROTOCOL_VERSION,
+            protocol_version=WORKER_PROTOCOL_VERSION,
             weights_digest=self.weights_digest,
             active_request_id=self._active_request_id,
         )

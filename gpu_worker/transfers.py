@@ -38,12 +38,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
 
 from hybridiff.errors import PeerTimeout
+from hybridiff.step_stats import other_seconds
+from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.wire import Payload
 
 PER_KEY = 4  # buffers of one shape and dtype: a step has at most a few sends of one kind in flight
@@ -64,7 +66,8 @@ class Tracker(Protocol):
 
 @dataclass
 class StepCosts:
-    """What one step spent on the compute thread besides compute, with counts and bytes."""
+    """What one step spent on the compute thread besides compute, with counts and bytes: the
+    fields of the public ``WorkerStep`` the step accumulates, by the same names (``report``)."""
 
     compute_seconds: float = 0.0
     device_to_host_copies: int = 0
@@ -98,6 +101,18 @@ class StepCosts:
         self.pending.clear()
         self.compute_events.clear()
         return self
+
+    def report(self, phase: int, wall_seconds: float, command_wait_seconds: float) -> pb.WorkerStep:
+        """The step as the worker reports it (``StepDone.report``), once ``finish``ed."""
+        counted = {f.name: getattr(self, f.name) for f in fields(self) if f.name in _REPORTED}
+        w = pb.WorkerStep(
+            phase=phase, wall_seconds=wall_seconds, command_wait_seconds=command_wait_seconds, **counted
+        )
+        w.other_seconds = other_seconds(w)
+        return w
+
+
+_REPORTED = set(pb.WorkerStep.DESCRIPTOR.fields_by_name)
 
 
 @dataclass(eq=False)

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from coordinator.driver import GenerationResult, StepStat, drive_request
+from coordinator.remote import WorkerFault
 from gpu_worker import compiled
 from gpu_worker.dataplane import InMemoryLink, Mailbox
 from gpu_worker.device_thread import DeviceThread
@@ -133,9 +134,12 @@ class InProcessEngine:
         cut = self._split_cut
         if cut is None and mode in (Mode.HYBRID, Mode.PIPELINE):
             cut = self.split_plan(spec.height, spec.width).cut
-        return drive_request(
-            spec, mode, self.workers, split_cut=cut, on_step=on_step, check_alive=check_alive
-        )
+        try:
+            return drive_request(
+                spec, mode, self.workers, split_cut=cut, on_step=on_step, check_alive=check_alive
+            )
+        except WorkerFault as fault:  # no pool to quarantine in: what the caller is told
+            raise fault.error from None
 
     def close(self) -> None:
         for w in self.workers:

@@ -7,8 +7,8 @@ from coordinator.allocation import (
     CostBook,
     Decision,
     Policy,
-    PoolView,
     PolicyCosts,
+    PoolView,
     admission,
     at_boundary,
 )

@@ -1037,9 +1037,3 @@ def test_after_close_a_queued_request_starts_nothing(pool, fakes):
     assert states(pool) == {"w1": IDLE, "w2": IDLE, "w3": IDLE}
     with pytest.raises(Unavailable, match="draining"):
         pool.acquire("sd3", 1, False, "r3", timeout=1)
-
-
-def test_the_coordinator_expects_the_workers_protocol_version():
-    from gpu_worker.service import PROTOCOL_VERSION  # the roles never import each other; a test may
-
-    assert WORKER_PROTOCOL_VERSION == PROTOCOL_VERSION

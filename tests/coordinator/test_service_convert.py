@@ -5,13 +5,14 @@ as enums, raw latents split per image, the model's limits reach ListModels."""
 import pytest
 import torch
 
-from coordinator.driver import GenerationResult, GenerationStats, StepStat, WorkerStepStat
+from coordinator.driver import GenerationResult, GenerationStats, StepStat
 from coordinator.runner import model_rules
 from coordinator.service import model_info_to_proto, response_to_proto, step_stat_to_proto
 from hybridiff.errors import InvalidArgument
 from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance
 from hybridiff.request import resolve_spec
+from hybridiff.step_stats import other_seconds
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.wire import tensor_from_proto, tensor_to_proto
 
@@ -60,9 +61,22 @@ def test_an_unknown_wire_enum_and_too_many_images_are_named():
     assert err.value.field == "num_images"
 
 
+def _report(worker: str, **fields) -> pb.WorkerStep:
+    """A worker's step report as the worker makes it (``other_seconds`` by ``step_stats``)."""
+    w = pb.WorkerStep(worker=worker, phase=Phase.DATA_PARALLEL, **fields)
+    w.other_seconds = other_seconds(w)
+    return w
+
+
 def _result(latents, images, mime, tau1=None):
     step = StepStat(
-        0, Phase.DATA_PARALLEL, 0.25, 10, 0.1, 0.05, {"u": WorkerStepStat(Phase.DATA_PARALLEL, 0.05, 0.1, 5)}
+        0,
+        Phase.DATA_PARALLEL,
+        0.25,
+        10,
+        0.1,
+        0.05,
+        {"u": _report("u", compute_seconds=0.05, wall_seconds=0.1, bytes_sent=5)},
     )
     stats = GenerationStats(
         Mode.HYBRID,
@@ -118,8 +132,20 @@ def test_list_models_shows_the_size_rules_and_the_image_limit():
 
 def test_step_stats_carry_the_overhead_split():
     """Each worker's split travels; the step's split is its slowest worker's, plus control."""
-    u = WorkerStepStat(Phase.DATA_PARALLEL, 0.05, 0.1, 5, 1, 0.01, 2, 0.005, 0.002, 0.02, 7)
-    c = WorkerStepStat(Phase.DATA_PARALLEL, 0.06, 0.08, 5)
+    u = _report(
+        "u",
+        compute_seconds=0.05,
+        wall_seconds=0.1,
+        bytes_sent=5,
+        device_to_host_copies=1,
+        device_to_host_seconds=0.01,
+        host_to_device_copies=2,
+        host_to_device_seconds=0.005,
+        send_seconds=0.002,
+        receive_wait_seconds=0.02,
+        bytes_received=7,
+    )
+    c = _report("c", compute_seconds=0.06, wall_seconds=0.08, bytes_sent=5)
     step = StepStat(0, Phase.DATA_PARALLEL, 0.25, 10, 0.12, 0.06, {"u": u, "c": c})
     assert u.other_seconds == pytest.approx(0.1 - 0.05 - 0.015 - 0.022)
     assert (step.critical_compute_seconds, step.control_seconds) == (0.05, pytest.approx(0.02))

@@ -20,6 +20,7 @@ import torch
 from cluster_helpers import make_input
 
 from coordinator.driver import drive_request, worker_request
+from coordinator.remote import WorkerFault
 from gpu_worker import scheduler_state
 from gpu_worker.dataplane import InMemoryLink, Mailbox
 from gpu_worker.engine import WorkerEngine
@@ -164,12 +165,14 @@ def test_a_request_resumed_mid_way_is_bit_identical(adapters, pairs, scheduler, 
     mode = Mode.SINGLE if single else Mode.CFG_PARALLEL
     spec = _spec(adapter, mode="single" if single else "cfg-parallel")
     first = pairs(adapter, "a")
-    unbroken = _run(spec, mode, first, recover=lambda failed, survivors: pytest.fail("nothing failed"))
+    unbroken = _run(
+        spec, mode, first, recover=lambda failed, survivors, needs_pair: pytest.fail("nothing failed")
+    )
 
     second = pairs(adapter, "b")
     replacements = pairs(adapter, "c")
 
-    def recover(failed, survivors):
+    def recover(failed, survivors, needs_pair):
         if recovery == "lone-survivor":
             return survivors  # runs both branches one after the other at batch 1
         return replacements[:1] if single else replacements
@@ -183,24 +186,22 @@ def test_a_request_resumed_mid_way_is_bit_identical(adapters, pairs, scheduler, 
     assert broken.images[0] == unbroken.images[0]
 
 
-def test_the_multistep_history_is_what_makes_it_exact(adapters, pairs):
-    """The same break with the scheduler's state taken out of the checkpoint: the old, step
-    index only resume. It gives another image — the test above would catch a lost history."""
+def test_a_checkpoint_without_the_schedulers_state_is_refused(adapters, pairs):
+    """Resuming a multistep scheduler from the step index alone would lose its history and give
+    another image: a worker refuses such a checkpoint rather than resume inexactly."""
     adapter = adapters["dpm"]
     spec = _spec(adapter, mode="cfg-parallel")
-    unbroken = _run(spec, Mode.CFG_PARALLEL, pairs(adapter, "a"), recover=None)
-
     second, third = pairs(adapter, "b"), pairs(adapter, "c")
-    broken = _run(
-        spec,
-        Mode.CFG_PARALLEL,
-        [_Handle(second[0], 5), second[1]],
-        lambda failed, survivors: [
-            _Handle(w, edit_resume=lambda cp: cp.ClearField("scheduler")) for w in third
-        ],
-    )
-    assert any("resumed at step 5" in n for n in broken.stats.notes)
-    assert not torch.equal(_latents(broken), _latents(unbroken))
+    with pytest.raises(WorkerFault) as failed:
+        _run(
+            spec,
+            Mode.CFG_PARALLEL,
+            [_Handle(second[0], 5), second[1]],
+            lambda failed, survivors, needs_pair: [
+                _Handle(w, edit_resume=lambda cp: cp.ClearField("scheduler")) for w in third
+            ],
+        )
+    assert "resume.scheduler" in str(failed.value.error)
 
 
 # --- the window policy's state ----------------------------------------------------------------------
@@ -220,7 +221,7 @@ def test_a_last_difference_resume_at_the_window_keeps_the_difference(adapters, p
 
     second, third = pairs(adapter, "b"), pairs(adapter, "c")
     # U fails the window's fill step: the new pair resumes there, with the difference of step 5
-    broken = _run(spec, Mode.HYBRID, [_Handle(second[0], 6), second[1]], lambda f, s: third)
+    broken = _run(spec, Mode.HYBRID, [_Handle(second[0], 6), second[1]], lambda f, s, needs_pair: third)
     assert any("resumed at step 6" in n for n in broken.stats.notes)
     assert torch.equal(_latents(broken), _latents(unbroken))
     assert broken.images[0] == unbroken.images[0]
@@ -237,7 +238,7 @@ def test_a_resume_in_the_speculative_steps_is_bit_identical(adapters, pairs, pol
     unbroken = _run(spec, Mode.HYBRID, pairs(adapter, "a"), recover=None)
     assert (unbroken.stats.tau1, unbroken.stats.tau2) == (6, 9)
     second, third = pairs(adapter, "b"), pairs(adapter, "c")
-    broken = _run(spec, Mode.HYBRID, [_Handle(second[0], fail_at), second[1]], lambda f, s: third)
+    broken = _run(spec, Mode.HYBRID, [_Handle(second[0], fail_at), second[1]], lambda f, s, needs_pair: third)
     assert any(f"resumed at step {fail_at}" in n for n in broken.stats.notes)
     resolved = [
         s.step for s in broken.stats.steps if all(w.resolve_wait_seconds > 0 for w in s.workers.values())
@@ -253,7 +254,7 @@ def test_every_window_checkpoint_carries_the_last_difference(adapters, pairs):
     spec = _hybrid(adapter)
     first = pairs(adapter, "a")
     u = _Recording(first[0])
-    _run(spec, Mode.HYBRID, [u, first[1]], recover=lambda f, s: pytest.fail("nothing failed"))
+    _run(spec, Mode.HYBRID, [u, first[1]], recover=lambda f, s, needs_pair: pytest.fail("nothing failed"))
     assert set(u.checkpoints) == set(range(1, 13))
     assert all(cp.HasField("last_difference") for cp in u.checkpoints.values())  # every phase-1 step measures
     measured = tensor_from_proto(u.checkpoints[6].last_difference)  # of step 5, the last before the window
@@ -268,7 +269,7 @@ def test_every_window_checkpoint_carries_the_last_difference(adapters, pairs):
             spec,
             Mode.HYBRID,
             [_Handle(broken[0], 8), broken[1]],
-            lambda failed, survivors: [_Handle(w, edit_resume=edit_resume) for w in new],
+            lambda failed, survivors, needs_pair: [_Handle(w, edit_resume=edit_resume) for w in new],
         )
         assert any("resumed at step 8" in n for n in result.stats.notes)
         return _latents(result)
@@ -574,7 +575,9 @@ def test_the_engine_refuses_a_checkpoint_that_does_not_fit(adapters, pairs):
     spec = _spec(adapter, mode="cfg-parallel")
     first = pairs(adapter, "a")
     u = _Recording(first[0])
-    _run(spec, Mode.CFG_PARALLEL, [u, first[1]], recover=lambda f, s: pytest.fail("nothing failed"))
+    _run(
+        spec, Mode.CFG_PARALLEL, [u, first[1]], recover=lambda f, s, needs_pair: pytest.fail("nothing failed")
+    )
     good = u.checkpoints[4]
     engine = pairs(adapter, "b")[0].engine
 
@@ -639,7 +642,7 @@ def test_the_engine_refuses_the_review_s_forged_states(adapters, pairs, schedule
     adapter = adapters[scheduler]
     spec = _spec(adapter, mode="single")
     u = _Recording(pairs(adapter, "a")[0])
-    _run(spec, Mode.SINGLE, [u], recover=lambda f, s: pytest.fail("nothing failed"))
+    _run(spec, Mode.SINGLE, [u], recover=lambda f, s, needs_pair: pytest.fail("nothing failed"))
     good = u.checkpoints[4]
     engine = pairs(adapter, "b")[0].engine
     cmd = worker_pb2.BeginCommand(

@@ -155,7 +155,7 @@ def test_a_failed_send_gives_its_buffers_back(engines):
     session = SimpleNamespace(request_id="r", link=link, nonce=b"", peer_timeout=0.5)
     try:
         for step in range(3):
-            engine._send(session, step, FrameKind.BRANCH_PREDICTION, {"p": torch.zeros(BIG)}, None)
+            engine._send(session, step, FrameKind.BRANCH_PREDICTION, {"p": torch.zeros(BIG)})
             with pytest.raises(Cancelled):  # the mailbox has no open session "r": cancelled at once
                 engine._flush_sends(session)
         assert pool.allocated == 1
@@ -192,8 +192,8 @@ def test_staged_sends_leave_the_compute_thread_and_keep_their_order(engines):
     try:
         engine._costs = StepCosts()
         start = time.perf_counter()
-        engine._send(session, 0, FrameKind.STAGE_ACTIVATIONS, {"a": torch.full((BIG,), 1.0)}, None)
-        engine._send(session, 0, FrameKind.GUIDED_PREDICTION, {"p": torch.full((BIG,), 2.0)}, None)
+        engine._send(session, 0, FrameKind.STAGE_ACTIVATIONS, {"a": torch.full((BIG,), 1.0)})
+        engine._send(session, 0, FrameKind.GUIDED_PREDICTION, {"p": torch.full((BIG,), 2.0)})
         handed_over = time.perf_counter() - start
         time.sleep(0.4)  # the compute that overlaps the first send
         engine._flush_sends(session)
