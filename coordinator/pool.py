@@ -454,14 +454,17 @@ class WorkerPool:
         check_alive: Callable[[], None] | None = None,
         admission: Readmit | None = None,
         resuming: bool = False,
+        like: worker_pb2.InfoResponse | None = None,
     ) -> list[WorkerEntry]:
         """Wait in the model's admission queue for ``want`` idle, compatible workers of ``model``
         (or one when ``accept_one``); ``QueueFull`` at once when the queue is full. With
         ``admission``, the width is decided again from the pool as it is when the request
-        reaches the head. ``resuming``: a request that lost a worker waits ahead of new ones."""
+        reaches the head. ``resuming``: a request that lost a worker waits ahead of new ones,
+        also during a drain (it was running: it may finish within the grace period), on workers
+        paired like ``like`` (the checkpoint's weights, dtype and device)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            if self._closed:
+            if self._closed and not resuming:
                 raise Unavailable("the coordinator is draining")
             if resuming:
                 ticket = self._queue.enqueue_resuming(model, want, accept_one)
@@ -470,9 +473,11 @@ class WorkerPool:
             self._changed()  # the condition's lock is reentrant
             try:
                 while True:
-                    if self._closed:
+                    if self._closed and not resuming:
                         raise Unavailable("the coordinator is draining")
                     serving = self._serving(model)
+                    if like is not None:
+                        serving = [e for e in serving if pairing_key(e.info) == pairing_key(like)]
                     if not serving:
                         raise Unavailable(f"no worker serves model {model!r} any more")
                     if self._queue.is_head(ticket):
@@ -565,6 +570,15 @@ class WorkerPool:
         """``acquire`` as a ``Lease`` that owns the request's workers until released."""
         entries = self.acquire(model, want, accept_one, request_id, timeout, check_alive, admission)
         return Lease(self, model, request_id, entries)
+
+    def could_take(self, model: str, count: int, like: worker_pb2.InfoResponse | None) -> bool:
+        """Whether ``count`` workers of ``model`` paired like ``like`` are up (idle, busy or held
+        elsewhere: not quarantined, not gone), so that a request waiting for them may get them."""
+        with self._cond:
+            up = [e for e in self._serving(model) if e.held != UNHEALTHY]
+            if like is not None:
+                up = [e for e in up if pairing_key(e.info) == pairing_key(like)]
+            return len(up) >= count
 
     def _view(self, model: str) -> PoolView:
         """The pool as a request of ``model`` sees it."""
@@ -670,8 +684,9 @@ class Lease:
         fewer than ``need`` then, the request goes back to the head of its model's queue holding
         nothing (no request holds a worker while it waits for another) and resumes on the next
         ``need`` free workers, waiting up to ``timeout`` (``check_alive`` raising ends the wait:
-        the client's deadline or cancel). ``Unavailable`` when no worker is left to wait for,
-        or none came in time."""
+        the client's deadline or cancel). A survivor that no pair can form with again (the
+        others quarantined or gone) goes on alone instead. ``Unavailable`` when no worker is
+        left to wait for, or none came in time."""
         failed = [e for e in self.entries if e.worker_id == worker_id]
         self.pool.release(failed, failed=not busy, elsewhere=busy)
         others = [e for e in self.entries if e.worker_id != worker_id]
@@ -681,16 +696,31 @@ class Lease:
         self.entries = kept + self.pool.take_idle(self.model, want - len(kept), self.request_id, partner)
         if len(self.entries) >= need:
             return self.entries
+        like = (partner or failed[0]).info if (partner or failed) else None
+        if need > 1 and kept and not self.pool.could_take(self.model, need, like):
+            # No pair can form again (the others are quarantined or gone): waiting would hold the
+            # model's queue until the deadline; the survivor goes on alone as before.
+            return self.entries
         waiting, self.entries = self.entries, []
         self.pool.release(waiting, aborted=True)
         what = "was busy elsewhere" if busy else "failed"
         if timeout <= 0:
             raise Unavailable(f"worker {worker_id} {what} and no other worker is free")
+        started = time.monotonic()
         try:
             self.entries = self.pool.acquire(
-                self.model, want, need < want, self.request_id, timeout, check_alive, resuming=True
+                self.model,
+                want,
+                need < want,
+                self.request_id,
+                timeout,
+                check_alive,
+                resuming=True,
+                like=like,
             )
         except DeadlineExceeded:
+            if time.monotonic() - started < timeout:  # the client's own deadline: it stays one
+                raise
             raise Unavailable(
                 f"worker {worker_id} {what} and no other worker freed in {timeout:g}s"
             ) from None

@@ -548,6 +548,63 @@ def test_a_resuming_request_gives_up_when_no_worker_frees_in_time(pool, fakes):
     other.release()
 
 
+def test_a_survivor_no_pair_can_form_with_again_goes_on_alone(pool, fakes):
+    """The only other worker is quarantined: waiting for a pair would hold the model's queue
+    until the deadline, so the survivor goes on at once."""
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    lease = pool.lease("sdxl", 2, False, "r1", timeout=1)
+    failed_id, survivor = ids(lease.entries)
+    {"w1": w1, "w2": w2}[failed_id].healthy.clear()
+    start = time.monotonic()
+    assert ids(lease.replace_failed(failed_id, keep={survivor}, want=2, need=2, timeout=WAIT)) == [survivor]
+    assert time.monotonic() - start < 1 and pool.queue_depth == 0
+
+
+def test_the_clients_deadline_during_the_resuming_wait_stays_a_deadline(pool, fakes):
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    other = pool.lease("sdxl", 1, False, "r0", timeout=1)
+    lease = pool.lease("sdxl", 1, False, "r1", timeout=1)
+    failed_id = ids(lease.entries)[0]
+    {"w1": w1, "w2": w2}[failed_id].healthy.clear()
+    ends = time.monotonic() + 0.3
+
+    def check_alive() -> None:
+        if time.monotonic() > ends:
+            raise DeadlineExceeded("the client's deadline passed")
+
+    with pytest.raises(DeadlineExceeded, match="client"):
+        lease.replace_failed(failed_id, keep=set(), want=1, need=1, timeout=WAIT, check_alive=check_alive)
+    assert pool.queue_depth == 0
+    other.release()
+
+
+def test_a_request_waiting_to_resume_still_resumes_during_a_drain(pool, fakes):
+    """A drain stops new requests, not running ones: one waiting to resume gets the next worker."""
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    other = pool.lease("sdxl", 1, False, "r0", timeout=1)
+    lease = pool.lease("sdxl", 1, False, "r1", timeout=1)
+    failed_id = ids(lease.entries)[0]
+    {"w1": w1, "w2": w2}[failed_id].healthy.clear()
+    resumed: list = []
+    recovery = threading.Thread(
+        target=lambda: resumed.append(
+            ids(lease.replace_failed(failed_id, keep=set(), want=1, need=1, timeout=WAIT))
+        ),
+        daemon=True,
+    )
+    recovery.start()
+    wait_for(lambda: pool.queue_depth == 1)
+    pool.close()
+    survivor = ids(other.entries)[0]
+    other.release()
+    recovery.join(WAIT)
+    assert resumed == [[survivor]]
+    lease.release()
+
+
 def test_lease_replace_failed_is_unavailable_when_no_worker_is_left(pool, fakes):
     w1, w2 = fakes("w1"), fakes("w2")
     join(pool, w1, w2)
