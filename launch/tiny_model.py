@@ -74,13 +74,18 @@ def build_clip_tokenizer(max_length: int = 77, extra_words: tuple[str, ...] = ()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def _text_encoders(
+def clip_text_encoders(
     shape_1: TextEncoderShape,
     shape_2: TextEncoderShape,
     vocab_size: int,
     seed: int,
     first_with_projection: bool = False,
+    max_positions: int = 77,
 ):
+    """The two CLIP text encoders of an SDXL or SD3 pipeline, random weights (seeded ``seed + 1``
+    and ``seed + 2``): the tests' tiny ones, the default model's untrained ones and the GPU
+    check's full-width ones."""
+
     def config(s: TextEncoderShape) -> CLIPTextConfig:
         return CLIPTextConfig(
             vocab_size=vocab_size,
@@ -89,7 +94,7 @@ def _text_encoders(
             num_hidden_layers=s.layers,
             num_attention_heads=s.heads,
             projection_dim=s.projection,
-            max_position_embeddings=77,
+            max_position_embeddings=max_positions,
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
@@ -181,7 +186,7 @@ def build_sdxl(size: str = "tiny", seed: int = 0):
     tok = build_clip_tokenizer()
     shape_1 = TextEncoderShape(hidden=32, layers=2, heads=4, projection=32)
     shape_2 = TextEncoderShape(hidden=32, layers=2, heads=4, projection=32)
-    enc_1, enc_2 = _text_encoders(shape_1, shape_2, len(tok), seed)
+    enc_1, enc_2 = clip_text_encoders(shape_1, shape_2, len(tok), seed)
     unet = _sdxl_unet(
         size, cross_dim=shape_1.hidden + shape_2.hidden, pooled_dim=shape_2.projection, seed=seed
     )
@@ -229,7 +234,7 @@ def build_sd3(size: str = "tiny", seed: int = 0, flavor: str = "sd3", with_t5: b
     as ``text_encoder_3`` (else none, as the worker loads SD3 by default)."""
     tok = build_clip_tokenizer()
     shape = TextEncoderShape(hidden=32, layers=2, heads=4, projection=32)
-    enc_1, enc_2 = _text_encoders(shape, shape, len(tok), seed, first_with_projection=True)
+    enc_1, enc_2 = clip_text_encoders(shape, shape, len(tok), seed, first_with_projection=True)
     torch.manual_seed(seed)
     layers, heads, head_dim = (4, 2, 16) if size == "tiny" else (12, 6, 64)
     transformer = SD3Transformer2DModel(

@@ -15,9 +15,15 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from launch.tiny_model import build_sd3, build_sdxl, tiny_vae, write_tiny_model
+from launch.tiny_model import (
+    TextEncoderShape,
+    build_sd3,
+    build_sdxl,
+    clip_text_encoders,
+    tiny_vae,
+    write_tiny_model,
+)
 from tools.bench.gpu_profile import DTYPES, build_model, load_config
 
 ARCHS = ("sdxl", "sd3")
@@ -25,24 +31,6 @@ SIZES = ("full", "tiny")
 # The real pipelines' CLIP widths: SDXL concatenates both encoders' hidden states (768 + 1280 =
 # cross_attention_dim 2048) and pools the second (1280); SD3 pools both (768 + 1280 = 2048).
 CLIP_WIDTHS = (768, 1280)
-
-
-def _clip(cls, hidden: int, vocab: int, seed: int):
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=1,
-        num_attention_heads=hidden // 64,
-        projection_dim=hidden,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_act="gelu",
-    )
-    return cls(config)
 
 
 def build_full_pipeline(
@@ -54,9 +42,10 @@ def build_full_pipeline(
     cfg = denoiser_config or load_config(arch, tiny=False)
     denoiser = build_model(arch, cfg, device, dtype)
     vocab = len(base.tokenizer)
-    first_cls = CLIPTextModel if arch == "sdxl" else CLIPTextModelWithProjection
-    enc_1 = _clip(first_cls, CLIP_WIDTHS[0], vocab, seed + 1)
-    enc_2 = _clip(CLIPTextModelWithProjection, CLIP_WIDTHS[1], vocab, seed + 2)
+    shape_1, shape_2 = (
+        TextEncoderShape(hidden=w, layers=1, heads=w // 64, projection=w) for w in CLIP_WIDTHS
+    )
+    enc_1, enc_2 = clip_text_encoders(shape_1, shape_2, vocab, seed, first_with_projection=arch == "sd3")
     vae = tiny_vae(cfg["in_channels"], seed, sd3=arch == "sd3", sample_size=1024)
     for module in (enc_1, enc_2, vae):
         module.to(device=device, dtype=dtype)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from launch.tiny_model import build_clip_tokenizer
+from launch.tiny_model import TextEncoderShape, build_clip_tokenizer, clip_text_encoders
 from tools.shapes.grammar import VOCABULARY, caption_for, training_scenes
 from tools.shapes.render import render
 
@@ -70,34 +70,14 @@ def build_pipeline(seed: int, side: int = 32):
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import (  # deferred: slow to import (seconds); the data and the config need none of it
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-    )
 
     tokenizer = build_clip_tokenizer(max_length=MAX_TOKENS, extra_words=VOCABULARY)
     tokenizer_2 = build_clip_tokenizer(max_length=MAX_TOKENS, extra_words=VOCABULARY)
 
-    def text_config(hidden: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=hidden,
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_act="gelu",
-        )
-
-    torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(text_config(32))
-    torch.manual_seed(seed + 2)
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(32))
+    shape = TextEncoderShape(hidden=32, layers=2, heads=4, projection=32)
+    text_encoder, text_encoder_2 = clip_text_encoders(
+        shape, shape, len(tokenizer), seed, max_positions=MAX_TOKENS
+    )
     torch.manual_seed(seed + 3)
     # Three levels: latents are 1/4 of the image side (8x8 for 32x32 images), with 8 channels
     # so that a 4x4 patch's colours and edges survive a short training.
