@@ -37,7 +37,14 @@ from typing import Any
 
 import torch
 
-from gpu_worker.adapters.base import Conditioning, ModelAdapter, RequestTimeline, StageSplit, encode_image
+from gpu_worker.adapters.base import (
+    Conditioning,
+    ModelAdapter,
+    RequestTimeline,
+    StageSplit,
+    Topology,
+    encode_image,
+)
 from gpu_worker.dataplane import Expect, Mailbox, PeerLink, Sent, session_kinds
 from gpu_worker.outgoing import Outgoing
 from gpu_worker.split_balance import prepare_request_shapes, through_stages
@@ -624,7 +631,7 @@ class WorkerEngine:
         (sequential: stage 2 runs there) or U (nested: the outer ring). The window's batch is the
         conditional branch, or [uncond, cond] under FULL_CFG, whose halves the two workers hold."""
         i = cmd.step
-        holder = Role.C if st.split.topology == "sequential" else Role.U
+        holder = Role.C if st.split.topology == Topology.SEQUENTIAL else Role.U
         kind = FrameKind.STAGE_ACTIVATIONS if holder == Role.C else FrameKind.STAGE_RETURN
         if not full_cfg:
             if st.role == Role.C and holder == Role.C:
@@ -692,7 +699,7 @@ class WorkerEngine:
             raw = self._timed(a.forward, x_in, t, inputs)
             self._update(st, self._window_prediction(st, raw), t)
             return None
-        run = self._window_sequential if st.split.topology == "sequential" else self._window_nested
+        run = self._window_sequential if st.split.topology == Topology.SEQUENTIAL else self._window_nested
         run(st, cmd, i, t, cmd.phase == Phase.PIPELINE_FILL, inputs, x_in)
         return None
 
@@ -709,12 +716,12 @@ class WorkerEngine:
         """DiT: U runs stage 1 on x_i; C runs stage 2 on stage 1's output of step i-1 (fresh on fill)."""
         if st.role == Role.U:
             if fill or not cmd.last_in_window:
-                boundary = self._timed(st.split.stage1_fwd, x_in, t, inputs)
+                boundary = self._timed(st.split.stage1, x_in, t, inputs)
                 self._send(st, i, FrameKind.STAGE_ACTIVATIONS, boundary)
             eps = self._recv(st, i, FrameKind.GUIDED_PREDICTION)["prediction"]
         else:
             boundary = self._boundary(st, i if fill else i - 1, FrameKind.STAGE_ACTIVATIONS)
-            raw = self._timed(st.split.stage2_fwd, boundary, x_in, t, inputs)
+            raw = self._timed(st.split.stage2, boundary, x_in, t, inputs)
             eps = self._window_prediction(st, raw)
             self._send(st, i, FrameKind.GUIDED_PREDICTION, {"prediction": eps})
         self._update(st, eps, t)

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_worker.adapters.base import ModelAdapter, StageSplit
+from gpu_worker.adapters.base import ModelAdapter, StageSplit, Topology
 from gpu_worker.compiled import on_device
 
 log = logging.getLogger(__name__)
 
 # The compiled functions of each topology's stages (as the adapters name them, before "@cut").
-STAGES = {"nested": ("stage1_pre", "stage2", "stage1_post"), "sequential": ("stage1", "stage2")}
+STAGES = {Topology.NESTED: ("stage1_pre", "stage2", "stage1_post"), Topology.SEQUENTIAL: ("stage1", "stage2")}
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def through_stages(
     pipeline step re-uses (stage 1's output when sequential, the core's output when nested) and,
     with a ``clock``, the seconds of stage 1 and stage 2 (else 0, 0: no clock, no device sync)."""
     tick = clock or (lambda: 0.0)
-    if split.topology == "nested":
+    if split.topology == Topology.NESTED:
         start = tick()
         core_in, state = split.stage1_pre(sample, t, inputs)
         pre = tick()
@@ -94,9 +94,9 @@ def through_stages(
         out = split.stage1_post(core_out, state)
         return out, core_out, pre - start + tick() - core, core - pre
     start = tick()
-    boundary = split.stage1_fwd(sample, t, inputs)
+    boundary = split.stage1(sample, t, inputs)
     mid = tick()
-    out = split.stage2_fwd(boundary, sample, t, inputs)
+    out = split.stage2(boundary, sample, t, inputs)
     return out, boundary, mid - start, tick() - mid
 
 
@@ -158,7 +158,7 @@ def plan_for_cut(adapter: ModelAdapter, unit_seconds: dict[str, float], cut: int
 
 def valid_cuts(adapter: ModelAdapter) -> range:
     split = adapter.make_split()
-    return range(1, split.num_units + 1) if split.topology == "nested" else range(1, split.num_units)
+    return range(1, split.num_units + 1) if split.topology == Topology.NESTED else range(1, split.num_units)
 
 
 def choose_cut(cuts: Iterable[int], stage_seconds: Callable[[int], tuple[float, float]]) -> int:

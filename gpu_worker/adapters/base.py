@@ -13,6 +13,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -85,15 +86,18 @@ class RequestTimeline:
         scheduler_state.restore(self.scheduler, state, device, sample_shape, steps)
 
 
+class Topology(str, Enum):
+    """How the two stages of a split meet (docs/design.md section 7)."""
+
+    SEQUENTIAL = "sequential"  # stage 1 then stage 2; the boundary goes forward (DiT)
+    NESTED = "nested"  # stage 1 is an outer ring around stage 2 (UNet: skip connections stay on one side)
+
+
 class StageSplit(ABC):
-    """The two-stage split of a denoiser (docs/design.md section 7).
+    """The two-stage split of a denoiser (docs/design.md section 7): stage 1 runs on worker U,
+    stage 2 on worker C. ``SequentialSplit`` and ``NestedSplit`` declare what the engine calls."""
 
-    ``topology`` is ``"sequential"`` (stage 1 then stage 2; the boundary goes forward: DiT) or
-    ``"nested"`` (stage 1 is an outer ring around stage 2; the inner core's input goes in and
-    its output comes back: UNet, so that skip connections stay on one side).
-    """
-
-    topology: str
+    topology: Topology
     cut: int
     num_units: int
 
@@ -103,6 +107,45 @@ class StageSplit(ABC):
     @abstractmethod
     def stage1_units(self) -> list[str]:
         """Names of the units stage 1 runs for this cut (the rest are stage 2)."""
+
+
+class SequentialSplit(StageSplit):
+    """Stage 1 is the front of the denoiser, stage 2 the back: the boundary goes forward."""
+
+    topology = Topology.SEQUENTIAL
+
+    @abstractmethod
+    def stage1(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> dict[str, torch.Tensor]:
+        """The front: the boundary tensors stage 2 takes."""
+
+    @abstractmethod
+    def stage2(
+        self, boundary: dict[str, torch.Tensor], sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
+    ) -> torch.Tensor:
+        """The back, from stage 1's boundary: the prediction."""
+
+
+class NestedSplit(StageSplit):
+    """Stage 1 is an outer ring (run before and after) around stage 2, the inner core: the core's
+    input goes to stage 2 and its output comes back."""
+
+    topology = Topology.NESTED
+
+    @abstractmethod
+    def stage1_pre(
+        self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
+    ) -> tuple[dict[str, torch.Tensor], Any]:
+        """The ring's way in: the core's input, and the state its way out needs."""
+
+    @abstractmethod
+    def stage2(
+        self, core_in: dict[str, torch.Tensor], sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
+    ) -> dict[str, torch.Tensor]:
+        """The core: its output, for stage 1's way out."""
+
+    @abstractmethod
+    def stage1_post(self, core_out: dict[str, torch.Tensor], state: Any) -> torch.Tensor:
+        """The ring's way out, from the core's output: the prediction."""
 
 
 class ModelAdapter(ABC):

@@ -14,11 +14,14 @@ from typing import Any
 
 import torch
 
-from gpu_worker.adapters.base import StageSplit
+from gpu_worker.adapters.base import StageSplit, Topology
 
 
 class SequentialDiTSplit(StageSplit):
-    topology = "sequential"
+    """A DiT's blocks cut in two: the front (embedding and blocks before the cut) and the back
+    (the rest and the output head), over the model's own modules."""
+
+    topology = Topology.SEQUENTIAL
 
     def __init__(self, transformer: Any, cut: int) -> None:
         self.transformer = transformer
@@ -62,14 +65,14 @@ class SequentialDiTSplit(StageSplit):
         hidden = torch.einsum("nhwpqc->nchpwq", hidden)
         return hidden.reshape(shape=(hidden.shape[0], tr.out_channels, h * p, w * p))
 
-    def stage1(
+    def front(
         self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         hidden, context = self.embed(sample, encoder_hidden_states)
         hidden, context = self.blocks(hidden, context, temb, 0, self.cut)
         return {"hidden_states": hidden, "encoder_hidden_states": context}
 
-    def stage2(
+    def back(
         self, boundary: dict[str, torch.Tensor], temb: torch.Tensor, height: int, width: int
     ) -> torch.Tensor:
         hidden, _ = self.blocks(

@@ -15,6 +15,7 @@ from gpu_worker.adapters.base import (
     Conditioning,
     ModelAdapter,
     RequestTimeline,
+    SequentialSplit,
     repeat_to_batch,
 )
 from gpu_worker.adapters.dit_split import SequentialDiTSplit, time_units
@@ -101,7 +102,7 @@ class SD3Adapter(ModelAdapter):
         return latents / cfg.scaling_factor + cfg.shift_factor
 
 
-class SD3Split(SequentialDiTSplit):
+class SD3Split(SequentialDiTSplit, SequentialSplit):
     def __init__(self, adapter: SD3Adapter, cut: int | None) -> None:
         self.adapter = adapter
         n = len(adapter.pipe.transformer.transformer_blocks)
@@ -113,10 +114,8 @@ class SD3Split(SequentialDiTSplit):
         sample = repeat_to_batch(sample, inputs)
         return sample, self.temb(t.expand(sample.shape[0]), inputs["pooled_projections"])
 
-    # Engine-facing stage API (sequential topology); compiled per shape when compile is on.
-    def stage1_fwd(
-        self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
-    ) -> dict[str, torch.Tensor]:
+    # The stages the engine calls (SequentialSplit); compiled per shape when compile is on.
+    def stage1(self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs) -> dict[str, torch.Tensor]:
         sample = repeat_to_batch(sample, inputs)
         hidden, context = self._run(
             "stage1",
@@ -129,7 +128,7 @@ class SD3Split(SequentialDiTSplit):
         )
         return {"hidden_states": hidden, "encoder_hidden_states": context}
 
-    def stage2_fwd(
+    def stage2(
         self, boundary: dict[str, torch.Tensor], sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs
     ) -> torch.Tensor:
         sample = repeat_to_batch(sample, inputs)
@@ -148,13 +147,13 @@ class SD3Split(SequentialDiTSplit):
         return self.adapter.run_compiled(f"{name}@cut{self.cut}", fn, like, *args)
 
     def _stage1(self, sample, t, encoder_hidden_states, pooled) -> tuple[torch.Tensor, torch.Tensor]:
-        boundary = self.stage1(sample, encoder_hidden_states, self.temb(t.expand(sample.shape[0]), pooled))
+        boundary = self.front(sample, encoder_hidden_states, self.temb(t.expand(sample.shape[0]), pooled))
         return boundary["hidden_states"], boundary["encoder_hidden_states"]
 
     def _stage2(self, hidden, context, sample, t, pooled) -> torch.Tensor:
         temb = self.temb(t.expand(sample.shape[0]), pooled)
         boundary = {"hidden_states": hidden, "encoder_hidden_states": context}
-        return self.stage2(boundary, temb, sample.shape[-2], sample.shape[-1])
+        return self.back(boundary, temb, sample.shape[-2], sample.shape[-1])
 
     def unit_costs(
         self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs, clock

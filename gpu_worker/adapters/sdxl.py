@@ -11,6 +11,7 @@ from gpu_worker.adapters.base import (
     BranchInputs,
     Conditioning,
     ModelAdapter,
+    NestedSplit,
     RequestTimeline,
     repeat_to_batch,
 )
@@ -117,7 +118,7 @@ class SDXLAdapter(ModelAdapter):
         return latents / cfg.scaling_factor
 
 
-class SDXLSplit(NestedUNetSplit):
+class SDXLSplit(NestedUNetSplit, NestedSplit):
     """The nested split bound to an SDXL adapter: stage 1 = outer ring, stage 2 = inner core."""
 
     def __init__(self, adapter: SDXLAdapter, cut: int | None) -> None:
@@ -135,7 +136,7 @@ class SDXLSplit(NestedUNetSplit):
         )
         return sample, ctx
 
-    # Engine-facing stage API (nested topology): stage 1 = outer ring (pre, then post), stage 2 = core.
+    # The stages the engine calls (NestedSplit): stage 1 = outer ring (pre, then post), stage 2 = core.
     # Each runs compiled per shape when compile is on; the compiled functions take tensors only.
     def stage1_pre(
         self, sample: torch.Tensor, t: torch.Tensor, inputs: BranchInputs

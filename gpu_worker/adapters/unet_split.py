@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from gpu_worker.adapters.base import StageSplit
+from gpu_worker.adapters.base import StageSplit, Topology
 
 
 @dataclass
@@ -49,7 +49,10 @@ class _UpUnit:
 
 
 class NestedUNetSplit(StageSplit):
-    topology = "nested"
+    """A UNet cut into an outer ring (conv_in, the first down blocks, the last up blocks, the
+    head) and an inner core (the deeper blocks and the mid block), over the model's own modules."""
+
+    topology = Topology.NESTED
 
     def __init__(self, unet: Any, cut: int) -> None:
         self.unet = unet

@@ -32,7 +32,7 @@ def test_every_cut_recomposes_the_full_forward_exactly(engines, arch):
                 core_in, state = split.stage1_pre(x_in, t, inputs)
                 out = split.stage1_post(split.stage2(core_in, x_in, t, inputs), state)
             else:
-                out = split.stage2_fwd(split.stage1_fwd(x_in, t, inputs), x_in, t, inputs)
+                out = split.stage2(split.stage1(x_in, t, inputs), x_in, t, inputs)
             assert torch.equal(out, full), f"{arch} cut {cut} ({branches})"
 
 
@@ -54,11 +54,11 @@ def test_sd3_stage2_receives_exactly_the_last_stage1_block_output(engines):
         h2 = blocks[cut].register_forward_pre_hook(capture_in, with_kwargs=True)
         try:
             split = a.make_split(cut)
-            boundary = split.stage1_fwd(a.model_input(tl, x, t), t, inputs)
+            boundary = split.stage1(a.model_input(tl, x, t), t, inputs)
             enc_out, hid_out = seen.pop("out")
             assert torch.equal(boundary["hidden_states"], hid_out)
             assert torch.equal(boundary["encoder_hidden_states"], enc_out)
-            split.stage2_fwd(boundary, a.model_input(tl, x, t), t, inputs)
+            split.stage2(boundary, a.model_input(tl, x, t), t, inputs)
             enc_in, hid_in = seen.pop("in")
             assert hid_in is boundary["hidden_states"] and enc_in is boundary["encoder_hidden_states"]
         finally:
@@ -80,8 +80,8 @@ def _reference_run(a, spec, window, cut):
         x_in = a.model_input(tl, x, t)
         if window[0] <= i <= window[1]:
             if split.topology == "sequential":
-                fresh = split.stage1_fwd(x_in, t, cond.cond)
-                eps = split.stage2_fwd(fresh if i == window[0] else stale, x_in, t, cond.cond)
+                fresh = split.stage1(x_in, t, cond.cond)
+                eps = split.stage2(fresh if i == window[0] else stale, x_in, t, cond.cond)
                 stale = fresh
             else:
                 core_in, state = split.stage1_pre(x_in, t, cond.cond)
@@ -132,3 +132,15 @@ def test_balanced_plan_reports_ratio(engines, arch):
     plan = balanced_plan(a, costs)
     assert plan.cut in valid_cuts(a)
     assert plan.stage1_seconds > 0 and plan.stage2_seconds > 0 and plan.ratio >= 1.0
+
+
+def test_each_split_declares_the_stages_the_engine_calls(engines):
+    """The engine calls a split through its declared topology only: a UNet's split is a
+    NestedSplit (stage1_pre, stage2, stage1_post), a DiT's a SequentialSplit (stage1, stage2)."""
+    from gpu_worker.adapters.base import NestedSplit, SequentialSplit, Topology
+
+    nested, sequential = engines["sdxl"].adapter.make_split(), engines["sd3"].adapter.make_split()
+    assert isinstance(nested, NestedSplit) and nested.topology == Topology.NESTED
+    assert isinstance(sequential, SequentialSplit) and sequential.topology == Topology.SEQUENTIAL
+    assert NestedSplit.__abstractmethods__ >= {"stage1_pre", "stage2", "stage1_post"}
+    assert SequentialSplit.__abstractmethods__ >= {"stage1", "stage2"}

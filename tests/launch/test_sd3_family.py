@@ -109,7 +109,7 @@ def test_every_cut_recomposes_the_full_forward_exactly(family_engines, name):
         full = a.forward(x, t, inputs)
         for cut in valid_cuts(a):
             split = a.make_split(cut)
-            assert torch.equal(split.stage2_fwd(split.stage1_fwd(x, t, inputs), x, t, inputs), full), cut
+            assert torch.equal(split.stage2(split.stage1(x, t, inputs), x, t, inputs), full), cut
 
 
 @pytest.mark.parametrize("name", FLAVORS)

@@ -284,12 +284,12 @@ def profile_dit(model, inputs: dict[int, dict[str, Any]], clock, warmup: int, re
         x = inputs[b]
 
         def stage1(x=x):
-            return split.stage1(x["sample"], x["encoder_hidden_states"], split.temb(x["t"], x["pooled"]))
+            return split.front(x["sample"], x["encoder_hidden_states"], split.temb(x["t"], x["pooled"]))
 
         boundary = stage1()
         times[f"stage1_b{b}"] = median_seconds(stage1, clock, warmup, repeats)
         times[f"stage2_b{b}"] = median_seconds(
-            lambda: split.stage2(boundary, split.temb(x["t"], x["pooled"]), h, w), clock, warmup, repeats
+            lambda: split.back(boundary, split.temb(x["t"], x["pooled"]), h, w), clock, warmup, repeats
         )
         sizes[f"boundary_b{b}"] = nbytes(*boundary.values())
         sizes[f"stage_return_b{b}"] = 0
