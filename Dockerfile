@@ -29,8 +29,8 @@ COPY proto ./proto
 COPY hybridiff ./hybridiff
 COPY coordinator ./coordinator
 COPY gpu_worker ./gpu_worker
-COPY launch ./launch
-COPY tools ./tools
+COPY hybridiff_launch ./hybridiff_launch
+COPY hybridiff_tools ./hybridiff_tools
 # the trained default model: setup.py puts it into the package (hybridiff/models/shapes-sdxl)
 COPY models/shapes-sdxl ./models/shapes-sdxl
 # The [build-system] requirements from pyproject.toml (setuptools, grpcio-tools), then the

@@ -6,7 +6,7 @@ that a stale generation is detected (hybridiff.codegen.assert_fresh).
 
 The trained default model (models/shapes-sdxl, committed next to the packages) goes into the
 built packages as hybridiff/models/shapes-sdxl, so that an installed server (a wheel, the
-container image) serves it; launch.model_dirs finds it there when there is no repository.
+container image) serves it; hybridiff_launch.model_dirs finds it there when there is no repository.
 """
 
 import os

@@ -2,7 +2,7 @@
 capacity over all models together (docs/design.md section 10).
 
 It is bookkeeping only — no lock, no clock, no workers: the pool (``coordinator.pool``) drives it
-under its own lock with real workers, and the pool simulator (``tools/bench/poolsim.py``) drives
+under its own lock with real workers, and the pool simulator (``hybridiff_tools/bench/poolsim.py``) drives
 the same class with simulated ones, so both admit by one rule.
 """
 

@@ -42,7 +42,7 @@ class PoolView:
 
 
 # A pair that costs at most this much more worker time than one worker alone counts as free.
-# Simulated on measured H200 costs (tools/bench/poolsim.py): SDXL pairs cost 1.29x (adaptive pays),
+# Simulated on measured H200 costs (hybridiff_tools/bench/poolsim.py): SDXL pairs cost 1.29x (adaptive pays),
 # SD3 1.05x and a 2x-batch device 1.01x (adaptive must pair like ``latency`` there).
 PAIR_OVERHEAD_TOLERANCE = 1.10
 

@@ -1,7 +1,7 @@
 """Prometheus metrics of a worker (served on ``--metrics-port``, path /metrics).
 
 The engine, the mailbox and the control service take an optional ``WorkerMetrics``; in-process
-use (``launch/inprocess.py``) passes none and counts nothing.
+use (``hybridiff_launch/inprocess.py``) passes none and counts nothing.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # The main job end to end on the embedded default model: set up, start the local cluster
 # (coordinator + 2 workers, each pinned to its own core, the HTTP API and playground beside
 # gRPC), send one prompt in HYBRID and the same request on one worker alone, print a short
-# summary (launch/demo.py), and stop every process.
+# summary (hybridiff_launch/demo.py), and stop every process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p out
@@ -20,4 +20,4 @@ for _ in $(seq 1 600); do
   sleep 0.5
 done
 addr=$(grep -o "ready at [0-9.:]*" "$log" | awk '{print $3}')
-.venv/bin/python -m launch.demo --target "$addr"
+.venv/bin/python -m hybridiff_launch.demo --target "$addr"

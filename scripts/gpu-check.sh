@@ -21,4 +21,4 @@ export TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader >&2 || true
 fi
-exec "$py" -m tools.gpucheck.check "$@"
+exec "$py" -m hybridiff_tools.gpucheck.check "$@"

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tools.chaos.forwarder import TcpForwarder  # noqa: F401  (the tests' partitions)
+from hybridiff_tools.chaos.forwarder import TcpForwarder  # noqa: F401  (the tests' partitions)
 
 
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -155,7 +155,7 @@ def start_local(
     """``hybridiff local ARGS`` as a process of its own, once it has printed its "ready at" line:
     (the process, that line); fails when it exits first or is not ready ``within`` seconds."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "local", *args],
+        [sys.executable, "-m", "hybridiff_launch.cli", "local", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -181,7 +181,7 @@ def spawn_worker(
     """A ``hybridiff worker`` process serving ``model_dir`` on loopback (control port ``port``,
     its data and metrics ports picked by the system) with ``flags``; its output goes to ``log``
     (default: this process's)."""
-    argv = [sys.executable, "-m", "launch.cli", *(["-v"] if verbose else []), "worker"]
+    argv = [sys.executable, "-m", "hybridiff_launch.cli", *(["-v"] if verbose else []), "worker"]
     argv += ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", port]
     argv += ["--data-port", "0", "--metrics-port", "0", *flags]
     if log is None:

@@ -12,7 +12,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """Tiny random SDXL and SD3 models in diffusers format, built once per session."""
-    from launch.tiny_model import write_tiny_model
+    from hybridiff_launch.tiny_model import write_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     return {arch: write_tiny_model(arch, root / arch) for arch in ("sdxl", "sd3")}
@@ -20,7 +20,7 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engines(model_dirs):
-    from launch.inprocess import InProcessEngine
+    from hybridiff_launch.inprocess import InProcessEngine
 
     made = {arch: InProcessEngine(path) for arch, path in model_dirs.items()}
     yield made
@@ -40,7 +40,7 @@ def otlp():
 
 @pytest.fixture(scope="session")
 def sdxl_cluster(model_dirs, otlp, tmp_path_factory):
-    from launch.local_cluster import LocalCluster
+    from hybridiff_launch.local_cluster import LocalCluster
 
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}",
@@ -59,7 +59,7 @@ def sdxl_cluster(model_dirs, otlp, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd3_cluster(model_dirs, tmp_path_factory):
-    from launch.local_cluster import LocalCluster
+    from hybridiff_launch.local_cluster import LocalCluster
 
     with LocalCluster(model_dirs["sd3"], workers=2, log_dir=tmp_path_factory.mktemp("logs")) as cluster:
         yield cluster

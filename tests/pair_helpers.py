@@ -14,7 +14,7 @@ from gpu_worker.engine import WorkerEngine
 from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLinks, parse_networks
 from hybridiff.protocol import Mode
 from hybridiff.request import resolve_spec
-from launch.inprocess import InProcessWorker
+from hybridiff_launch.inprocess import InProcessWorker
 
 
 class ZmqPair:

@@ -1,7 +1,7 @@
 """The layers hold (docs/design.md section 2, "Layers"): a test, not a memory.
 
-    tools/        bench, the default model's training and evaluation, quality metrics
-    launch/       the CLI, the local cluster, the in-process pair, tiny models
+    hybridiff_tools/        bench, the default model's training and evaluation, quality metrics
+    hybridiff_launch/       the CLI, the local cluster, the in-process pair, tiny models
     coordinator/  |  gpu_worker/     the two processes; never import each other
     hybridiff/    wire format, protocol, validation, errors, telemetry, security, serving, client
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RANK = {"hybridiff": 0, "coordinator": 1, "gpu_worker": 1, "launch": 2, "tools": 3}
+RANK = {"hybridiff": 0, "coordinator": 1, "gpu_worker": 1, "hybridiff_launch": 2, "hybridiff_tools": 3}
 GENERATED = ("hybridiff/v1", "hybridiff/internal")
 
 
@@ -98,7 +98,11 @@ def test_function_level_imports_say_why():
     [
         ("hybridiff", "import coordinator.pool\n", "hybridiff (layer 0) imports coordinator (layer 1)"),
         ("coordinator", "import gpu_worker.engine\n", "the role coordinator imports the role gpu_worker"),
-        ("launch", "from tools.quality import psnr\n", "launch (layer 2) imports tools (layer 3)"),
+        (
+            "hybridiff_launch",
+            "from hybridiff_tools.quality import psnr\n",
+            "hybridiff_launch (layer 2) imports hybridiff_tools (layer 3)",
+        ),
     ],
 )
 def test_a_lower_layer_importing_a_higher_one_fails(tmp_path, package, source, expected):
@@ -112,7 +116,7 @@ def test_a_lower_layer_importing_a_higher_one_fails(tmp_path, package, source, e
 def test_an_unexplained_deferred_import_fails(tmp_path):
     for name in RANK:
         (tmp_path / name).mkdir()
-    (tmp_path / "launch" / "cli.py").write_text(
+    (tmp_path / "hybridiff_launch" / "cli.py").write_text(
         "def ok():\n    import torch  # deferred: heavy\n\n\ndef bad():\n    import json\n"
     )
-    assert deferred_imports_without_reason(tmp_path) == ["launch/cli.py:6: import json"]
+    assert deferred_imports_without_reason(tmp_path) == ["hybridiff_launch/cli.py:6: import json"]

@@ -9,7 +9,7 @@ from cluster_helpers import make_input
 from coordinator.allocation import Decision
 from coordinator.driver import drive_request
 from hybridiff.protocol import Mode, Phase
-from tools.quality import psnr
+from hybridiff_tools.quality import psnr
 
 
 class _Script:

@@ -25,7 +25,7 @@ from hybridiff.errors import status_details
 from hybridiff.protocol import Mode
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
-from tools.quality import psnr
+from hybridiff_tools.quality import psnr
 
 
 def _client(cluster) -> DiffusionClient:
@@ -229,7 +229,7 @@ def test_one_trace_per_request_across_processes(sdxl_cluster, otlp, tmp_path):
         [
             sys.executable,
             "-m",
-            "launch.cli",
+            "hybridiff_launch.cli",
             "generate",
             "--target",
             sdxl_cluster.address,
@@ -333,7 +333,7 @@ def test_progress_carries_the_servers_request_id_from_the_first_event(sdxl_clust
 
 def test_models_and_status_commands(sdxl_cluster):
     env = {**os.environ, "HYBRIDIFF_TARGET": sdxl_cluster.address, "TRANSFORMERS_VERBOSITY": "error"}
-    run = [sys.executable, "-m", "launch.cli"]
+    run = [sys.executable, "-m", "hybridiff_launch.cli"]
     models = json.loads(
         subprocess.run([*run, "models"], env=env, capture_output=True, text=True, check=True).stdout
     )

@@ -227,7 +227,7 @@ def engine() -> None:
 @pytest.fixture
 def model_dir(engine: None) -> Iterator[Path]:
     """A tiny random SDXL model in a folder the containers' user (10001) may read."""
-    from launch.tiny_model import write_tiny_model
+    from hybridiff_launch.tiny_model import write_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="hybridiff-container-model-"))
     try:

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from hybridiff.client import DiffusionClient
-from launch.local_cluster import LocalCluster
+from hybridiff_launch.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow  # two coordinators, two workers, a kill: under a minute
 

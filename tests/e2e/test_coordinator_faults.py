@@ -30,7 +30,7 @@ from hybridiff.client import DiffusionClient
 from hybridiff.errors import HybridiffError
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
-from launch.local_cluster import LocalCluster
+from hybridiff_launch.local_cluster import LocalCluster
 
 
 def _metric(cluster, code: str) -> float:
@@ -173,7 +173,17 @@ def _coordinator(workers: list[str], run_dir, n: int, env: dict[str, str]) -> tu
     ready = run_dir / f"coordinator{n}.json"
     log = open(run_dir / f"coordinator{n}.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "-v", "coordinator", "--host", "127.0.0.1", "--port", "0"]
+        [
+            sys.executable,
+            "-m",
+            "hybridiff_launch.cli",
+            "-v",
+            "coordinator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ]
         + ["--metrics-port", "0", "--workers", ",".join(workers), "--ready-file", str(ready)],
         env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", **env},
         stdout=log,

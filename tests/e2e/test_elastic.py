@@ -14,8 +14,8 @@ import pytest
 from cluster_helpers import make_input, send
 
 from hybridiff.client import DiffusionClient
-from launch.local_cluster import LocalCluster
-from tools.quality import psnr
+from hybridiff_launch.local_cluster import LocalCluster
+from hybridiff_tools.quality import psnr
 
 STEPS = 120
 

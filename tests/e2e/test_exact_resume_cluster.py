@@ -18,7 +18,7 @@ from cluster_helpers import make_input, send
 from hybridiff.client import DiffusionClient
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
-from launch.local_cluster import LocalCluster
+from hybridiff_launch.local_cluster import LocalCluster
 
 
 def _with_unipc(src: Path, dst: Path) -> Path:

@@ -27,7 +27,7 @@ from hybridiff.client import DiffusionClient
 from hybridiff.errors import HybridiffError
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
-from launch.local_cluster import LocalCluster
+from hybridiff_launch.local_cluster import LocalCluster
 
 
 def test_kill_in_phase_one_gives_the_same_png_and_the_worker_restarted_rejoins(model_dirs, tmp_path):

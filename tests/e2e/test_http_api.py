@@ -254,7 +254,7 @@ def guarded(tmp_path_factory):
     any worker is needed."""
     token = secrets.token_hex(8)
     ready = tmp_path_factory.mktemp("guarded") / "ready.json"
-    argv = [sys.executable, "-m", "launch.cli", "coordinator", "--host", "127.0.0.1", "--port", "0"]
+    argv = [sys.executable, "-m", "hybridiff_launch.cli", "coordinator", "--host", "127.0.0.1", "--port", "0"]
     argv += ["--metrics-port", "0", "--workers", "127.0.0.1:9", "--http-port", str(free_port())]
     argv += ["--ready-file", str(ready)]
     proc = subprocess.Popen(

@@ -17,7 +17,7 @@ from coordinator.pool import HealthPolicy
 from hybridiff import serving
 from hybridiff.client import DiffusionClient
 from hybridiff.v1 import diffusion_pb2 as pb
-from launch.local_cluster import LocalCluster
+from hybridiff_launch.local_cluster import LocalCluster
 
 # A request that waits on a stopped worker waits at least this long: the keepalive that notices it.
 NOTICED_AFTER = (serving.KEEPALIVE_TIME_MS + serving.KEEPALIVE_TIMEOUT_MS) / 1000

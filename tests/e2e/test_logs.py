@@ -10,7 +10,7 @@ import pytest
 from cluster_helpers import make_input, send
 
 from hybridiff.client import DiffusionClient
-from launch.local_cluster import LocalCluster
+from hybridiff_launch.local_cluster import LocalCluster
 
 
 def json_lines(path) -> list[dict]:

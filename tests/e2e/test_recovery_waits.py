@@ -12,7 +12,7 @@ import pytest
 from cluster_helpers import Freezer, generate_killing, make_input, send, wait_until, worker_states
 
 from hybridiff.client import DiffusionClient
-from launch.local_cluster import LocalCluster
+from hybridiff_launch.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow  # a three-worker cluster, a kill and two waits: about a minute
 

@@ -18,7 +18,7 @@ from hybridiff.client import DiffusionClient
 from hybridiff.errors import HybridiffError
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
-from launch.local_cluster import LocalCluster
+from hybridiff_launch.local_cluster import LocalCluster
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -406,7 +406,7 @@ def test_oversized_requests_leave_the_coordinators_memory_flat(tmp_path):
         [
             sys.executable,
             "-m",
-            "launch.cli",
+            "hybridiff_launch.cli",
             "coordinator",
             "--host",
             "127.0.0.1",

@@ -12,7 +12,7 @@ import pytest
 from cluster_helpers import make_input, send
 
 from hybridiff.client import DiffusionClient
-from launch.local_cluster import LocalCluster
+from hybridiff_launch.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow  # two coordinators, two workers, a few dozen requests: about a minute
 

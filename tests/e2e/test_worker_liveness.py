@@ -94,7 +94,7 @@ class Worker:
 def workers(model_dirs, tmp_path_factory):
     """quick: a small idle timeout; patient: a long one (only keepalive frees it fast); other: other
     weights of the same architecture and a tiny watchdog bound."""
-    from launch.tiny_model import write_tiny_model
+    from hybridiff_launch.tiny_model import write_tiny_model
 
     run_dir = tmp_path_factory.mktemp("liveness")
     other_dir = write_tiny_model("sdxl", run_dir / "seed1", seed=1)

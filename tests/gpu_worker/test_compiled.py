@@ -21,7 +21,7 @@ from gpu_worker.split_balance import SplitPlanner, measure_stage_costs, valid_cu
 from hybridiff.errors import InvalidArgument
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 from hybridiff.protocol import Mode, label
-from tools.quality import psnr
+from hybridiff_tools.quality import psnr
 
 
 def graphs() -> int:
@@ -108,7 +108,7 @@ def _hybrid_input(seed: int = 7):
 @pytest.mark.slow  # dynamo traces four graphs for each of the pair's two workers (about a minute here)
 def test_a_request_compiles_its_shapes_at_begin_before_any_step(model_dirs):
     """A step must not compile: its peer waits for it with a timeout sized for compiled steps."""
-    from launch.inprocess import InProcessEngine
+    from hybridiff_launch.inprocess import InProcessEngine
 
     engine = InProcessEngine(
         model_dirs["sdxl"], device="cpu", split_cut=2, compile="default", compile_backend="eager"
@@ -194,7 +194,7 @@ def test_compiled_hybrid_matches_eager_and_compiles_each_shape_once(model_dirs, 
     """Inductor for real: a HYBRID request (data-parallel steps at batch 1 around a window of the
     three stages at batch 1), compiled and eager, gives the same image; the shapes compile at
     Begin, once: the same request again compiles nothing."""
-    from launch.inprocess import InProcessEngine
+    from hybridiff_launch.inprocess import InProcessEngine
 
     eager = engines["sdxl"]
     raw = _hybrid_input()

@@ -72,7 +72,7 @@ def recorder(monkeypatch):
 def test_the_in_process_pair_enters_each_compiled_callable_from_its_own_device_thread_only(
     model_dirs, recorder
 ):
-    from launch.inprocess import InProcessEngine
+    from hybridiff_launch.inprocess import InProcessEngine
 
     engine = InProcessEngine(model_dirs["sdxl"], device="cpu", compile="default", compile_backend="eager")
     try:

@@ -30,7 +30,7 @@ from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import Mode, Role, WindowGuidance
 from hybridiff.request import resolve_spec
 from hybridiff.wire import tensor_from_proto, tensor_to_proto
-from launch.inprocess import InProcessWorker
+from hybridiff_launch.inprocess import InProcessWorker
 
 FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}
 SCHEDULERS = {  # name: (architecture, scheduler class, config changes)

@@ -74,7 +74,7 @@ def _env(hub: HubStandIn, home: Path, **extra: str) -> dict[str, str]:
 
 def _download(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launch.cli", "download", *args],
+        [sys.executable, "-m", "hybridiff_launch.cli", "download", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

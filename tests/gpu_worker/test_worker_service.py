@@ -292,7 +292,7 @@ def test_bounds_must_be_positive():
 
 
 def test_the_weights_digest_tells_weights_apart_not_paths(model_dirs, tmp_path):
-    from launch.tiny_model import write_tiny_model
+    from hybridiff_launch.tiny_model import write_tiny_model
 
     original = model_dirs["sdxl"]
     digest = weights_digest(original)

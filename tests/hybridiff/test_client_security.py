@@ -79,7 +79,7 @@ def test_the_async_client_warns_too():
 
 
 def test_the_cli_warns(tmp_path, capsys):
-    from launch.cli import main
+    from hybridiff_launch.cli import main
 
     token = tmp_path / "token"
     token.write_text("s3cret\n")

@@ -548,7 +548,7 @@ PENDING_CLI_FLAGS: set[str] = set()
 @pytest.mark.parametrize("key", sorted(RENDERS))
 def test_container_args_parse_with_the_real_cli(key):
     """The rendered command lines are accepted by ``hybridiff``'s own argument parser."""
-    from launch.cli import build_parser
+    from hybridiff_launch.cli import build_parser
 
     parser = build_parser()
     commands = set(next(a for a in parser._actions if a.dest == "command").choices)
@@ -1535,7 +1535,7 @@ def test_helm_test_pod_checks_health_and_lists_models(key):
     assert health["command"] == ["python", "-c"] and env_of(health)["HYBRIDIFF_TARGET"] == target
     compile(health["args"][0], "health-check", "exec")
     # `hybridiff models --target ...` as the CLI parses it (exit 0 when ListModels answers).
-    from launch.cli import build_parser
+    from hybridiff_launch.cli import build_parser
 
     args = build_parser().parse_args(models["args"])
     assert args.command == "models" and args.target == target
@@ -1720,7 +1720,7 @@ def _secret_of(path: str, mounts: dict[str, str]) -> str:
 @pytest.mark.parametrize("key", SECURE)
 def test_security_renders_mount_every_key_from_secrets_and_pass_the_flags(key):
     from hybridiff import security
-    from launch.cli import build_parser
+    from hybridiff_launch.cli import build_parser
 
     docs = rendered(key)
     parser = build_parser()

@@ -57,7 +57,7 @@ def env(c: dict) -> dict[str, dict]:
 
 
 def test_an_hf_source_downloads_in_an_init_container_with_the_token_from_a_secret(helm):
-    from launch.cli import build_parser
+    from hybridiff_launch.cli import build_parser
 
     pod = worker_pod(render(helm, HF))
     (init,) = pod["initContainers"]
@@ -129,7 +129,7 @@ def test_a_persistent_compile_cache_outlives_the_pod(helm):
 
 
 def test_the_kustomize_component_serves_a_hub_model_the_same_way():
-    from launch.cli import build_parser
+    from hybridiff_launch.cli import build_parser
 
     kubectl = Path(sys.executable).with_name("kubectl")
     overlay = Path(__file__).parent / "overlays" / "gpu-hf"

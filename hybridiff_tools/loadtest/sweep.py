@@ -1,0 +1,173 @@
+"""``hybridiff load-sweep``: latency and SLO attainment against offered load, for each allocation
+policy, on a local cluster (docs/design.md section 4, "Under load").
+
+For each policy and load point a fresh local cluster (each worker pinned to its own cores, as on
+the benchmark) serves open-loop Poisson load at a fraction of the ``throughput`` policy's
+capacity, which is measured first: workers / the latency of one request alone on one worker.
+The same arrival seeds are used for every policy, so the policies see the same request stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from hybridiff.client import DiffusionClient
+from hybridiff.protocol import Mode
+from hybridiff.v1 import diffusion_pb2 as pb
+from hybridiff_launch.local_cluster import LocalCluster
+from hybridiff_tools.bench.runner import bench_model_dir
+from hybridiff_tools.loadtest.generator import LoadConfig, LoadTest
+from hybridiff_tools.loadtest.plots import plot_sweep
+
+POLICIES = ("latency", "throughput", "adaptive")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hybridiff load-sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", default=None, help="model to serve (default: the SDXL-shaped bench model)")
+    p.add_argument("--workers", type=int, default=2, help="workers of the local cluster")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps per request")
+    p.add_argument("--size", type=int, default=256, help="image width and height")
+    p.add_argument(
+        "--loads",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.4, 0.7, 1.0, 1.2],
+        help="offered loads as fractions of the throughput policy's capacity",
+    )
+    p.add_argument("--duration", type=float, default=45.0, help="seconds of arrivals per load point")
+    p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    p.add_argument(
+        "--slo-factor",
+        type=float,
+        default=2.0,
+        help="the SLO: this many times the latency of one request alone on one worker",
+    )
+    p.add_argument("--out-dir", type=Path, default=Path("docs/benchmarks/load"))
+    args = p.parse_args(argv)
+    if args.duration <= 0 or any(f <= 0 for f in args.loads) or args.workers < 2 or args.steps < 1:
+        p.error("--duration and --loads must be > 0, --workers >= 2, --steps >= 1")
+    return args
+
+
+def _alone_latency(client: DiffusionClient, args: argparse.Namespace, mode: Mode, repeats: int = 3) -> float:
+    request = pb.GenerateRequest(
+        prompt="a red circle on the left",
+        num_inference_steps=args.steps,
+        seed=1,
+        width=args.size,
+        height=args.size,
+        mode=mode,
+    )
+    client.generate_request(request)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        client.generate_request(request)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) if times else 0.0
+
+
+def _point(
+    policy: str,
+    model_dir: str,
+    args: argparse.Namespace,
+    i: int,
+    fraction: float,
+    capacity: float,
+    slo: float,
+) -> dict:
+    """One load point on a fresh cluster (the coordinator's arrival-rate estimate and queue start
+    empty), warmed with one request alone and one paired so that its step costs are known."""
+    logs = args.out_dir / "logs" / f"{policy}-{int(fraction * 100)}"
+    with (
+        LocalCluster(model_dir, workers=args.workers, policy=policy, log_dir=logs) as cluster,
+        DiffusionClient(cluster.address) as client,
+    ):
+        _alone_latency(client, args, Mode.SINGLE, repeats=0)
+        _alone_latency(client, args, Mode.CFG_PARALLEL, repeats=0)
+        config = LoadConfig(
+            rate=fraction * capacity,
+            duration=args.duration,
+            steps=args.steps,
+            width=args.size,
+            height=args.size,
+            slo=slo,
+            seed_base=1000 * i,
+            arrival_seed=i,
+            timeout=600.0,
+        )
+        test = LoadTest(client, config)
+        summary = test.run()
+    summary["load_fraction"] = fraction
+    (args.out_dir / f"{policy}-{int(fraction * 100)}.json").write_text(
+        json.dumps(test.report(summary), indent=2)
+    )
+    return summary
+
+
+def sweep_policy(
+    policy: str, model_dir: str, args: argparse.Namespace, capacity: float | None, baseline: dict
+) -> tuple[float, list[dict]]:
+    if capacity is None:
+        with LocalCluster(
+            model_dir, workers=args.workers, policy=policy, log_dir=args.out_dir / "logs" / "alone"
+        ) as c:
+            with DiffusionClient(c.address) as client:
+                baseline["single_s"] = _alone_latency(client, args, Mode.SINGLE)
+                baseline["pair_s"] = _alone_latency(client, args, Mode.HYBRID)
+        capacity = args.workers / baseline["single_s"]
+    slo = args.slo_factor * baseline["single_s"]
+    points = [
+        _point(policy, model_dir, args, i, f, capacity, slo)
+        for i, f in enumerate(tqdm(args.loads, desc=policy, unit="point"))
+    ]
+    return capacity, points
+
+
+def _line(policy: str, s: dict) -> str:
+    return (
+        f"{policy:10s} load {s['load_fraction'] * 100:4.0f}%: p50 {s['p50_s']:.2f}s p95 {s['p95_s']:.2f}s "
+        f"mean {s['mean_s']:.2f}s {s['throughput_rps']:.3f} req/s "
+        f"SLO {s['slo_attainment'] * 100:.0f}% elastic {s['elastic_events']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model_dir = str(args.model_dir or bench_model_dir())
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    order = ["throughput"] + [p for p in args.policies if p != "throughput"]  # capacity comes first
+    capacity, baseline, results, started = None, {}, {}, time.perf_counter()
+    for policy in order:
+        capacity, results[policy] = sweep_policy(policy, model_dir, args, capacity, baseline)
+    report = {
+        "workers": args.workers,
+        "steps": args.steps,
+        "size": args.size,
+        "duration_s": args.duration,
+        "capacity_rps": capacity,
+        "alone": baseline,
+        "slo_s": args.slo_factor * baseline["single_s"],
+        "policies": {p: results[p] for p in args.policies},
+        "wall_s": time.perf_counter() - started,
+    }
+    (args.out_dir / "sweep.json").write_text(json.dumps(report, indent=2))
+    plot_sweep(
+        report["policies"],
+        args.out_dir / "sweep.png",
+        f"{args.workers} workers, bench model {args.size}px, {args.steps} steps; capacity "
+        f"{capacity:.2f} req/s; SLO {report['slo_s']:.1f} s",
+    )
+    for policy in args.policies:
+        for s in results[policy]:
+            print(_line(policy, s), file=sys.stderr)
+    print(f"wrote {args.out_dir}/sweep.json and sweep.png")
+    return 0
