@@ -52,7 +52,7 @@ from gpu_worker.transfers import DirectTransfers, Staged, StagedTransfers, StepC
 from hybridiff.errors import BadCommand, Cancelled, SessionIdle, WorkerFailed
 from hybridiff.internal.v1 import worker_pb2 as wpb
 from hybridiff.protocol import MIME_TYPES, OutputFormat, Phase, Role, WindowGuidance
-from hybridiff.request import MAX_GUIDANCE, MAX_STEPS
+from hybridiff.request import MAX_GUIDANCE, MAX_STEPS, side_problem
 from hybridiff.wire import FrameError, FrameKind, tensor_from_proto, tensor_to_proto
 
 log = logging.getLogger(__name__)
@@ -247,11 +247,9 @@ class WorkerEngine:
         identity or a session nonce."""
         req, limits = cmd.request, self.adapter.size_limits()
         for name, side in (("request.width", req.width), ("request.height", req.height)):
-            if side % limits.multiple or not limits.min_side <= side <= limits.max_side:
-                raise BadCommand(
-                    name,
-                    f"{side} is not a multiple of {limits.multiple} in {limits.min_side}..{limits.max_side}",
-                )
+            problem = side_problem(side, limits)
+            if problem:
+                raise BadCommand(name, problem)
         if not 1 <= req.num_steps <= MAX_STEPS:
             raise BadCommand("request.num_steps", f"{req.num_steps} outside 1..{MAX_STEPS}")
         if req.num_images > limits.max_images:

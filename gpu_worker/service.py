@@ -52,6 +52,7 @@ from hybridiff.errors import (
 )
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 from hybridiff.protocol import COORDINATOR_METADATA, WORKER_PROTOCOL_VERSION, Phase
+from hybridiff.request import side_problem
 from hybridiff.v1 import diffusion_pb2
 
 log = logging.getLogger(__name__)
@@ -309,8 +310,9 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         self._ready(context)
         limits = self.adapter.size_limits()
         for name, side in (("width", request.width), ("height", request.height)):
-            if side % limits.multiple or not limits.min_side <= side <= limits.max_side:
-                serving.abort(context, InvalidArgument(name, f"{side} is not a valid size for this model"))
+            problem = side_problem(side, limits)
+            if problem:
+                serving.abort(context, InvalidArgument(name, problem))
         plan = self.planner.plan(request.height, request.width)
         return worker_pb2.MeasureSplitResponse(
             cut=plan.cut,

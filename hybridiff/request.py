@@ -237,16 +237,23 @@ def _default(value, default):
     return default if value is None else value
 
 
+def side_problem(side: int, limits: SizeLimits) -> str | None:
+    """What is wrong with an image side for a model (None: nothing): the one rule the
+    coordinator's validation, a worker's Begin and its MeasureSplit apply."""
+    if side % 8 != 0:
+        return f"must be a multiple of 8, got {side}"
+    if side % limits.multiple != 0:
+        return f"must be a multiple of {limits.multiple} for this model, got {side}"
+    if not limits.min_side <= side <= limits.max_side:
+        return f"must be in {limits.min_side}..{limits.max_side} for this model, got {side}"
+    return None
+
+
 def _check_side(name: str, value: int | None, limits: SizeLimits) -> int:
     value = _check_int(name, _default(value, limits.default_side), 1, 1 << 20)
-    if value % 8 != 0:
-        raise InvalidArgument(name, f"must be a multiple of 8, got {value}")
-    if value % limits.multiple != 0:
-        raise InvalidArgument(name, f"must be a multiple of {limits.multiple} for this model, got {value}")
-    if not limits.min_side <= value <= limits.max_side:
-        raise InvalidArgument(
-            name, f"must be in {limits.min_side}..{limits.max_side} for this model, got {value}"
-        )
+    problem = side_problem(value, limits)
+    if problem:
+        raise InvalidArgument(name, problem)
     return value
 
 
