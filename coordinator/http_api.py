@@ -211,6 +211,7 @@ class _Run:
         self.call = HttpCall()
         self.request = request
         self.events: asyncio.Queue = asyncio.Queue()
+        self._next_look = 0.0  # when to look for a disconnected client next
         self.spec = None
         loop = asyncio.get_running_loop()
 
@@ -253,14 +254,19 @@ class _Run:
         self.future.add_done_callback(lambda _: self.events.put_nowait(("done",)))
 
     async def next_event(self) -> tuple:
-        """The next event; meanwhile, a client that went away cancels the request."""
+        """The next event; meanwhile, a client that went away cancels the request. The client is
+        looked at every ``DISCONNECT_POLL_SECONDS`` however fast the events come (fast steps
+        would otherwise keep the check from ever running)."""
         while True:
-            try:
-                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_SECONDS)
-            except TimeoutError:
+            if time.monotonic() >= self._next_look:
+                self._next_look = time.monotonic() + DISCONNECT_POLL_SECONDS
                 if not self.call.gone.is_set() and await self.request.is_disconnected():
                     log.info("the HTTP client disconnected: cancelling its request")
                     self.call.gone.set()
+            try:
+                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_SECONDS)
+            except TimeoutError:
+                continue
 
     def result(self) -> Generation:
         """The generation, once ``done`` came; its typed error otherwise."""

@@ -48,7 +48,7 @@ from hybridiff_launch.model_dirs import (
 
 EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_SERVER_ERROR, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 TOOLS_GROUP = "hybridiff.tools"
-OUR_PACKAGES = {"hybridiff", "coordinator", "gpu_worker", "launch", "tools"}
+OUR_PACKAGES = {"hybridiff", "coordinator", "gpu_worker", "hybridiff_launch", "hybridiff_tools"}
 
 
 def exit_code(exc: HybridiffError) -> int:

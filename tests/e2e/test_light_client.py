@@ -137,7 +137,7 @@ def test_an_unreachable_target_fails_fast(client):
 
 # --- the light install ----------------------------------------------------------------------
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "proto", "hybridiff", "coordinator", "gpu_worker")
-SOURCES += ("launch", "tools")  # what the Dockerfile builds the wheel from
+SOURCES += ("hybridiff_launch", "hybridiff_tools")  # what the Dockerfile builds the wheel from
 UNGENERATED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 
 

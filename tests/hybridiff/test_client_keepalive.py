@@ -103,7 +103,8 @@ def test_a_killed_coordinator_is_a_lost_connection_not_stream_removed(fake_coord
     proc, target = fake_coordinator
     error, took = _generate_until_first_step(target, proc.kill)
     assert took < 10
-    assert str(error).startswith(f"lost the connection to the coordinator at {target}"), str(error)
+    # one target: the client's failover tries it again, and says what each attempt met
+    assert f"lost the connection to the coordinator at {target}" in str(error), str(error)
 
 
 def test_the_async_client_says_the_same(fake_coordinator):
