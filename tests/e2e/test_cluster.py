@@ -59,6 +59,7 @@ def _diffusers_image(engines, arch, req: pb.GenerateRequest):
         ).images[0]
 
 
+@pytest.mark.slow  # the pipeline beside the cluster (~15 s each); test_parity.py holds parity in-process
 @pytest.mark.parametrize("arch", ["sdxl", "sd3"])
 def test_single_and_cfg_parallel_equal_diffusers_through_the_cluster(arch, request, engines):
     cluster = request.getfixturevalue(f"{arch}_cluster")
@@ -303,6 +304,7 @@ def test_one_trace_per_request_across_processes(sdxl_cluster, otlp, tmp_path):
     assert client_span in list(ancestors(root))
 
 
+@pytest.mark.slow  # a whole `hybridiff local` started and stopped (~15 s)
 def test_local_leaves_no_process_behind(model_dirs, tmp_path):
     proc, _ = start_local(
         ["--model-dir", str(model_dirs["sdxl"]), "--port", "0", "--metrics-port", "0", "--workers", "1"],

@@ -79,6 +79,7 @@ def _resume(cluster, proc) -> None:
     ), worker_states(cluster, timeout=5)
 
 
+@pytest.mark.slow  # a hung step and a bounded abort wait (~25 s)
 def test_a_cancel_while_a_step_hangs_is_noticed_at_once_and_the_pair_is_not_handed_on(pair, stub):
     before = _metric(pair, "CANCELLED")
     call = stub.GenerateStream(_long_request(), timeout=120)
@@ -134,6 +135,7 @@ def test_a_deadline_while_a_step_hangs_is_noticed_at_once(pair, stub):
     pytest.fail("the request never ran a step well before its deadline")
 
 
+@pytest.mark.slow  # a partition and its peer timeouts (~16 s)
 def test_a_partition_between_the_workers_resumes_within_a_few_step_costs(model_dirs, tmp_path):
     data_port = free_port()
     forwarder = TcpForwarder(("127.0.0.1", data_port)).start()

@@ -119,6 +119,7 @@ def _same_image(a, b) -> None:
     assert a.images == b.images
 
 
+@pytest.mark.slow  # a forged stream per model (~15 s)
 def test_forged_frames_from_a_foreign_socket_do_not_change_the_image(pair):
     reference = _hybrid(pair, "clean", seed=11)
     forged = _forged(pair.take_recorded(), "victim")
@@ -130,6 +131,7 @@ def test_forged_frames_from_a_foreign_socket_do_not_change_the_image(pair):
     assert all(n > 0 for n in rejected), (rejected, flood.sent)  # the flood hit both open sessions
 
 
+@pytest.mark.slow  # two resumed attempts per model (~18 s)
 def test_frames_of_an_aborted_attempt_do_not_reach_the_next_attempt(pair):
     reference = _hybrid(pair, "clean", seed=11)
     pair.take_recorded()

@@ -66,6 +66,7 @@ def _in_background(client, raw, started: threading.Event | None = None):
     return thread, box
 
 
+@pytest.mark.slow  # a cluster of its own and a shrink (~14 s)
 def test_a_pair_shrinks_for_a_newcomer_and_both_images_hold(pair_cluster):
     client = DiffusionClient(pair_cluster.address)
     unbroken_first = send(client, _auto(1), timeout=300)
@@ -96,6 +97,7 @@ def test_a_pair_shrinks_for_a_newcomer_and_both_images_hold(pair_cluster):
     client.close()
 
 
+@pytest.mark.slow  # a 250-step request beside a blocker (~12 s)
 def test_a_lone_request_grows_when_a_worker_frees(pair_cluster, plug_dir):
     # A lone step (the CFG batch) of the tiny model costs about what a paired one does, so under
     # load the policy's cost gate may never open; 20 ms more per lone step opens it for sure.

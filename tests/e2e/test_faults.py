@@ -30,6 +30,7 @@ from hybridiff.v1 import diffusion_pb2_grpc
 from hybridiff_launch.local_cluster import LocalCluster
 
 
+@pytest.mark.slow  # a kill, a restart and a rejoin (~25 s)
 def test_kill_in_phase_one_gives_the_same_png_and_the_worker_restarted_rejoins(model_dirs, tmp_path):
     raw = make_input(prompt="a blue circle", num_steps=16, seed=5, mode="cfg-parallel")
     freezer = Freezer(tmp_path / "freeze")
@@ -77,6 +78,7 @@ def _restart(cluster, address: str, log: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # three workers and two kills (~16 s)
 def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tmp_path):
     freezer = Freezer(tmp_path / "freeze")
     with LocalCluster(
@@ -101,6 +103,7 @@ def test_kill_in_the_window_and_at_decode_completes_on_a_new_pair(model_dirs, tm
         assert sorted(worker_states(cluster, timeout=5).values()) == ["idle", "unhealthy", "unhealthy"]
 
 
+@pytest.mark.slow  # a cluster of its own, drained (~12 s)
 def test_sigterm_drains_the_coordinator(model_dirs, tmp_path):
     """SIGTERM while a request runs (held at a step: it is in flight whatever the machine's speed)
     and another waits: health is no longer SERVING, new and queued requests get UNAVAILABLE (the

@@ -21,6 +21,7 @@ def json_lines(path) -> list[dict]:
     return out
 
 
+@pytest.mark.slow  # a cluster of its own (~13 s)
 def test_json_log_lines_carry_the_request_id_and_trace_id(model_dirs, tmp_path):
     with LocalCluster(model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs", log_format="json") as cluster:
         with DiffusionClient(cluster.address) as client:
@@ -47,6 +48,7 @@ def test_json_log_lines_carry_the_request_id_and_trace_id(model_dirs, tmp_path):
     assert len(traces) == 1
 
 
+@pytest.mark.slow  # a cluster that fails to start (~9 s)
 def test_a_process_that_dies_at_start_up_shows_its_log(tmp_path):
     broken = tmp_path / "not-a-model"
     broken.mkdir()

@@ -201,6 +201,7 @@ def _metrics(cluster) -> str:
     )
 
 
+@pytest.mark.slow  # a load on a small queue (~12 s)
 def test_load_small_queue_every_request_succeeds_or_is_refused(model_dirs, tmp_path):
     # Two workers for eight callers: the queue of two overflows (four workers running pairs side by
     # side: test_cluster.py, test_four_workers_eight_concurrent_mixed_requests).

@@ -287,6 +287,7 @@ def test_coordinator_accepts_only_a_worker_certificate_naming_the_worker_role(pk
             server.stop(None)
 
 
+@pytest.mark.slow  # a cluster on mutual TLS (~15 s)
 def test_a_coordinator_with_worker_tls_runs_a_request_on_mtls_workers(pki, model_dirs, tmp_path):
     """End to end, as the secure overlay runs them: the coordinator (client certificate naming the
     coordinator) pairs two workers (server certificates naming the worker role, the client CA

@@ -154,6 +154,7 @@ CLIENT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a keepalive timeout (~10 s)
 def test_a_sigstopped_client_is_dropped_by_keepalive(workers):
     """The worker's idle timeout is 300 s here: only gRPC keepalive (ping every 5 s, 5 s to
     answer) can free it within the bound."""

@@ -224,6 +224,7 @@ def test_another_coordinators_session_is_refused_at_once_while_one_holds_the_wor
     assert run_to_the_end(served.stub, "req-after-b")[-1].WhichOneof("event") == "finish"
 
 
+@pytest.mark.slow  # a stream backed up until the worker cuts it (~16 s)
 def test_a_client_that_does_not_read_its_events_is_cut_off(served):
     """Its events fill the stream's flow-control window, so handing the next one over blocks:
     that wait is bounded by the idle timeout as well."""

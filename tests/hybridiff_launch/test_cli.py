@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from hybridiff_launch.cli import build_parser
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
@@ -62,34 +60,55 @@ def test_tiny_model_and_run(tmp_path):
     assert isinstance(s["steps"][0]["workers"], list)
 
 
-@pytest.mark.parametrize(
-    "args,needle",
-    [
+# Every bad input in one interpreter (torch and diffusers imported once, not once per case):
+# main() of each argv in turn, its exit code and what it wrote to stderr.
+IN_ONE_PROCESS = """
+import contextlib, io, json, sys
+from hybridiff_launch.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as ended:
+            code = ended.code
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_bad_input_is_a_clear_error(tmp_path, model_dirs):
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "empty").mkdir()
+    model = ["--model-dir", str(model_dirs["sdxl"])]
+    flux, empty = str(tmp_path / "flux"), str(tmp_path / "empty")
+    cases = [
         (["run", "--model-dir", "/nonexistent/model", "--prompt", "x", "--out", "o.png"], "does not exist"),
-        (["run", "--prompt", "x", "--steps", "0", "--out", "o.png"], "num_inference_steps"),
-        (["run", "--prompt", "x", "--width", "60", "--out", "o.png"], "width: must be a multiple of 8"),
-        (["run", "--prompt", "x", "--guidance", "-2", "--out", "o.png"], "guidance_scale"),
-        (["run", "--prompt", "x", "--k", "-1", "--out", "o.png"], "hybrid.k"),
+        (["run", *model, "--prompt", "x", "--steps", "0", "--out", "o.png"], "num_inference_steps"),
+        (
+            ["run", *model, "--prompt", "x", "--width", "60", "--out", "o.png"],
+            "width: must be a multiple of 8",
+        ),
+        (["run", *model, "--prompt", "x", "--guidance", "-2", "--out", "o.png"], "guidance_scale"),
+        (["run", *model, "--prompt", "x", "--k", "-1", "--out", "o.png"], "hybrid.k"),
         (["tiny-model", "--arch", "sd9", "--out", "x"], "invalid choice"),
-    ],
-)
-def test_bad_input_is_a_clear_error(tmp_path, args, needle, model_dirs):
-    if args[0] == "run" and "--model-dir" not in args:
-        args = args[:1] + ["--model-dir", str(model_dirs["sdxl"])] + args[1:]
-    proc = hybridiff(*args, check=False)
-    assert proc.returncode == 2
-    assert needle in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-def test_not_a_diffusers_model(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    proc = hybridiff("run", "--model-dir", str(tmp_path), "--prompt", "x", "--out", "o.png", check=False)
-    assert proc.returncode == 2 and "supported" in proc.stderr and "Traceback" not in proc.stderr
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    proc = hybridiff("run", "--model-dir", str(empty), "--prompt", "x", "--out", "o.png", check=False)
-    assert proc.returncode == 2 and "not a diffusers model" in proc.stderr
+        (["run", "--model-dir", flux, "--prompt", "x", "--out", "o.png"], "supported"),
+        (["run", "--model-dir", empty, "--prompt", "x", "--out", "o.png"], "not a diffusers model"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", IN_ONE_PROCESS, json.dumps([argv for argv, _ in cases])],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for (argv, needle), (code, err) in zip(cases, json.loads(proc.stdout.strip().splitlines()[-1])):
+        assert code == 2, (argv, err)
+        assert needle in err and "Traceback" not in err, (argv, err)
 
 
 def test_an_unreachable_target_exits_3_within_seconds(tmp_path):

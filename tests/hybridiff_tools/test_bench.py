@@ -8,6 +8,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow  # a bench of every mode through a cluster (~45 s)
 def test_bench_json_is_complete_and_consistent(model_dirs, tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
