@@ -241,6 +241,7 @@ class _Run:
                     on_resolved=on_resolved,
                     span_attributes=attributes,
                     on_latents=(lambda step, latents: put("latents", step, latents)) if previews else None,
+                    api="http",
                 )
             finally:
                 otel_context.detach(token)

@@ -43,8 +43,8 @@ class CoordinatorMetrics:
         self.workers = Gauge("hybridiff_workers", "Workers by state", ["state"], registry=r)
         self.requests = Counter(
             "hybridiff_requests_total",
-            "Finished requests by mode used and status code",
-            ["mode", "code"],
+            "Finished requests by mode used, status code and API (grpc or http)",
+            ["mode", "code", "api"],
             registry=r,
         )
         self.step_seconds = Histogram(
@@ -56,8 +56,8 @@ class CoordinatorMetrics:
         )
         self.request_seconds = Histogram(
             "hybridiff_request_seconds",
-            "End-to-end request latency by mode used",
-            ["mode"],
+            "End-to-end request latency by mode used and API (grpc or http)",
+            ["mode", "api"],
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
         )

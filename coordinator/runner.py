@@ -100,15 +100,15 @@ class _Outcome:
     """A request's status, counted once, as soon as it is known: before its workers are
     released (a release may wait for them), and under the code the client is answered with."""
 
-    def __init__(self, metrics: CoordinatorMetrics) -> None:
-        self.metrics = metrics
+    def __init__(self, metrics: CoordinatorMetrics, api: str) -> None:
+        self.metrics, self.api = metrics, api
         self.counted = False
         self.mode_label = "unknown"  # the mode the request runs in, once known
 
     def count(self, code: grpc.StatusCode) -> None:
         if not self.counted:
             self.counted = True
-            self.metrics.requests.labels(self.mode_label, code.name).inc()
+            self.metrics.requests.labels(self.mode_label, code.name, self.api).inc()
 
 
 class RequestRunner:
@@ -146,15 +146,17 @@ class RequestRunner:
         on_step: OnStep | None = None,
         on_resolved: Callable[[GenerationSpec], None] | None = None,
         span_attributes: dict | None = None,
+        api: str = "grpc",
         on_latents: Callable[[int, dataplane_pb2.Tensor], None] | None = None,
     ) -> Generation:
         """Run one request to its end; raises a ``HybridiffError`` (never anything else) on failure.
         ``on_resolved`` is told the spec once validated, ``on_step`` every completed step;
-        ``span_attributes``: the edge's own attributes of the request's span; ``on_latents(step,
+        ``span_attributes``: the edge's own attributes of the request's span; ``api``: the edge
+        (grpc or http), a label of the request metrics; ``on_latents(step,
         latents)``: the latents after each step (the checkpoint worker U reports), for previews."""
         received = time.perf_counter()
         code = grpc.StatusCode.OK
-        outcome = _Outcome(self.metrics)
+        outcome = _Outcome(self.metrics, api)
         self.metrics.requests_in_flight.inc()
         log_token = logs.set_request_id(None)  # named once the request is resolved
         with self._tracer.start_as_current_span("hybridiff.generate", attributes=span_attributes) as span:
@@ -175,7 +177,7 @@ class RequestRunner:
                     }
                 )
                 result = self._run(spec, client, on_step, outcome, on_latents)
-                self._observe(span, result, time.perf_counter() - received)
+                self._observe(span, result, time.perf_counter() - received, api)
                 client.check_alive()  # a client gone meanwhile is answered, and counted, as such
                 return Generation(spec, result)
             except Exception as exc:
@@ -198,7 +200,7 @@ class RequestRunner:
         limits, defaults = model_rules(info, self.config.hybrid_defaults)
         return resolve_spec(request, limits, defaults, model=info.model_name)
 
-    def _observe(self, span: trace.Span, result: GenerationResult, seconds: float) -> None:
+    def _observe(self, span: trace.Span, result: GenerationResult, seconds: float, api: str) -> None:
         stats = result.stats
         mode_label = label(stats.mode_used)
         span.set_attributes(
@@ -212,7 +214,7 @@ class RequestRunner:
         for s in stats.steps:
             self.metrics.step_seconds.labels(label(s.phase)).observe(s.wall_seconds)
         self.metrics.data_plane_bytes.inc(stats.data_plane_bytes)
-        self.metrics.request_seconds.labels(mode_label).observe(seconds)
+        self.metrics.request_seconds.labels(mode_label, api).observe(seconds)
         log.info("request done: mode %s, %d steps, %.3fs", mode_label, len(stats.steps), seconds)
 
     def _run(

@@ -59,7 +59,7 @@ def cluster(request):
 
 def _counted(coord, code: str) -> float:
     return coord.metrics.registry.get_sample_value(
-        "hybridiff_requests_total", {"mode": "hybrid", "code": code}
+        "hybridiff_requests_total", {"mode": "hybrid", "code": code, "api": "grpc"}
     )
 
 

@@ -208,6 +208,19 @@ def test_a_client_that_disconnects_frees_both_workers_within_2s(base_url, sdxl_c
 
 
 # --- the rest of the surface -----------------------------------------------------------------
+def test_requests_are_counted_by_the_api_they_came_through(base_url, sdxl_cluster):
+    """The same request path as gRPC, the same metrics: the edge is a label (the dashboard splits by it)."""
+    reply = _post(f"{base_url}/v1/images/generations", json={"prompt": PROMPT, "num_inference_steps": 2})
+    assert reply.status_code == 200
+    scrape = _get(f"http://127.0.0.1:{sdxl_cluster.metrics_port}/metrics").text
+    counted = [
+        line
+        for line in scrape.splitlines()
+        if line.startswith("hybridiff_requests_total{") and 'api="http"' in line and 'code="OK"' in line
+    ]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1
+
+
 def test_models_health_readiness_openapi_and_request_ids(base_url):
     models = _get(f"{base_url}/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["object"] == "model"

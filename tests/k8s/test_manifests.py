@@ -150,6 +150,17 @@ OPTIONAL_ON = {
         "parentRefs": [{"name": "public", "namespace": "gateway", "sectionName": "https"}],
         "hostnames": ["hybridiff.example.com"],
     },
+    "httpIngress": {
+        "enabled": True,
+        "className": "nginx",
+        "hosts": ["images.example.com"],
+        "annotations": {"nginx.ingress.kubernetes.io/proxy-buffering": "off"},
+    },
+    "httpRoute": {
+        "enabled": True,
+        "parentRefs": [{"name": "public", "namespace": "gateway", "sectionName": "https"}],
+        "hostnames": ["images.example.com"],
+    },
 }
 
 
@@ -762,6 +773,13 @@ CRD_SCHEMAS = {
         ),
     ),
 }
+# An HTTPRoute's spec has the GRPCRoute's shape for what the chart writes (parent refs, hostnames,
+# rules of backend refs; its matches and filters are of other kinds, which the chart writes none of).
+CRD_SCHEMAS[("gateway.networking.k8s.io/v1", "HTTPRoute")] = _custom_resource(
+    "gateway.networking.k8s.io/v1",
+    "HTTPRoute",
+    CRD_SCHEMAS[("gateway.networking.k8s.io/v1", "GRPCRoute")]["properties"]["spec"],
+)
 
 
 def validate_custom_resource(doc: dict, where: str) -> None:
@@ -884,7 +902,7 @@ def test_values_schema_takes_set_style_decimals():
 
 # -- optional objects: off by default, wired when on -------------------------------------------
 
-OPTIONAL_KINDS = {"ServiceMonitor", "PrometheusRule", "GRPCRoute", "Ingress"}
+OPTIONAL_KINDS = {"ServiceMonitor", "PrometheusRule", "GRPCRoute", "Ingress", "HTTPRoute"}
 
 
 def dashboard_configmaps(docs) -> list[dict]:
@@ -972,7 +990,7 @@ def test_ingress_and_grpc_route_reach_the_public_grpc_port(key):
     docs = rendered(key)
     public = next(s for s in objects(docs, "Service") if s["spec"].get("clusterIP") != "None")
     grpc_port = next(p for p in public["spec"]["ports"] if p["name"] == "grpc")
-    (ingress,) = objects(docs, "Ingress")
+    (ingress,) = [i for i in objects(docs, "Ingress") if not i["metadata"]["name"].endswith("-http")]
     tls = key.startswith("helm:") and chart_value(key.split(":", 1)[1], "tls.enabled")
     protocol = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"]
     assert protocol == ("GRPCS" if tls else "GRPC")
@@ -986,6 +1004,35 @@ def test_ingress_and_grpc_route_reach_the_public_grpc_port(key):
         for ref in rule["backendRefs"]:
             assert ref == {"name": public["metadata"]["name"], "port": grpc_port["port"]}
     assert grpc_port["appProtocol"] in ("kubernetes.io/h2c", "https")
+
+
+@pytest.mark.parametrize("key", EXTRAS)
+def test_http_ingress_and_http_route_reach_the_http_api(key):
+    docs = rendered(key)
+    public = next(s for s in objects(docs, "Service") if s["spec"].get("clusterIP") != "None")
+    http_port = next(p for p in public["spec"]["ports"] if p["name"] == "http")
+    (ingress,) = [i for i in objects(docs, "Ingress") if i["metadata"]["name"].endswith("-http")]
+    for rule in ingress["spec"]["rules"]:
+        assert rule["host"] == "images.example.com"
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            assert backend["name"] == public["metadata"]["name"] and backend["port"] == {"name": "http"}
+    (route,) = objects(docs, "HTTPRoute")
+    for rule in route["spec"]["rules"]:
+        for ref in rule["backendRefs"]:
+            assert ref == {"name": public["metadata"]["name"], "port": http_port["port"]}
+
+
+def test_http_routes_need_a_gateway_and_the_http_api():
+    with helm().Chart.load(CHART) as chart:
+        with pytest.raises(helm().HelmError, match="parentRefs"):
+            chart.render({"httpRoute": {"enabled": True}}, name="hybridiff", namespace="serving")
+        with pytest.raises(helm().HelmError, match="httpPort"):
+            chart.render(
+                {"httpIngress": {"enabled": True}, "coordinator": {"httpPort": 0}},
+                name="hybridiff",
+                namespace="serving",
+            )
 
 
 def test_grpc_route_needs_a_gateway():
@@ -1041,7 +1088,7 @@ EXPORTED_METRICS = {
     "hybridiff_queue_depth": set(),
     "hybridiff_worker_demand": set(),
     "hybridiff_workers": {"state"},
-    "hybridiff_requests_total": {"mode", "code"},
+    "hybridiff_requests_total": {"mode", "code", "api"},
     "hybridiff_recoveries_total": set(),
     "hybridiff_worker_quarantines_total": set(),
     "hybridiff_elastic_events_total": {"kind"},
@@ -1051,7 +1098,7 @@ EXPORTED_METRICS = {
 }
 EXPORTED_HISTOGRAMS = {
     "hybridiff_step_seconds": {"phase"},
-    "hybridiff_request_seconds": {"mode"},
+    "hybridiff_request_seconds": {"mode", "api"},
     "hybridiff_queue_wait_seconds": set(),
 }
 for _h, _labels in EXPORTED_HISTOGRAMS.items():
@@ -1477,8 +1524,9 @@ def test_dashboard_has_the_operators_panels():
         assert found, f"no panel {title_part!r}"
         return " ".join(t["expr"] + " " + t.get("legendFormat", "") for p in found for t in p["targets"])
 
-    assert "by (code)" in exprs("Request rate by code")
+    assert "by (api, code)" in exprs("Request rate by API")  # gRPC and HTTP apart
     latency = exprs("latency p50")
+    assert "by (api, le)" in latency
     assert "histogram_quantile(0.5," in latency and "histogram_quantile(0.95," in latency
     queue = exprs("Queue depth and worker demand")
     assert "hybridiff_queue_depth" in queue and "hybridiff_worker_demand" in queue
