@@ -475,6 +475,31 @@ def test_lease_replace_failed_goes_on_with_the_survivor_alone(pool, fakes):
     assert states(pool) == {"w1": BUSY, "w2": UNHEALTHY}
 
 
+def _both_busy_one_failing(pool, fakes):
+    """Two workers, each leased by a SINGLE request (r0, r1); r1's worker has failed. The leases
+    of r0 and r1, and the failed worker's id."""
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(pool, w1, w2)
+    other = pool.lease("sdxl", 1, False, "r0", timeout=1)
+    lease = pool.lease("sdxl", 1, False, "r1", timeout=1)
+    failed_id = ids(lease.entries)[0]
+    {"w1": w1, "w2": w2}[failed_id].healthy.clear()
+    return other, lease, failed_id
+
+
+def _resume_in_background(lease, failed_id: str) -> tuple[threading.Thread, list]:
+    """``lease.replace_failed`` of a SINGLE request on a thread; what it resumed on, once done."""
+    resumed: list = []
+    recovery = threading.Thread(
+        target=lambda: resumed.append(
+            ids(lease.replace_failed(failed_id, keep=set(), want=1, need=1, timeout=WAIT))
+        ),
+        daemon=True,
+    )
+    recovery.start()
+    return recovery, resumed
+
+
 def test_a_request_that_lost_its_only_worker_waits_for_the_next_free_one(pool, fakes):
     """Every worker busy: the failed request goes back to the head of the queue and resumes on the
     first worker another request frees, ahead of a request that arrived before the failure."""
@@ -490,14 +515,7 @@ def test_a_request_that_lost_its_only_worker_waits_for_the_next_free_one(pool, f
     new_request.start()
     wait_for(lambda: pool.queue_depth == 1)  # r2 queued before the failure
     {"w1": w1, "w2": w2}[failed_id].healthy.clear()
-    resumed: list = []
-    recovery = threading.Thread(
-        target=lambda: resumed.append(
-            ids(lease.replace_failed(failed_id, keep=set(), want=1, need=1, timeout=WAIT))
-        ),
-        daemon=True,
-    )
-    recovery.start()
+    recovery, resumed = _resume_in_background(lease, failed_id)
     wait_for(lambda: pool.queue_depth == 2)
     assert not resumed
     survivor = ids(other.entries)[0]
@@ -536,12 +554,7 @@ def test_a_pair_that_needs_a_partner_waits_holding_nothing(pool, fakes):
 
 
 def test_a_resuming_request_gives_up_when_no_worker_frees_in_time(pool, fakes):
-    w1, w2 = fakes("w1"), fakes("w2")
-    join(pool, w1, w2)
-    other = pool.lease("sdxl", 1, False, "r0", timeout=1)
-    lease = pool.lease("sdxl", 1, False, "r1", timeout=1)
-    failed_id = ids(lease.entries)[0]
-    {"w1": w1, "w2": w2}[failed_id].healthy.clear()
+    other, lease, failed_id = _both_busy_one_failing(pool, fakes)
     with pytest.raises(Unavailable, match="no other worker freed"):
         lease.replace_failed(failed_id, keep=set(), want=1, need=1, timeout=0.3)
     assert pool.queue_depth == 0
@@ -562,12 +575,7 @@ def test_a_survivor_no_pair_can_form_with_again_goes_on_alone(pool, fakes):
 
 
 def test_the_clients_deadline_during_the_resuming_wait_stays_a_deadline(pool, fakes):
-    w1, w2 = fakes("w1"), fakes("w2")
-    join(pool, w1, w2)
-    other = pool.lease("sdxl", 1, False, "r0", timeout=1)
-    lease = pool.lease("sdxl", 1, False, "r1", timeout=1)
-    failed_id = ids(lease.entries)[0]
-    {"w1": w1, "w2": w2}[failed_id].healthy.clear()
+    other, lease, failed_id = _both_busy_one_failing(pool, fakes)
     ends = time.monotonic() + 0.3
 
     def check_alive() -> None:
@@ -582,20 +590,8 @@ def test_the_clients_deadline_during_the_resuming_wait_stays_a_deadline(pool, fa
 
 def test_a_request_waiting_to_resume_still_resumes_during_a_drain(pool, fakes):
     """A drain stops new requests, not running ones: one waiting to resume gets the next worker."""
-    w1, w2 = fakes("w1"), fakes("w2")
-    join(pool, w1, w2)
-    other = pool.lease("sdxl", 1, False, "r0", timeout=1)
-    lease = pool.lease("sdxl", 1, False, "r1", timeout=1)
-    failed_id = ids(lease.entries)[0]
-    {"w1": w1, "w2": w2}[failed_id].healthy.clear()
-    resumed: list = []
-    recovery = threading.Thread(
-        target=lambda: resumed.append(
-            ids(lease.replace_failed(failed_id, keep=set(), want=1, need=1, timeout=WAIT))
-        ),
-        daemon=True,
-    )
-    recovery.start()
+    other, lease, failed_id = _both_busy_one_failing(pool, fakes)
+    recovery, resumed = _resume_in_background(lease, failed_id)
     wait_for(lambda: pool.queue_depth == 1)
     pool.close()
     survivor = ids(other.entries)[0]
