@@ -83,5 +83,24 @@ def test_image_builds_and_runs_help():
             timeout=60,
         ).stdout.strip()
         assert user and user.split(":")[0] not in ("root", "0")
+        # The image serves the trained default model, not random weights: `run` with no --model
+        # draws the prompt with the packaged shapes model (hardened as above).
+        drawn = subprocess.run(
+            ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", tag]
+            + ["run", "--prompt", "a red circle on the left", "--steps", "8", "--seed", "3"]
+            + ["--mode", "cfg-parallel", "--out", "-", "--quiet"],
+            capture_output=True,
+            timeout=600,
+        )
+        assert drawn.returncode == 0, drawn.stderr[-4000:]
+        assert drawn.stdout.startswith(b"\x89PNG")
+        found = subprocess.run(
+            ["docker", "run", "--rm", "--entrypoint", "python", tag, "-c"]
+            + ["from hybridiff_launch.model_dirs import default_model_dir; print(default_model_dir())"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert found.stdout.strip().endswith("hybridiff/models/shapes-sdxl"), found.stdout + found.stderr
     finally:
         subprocess.run(["docker", "image", "rm", "-f", tag], capture_output=True, timeout=120)
