@@ -208,7 +208,10 @@ def test_watch_streams_on_the_workers_ports_leave_its_probes_answering(worker):
         for _ in range(SESSIONS + 4):
             held.open(worker["health"], _watch)
         outcomes = held.collect(SESSIONS + 4, within=30)
-        assert outcomes == [grpc.StatusCode.PERMISSION_DENIED] * (SESSIONS + 4)  # Check only there
+        # Check only there: every Watch is refused, by the interceptor (PERMISSION_DENIED) or, when
+        # more arrive at once than the port has threads, before it (RESOURCE_EXHAUSTED, never queued).
+        refused = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert set(outcomes) <= refused and grpc.StatusCode.PERMISSION_DENIED in outcomes, outcomes
         for _ in range(SESSIONS + 4):
             held.open(worker["control"], _watch)
         outcomes = held.collect(SESSIONS + 4, within=30)
