@@ -170,7 +170,9 @@ def _sdxl_unet(size: str, cross_dim: int, pooled_dim: int, seed: int):
     )
 
 
-def _scheduler_sdxl():
+def sdxl_scheduler(prediction_type: str = "epsilon") -> EulerDiscreteScheduler:
+    """SDXL's Euler scheduler (its beta schedule and leading timesteps): the tests' tiny models
+    predict the noise, the trained default model the velocity (``v_prediction``)."""
     return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -178,7 +180,7 @@ def _scheduler_sdxl():
         num_train_timesteps=1000,
         timestep_spacing="leading",
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
 
 
@@ -197,7 +199,7 @@ def build_sdxl(size: str = "tiny", seed: int = 0):
         tokenizer=tok,
         tokenizer_2=build_clip_tokenizer(),
         unet=unet,
-        scheduler=_scheduler_sdxl(),
+        scheduler=sdxl_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
 

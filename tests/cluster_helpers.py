@@ -68,6 +68,44 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.server.stop(0)
 
 
+def compiling_worker(model_dir, **options):
+    """An in-process worker on 127.0.0.1 (free ports, no metrics) that compiles with dynamo's
+    eager backend (the compile path, without inductor's minutes); ``options`` add to or replace
+    ``WorkerProcess``'s. Started."""
+    from gpu_worker.process import WorkerProcess
+
+    settings = dict(
+        port=0,
+        data_port=0,
+        host="127.0.0.1",
+        device="cpu",
+        metrics_port=None,
+        compile_mode="default",
+        compile_backend="eager",
+    )
+    return WorkerProcess(str(model_dir), **(settings | options)).start()
+
+
+def cfg_modes_match(engine, reference_latents, **fields) -> dict:
+    """Run ``fields`` (make_input's names) on the in-process ``engine`` in SINGLE and in
+    CFG_PARALLEL and check each ran in its mode with the reference's latents (diffusers' own
+    pipeline for the same request, 1e-4); each mode's result, by mode."""
+    import torch
+
+    from hybridiff.protocol import label
+    from hybridiff.wire import tensor_from_proto
+
+    results = {}
+    for mode in ("single", "cfg-parallel"):
+        result = engine.generate(engine.resolve(make_input(mode=mode, **fields)))
+        assert label(result.stats.mode_used) == mode
+        torch.testing.assert_close(
+            tensor_from_proto(result.latents), reference_latents.float(), rtol=1e-4, atol=1e-4
+        )
+        results[mode] = result
+    return results
+
+
 def make_input(
     mode: str = "auto",
     window_guidance: str = "default",

@@ -28,7 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybridiff_launch.tiny_model import TextEncoderShape, build_clip_tokenizer, clip_text_encoders
+from hybridiff_launch.tiny_model import (
+    TextEncoderShape,
+    build_clip_tokenizer,
+    clip_text_encoders,
+    sdxl_scheduler,
+)
 from hybridiff_tools.shapes.grammar import VOCABULARY, caption_for, training_scenes
 from hybridiff_tools.shapes.render import render
 
@@ -66,7 +71,6 @@ def build_pipeline(seed: int, side: int = 32):
     """The untrained components as a ``StableDiffusionXLPipeline`` (random weights)."""
     from diffusers import (  # deferred: slow to import (seconds); the data and the config need none of it
         AutoencoderKL,
-        EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
@@ -116,15 +120,7 @@ def build_pipeline(seed: int, side: int = 32):
         projection_class_embeddings_input_dim=6 * time_dim + 32,
         use_linear_projection=True,
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        timestep_spacing="leading",
-        steps_offset=1,
-        prediction_type="v_prediction",
-    )
+    scheduler = sdxl_scheduler(prediction_type="v_prediction")
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 import torch
-from cluster_helpers import make_input
+from cluster_helpers import compiling_worker, make_input
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpu_worker import compiled
@@ -140,18 +140,7 @@ def _health(channel, service: str = "") -> int:
 
 @pytest.mark.slow  # a worker process compiling its warm-up (.ci/run runs the slow tests)
 def test_a_compiling_worker_is_ready_only_once_its_default_size_is_warm(model_dirs):
-    from gpu_worker.process import WorkerProcess
-
-    process = WorkerProcess(
-        str(model_dirs["sdxl"]),
-        port=0,
-        data_port=0,
-        host="127.0.0.1",
-        device="cpu",
-        metrics_port=None,
-        compile_mode="default",
-        compile_backend="eager",
-    ).start()
+    process = compiling_worker(model_dirs["sdxl"])
     channel = grpc.insecure_channel(f"127.0.0.1:{process.port}")
     try:
         stub = worker_pb2_grpc.WorkerControlServiceStub(channel)

@@ -13,7 +13,7 @@ import time
 
 import grpc
 import pytest
-from cluster_helpers import make_input, solo_begin, wait_until
+from cluster_helpers import compiling_worker, make_input, solo_begin, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpu_worker import compiled
@@ -108,22 +108,10 @@ WATCHDOG = 2.0
 @pytest.fixture(scope="module")
 def worker(model_dirs):
     """A compiling worker process (the recorder for torch.compile) with a short watchdog."""
-    from gpu_worker.process import WorkerProcess
-
     rec = Recorder()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(CompileCache, "_compile", lambda self, fn: rec.compile(self, fn))
-        process = WorkerProcess(
-            str(model_dirs["sdxl"]),
-            port=0,
-            data_port=0,
-            host="127.0.0.1",
-            device="cpu",
-            metrics_port=None,
-            compile_mode="default",
-            compile_backend="eager",
-            watchdog_seconds=WATCHDOG,
-        ).start()
+        process = compiling_worker(model_dirs["sdxl"], watchdog_seconds=WATCHDOG)
         channel = grpc.insecure_channel(f"127.0.0.1:{process.port}")
         try:
             wait_until(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING, 120, "warm-up")

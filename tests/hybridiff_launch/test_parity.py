@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from cluster_helpers import make_input
+from cluster_helpers import cfg_modes_match, make_input
 from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
-from hybridiff.protocol import Mode, label
+from hybridiff.protocol import Mode
 from hybridiff.wire import tensor_from_proto
 from hybridiff_tools.quality import psnr
 
@@ -45,22 +45,16 @@ def test_single_and_cfg_parallel_match_diffusers(engines, pipelines, arch, negat
             **kwargs, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent"
         ).images
         ref_image = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-    for mode in ("single", "cfg-parallel"):
-        spec = eng.resolve(
-            make_input(
-                prompt=prompt,
-                negative_prompt=negative or None,
-                num_steps=steps,
-                guidance_scale=guidance,
-                seed=seed,
-                mode=mode,
-            )
-        )
-        result = eng.generate(spec)
-        assert label(result.stats.mode_used) == mode
-        torch.testing.assert_close(
-            tensor_from_proto(result.latents), ref_latents.float(), rtol=1e-4, atol=1e-4
-        )
+    results = cfg_modes_match(
+        eng,
+        ref_latents,
+        prompt=prompt,
+        negative_prompt=negative or None,
+        num_steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+    )
+    for mode, result in results.items():
         assert psnr(result.images[0], ref_image) >= 45.0, mode
 
 

@@ -4,7 +4,7 @@ diffusers' ``from_single_file`` (docs/design.md sections 3 and 7)."""
 
 import pytest
 import torch
-from cluster_helpers import make_input
+from cluster_helpers import cfg_modes_match, make_input
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.loaders.single_file_utils import (
     convert_sd3_transformer_checkpoint_to_diffusers,
@@ -74,22 +74,15 @@ def test_single_and_cfg_parallel_match_diffusers(family, family_engines, name):
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="latent",
         ).images
-    for mode in ("single", "cfg-parallel"):
-        spec = eng.resolve(
-            make_input(
-                prompt=prompt,
-                negative_prompt=negative,
-                num_steps=steps,
-                guidance_scale=guidance,
-                seed=seed,
-                mode=mode,
-            )
-        )
-        result = eng.generate(spec)
-        assert label(result.stats.mode_used) == mode
-        torch.testing.assert_close(
-            tensor_from_proto(result.latents), ref_latents.float(), rtol=1e-4, atol=1e-4
-        )
+    cfg_modes_match(
+        eng,
+        ref_latents,
+        prompt=prompt,
+        negative_prompt=negative,
+        num_steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+    )
 
 
 @pytest.mark.parametrize("name", FLAVORS)
