@@ -1,0 +1,138 @@
+"""A model's calibration: how long a pipeline window each window-guidance policy may run while
+the image stays within a quality floor of exact CFG (docs/design.md section 1 and section 10).
+
+``hybridiff calibrate`` measures it on the served model and records it in the model's
+``hybridiff.json`` beside its defaults::
+
+    {"defaults": {...},
+     "calibration": {"floor_db": 45.0, "num_inference_steps": 30, "guidance_scale": 5.0,
+                     "prompts": 3, "seeds": 2,
+                     "policies": {"conditional": {"psnr_db": {"2": 51.3, "4": 46.0, "8": 41.2}},
+                                  "full-cfg": {"psnr_db": {"2": 60.1, "29": 47.5}}}}}
+
+``psnr_db`` maps a window length (pipeline-window steps, at the calibration's step count) to the
+mean PSNR against the exact-CFG image (cfg-parallel) over the calibration's prompts and seeds.
+The coordinator's cost-aware AUTO reads ``max_window`` to bound the window it may choose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybridiff.protocol import WindowGuidance, label, parse
+from hybridiff.request import MODEL_DEFAULTS_FILE
+
+QUALITY_FLOOR_DB = 45.0  # PSNR against exact CFG a window must keep to be chosen on its own
+CALIBRATION_KEY = "calibration"
+
+
+class CalibrationError(ValueError):
+    """A calibration record that cannot be read."""
+
+
+@dataclass(frozen=True)
+class PolicyCalibration:
+    """Measured quality of one window policy per window length."""
+
+    psnr_db: dict[int, float]
+
+    def max_window(self, floor_db: float) -> int:
+        """The longest measured length whose quality, and every shorter length's, is above the
+        floor (0 when the shortest is not): quality falls with the window's length, so a longer
+        length above the floor after a shorter one below it is noise, not a licence."""
+        longest = 0
+        for length in sorted(self.psnr_db):
+            if self.psnr_db[length] < floor_db:
+                break
+            longest = length
+        return longest
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``hybridiff calibrate`` measured on one model."""
+
+    floor_db: float
+    num_steps: int
+    guidance_scale: float
+    policies: dict[WindowGuidance, PolicyCalibration]
+    prompts: int = 0
+    seeds: int = 0
+    extra: dict = field(default_factory=dict)  # anything a newer writer recorded, kept as is
+
+    def max_window(self, policy: WindowGuidance, num_steps: int, floor_db: float | None = None) -> int:
+        """The longest window of ``policy`` above the floor for a request of ``num_steps`` steps
+        (the calibrated length scaled by the step count; 0 for a policy never calibrated)."""
+        measured = self.policies.get(policy)
+        if measured is None:
+            return 0
+        steps = measured.max_window(self.floor_db if floor_db is None else floor_db)
+        return math.floor(steps * num_steps / self.num_steps)
+
+    def to_json(self) -> dict:
+        record = dict(self.extra)
+        record.update(
+            floor_db=self.floor_db,
+            num_inference_steps=self.num_steps,
+            guidance_scale=self.guidance_scale,
+            prompts=self.prompts,
+            seeds=self.seeds,
+            policies={
+                label(policy): {"psnr_db": {str(n): round(db, 3) for n, db in sorted(p.psnr_db.items())}}
+                for policy, p in sorted(self.policies.items())
+            },
+        )
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> Calibration:
+        try:
+            known = {"floor_db", "num_inference_steps", "guidance_scale", "prompts", "seeds", "policies"}
+            policies = {}
+            for name, measured in record["policies"].items():
+                try:
+                    policy = parse(WindowGuidance, name)
+                except ValueError:
+                    continue  # a policy this version does not know: not usable here
+                psnr = {int(n): float(db) for n, db in measured["psnr_db"].items()}
+                if any(n < 1 for n in psnr) or any(math.isnan(db) for db in psnr.values()):
+                    raise CalibrationError(f"policy {name}: window lengths must be >= 1 and PSNR a number")
+                policies[policy] = PolicyCalibration(psnr)
+            calibration = cls(
+                floor_db=float(record.get("floor_db", QUALITY_FLOOR_DB)),
+                num_steps=int(record["num_inference_steps"]),
+                guidance_scale=float(record["guidance_scale"]),
+                policies=policies,
+                prompts=int(record.get("prompts", 0)),
+                seeds=int(record.get("seeds", 0)),
+                extra={k: v for k, v in record.items() if k not in known},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CalibrationError(f"invalid calibration: {exc}") from None
+        if calibration.num_steps < 1:
+            raise CalibrationError("invalid calibration: num_inference_steps must be >= 1")
+        return calibration
+
+
+def read_calibration(model_dir: str | Path) -> Calibration | None:
+    """The calibration a model directory records, or None when it records none."""
+    path = Path(model_dir) / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text()).get(CALIBRATION_KEY)
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise CalibrationError(f"{path}: {exc}") from None
+    return None if record is None else Calibration.from_json(record)
+
+
+def write_calibration(model_dir: str | Path, calibration: Calibration) -> Path:
+    """Record ``calibration`` in the model's ``hybridiff.json``, keeping everything else there."""
+    path = Path(model_dir) / MODEL_DEFAULTS_FILE
+    document = json.loads(path.read_text()) if path.is_file() else {}
+    document[CALIBRATION_KEY] = calibration.to_json()
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    return path

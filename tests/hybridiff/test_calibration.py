@@ -1,0 +1,79 @@
+"""The calibration record: the longest window above the floor, scaled to a request's steps, and
+the record kept beside the model's defaults."""
+
+import json
+
+import pytest
+
+from hybridiff.calibration import (
+    Calibration,
+    CalibrationError,
+    PolicyCalibration,
+    read_calibration,
+    write_calibration,
+)
+from hybridiff.protocol import WindowGuidance
+
+
+def test_the_longest_window_stops_at_the_first_length_below_the_floor():
+    measured = PolicyCalibration({2: 52.0, 4: 46.0, 6: 44.0, 8: 45.5})
+    assert measured.max_window(45.0) == 4  # 8 is above again, but after 6 fell below: noise
+    assert measured.max_window(53.0) == 0
+    assert measured.max_window(40.0) == 8
+
+
+def test_the_window_scales_with_the_request_steps_and_unknown_policies_get_none():
+    calibration = Calibration(
+        45.0, 30, 5.0, {WindowGuidance.CONDITIONAL: PolicyCalibration({6: 46.0, 9: 45.1})}
+    )
+    assert calibration.max_window(WindowGuidance.CONDITIONAL, 30) == 9
+    assert calibration.max_window(WindowGuidance.CONDITIONAL, 50) == 15
+    assert calibration.max_window(WindowGuidance.CONDITIONAL, 10) == 3
+    assert calibration.max_window(WindowGuidance.CONDITIONAL, 30, floor_db=46.0) == 6
+    assert calibration.max_window(WindowGuidance.FULL_CFG, 30) == 0
+
+
+def test_written_beside_the_defaults_and_read_back(tmp_path):
+    (tmp_path / "hybridiff.json").write_text(json.dumps({"defaults": {"steps": 30}}))
+    calibration = Calibration(
+        45.0,
+        30,
+        5.0,
+        {
+            WindowGuidance.FULL_CFG: PolicyCalibration({29: 47.25}),
+            WindowGuidance.CONDITIONAL: PolicyCalibration({2: 50.0}),
+        },
+        prompts=3,
+        seeds=2,
+    )
+    write_calibration(tmp_path, calibration)
+    document = json.loads((tmp_path / "hybridiff.json").read_text())
+    assert document["defaults"] == {"steps": 30}
+    assert document["calibration"]["policies"]["full-cfg"] == {"psnr_db": {"29": 47.25}}
+    assert read_calibration(tmp_path) == calibration
+
+
+def test_a_missing_record_is_none_and_a_broken_one_is_refused(tmp_path):
+    assert read_calibration(tmp_path) is None
+    (tmp_path / "hybridiff.json").write_text(json.dumps({"defaults": {}}))
+    assert read_calibration(tmp_path) is None
+    (tmp_path / "hybridiff.json").write_text(json.dumps({"calibration": {"policies": {}}}))
+    with pytest.raises(CalibrationError, match="num_inference_steps"):
+        read_calibration(tmp_path)
+    bad = {
+        "num_inference_steps": 30,
+        "guidance_scale": 5,
+        "policies": {"conditional": {"psnr_db": {"0": 50}}},
+    }
+    (tmp_path / "hybridiff.json").write_text(json.dumps({"calibration": bad}))
+    with pytest.raises(CalibrationError, match="lengths"):
+        read_calibration(tmp_path)
+
+
+def test_a_policy_this_version_does_not_know_is_skipped():
+    record = {
+        "num_inference_steps": 30,
+        "guidance_scale": 5.0,
+        "policies": {"from-the-future": {"psnr_db": {"3": 50}}, "conditional": {"psnr_db": {"3": 50}}},
+    }
+    assert set(Calibration.from_json(record).policies) == {WindowGuidance.CONDITIONAL}
