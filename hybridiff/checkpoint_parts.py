@@ -42,9 +42,14 @@ def in_parts(cmd: wpb.SessionRequest, part_bytes: int = PART_BYTES) -> list[wpb.
     data = cmd.begin.resume.SerializeToString()
     if not data:  # a checkpoint of defaults only: nothing to cut, and resume_bytes 0 means none
         return [cmd]
-    begin = wpb.SessionRequest()
-    begin.CopyFrom(cmd)
-    begin.begin.ClearField("resume")
+    begin = wpb.SessionRequest(request_id=cmd.request_id, trace_context=cmd.trace_context)
+    for field, value in cmd.begin.ListFields():  # every field set but the checkpoint, not copied
+        if field.name == "resume":
+            continue
+        if field.message_type is not None:
+            getattr(begin.begin, field.name).CopyFrom(value)
+        else:
+            setattr(begin.begin, field.name, value)
     begin.begin.resume_bytes = len(data)
     view = memoryview(data)
     parts = [

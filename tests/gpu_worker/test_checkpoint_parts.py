@@ -242,6 +242,21 @@ def test_a_command_without_a_checkpoint_stays_whole():
     assert in_parts(begin) == [begin]
 
 
+def test_the_begin_sent_ahead_of_the_parts_keeps_every_other_field():
+    cmd = _begin("r", split_cut=0, session_nonce=b"n" * 16, peer_timeout_seconds=2.5, speculative=True)
+    cmd.trace_context["traceparent"] = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    cmd.begin.request.negative_prompt = ""
+    cmd.begin.resume.next_step = 2
+    first, *parts = in_parts(cmd, PART)
+    expected = worker_pb2.SessionRequest()
+    expected.CopyFrom(cmd)
+    expected.begin.ClearField("resume")
+    expected.begin.resume_bytes = cmd.begin.resume.ByteSize()
+    assert first == expected and cmd.begin.HasField("resume")  # the command itself is unchanged
+    assert first.begin.HasField("split_cut") and first.begin.request.HasField("negative_prompt")
+    assert [p.checkpoint_part.data for p in parts] == [cmd.begin.resume.SerializeToString()]
+
+
 def test_the_bound_is_checked_before_anything_is_buffered():
     with pytest.raises(BadCommand, match="exceeds"):
         CheckpointAssembly(checkpoint_bound(1) + 1, checkpoint_bound(1))
