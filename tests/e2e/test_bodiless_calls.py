@@ -195,8 +195,10 @@ class HeldBodiless:
                 outstanding = client._opened - len(client.ended)
                 if outstanding < self.count:
                     self.calls += len(client.open(self.count - outstanding, self.path))
-            except OSError:
-                self.client = None if client is None else client  # reconnects on the next round
+            except OSError:  # the server closed the connection: a new one on the next round
+                if client is not None:
+                    client.close()
+                self.client = None
             self._stop.wait(self.every)
 
     def stop(self) -> None:
