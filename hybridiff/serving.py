@@ -142,7 +142,8 @@ def new_server(
     streams. Health Check calls that ``authenticated(context)`` does not vouch for (None: any)
     run in ``open_slots`` more, of their own. A unary request must arrive within BODY_SECONDS,
     and a malformed one is INVALID_ARGUMENT (``ReadRequests``).
-    ``max_receive_bytes``: a smaller bound on received messages (the public API's requests)."""
+    ``max_receive_bytes``: a smaller bound on received messages (the public API's requests, a
+    worker's control commands)."""
     options = message_options(max_message_bytes, max_receive_bytes) + keepalive_server_options()
     if max_receive_bytes is not None:
         # gRPC checks a message's size only once it has arrived whole. With BDP probing the
