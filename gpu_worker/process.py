@@ -131,6 +131,7 @@ class WorkerProcess:
             CONTROL_CALL_SLOTS,
             interceptors,
             max_message_bytes=serving.CONTROL_MESSAGE_BYTES,
+            max_receive_bytes=serving.CONTROL_RECEIVE_BYTES,  # a checkpoint comes in parts
             lingering_streams=CONTROL_LINGERING_STREAMS,
             authenticated=peer.authenticated if tls[2] else None,
         )

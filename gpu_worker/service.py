@@ -20,6 +20,10 @@ coordinator asks for longer peer waits) is a stall: the worker turns NOT_SERVING
 included, refuses new sessions, and stays so until it is restarted (a command that ends after
 all does not make the process trustworthy again: a wedged device or a deadlocked thread may
 be behind it).
+
+A resumed request's checkpoint comes in parts after its Begin (``hybridiff.checkpoint_parts``):
+the session assembles them, each within ``session_idle_seconds``, up to the largest checkpoint
+the model's limits allow, and runs the Begin with the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from gpu_worker.engine import MAX_PEER_TIMEOUT, WorkerEngine
 from gpu_worker.split_balance import SplitPlanner
 from gpu_worker.zmq_plane import SEND_TIMEOUT_MS
 from hybridiff import logs, serving, telemetry
+from hybridiff.checkpoint_parts import CheckpointAssembly, checkpoint_bound
 from hybridiff.errors import (
     BadCommand,
     Cancelled,
@@ -247,6 +252,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         self.data_address = ""
         self.weights_digest = ""
         self.engine: WorkerEngine | None = None
+        self.checkpoint_bound = 0  # the largest checkpoint this worker assembles, once attached
         self.planner: SplitPlanner | None = None
         self.session_idle_seconds = session_idle_seconds
         self.begin_seconds = min(begin_seconds, session_idle_seconds)
@@ -263,6 +269,10 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
     def attach(self, engine: WorkerEngine, data_address: str, weights_digest: str = "") -> None:
         self.adapter = engine.adapter
         self.planner = SplitPlanner(engine.adapter)
+        limits, scale = engine.adapter.size_limits(), engine.adapter.vae_scale_factor
+        latent_side = limits.max_side // scale
+        channels = engine.adapter.denoiser.config.in_channels
+        self.checkpoint_bound = checkpoint_bound(limits.max_images * channels * latent_side * latent_side)
         self.data_address = data_address
         self.weights_digest = weights_digest
         self.engine = engine
@@ -328,6 +338,8 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         try:
             while (cmd := commands.next(self._wait_for_next(session))) is not None:
                 which = self._accept(cmd, session, context)
+                if which == "begin" and cmd.begin.resume_bytes:
+                    self._assemble_checkpoint(cmd, commands)
                 with self._watchdog.watch(
                     f"{which} of request {session.request_id}", session.watchdog_bound, self._stall
                 ):
@@ -406,11 +418,35 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             # attempt's session (its nonce), which ends a wait for the peer on a cancelled RPC.
             mailbox, nonce = self.engine.mailbox, cmd.begin.session_nonce
             context.add_callback(lambda rid=cmd.request_id: mailbox.close(rid, nonce))
+        elif which == "checkpoint_part":
+            raise BadCommand("checkpoint_part", "no checkpoint is expected (parts follow a Begin naming one)")
         elif cmd.request_id != session.request_id:
             raise BadCommand(
                 "request_id", f"command for {cmd.request_id!r} in the session of {session.request_id!r}"
             )
         return which
+
+    def _assemble_checkpoint(self, cmd: worker_pb2.SessionRequest, commands: _Commands) -> None:
+        """Read the parts of ``cmd``'s checkpoint that follow it into its Begin's ``resume``.
+        ``BadCommand`` for a checkpoint larger than this worker's bound (before a part is read), for
+        parts out of order and for a stream that ends before the last; ``SessionIdle`` when a
+        part does not come in time; ``Cancelled`` when the stream breaks."""
+        begin = cmd.begin
+        if begin.HasField("resume"):
+            raise BadCommand("begin.resume", "a checkpoint comes whole or in parts, not both")
+        assembly = CheckpointAssembly(begin.resume_bytes, self.checkpoint_bound)
+        while not assembly.complete:
+            part = commands.next(self.session_idle_seconds)
+            if part is None:
+                got = f"{assembly.received} of {assembly.expected} bytes"
+                raise BadCommand("checkpoint_part", f"the stream ended after {got} of the checkpoint")
+            if part.WhichOneof("command") != "checkpoint_part" or part.request_id != cmd.request_id:
+                raise BadCommand(
+                    "checkpoint_part",
+                    f"{part.WhichOneof('command')} of {part.request_id!r} before the checkpoint was whole",
+                )
+            assembly.add(part.checkpoint_part)
+        assembly.fill(begin.resume)
 
     def watchdog_bound(self, begin: worker_pb2.BeginCommand) -> float:
         """``watchdog_seconds``, raised for a session whose coordinator asks for longer peer waits
