@@ -212,7 +212,10 @@ class _Commands:
 
 
 @dataclass
-class _SessionState:
+class ControlSession:
+    """One control Session call as the service follows it: the request it runs, how long one of
+    its commands may run, and how it ended (the sessions metric's outcome)."""
+
     watchdog_bound: float  # seconds a command may run before it counts as a stall
     request_id: str | None = None  # set by its Begin; None again once finished
     outcome: str = "cancelled"  # the stream ended (or the coordinator cancelled it) before finish
@@ -324,7 +327,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
     def Session(self, request_iterator, context):
         self._admit(context)
         commands = _Commands(request_iterator, self.worker_id)
-        session = _SessionState(self.watchdog_seconds)
+        session = ControlSession(self.watchdog_seconds)
         try:
             while (cmd := commands.next(self._wait_for_next(session))) is not None:
                 which = self._accept(cmd, session, context)
@@ -355,7 +358,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             commands.close()
             self._release(session)
 
-    def _wait_for_next(self, session: _SessionState) -> float:
+    def _wait_for_next(self, session: ControlSession) -> float:
         return self.session_idle_seconds if session.request_id is not None else self.begin_seconds
 
     def _admit(self, context: grpc.ServicerContext) -> None:
@@ -390,7 +393,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             self._waiter.release()
 
     def _accept(
-        self, cmd: worker_pb2.SessionRequest, session: _SessionState, context: grpc.ServicerContext
+        self, cmd: worker_pb2.SessionRequest, session: ControlSession, context: grpc.ServicerContext
     ) -> str | None:
         """The command's kind, once it fits the session (a Begin opens the request)."""
         which = cmd.WhichOneof("command")
@@ -421,7 +424,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         waits = PEER_WAITS_PER_COMMAND * min(requested, MAX_PEER_TIMEOUT) + SEND_WAIT_SECONDS
         return max(self.watchdog_seconds, waits)
 
-    def _release(self, session: _SessionState) -> None:
+    def _release(self, session: ControlSession) -> None:
         """Abort what the session left running, then free the worker: an Info that shows no
         active request means the abort is done."""
         if session.request_id is not None:
@@ -431,7 +434,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         self._count(session.outcome)
         logs.set_request_id(None)
 
-    def _idle(self, context: grpc.ServicerContext, session: _SessionState) -> Callable[[Watch], None]:
+    def _idle(self, context: grpc.ServicerContext, session: ControlSession) -> Callable[[Watch], None]:
         def expire(watch: Watch) -> None:
             session.outcome = "idle_timeout"
             log.warning(

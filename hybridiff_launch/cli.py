@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from coordinator.config import CoordinatorConfig
 from gpu_worker.config import WorkerConfig
 from hybridiff import logs, options, security, telemetry
 from hybridiff.client import (
@@ -32,7 +33,7 @@ from hybridiff.client import (
     default_target,
 )
 from hybridiff.errors import DeadlineExceeded, HybridiffError, InvalidArgument, ModelLoadError, Unavailable
-from hybridiff.options import non_negative_int, positive_seconds
+from hybridiff.options import positive_seconds
 from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label, labels
 from hybridiff.protojson import message_json, response_json
 from hybridiff.request import request_from_names
@@ -278,49 +279,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    config = options.from_args(CoordinatorConfig, args)
+    if config.discovery == "static" and not config.workers:
+        print("error: --workers HOST:PORT,... is required with --discovery static", file=sys.stderr)
+        return EXIT_USAGE
     # deferred: the coordinator role (prometheus, the OpenTelemetry SDK, the kubernetes client).
-    from coordinator.allocation import Policy
-    from coordinator.discovery import StaticDiscovery
-    from coordinator.runner import RunnerConfig
-    from coordinator.server import serve_coordinator
+    from coordinator.server import serve_configured
 
-    if args.discovery == "kubernetes":
-        from coordinator.discovery.kubernetes import KubernetesDiscovery  # deferred: the kubernetes client
-
-        discovery = KubernetesDiscovery(args.namespace, args.selector, args.worker_port)
-    else:
-        if not args.workers:
-            print("error: --workers HOST:PORT,... is required with --discovery static", file=sys.stderr)
-            return EXIT_USAGE
-        discovery = StaticDiscovery(args.workers.split(","))
-    serve_coordinator(
-        discovery=discovery,
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        queue_size=args.queue_size,
-        config=RunnerConfig(
-            step_timeout=args.step_timeout,
-            speculative_steps=args.speculative_steps == "on",
-            hybrid_defaults={
-                "l_slope": args.l_slope,
-                "eps_slope": args.eps_slope,
-                "k": args.k,
-                "tau_cap": args.tau_cap,
-            },
-            policy=Policy(args.policy),
-        ),
-        ready_file=args.ready_file,
-        tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
-        token=security.read_token(args.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"),
-        admin_token=security.read_token(args.admin_token_file, env="HYBRIDIFF_ADMIN_TOKEN"),
-        worker_credentials=security.channel_credentials(
-            args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key
-        ),
-        worker_tls_name=args.worker_tls_name,
-        health_port=args.health_port,
-        http_port=args.http_port or None,
-    )
+    serve_configured(config)
     return EXIT_OK
 
 
@@ -450,20 +416,6 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default=None, help="mutual TLS: this client's key (PEM)")
     p.add_argument(
         "--auth-token-file", default=None, help="bearer token file (default: $HYBRIDIFF_AUTH_TOKEN if set)"
-    )
-
-
-POLICIES = ("latency", "throughput", "adaptive")
-
-
-def add_policy_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--policy",
-        choices=POLICIES,
-        default="adaptive",
-        help="how AUTO requests get workers: latency (a pair whenever two are free), throughput (one worker "
-        "each), adaptive (decided at admission and at every step boundary: shrink when a request waits, grow "
-        "when a worker idles and the steps left pay for it)",
     )
 
 
@@ -617,91 +569,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("coordinator", help="the public API, admission queue, pair allocator and monitor")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument("--port", type=int, default=50051, help="public API port (0: any free port)")
-    p.add_argument(
-        "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: any free port)"
-    )
-    p.add_argument(
-        "--discovery",
-        choices=("static", "kubernetes"),
-        default="static",
-        help="how workers are found: a fixed list, or the Kubernetes API",
-    )
-    p.add_argument(
-        "--workers", default="", help="static discovery: HOST:PORT,... of the workers' control APIs"
-    )
-    p.add_argument(
-        "--namespace", default="default", help="kubernetes discovery: namespace of the worker pods"
-    )
-    p.add_argument(
-        "--selector",
-        default="app.kubernetes.io/component=worker",
-        help="kubernetes discovery: label selector",
-    )
-    p.add_argument(
-        "--worker-port", type=int, default=50061, help="kubernetes discovery: workers' control port"
-    )
-    p.add_argument(
-        "--health-port",
-        type=int,
-        default=None,
-        help="plaintext gRPC health Check only, on threads of its own, for kubelet probes (0: any port)",
-    )
-    p.add_argument(
-        "--http-port",
-        type=int,
-        default=0,
-        help="the OpenAI-compatible HTTP API and the playground page on this port (0: off)",
-    )
-    p.add_argument(
-        "--queue-size", type=non_negative_int, default=16, help="requests that may wait for workers"
-    )
-    add_policy_flag(p)
-    p.add_argument(
-        "--step-timeout",
-        type=positive_seconds,
-        default=600.0,
-        help="the most seconds to wait for a worker's answer (a step waits a few measured step costs)",
-    )
-    p.add_argument(
-        "--speculative-steps",
-        choices=("on", "off"),
-        default="on",
-        help="HYBRID: issue the step whose phase the monitor has not decided yet speculatively, so no "
-        "worker waits for the decision (off: every step after L waits for the round trip)",
-    )
-    p.add_argument("--ready-file", default=None, help="write the bound ports here as JSON once serving")
-    p.add_argument("--l-slope", type=int, default=None, help="override every model's default L_slope")
-    p.add_argument("--eps-slope", type=float, default=None, help="override every model's default eps_slope")
-    p.add_argument("--k", type=int, default=None, help="override every model's default k")
-    p.add_argument("--tau-cap", type=int, default=None, help="override every model's default tau_cap")
-    p.add_argument("--tls-cert", default=None, help="public API: TLS certificate (PEM)")
-    p.add_argument("--tls-key", default=None, help="public API: TLS private key (PEM)")
-    p.add_argument(
-        "--tls-client-ca", default=None, help="public API: require client certificates from this CA"
-    )
-    p.add_argument(
-        "--auth-token-file",
-        default=None,
-        help="public API: require this bearer token (default: $HYBRIDIFF_AUTH_TOKEN if set)",
-    )
-    p.add_argument("--worker-tls-ca", default=None, help="control channels: CA of the workers' certificates")
-    p.add_argument(
-        "--worker-tls-cert", default=None, help="control channels: the coordinator's client certificate"
-    )
-    p.add_argument("--worker-tls-key", default=None, help="control channels: the coordinator's client key")
-    p.add_argument(
-        "--worker-tls-name",
-        default=security.WORKER_NAME,
-        help="control channels: the name (DNS subjectAltName) the workers' certificates must carry",
-    )
-    p.add_argument(
-        "--admin-token-file",
-        default=None,
-        help="public API: the only bearer token ClusterStatus takes (default: $HYBRIDIFF_ADMIN_TOKEN if "
-        "set); with an ordinary token and no admin token, ClusterStatus is refused",
-    )
+    options.add_flags(p, CoordinatorConfig)
     add_log_format_flag(p)
     p.set_defaults(func=cmd_coordinator)
 
@@ -722,10 +590,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         default=8000,
         help="the OpenAI-compatible HTTP API and the playground page (http://127.0.0.1:PORT/) (0: off)",
     )
-    p.add_argument(
-        "--queue-size", type=non_negative_int, default=16, help="requests that may wait for workers"
-    )
-    add_policy_flag(p)
+    options.add_flags(p, CoordinatorConfig, only=["queue_size", "policy"])
     add_log_format_flag(p)
     p.add_argument(
         "--log-dir", default=None, help="write each process's log here (default: a new temporary directory)"

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.config import CoordinatorConfig
 from gpu_worker.config import WorkerConfig
 from hybridiff.errors import InvalidArgument
 from hybridiff.options import to_argv
@@ -159,10 +160,11 @@ class LocalCluster:
         self.worker_addresses: list[str] = []
         self.worker_metrics_ports: list[int] = []
 
-    def _http_args(self) -> list[str]:
+    def _http_port(self) -> int:
+        """The coordinator's --http-port: 0 (off) when None, a free port for 0."""
         if self.http_port is None:
-            return []
-        return ["--http-port", str(self.http_port or free_port())]
+            return 0
+        return self.http_port or free_port()
 
     @property
     def address(self) -> str:
@@ -258,28 +260,17 @@ class LocalCluster:
         route = self.worker_route or (lambda _, control: control)
         port = self.ports[i] if i < len(self.ports) and self.ports[i] else (self.port if i == 0 else 0)
         try:
-            proc = self._spawn(
-                name,
-                [
-                    "coordinator",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--metrics-port",
-                    str(self.metrics_port if i == 0 else 0),
-                    "--queue-size",
-                    str(self.queue_size),
-                    "--policy",
-                    self.policy,
-                    "--workers",
-                    ",".join(route(w, a) for w, a in enumerate(self.worker_addresses)),
-                    "--ready-file",
-                    str(ready),
-                    *(self._http_args() if i == 0 else []),
-                    *self.coordinator_args,
-                ],
+            config = CoordinatorConfig(
+                host="127.0.0.1",
+                port=port,
+                metrics_port=self.metrics_port if i == 0 else 0,
+                queue_size=self.queue_size,
+                policy=self.policy,
+                workers=",".join(route(w, a) for w, a in enumerate(self.worker_addresses)),
+                ready_file=str(ready),
+                http_port=self._http_port() if i == 0 else 0,
             )
+            proc = self._spawn(name, ["coordinator", *to_argv(config), *self.coordinator_args])
             self.coordinator_procs[i] = proc
             ports = self._await_file(ready, time.monotonic() + timeout)
         finally:
