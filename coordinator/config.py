@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from hybridiff import security
-from hybridiff.options import ON_OFF, check, non_negative_int, option, positive_seconds
+from hybridiff.options import ON_OFF, Options, non_negative_int, option, positive_seconds
 
 POLICIES = ("latency", "throughput", "adaptive")  # coordinator.allocation.Policy's values
 POLICY_HELP = (
@@ -22,7 +22,7 @@ QUEUE_SIZE_HELP = "requests that may wait for workers"
 
 
 @dataclasses.dataclass(frozen=True)
-class CoordinatorConfig:
+class CoordinatorConfig(Options):
     host: str = option("0.0.0.0", "address to listen on")
     port: int = option(50051, "public API port (0: any free port)", parse=int)
     metrics_port: int = option(9090, "Prometheus /metrics port (0: any free port)", parse=int)
@@ -79,9 +79,6 @@ class CoordinatorConfig:
         "public API: the only bearer token ClusterStatus takes (default: $HYBRIDIFF_ADMIN_TOKEN if "
         "set); with an ordinary token and no admin token, ClusterStatus is refused",
     )
-
-    def __post_init__(self) -> None:
-        check(self)  # a config built in code passes the checks its flags apply
 
     @property
     def tls(self) -> tuple[str | None, str | None, str | None]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from hybridiff import security
-from hybridiff.options import ON_OFF, check, cidr_list, non_negative_int, option, positive_seconds
+from hybridiff.options import ON_OFF, Options, cidr_list, non_negative_int, option, positive_seconds
 
 COMPILE_CHOICES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
 # The flags of the weights, shared with ``run``, ``local`` and the tools that load a model.
@@ -18,7 +18,7 @@ LOAD_FLAGS = ("config", "text_encoder_3")
 
 
 @dataclasses.dataclass(frozen=True)
-class WorkerConfig:
+class WorkerConfig(Options):
     model: str | None = option(
         None,
         "the weights: a diffusers folder, or a Hugging Face Hub id ORG/NAME[@REV] fetched into the "
@@ -108,9 +108,6 @@ class WorkerConfig:
         "on CPU); a worker is ready once its default size is compiled",
         choices=COMPILE_CHOICES,
     )
-
-    def __post_init__(self) -> None:
-        check(self)  # a config built in code passes the checks its flags apply
 
     @property
     def tls(self) -> tuple[str | None, str | None, str | None]:

@@ -32,6 +32,14 @@ class Flag:
     metavar: str | None = None
 
 
+class Options:
+    """The base of an options dataclass: a value built in code is checked as its flags would be
+    (``check``), so a launcher never starts a process with a value its command line refuses."""
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
 def option(
     default: Any,
     help: str,
