@@ -11,6 +11,15 @@ import dataclasses
 from hybridiff import security
 from hybridiff.options import ON_OFF, Options, cidr_list, non_negative_int, option, positive_seconds
 
+# A session opens with its Begin, sent with the stream: one that has not sent it by then holds
+# the worker for nothing (SESSION_IDLE, as an idle session).
+BEGIN_SECONDS = 5.0
+SESSION_IDLE_SECONDS = 60.0
+# Above the longest healthy command with the engine's default peer timeout (120 s): its peer
+# waits (the nested pipeline's core waits for two messages; a speculative step for its peer's
+# prediction, its resolution, as a FULL_CFG fill for the peer's half of the stale activations,
+# and with staged transfers for its own sends at its end: four) and one send.
+WATCHDOG_SECONDS = 600.0
 COMPILE_CHOICES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
 # The flags of the weights, shared with ``run``, ``local`` and the tools that load a model.
 MODEL_FLAGS = ("model", "variant", "hf_token_file")
@@ -88,17 +97,17 @@ class WorkerConfig(Options):
         parse=non_negative_int,
     )
     session_idle_timeout: float = option(
-        60.0,
+        SESSION_IDLE_SECONDS,
         "seconds a control session may wait for its next command before the worker ends it",
         parse=positive_seconds,
     )
     session_begin_timeout: float = option(
-        5.0,
+        BEGIN_SECONDS,
         "seconds a new control session may take to send its Begin (the coordinator sends it at once)",
         parse=positive_seconds,
     )
     watchdog_seconds: float = option(
-        300.0,
+        WATCHDOG_SECONDS,
         "a command running longer is a stall: health and liveness turn NOT_SERVING until restart",
         parse=positive_seconds,
     )

@@ -32,10 +32,11 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import grpc
 
+from gpu_worker.config import BEGIN_SECONDS, SESSION_IDLE_SECONDS, WATCHDOG_SECONDS
 from gpu_worker.engine import MAX_PEER_TIMEOUT, WorkerEngine
 from gpu_worker.split_balance import SplitPlanner
 from gpu_worker.zmq_plane import SEND_TIMEOUT_MS
@@ -65,18 +66,9 @@ LIVENESS_SERVICE = "hybridiff.liveness"
 # to the worker's release (tiny model, 30 sessions, 2 shared cores): median 0.2 ms, max 0.7 ms.
 # The bound leaves a thousandfold room, and holds one thread at most.
 BUSY_WAIT_SECONDS = 1.0
-# A session opens with its Begin, sent with the stream: one that has not sent it by then holds
-# the worker for nothing (SESSION_IDLE, as an idle session).
-BEGIN_SECONDS = 5.0
-SESSION_IDLE_SECONDS = 60.0
 # Info's active_request_id while a session holds the worker before its Begin named the request:
 # never "" then, or the coordinator's pool would read the worker as free.
 OPENING = "(opening)"
-# Above the longest healthy command with the engine's default peer timeout (120 s): its peer
-# waits (the nested pipeline's core waits for two messages; a speculative step for its peer's
-# prediction, its resolution, as a FULL_CFG fill for the peer's half of the stale activations,
-# and with staged transfers for its own sends at its end: four) and one send.
-WATCHDOG_SECONDS = 600.0
 PEER_WAITS_PER_COMMAND = 4
 SEND_WAIT_SECONDS = SEND_TIMEOUT_MS / 1000  # one send the peer does not take
 READ_AHEAD = 4  # commands read ahead of the one running (the coordinator sends steps ahead)
@@ -283,25 +275,16 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
 
     def Info(self, request, context):
         self._ready(context)
-        limits = self.adapter.size_limits()
-        d = self.adapter.defaults
+        limits, d = self.adapter.size_limits(), self.adapter.defaults
         return worker_pb2.InfoResponse(
             worker_id=self.worker_id,
             model_name=self.model_name,
             arch=self.adapter.arch,
             data_address=self.data_address,
-            limits=worker_pb2.SizeLimits(
-                multiple=limits.multiple,
-                min_side=limits.min_side,
-                max_side=limits.max_side,
-                default_side=limits.default_side,
-                max_images=limits.max_images,
-            ),
+            limits=worker_pb2.SizeLimits(**asdict(limits)),
             default_steps=d.steps,
             default_guidance_scale=d.guidance_scale,
-            hybrid_defaults=diffusion_pb2.HybridParams(
-                l_slope=d.hybrid.l_slope, eps_slope=d.hybrid.eps_slope, k=d.hybrid.k, tau_cap=d.hybrid.tau_cap
-            ),
+            hybrid_defaults=diffusion_pb2.HybridParams(**asdict(d.hybrid)),
             device=str(self.adapter.device),
             dtype=str(self.adapter.dtype).removeprefix("torch."),
             protocol_version=WORKER_PROTOCOL_VERSION,

@@ -142,3 +142,13 @@ def test_the_local_cluster_starts_its_workers_with_their_config(tmp_path):
     got = parsed("worker", options.to_argv(config))
     assert got == config and got.model == str(tmp_path) and got.text_encoder_3 and got.compile == "none"
     assert (got.port, got.data_port, got.metrics_port, got.data_peer_cidrs) == (0, 0, 0, "127.0.0.0/8")
+
+
+def test_the_worker_flag_defaults_are_the_services_own():
+    """One default each: ``hybridiff worker`` without --watchdog-seconds waits 600 s, as the
+    service's constant, the README and the changelog say (the flag said 300 while both said 600)."""
+    from gpu_worker import config
+
+    got = parsed("worker", [])
+    assert (got.watchdog_seconds, got.session_idle_timeout, got.session_begin_timeout) == (600.0, 60.0, 5.0)
+    assert got.watchdog_seconds == config.WATCHDOG_SECONDS
