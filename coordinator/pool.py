@@ -45,9 +45,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator.admission_queue import AdmissionQueue, Readmit
 from coordinator.allocation import PoolView
 from coordinator.remote import RemoteWorker
+from coordinator.worker_info import WorkerInfo, incompatibility, pairing_key, read_info
 from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, Unavailable
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
-from hybridiff.protocol import WORKER_PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +80,13 @@ class HealthPolicy:
         return min(self.quarantine_max, self.quarantine_base * 2 ** max(0, failures - 1))
 
 
-def pairing_key(info: worker_pb2.InfoResponse) -> tuple[int, str, str, str]:
-    """What two workers must agree on to run one request together."""
-    return (info.protocol_version, info.dtype, info.device.split(":")[0], info.weights_digest)
-
-
-def incompatibility(info: worker_pb2.InfoResponse) -> str:
-    """Why this coordinator cannot drive the worker at all ("" when it can)."""
-    if info.protocol_version != WORKER_PROTOCOL_VERSION:
-        return (
-            f"it speaks step protocol version {info.protocol_version}, "
-            f"this coordinator version {WORKER_PROTOCOL_VERSION}"
-        )
-    return ""
-
-
 @dataclass(eq=False)
 class WorkerEntry:
     worker_id: str
     address: str
     channel: grpc.Channel
     held: str = JOINING  # the state as the pool holds it; ``state`` is what it shows
-    info: worker_pb2.InfoResponse | None = None
+    info: WorkerInfo | None = None
     request_id: str = ""
     gone: bool = False
     failures: int = 0  # quarantines in a row
@@ -123,6 +108,9 @@ class WorkerEntry:
     @property
     def model(self) -> str:
         return self.info.model_name if self.info else ""
+
+    def ask_info(self, timeout: float) -> WorkerInfo:
+        return read_info(self.stub.Info(worker_pb2.InfoRequest(), timeout=timeout))
 
 
 def _groups(entries: list[WorkerEntry]) -> list[list[WorkerEntry]]:
@@ -246,7 +234,7 @@ class WorkerPool:
         while it is incompatible."""
         while self._current(entry, epoch) and not entry.gone:
             try:
-                info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=max(5.0, self.health.probe_timeout))
+                info = entry.ask_info(max(5.0, self.health.probe_timeout))
             except grpc.RpcError as err:
                 log.debug("worker %s not ready: %s", entry.worker_id, err.code())
                 self._stop.wait(self.probe_interval)
@@ -288,7 +276,7 @@ class WorkerPool:
             self._changed()
             return
 
-    def _check(self, entry: WorkerEntry) -> tuple[worker_pb2.InfoResponse | None, str]:
+    def _check(self, entry: WorkerEntry) -> tuple[WorkerInfo | None, str]:
         """One probe: health SERVING, no session running, still compatible. (info, "") when
         good, (None, why) when not."""
         timeout = self.health.probe_timeout
@@ -298,7 +286,7 @@ class WorkerPool:
             ).status
             if status != health_pb2.HealthCheckResponse.SERVING:
                 return None, f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
-            info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=timeout)
+            info = entry.ask_info(timeout)
         except grpc.RpcError as err:
             return None, f"{err.code().name}"
         if info.active_request_id and info.active_request_id == entry.failed_request:
@@ -366,7 +354,7 @@ class WorkerPool:
         """Idle again once the worker's ``Info`` names no request; quarantined if it stops answering."""
         while not self._stop.wait(ELSEWHERE_POLL) and self._current(entry, epoch) and not entry.gone:
             try:
-                info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=self.health.probe_timeout)
+                info = entry.ask_info(self.health.probe_timeout)
                 why = ""
             except grpc.RpcError as err:
                 info, why = None, f"Info failed ({err.code().name}) while it served another coordinator"
@@ -391,7 +379,7 @@ class WorkerPool:
         deadline = time.monotonic() + self.health.abort_confirm
         while self._current(entry, epoch):
             try:
-                info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=self.health.probe_timeout)
+                info = entry.ask_info(self.health.probe_timeout)
                 confirmed = info.active_request_id != request_id
             except grpc.RpcError:
                 confirmed = False
@@ -424,7 +412,7 @@ class WorkerPool:
             if e.model == model and not e.gone and e.held not in (JOINING, INCOMPATIBLE)
         ]
 
-    def model_info(self, model: str) -> worker_pb2.InfoResponse:
+    def model_info(self, model: str) -> WorkerInfo:
         """Info of a worker serving ``model`` ("" = the only served model)."""
         with self._cond:
             infos = {
@@ -454,7 +442,7 @@ class WorkerPool:
         check_alive: Callable[[], None] | None = None,
         admission: Readmit | None = None,
         resuming: bool = False,
-        like: worker_pb2.InfoResponse | None = None,
+        like: WorkerInfo | None = None,
     ) -> list[WorkerEntry]:
         """Wait in the model's admission queue for ``want`` idle, compatible workers of ``model``
         (or one when ``accept_one``); ``QueueFull`` at once when the queue is full. With
@@ -571,7 +559,7 @@ class WorkerPool:
         entries = self.acquire(model, want, accept_one, request_id, timeout, check_alive, admission)
         return Lease(self, model, request_id, entries)
 
-    def could_take(self, model: str, count: int, like: worker_pb2.InfoResponse | None) -> bool:
+    def could_take(self, model: str, count: int, like: WorkerInfo | None) -> bool:
         """Whether ``count`` workers of ``model`` paired like ``like`` are up (idle, busy or held
         elsewhere: not quarantined, not gone), so that a request waiting for them may get them."""
         with self._cond:

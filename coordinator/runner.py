@@ -26,8 +26,9 @@ from coordinator.allocation import CostBook, Policy, admission
 from coordinator.driver import ALIVE_CHECK_SECONDS, GenerationResult, StepStat, drive_request
 from coordinator.elastic import ElasticLease
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.pool import Lease, WorkerPool, pairing_key
+from coordinator.pool import Lease, WorkerPool
 from coordinator.remote import WorkerFault, measure_split
+from coordinator.worker_info import WorkerInfo, pairing_key
 from hybridiff import logs, telemetry
 from hybridiff.errors import (
     Cancelled,
@@ -37,9 +38,9 @@ from hybridiff.errors import (
     Unavailable,
     WorkerFailed,
 )
-from hybridiff.internal.v1 import dataplane_pb2, worker_pb2, worker_pb2_grpc
+from hybridiff.internal.v1 import dataplane_pb2, worker_pb2_grpc
 from hybridiff.protocol import Mode, Phase, label
-from hybridiff.request import GenerationSpec, HybridParams, ModelDefaults, SizeLimits, resolve_spec
+from hybridiff.request import GenerationSpec, resolve_spec
 from hybridiff.v1 import diffusion_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -71,18 +72,6 @@ class Generation:
 
     spec: GenerationSpec
     result: GenerationResult
-
-
-def model_rules(
-    info: worker_pb2.InfoResponse, overrides: dict[str, float | int | None]
-) -> tuple[SizeLimits, ModelDefaults]:
-    """Size limits and defaults of the model a worker serves; ``overrides`` replace hybrid defaults."""
-    lim, hd = info.limits, info.hybrid_defaults
-    params = HybridParams(hd.l_slope, hd.eps_slope, hd.k, hd.tau_cap).replace(**overrides).validate()
-    return (
-        SizeLimits(lim.multiple, lim.min_side, lim.max_side, lim.default_side, lim.max_images or 1),
-        ModelDefaults(params, info.default_steps, info.default_guidance_scale),
-    )
 
 
 def as_typed_error(exc: BaseException) -> HybridiffError:
@@ -130,9 +119,9 @@ class RequestRunner:
         self._pixel_cost: dict[str, float] = {}
         self._tracer = telemetry.tracer("hybridiff.coordinator")
 
-    def models(self) -> list[worker_pb2.InfoResponse]:
+    def models(self) -> list[WorkerInfo]:
         """What each served model's workers say of it, one per model, in pool order."""
-        seen: dict[str, worker_pb2.InfoResponse] = {}
+        seen: dict[str, WorkerInfo] = {}
         for e in self.pool.snapshot():
             if e.info is not None and not e.gone and e.model not in seen:
                 seen[e.model] = e.info
@@ -197,7 +186,7 @@ class RequestRunner:
 
     def _resolve(self, request: pb.GenerateRequest) -> GenerationSpec:
         info = self.pool.model_info(request.model)
-        limits, defaults = model_rules(info, self.config.hybrid_defaults)
+        limits, defaults = info.rules(self.config.hybrid_defaults)
         return resolve_spec(request, limits, defaults, model=info.model_name)
 
     def _observe(self, span: trace.Span, result: GenerationResult, seconds: float, api: str) -> None:

@@ -10,6 +10,7 @@ trace.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -20,9 +21,9 @@ from opentelemetry import context as otel_context
 
 from coordinator.driver import GenerationResult, StepStat
 from coordinator.runner import RequestRunner, as_typed_error
+from coordinator.worker_info import WorkerInfo
 from hybridiff import serving
 from hybridiff.errors import Cancelled, DeadlineExceeded, HybridiffError
-from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import MIME_TYPES, OutputFormat
 from hybridiff.request import MAX_STEPS, side_multiple
 from hybridiff.v1 import diffusion_pb2 as pb
@@ -91,8 +92,8 @@ def response_to_proto(
     return response
 
 
-def model_info_to_proto(info: worker_pb2.InfoResponse) -> pb.ModelInfo:
-    lim = info.limits
+def model_info_to_proto(info: WorkerInfo) -> pb.ModelInfo:
+    lim, defaults = info.limits, info.defaults
     return pb.ModelInfo(
         name=info.model_name,
         arch=info.arch,
@@ -100,12 +101,12 @@ def model_info_to_proto(info: worker_pb2.InfoResponse) -> pb.ModelInfo:
         default_height=lim.default_side,
         max_width=lim.max_side,
         max_height=lim.max_side,
-        hybrid_defaults=info.hybrid_defaults,
-        default_guidance_scale=info.default_guidance_scale,
-        default_steps=info.default_steps,
+        hybrid_defaults=pb.HybridParams(**dataclasses.asdict(defaults.hybrid)),
+        default_guidance_scale=defaults.guidance_scale,
+        default_steps=defaults.steps,
         size_multiple=side_multiple(lim.multiple),
         min_side=lim.min_side,
-        max_images=lim.max_images or 1,
+        max_images=lim.max_images,
         max_steps=MAX_STEPS,
     )
 

@@ -36,10 +36,11 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import grpc
 
+from gpu_worker.config import BEGIN_SECONDS, SESSION_IDLE_SECONDS, WATCHDOG_SECONDS
 from gpu_worker.engine import MAX_PEER_TIMEOUT, WorkerEngine
 from gpu_worker.split_balance import SplitPlanner
 from gpu_worker.zmq_plane import SEND_TIMEOUT_MS
@@ -70,18 +71,9 @@ LIVENESS_SERVICE = "hybridiff.liveness"
 # to the worker's release (tiny model, 30 sessions, 2 shared cores): median 0.2 ms, max 0.7 ms.
 # The bound leaves a thousandfold room, and holds one thread at most.
 BUSY_WAIT_SECONDS = 1.0
-# A session opens with its Begin, sent with the stream: one that has not sent it by then holds
-# the worker for nothing (SESSION_IDLE, as an idle session).
-BEGIN_SECONDS = 5.0
-SESSION_IDLE_SECONDS = 60.0
 # Info's active_request_id while a session holds the worker before its Begin named the request:
 # never "" then, or the coordinator's pool would read the worker as free.
 OPENING = "(opening)"
-# Above the longest healthy command with the engine's default peer timeout (120 s): its peer
-# waits (the nested pipeline's core waits for two messages; a speculative step for its peer's
-# prediction, its resolution, as a FULL_CFG fill for the peer's half of the stale activations,
-# and with staged transfers for its own sends at its end: four) and one send.
-WATCHDOG_SECONDS = 600.0
 PEER_WAITS_PER_COMMAND = 4
 SEND_WAIT_SECONDS = SEND_TIMEOUT_MS / 1000  # one send the peer does not take
 READ_AHEAD = 4  # commands read ahead of the one running (the coordinator sends steps ahead)
@@ -217,7 +209,10 @@ class _Commands:
 
 
 @dataclass
-class _SessionState:
+class ControlSession:
+    """One control Session call as the service follows it: the request it runs, how long one of
+    its commands may run, and how it ended (the sessions metric's outcome)."""
+
     watchdog_bound: float  # seconds a command may run before it counts as a stall
     request_id: str | None = None  # set by its Begin; None again once finished
     outcome: str = "cancelled"  # the stream ended (or the coordinator cancelled it) before finish
@@ -290,25 +285,16 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
 
     def Info(self, request, context):
         self._ready(context)
-        limits = self.adapter.size_limits()
-        d = self.adapter.defaults
+        limits, d = self.adapter.size_limits(), self.adapter.defaults
         return worker_pb2.InfoResponse(
             worker_id=self.worker_id,
             model_name=self.model_name,
             arch=self.adapter.arch,
             data_address=self.data_address,
-            limits=worker_pb2.SizeLimits(
-                multiple=limits.multiple,
-                min_side=limits.min_side,
-                max_side=limits.max_side,
-                default_side=limits.default_side,
-                max_images=limits.max_images,
-            ),
+            limits=worker_pb2.SizeLimits(**asdict(limits)),
             default_steps=d.steps,
             default_guidance_scale=d.guidance_scale,
-            hybrid_defaults=diffusion_pb2.HybridParams(
-                l_slope=d.hybrid.l_slope, eps_slope=d.hybrid.eps_slope, k=d.hybrid.k, tau_cap=d.hybrid.tau_cap
-            ),
+            hybrid_defaults=diffusion_pb2.HybridParams(**asdict(d.hybrid)),
             device=str(self.adapter.device),
             dtype=str(self.adapter.dtype).removeprefix("torch."),
             protocol_version=WORKER_PROTOCOL_VERSION,
@@ -334,7 +320,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
     def Session(self, request_iterator, context):
         self._admit(context)
         commands = _Commands(request_iterator, self.worker_id)
-        session = _SessionState(self.watchdog_seconds)
+        session = ControlSession(self.watchdog_seconds)
         try:
             while (cmd := commands.next(self._wait_for_next(session))) is not None:
                 which = self._accept(cmd, session, context)
@@ -367,7 +353,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             commands.close()
             self._release(session)
 
-    def _wait_for_next(self, session: _SessionState) -> float:
+    def _wait_for_next(self, session: ControlSession) -> float:
         return self.session_idle_seconds if session.request_id is not None else self.begin_seconds
 
     def _admit(self, context: grpc.ServicerContext) -> None:
@@ -402,7 +388,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             self._waiter.release()
 
     def _accept(
-        self, cmd: worker_pb2.SessionRequest, session: _SessionState, context: grpc.ServicerContext
+        self, cmd: worker_pb2.SessionRequest, session: ControlSession, context: grpc.ServicerContext
     ) -> str | None:
         """The command's kind, once it fits the session (a Begin opens the request)."""
         which = cmd.WhichOneof("command")
@@ -457,7 +443,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         waits = PEER_WAITS_PER_COMMAND * min(requested, MAX_PEER_TIMEOUT) + SEND_WAIT_SECONDS
         return max(self.watchdog_seconds, waits)
 
-    def _release(self, session: _SessionState) -> None:
+    def _release(self, session: ControlSession) -> None:
         """Abort what the session left running, then free the worker: an Info that shows no
         active request means the abort is done."""
         if session.request_id is not None:
@@ -467,7 +453,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         self._count(session.outcome)
         logs.set_request_id(None)
 
-    def _idle(self, context: grpc.ServicerContext, session: _SessionState) -> Callable[[Watch], None]:
+    def _idle(self, context: grpc.ServicerContext, session: ControlSession) -> Callable[[Watch], None]:
         def expire(watch: Watch) -> None:
             session.outcome = "idle_timeout"
             log.warning(

@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from gpu_worker.config import WorkerConfig
+from hybridiff.options import to_argv
 from hybridiff_tools.chaos.forwarder import TcpForwarder  # noqa: F401  (the tests' partitions)
 
 
@@ -69,21 +71,21 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
 
 
 def compiling_worker(model_dir, **options):
-    """An in-process worker on 127.0.0.1 (free ports, no metrics) that compiles with dynamo's
-    eager backend (the compile path, without inductor's minutes); ``options`` add to or replace
-    ``WorkerProcess``'s. Started."""
+    """An in-process worker on 127.0.0.1 (free ports) that compiles with dynamo's eager backend
+    (the compile path, without inductor's minutes); ``options`` add to or replace
+    ``WorkerConfig``'s fields. Started."""
     from gpu_worker.process import WorkerProcess
 
     settings = dict(
+        model=str(model_dir),
         port=0,
         data_port=0,
+        metrics_port=0,
         host="127.0.0.1",
         device="cpu",
-        metrics_port=None,
-        compile_mode="default",
-        compile_backend="eager",
+        compile="default",
     )
-    return WorkerProcess(str(model_dir), **(settings | options)).start()
+    return WorkerProcess(WorkerConfig(**(settings | options)), compile_backend="eager").start()
 
 
 def cfg_modes_match(engine, reference_latents, **fields) -> dict:
@@ -219,9 +221,9 @@ def spawn_worker(
     """A ``hybridiff worker`` process serving ``model_dir`` on loopback (control port ``port``,
     its data and metrics ports picked by the system) with ``flags``; its output goes to ``log``
     (default: this process's)."""
+    config = WorkerConfig(model=str(model_dir), host="127.0.0.1", port=int(port), data_port=0, metrics_port=0)
     argv = [sys.executable, "-m", "hybridiff_launch.cli", *(["-v"] if verbose else []), "worker"]
-    argv += ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", port]
-    argv += ["--data-port", "0", "--metrics-port", "0", *flags]
+    argv += [*to_argv(config), *flags]
     if log is None:
         return subprocess.Popen(argv, env=TEST_ENV)
     with open(log, "wb") as out:

@@ -19,11 +19,11 @@ from coordinator.pool import (
     JOINING,
     STATES,
     UNHEALTHY,
-    WORKER_PROTOCOL_VERSION,
     HealthPolicy,
     WorkerPool,
 )
 from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, QueueFull, Unavailable
+from hybridiff.protocol import WORKER_PROTOCOL_VERSION
 
 WAIT = 5.0  # the most any condition below may take to come true
 PROBE_INTERVAL = 0.02
