@@ -168,7 +168,8 @@ def choose(
     if calibration is None:
         policy = window_guidance or WindowGuidance.CONDITIONAL
         fixed = Schedule(Mode.HYBRID, policy, hybrid.k, hybrid_window_steps(num_steps, tau1, hybrid.k))
-        return AutoChoice(fixed, predict(costs, fixed, num_steps, tau1), single, cfg, "no calibration: HYBRID as before")
+        seconds = predict(costs, fixed, num_steps, tau1)
+        return AutoChoice(fixed, seconds, single, cfg, "no calibration: HYBRID as before")
     best, best_seconds = None, float("inf")
     for schedule in candidates(calibration, num_steps, hybrid, window_guidance, k):
         seconds = predict(costs, schedule, num_steps, tau1)

@@ -12,7 +12,7 @@ from enum import IntEnum
 
 # The version of the internal worker protocol (worker.proto, dataplane.proto) both roles speak:
 # a worker reports it in Info, and the coordinator's pool refuses a worker of another version.
-WORKER_PROTOCOL_VERSION = 5
+WORKER_PROTOCOL_VERSION = 6
 # Call metadata of a worker Session naming the coordinator that opens it: a worker busy with
 # another coordinator's session refuses it at once with WORKER_BUSY (docs/design.md section 10).
 COORDINATOR_METADATA = "hybridiff-coordinator"
