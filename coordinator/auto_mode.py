@@ -30,6 +30,8 @@ from hybridiff.request import HybridParams
 # The stage batch of a window step per policy: one branch, or both (docs/design.md section 1).
 WINDOW_BATCH = {WindowGuidance.CONDITIONAL: 1, WindowGuidance.LAST_DIFFERENCE: 1, WindowGuidance.FULL_CFG: 2}
 POLICIES = tuple(WINDOW_BATCH)  # in order of preference on a tie
+CALIBRATED = "measured costs and calibration"
+UNCALIBRATED = "no calibration: HYBRID as before"
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class AutoChoice:
     predicted_seconds: float
     single_seconds: float
     cfg_parallel_seconds: float
-    basis: str  # "costs and calibration", or why the choice is today's fixed one
+    basis: str  # CALIBRATED, or why the choice is today's fixed one
 
     @property
     def mode(self) -> Mode:
@@ -169,10 +171,15 @@ def choose(
         policy = window_guidance or WindowGuidance.CONDITIONAL
         fixed = Schedule(Mode.HYBRID, policy, hybrid.k, hybrid_window_steps(num_steps, tau1, hybrid.k))
         seconds = predict(costs, fixed, num_steps, tau1)
-        return AutoChoice(fixed, seconds, single, cfg, "no calibration: HYBRID as before")
+        return AutoChoice(fixed, seconds, single, cfg, UNCALIBRATED)
     best, best_seconds = None, float("inf")
     for schedule in candidates(calibration, num_steps, hybrid, window_guidance, k):
         seconds = predict(costs, schedule, num_steps, tau1)
         if seconds < best_seconds * (1 - 1e-9):
             best, best_seconds = schedule, seconds
-    return AutoChoice(best, best_seconds, single, cfg, "measured costs and calibration")
+    return AutoChoice(best, best_seconds, single, cfg, CALIBRATED)
+
+
+def calibrated(choice: AutoChoice) -> bool:
+    """Whether ``choice`` was made from a calibration (not today's fixed HYBRID)."""
+    return choice.basis == CALIBRATED

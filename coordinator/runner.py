@@ -23,7 +23,7 @@ import grpc
 from opentelemetry import trace
 
 from coordinator.allocation import CostBook, Policy, admission
-from coordinator.auto_mode import AutoChoice, choose
+from coordinator.auto_mode import AutoChoice, calibrated, choose
 from coordinator.device_costs import DeviceCostBook
 from coordinator.driver import ALIVE_CHECK_SECONDS, GenerationResult, StepStat, drive_request
 from coordinator.elastic import ElasticLease
@@ -358,8 +358,11 @@ class RequestRunner:
             s = choice.schedule
             hybrid = spec.hybrid.replace(k=s.k) if mode == Mode.HYBRID else spec.hybrid
             spec = replace(spec, window_guidance=s.window_guidance, hybrid=hybrid)
-            steps = spec.num_steps
-            self.costs.predicted(spec.model, choice.single_seconds / steps, choice.predicted_seconds / steps)
+            if calibrated(choice):  # without a calibration the elastic rule keeps today's costs
+                steps = spec.num_steps
+                self.costs.predicted(
+                    spec.model, choice.single_seconds / steps, choice.predicted_seconds / steps
+                )
         if mode == Mode.SINGLE:
             if len(lease) == 2:
                 lease.give_back(lease.entries[1].worker_id)  # the pair would not pay: not held
