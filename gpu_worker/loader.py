@@ -293,12 +293,15 @@ def read_model_calibration(model_dir: str | Path | None) -> Calibration | None:
 
 
 def read_model_defaults(model_dir: str | Path, arch: str) -> ModelDefaults:
-    """The model's own defaults from ``hybridiff.json`` when it has one, else the architecture's."""
+    """The model's own defaults from ``hybridiff.json`` when it records them, else the
+    architecture's (a file may record only a calibration)."""
     path = Path(model_dir) / MODEL_DEFAULTS_FILE
     if not path.is_file():
         return model_defaults(arch)
     try:
-        recorded = json.loads(path.read_text())["defaults"]
-        return model_defaults(arch, recorded)
+        document = json.loads(path.read_text())
+        if "defaults" not in document:
+            return model_defaults(arch)
+        return model_defaults(arch, document["defaults"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, InvalidArgument) as exc:
         raise ModelLoadError(f"{path} has invalid defaults: {exc}") from None
