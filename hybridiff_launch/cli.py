@@ -458,6 +458,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    from hybridiff_launch.predict import add_arguments
+
+    add_arguments(p)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hybridiff_launch.predict import run  # deferred: the coordinator's schedule model
+
+    return run(args)
+
+
 def positive_seconds(text: str) -> float:
     """An argparse type: a finite number of seconds above 0 (0, -5 or nan is a usage error, exit 2)."""
     try:
@@ -542,6 +554,7 @@ USER_COMMANDS = (
     "curve-keys",
     "loadtest",
     "gpu-check",
+    "predict",
 )
 DEVELOPER_TOOLS = {
     "tiny-model": None,  # built in: its own help
@@ -908,6 +921,12 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p = sub.add_parser("status", help="a running service's workers and queue (JSON)")
     add_client_flags(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "predict", help="what AUTO would run on a profiled GPU, and its predicted speedup (no GPU needed)"
+    )
+    add_predict_arguments(p)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("curve-keys", help="create the ZeroMQ CURVE keypair the workers of a pool share")
     p.add_argument("--out", required=True, help="directory to write pool.key and pool.key_secret into")

@@ -26,6 +26,7 @@ from hybridiff.calibration import Calibration, PolicyCalibration
 from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import Mode, Phase, WindowGuidance
 from hybridiff.request import HybridParams
+from hybridiff_launch.predict import profile_costs as predict_profile_costs
 
 ROOT = Path(__file__).resolve().parents[2]
 C, LD, FULL = WindowGuidance.CONDITIONAL, WindowGuidance.LAST_DIFFERENCE, WindowGuidance.FULL_CFG
@@ -47,15 +48,7 @@ DEFAULTS = HybridParams(l_slope=8, eps_slope=0.004, k=10, tau_cap=25)  # the def
 def profile_costs(arch: str) -> DeviceCosts:
     """The H200 CUDA-graph profile's costs (docs/benchmarks), with its link."""
     doc = json.loads((ROOT / "docs/benchmarks/gpu_profile_h200_fp16_cudagraphs.json").read_text())
-    m, t = doc["models"][arch], doc["models"][arch]["times"]
-
-    def stages(b: str) -> StageTimes:
-        if m["topology"] == "nested":
-            return StageTimes.nested(t[f"pre_{b}"], t[f"stage2_{b}"], t[f"post_{b}"])
-        return StageTimes(t[f"stage1_{b}"], t[f"stage2_{b}"])
-
-    compute = ComputeTimes(m["topology"], t["forward_b1"], t["forward_b2"], stages("b1"), stages("b2"))
-    return DeviceCosts(compute, TensorBytes(**m["bytes"]), LinkModel(**doc["link"]))
+    return predict_profile_costs(doc, arch)
 
 
 def cpu_standin_costs() -> DeviceCosts:
