@@ -458,12 +458,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_predict_arguments(p: argparse.ArgumentParser) -> None:
-    from hybridiff_launch.predict import add_arguments
-
-    add_arguments(p)
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from hybridiff_launch.predict import run  # deferred: the coordinator's schedule model
 
@@ -925,7 +919,14 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p = sub.add_parser(
         "predict", help="what AUTO would run on a profiled GPU, and its predicted speedup (no GPU needed)"
     )
-    add_predict_arguments(p)
+    p.add_argument("--profile", required=True, help="a GPU profile (hybridiff gpu-profile --out FILE)")
+    p.add_argument("--arch", required=True, choices=("sdxl", "sd3"), help="the profiled denoiser to price")
+    p.add_argument(
+        "--model",
+        help="the model folder whose calibration and defaults bound the windows (default: the embedded one)",
+    )
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("curve-keys", help="create the ZeroMQ CURVE keypair the workers of a pool share")

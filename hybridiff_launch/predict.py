@@ -15,6 +15,7 @@ from coordinator.latency_model import ComputeTimes, LinkModel, StageTimes, Tenso
 from hybridiff.calibration import Calibration, read_calibration
 from hybridiff.errors import InvalidArgument
 from hybridiff.request import MODEL_DEFAULTS_FILE, ModelDefaults, model_defaults
+from hybridiff_launch.model_dirs import default_model_dir
 
 
 def profile_costs(profile: dict, arch: str) -> DeviceCosts:
@@ -82,20 +83,7 @@ def describe(result: dict) -> str:
     )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", required=True, help="a GPU profile (hybridiff gpu-profile --out FILE)")
-    p.add_argument("--arch", required=True, choices=("sdxl", "sd3"), help="the profiled denoiser to price")
-    p.add_argument(
-        "--model",
-        help="the model folder whose calibration and defaults bound the windows (default: the embedded one)",
-    )
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
 def run(args: argparse.Namespace) -> int:
-    from hybridiff_launch.model_dirs import default_model_dir
-
     try:
         profile = json.loads(Path(args.profile).read_text())
     except (OSError, json.JSONDecodeError) as exc:
