@@ -19,13 +19,13 @@ prediction opens it at the request's ``tau_cap`` (the latest it opens), so a win
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from coordinator.latency_model import ComputeTimes, LinkModel, ScheduleParams, TensorBytes, simulate
 from coordinator.schedule import PIPELINE_WARMUP_STEPS
 from hybridiff.calibration import Calibration
 from hybridiff.protocol import Mode, Phase, WindowGuidance, label
-from hybridiff.request import HybridParams
+from hybridiff.request import GenerationSpec, HybridParams
 
 # The stage batch of a window step per policy: one branch, or both (docs/design.md section 1).
 WINDOW_BATCH = {WindowGuidance.CONDITIONAL: 1, WindowGuidance.LAST_DIFFERENCE: 1, WindowGuidance.FULL_CFG: 2}
@@ -178,6 +178,15 @@ def choose(
         if seconds < best_seconds * (1 - 1e-9):
             best, best_seconds = schedule, seconds
     return AutoChoice(best, best_seconds, single, cfg, CALIBRATED)
+
+
+def applied(choice: AutoChoice, spec: GenerationSpec) -> GenerationSpec:
+    """``spec`` as it runs ``choice``: its window policy and, for HYBRID, its ``k``."""
+    s = choice.schedule
+    if s.mode not in (Mode.HYBRID, Mode.PIPELINE):
+        return spec
+    hybrid = spec.hybrid.replace(k=s.k) if s.mode == Mode.HYBRID else spec.hybrid
+    return replace(spec, window_guidance=s.window_guidance, hybrid=hybrid)
 
 
 def calibrated(choice: AutoChoice) -> bool:

@@ -16,14 +16,14 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import astuple, dataclass, field, replace
+from dataclasses import astuple, dataclass, field
 from typing import Protocol
 
 import grpc
 from opentelemetry import trace
 
 from coordinator.allocation import CostBook, Policy, admission
-from coordinator.auto_mode import AutoChoice, calibrated, choose
+from coordinator.auto_mode import AutoChoice, applied, calibrated, choose
 from coordinator.device_costs import DeviceCostBook
 from coordinator.driver import ALIVE_CHECK_SECONDS, GenerationResult, StepStat, drive_request
 from coordinator.elastic import ElasticLease
@@ -355,9 +355,7 @@ class RequestRunner:
         choice, notes = self._choose(spec, lease, client)
         mode = Mode.HYBRID if choice is None else choice.mode
         if choice is not None and mode != Mode.SINGLE:
-            s = choice.schedule
-            hybrid = spec.hybrid.replace(k=s.k) if mode == Mode.HYBRID else spec.hybrid
-            spec = replace(spec, window_guidance=s.window_guidance, hybrid=hybrid)
+            spec = applied(choice, spec)
             if calibrated(choice):  # without a calibration the elastic rule keeps today's costs
                 steps = spec.num_steps
                 self.costs.predicted(
