@@ -7,8 +7,11 @@ step wall times, which also carry what the exchange between the workers costs):
 
 - a step alone with guidance (Phase.SINGLE) is a forward at batch 2;
 - a data-parallel step is a forward at batch 1 plus the exchange of the predictions;
+- the stages at a batch are parts of its forward: they scale with it (a compiled worker's
+  forward, cheaper than the eager timings measured, makes its stages cheaper too, so a window is
+  not priced at eager costs forever);
 - a steady pipeline-window step costs the slower of the two stages at the window's batch: both
-  stages at that batch are scaled so that it matches.
+  stages at that batch are scaled further so that it matches.
 """
 
 from __future__ import annotations
@@ -97,7 +100,9 @@ class DeviceCostBook:
                 return
             for phase, batch in ((Phase.SINGLE, 2), (Phase.DATA_PARALLEL, 1)):
                 if by_phase.get(phase):
-                    c.forward[batch] = (1 - w) * c.forward[batch] + w * statistics.median(by_phase[phase])
+                    old = c.forward[batch]
+                    c.forward[batch] = (1 - w) * old + w * statistics.median(by_phase[phase])
+                    c.stages[batch] = _scaled(c.stages[batch], c.topology, c.forward[batch] / old)
             if by_phase.get(Phase.PIPELINE) and window_guidance is not None:
                 batch = WINDOW_BATCH[window_guidance]
                 st = c.stages[batch]

@@ -172,10 +172,11 @@ def test_the_cost_book_keeps_the_measured_costs_and_refines_them_with_steps():
     c = book.costs(key).compute
     assert c.forward_b2 == pytest.approx(0.18)  # the first step (after a begin) left out
     assert c.forward_b1 == pytest.approx(0.11)  # once: the last request's one DP step is its first
-    # Steady window steps at 0.16 against the slower stage's 0.08: the stages double half-way;
-    # the last window step (nothing sent forward) is not a steady one.
-    assert c.stages_b2.stage2 == pytest.approx(0.12) and c.stages_b2.pre == pytest.approx(0.06)
-    assert c.stages_b1.stage2 == 0.05  # batch-1 stages untouched by a FULL_CFG window
+    assert c.stages_b1.stage2 == pytest.approx(0.055)  # the stages scale with their forward
+    # The batch-2 stages scaled with their forward (x 1.125: 0.09 each), then steady window steps
+    # at 0.16 against the slower stage's 0.09 move them half-way (x 1.389); the last window step
+    # (nothing sent forward) is not a steady one.
+    assert c.stages_b2.stage2 == pytest.approx(0.125) and c.stages_b2.pre == pytest.approx(0.0625)
 
 
 def test_the_allocation_policy_weighs_the_schedule_auto_chose():
