@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from cluster_helpers import make_input, send
+from cluster_helpers import make_input, send, wait_until
 
 from hybridiff.calibration import Calibration, PolicyCalibration, write_calibration
 from hybridiff.client import DiffusionClient
@@ -25,15 +25,30 @@ CALIBRATION = Calibration(
 )
 
 
-def test_auto_without_a_calibration_says_so_and_still_predicts(sdxl_cluster):
-    resp = send(
-        DiffusionClient(sdxl_cluster.address), make_input(prompt="a red circle", num_steps=4, seed=3), 120
-    )
+def test_auto_without_a_calibration_says_so_and_still_predicts(sdxl_cluster, otlp):
+    raw = make_input(prompt="a red circle", num_steps=4, seed=3, request_id="auto-choice-1")
+    resp = send(DiffusionClient(sdxl_cluster.address), raw, 120)
     choice = resp.stats.auto_choice
     assert resp.stats.HasField("auto_choice") and choice.mode == resp.stats.mode_used == Mode.HYBRID
     assert choice.basis == "no calibration: HYBRID as before"
     assert 0 < choice.predicted_seconds and choice.single_seconds > 0 and choice.cfg_parallel_seconds > 0
     assert any("no calibration" in note for note in resp.stats.notes)
+
+    def auto_span():
+        return next(
+            (
+                s["attributes"]
+                for s in otlp.snapshot()
+                if s["name"] == "hybridiff.generate"
+                and s["attributes"].get("hybridiff.request_id") == "auto-choice-1"
+            ),
+            None,
+        )
+
+    wait_until(lambda: auto_span() is not None, 20, "the request's span")
+    span = auto_span()
+    assert span["hybridiff.auto.mode"] == "hybrid" and span["hybridiff.auto.window_guidance"] == "conditional"
+    assert span["hybridiff.auto.predicted_seconds"] == pytest.approx(choice.predicted_seconds)
     named = send(
         DiffusionClient(sdxl_cluster.address),
         make_input(prompt="a red circle", num_steps=4, seed=3, mode="cfg-parallel"),
