@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 from opentelemetry import trace
 
 from coordinator.allocation import Decision
+from coordinator.auto_mode import AutoChoice
 from coordinator.remote import WorkerFault, as_seen_by_the_client
 from coordinator.schedule import StepSchedule
 from hybridiff import step_stats, telemetry
@@ -110,6 +111,7 @@ class GenerationStats:
     decoding_seconds: float
     queued_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    auto_choice: AutoChoice | None = None  # what AUTO chose (coordinator.auto_mode); None: a named mode
 
     def to_dict(self) -> dict:
         """The stats as JSON-ready data (enums by their edge names)."""
@@ -125,6 +127,8 @@ def _named(worker: str, report: pb.WorkerStep) -> pb.WorkerStep:
 
 
 def _jsonable(value):
+    if isinstance(value, AutoChoice):
+        return value.to_dict()
     if isinstance(value, IntEnum):
         return label(value)
     if isinstance(value, Message):

@@ -90,16 +90,17 @@ def measure_split(
     height: int,
     check_alive: Callable[[], None],
     poll_seconds: float,
-) -> int:
-    """The balanced stage cut at a size, measured by ``worker``: a call that a cancel or a passed
-    deadline (``check_alive`` raising) ends at once; its failure is a ``WorkerFault`` naming it."""
+) -> worker_pb2.MeasureSplitResponse:
+    """The balanced stage cut at a size and what a step's parts cost there, measured by
+    ``worker``: a call that a cancel or a passed deadline (``check_alive`` raising) ends at once;
+    its failure is a ``WorkerFault`` naming it."""
     call = stub.MeasureSplit.future(
         worker_pb2.MeasureSplitRequest(width=width, height=height), timeout=MEASURE_SPLIT_TIMEOUT
     )
     try:
         while True:
             try:
-                return call.result(timeout=poll_seconds).cut
+                return call.result(timeout=poll_seconds)
             except grpc.FutureTimeoutError:
                 check_alive()
     except grpc.RpcError as err:

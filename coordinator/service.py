@@ -19,6 +19,7 @@ import time
 import grpc
 from opentelemetry import context as otel_context
 
+from coordinator.auto_mode import AutoChoice
 from coordinator.driver import GenerationResult, StepStat
 from coordinator.runner import RequestRunner, as_typed_error
 from coordinator.worker_info import WorkerInfo
@@ -53,6 +54,19 @@ def step_stat_to_proto(s: StepStat) -> pb.StepStat:
     return msg
 
 
+def auto_choice_to_proto(choice: AutoChoice) -> pb.AutoChoice:
+    s = choice.schedule
+    return pb.AutoChoice(
+        mode=s.mode,
+        window_guidance=s.window_guidance or 0,
+        k=s.k,
+        predicted_seconds=choice.predicted_seconds,
+        single_seconds=choice.single_seconds,
+        cfg_parallel_seconds=choice.cfg_parallel_seconds,
+        basis=choice.basis,
+    )
+
+
 def response_to_proto(
     result: GenerationResult, width: int, height: int, fmt: OutputFormat
 ) -> pb.GenerateResponse:
@@ -72,6 +86,8 @@ def response_to_proto(
     )
     if st.tau1 is not None:
         stats.tau1 = st.tau1
+    if st.auto_choice is not None:
+        stats.auto_choice.CopyFrom(auto_choice_to_proto(st.auto_choice))
     if st.tau2 is not None:
         stats.tau2 = st.tau2
     response = pb.GenerateResponse(

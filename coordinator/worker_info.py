@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from hybridiff.calibration import Calibration
+from hybridiff.calibration_wire import calibration_from_proto
 from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import WORKER_PROTOCOL_VERSION
 from hybridiff.request import HybridParams, ModelDefaults, SizeLimits
@@ -24,6 +26,7 @@ class WorkerInfo:
     protocol_version: int
     weights_digest: str
     active_request_id: str  # the request it runs, "" when idle
+    calibration: Calibration | None = None  # what `hybridiff calibrate` recorded for the model
 
     def rules(self, overrides: dict[str, float | int | None]) -> tuple[SizeLimits, ModelDefaults]:
         """The size limits and defaults requests are resolved with; ``overrides`` (the operator's,
@@ -51,6 +54,7 @@ def read_info(info: worker_pb2.InfoResponse) -> WorkerInfo:
         protocol_version=info.protocol_version,
         weights_digest=info.weights_digest,
         active_request_id=info.active_request_id,
+        calibration=calibration_from_proto(info.calibration) if info.HasField("calibration") else None,
     )
 
 

@@ -45,6 +45,7 @@ from gpu_worker.engine import MAX_PEER_TIMEOUT, WorkerEngine
 from gpu_worker.split_balance import SplitPlanner
 from gpu_worker.zmq_plane import SEND_TIMEOUT_MS
 from hybridiff import logs, serving, telemetry
+from hybridiff.calibration_wire import calibration_to_proto
 from hybridiff.checkpoint_parts import CheckpointAssembly, checkpoint_bound
 from hybridiff.errors import (
     BadCommand,
@@ -285,8 +286,9 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
 
     def Info(self, request, context):
         self._ready(context)
-        limits, d = self.adapter.size_limits(), self.adapter.defaults
-        return worker_pb2.InfoResponse(
+        limits = self.adapter.size_limits()
+        d = self.adapter.defaults
+        info = worker_pb2.InfoResponse(
             worker_id=self.worker_id,
             model_name=self.model_name,
             arch=self.adapter.arch,
@@ -301,6 +303,9 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             weights_digest=self.weights_digest,
             active_request_id=self._active_request_id,
         )
+        if self.adapter.calibration is not None:
+            info.calibration.CopyFrom(calibration_to_proto(self.adapter.calibration))
+        return info
 
     def MeasureSplit(self, request, context):
         self._ready(context)
@@ -310,12 +315,26 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             if problem:
                 serving.abort(context, InvalidArgument(name, problem))
         plan = self.planner.plan(request.height, request.width)
-        return worker_pb2.MeasureSplitResponse(
+        response = worker_pb2.MeasureSplitResponse(
             cut=plan.cut,
             stage1_seconds=plan.stage1_seconds,
             stage2_seconds=plan.stage2_seconds,
             unit_seconds=plan.unit_seconds,
+            topology=self.adapter.make_split(plan.cut).topology.value,
         )
+        for batch, costs in ((1, response.batch1), (2, response.batch2)):
+            c = plan.costs.get(batch)
+            if c is not None:
+                costs.CopyFrom(
+                    worker_pb2.PhaseCosts(
+                        forward_seconds=c.forward,
+                        stage1_seconds=c.stage1,
+                        stage2_seconds=c.stage2,
+                        stage1_pre_seconds=c.pre,
+                        stage1_post_seconds=c.post,
+                    )
+                )
+        return response
 
     def Session(self, request_iterator, context):
         self._admit(context)

@@ -396,6 +396,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hybridiff_launch.predict import run  # deferred: the coordinator's schedule model
+
+    return run(args)
+
+
 def add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
@@ -433,6 +439,7 @@ USER_COMMANDS = (
     "curve-keys",
     "loadtest",
     "gpu-check",
+    "predict",
 )
 DEVELOPER_TOOLS = {
     "tiny-model": None,  # built in: its own help
@@ -628,6 +635,19 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p = sub.add_parser("status", help="a running service's workers and queue (JSON)")
     add_client_flags(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "predict", help="what AUTO would run on a profiled GPU, and its predicted speedup (no GPU needed)"
+    )
+    p.add_argument("--profile", required=True, help="a GPU profile (hybridiff gpu-profile --out FILE)")
+    p.add_argument("--arch", required=True, choices=("sdxl", "sd3"), help="the profiled denoiser to price")
+    p.add_argument(
+        "--model",
+        help="the model folder whose calibration and defaults bound the windows (default: the embedded one)",
+    )
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("curve-keys", help="create the ZeroMQ CURVE keypair the workers of a pool share")
     p.add_argument("--out", required=True, help="directory to write pool.key and pool.key_secret into")
