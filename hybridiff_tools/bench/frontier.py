@@ -262,7 +262,7 @@ def frontier(measurement: Measurement, devices: list[DeviceCosts]) -> dict:
 
     refs = measurement.exact
     single = [r["single_denoise"] for r in refs.values() if "single_denoise" in r]
-    out: dict[str, Any] = {"policies": {}, "reference": {}}
+    out: dict[str, Any] = {"steps": measurement.steps, "policies": {}, "reference": {}}
     groups: dict[str, dict[int, list[Image]]] = {}
     for im in measurement.images:
         groups.setdefault(im.policy, {}).setdefault(im.k, []).append(im)

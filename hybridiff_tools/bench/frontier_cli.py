@@ -126,6 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out-dir", type=Path, default=Path("docs/benchmarks/frontier"))
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--from-json", type=Path, default=None, help="redraw the plots and tables of a saved frontier.json"
+    )
     args = p.parse_args(argv)
     if not 1 <= args.seeds <= len(EVAL_SEEDS) or args.prompts < 1 or args.steps < 2:
         p.error(f"--seeds must be 1..{len(EVAL_SEEDS)}, --prompts >= 1, --steps >= 2")
@@ -134,6 +137,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        report(json.loads(args.from_json.read_text()), args.from_json.parent)
+        return 0
     started = time.perf_counter()
     model_dir = resolve_model(args)[0] if args.model else default_model_dir()
     default_model = Path(model_dir).resolve() == default_model_dir().resolve()
@@ -206,20 +212,32 @@ def main(argv: list[str] | None = None) -> int:
         record["tiny_sd3"] = {"frontier": frontier(tiny, []), "raw": tiny.to_json()}
     record["wall_seconds"] = time.perf_counter() - started
     (args.out_dir / "frontier.json").write_text(json.dumps(record, indent=1) + "\n")
-    names = [d.name for d in costs]
+    report(record, args.out_dir)
+    print(f"wrote {args.out_dir / 'frontier.json'} and frontier_*.png ({record['wall_seconds']:.0f}s)")
+    return 0
+
+
+def report(record: dict, out_dir: Path) -> None:
+    """One PNG per device (and the measured CPU speedup) and the tables, from a run's record."""
+    result = record["frontier"]
+    result.setdefault("steps", record["steps"])
+    names = list(record["devices"])
     for name in [*names, "cpu"]:
         plots.frontier(
             result,
             name,
-            args.out_dir / f"frontier_{name}.png",
+            out_dir / f"frontier_{name}.png",
             f"Window policies: quality vs speedup ({name})",
         )
-    print(format_table(result, names))
-    if tiny is not None:
+    print(format_table(result, names, lengths_label(record["steps"])))
+    if "tiny_sd3" in record:
         print("\ntiny SD3-shaped model:")
-        print(format_table(record["tiny_sd3"]["frontier"], []))
-    print(f"wrote {args.out_dir / 'frontier.json'} and frontier_*.png ({record['wall_seconds']:.0f}s)")
-    return 0
+        tiny = record["tiny_sd3"]["frontier"]
+        print(format_table(tiny, [], lengths_label(record["tiny_sd3"]["raw"]["steps"])))
+
+
+def lengths_label(steps: int):
+    return lambda k: "all" if k >= steps else str(k)
 
 
 if __name__ == "__main__":

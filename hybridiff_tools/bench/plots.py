@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from hybridiff.protocol import Phase
@@ -125,7 +126,13 @@ def frontier(result: dict, device: str, path: Path, title: str) -> None:
         xs, ys, ks = zip(*points)
         ax.plot(xs, ys, marker="o", label=policy)
         for x, y, k in points:
-            ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            ax.annotate(
+                "k=all" if int(k) >= result.get("steps", math.inf) else f"k={k}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=7,
+            )
     ref = result["reference"]
     exact = (
         ref.get("cpu_cfg_parallel_speedup")
