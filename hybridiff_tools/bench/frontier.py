@@ -96,7 +96,7 @@ def run_from(png: bytes, stats: Any) -> Run:
 
 
 @dataclass
-class Image:
+class ScoredImage:
     """One HYBRID image scored against its case's exact-CFG image."""
 
     prompt: str
@@ -118,7 +118,7 @@ class Measurement:
     steps: int
     guidance: float
     lengths: list[int]
-    images: list[Image] = field(default_factory=list)
+    images: list[ScoredImage] = field(default_factory=list)
     exact: dict[tuple[str, int], dict] = field(default_factory=dict)  # cfg-parallel and single, per case
 
     def to_json(self) -> dict:
@@ -169,7 +169,7 @@ def measure(
                 run = generate(request(Mode.HYBRID, window_guidance=policy, hybrid={"k": k}))
                 db = psnr(run.png, exact.png)
                 out.images.append(
-                    Image(
+                    ScoredImage(
                         prompt=case.prompt,
                         seed=case.seed,
                         policy=label(policy),
@@ -253,7 +253,7 @@ def frontier(measurement: Measurement, devices: list[DeviceCosts]) -> dict:
     at its own tau1)."""
     cache: dict[tuple, dict[str, float]] = {}
 
-    def predict(device: DeviceCosts, im: Image) -> dict[str, float]:
+    def predict(device: DeviceCosts, im: ScoredImage) -> dict[str, float]:
         source = im.tau1_source if im.tau1_source in perfmodel.TAU1_SOURCES else "tau_cap"
         key = (device.name, im.tau1, source, im.k, im.window_batch)
         if key not in cache:
@@ -263,7 +263,7 @@ def frontier(measurement: Measurement, devices: list[DeviceCosts]) -> dict:
     refs = measurement.exact
     single = [r["single_denoise"] for r in refs.values() if "single_denoise" in r]
     out: dict[str, Any] = {"steps": measurement.steps, "policies": {}, "reference": {}}
-    groups: dict[str, dict[int, list[Image]]] = {}
+    groups: dict[str, dict[int, list[ScoredImage]]] = {}
     for im in measurement.images:
         groups.setdefault(im.policy, {}).setdefault(im.k, []).append(im)
     for policy, by_k in groups.items():
