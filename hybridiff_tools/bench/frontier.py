@@ -15,6 +15,7 @@ The measurement is shared with ``hybridiff calibrate``, which records its PSNRs 
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -27,6 +28,7 @@ from hybridiff.protocol import Mode, Phase, WindowGuidance, label
 from hybridiff.request import request_from_names
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff_tools.bench import perfmodel
+from hybridiff_tools.bench.gpu_profile import compute_times, tensor_bytes
 from hybridiff_tools.bench.runner import window_batch
 from hybridiff_tools.quality import psnr, ssim
 
@@ -209,10 +211,6 @@ class DeviceCosts:
 
 def profile_device(path: str | Path, name: str, model: str = "sdxl") -> DeviceCosts:
     """The device of a committed ``hybridiff gpu-profile`` JSON (one model's profile in it)."""
-    import json
-
-    from hybridiff_tools.bench.gpu_profile import compute_times, tensor_bytes
-
     document = json.loads(Path(path).read_text())
     profile = document["models"][model]
     return DeviceCosts(
