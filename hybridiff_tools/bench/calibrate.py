@@ -27,6 +27,7 @@ from hybridiff_tools.bench.frontier import (
     default_lengths,
     mean_psnr,
     measure,
+    parse_lengths,
     run_from,
 )
 from hybridiff_tools.shapes.evaluate import EVAL_SEEDS
@@ -136,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         steps = args.steps or engine.defaults.steps
-        lengths = (
-            [steps if n.strip() == "all" else int(n) for n in args.lengths.split(",")]
-            if args.lengths
-            else None
-        )
+        try:
+            lengths = parse_lengths(args.lengths, steps) if args.lengths else None
+        except ValueError as exc:
+            print(f"error: --lengths: {exc}", file=sys.stderr)
+            return 2
         calibration = calibrate(
             engine,
             cases,

@@ -57,6 +57,16 @@ def default_lengths(steps: int) -> list[int]:
     return ladder + [steps]
 
 
+def parse_lengths(text: str, steps: int) -> list[int]:
+    """``2,4,8,all`` -> [2, 4, 8, steps] (``all``: every step after tau1)."""
+    lengths = sorted(
+        {steps if part.strip() == "all" else int(part) for part in text.split(",") if part.strip()}
+    )
+    if not lengths or lengths[0] < 1:
+        raise ValueError("window lengths must be >= 1")
+    return lengths
+
+
 @dataclass(frozen=True)
 class Case:
     """One prompt and seed; ``check``: its adherence checker (held-out prompts only)."""

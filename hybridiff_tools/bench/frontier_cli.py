@@ -33,6 +33,7 @@ from hybridiff_tools.bench.frontier import (
     format_table,
     frontier,
     measure,
+    parse_lengths,
     policies,
     profile_device,
     run_from,
@@ -55,16 +56,6 @@ def devices(profile_dir: Path) -> list[DeviceCosts]:
         device = profile_device(profile_dir / file, name)
         out.append(batch_linear(device, name) if linear else device)
     return out
-
-
-def parse_lengths(text: str, steps: int) -> list[int]:
-    """``2,4,8,all`` -> [2, 4, 8, steps] (``all``: every step after tau1)."""
-    lengths = sorted(
-        {steps if part.strip() == "all" else int(part) for part in text.split(",") if part.strip()}
-    )
-    if not lengths or lengths[0] < 1:
-        raise ValueError("window lengths must be >= 1")
-    return lengths
 
 
 def held_out_cases(prompts: int, seeds: int) -> list[Case]:

@@ -22,7 +22,7 @@ DEFAULTS = {
 }
 
 
-@pytest.mark.slow(reason="13 tiny-model images on the in-process engine: ~10 s on a busy 2-core VM")
+@pytest.mark.slow(reason="10 tiny-model images on the in-process engine: 4-9 s on the shared 2-core VM")
 def test_calibrate_records_measured_psnr_in_the_models_file(model_dirs, tmp_path, capsys):
     model = shutil.copytree(model_dirs["sdxl"], tmp_path / "model")
     (model / "hybridiff.json").write_text(json.dumps({"defaults": DEFAULTS, "_why": "kept"}))

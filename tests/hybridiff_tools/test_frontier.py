@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridiff_tools.bench.frontier import batch_linear, predicted_speedups, profile_device
-from hybridiff_tools.bench.frontier_cli import parse_lengths
+from hybridiff_tools.bench.frontier import batch_linear, parse_lengths, predicted_speedups, profile_device
 
 PROFILE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "gpu_profile_h200_fp16.json"
 
@@ -32,3 +31,28 @@ def test_window_lengths_parse_with_all_as_every_step():
     assert parse_lengths("4, 2,all", 30) == [2, 4, 30]
     with pytest.raises(ValueError):
         parse_lengths("0,2", 30)
+
+
+def test_a_run_is_read_the_same_from_the_public_stats():
+    from hybridiff.protocol import Phase, WindowGuidance
+    from hybridiff.v1 import diffusion_pb2 as pb
+    from hybridiff_tools.bench.frontier import run_from
+
+    phases = [Phase.DATA_PARALLEL] * 3 + [Phase.PIPELINE_FILL, Phase.PIPELINE, Phase.DATA_PARALLEL]
+    stats = pb.GenerateStats(
+        tau1=2,
+        tau1_source="slope",
+        window_guidance=WindowGuidance.FULL_CFG,
+        denoising_seconds=1.5,
+        steps=[pb.StepStat(step=i, phase=p) for i, p in enumerate(phases)],
+    )
+    run = run_from(b"png", stats)
+    assert (run.tau1, run.tau1_source, run.window_steps, run.window_batch, run.denoise) == (
+        2,
+        "slope",
+        2,
+        2,
+        1.5,
+    )
+    no_window = run_from(b"png", pb.GenerateStats(steps=[pb.StepStat(phase=Phase.DATA_PARALLEL)]))
+    assert (no_window.tau1, no_window.window_steps, no_window.window_batch) == (None, 0, 1)
