@@ -449,11 +449,13 @@ DEVELOPER_TOOLS = {
     "gpu-profile": "GPU profile of full-size SDXL / SD3 denoisers and the two-GPU latency it predicts",
     "load-sweep": "latency and SLO attainment against offered load, per allocation policy",
     "poolsim": "the allocation policies on simulated GPU pools",
+    "frontier": "quality against speedup of every window policy at every window length",
     "chaos": "a load test on a local cluster while workers and a coordinator are killed, stopped and cut off",
 }
 TOOL_HELP = {
     "loadtest": "load a running service (gRPC or HTTP) at a rate or a concurrency: latency, SLO",
     "gpu-check": "every mode end to end on this host's GPU(s), checked against single",
+    "calibrate": "measure each window policy's quality per window length; record it in its hybridiff.json",
 }
 NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 
