@@ -79,8 +79,8 @@ class HealthPolicy:
     healthy_stretch: float = 300.0  # re-admitted this long ago: the next failure counts as a first
     abort_confirm: float = 10.0  # an aborted worker not confirming within this is quarantined
     incompatible_recheck: float = 30.0  # how often an incompatible worker's Info is read again
-    idle_check: float = 1.0  # seconds between health Checks of every idle worker (0: none)
-    idle_check_timeout: float = 1.0  # an idle worker not SERVING within this is quarantined
+    idle_check: float = 0.5  # seconds between health Checks of every idle worker (0: none)
+    idle_check_timeout: float = 1.5  # an idle worker not SERVING within this is quarantined
 
     def quarantine_seconds(self, failures: int) -> float:
         return min(self.quarantine_max, self.quarantine_base * 2 ** max(0, failures - 1))
