@@ -8,6 +8,10 @@ reads its ``WorkerInfo`` and keeps its state:
 - busy -> aborting -> idle: after an aborted or cancelled request a worker is free again only
   once its ``Info`` no longer names that request (it finished unwinding the step), or it is
   quarantined when it does not confirm within ``HealthPolicy.abort_confirm`` seconds;
+- idle -> unhealthy: one thread of the pool sends every idle worker a ``grpc.health.v1`` Check
+  every ``HealthPolicy.idle_check`` seconds, all at once; one not answering SERVING within
+  ``idle_check_timeout`` (a stopped process, a hung host, a worker draining) is quarantined before
+  a request draws it. Drawing a worker bumps its epoch: a Check in flight then no longer counts;
 - busy -> unhealthy (quarantined) -> idle: a worker that failed a request is probed with
   ``grpc.health.v1`` Check and ``Info`` (a stuck worker's other gRPC threads still answer
   ``Info``, but its watchdog turns health NOT_SERVING, and a stopped process answers nothing)
@@ -75,6 +79,8 @@ class HealthPolicy:
     healthy_stretch: float = 300.0  # re-admitted this long ago: the next failure counts as a first
     abort_confirm: float = 10.0  # an aborted worker not confirming within this is quarantined
     incompatible_recheck: float = 30.0  # how often an incompatible worker's Info is read again
+    idle_check: float = 0.5  # seconds between health Checks of every idle worker (0: none)
+    idle_check_timeout: float = 1.5  # an idle worker not SERVING within this is quarantined
 
     def quarantine_seconds(self, failures: int) -> float:
         return min(self.quarantine_max, self.quarantine_base * 2 ** max(0, failures - 1))
@@ -111,6 +117,24 @@ class WorkerEntry:
 
     def ask_info(self, timeout: float) -> WorkerInfo:
         return read_info(self.stub.Info(worker_pb2.InfoRequest(), timeout=timeout))
+
+
+def _not_serving(call: grpc.Future) -> str:
+    """Why a health Check call did not find its worker SERVING ("" when it did)."""
+    try:
+        status = call.result().status
+    except grpc.RpcError as err:
+        return err.code().name
+    if status != health_pb2.HealthCheckResponse.SERVING:
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    return ""
+
+
+def _draw(entry: WorkerEntry, request_id: str) -> None:
+    """``entry`` taken by ``request_id`` (under the pool's lock). Its epoch moves on: an idle
+    Check of it still in flight says nothing of the worker it now is."""
+    entry.held, entry.request_id = BUSY, request_id
+    entry.epoch += 1
 
 
 def _groups(entries: list[WorkerEntry]) -> list[list[WorkerEntry]]:
@@ -157,6 +181,12 @@ class WorkerPool:
         # Sent with every Session (``remote.COORDINATOR_METADATA``): a worker busy with another
         # coordinator's session refuses this one at once rather than waiting for it.
         self.identity = os.urandom(8).hex()
+        if self.health.idle_check > 0:
+            watch = threading.Thread(
+                target=self._run_probe, args=(self._watch_idle,), name="probe-idle", daemon=True
+            )
+            self._probes.add(watch)
+            watch.start()
 
     # --- discovery sink -------------------------------------------------------------
     def worker_ready(self, worker_id: str, address: str) -> None:
@@ -295,6 +325,34 @@ class WorkerPool:
         # the worker is healthy, re-admitted as busy elsewhere.
         problem = incompatibility(info)
         return (None, problem) if problem else (info, "")
+
+    def _watch_idle(self) -> None:
+        """The pool's one idle watch: every ``idle_check`` seconds a health Check of each idle
+        worker, all in flight at once; those not SERVING within ``idle_check_timeout`` are
+        quarantined, unless drawn, gone or replaced meanwhile (their epoch moved on)."""
+        request = health_pb2.HealthCheckRequest(service=WORKER_SERVICE)
+        while not self._stop.wait(self.health.idle_check):
+            with self._cond:
+                idle = [(e, e.epoch) for e in self._workers.values() if e.held == IDLE and not e.gone]
+            calls = []
+            for entry, epoch in idle:
+                try:
+                    call = entry.health.Check.future(request, timeout=self.health.idle_check_timeout)
+                except ValueError:  # its channel was closed meanwhile: it is gone or replaced
+                    continue
+                calls.append((entry, epoch, call))
+            failed = [(entry, epoch, why) for entry, epoch, call in calls if (why := _not_serving(call))]
+            if not failed:
+                continue
+            with self._cond:
+                quarantined = False
+                for entry, epoch, why in failed:
+                    if self._current(entry, epoch) and entry.held == IDLE and not entry.gone:
+                        self._quarantine(entry, f"idle, its health Check: {why}", request_id="")
+                        quarantined = True
+                self._cond.notify_all()
+            if quarantined:
+                self._changed()
 
     def _quarantine(self, entry: WorkerEntry, reason: str, request_id: str | None = None) -> None:
         """Take ``entry`` out of service until it proves itself (call under the lock);
@@ -474,7 +532,7 @@ class WorkerPool:
                         chosen = _pick(idle, ticket.want, ticket.accept_one)
                         if chosen:
                             for e in chosen:
-                                e.held, e.request_id = BUSY, request_id
+                                _draw(e, request_id)
                             return chosen
                         largest = max(len(g) for g in _groups(serving))
                         if ticket.want > largest and not ticket.accept_one:
@@ -509,7 +567,7 @@ class WorkerPool:
                 idle = [e for e in idle if pairing_key(e.info) == pairing_key(partner.info)]
             taken = _pick(idle, count, accept_one=True) if count > 0 else []
             for e in taken:
-                e.held, e.request_id = BUSY, request_id
+                _draw(e, request_id)
         if taken:
             self._changed()
         return taken
