@@ -119,12 +119,20 @@ class WorkerEntry:
         return read_info(self.stub.Info(worker_pb2.InfoRequest(), timeout=timeout))
 
 
+def _answered_busy(err: grpc.RpcError) -> bool:
+    """A health Check refused for want of a slot: the worker's server is up and answering. Without
+    a client CA the coordinator is not told apart from anyone else, so its Check runs in the open
+    slots, which other callers may hold (``serving.new_server``); that says nothing of the worker.
+    A stopped or hung worker does not answer at all (the call's deadline passes)."""
+    return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def _not_serving(call: grpc.Future) -> str:
     """Why a health Check call did not find its worker SERVING ("" when it did)."""
     try:
         status = call.result().status
     except grpc.RpcError as err:
-        return err.code().name
+        return "" if _answered_busy(err) else err.code().name
     if status != health_pb2.HealthCheckResponse.SERVING:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
     return ""
@@ -311,9 +319,14 @@ class WorkerPool:
         good, (None, why) when not."""
         timeout = self.health.probe_timeout
         try:
-            status = entry.health.Check(
-                health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout
-            ).status
+            try:
+                status = entry.health.Check(
+                    health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout
+                ).status
+            except grpc.RpcError as err:
+                if not _answered_busy(err):
+                    raise
+                status = health_pb2.HealthCheckResponse.SERVING  # Info, below, runs in slots of its own
             if status != health_pb2.HealthCheckResponse.SERVING:
                 return None, f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
             info = entry.ask_info(timeout)

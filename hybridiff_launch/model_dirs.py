@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 
 import hybridiff
-from gpu_worker.config import LOAD_FLAGS, MODEL_FLAGS, WorkerConfig
-from hybridiff import options
 
 DEFAULT_MODEL_ENV = "HYBRIDIFF_MODEL_DIR"
 # The trained default model (hybridiff train-default-model), committed next to the packages;
@@ -59,6 +57,10 @@ def add_model_flags(p: argparse.ArgumentParser, served_name: bool = True, load_o
     """``--model`` (the weights) and how to fetch them; ``--served-model-name`` when clients call it;
     ``load_options``: ``--config`` (a single-file checkpoint's pipeline) and ``--text-encoder-3``.
     The worker's own flags of those names (``gpu_worker.config``)."""
+    # deferred: the flags' types import grpc (via hybridiff.errors); default_model_dir() needs none
+    from gpu_worker.config import LOAD_FLAGS, MODEL_FLAGS, WorkerConfig
+    from hybridiff import options
+
     names = [
         *MODEL_FLAGS,
         *(LOAD_FLAGS if load_options else ()),

@@ -841,6 +841,23 @@ def test_an_idle_worker_whose_health_turns_not_serving_is_quarantined(watched, f
     wait_for(lambda: states(watched)["w1"] == IDLE)
 
 
+def test_health_checks_refused_for_want_of_open_slots_quarantine_no_worker(watched, fakes):
+    # Without a client CA the coordinator's Check shares the open slots an attacker may hold
+    # (bodiless calls): refused, the worker still answers; Info proves it in a quarantine's probes.
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(watched, w1, w2)
+    w1.slots_held.set()
+    calls = w1.health_calls
+    wait_for(lambda: w1.health_calls >= calls + 5)  # five rounds of the idle watch, all refused
+    assert states(watched) == {"w1": IDLE, "w2": IDLE} and watched.quarantines == 0
+    w2.frozen.set()  # a stopped worker is still found
+    wait_for(lambda: states(watched)["w2"] == UNHEALTHY, timeout=IDLE_WATCH.idle_check_timeout + 2)
+    w2.slots_held.set()
+    w2.frozen.clear()  # back, its Check slots held: re-admitted on its Info
+    wait_for(lambda: states(watched)["w2"] == IDLE)
+    assert states(watched)["w1"] == IDLE
+
+
 def test_a_worker_drawn_while_its_idle_check_is_in_flight_is_not_quarantined_by_it(factory, fakes):
     # A Check long enough to outlast the draw and the release, however loaded the machine.
     policy = HealthPolicy(probe_timeout=0.5, idle_check=0.05, idle_check_timeout=3.0)
