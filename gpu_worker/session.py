@@ -44,10 +44,6 @@ class Session:
     last_end: float | None = None  # when its previous command ended (perf_counter)
 
     @property
-    def policy(self) -> WindowGuidance:
-        return self.guidance.kind
-
-    @property
     def guided(self) -> bool:
         return self.request.guidance_scale > 1.0
 
