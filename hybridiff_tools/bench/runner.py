@@ -56,14 +56,16 @@ DEFAULT_PROMPTS = (
     "a green triangle at the bottom",
     "a yellow star on the right",
 )
-# (label, mode, window guidance; None: the mode's default): the modes of docs/design.md section 4 plus
-# the second window policy. The labels name the variants in the JSON, the table and the plots.
+# (label, mode, window guidance; None: the mode's default): the modes of docs/design.md section 4, the
+# second window policy, and AUTO (its schedule chosen from the workers' costs and the model's
+# calibration, section 10). The labels name the variants in the JSON, the table and the plots.
 VARIANTS: tuple[Variant, ...] = (
     Variant("single", Mode.SINGLE),
     Variant("cfg-parallel", Mode.CFG_PARALLEL),
     Variant("pipeline", Mode.PIPELINE),
     Variant("hybrid", Mode.HYBRID, WindowGuidance.CONDITIONAL),
     Variant("hybrid-last-difference", Mode.HYBRID, WindowGuidance.LAST_DIFFERENCE),
+    Variant("auto", Mode.AUTO),
 )
 
 
@@ -268,6 +270,8 @@ def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], t
             "latency_min": min(lat),
             "latency_max": max(lat),
             "latencies": lat,
+            # the denoising loop alone (the stats' denoising_seconds): what the schedule changes
+            "denoising_median": statistics.median(r.stats.denoising_seconds for r in rs),
             "ideal_latency_median": statistics.median(ideal),
             # per run, its own compute-bound time over its latency: the system's overhead, free of
             # the machine noise that moves whole runs (and so the ratios between modes)
@@ -284,10 +288,17 @@ def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], t
             "ssim_vs_single": min((s for _, s in vs_single), default=None),
             "psnr_vs_cfg_parallel": min((p for p, _ in vs_exact), default=None),
             "ssim_vs_cfg_parallel": min((s for _, s in vs_exact), default=None),
+            # AUTO's choice (mode, window policy, k, predicted seconds) as its first run's stats say
+            "auto_choice": (
+                message_json(rs[0].stats.auto_choice) if rs[0].stats.HasField("auto_choice") else None
+            ),
         }
     base = modes["single"]
     for rec in modes.values():
         rec["speedup"] = base["latency_median"] / rec["latency_median"]
+        rec["denoising_speedup"] = (
+            base["denoising_median"] / rec["denoising_median"] if rec["denoising_median"] else None
+        )
         rec["ideal_speedup"] = base["ideal_latency_median"] / rec["ideal_latency_median"]
         rec["efficiency"] = rec["speedup"] / rec["ideal_speedup"]
         step = rec["step_wall_median_s"]
@@ -308,20 +319,30 @@ def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], t
 
 def format_table(result: dict) -> str:
     lines = [
-        f"{'mode':24} {'median s':>9} {'spread s':>13} {'speedup':>8} {'ideal x':>8} {'eff':>6} "
-        f"{'sys eff':>7} {'ovh/step':>9} {'KiB/req':>9} {'tau1,tau2':>10} {'PSNR/single':>11} "
-        f"{'SSIM':>6}"
+        f"{'mode':24} {'median s':>9} {'spread s':>13} {'speedup':>8} {'denoise x':>9} {'ideal x':>8} "
+        f"{'eff':>6} {'sys eff':>7} {'ovh/step':>9} {'KiB/req':>9} {'tau1,tau2':>10} {'PSNR/single':>11} "
+        f"{'SSIM':>6} {'PSNR/cfg':>8}"
     ]
     for lab, m in result["modes"].items():
         psnr_s = "inf" if m["psnr_vs_single"] == float("inf") else f"{m['psnr_vs_single']:.1f}"
+        exact = m["psnr_vs_cfg_parallel"]
+        psnr_e = "-" if exact is None else "inf" if exact == float("inf") else f"{exact:.1f}"
+        denoise = "-" if m["denoising_speedup"] is None else f"{m['denoising_speedup']:.2f}"
         taus = f"{m['tau1'][0]},{m['tau2'][0]}" if m["tau1"] else "-"
         lines.append(
             f"{lab:24} {m['latency_median']:9.2f} {m['latency_min']:6.2f}-{m['latency_max']:<6.2f} "
-            f"{m['speedup']:8.2f} {m['ideal_speedup']:8.2f} {m['efficiency']:6.1%} "
+            f"{m['speedup']:8.2f} {denoise:>9} {m['ideal_speedup']:8.2f} {m['efficiency']:6.1%} "
             f"{m['system_efficiency']:7.1%} {m['overhead_per_step_median_s'] * 1e6:7.0f}us "
             f"{m['bytes_per_request'] / 1024:9.0f} {taus:>10} {psnr_s:>11} "
-            f"{m['ssim_vs_single']:6.3f}"
+            f"{m['ssim_vs_single']:6.3f} {psnr_e:>8}"
         )
+    for lab, m in result["modes"].items():
+        if m.get("auto_choice"):
+            c = m["auto_choice"]
+            lines.append(
+                f"{lab}: AUTO chose {c['mode']} (window {c['window_guidance'] or '-'}, k={c['k']}), "
+                f"predicted {c['predicted_seconds']:.2f} s denoising; basis: {c['basis']}"
+            )
     ref = result.get("diffusers_reference")
     if ref:
         lines.append(

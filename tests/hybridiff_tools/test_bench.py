@@ -45,12 +45,18 @@ def test_bench_json_is_complete_and_consistent(model_dirs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     modes = result["modes"]
-    assert set(modes) == {"single", "cfg-parallel", "pipeline", "hybrid", "hybrid-last-difference"}
+    assert set(modes) == {"single", "cfg-parallel", "pipeline", "hybrid", "hybrid-last-difference", "auto"}
+    # AUTO's choice is reported (the tiny model has no calibration: today's HYBRID, k kept)
+    choice = modes["auto"]["auto_choice"]
+    assert choice["mode"] == "hybrid" and choice["k"] == 3 and choice["predicted_seconds"] > 0
+    assert all(m["auto_choice"] is None for name, m in modes.items() if name != "auto")
     single = modes["single"]
     for name, m in modes.items():
         assert m["runs"] == 2 and len(m["latencies"]) == 2
         # speedups are latency ratios; efficiency is measured over ideal
         assert m["speedup"] == pytest.approx(single["latency_median"] / m["latency_median"])
+        assert 0 < m["denoising_median"] < m["latency_median"]
+        assert m["denoising_speedup"] == pytest.approx(single["denoising_median"] / m["denoising_median"])
         assert m["ideal_speedup"] == pytest.approx(single["ideal_latency_median"] / m["ideal_latency_median"])
         assert m["efficiency"] == pytest.approx(m["speedup"] / m["ideal_speedup"])
         assert m["latency_min"] <= m["latency_median"] <= m["latency_max"]
