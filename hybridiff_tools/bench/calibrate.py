@@ -5,8 +5,9 @@ window length on one model, and record it in the model's ``hybridiff.json``
 A small frontier (``hybridiff_tools.bench.frontier``): a few prompts and seeds (the held-out
 prompts on the default model, generic ones elsewhere), every policy at a few window lengths, at
 the model's default steps and guidance, on the in-process engine (the cluster's images, without
-starting servers). The record keeps the mean PSNR per policy and length; the longest window each
-policy keeps above the floor follows from it (``Calibration.max_window``).
+starting servers). The record keeps, per policy and length, the lowest PSNR over the cases (the
+floor holds for every image calibrated, not for their mean); the longest window each policy keeps
+above the floor follows from it (``Calibration.max_window``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from hybridiff_tools.bench.frontier import (
     Case,
     Generate,
     default_lengths,
-    mean_psnr,
     measure,
     parse_lengths,
     run_from,
+    worst_psnr,
 )
 from hybridiff_tools.shapes.evaluate import EVAL_SEEDS
 from hybridiff_tools.shapes.grammar import held_out_prompts
@@ -66,9 +67,10 @@ def calibrate(
         engine_generate(engine), cases, lengths, steps, guidance, time_single=False, on_image=on_image
     )
     policies = {
-        parse(WindowGuidance, name): PolicyCalibration(psnr) for name, psnr in mean_psnr(measured).items()
+        parse(WindowGuidance, name): PolicyCalibration(psnr) for name, psnr in worst_psnr(measured).items()
     }
     extra = {"command": command} if command else {}
+    extra["psnr"] = "the lowest over the cases"
     extra["window_steps"] = {  # the window each length opened (mean over the cases: clamped at the end)
         name: {str(k): round(v, 2) for k, v in steps_by_k.items()}
         for name, steps_by_k in _window_steps(measured).items()

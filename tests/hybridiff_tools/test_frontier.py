@@ -4,7 +4,16 @@ from pathlib import Path
 
 import pytest
 
-from hybridiff_tools.bench.frontier import batch_linear, parse_lengths, predicted_speedups, profile_device
+from hybridiff_tools.bench.frontier import (
+    Measurement,
+    ScoredImage,
+    batch_linear,
+    mean_psnr,
+    parse_lengths,
+    predicted_speedups,
+    profile_device,
+    worst_psnr,
+)
 
 PROFILE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "gpu_profile_h200_fp16.json"
 
@@ -56,3 +65,14 @@ def test_a_run_is_read_the_same_from_the_public_stats():
     )
     no_window = run_from(b"png", pb.GenerateStats(steps=[pb.StepStat(phase=Phase.DATA_PARALLEL)]))
     assert (no_window.tau1, no_window.window_steps, no_window.window_batch) == (None, 0, 1)
+
+
+def test_the_calibration_floor_is_the_worst_image_not_the_mean():
+    def image(seed: int, k: int, db: float) -> ScoredImage:
+        return ScoredImage("p", seed, "conditional", k, db, 0.99, None, 3, "slope", k, 1, 1.0)
+
+    measured = Measurement(
+        30, 5.0, [2, 4], [image(0, 2, 50.0), image(1, 2, 46.0), image(0, 4, 48.0), image(1, 4, 40.0)]
+    )
+    assert mean_psnr(measured) == {"conditional": {2: 48.0, 4: 44.0}}
+    assert worst_psnr(measured) == {"conditional": {2: 46.0, 4: 40.0}}
