@@ -30,6 +30,7 @@ from hybridiff.request import GenerationSpec, HybridParams
 # The stage batch of a window step per policy: one branch, or both (docs/design.md section 1).
 WINDOW_BATCH = {WindowGuidance.CONDITIONAL: 1, WindowGuidance.LAST_DIFFERENCE: 1, WindowGuidance.FULL_CFG: 2}
 POLICIES = tuple(WINDOW_BATCH)  # in order of preference on a tie
+FULL_CFG = WindowGuidance.FULL_CFG
 CALIBRATED = "measured costs and calibration"
 UNCALIBRATED = "no calibration: HYBRID as before"
 
@@ -145,11 +146,12 @@ def candidates(
             steps = hybrid_window_steps(num_steps, tau1, each)
             if 0 < steps <= longest:
                 out.append(Schedule(Mode.HYBRID, policy, each, steps))
-    if k is None:
-        pipelined = num_steps - min(max(1, PIPELINE_WARMUP_STEPS), num_steps)
-        for policy in policies:
-            if 0 < pipelined <= calibration.max_window(policy, num_steps):
-                out.append(Schedule(Mode.PIPELINE, policy, 0, pipelined))
+    # PIPELINE (FULL_CFG from its warm-up on) only as measured: its stale steps start where the
+    # latents still change fast, which the windows' lengths, opened later, do not predict
+    # (BENCHMARKS, the calibration of the default model).
+    pipelined = num_steps - min(max(1, PIPELINE_WARMUP_STEPS), num_steps)
+    if k is None and FULL_CFG in policies and pipelined > 0 and calibration.pipeline_allowed():
+        out.append(Schedule(Mode.PIPELINE, FULL_CFG, 0, pipelined))
     return out
 
 

@@ -8,11 +8,15 @@ the image stays within a quality floor of exact CFG (docs/design.md section 1 an
      "calibration": {"floor_db": 45.0, "num_inference_steps": 30, "guidance_scale": 5.0,
                      "prompts": 3, "seeds": 2,
                      "policies": {"conditional": {"psnr_db": {"2": 51.3, "4": 46.0, "8": 41.2}},
-                                  "full-cfg": {"psnr_db": {"2": 60.1, "29": 47.5}}}}}
+                                  "full-cfg": {"psnr_db": {"2": 60.1, "29": 47.5}}},
+                     "pipeline": {"psnr_db": 43.7}}}
 
-``psnr_db`` maps a window length (pipeline-window steps, at the calibration's step count) to the
-mean PSNR against the exact-CFG image (cfg-parallel) over the calibration's prompts and seeds.
-The coordinator's cost-aware AUTO reads ``max_window`` to bound the window it may choose.
+``psnr_db`` maps a window length (HYBRID's window steps from where the rel-MAE curve opens it, at
+the calibration's step count) to the lowest PSNR against the exact-CFG image (cfg-parallel) over
+the calibration's prompts and seeds; ``pipeline`` is PIPELINE's (stale from its warm-up to the
+end, where the latents still change fast: a window's lengths do not predict it). The
+coordinator's cost-aware AUTO reads ``max_window`` and ``pipeline_allowed`` to bound what it may
+choose.
 """
 
 from __future__ import annotations
@@ -62,6 +66,13 @@ class Calibration:
     prompts: int = 0
     seeds: int = 0
     extra: dict = field(default_factory=dict)  # anything a newer writer recorded, kept as is
+    pipeline_db: float | None = None  # PIPELINE's lowest PSNR (None: not measured, not allowed)
+
+    def pipeline_allowed(self, floor_db: float | None = None) -> bool:
+        """Whether PIPELINE was measured above the floor (its steps as calibrated: PIPELINE's
+        stale steps run from its warm-up, so a longer request is not scaled from it)."""
+        floor = self.floor_db if floor_db is None else floor_db
+        return self.pipeline_db is not None and self.pipeline_db >= floor
 
     def max_window(self, policy: WindowGuidance, num_steps: int, floor_db: float | None = None) -> int:
         """The longest window of ``policy`` above the floor for a request of ``num_steps`` steps
@@ -85,12 +96,22 @@ class Calibration:
                 for policy, p in sorted(self.policies.items())
             },
         )
+        if self.pipeline_db is not None:
+            record["pipeline"] = {"psnr_db": round(self.pipeline_db, 3)}
         return record
 
     @classmethod
     def from_json(cls, record: dict) -> Calibration:
         try:
-            known = {"floor_db", "num_inference_steps", "guidance_scale", "prompts", "seeds", "policies"}
+            known = {
+                "floor_db",
+                "num_inference_steps",
+                "guidance_scale",
+                "prompts",
+                "seeds",
+                "policies",
+                "pipeline",
+            }
             policies = {}
             for name, measured in record["policies"].items():
                 try:
@@ -101,6 +122,10 @@ class Calibration:
                 if any(n < 1 for n in psnr) or any(math.isnan(db) for db in psnr.values()):
                     raise CalibrationError(f"policy {name}: window lengths must be >= 1 and PSNR a number")
                 policies[policy] = PolicyCalibration(psnr)
+            pipeline = record.get("pipeline")
+            pipeline_db = None if pipeline is None else float(pipeline["psnr_db"])
+            if pipeline_db is not None and math.isnan(pipeline_db):
+                raise CalibrationError("pipeline: PSNR must be a number")
             calibration = cls(
                 floor_db=float(record.get("floor_db", QUALITY_FLOOR_DB)),
                 num_steps=int(record["num_inference_steps"]),
@@ -109,6 +134,7 @@ class Calibration:
                 prompts=int(record.get("prompts", 0)),
                 seeds=int(record.get("seeds", 0)),
                 extra={k: v for k, v in record.items() if k not in known},
+                pipeline_db=pipeline_db,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CalibrationError(f"invalid calibration: {exc}") from None

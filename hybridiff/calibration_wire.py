@@ -19,6 +19,7 @@ def calibration_to_proto(calibration: Calibration) -> worker_pb2.Calibration:
             worker_pb2.PolicyCalibration(policy=policy, psnr_db=measured.psnr_db)
             for policy, measured in sorted(calibration.policies.items())
         ],
+        pipeline_psnr_db=calibration.pipeline_db,
     )
 
 
@@ -41,4 +42,5 @@ def calibration_from_proto(message: worker_pb2.Calibration) -> Calibration | Non
         policies=policies,
         prompts=message.prompts,
         seeds=message.seeds,
+        pipeline_db=message.pipeline_psnr_db if message.HasField("pipeline_psnr_db") else None,
     )

@@ -6,8 +6,8 @@ A small frontier (``hybridiff_tools.bench.frontier``): a few prompts and seeds (
 prompts on the default model, generic ones elsewhere), every policy at a few window lengths, at
 the model's default steps and guidance, on the in-process engine (the cluster's images, without
 starting servers). The record keeps, per policy and length, the lowest PSNR over the cases (the
-floor holds for every image calibrated, not for their mean); the longest window each policy keeps
-above the floor follows from it (``Calibration.max_window``).
+floor holds for every image calibrated, not for their mean), and PIPELINE's; the longest window
+each policy keeps above the floor follows from it (``Calibration.max_window``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from hybridiff_tools.bench.frontier import (
     measure,
     parse_lengths,
     run_from,
+    worst_pipeline_psnr,
     worst_psnr,
 )
 from hybridiff_tools.shapes.evaluate import EVAL_SEEDS
@@ -64,7 +65,14 @@ def calibrate(
     guidance = engine.defaults.guidance_scale if guidance is None else guidance
     lengths = lengths or default_lengths(steps)
     measured = measure(
-        engine_generate(engine), cases, lengths, steps, guidance, time_single=False, on_image=on_image
+        engine_generate(engine),
+        cases,
+        lengths,
+        steps,
+        guidance,
+        time_single=False,
+        on_image=on_image,
+        pipeline=True,
     )
     policies = {
         parse(WindowGuidance, name): PolicyCalibration(psnr) for name, psnr in worst_psnr(measured).items()
@@ -83,6 +91,7 @@ def calibrate(
         prompts=len({c.prompt for c in cases}),
         seeds=len({c.seed for c in cases}),
         extra=extra,
+        pipeline_db=worst_pipeline_psnr(measured),
     )
 
 
@@ -100,6 +109,9 @@ def format_calibration(calibration: Calibration) -> str:
         points = ", ".join(f"k={k}: {db:.1f}" for k, db in sorted(measured.psnr_db.items()))
         longest = measured.max_window(c.floor_db)
         lines.append(f"  {label(policy):16} longest window above the floor: {longest:3d}   ({points} dB)")
+    if c.pipeline_db is not None:
+        verdict = "above" if c.pipeline_allowed() else "below"
+        lines.append(f"  {'pipeline':16} {verdict} the floor: {c.pipeline_db:.1f} dB")
     return "\n".join(lines)
 
 

@@ -153,9 +153,11 @@ def measure(
     time_single: bool = True,
     on_image: Callable[[str], None] = lambda _: None,
     deadline: float | None = None,
+    pipeline: bool = False,
 ) -> Measurement:
-    """Every policy at every window length on every case, scored against exact CFG; with a
-    ``deadline`` (``time.monotonic()``), no case starts after it (the cases done are kept)."""
+    """Every policy at every window length on every case, scored against exact CFG (and PIPELINE
+    when ``pipeline``); with a ``deadline`` (``time.monotonic()``), no case starts after it (the
+    cases done are kept)."""
     out = Measurement(steps, guidance, list(lengths))
     for case in cases:
         if deadline is not None and time.monotonic() > deadline:
@@ -175,6 +177,10 @@ def measure(
         if time_single:
             reference["single_denoise"] = generate(request(Mode.SINGLE)).denoise
             on_image("single")
+        if pipeline:
+            stale = generate(request(Mode.PIPELINE))
+            reference["pipeline_psnr_db"] = min(psnr(stale.png, exact.png), IDENTICAL_DB)
+            on_image("pipeline")
         out.exact[(case.prompt, case.seed)] = reference
         for policy in window_policies or policies():
             for k in lengths:
@@ -210,6 +216,12 @@ def _psnr_by(measurement: Measurement, over: Callable[[list[float]], float]) -> 
 def mean_psnr(measurement: Measurement) -> dict[str, dict[int, float]]:
     """Mean PSNR against exact CFG per policy and window length (identical counts as IDENTICAL_DB)."""
     return _psnr_by(measurement, statistics.fmean)
+
+
+def worst_pipeline_psnr(measurement: Measurement) -> float | None:
+    """PIPELINE's lowest PSNR against exact CFG over the cases (None: not measured)."""
+    values = [r["pipeline_psnr_db"] for r in measurement.exact.values() if "pipeline_psnr_db" in r]
+    return min(values) if values else None
 
 
 def worst_psnr(measurement: Measurement) -> dict[str, dict[int, float]]:

@@ -4,6 +4,7 @@ and stays inside the calibration's windows; the cost book that feeds it."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ MEASURED = Calibration(
         C: PolicyCalibration({2: 53.0, 5: 46.1, 10: 38.5}),
         LD: PolicyCalibration({2: 54.0, 5: 46.8, 10: 40.2}),
     },
+    pipeline_db=47.2,
 )
 DEFAULTS = HybridParams(l_slope=8, eps_slope=0.004, k=10, tau_cap=25)  # the default model's
 
@@ -86,6 +88,17 @@ def test_batch_two_windows_where_a_batch_of_two_is_nearly_free():
     # The schedule model's own PIPELINE prediction on that profile (BENCHMARKS: 1.84x).
     assert choice.speedup_vs_single == pytest.approx(1.837, abs=0.005)
     assert choice.speedup_vs_cfg_parallel > 1.15
+
+
+def test_pipeline_runs_only_where_it_was_measured_above_the_floor():
+    """FULL_CFG windows calibrated for every length say nothing of PIPELINE, whose stale steps
+    start at its warm-up: without a measured PIPELINE (or one below the floor), a long HYBRID
+    FULL_CFG window instead, still at batch 2."""
+    for pipeline_db in (None, 43.7):
+        calibration = replace(MEASURED, pipeline_db=pipeline_db)
+        choice = choose(profile_costs("sdxl"), calibration, 50, DEFAULTS)
+        assert choice.mode == Mode.HYBRID and choice.schedule.window_guidance == FULL
+        assert choice.schedule.window_steps == 25  # from tau_cap 25 to the last step
 
 
 def test_full_cfg_windows_shorter_than_pipeline_keep_hybrid():

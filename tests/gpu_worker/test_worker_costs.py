@@ -28,6 +28,7 @@ CALIBRATION = Calibration(
     },
     prompts=3,
     seeds=2,
+    pipeline_db=43.7,  # carried in Info like the rest
 )
 
 

@@ -45,12 +45,24 @@ def test_written_beside_the_defaults_and_read_back(tmp_path):
         },
         prompts=3,
         seeds=2,
+        pipeline_db=43.7,
     )
     write_calibration(tmp_path, calibration)
     document = json.loads((tmp_path / "hybridiff.json").read_text())
     assert document["defaults"] == {"steps": 30}
     assert document["calibration"]["policies"]["full-cfg"] == {"psnr_db": {"29": 47.25}}
-    assert read_calibration(tmp_path) == calibration
+    assert document["calibration"]["pipeline"] == {"psnr_db": 43.7}
+    assert read_calibration(tmp_path) == calibration and not calibration.pipeline_allowed()
+    assert calibration.pipeline_allowed(floor_db=40.0)
+
+
+def test_pipeline_is_allowed_only_as_measured():
+    record = {"num_inference_steps": 30, "guidance_scale": 5.0, "policies": {}}
+    assert Calibration.from_json(record).pipeline_db is None  # an older record: never allowed
+    assert not Calibration.from_json(record).pipeline_allowed(floor_db=0.0)
+    assert Calibration.from_json({**record, "pipeline": {"psnr_db": 47.0}}).pipeline_allowed()
+    with pytest.raises(CalibrationError, match="pipeline"):
+        Calibration.from_json({**record, "pipeline": {"psnr_db": "nan"}})
 
 
 def test_a_missing_record_is_none_and_a_broken_one_is_refused(tmp_path):

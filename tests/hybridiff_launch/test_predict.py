@@ -27,7 +27,7 @@ def calibrated_model(tmp_path) -> Path:
         FULL: PolicyCalibration({2: 62.0, 25: 50.1, 47: 47.2}),
         COND: PolicyCalibration({2: 53.0, 5: 46.1, 10: 38.5}),
     }
-    write_calibration(tmp_path, Calibration(45.0, 50, 5.0, policies))
+    write_calibration(tmp_path, Calibration(45.0, 50, 5.0, policies, pipeline_db=47.2))
     return tmp_path
 
 
