@@ -58,7 +58,7 @@ class ClientCall(Protocol):
 class RunnerConfig:
     acquire_timeout: float = 600.0
     step_timeout: float = 600.0
-    # Operator overrides of the models' hybrid defaults (l_slope, eps_slope, k, tau_cap);
+    # Operator overrides of the models' hybrid defaults (hybridiff.request.HYBRID_FIELDS);
     # None keeps the model's.
     hybrid_defaults: dict = field(default_factory=dict)
     policy: Policy = Policy.ADAPTIVE  # how AUTO requests are given workers (coordinator.allocation)
@@ -78,7 +78,15 @@ def model_rules(
 ) -> tuple[SizeLimits, ModelDefaults]:
     """Size limits and defaults of the model a worker serves; ``overrides`` replace hybrid defaults."""
     lim, hd = info.limits, info.hybrid_defaults
-    params = HybridParams(hd.l_slope, hd.eps_slope, hd.k, hd.tau_cap).replace(**overrides).validate()
+    params = HybridParams(
+        hd.l_slope,
+        hd.eps_slope,
+        hd.k,
+        hd.tau_cap,
+        hd.opening_window,
+        hd.refresh_every or HybridParams.refresh_every,  # unset by a worker of an older build
+    )
+    params = params.replace(**overrides).validate()
     return (
         SizeLimits(lim.multiple, lim.min_side, lim.max_side, lim.default_side, lim.max_images or 1),
         ModelDefaults(params, info.default_steps, info.default_guidance_scale),

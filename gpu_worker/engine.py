@@ -87,6 +87,16 @@ def latents_digest(latents: torch.Tensor) -> str:
     ).hexdigest()[:16]
 
 
+# The window policies that re-use a measured e_c - e_u: every guided step that has both branches
+# records it (and a checkpoint carries it).
+DIFFERENCE_POLICIES = (WindowGuidance.LAST_DIFFERENCE, WindowGuidance.REFRESHED_DIFFERENCE)
+
+
+def _step_policy(st: _Active, cmd: wpb.StepCommand) -> WindowGuidance:
+    """A window step's policy: the session's, or CONDITIONAL in the opening window (guidance off)."""
+    return WindowGuidance.CONDITIONAL if cmd.guidance_off else st.policy
+
+
 @dataclass
 class _Active:
     """One running request on this worker."""
@@ -202,8 +212,10 @@ class WorkerEngine:
         # the request's calls run eager (docs/design.md section 4).
         windowed = split if cmd.HasField("split_cut") else None
         full_cfg = cmd.window_guidance == WindowGuidance.FULL_CFG
+        # a refreshed-difference fill runs the conditional branch through the stages, as a speculative step
+        through_stages = cmd.speculative or cmd.window_guidance == WindowGuidance.REFRESHED_DIFFERENCE
         prepare_request_shapes(
-            a, req.height, req.width, num_images, windowed, cmd.solo, guided, full_cfg, cmd.speculative
+            a, req.height, req.width, num_images, windowed, cmd.solo, guided, full_cfg, through_stages
         )
         cond = a.encode(req.prompt, negative, guided, req.height, req.width, num_images)
         timeline = a.new_timeline(req.num_steps, req.seed, req.height, req.width)
@@ -540,7 +552,7 @@ class WorkerEngine:
         if st.guided:
             e_u, e_c = self._timed(a.forward, x_in, t, st.cond.for_branches("both")).chunk(2)
             d = rel_mae(e_u, e_c)
-            if st.policy == WindowGuidance.LAST_DIFFERENCE:
+            if st.policy in DIFFERENCE_POLICIES:
                 # An elastic request that grows into a pair inside the window needs it too.
                 st.last_difference = e_c - e_u
             eps = guide(e_u, e_c, st.guidance_scale)
@@ -582,7 +594,7 @@ class WorkerEngine:
 
     def _guided_update(self, st: _Active, e_u: torch.Tensor, e_c: torch.Tensor, t) -> float:
         """The CFG update of a phase-1 step; its rel-MAE."""
-        if st.policy == WindowGuidance.LAST_DIFFERENCE:
+        if st.policy in DIFFERENCE_POLICIES:
             st.last_difference = e_c - e_u
         self._update(st, guide(e_u, e_c, st.guidance_scale), t)
         return rel_mae(e_u, e_c)
@@ -616,10 +628,13 @@ class WorkerEngine:
         resolution = self._resolution(st, i, next_command)
         if resolution.phase == Phase.DATA_PARALLEL:
             return self._guided_update(st, e_u, e_c, t), Phase.DATA_PARALLEL
+        if st.policy == WindowGuidance.REFRESHED_DIFFERENCE:
+            self._refreshed_fill_update(st, cmd, resolution.last_in_window, e_u, e_c, kept, t)
+            return None, Phase.PIPELINE_FILL
         raw = torch.cat([e_u, e_c]) if full_cfg else e_c  # the window inputs' prediction
         if not st.solo and not resolution.last_in_window:
             self._keep_fill_activations(st, cmd, kept, full_cfg)
-        self._update(st, self._window_prediction(st, raw), t)
+        self._update(st, self._window_prediction(st, raw, st.policy), t)
         return None, Phase.PIPELINE_FILL
 
     def _keep_fill_activations(
@@ -670,14 +685,14 @@ class WorkerEngine:
         return cmd.resolve
 
     # --- the pipeline window --------------------------------------------------------
-    def _window_inputs(self, st: _Active):
-        if st.guided and st.policy == WindowGuidance.FULL_CFG:
+    def _window_inputs(self, st: _Active, policy: WindowGuidance):
+        if st.guided and policy == WindowGuidance.FULL_CFG:
             return st.cond.for_branches("both")
         return st.cond.cond
 
-    def _window_prediction(self, st: _Active, raw: torch.Tensor) -> torch.Tensor:
+    def _window_prediction(self, st: _Active, raw: torch.Tensor, policy: WindowGuidance) -> torch.Tensor:
         """The window's prediction from the stage output, by window-guidance policy."""
-        policy, s = st.policy, st.guidance_scale
+        s = st.guidance_scale
         if not st.guided or policy == WindowGuidance.CONDITIONAL:
             return raw
         if policy == WindowGuidance.FULL_CFG:
@@ -690,16 +705,39 @@ class WorkerEngine:
     def _window(self, st: _Active, cmd: wpb.StepCommand) -> None:
         a, i = self.adapter, cmd.step
         t = st.timeline.timesteps[i]
-        inputs = self._window_inputs(st)
+        policy = _step_policy(st, cmd)
+        if policy == WindowGuidance.REFRESHED_DIFFERENCE and cmd.phase == Phase.PIPELINE_FILL:
+            return self._refreshed_fill(st, cmd)
+        inputs = self._window_inputs(st, policy)
         x_in = a.model_input(st.timeline, st.latents, t)
         if st.solo:
             # Alone, a window step is a full forward of the window's branch(es): a fill every step.
             raw = self._timed(a.forward, x_in, t, inputs)
-            self._update(st, self._window_prediction(st, raw), t)
+            self._update(st, self._window_prediction(st, raw, policy), t)
             return None
         run = self._window_sequential if st.split.topology == Topology.SEQUENTIAL else self._window_nested
-        run(st, cmd, i, t, cmd.phase == Phase.PIPELINE_FILL, inputs, x_in)
+        run(st, cmd, i, t, cmd.phase == Phase.PIPELINE_FILL, inputs, x_in, policy)
         return None
+
+    # --- refreshed difference: every window fill is a data-parallel fill ------------
+    def _refreshed_fill(self, st: _Active, cmd: wpb.StepCommand) -> None:
+        """A fill of the ``refreshed-difference`` window (its first step, every m-th after it):
+        U runs the unconditional branch, C the conditional one through the stages; they exchange
+        predictions, the update is exact CFG and measures e_c - e_u again, and the conditional
+        branch's stage activations are the next pipelined step's stale input (as a speculative
+        step resolved into a fill). About one batch-1 forward, like a synchronous fill."""
+        t = st.timeline.timesteps[cmd.step]
+        x_in = self.adapter.model_input(st.timeline, st.latents, t)
+        e_u, e_c, kept = self._branch_predictions(st, cmd, x_in, t, ("cond",))
+        self._refreshed_fill_update(st, cmd, cmd.last_in_window, e_u, e_c, kept, t)
+
+    def _refreshed_fill_update(
+        self, st: _Active, cmd: wpb.StepCommand, last_in_window: bool, e_u, e_c, kept, t
+    ) -> None:
+        st.last_difference = e_c - e_u
+        if not st.solo and not last_in_window:
+            self._keep_fill_activations(st, cmd, kept, full_cfg=False)
+        self._update(st, guide(e_u, e_c, st.guidance_scale), t)
 
     def _boundary(self, st: _Active, step: int, kind: int) -> dict[str, torch.Tensor]:
         """The peer's boundary tensors of ``step``; kept, because the step after a fill step
@@ -709,7 +747,7 @@ class WorkerEngine:
         return st.stale
 
     def _window_sequential(
-        self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in
+        self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in, policy: WindowGuidance
     ) -> None:
         """DiT: U runs stage 1 on x_i; C runs stage 2 on stage 1's output of step i-1 (fresh on fill)."""
         if st.role == Role.U:
@@ -720,11 +758,13 @@ class WorkerEngine:
         else:
             boundary = self._boundary(st, i if fill else i - 1, FrameKind.STAGE_ACTIVATIONS)
             raw = self._timed(st.split.stage2, boundary, x_in, t, inputs)
-            eps = self._window_prediction(st, raw)
+            eps = self._window_prediction(st, raw, policy)
             self._send(st, i, FrameKind.GUIDED_PREDICTION, {"prediction": eps})
         self._update(st, eps, t)
 
-    def _window_nested(self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in) -> None:
+    def _window_nested(
+        self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in, policy: WindowGuidance
+    ) -> None:
         """UNet: U runs the outer ring on x_i around the core's output of step i-1 (fresh on fill);
         C runs the core on the outer ring's step-i input."""
         if st.role == Role.U:
@@ -733,7 +773,7 @@ class WorkerEngine:
                 self._send(st, i, FrameKind.STAGE_ACTIVATIONS, core_in)
             core_out = self._boundary(st, i if fill else i - 1, FrameKind.STAGE_RETURN)
             raw = self._timed(st.split.stage1_post, core_out, state)
-            eps = self._window_prediction(st, raw)
+            eps = self._window_prediction(st, raw, policy)
             self._send(st, i, FrameKind.GUIDED_PREDICTION, {"prediction": eps})
         else:
             # On the last window step the core's output would only feed a step that is not

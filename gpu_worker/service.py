@@ -297,7 +297,12 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             default_steps=d.steps,
             default_guidance_scale=d.guidance_scale,
             hybrid_defaults=diffusion_pb2.HybridParams(
-                l_slope=d.hybrid.l_slope, eps_slope=d.hybrid.eps_slope, k=d.hybrid.k, tau_cap=d.hybrid.tau_cap
+                l_slope=d.hybrid.l_slope,
+                eps_slope=d.hybrid.eps_slope,
+                k=d.hybrid.k,
+                tau_cap=d.hybrid.tau_cap,
+                opening_window=d.hybrid.opening_window,
+                refresh_every=d.hybrid.refresh_every,
             ),
             device=str(self.adapter.device),
             dtype=str(self.adapter.dtype).removeprefix("torch."),
