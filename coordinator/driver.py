@@ -354,7 +354,11 @@ class _RequestRun:
         self.window_guidance = window_guidance_for(mode, spec.window_guidance)
         refresh = self.window_guidance == WindowGuidance.REFRESHED_DIFFERENCE
         self.schedule = StepSchedule(
-            mode, spec.num_steps, spec.hybrid, spec.guided, refresh_every=spec.hybrid.refresh_every if refresh else 0
+            mode,
+            spec.num_steps,
+            spec.hybrid,
+            spec.guided,
+            refresh_every=spec.hybrid.refresh_every if refresh else 0,
         )
         self.request = worker_request(spec)
         self.elastic = elastic
@@ -465,7 +469,6 @@ class _RequestRun:
             raise WorkerFailed(
                 f"workers ended with different latents ({', '.join(f.latents_digest for f in finishes)})"
             )
-        window = self.schedule.window()
         single = self.schedule.mode == Mode.SINGLE or all(s.phase == Phase.SINGLE for s in self.stats)
         stats = GenerationStats(
             mode_used=Mode.SINGLE if single else self.schedule.mode,

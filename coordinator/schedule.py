@@ -47,7 +47,11 @@ class DiscrepancyMonitor:
         elif index >= self.params.tau_cap - 1:
             # The reference crashes here; the fallback is a valid tau1 like any other (after an
             # opening window longer than tau_cap, the first step the monitor may still open).
-            self.tau1, self.tau1_source, self.decided_at = max(self.params.tau_cap, index + 1), "tau_cap", index
+            self.tau1, self.tau1_source, self.decided_at = (
+                max(self.params.tau_cap, index + 1),
+                "tau_cap",
+                index,
+            )
 
     def earliest_decision_step(self) -> int:
         """The first step index whose value could possibly decide tau1."""
@@ -133,7 +137,9 @@ class StepSchedule:
         """A window's first step, and in the tau1 window every ``refresh_every``-th after it."""
         if step == window[0]:
             return True
-        return window is self._window and self.refresh_every > 0 and (step - window[0]) % self.refresh_every == 0
+        return (
+            window is self._window and self.refresh_every > 0 and (step - window[0]) % self.refresh_every == 0
+        )
 
     def last_in_window(self, step: int) -> bool:
         """Nothing of ``step`` feeds a pipelined step: it ends its window, or a fill follows it

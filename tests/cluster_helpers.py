@@ -114,6 +114,8 @@ def make_input(
     eps_slope=None,
     k=None,
     tau_cap=None,
+    opening_window=None,
+    refresh_every=None,
     **fields,
 ):
     """A ``GenerateRequest`` from the CLI's names (``mode="cfg-parallel"``, flat hybrid parameters,
@@ -127,7 +129,14 @@ def make_input(
         mode=mode,
         output_format=output_format,
         window_guidance=window_guidance,
-        hybrid={"l_slope": l_slope, "eps_slope": eps_slope, "k": k, "tau_cap": tau_cap},
+        hybrid={
+            "l_slope": l_slope,
+            "eps_slope": eps_slope,
+            "k": k,
+            "tau_cap": tau_cap,
+            "opening_window": opening_window,
+            "refresh_every": refresh_every,
+        },
         **fields,
     )
 

@@ -44,17 +44,25 @@ class Variant:
 
 
 def default_variants() -> list[Variant]:
-    ld, rd, cond = WindowGuidance.LAST_DIFFERENCE, WindowGuidance.REFRESHED_DIFFERENCE, WindowGuidance.CONDITIONAL
+    ld, rd, cond = (
+        WindowGuidance.LAST_DIFFERENCE,
+        WindowGuidance.REFRESHED_DIFFERENCE,
+        WindowGuidance.CONDITIONAL,
+    )
     h = Mode.HYBRID
     out = [Variant("cfg-parallel", Mode.CFG_PARALLEL), Variant("conditional k10", h, cond, {"k": 10})]
     out += [Variant(f"last-difference k{k}", h, ld, {"k": k}) for k in (5, 10, 15)]
     out += [Variant("refreshed fill-only k10", h, rd, {"k": 10, "refresh_every": 1000})]
     out += [
-        Variant(f"refreshed m{m} k{k}", h, rd, {"k": k, "refresh_every": m}) for k in (10, 15) for m in (2, 3, 5)
+        Variant(f"refreshed m{m} k{k}", h, rd, {"k": k, "refresh_every": m})
+        for k in (10, 15)
+        for m in (2, 3, 5)
     ]
     out += [Variant(f"extrapolated rho{r} k10", h, ld, {"k": 10}, rho=r) for r in (1.0, 0.7)]
     out += [Variant("extrapolated rho0.7 m3 k10", h, rd, {"k": 10, "refresh_every": 3}, rho=0.7)]
-    out += [Variant(f"opening a{a} last-difference k10", h, ld, {"k": 10, "opening_window": a}) for a in (3, 5)]
+    out += [
+        Variant(f"opening a{a} last-difference k10", h, ld, {"k": 10, "opening_window": a}) for a in (3, 5)
+    ]
     out += [
         Variant(f"opening a{a} refreshed m3 k10", h, rd, {"k": 10, "opening_window": a, "refresh_every": 3})
         for a in (3, 5)

@@ -27,7 +27,7 @@ from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter
 from hybridiff.errors import BadCommand, WorkerFailed
 from hybridiff.internal.v1 import worker_pb2
-from hybridiff.protocol import Mode, Role, WindowGuidance
+from hybridiff.protocol import Mode, Phase, Role, WindowGuidance
 from hybridiff.request import resolve_spec
 from hybridiff.wire import tensor_from_proto, tensor_to_proto
 from hybridiff_launch.inprocess import InProcessWorker
@@ -277,6 +277,124 @@ def test_every_window_checkpoint_carries_the_last_difference(adapters, pairs):
     with_difference = resumed_at_8(None)
     without = resumed_at_8(lambda cp: cp.ClearField("last_difference"))
     assert not torch.equal(with_difference, without)
+
+
+# --- refreshed difference and the opening window --------------------------------------------------
+def _refreshed(adapter, refresh_every: int = 2):
+    # as _hybrid, the window 6..9; every 2nd window step measures again: fills at 6 and 8
+    return _spec(
+        adapter,
+        mode="hybrid",
+        window_guidance="refreshed-difference",
+        l_slope=3,
+        tau_cap=6,
+        k=3,
+        refresh_every=refresh_every,
+    )
+
+
+def _nothing_fails(failed, survivors, needs_pair):
+    pytest.fail("nothing failed")
+
+
+def test_a_refresh_step_measures_the_difference_again(adapters, pairs):
+    adapter = adapters["euler"]
+    first = pairs(adapter, "a")
+    u = _Recording(first[0])
+    result = _run(_refreshed(adapter), Mode.HYBRID, [u, first[1]], recover=_nothing_fails)
+    fill, pipelined = Phase.PIPELINE_FILL, Phase.PIPELINE
+    assert [s.phase for s in result.stats.steps][6:10] == [fill, pipelined, fill, pipelined]
+    # a refresh step exchanges one prediction each way, like a data-parallel step
+    latent = tensor_from_proto(u.checkpoints[1].latents)
+    prediction_bytes = latent.numel() * latent.element_size()
+    assert all(w.bytes_sent >= prediction_bytes for w in result.stats.steps[8].workers.values())
+    difference = {n: tensor_from_proto(u.checkpoints[n].last_difference) for n in range(6, 11)}  # of step n-1
+    assert not torch.equal(difference[7], difference[6])  # the fill at 6 measured it
+    assert torch.equal(difference[8], difference[7])  # the pipelined step 7 re-used it
+    assert not torch.equal(difference[9], difference[8])  # the refresh at 8 measured it again
+    assert torch.equal(difference[10], difference[9])
+
+
+@pytest.mark.parametrize(
+    "scheduler,fail_at,recovery",
+    [
+        ("euler", 8, "new-pair"),
+        ("dpm", 8, "new-pair"),
+        ("euler", 6, "new-pair"),
+        ("euler", 10, "lone-survivor"),
+    ],
+)
+def test_a_refreshed_window_resumes_bit_identical(adapters, pairs, scheduler, fail_at, recovery):
+    """A pair resumed at a refresh step computes the very step the unbroken pair did (a refresh
+    starts from fresh activations); a lone survivor after the window runs both branches alone."""
+    adapter = adapters[scheduler]
+    spec = _refreshed(adapter)
+    unbroken = _run(spec, Mode.HYBRID, pairs(adapter, "a"), recover=None)
+    assert (unbroken.stats.tau1, unbroken.stats.tau2) == (6, 9)
+    last_difference = _run(_hybrid(adapter), Mode.HYBRID, pairs(adapter, "k"), recover=None)
+    assert not torch.equal(_latents(last_difference), _latents(unbroken))  # the refresh matters here
+
+    second, third = pairs(adapter, "b"), pairs(adapter, "c")
+    asked = []
+
+    def recover(failed, survivors, needs_pair):
+        asked.append(needs_pair)
+        return third if recovery == "new-pair" else survivors
+
+    broken = _run(spec, Mode.HYBRID, [_Handle(second[0], fail_at), second[1]], recover)
+    assert any(f"resumed at step {fail_at}" in n for n in broken.stats.notes)
+    assert asked == [recovery == "new-pair"]  # the window's steps need a pair, the steps after it not
+    assert torch.equal(_latents(broken), _latents(unbroken))
+    assert broken.images[0] == unbroken.images[0]
+
+
+def _opening(adapter, policy: str):
+    # steps 0..2 the opening window; phase 1 from 3 (its curve starts there); tau_cap 8 decides
+    # at step 7, the window 8..10
+    return _spec(adapter, mode="hybrid", window_guidance=policy, l_slope=3, tau_cap=8, k=2, opening_window=3)
+
+
+def test_the_opening_window_runs_the_conditional_branch_whatever_the_policy(adapters, pairs):
+    adapter = adapters["euler"]
+    after_opening = {}
+    for policy in ("conditional", "last-difference", "full-cfg", "refreshed-difference"):
+        workers = pairs(adapter, policy[:4])
+        u = _Recording(workers[0])
+        result = _run(_opening(adapter, policy), Mode.HYBRID, [u, workers[1]], recover=_nothing_fails)
+        phases = [s.phase for s in result.stats.steps]
+        assert phases[:4] == [Phase.PIPELINE_FILL, Phase.PIPELINE, Phase.PIPELINE, Phase.DATA_PARALLEL]
+        assert (result.stats.tau1, result.stats.tau2, phases[8]) == (8, 10, Phase.PIPELINE_FILL)
+        assert [s.rel_mae is None for s in result.stats.steps[:4]] == [True, True, True, False]
+        after_opening[policy] = tensor_from_proto(u.checkpoints[3].latents)
+    first = after_opening["conditional"]
+    assert all(torch.equal(first, latents) for latents in after_opening.values())
+    exact = pairs(adapter, "x")
+    u = _Recording(exact[0])
+    _run(_spec(adapter, mode="cfg-parallel"), Mode.CFG_PARALLEL, [u, exact[1]], recover=_nothing_fails)
+    assert not torch.equal(tensor_from_proto(u.checkpoints[3].latents), first)  # guidance was off
+
+
+@pytest.mark.parametrize("fail_at", [1, 3])
+def test_a_request_with_an_opening_window_resumes_on_a_pair(adapters, pairs, fail_at):
+    """In the opening window a new pair is needed (and restarts the pipeline with a fill); at
+    the first phase-1 step after it the resumed pair is bit-identical to the unbroken one."""
+    adapter = adapters["euler"]
+    spec = _opening(adapter, "last-difference")
+    unbroken = _run(spec, Mode.HYBRID, pairs(adapter, "a"), recover=None)
+    second, third = pairs(adapter, "b"), pairs(adapter, "c")
+    asked = []
+
+    def recover(failed, survivors, needs_pair):
+        asked.append(needs_pair)
+        return third
+
+    broken = _run(spec, Mode.HYBRID, [_Handle(second[0], fail_at), second[1]], recover)
+    assert asked == [True]
+    assert [s.phase for s in broken.stats.steps][fail_at] == (
+        Phase.PIPELINE_FILL if fail_at < 3 else Phase.DATA_PARALLEL
+    )
+    if fail_at == 3:
+        assert torch.equal(_latents(broken), _latents(unbroken))
 
 
 # --- scheduler_state on its own ---------------------------------------------------------------------

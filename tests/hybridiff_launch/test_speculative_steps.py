@@ -124,7 +124,7 @@ def test_workers_never_wait_for_the_monitor_between_l_and_tau1(engines, monkeypa
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd3"])
-@pytest.mark.parametrize("policy", ["conditional", "last-difference", "full-cfg"])
+@pytest.mark.parametrize("policy", ["conditional", "last-difference", "full-cfg", "refreshed-difference"])
 def test_the_switch_is_the_same_whatever_the_message_timing(engines, arch, policy):
     """Random delays of every control message, up to longer than a step: the same window, the
     same phases and the same image as undelayed; with the conditional and last-difference
