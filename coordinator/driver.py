@@ -148,6 +148,10 @@ class GenerationResult:
     stats: GenerationStats
 
 
+# The window policies whose fills measure e_c - e_u again, every HybridParams.refresh_every steps.
+REFRESHING_POLICIES = (WindowGuidance.REFRESHED_DIFFERENCE, WindowGuidance.EXTRAPOLATED_DIFFERENCE)
+
+
 def window_guidance_for(mode: Mode, requested: WindowGuidance | None) -> WindowGuidance:
     """The window policy: as requested, else CONDITIONAL for HYBRID and FULL_CFG for PIPELINE."""
     if requested is not None:
@@ -352,7 +356,7 @@ class _RequestRun:
         self.speculate = speculate
         self.unresolved: set[int] = set()  # speculative steps issued, their phase not yet sent
         self.window_guidance = window_guidance_for(mode, spec.window_guidance)
-        refresh = self.window_guidance == WindowGuidance.REFRESHED_DIFFERENCE
+        refresh = self.window_guidance in REFRESHING_POLICIES
         self.schedule = StepSchedule(
             mode,
             spec.num_steps,
@@ -472,7 +476,7 @@ class _RequestRun:
         single = self.schedule.mode == Mode.SINGLE or all(s.phase == Phase.SINGLE for s in self.stats)
         stats = GenerationStats(
             mode_used=Mode.SINGLE if single else self.schedule.mode,
-            window_guidance=self.window_guidance if self.schedule.windows() else None,
+            window_guidance=self.window_guidance if self.schedule.window() else None,
             tau1=self.schedule.tau1,
             tau2=self.schedule.tau2,
             tau1_source=self.schedule.tau1_source,
@@ -496,11 +500,9 @@ class _RequestRun:
         if self.elastic is not None or self.schedule.mode not in (Mode.HYBRID, Mode.PIPELINE):
             return False
         next_step = self.checkpoint.next_step if self.checkpoint else 0
-        if any(next_step <= last for _, last in self.schedule.windows()):
-            return True
         window = self.schedule.window()
         if window is not None:
-            return False
+            return next_step <= window[1]
         # HYBRID with tau1 undecided: a window is ahead only if a value still to come can open
         # one before the last step (a short request never decides it; a late tau1 opens none).
         monitor = self.schedule.monitor
@@ -615,7 +617,6 @@ class _RequestRun:
                         last_in_window=decided and schedule.last_in_window(issued),
                         report_latents=self.recover is not None or self.elastic is not None,
                         speculative=speculative,
-                        guidance_off=decided and schedule.in_opening(issued),
                     )
                     if speculative:
                         self.unresolved.add(issued)

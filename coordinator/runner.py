@@ -83,7 +83,6 @@ def model_rules(
         hd.eps_slope,
         hd.k,
         hd.tau_cap,
-        hd.opening_window,
         hd.refresh_every or HybridParams.refresh_every,  # unset by a worker of an older build
     )
     params = params.replace(**overrides).validate()

@@ -34,28 +34,22 @@ class DiscrepancyMonitor:
     tau1: int | None = None
     tau1_source: str = ""
     decided_at: int | None = None  # index of the step whose value decided tau1
-    first_step: int = 0  # the step of the first value (after an opening window, its length)
 
     def observe(self, rel_mae: float) -> None:
         self.values.append(rel_mae)
         if self.tau1 is not None:
             return
-        index = self.first_step + len(self.values) - 1
+        index = len(self.values) - 1
         slope = rel_mae_slope(self.values, self.params.l_slope)
         if slope is not None and 0 <= slope < self.params.eps_slope:
             self.tau1, self.tau1_source, self.decided_at = index, "slope", index
         elif index >= self.params.tau_cap - 1:
-            # The reference crashes here; the fallback is a valid tau1 like any other (after an
-            # opening window longer than tau_cap, the first step the monitor may still open).
-            self.tau1, self.tau1_source, self.decided_at = (
-                max(self.params.tau_cap, index + 1),
-                "tau_cap",
-                index,
-            )
+            # The reference crashes here; the fallback is a valid tau1 like any other.
+            self.tau1, self.tau1_source, self.decided_at = self.params.tau_cap, "tau_cap", index
 
     def earliest_decision_step(self) -> int:
         """The first step index whose value could possibly decide tau1."""
-        return self.first_step + min(self.params.l_slope, max(0, self.params.tau_cap - 1 - self.first_step))
+        return min(self.params.l_slope, self.params.tau_cap - 1)
 
 
 class StepSchedule:
@@ -70,9 +64,9 @@ class StepSchedule:
         pipeline_warmup: int = PIPELINE_WARMUP_STEPS,
         refresh_every: int = 0,
     ) -> None:
-        """``refresh_every`` (m >= 1, HYBRID under the ``refreshed-difference`` window policy): the
-        tau1 window's steps ``start + n·m`` are fills too, each a data-parallel fill that measures
-        e_c − e_u again (docs/design.md section 7); 0: the window's first step only."""
+        """``refresh_every`` (m >= 1; HYBRID, the policies that measure the difference again in
+        the window): the window's steps ``start + n·m`` are fills too, each a data-parallel fill
+        that measures e_c − e_u again (docs/design.md section 7); 0: the first step only."""
         if mode == Mode.AUTO:
             raise ValueError("resolve AUTO to a concrete mode before scheduling")
         if num_steps < 1:
@@ -87,11 +81,6 @@ class StepSchedule:
         self._window: tuple[int, int] | None = None
         self._observed = 0
         self.refresh_every = refresh_every if mode == Mode.HYBRID else 0
-        # HYBRID's opening window (the guidance interval): steps 0..a-1 run the pipeline on the
-        # conditional branch alone; the monitor's curve starts after it.
-        opening = min(params.opening_window, num_steps) if mode == Mode.HYBRID else 0
-        self._opening = (0, opening - 1) if opening else None
-        self.monitor.first_step = opening
         if mode == Mode.PIPELINE:
             start = min(max(1, pipeline_warmup), num_steps)  # the first step always fills
             self._window = (start, self.last) if start <= self.last else None
@@ -118,36 +107,21 @@ class StepSchedule:
         return self.monitor.tau1_source if self._window else ""
 
     def window(self) -> tuple[int, int] | None:
-        """(first, last) step of the pipeline window once known (HYBRID: the tau1 window)."""
+        """(first, last) step of the pipeline window once known."""
         return self._window
 
-    def opening(self) -> tuple[int, int] | None:
-        """(first, last) step of HYBRID's opening window, None when it has none."""
-        return self._opening
-
-    def windows(self) -> list[tuple[int, int]]:
-        """Every pipeline window known now, in step order."""
-        return [w for w in (self._opening, self._window) if w is not None]
-
-    def in_opening(self, step: int) -> bool:
-        """Whether ``step`` is in the opening window: guidance off, the conditional branch alone."""
-        return self._opening is not None and step <= self._opening[1]
-
-    def _fill(self, window: tuple[int, int], step: int) -> bool:
-        """A window's first step, and in the tau1 window every ``refresh_every``-th after it."""
-        if step == window[0]:
-            return True
-        return (
-            window is self._window and self.refresh_every > 0 and (step - window[0]) % self.refresh_every == 0
-        )
+    def _fill(self, step: int) -> bool:
+        """The window's first step, and with refreshes every ``refresh_every``-th after it."""
+        offset = step - self._window[0]
+        return offset == 0 or (self.refresh_every > 0 and offset % self.refresh_every == 0)
 
     def last_in_window(self, step: int) -> bool:
-        """Nothing of ``step`` feeds a pipelined step: it ends its window, or a fill follows it
-        (which starts from fresh activations)."""
-        for window in self.windows():
-            if window[0] <= step <= window[1]:
-                return step == window[1] or self._fill(window, step + 1)
-        return False
+        """Nothing of window step ``step`` feeds a pipelined step: it ends the window, or a fill
+        (which starts from fresh activations) follows it."""
+        window = self._window
+        if window is None or not window[0] <= step <= window[1]:
+            return False
+        return step == window[1] or self._fill(step + 1)
 
     def decided_through(self) -> int:
         """Highest step index whose phase is known now."""
@@ -170,9 +144,8 @@ class StepSchedule:
             if step < self._fill_until:
                 return Phase.PIPELINE_FILL
             return Phase.PIPELINE
-        for window in self.windows():
-            if window[0] <= step <= window[1]:
-                return Phase.PIPELINE_FILL if self._fill(window, step) else Phase.PIPELINE
+        if self._window and self._window[0] <= step <= self._window[1]:
+            return Phase.PIPELINE_FILL if self._fill(step) else Phase.PIPELINE
         return Phase.DATA_PARALLEL
 
     def observe(self, step: int, rel_mae: float | None) -> None:

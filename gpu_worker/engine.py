@@ -88,13 +88,32 @@ def latents_digest(latents: torch.Tensor) -> str:
 
 
 # The window policies that re-use a measured e_c - e_u: every guided step that has both branches
-# records it (and a checkpoint carries it).
-DIFFERENCE_POLICIES = (WindowGuidance.LAST_DIFFERENCE, WindowGuidance.REFRESHED_DIFFERENCE)
+# measures it (and a checkpoint carries it).
+DIFFERENCE_POLICIES = (
+    WindowGuidance.LAST_DIFFERENCE,
+    WindowGuidance.REFRESHED_DIFFERENCE,
+    WindowGuidance.EXTRAPOLATED_DIFFERENCE,
+)
+# The policies whose window fills are data-parallel fills that measure it again (docs/design.md section 7).
+REFRESHING_POLICIES = (WindowGuidance.REFRESHED_DIFFERENCE, WindowGuidance.EXTRAPOLATED_DIFFERENCE)
+# EXTRAPOLATED_DIFFERENCE: the trend's weight falls by this factor per step past the last
+# measurement, so a difference carried h steps moves by trend * sum(rho**n, n = 1..h), at most
+# rho / (1 - rho) steps' worth (measured on the default model: BENCHMARKS.md; 1.0, linear,
+# overshoots over a long window).
+EXTRAPOLATION_DAMPING = 0.7
 
 
-def _step_policy(st: _Active, cmd: wpb.StepCommand) -> WindowGuidance:
-    """A window step's policy: the session's, or CONDITIONAL in the opening window (guidance off)."""
-    return WindowGuidance.CONDITIONAL if cmd.guidance_off else st.policy
+def carried_difference(
+    difference: torch.Tensor,
+    trend: torch.Tensor | None,
+    steps_since: int,
+    damping: float = EXTRAPOLATION_DAMPING,
+) -> torch.Tensor:
+    """A difference measured ``steps_since`` steps ago carried along its damped ``trend``."""
+    if trend is None or steps_since <= 0:
+        return difference
+    gain = sum(damping**n for n in range(1, steps_since + 1))
+    return difference + gain * trend
 
 
 @dataclass
@@ -113,6 +132,8 @@ class _Active:
     link: PeerLink | None
     peer: str
     last_difference: torch.Tensor | None = None
+    difference_step: int = -1  # the step that measured last_difference
+    difference_trend: torch.Tensor | None = None  # per step, between its last two measurements
     stale: dict[str, torch.Tensor] | None = None
     stale_step: int = -1
     nonce: bytes = b""  # the attempt's session nonce, carried by every frame this session sends
@@ -212,8 +233,8 @@ class WorkerEngine:
         # the request's calls run eager (docs/design.md section 4).
         windowed = split if cmd.HasField("split_cut") else None
         full_cfg = cmd.window_guidance == WindowGuidance.FULL_CFG
-        # a refreshed-difference fill runs the conditional branch through the stages, as a speculative step
-        through_stages = cmd.speculative or cmd.window_guidance == WindowGuidance.REFRESHED_DIFFERENCE
+        # a refreshing policy's fill runs the conditional branch through the stages, as a speculative step
+        through_stages = cmd.speculative or cmd.window_guidance in REFRESHING_POLICIES
         prepare_request_shapes(
             a, req.height, req.width, num_images, windowed, cmd.solo, guided, full_cfg, through_stages
         )
@@ -249,6 +270,7 @@ class WorkerEngine:
             nonce=cmd.session_nonce,
             peer_timeout=peer_timeout,
             last_difference=last_difference,
+            difference_step=cmd.resume.last_difference_step if last_difference is not None else -1,
             speculative=cmd.speculative,
         )
         return time.perf_counter() - start
@@ -325,6 +347,10 @@ class WorkerEngine:
         difference = self._checkpoint_tensor(checkpoint, "last_difference")
         if difference.shape[:1] + difference.shape[2:] != latents.shape[:1] + latents.shape[2:]:
             raise BadCommand("resume.last_difference", f"shape {list(difference.shape)}: not a prediction's")
+        if checkpoint.last_difference_step >= checkpoint.next_step:
+            raise BadCommand(
+                "resume.last_difference_step", f"{checkpoint.last_difference_step} is not a past step"
+            )
         return latents, difference
 
     def _checkpoint_tensor(self, checkpoint: wpb.Checkpoint, name: str) -> torch.Tensor:
@@ -349,6 +375,7 @@ class WorkerEngine:
         checkpoint.scheduler.CopyFrom(st.timeline.capture_scheduler())
         if st.last_difference is not None:
             checkpoint.last_difference.CopyFrom(tensor_to_proto(st.last_difference, "last_difference"))
+            checkpoint.last_difference_step = st.difference_step
 
     @torch.no_grad()
     def finish(self, request_id: str, cmd: wpb.FinishCommand) -> wpb.FinishDone:
@@ -552,9 +579,8 @@ class WorkerEngine:
         if st.guided:
             e_u, e_c = self._timed(a.forward, x_in, t, st.cond.for_branches("both")).chunk(2)
             d = rel_mae(e_u, e_c)
-            if st.policy in DIFFERENCE_POLICIES:
-                # An elastic request that grows into a pair inside the window needs it too.
-                st.last_difference = e_c - e_u
+            # An elastic request that grows into a pair inside the window needs it too.
+            _measure_difference(st, cmd.step, e_u, e_c)
             eps = guide(e_u, e_c, st.guidance_scale)
         else:
             eps = self._timed(a.forward, x_in, t, st.cond.cond)
@@ -565,7 +591,7 @@ class WorkerEngine:
         t = st.timeline.timesteps[cmd.step]
         x_in = self.adapter.model_input(st.timeline, st.latents, t)
         e_u, e_c, _ = self._branch_predictions(st, cmd, x_in, t)
-        return self._guided_update(st, e_u, e_c, t)
+        return self._guided_update(st, cmd.step, e_u, e_c, t)
 
     def _branch_predictions(
         self, st: _Active, cmd: wpb.StepCommand, x_in, t, through_stages_for: tuple[str, ...] = ()
@@ -592,10 +618,9 @@ class WorkerEngine:
         e_u, e_c = (mine, other) if st.role == Role.U else (other, mine)
         return e_u, e_c, kept
 
-    def _guided_update(self, st: _Active, e_u: torch.Tensor, e_c: torch.Tensor, t) -> float:
+    def _guided_update(self, st: _Active, step: int, e_u: torch.Tensor, e_c: torch.Tensor, t) -> float:
         """The CFG update of a phase-1 step; its rel-MAE."""
-        if st.policy in DIFFERENCE_POLICIES:
-            st.last_difference = e_c - e_u
+        _measure_difference(st, step, e_u, e_c)
         self._update(st, guide(e_u, e_c, st.guidance_scale), t)
         return rel_mae(e_u, e_c)
 
@@ -627,14 +652,14 @@ class WorkerEngine:
         )
         resolution = self._resolution(st, i, next_command)
         if resolution.phase == Phase.DATA_PARALLEL:
-            return self._guided_update(st, e_u, e_c, t), Phase.DATA_PARALLEL
-        if st.policy == WindowGuidance.REFRESHED_DIFFERENCE:
+            return self._guided_update(st, i, e_u, e_c, t), Phase.DATA_PARALLEL
+        if st.policy in REFRESHING_POLICIES:
             self._refreshed_fill_update(st, cmd, resolution.last_in_window, e_u, e_c, kept, t)
             return None, Phase.PIPELINE_FILL
         raw = torch.cat([e_u, e_c]) if full_cfg else e_c  # the window inputs' prediction
         if not st.solo and not resolution.last_in_window:
             self._keep_fill_activations(st, cmd, kept, full_cfg)
-        self._update(st, self._window_prediction(st, raw, st.policy), t)
+        self._update(st, self._window_prediction(st, raw, i), t)
         return None, Phase.PIPELINE_FILL
 
     def _keep_fill_activations(
@@ -685,14 +710,14 @@ class WorkerEngine:
         return cmd.resolve
 
     # --- the pipeline window --------------------------------------------------------
-    def _window_inputs(self, st: _Active, policy: WindowGuidance):
-        if st.guided and policy == WindowGuidance.FULL_CFG:
+    def _window_inputs(self, st: _Active):
+        if st.guided and st.policy == WindowGuidance.FULL_CFG:
             return st.cond.for_branches("both")
         return st.cond.cond
 
-    def _window_prediction(self, st: _Active, raw: torch.Tensor, policy: WindowGuidance) -> torch.Tensor:
-        """The window's prediction from the stage output, by window-guidance policy."""
-        s = st.guidance_scale
+    def _window_prediction(self, st: _Active, raw: torch.Tensor, step: int) -> torch.Tensor:
+        """Step ``step``'s prediction from the stage output, by window-guidance policy."""
+        policy, s = st.policy, st.guidance_scale
         if not st.guided or policy == WindowGuidance.CONDITIONAL:
             return raw
         if policy == WindowGuidance.FULL_CFG:
@@ -700,29 +725,31 @@ class WorkerEngine:
             return guide(e_u, e_c, s)
         if st.last_difference is None:
             return raw  # no phase-1 step has measured e_c - e_u yet (cannot happen in HYBRID)
-        return raw + (s - 1.0) * st.last_difference  # = e_u + s (e_c - e_u) with the last measured difference
+        difference = st.last_difference
+        if policy == WindowGuidance.EXTRAPOLATED_DIFFERENCE:
+            difference = carried_difference(difference, st.difference_trend, step - st.difference_step)
+        return raw + (s - 1.0) * difference  # = e_u + s (e_c - e_u) with the last measured difference
 
     def _window(self, st: _Active, cmd: wpb.StepCommand) -> None:
         a, i = self.adapter, cmd.step
-        t = st.timeline.timesteps[i]
-        policy = _step_policy(st, cmd)
-        if policy == WindowGuidance.REFRESHED_DIFFERENCE and cmd.phase == Phase.PIPELINE_FILL:
+        if st.guided and st.policy in REFRESHING_POLICIES and cmd.phase == Phase.PIPELINE_FILL:
             return self._refreshed_fill(st, cmd)
-        inputs = self._window_inputs(st, policy)
+        t = st.timeline.timesteps[i]
+        inputs = self._window_inputs(st)
         x_in = a.model_input(st.timeline, st.latents, t)
         if st.solo:
             # Alone, a window step is a full forward of the window's branch(es): a fill every step.
             raw = self._timed(a.forward, x_in, t, inputs)
-            self._update(st, self._window_prediction(st, raw, policy), t)
+            self._update(st, self._window_prediction(st, raw, i), t)
             return None
         run = self._window_sequential if st.split.topology == Topology.SEQUENTIAL else self._window_nested
-        run(st, cmd, i, t, cmd.phase == Phase.PIPELINE_FILL, inputs, x_in, policy)
+        run(st, cmd, i, t, cmd.phase == Phase.PIPELINE_FILL, inputs, x_in)
         return None
 
-    # --- refreshed difference: every window fill is a data-parallel fill ------------
+    # --- refreshing policies: every window fill is a data-parallel fill ----------------
     def _refreshed_fill(self, st: _Active, cmd: wpb.StepCommand) -> None:
-        """A fill of the ``refreshed-difference`` window (its first step, every m-th after it):
-        U runs the unconditional branch, C the conditional one through the stages; they exchange
+        """A fill of a refreshing policy's window (its first step, every m-th after it): U runs
+        the unconditional branch, C the conditional one through the stages; they exchange
         predictions, the update is exact CFG and measures e_c - e_u again, and the conditional
         branch's stage activations are the next pipelined step's stale input (as a speculative
         step resolved into a fill). About one batch-1 forward, like a synchronous fill."""
@@ -734,7 +761,7 @@ class WorkerEngine:
     def _refreshed_fill_update(
         self, st: _Active, cmd: wpb.StepCommand, last_in_window: bool, e_u, e_c, kept, t
     ) -> None:
-        st.last_difference = e_c - e_u
+        _measure_difference(st, cmd.step, e_u, e_c)
         if not st.solo and not last_in_window:
             self._keep_fill_activations(st, cmd, kept, full_cfg=False)
         self._update(st, guide(e_u, e_c, st.guidance_scale), t)
@@ -747,7 +774,7 @@ class WorkerEngine:
         return st.stale
 
     def _window_sequential(
-        self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in, policy: WindowGuidance
+        self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in
     ) -> None:
         """DiT: U runs stage 1 on x_i; C runs stage 2 on stage 1's output of step i-1 (fresh on fill)."""
         if st.role == Role.U:
@@ -758,13 +785,11 @@ class WorkerEngine:
         else:
             boundary = self._boundary(st, i if fill else i - 1, FrameKind.STAGE_ACTIVATIONS)
             raw = self._timed(st.split.stage2, boundary, x_in, t, inputs)
-            eps = self._window_prediction(st, raw, policy)
+            eps = self._window_prediction(st, raw, i)
             self._send(st, i, FrameKind.GUIDED_PREDICTION, {"prediction": eps})
         self._update(st, eps, t)
 
-    def _window_nested(
-        self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in, policy: WindowGuidance
-    ) -> None:
+    def _window_nested(self, st: _Active, cmd: wpb.StepCommand, i: int, t, fill: bool, inputs, x_in) -> None:
         """UNet: U runs the outer ring on x_i around the core's output of step i-1 (fresh on fill);
         C runs the core on the outer ring's step-i input."""
         if st.role == Role.U:
@@ -773,7 +798,7 @@ class WorkerEngine:
                 self._send(st, i, FrameKind.STAGE_ACTIVATIONS, core_in)
             core_out = self._boundary(st, i if fill else i - 1, FrameKind.STAGE_RETURN)
             raw = self._timed(st.split.stage1_post, core_out, state)
-            eps = self._window_prediction(st, raw, policy)
+            eps = self._window_prediction(st, raw, i)
             self._send(st, i, FrameKind.GUIDED_PREDICTION, {"prediction": eps})
         else:
             # On the last window step the core's output would only feed a step that is not
@@ -784,3 +809,15 @@ class WorkerEngine:
                 self._send(st, i, FrameKind.STAGE_RETURN, core_out)
             eps = self._recv(st, i, FrameKind.GUIDED_PREDICTION)["prediction"]
         self._update(st, eps, t)
+
+
+def _measure_difference(st: _Active, step: int, e_u: torch.Tensor, e_c: torch.Tensor) -> None:
+    """Keep step ``step``'s e_c - e_u for a policy that re-uses it, and (extrapolated) its trend
+    per step since the previous measurement."""
+    if st.policy not in DIFFERENCE_POLICIES:
+        return
+    difference = e_c - e_u
+    if st.policy == WindowGuidance.EXTRAPOLATED_DIFFERENCE and st.last_difference is not None:
+        if step > st.difference_step:
+            st.difference_trend = (difference - st.last_difference) / (step - st.difference_step)
+    st.last_difference, st.difference_step = difference, step

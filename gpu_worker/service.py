@@ -301,7 +301,6 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
                 eps_slope=d.hybrid.eps_slope,
                 k=d.hybrid.k,
                 tau_cap=d.hybrid.tau_cap,
-                opening_window=d.hybrid.opening_window,
                 refresh_every=d.hybrid.refresh_every,
             ),
             device=str(self.adapter.device),

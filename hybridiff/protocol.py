@@ -12,7 +12,7 @@ from enum import IntEnum
 
 # The version of the internal worker protocol (worker.proto, dataplane.proto) both roles speak:
 # a worker reports it in Info, and the coordinator's pool refuses a worker of another version.
-WORKER_PROTOCOL_VERSION = 6
+WORKER_PROTOCOL_VERSION = 5
 # Call metadata of a worker Session naming the coordinator that opens it: a worker busy with
 # another coordinator's session refuses it at once with WORKER_BUSY (docs/design.md section 10).
 COORDINATOR_METADATA = "hybridiff-coordinator"
@@ -38,6 +38,7 @@ class WindowGuidance(IntEnum):
     LAST_DIFFERENCE = 2  # e_c + (s - 1) * (last measured e_c - e_u)
     FULL_CFG = 3  # both branches at batch 2 in every stage (AsyncDiff)
     REFRESHED_DIFFERENCE = 4  # LAST_DIFFERENCE, every window fill an exact CFG step measuring it again
+    EXTRAPOLATED_DIFFERENCE = 5  # REFRESHED_DIFFERENCE, the difference carried along its damped trend
 
 
 class OutputFormat(IntEnum):

@@ -40,10 +40,8 @@ class HybridParams:
     eps_slope: float
     k: int
     tau_cap: int
-    # The opening window (the guidance interval): steps 0..a-1 pipelined on the conditional
-    # branch alone, before phase 1; 0: none.
-    opening_window: int = 0
-    # ``refreshed-difference``: every m-th step of the tau1 window measures e_c - e_u again.
+    # ``refreshed-difference``, ``extrapolated-difference``: every m-th window step measures
+    # e_c - e_u again.
     refresh_every: int = DEFAULT_REFRESH_EVERY
 
     def validate(self) -> HybridParams:
@@ -58,7 +56,6 @@ class HybridParams:
             raise InvalidArgument("hybrid.eps_slope", f"must be in (0, 1], got {eps!r}")
         _check_int("hybrid.k", self.k, 0, 1000)
         _check_int("hybrid.tau_cap", self.tau_cap, 1, 1000)
-        _check_int("hybrid.opening_window", self.opening_window, 0, 1000)
         _check_int("hybrid.refresh_every", self.refresh_every, 1, 1000)
         return self
 
@@ -98,7 +95,7 @@ def model_defaults(arch: str, recorded: dict | None = None) -> ModelDefaults:
     hybrid = recorded.get("hybrid", {})
     return ModelDefaults(
         base.hybrid.replace(
-            **{k: hybrid.get(k) for k in ("l_slope", "k", "tau_cap", "opening_window", "refresh_every")},
+            **{k: hybrid.get(k) for k in ("l_slope", "k", "tau_cap", "refresh_every")},
             eps_slope=float(hybrid["eps_slope"]) if "eps_slope" in hybrid else None,
         ).validate(),
         steps=int(recorded.get("steps", base.steps)),
@@ -151,7 +148,7 @@ class GenerationSpec:
         return self.guidance_scale > 1.0
 
 
-HYBRID_FIELDS = ("l_slope", "eps_slope", "k", "tau_cap", "opening_window", "refresh_every")
+HYBRID_FIELDS = ("l_slope", "eps_slope", "k", "tau_cap", "refresh_every")
 
 
 def wire_enum(enum: type[IntEnum], value: str | int | None, field: str) -> int:

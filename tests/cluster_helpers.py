@@ -114,7 +114,6 @@ def make_input(
     eps_slope=None,
     k=None,
     tau_cap=None,
-    opening_window=None,
     refresh_every=None,
     **fields,
 ):
@@ -134,7 +133,6 @@ def make_input(
             "eps_slope": eps_slope,
             "k": k,
             "tau_cap": tau_cap,
-            "opening_window": opening_window,
             "refresh_every": refresh_every,
         },
         **fields,

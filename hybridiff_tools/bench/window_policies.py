@@ -7,10 +7,6 @@ Runs in one process, on the in-process pair (``hybridiff_launch.inprocess``), th
 and data-plane frames as a cluster::
 
     python -m hybridiff_tools.bench.window_policies --out window_policies.json
-
-``extrapolated`` variants are a measurement only, not a served policy: they patch the engines
-to carry the difference forward along the trend of its last two measurements (damped by
-``rho`` per step), to record why that policy was not kept (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -22,9 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from gpu_worker import engine as engine_module
 from hybridiff.protocol import Mode, Phase, WindowGuidance, label
 from hybridiff.request import request_from_names
 from hybridiff_launch.inprocess import InProcessEngine
@@ -40,92 +33,38 @@ class Variant:
     mode: Mode
     policy: WindowGuidance | None = None
     hybrid: dict = field(default_factory=dict)
-    rho: float | None = None  # extrapolated: the trend's damping per step (None: not extrapolated)
 
 
 def default_variants() -> list[Variant]:
-    ld, rd, cond = (
-        WindowGuidance.LAST_DIFFERENCE,
-        WindowGuidance.REFRESHED_DIFFERENCE,
-        WindowGuidance.CONDITIONAL,
-    )
-    h = Mode.HYBRID
+    h, never = Mode.HYBRID, 1000  # refresh_every past the window: only its first step measures
+    ld, cond = WindowGuidance.LAST_DIFFERENCE, WindowGuidance.CONDITIONAL
+    refreshing = {
+        "refreshed": WindowGuidance.REFRESHED_DIFFERENCE,
+        "extrapolated": WindowGuidance.EXTRAPOLATED_DIFFERENCE,
+    }
     out = [Variant("cfg-parallel", Mode.CFG_PARALLEL), Variant("conditional k10", h, cond, {"k": 10})]
     out += [Variant(f"last-difference k{k}", h, ld, {"k": k}) for k in (5, 10, 15)]
-    out += [Variant("refreshed fill-only k10", h, rd, {"k": 10, "refresh_every": 1000})]
-    out += [
-        Variant(f"refreshed m{m} k{k}", h, rd, {"k": k, "refresh_every": m})
-        for k in (10, 15)
-        for m in (2, 3, 5)
-    ]
-    out += [Variant(f"extrapolated rho{r} k10", h, ld, {"k": 10}, rho=r) for r in (1.0, 0.7)]
-    out += [Variant("extrapolated rho0.7 m3 k10", h, rd, {"k": 10, "refresh_every": 3}, rho=0.7)]
-    out += [
-        Variant(f"opening a{a} last-difference k10", h, ld, {"k": 10, "opening_window": a}) for a in (3, 5)
-    ]
-    out += [
-        Variant(f"opening a{a} refreshed m3 k10", h, rd, {"k": 10, "opening_window": a, "refresh_every": 3})
-        for a in (3, 5)
-    ]
+    for name, policy in refreshing.items():
+        out += [
+            Variant(f"{name} fill-only k{k}", h, policy, {"k": k, "refresh_every": never}) for k in (10, 15)
+        ]
+        out += [
+            Variant(f"{name} m{m} k{k}", h, policy, {"k": k, "refresh_every": m})
+            for k, m in ((10, 3), (10, 5), (15, 4), (15, 5), (20, 5), (20, 7))
+        ]
     return out
 
 
-class _Extrapolation:
-    """Patches the engines' window prediction: the difference measured at steps j0 < j1 carried
-    to step j as d1 + (d1 - d0) / (j1 - j0) * sum(rho**n, n = 1..j - j1)."""
-
-    def __init__(self) -> None:
-        self.rho: float | None = None
-        self.history: dict[int, list[tuple[int, torch.Tensor]]] = {}  # by id(_Active)
-        self.step: dict[int, int] = {}
-        cls = engine_module.WorkerEngine
-        self._orig = (cls._guided_update, cls._refreshed_fill_update, cls._window_prediction, cls.step)
-        guided, refreshed, prediction, step = self._orig
-        outer = self
-
-        def _guided_update(eng, st, e_u, e_c, t):
-            outer._record(st, t, e_c - e_u)
-            return guided(eng, st, e_u, e_c, t)
-
-        def _refreshed_fill_update(eng, st, cmd, last, e_u, e_c, kept, t):
-            outer._record(st, t, e_c - e_u)
-            return refreshed(eng, st, cmd, last, e_u, e_c, kept, t)
-
-        def _step(eng, request_id, cmd, *args):
-            outer.step[id(eng.active(request_id))] = cmd.step
-            return step(eng, request_id, cmd, *args)
-
-        def _window_prediction(eng, st, raw, policy):
-            out = prediction(eng, st, raw, policy)
-            hist = outer.history.get(id(st), [])
-            if outer.rho is None or policy == WindowGuidance.CONDITIONAL or len(hist) < 2:
-                return out
-            (j0, d0), (j1, d1) = hist[-2], hist[-1]
-            h = outer.step[id(st)] - j1
-            gain = sum(outer.rho**n for n in range(1, h + 1))
-            return out + (st.guidance_scale - 1.0) * gain * (d1 - d0) / (j1 - j0)
-
-        cls._guided_update, cls._refreshed_fill_update = _guided_update, _refreshed_fill_update
-        cls._window_prediction, cls.step = _window_prediction, _step
-
-    def _record(self, st, t, difference) -> None:
-        step = int((st.timeline.timesteps == t).nonzero()[0, 0])
-        self.history.setdefault(id(st), []).append((step, difference))
-
-
 def run(model_dir: Path, variants: list[Variant], seeds: tuple[int, ...], steps: int, log=print) -> dict:
-    patch = _Extrapolation()
     engine = InProcessEngine(model_dir)
     images: dict[str, dict[tuple[str, int], bytes]] = {}
     counts: dict[str, list[dict]] = {}
     try:
         for v in variants:
-            patch.rho = v.rho
             images[v.name], counts[v.name] = {}, []
             start = time.perf_counter()
             for caption in held_out_prompts():
                 for seed in seeds:
-                    patch.history.clear()
                     raw = request_from_names(
                         caption.text,
                         seed=seed,
@@ -160,7 +99,8 @@ def run(model_dir: Path, variants: list[Variant], seeds: tuple[int, ...], steps:
             "mode": label(v.mode),
             "policy": label(v.policy) if v.policy else None,
             "hybrid": v.hybrid,
-            "rho": v.rho,
+            "psnr": p,
+            "ssim": s,
             "psnr_mean": statistics.fmean(finite),
             "psnr_min": min(p),
             "ssim_mean": statistics.fmean(s),

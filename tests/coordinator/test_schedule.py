@@ -109,7 +109,6 @@ def test_deterministic_given_values():
         ("hybrid.eps_slope", HybridParams(1, float("nan"), 1, 1)),
         ("hybrid.k", HybridParams(1, 0.1, -1, 1)),
         ("hybrid.tau_cap", HybridParams(1, 0.1, 1, 0)),
-        ("hybrid.opening_window", HybridParams(1, 0.1, 1, 1, opening_window=-1)),
         ("hybrid.refresh_every", HybridParams(1, 0.1, 1, 1, refresh_every=0)),
     ],
 )
@@ -130,12 +129,11 @@ from hypothesis import strategies as st  # noqa: E402
     k=st.integers(0, 8),
     tau_cap=st.integers(1, 45),
     eps=st.sampled_from([1e-4, 1e-2, 0.1, 1.0]),
-    opening=st.integers(0, 12),
     refresh=st.sampled_from([0, 1, 2, 3]),
 )
-def test_a_decided_phase_never_changes(values, l_slope, k, tau_cap, eps, opening, refresh):
+def test_a_decided_phase_never_changes(values, l_slope, k, tau_cap, eps, refresh):
     """What the driver issues early (decided_through) must be what the schedule ends with."""
-    params = HybridParams(l_slope, eps, k, tau_cap, opening_window=opening)
+    params = HybridParams(l_slope, eps, k, tau_cap)
     s = StepSchedule(Mode.HYBRID, len(values), params, guidance=True, refresh_every=refresh)
     early = {}
     for step, v in enumerate(values):
@@ -149,9 +147,11 @@ def test_a_decided_phase_never_changes(values, l_slope, k, tau_cap, eps, opening
     if s.window():
         first, last = s.window()
         assert final[first] == Phase.PIPELINE_FILL and last == min(s.tau1 + k, len(values) - 1)
+        fills = [j for j in range(first, last + 1) if final[j] == Phase.PIPELINE_FILL]
+        assert fills == list(range(first, last + 1, refresh or len(values)))
 
 
-# --- the refreshed-difference window and the opening window -----------------------------------
+# --- the refreshing window policies: fills every refresh_every steps ---------------------------
 FLAT = [1.0, 0.7, 0.5, 0.3, 0.2] + [0.2] * 15  # P: tau1 = 6 by the slope, the window 7..8 (k = 2)
 
 
@@ -179,53 +179,3 @@ def test_without_refresh_only_the_window_s_first_step_fills():
     phases = feed(s, FLAT)
     assert phases[7:11] == [Phase.PIPELINE_FILL] + [Phase.PIPELINE] * 3
     assert [i for i in range(len(FLAT)) if s.last_in_window(i)] == [10]
-
-
-def test_the_opening_window_runs_first_and_the_monitor_counts_from_its_end():
-    params = HybridParams(3, 0.01, k=2, tau_cap=12, opening_window=4)
-    s = StepSchedule(Mode.HYBRID, 20, params, guidance=True)
-    assert s.opening() == (0, 3) and [s.in_opening(i) for i in (0, 3, 4)] == [True, True, False]
-    # the opening window is known at once; the earliest value that may decide is step 4 + L
-    assert s.monitor.earliest_decision_step() == 7 and s.decided_through() == 7
-    values = [None] * 4 + FLAT[:16]  # the curve of the phase-1 steps 4.. is FLAT's
-    phases = []
-    for step, v in enumerate(values):
-        phases.append(s.phase(step))
-        s.observe(step, v if phases[-1] == Phase.DATA_PARALLEL else None)
-    assert phases[:4] == [Phase.PIPELINE_FILL] + [Phase.PIPELINE] * 3
-    assert s.last_in_window(3) and not s.last_in_window(2)
-    # FLAT flattens at its 7th value (index 6): step 4 + 6 = 10 decides, the window is 11..12
-    assert s.tau1 == 10 and s.window() == (11, 12) and s.tau1_source == "slope"
-    assert s.windows() == [(0, 3), (11, 12)]
-    assert phases[4:11] == [Phase.DATA_PARALLEL] * 7 and phases[11:13] == [
-        Phase.PIPELINE_FILL,
-        Phase.PIPELINE,
-    ]
-    assert s.monitor.values == FLAT[:16][:7]  # no value of a window step, nothing after tau1 counts
-
-
-def test_tau_cap_counts_steps_and_an_opening_window_past_it_leaves_the_first_phase_1_step_to_decide():
-    steep = [1.0 - 0.05 * i for i in range(20)]  # never flat
-    s = StepSchedule(Mode.HYBRID, 24, HybridParams(3, 0.01, 2, 8, opening_window=2), guidance=True)
-    feed_from = [None, None] + steep[:22]
-    for step, v in enumerate(feed_from):
-        s.observe(step, v if s.phase(step) == Phase.DATA_PARALLEL else None)
-    assert (s.tau1, s.tau1_source, s.window()) == (8, "tau_cap", (8, 10))
-    late = StepSchedule(Mode.HYBRID, 24, HybridParams(3, 0.01, 2, 8, opening_window=10), guidance=True)
-    assert late.monitor.earliest_decision_step() == 10
-    for step in range(10):
-        late.observe(step, None)
-    late.observe(10, 0.5)  # the first phase-1 step is past tau_cap - 1: it decides, the window follows it
-    assert (late.tau1, late.window()) == (11, (11, 13))
-
-
-def test_an_opening_window_as_long_as_the_request_is_all_of_it():
-    s = StepSchedule(Mode.HYBRID, 5, HybridParams(3, 0.01, 2, 8, opening_window=9), guidance=True)
-    assert s.decided_through() == 4 and s.phases() == [Phase.PIPELINE_FILL] + [Phase.PIPELINE] * 4
-    assert s.window() is None and s.windows() == [(0, 4)] and s.last_in_window(4)
-
-
-def test_only_hybrid_opens_an_opening_window():
-    params = HybridParams(3, 0.01, 2, 8, opening_window=3)
-    assert StepSchedule(Mode.CFG_PARALLEL, 6, params, guidance=True).phases() == [Phase.DATA_PARALLEL] * 6
-    assert StepSchedule(Mode.HYBRID, 6, params, guidance=False).phases() == [Phase.SINGLE] * 6

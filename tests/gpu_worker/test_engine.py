@@ -7,6 +7,7 @@ import torch
 from cluster_helpers import make_input
 from PIL import Image
 
+from gpu_worker.engine import EXTRAPOLATION_DAMPING, carried_difference
 from hybridiff.protocol import Phase, WindowGuidance, label
 from hybridiff.wire import tensor_from_proto
 
@@ -72,7 +73,10 @@ def test_bytes_per_phase(engines, arch):
     assert s.workers == ["U", "C"] and s.window_guidance == WindowGuidance.CONDITIONAL
 
 
-@pytest.mark.parametrize("policy", ["conditional", "last-difference", "full-cfg", "refreshed-difference"])
+POLICIES = ["conditional", "last-difference", "full-cfg", "refreshed-difference", "extrapolated-difference"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 def test_window_policies_run_and_differ_only_in_the_window(engines, policy):
     eng = engines["sdxl"]
     exact = _run(eng, mode="cfg-parallel")
@@ -82,19 +86,25 @@ def test_window_policies_run_and_differ_only_in_the_window(engines, policy):
     assert [s.rel_mae for s in r.stats.steps[:6]] == [s.rel_mae for s in exact.stats.steps[:6]]
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "sd3"])
-def test_a_window_refreshed_every_step_is_exact_cfg(engines, arch):
+@pytest.mark.parametrize(
+    "arch,policy",
+    [("sdxl", "refreshed-difference"), ("sd3", "refreshed-difference"), ("sdxl", "extrapolated-difference")],
+)
+def test_a_window_refreshed_every_step_is_exact_cfg(engines, arch, policy):
     """Every refresh step is the exact CFG step (the conditional branch through the stages equals
     its full forward), so refreshing every window step gives the cfg-parallel image bit for bit;
-    every second step gives another image, pipelined in between."""
+    every second step gives another image, pipelined in between. Only the refreshing policies
+    refresh."""
     eng = engines[arch]
     exact = _run(eng, mode="cfg-parallel")
-    every = _run(eng, mode="hybrid", window_guidance="refreshed-difference", refresh_every=1)
+    every = _run(eng, mode="hybrid", window_guidance=policy, refresh_every=1)
     assert [s.phase for s in every.stats.steps][6:10] == [Phase.PIPELINE_FILL] * 4
     assert every.images[0] == exact.images[0]
-    second = _run(eng, mode="hybrid", window_guidance="refreshed-difference", refresh_every=2)
+    second = _run(eng, mode="hybrid", window_guidance=policy, refresh_every=2)
     assert [s.phase for s in second.stats.steps][6:10] == [Phase.PIPELINE_FILL, Phase.PIPELINE] * 2
     assert second.images[0] != exact.images[0]
+    last_difference = _run(eng, mode="hybrid", window_guidance="last-difference", refresh_every=2)
+    assert [s.phase for s in last_difference.stats.steps][6:8] == [Phase.PIPELINE_FILL, Phase.PIPELINE]
 
 
 def test_single_needs_no_peer_traffic(engines):
@@ -116,3 +126,14 @@ def test_image_formats_decode(engines, fmt, magic):
     image = Image.open(io.BytesIO(r.images[0]))
     image.load()
     assert image.size == (engines["sdxl"].adapter.default_size,) * 2
+
+
+def test_the_carried_difference_follows_its_trend_damped():
+    difference, trend = torch.tensor([1.0]), torch.tensor([0.5])
+    assert carried_difference(difference, None, 3) is difference
+    assert carried_difference(difference, trend, 0) is difference
+    assert float(carried_difference(difference, trend, 1, damping=0.5)) == 1.25
+    assert float(carried_difference(difference, trend, 2, damping=0.5)) == 1.375  # 0.5 * (0.5 + 0.25)
+    assert float(carried_difference(difference, trend, 3, damping=1.0)) == 2.5  # linear
+    far = float(carried_difference(difference, trend, 50))
+    assert far == pytest.approx(1.0 + 0.5 * EXTRAPOLATION_DAMPING / (1 - EXTRAPOLATION_DAMPING))  # bounded

@@ -279,13 +279,13 @@ def test_every_window_checkpoint_carries_the_last_difference(adapters, pairs):
     assert not torch.equal(with_difference, without)
 
 
-# --- refreshed difference and the opening window --------------------------------------------------
-def _refreshed(adapter, refresh_every: int = 2):
+# --- the refreshing policies: refreshed and extrapolated difference -------------------------------
+def _refreshed(adapter, policy: str = "refreshed-difference", refresh_every: int = 2):
     # as _hybrid, the window 6..9; every 2nd window step measures again: fills at 6 and 8
     return _spec(
         adapter,
         mode="hybrid",
-        window_guidance="refreshed-difference",
+        window_guidance=policy,
         l_slope=3,
         tau_cap=6,
         k=3,
@@ -297,11 +297,12 @@ def _nothing_fails(failed, survivors, needs_pair):
     pytest.fail("nothing failed")
 
 
-def test_a_refresh_step_measures_the_difference_again(adapters, pairs):
+@pytest.mark.parametrize("policy", ["refreshed-difference", "extrapolated-difference"])
+def test_a_refresh_step_measures_the_difference_again(adapters, pairs, policy):
     adapter = adapters["euler"]
     first = pairs(adapter, "a")
     u = _Recording(first[0])
-    result = _run(_refreshed(adapter), Mode.HYBRID, [u, first[1]], recover=_nothing_fails)
+    result = _run(_refreshed(adapter, policy), Mode.HYBRID, [u, first[1]], recover=_nothing_fails)
     fill, pipelined = Phase.PIPELINE_FILL, Phase.PIPELINE
     assert [s.phase for s in result.stats.steps][6:10] == [fill, pipelined, fill, pipelined]
     # a refresh step exchanges one prediction each way, like a data-parallel step
@@ -313,22 +314,27 @@ def test_a_refresh_step_measures_the_difference_again(adapters, pairs):
     assert torch.equal(difference[8], difference[7])  # the pipelined step 7 re-used it
     assert not torch.equal(difference[9], difference[8])  # the refresh at 8 measured it again
     assert torch.equal(difference[10], difference[9])
+    # with the step that measured it: the extrapolated policy's trend runs from there
+    assert [u.checkpoints[n].last_difference_step for n in range(6, 11)] == [5, 6, 6, 8, 8]
 
 
 @pytest.mark.parametrize(
-    "scheduler,fail_at,recovery",
+    "policy,scheduler,fail_at,recovery",
     [
-        ("euler", 8, "new-pair"),
-        ("dpm", 8, "new-pair"),
-        ("euler", 6, "new-pair"),
-        ("euler", 10, "lone-survivor"),
+        ("refreshed-difference", "euler", 8, "new-pair"),
+        ("refreshed-difference", "dpm", 8, "new-pair"),
+        ("refreshed-difference", "euler", 6, "new-pair"),
+        ("refreshed-difference", "euler", 10, "lone-survivor"),
+        ("extrapolated-difference", "euler", 8, "new-pair"),
+        ("extrapolated-difference", "dpm", 10, "lone-survivor"),
     ],
 )
-def test_a_refreshed_window_resumes_bit_identical(adapters, pairs, scheduler, fail_at, recovery):
+def test_a_refreshed_window_resumes_bit_identical(adapters, pairs, policy, scheduler, fail_at, recovery):
     """A pair resumed at a refresh step computes the very step the unbroken pair did (a refresh
-    starts from fresh activations); a lone survivor after the window runs both branches alone."""
+    starts from fresh activations, and the extrapolated trend runs from the checkpoint's last
+    difference and its step); a lone survivor after the window runs both branches alone."""
     adapter = adapters[scheduler]
-    spec = _refreshed(adapter)
+    spec = _refreshed(adapter, policy)
     unbroken = _run(spec, Mode.HYBRID, pairs(adapter, "a"), recover=None)
     assert (unbroken.stats.tau1, unbroken.stats.tau2) == (6, 9)
     last_difference = _run(_hybrid(adapter), Mode.HYBRID, pairs(adapter, "k"), recover=None)
@@ -348,53 +354,48 @@ def test_a_refreshed_window_resumes_bit_identical(adapters, pairs, scheduler, fa
     assert broken.images[0] == unbroken.images[0]
 
 
-def _opening(adapter, policy: str):
-    # steps 0..2 the opening window; phase 1 from 3 (its curve starts there); tau_cap 8 decides
-    # at step 7, the window 8..10
-    return _spec(adapter, mode="hybrid", window_guidance=policy, l_slope=3, tau_cap=8, k=2, opening_window=3)
-
-
-def test_the_opening_window_runs_the_conditional_branch_whatever_the_policy(adapters, pairs):
+def test_the_extrapolated_trend_runs_from_the_checkpoint_s_step(adapters, pairs):
+    """Resumed at the refresh step 8, the pair measures the difference again and takes its trend
+    from the checkpoint's difference of step 6: told another step, it extrapolates otherwise."""
     adapter = adapters["euler"]
-    after_opening = {}
-    for policy in ("conditional", "last-difference", "full-cfg", "refreshed-difference"):
-        workers = pairs(adapter, policy[:4])
-        u = _Recording(workers[0])
-        result = _run(_opening(adapter, policy), Mode.HYBRID, [u, workers[1]], recover=_nothing_fails)
-        phases = [s.phase for s in result.stats.steps]
-        assert phases[:4] == [Phase.PIPELINE_FILL, Phase.PIPELINE, Phase.PIPELINE, Phase.DATA_PARALLEL]
-        assert (result.stats.tau1, result.stats.tau2, phases[8]) == (8, 10, Phase.PIPELINE_FILL)
-        assert [s.rel_mae is None for s in result.stats.steps[:4]] == [True, True, True, False]
-        after_opening[policy] = tensor_from_proto(u.checkpoints[3].latents)
-    first = after_opening["conditional"]
-    assert all(torch.equal(first, latents) for latents in after_opening.values())
-    exact = pairs(adapter, "x")
-    u = _Recording(exact[0])
-    _run(_spec(adapter, mode="cfg-parallel"), Mode.CFG_PARALLEL, [u, exact[1]], recover=_nothing_fails)
-    assert not torch.equal(tensor_from_proto(u.checkpoints[3].latents), first)  # guidance was off
-
-
-@pytest.mark.parametrize("fail_at", [1, 3])
-def test_a_request_with_an_opening_window_resumes_on_a_pair(adapters, pairs, fail_at):
-    """In the opening window a new pair is needed (and restarts the pipeline with a fill); at
-    the first phase-1 step after it the resumed pair is bit-identical to the unbroken one."""
-    adapter = adapters["euler"]
-    spec = _opening(adapter, "last-difference")
+    spec = _refreshed(adapter, "extrapolated-difference")
     unbroken = _run(spec, Mode.HYBRID, pairs(adapter, "a"), recover=None)
+
+    def resumed(edit_resume):
+        broken, new = pairs(adapter, "b"), pairs(adapter, "c")
+        result = _run(
+            spec,
+            Mode.HYBRID,
+            [_Handle(broken[0], 8), broken[1]],
+            lambda failed, survivors, needs_pair: [_Handle(w, edit_resume=edit_resume) for w in new],
+        )
+        assert any("resumed at step 8" in n for n in result.stats.notes)
+        return _latents(result)
+
+    def step_5(checkpoint):
+        assert checkpoint.last_difference_step == 6
+        checkpoint.last_difference_step = 5
+
+    assert torch.equal(resumed(None), _latents(unbroken))
+    assert not torch.equal(resumed(step_5), _latents(unbroken))
+
+
+def test_a_difference_from_a_step_not_yet_run_is_refused(adapters, pairs):
+    adapter = adapters["euler"]
+    spec = _refreshed(adapter, "extrapolated-difference")
     second, third = pairs(adapter, "b"), pairs(adapter, "c")
-    asked = []
 
-    def recover(failed, survivors, needs_pair):
-        asked.append(needs_pair)
-        return third
+    def future(checkpoint):
+        checkpoint.last_difference_step = checkpoint.next_step
 
-    broken = _run(spec, Mode.HYBRID, [_Handle(second[0], fail_at), second[1]], recover)
-    assert asked == [True]
-    assert [s.phase for s in broken.stats.steps][fail_at] == (
-        Phase.PIPELINE_FILL if fail_at < 3 else Phase.DATA_PARALLEL
-    )
-    if fail_at == 3:
-        assert torch.equal(_latents(broken), _latents(unbroken))
+    with pytest.raises(WorkerFault) as failed:
+        _run(
+            spec,
+            Mode.HYBRID,
+            [_Handle(second[0], 8), second[1]],
+            lambda f, s, needs_pair: [_Handle(w, edit_resume=future) for w in third],
+        )
+    assert "resume.last_difference_step" in str(failed.value.error)
 
 
 # --- scheduler_state on its own ---------------------------------------------------------------------
