@@ -28,8 +28,8 @@ DEFAULT_QUALITY = 90
 DEFAULT_MAX_IMAGES = 4
 
 
-# ``refreshed-difference``'s period (docs/design.md section 7): measured on the default model.
-DEFAULT_REFRESH_EVERY = 3
+# The refreshing window policies' period (docs/design.md section 7; BENCHMARKS.md measures it).
+DEFAULT_REFRESH_EVERY = 5
 
 
 @dataclass(frozen=True)
