@@ -55,7 +55,16 @@ def default_variants() -> list[Variant]:
     return out
 
 
-def run(model_dir: Path, variants: list[Variant], seeds: tuple[int, ...], steps: int, log=print) -> dict:
+def run(
+    model_dir: Path,
+    variants: list[Variant],
+    seeds: tuple[int, ...],
+    steps: int,
+    log=print,
+    prompts: int | None = None,
+) -> dict:
+    """Every variant on the held-out prompts (the first ``prompts`` of them) x ``seeds``; the
+    first variant is the reference the others are measured against."""
     engine = InProcessEngine(model_dir)
     images: dict[str, dict[tuple[str, int], bytes]] = {}
     counts: dict[str, list[dict]] = {}
@@ -63,7 +72,7 @@ def run(model_dir: Path, variants: list[Variant], seeds: tuple[int, ...], steps:
         for v in variants:
             images[v.name], counts[v.name] = {}, []
             start = time.perf_counter()
-            for caption in held_out_prompts():
+            for caption in held_out_prompts()[:prompts]:
                 for seed in seeds:
                     raw = request_from_names(
                         caption.text,
@@ -87,7 +96,7 @@ def run(model_dir: Path, variants: list[Variant], seeds: tuple[int, ...], steps:
             log(f"{v.name}: {time.perf_counter() - start:.0f} s")
     finally:
         engine.close()
-    exact = images["cfg-parallel"]
+    exact = images[variants[0].name]
     rows = {}
     for v in variants:
         keys = sorted(images[v.name])
