@@ -120,11 +120,21 @@ def at_boundary(
 class CostBook:
     """Step costs per model as the workers measured them (moving averages of completed steps):
     a step alone (Phase.SINGLE with guidance: the CFG batch), a step as a pair (one branch each plus
-    the exchange), and a switch (a new session: encoding and a round trip)."""
+    the exchange), and a switch (a new session: encoding and a round trip).
+
+    Once cost-aware AUTO priced a request of the model (``predicted``), a step alone and a step
+    as a pair are the schedule model's (coordinator.auto_mode): the mean step of one worker and
+    of the paired schedule AUTO chose, so shrink, grow and admission weigh the schedule the
+    request would run, not plain CFG splitting."""
 
     def __init__(self, weight: float = 0.2) -> None:
         self.weight = weight
         self._costs: dict[str, dict[str, float]] = {}
+        self._predicted: dict[str, tuple[float, float]] = {}
+
+    def predicted(self, model: str, single: float, paired: float) -> None:
+        """The schedule model's mean step alone and as AUTO's chosen pair, for ``model``."""
+        self._predicted[model] = (single, paired)
 
     def observe(self, model: str, kind: str, seconds: float) -> None:
         """``kind``: "single", "paired" or "switch"."""
@@ -135,6 +145,9 @@ class CostBook:
     def costs(self, model: str) -> PolicyCosts | None:
         """The model's costs once both step kinds were seen (no guess before: no grow)."""
         book = self._costs.get(model, {})
+        if model in self._predicted:
+            single, paired = self._predicted[model]
+            return PolicyCosts(single=single, paired=paired, switch=book.get("switch", 0.0))
         if "single" not in book or "paired" not in book:
             return None
         return PolicyCosts(single=book["single"], paired=book["paired"], switch=book.get("switch", 0.0))

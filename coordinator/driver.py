@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 from opentelemetry import trace
 
 from coordinator.allocation import Decision
+from coordinator.auto_mode import AutoChoice
 from coordinator.remote import WorkerFault, as_seen_by_the_client
 from coordinator.schedule import StepSchedule
 from hybridiff import step_stats, telemetry
@@ -39,7 +40,7 @@ from hybridiff.errors import (
     WorkerFailed,
 )
 from hybridiff.internal.v1 import dataplane_pb2, worker_pb2
-from hybridiff.protocol import Mode, OutputFormat, Phase, Role, WindowGuidance, label
+from hybridiff.protocol import REFRESHING_POLICIES, Mode, OutputFormat, Phase, Role, WindowGuidance, label
 from hybridiff.protojson import message_json
 from hybridiff.request import GenerationSpec
 from hybridiff.v1 import diffusion_pb2 as pb
@@ -110,6 +111,7 @@ class GenerationStats:
     decoding_seconds: float
     queued_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    auto_choice: AutoChoice | None = None  # what AUTO chose (coordinator.auto_mode); None: a named mode
 
     def to_dict(self) -> dict:
         """The stats as JSON-ready data (enums by their edge names)."""
@@ -125,6 +127,8 @@ def _named(worker: str, report: pb.WorkerStep) -> pb.WorkerStep:
 
 
 def _jsonable(value):
+    if isinstance(value, AutoChoice):
+        return value.to_dict()
     if isinstance(value, IntEnum):
         return label(value)
     if isinstance(value, Message):
@@ -146,10 +150,6 @@ class GenerationResult:
     mime_type: str
     latents: dataplane_pb2.Tensor  # the final latents (float32)
     stats: GenerationStats
-
-
-# The window policies whose fills measure e_c - e_u again, every HybridParams.refresh_every steps.
-REFRESHING_POLICIES = (WindowGuidance.REFRESHED_DIFFERENCE, WindowGuidance.EXTRAPOLATED_DIFFERENCE)
 
 
 def window_guidance_for(mode: Mode, requested: WindowGuidance | None) -> WindowGuidance:

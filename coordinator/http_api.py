@@ -475,9 +475,9 @@ class HttpEdge:
                     default_size=f"{lim.default_side}x{lim.default_side}",
                     max_size=f"{lim.max_side}x{lim.max_side}",
                     size_multiple=side_multiple(lim.multiple),
-                    max_images=lim.max_images or 1,
-                    default_steps=info.default_steps,
-                    default_guidance_scale=info.default_guidance_scale,
+                    max_images=lim.max_images,
+                    default_steps=info.defaults.steps,
+                    default_guidance_scale=info.defaults.guidance_scale,
                 )
             )
         return ModelList(data=cards)

@@ -8,6 +8,10 @@ reads its ``WorkerInfo`` and keeps its state:
 - busy -> aborting -> idle: after an aborted or cancelled request a worker is free again only
   once its ``Info`` no longer names that request (it finished unwinding the step), or it is
   quarantined when it does not confirm within ``HealthPolicy.abort_confirm`` seconds;
+- idle -> unhealthy: one thread of the pool sends every idle worker a ``grpc.health.v1`` Check
+  every ``HealthPolicy.idle_check`` seconds, all at once; one not answering SERVING within
+  ``idle_check_timeout`` (a stopped process, a hung host, a worker draining) is quarantined before
+  a request draws it. Drawing a worker bumps its epoch: a Check in flight then no longer counts;
 - busy -> unhealthy (quarantined) -> idle: a worker that failed a request is probed with
   ``grpc.health.v1`` Check and ``Info`` (a stuck worker's other gRPC threads still answer
   ``Info``, but its watchdog turns health NOT_SERVING, and a stopped process answers nothing)
@@ -45,9 +49,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator.admission_queue import AdmissionQueue, Readmit
 from coordinator.allocation import PoolView
 from coordinator.remote import RemoteWorker
+from coordinator.worker_info import WorkerInfo, incompatibility, pairing_key, read_info
 from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, Unavailable
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
-from hybridiff.protocol import WORKER_PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +79,11 @@ class HealthPolicy:
     healthy_stretch: float = 300.0  # re-admitted this long ago: the next failure counts as a first
     abort_confirm: float = 10.0  # an aborted worker not confirming within this is quarantined
     incompatible_recheck: float = 30.0  # how often an incompatible worker's Info is read again
+    idle_check: float = 0.5  # seconds between health Checks of every idle worker (0: none)
+    idle_check_timeout: float = 1.5  # an idle worker not SERVING within this is quarantined
 
     def quarantine_seconds(self, failures: int) -> float:
         return min(self.quarantine_max, self.quarantine_base * 2 ** max(0, failures - 1))
-
-
-def pairing_key(info: worker_pb2.InfoResponse) -> tuple[int, str, str, str]:
-    """What two workers must agree on to run one request together."""
-    return (info.protocol_version, info.dtype, info.device.split(":")[0], info.weights_digest)
-
-
-def incompatibility(info: worker_pb2.InfoResponse) -> str:
-    """Why this coordinator cannot drive the worker at all ("" when it can)."""
-    if info.protocol_version != WORKER_PROTOCOL_VERSION:
-        return (
-            f"it speaks step protocol version {info.protocol_version}, "
-            f"this coordinator version {WORKER_PROTOCOL_VERSION}"
-        )
-    return ""
 
 
 @dataclass(eq=False)
@@ -101,7 +92,7 @@ class WorkerEntry:
     address: str
     channel: grpc.Channel
     held: str = JOINING  # the state as the pool holds it; ``state`` is what it shows
-    info: worker_pb2.InfoResponse | None = None
+    info: WorkerInfo | None = None
     request_id: str = ""
     gone: bool = False
     failures: int = 0  # quarantines in a row
@@ -123,6 +114,35 @@ class WorkerEntry:
     @property
     def model(self) -> str:
         return self.info.model_name if self.info else ""
+
+    def ask_info(self, timeout: float) -> WorkerInfo:
+        return read_info(self.stub.Info(worker_pb2.InfoRequest(), timeout=timeout))
+
+
+def _answered_busy(err: grpc.RpcError) -> bool:
+    """A health Check refused for want of a slot: the worker's server is up and answering. Without
+    a client CA the coordinator is not told apart from anyone else, so its Check runs in the open
+    slots, which other callers may hold (``serving.new_server``); that says nothing of the worker.
+    A stopped or hung worker does not answer at all (the call's deadline passes)."""
+    return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _not_serving(call: grpc.Future) -> str:
+    """Why a health Check call did not find its worker SERVING ("" when it did)."""
+    try:
+        status = call.result().status
+    except grpc.RpcError as err:
+        return "" if _answered_busy(err) else err.code().name
+    if status != health_pb2.HealthCheckResponse.SERVING:
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    return ""
+
+
+def _draw(entry: WorkerEntry, request_id: str) -> None:
+    """``entry`` taken by ``request_id`` (under the pool's lock). Its epoch moves on: an idle
+    Check of it still in flight says nothing of the worker it now is."""
+    entry.held, entry.request_id = BUSY, request_id
+    entry.epoch += 1
 
 
 def _groups(entries: list[WorkerEntry]) -> list[list[WorkerEntry]]:
@@ -169,6 +189,12 @@ class WorkerPool:
         # Sent with every Session (``remote.COORDINATOR_METADATA``): a worker busy with another
         # coordinator's session refuses this one at once rather than waiting for it.
         self.identity = os.urandom(8).hex()
+        if self.health.idle_check > 0:
+            watch = threading.Thread(
+                target=self._run_probe, args=(self._watch_idle,), name="probe-idle", daemon=True
+            )
+            self._probes.add(watch)
+            watch.start()
 
     # --- discovery sink -------------------------------------------------------------
     def worker_ready(self, worker_id: str, address: str) -> None:
@@ -246,7 +272,7 @@ class WorkerPool:
         while it is incompatible."""
         while self._current(entry, epoch) and not entry.gone:
             try:
-                info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=max(5.0, self.health.probe_timeout))
+                info = entry.ask_info(max(5.0, self.health.probe_timeout))
             except grpc.RpcError as err:
                 log.debug("worker %s not ready: %s", entry.worker_id, err.code())
                 self._stop.wait(self.probe_interval)
@@ -288,17 +314,22 @@ class WorkerPool:
             self._changed()
             return
 
-    def _check(self, entry: WorkerEntry) -> tuple[worker_pb2.InfoResponse | None, str]:
+    def _check(self, entry: WorkerEntry) -> tuple[WorkerInfo | None, str]:
         """One probe: health SERVING, no session running, still compatible. (info, "") when
         good, (None, why) when not."""
         timeout = self.health.probe_timeout
         try:
-            status = entry.health.Check(
-                health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout
-            ).status
+            try:
+                status = entry.health.Check(
+                    health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout
+                ).status
+            except grpc.RpcError as err:
+                if not _answered_busy(err):
+                    raise
+                status = health_pb2.HealthCheckResponse.SERVING  # Info, below, runs in slots of its own
             if status != health_pb2.HealthCheckResponse.SERVING:
                 return None, f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
-            info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=timeout)
+            info = entry.ask_info(timeout)
         except grpc.RpcError as err:
             return None, f"{err.code().name}"
         if info.active_request_id and info.active_request_id == entry.failed_request:
@@ -307,6 +338,34 @@ class WorkerPool:
         # the worker is healthy, re-admitted as busy elsewhere.
         problem = incompatibility(info)
         return (None, problem) if problem else (info, "")
+
+    def _watch_idle(self) -> None:
+        """The pool's one idle watch: every ``idle_check`` seconds a health Check of each idle
+        worker, all in flight at once; those not SERVING within ``idle_check_timeout`` are
+        quarantined, unless drawn, gone or replaced meanwhile (their epoch moved on)."""
+        request = health_pb2.HealthCheckRequest(service=WORKER_SERVICE)
+        while not self._stop.wait(self.health.idle_check):
+            with self._cond:
+                idle = [(e, e.epoch) for e in self._workers.values() if e.held == IDLE and not e.gone]
+            calls = []
+            for entry, epoch in idle:
+                try:
+                    call = entry.health.Check.future(request, timeout=self.health.idle_check_timeout)
+                except ValueError:  # its channel was closed meanwhile: it is gone or replaced
+                    continue
+                calls.append((entry, epoch, call))
+            failed = [(entry, epoch, why) for entry, epoch, call in calls if (why := _not_serving(call))]
+            if not failed:
+                continue
+            with self._cond:
+                quarantined = False
+                for entry, epoch, why in failed:
+                    if self._current(entry, epoch) and entry.held == IDLE and not entry.gone:
+                        self._quarantine(entry, f"idle, its health Check: {why}", request_id="")
+                        quarantined = True
+                self._cond.notify_all()
+            if quarantined:
+                self._changed()
 
     def _quarantine(self, entry: WorkerEntry, reason: str, request_id: str | None = None) -> None:
         """Take ``entry`` out of service until it proves itself (call under the lock);
@@ -366,7 +425,7 @@ class WorkerPool:
         """Idle again once the worker's ``Info`` names no request; quarantined if it stops answering."""
         while not self._stop.wait(ELSEWHERE_POLL) and self._current(entry, epoch) and not entry.gone:
             try:
-                info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=self.health.probe_timeout)
+                info = entry.ask_info(self.health.probe_timeout)
                 why = ""
             except grpc.RpcError as err:
                 info, why = None, f"Info failed ({err.code().name}) while it served another coordinator"
@@ -391,7 +450,7 @@ class WorkerPool:
         deadline = time.monotonic() + self.health.abort_confirm
         while self._current(entry, epoch):
             try:
-                info = entry.stub.Info(worker_pb2.InfoRequest(), timeout=self.health.probe_timeout)
+                info = entry.ask_info(self.health.probe_timeout)
                 confirmed = info.active_request_id != request_id
             except grpc.RpcError:
                 confirmed = False
@@ -424,7 +483,7 @@ class WorkerPool:
             if e.model == model and not e.gone and e.held not in (JOINING, INCOMPATIBLE)
         ]
 
-    def model_info(self, model: str) -> worker_pb2.InfoResponse:
+    def model_info(self, model: str) -> WorkerInfo:
         """Info of a worker serving ``model`` ("" = the only served model)."""
         with self._cond:
             infos = {
@@ -454,7 +513,7 @@ class WorkerPool:
         check_alive: Callable[[], None] | None = None,
         admission: Readmit | None = None,
         resuming: bool = False,
-        like: worker_pb2.InfoResponse | None = None,
+        like: WorkerInfo | None = None,
     ) -> list[WorkerEntry]:
         """Wait in the model's admission queue for ``want`` idle, compatible workers of ``model``
         (or one when ``accept_one``); ``QueueFull`` at once when the queue is full. With
@@ -486,7 +545,7 @@ class WorkerPool:
                         chosen = _pick(idle, ticket.want, ticket.accept_one)
                         if chosen:
                             for e in chosen:
-                                e.held, e.request_id = BUSY, request_id
+                                _draw(e, request_id)
                             return chosen
                         largest = max(len(g) for g in _groups(serving))
                         if ticket.want > largest and not ticket.accept_one:
@@ -521,7 +580,7 @@ class WorkerPool:
                 idle = [e for e in idle if pairing_key(e.info) == pairing_key(partner.info)]
             taken = _pick(idle, count, accept_one=True) if count > 0 else []
             for e in taken:
-                e.held, e.request_id = BUSY, request_id
+                _draw(e, request_id)
         if taken:
             self._changed()
         return taken
@@ -571,7 +630,7 @@ class WorkerPool:
         entries = self.acquire(model, want, accept_one, request_id, timeout, check_alive, admission)
         return Lease(self, model, request_id, entries)
 
-    def could_take(self, model: str, count: int, like: worker_pb2.InfoResponse | None) -> bool:
+    def could_take(self, model: str, count: int, like: WorkerInfo | None) -> bool:
         """Whether ``count`` workers of ``model`` paired like ``like`` are up (idle, busy or held
         elsewhere: not quarantined, not gone), so that a request waiting for them may get them."""
         with self._cond:

@@ -5,7 +5,8 @@ what the client is told.
 
 Commands are queued onto the stream as they are issued (the driver sends steps ahead); the
 worker answers each with one event, in order, which resolves the oldest pending future (a
-speculative step's ResolveCommand has none: the step's own event answers it). A
+speculative step's ResolveCommand has none: the step's own event answers it). A Begin's
+checkpoint goes in parts after it (``hybridiff.checkpoint_parts``), which have no event either. A
 broken stream fails every pending future with the typed error the worker sent
 (``hybridiff.errors.from_rpc_error``), naming the worker.
 """
@@ -22,6 +23,7 @@ from concurrent.futures import Future
 
 import grpc
 
+from hybridiff.checkpoint_parts import PART_BYTES, in_parts
 from hybridiff.errors import (
     BadCommand,
     Cancelled,
@@ -38,6 +40,7 @@ from hybridiff.protocol import COORDINATOR_METADATA
 
 log = logging.getLogger(__name__)
 _END = object()
+NO_EVENT = ("resolve", "checkpoint_part")  # commands without an event of their own
 MEASURE_SPLIT_TIMEOUT = 300.0  # a worker measures a size once (a few forwards) and keeps it
 
 
@@ -87,16 +90,17 @@ def measure_split(
     height: int,
     check_alive: Callable[[], None],
     poll_seconds: float,
-) -> int:
-    """The balanced stage cut at a size, measured by ``worker``: a call that a cancel or a passed
-    deadline (``check_alive`` raising) ends at once; its failure is a ``WorkerFault`` naming it."""
+) -> worker_pb2.MeasureSplitResponse:
+    """The balanced stage cut at a size and what a step's parts cost there, measured by
+    ``worker``: a call that a cancel or a passed deadline (``check_alive`` raising) ends at once;
+    its failure is a ``WorkerFault`` naming it."""
     call = stub.MeasureSplit.future(
         worker_pb2.MeasureSplitRequest(width=width, height=height), timeout=MEASURE_SPLIT_TIMEOUT
     )
     try:
         while True:
             try:
-                return call.result(timeout=poll_seconds).cut
+                return call.result(timeout=poll_seconds)
             except grpc.FutureTimeoutError:
                 check_alive()
     except grpc.RpcError as err:
@@ -149,8 +153,8 @@ class WorkerSession:
             if self._failed is not None:
                 fut.set_exception(self._failed)
                 return fut
-            if which == "resolve":
-                fut.set_result(None)  # a resolution has no event: its step's event follows it
+            if which in NO_EVENT:
+                fut.set_result(None)  # answered by the event of the command it belongs to
             else:
                 self._pending.append((fut, which))
         self._outbox.put(command)
@@ -206,8 +210,11 @@ class RemoteWorker:
         data_address: str,
         identity: str = "",
         coordinator: str = "",
+        part_bytes: int = PART_BYTES,
     ) -> None:
+        """``part_bytes``: the size of the parts a Begin's checkpoint is sent in."""
         self.name = worker_id
+        self.part_bytes = part_bytes
         self.coordinator = coordinator
         self.data_address = data_address
         self.identity = identity or worker_id
@@ -218,7 +225,10 @@ class RemoteWorker:
         which = cmd.WhichOneof("command")
         if which == "begin":
             self._session = WorkerSession(self._stub, self.name, self.coordinator)
-        fut = self._session.send(cmd)
+        first, *parts = in_parts(cmd, self.part_bytes)
+        fut = self._session.send(first)
+        for part in parts:
+            self._session.send(part)
         if which == "finish":
             self._session.close()
         return fut

@@ -23,11 +23,14 @@ import grpc
 from opentelemetry import trace
 
 from coordinator.allocation import CostBook, Policy, admission
+from coordinator.auto_mode import AutoChoice, applied, calibrated, choose
+from coordinator.device_costs import DeviceCostBook
 from coordinator.driver import ALIVE_CHECK_SECONDS, GenerationResult, StepStat, drive_request
 from coordinator.elastic import ElasticLease
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.pool import Lease, WorkerPool, pairing_key
+from coordinator.pool import Lease, WorkerPool
 from coordinator.remote import WorkerFault, measure_split
+from coordinator.worker_info import WorkerInfo, pairing_key
 from hybridiff import logs, telemetry
 from hybridiff.errors import (
     Cancelled,
@@ -37,9 +40,9 @@ from hybridiff.errors import (
     Unavailable,
     WorkerFailed,
 )
-from hybridiff.internal.v1 import dataplane_pb2, worker_pb2, worker_pb2_grpc
+from hybridiff.internal.v1 import dataplane_pb2, worker_pb2_grpc
 from hybridiff.protocol import Mode, Phase, label
-from hybridiff.request import GenerationSpec, HybridParams, ModelDefaults, SizeLimits, resolve_spec
+from hybridiff.request import GenerationSpec, resolve_spec
 from hybridiff.v1 import diffusion_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -71,25 +74,6 @@ class Generation:
 
     spec: GenerationSpec
     result: GenerationResult
-
-
-def model_rules(
-    info: worker_pb2.InfoResponse, overrides: dict[str, float | int | None]
-) -> tuple[SizeLimits, ModelDefaults]:
-    """Size limits and defaults of the model a worker serves; ``overrides`` replace hybrid defaults."""
-    lim, hd = info.limits, info.hybrid_defaults
-    params = HybridParams(
-        hd.l_slope,
-        hd.eps_slope,
-        hd.k,
-        hd.tau_cap,
-        hd.refresh_every or HybridParams.refresh_every,  # unset by a worker of an older build
-    )
-    params = params.replace(**overrides).validate()
-    return (
-        SizeLimits(lim.multiple, lim.min_side, lim.max_side, lim.default_side, lim.max_images or 1),
-        ModelDefaults(params, info.default_steps, info.default_guidance_scale),
-    )
 
 
 def as_typed_error(exc: BaseException) -> HybridiffError:
@@ -127,6 +111,7 @@ class RequestRunner:
         self.config = config or RunnerConfig()
         self.draining = False
         self.costs = CostBook()
+        self.device_costs = DeviceCostBook()  # per model and size: AUTO's schedule model's inputs
         # The stage cut per (model, pairing key, size), first measurement wins:
         # every pair of a model then splits alike, so an identical request gives an identical
         # image whichever pair runs it (each worker's timing differs, most under load).
@@ -137,9 +122,9 @@ class RequestRunner:
         self._pixel_cost: dict[str, float] = {}
         self._tracer = telemetry.tracer("hybridiff.coordinator")
 
-    def models(self) -> list[worker_pb2.InfoResponse]:
+    def models(self) -> list[WorkerInfo]:
         """What each served model's workers say of it, one per model, in pool order."""
-        seen: dict[str, worker_pb2.InfoResponse] = {}
+        seen: dict[str, WorkerInfo] = {}
         for e in self.pool.snapshot():
             if e.info is not None and not e.gone and e.model not in seen:
                 seen[e.model] = e.info
@@ -204,7 +189,7 @@ class RequestRunner:
 
     def _resolve(self, request: pb.GenerateRequest) -> GenerationSpec:
         info = self.pool.model_info(request.model)
-        limits, defaults = model_rules(info, self.config.hybrid_defaults)
+        limits, defaults = info.rules(self.config.hybrid_defaults)
         return resolve_spec(request, limits, defaults, model=info.model_name)
 
     def _observe(self, span: trace.Span, result: GenerationResult, seconds: float, api: str) -> None:
@@ -218,6 +203,19 @@ class RequestRunner:
                 "hybridiff.workers": ",".join(stats.workers),
             }
         )
+        if stats.auto_choice is not None:
+            choice = stats.auto_choice
+            span.set_attributes(
+                {
+                    "hybridiff.auto.mode": label(choice.mode),
+                    "hybridiff.auto.window_guidance": label(choice.schedule.window_guidance)
+                    if choice.schedule.window_guidance is not None
+                    else "",
+                    "hybridiff.auto.k": choice.schedule.k,
+                    "hybridiff.auto.predicted_seconds": choice.predicted_seconds,
+                    "hybridiff.auto.basis": choice.basis,
+                }
+            )
         for s in stats.steps:
             self.metrics.step_seconds.labels(label(s.phase)).observe(s.wall_seconds)
         self.metrics.data_plane_bytes.inc(stats.data_plane_bytes)
@@ -228,12 +226,12 @@ class RequestRunner:
         self, spec: GenerationSpec, client: ClientCall, on_step, outcome: _Outcome, on_latents=None
     ) -> GenerationResult:
         lease, queued = self._lease(spec, client)
-        mode, elastic = self._mode(spec, lease)
-        # A request that ends early is counted under the mode it was running in.
-        outcome.mode_label = label(mode)
         failed = finished = False
         blamed: str | None = None
         try:
+            spec, mode, elastic, choice, notes = self._mode(spec, lease, client)
+            # A request that ends early is counted under the mode it was running in.
+            outcome.mode_label = label(mode)
             cut = None
             if mode in (Mode.HYBRID, Mode.PIPELINE) and (len(lease) == 2 or elastic is not None):
                 cut = self._split_cut(lease, spec, client)
@@ -274,6 +272,8 @@ class RequestRunner:
             finished = True  # the workers ended their sessions: free at once
             outcome.mode_label = label(result.stats.mode_used)
             result.stats.queued_seconds = queued
+            result.stats.auto_choice = choice
+            result.stats.notes[:0] = notes
             self._learn_costs(spec, result)
             return result
         except Exception as exc:
@@ -320,20 +320,70 @@ class RequestRunner:
             raise Unavailable("the coordinator is draining")
         return lease, queued
 
-    def _mode(self, spec: GenerationSpec, lease: Lease) -> tuple[Mode, ElasticLease | None]:
-        """The mode the request runs in on its lease (AUTO resolved), and its elastic hook."""
+    def _mode(
+        self, spec: GenerationSpec, lease: Lease, client: ClientCall
+    ) -> tuple[GenerationSpec, Mode, ElasticLease | None, AutoChoice | None, list[str]]:
+        """The mode the request runs in on its lease (AUTO resolved, ``spec`` with the window
+        AUTO chose), its elastic hook, AUTO's choice and what the stats' notes should say of it.
+
+        The allocation policy decides whether a pair may be used at all (docs/design.md section
+        10); cost-aware AUTO (``coordinator.auto_mode``) then picks the fastest paired schedule
+        the model's calibration allows, priced on the costs its workers measured."""
         if spec.mode != Mode.AUTO:
-            return spec.mode, None
-        if self.config.policy == Policy.ADAPTIVE and spec.guided:
+            return spec, spec.mode, None, None, []
+        elastic = self.config.policy == Policy.ADAPTIVE and spec.guided
+        if not (spec.guided and (len(lease) == 2 or elastic)):
+            return spec, Mode.SINGLE, None, None, []
+        choice, notes = self._choose(spec, lease, client)
+        mode = Mode.HYBRID if choice is None else choice.mode
+        if choice is not None and mode != Mode.SINGLE:
+            spec = applied(choice, spec)
+            if calibrated(choice):  # without a calibration the elastic rule keeps today's costs
+                steps = spec.num_steps
+                self.costs.predicted(
+                    spec.model, choice.single_seconds / steps, choice.predicted_seconds / steps
+                )
+        if mode == Mode.SINGLE:
+            if len(lease) == 2:
+                lease.give_back(lease.entries[1].worker_id)  # the pair would not pay: not held
+            return spec, mode, None, choice, notes
+        if elastic:
             # The paired schedule; alone, the request runs the CFG batch until it grows.
-            return Mode.HYBRID, ElasticLease(
-                lease,
-                self.config.policy,
-                self.costs,
-                spec.num_steps,
-                lambda decision: self.metrics.elastic_events.labels(decision.value).inc(),
+            return (
+                spec,
+                mode,
+                ElasticLease(
+                    lease,
+                    self.config.policy,
+                    self.costs,
+                    spec.num_steps,
+                    lambda decision: self.metrics.elastic_events.labels(decision.value).inc(),
+                ),
+                choice,
+                notes,
             )
-        return (Mode.HYBRID if (len(lease) == 2 and spec.guided) else Mode.SINGLE), None
+        return spec, mode, None, choice, notes
+
+    def _choose(
+        self, spec: GenerationSpec, lease: Lease, client: ClientCall
+    ) -> tuple[AutoChoice | None, list[str]]:
+        """AUTO's choice for a request that may run paired, and the notes that explain a
+        fallback to the fixed choice (HYBRID with the model's window)."""
+        if spec.num_images != 1:
+            return None, ["AUTO: costs are measured for one image; HYBRID as before"]
+        self._split_cut(lease, spec, client)  # measures the size's costs with the cut, once
+        costs = self.device_costs.costs(self._cost_key(spec))
+        if costs is None:
+            return None, ["AUTO: the workers measured no costs; HYBRID as before"]
+        calibration = lease.entries[0].info.calibration
+        k = spec.hybrid.k if "k" in spec.hybrid_set else None
+        choice = choose(costs, calibration, spec.num_steps, spec.hybrid, spec.window_guidance, k)
+        notes = [] if calibration is not None else ["AUTO: the model has no calibration; HYBRID as before"]
+        return choice, notes
+
+    @staticmethod
+    def _cost_key(spec: GenerationSpec) -> tuple[str, int, int]:
+        return (spec.model, spec.height, spec.width)
 
     def _split_cut(self, lease: Lease, spec: GenerationSpec, client: ClientCall) -> int:
         """The model's stage cut at this size: measured once, by the first lease that needs it."""
@@ -370,9 +420,11 @@ class RequestRunner:
     def _measure_cut(self, lease: Lease, spec: GenerationSpec, client: ClientCall) -> int:
         entry = lease.entries[0]
         stub = worker_pb2_grpc.WorkerControlServiceStub(entry.channel)
-        return measure_split(
+        measured = measure_split(
             stub, entry.worker_id, spec.width, spec.height, client.check_alive, ALIVE_CHECK_SECONDS
         )
+        self.device_costs.measured(self._cost_key(spec), measured)
+        return measured.cut
 
     def _expected_step(self, spec: GenerationSpec) -> float | None:
         """One step of ``spec`` as the model's earlier requests measured it (None: none yet)."""
@@ -391,6 +443,8 @@ class RequestRunner:
             if values:
                 self.costs.observe(spec.model, kind, statistics.median(values))
         self.costs.observe(spec.model, "switch", result.stats.encoding_seconds)
+        if spec.guided and spec.num_images == 1:
+            self.device_costs.observe(self._cost_key(spec), result.stats.steps, result.stats.window_guidance)
         steps = [s.compute_seconds for s in result.stats.steps[1:]]
         if steps:
             per_pixel = statistics.median(steps) / (spec.width * spec.height * spec.num_images)

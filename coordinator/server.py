@@ -20,6 +20,8 @@ from typing import NoReturn
 import grpc
 from opentelemetry import trace
 
+from coordinator.allocation import Policy
+from coordinator.config import CoordinatorConfig
 from coordinator.discovery import StaticDiscovery
 from coordinator.http_api import HttpEdge, HttpServer
 from coordinator.metrics import CoordinatorMetrics
@@ -228,6 +230,39 @@ def serve_coordinator(
     coordinator = Coordinator(discovery or StaticDiscovery(workers or []), **kwargs).start()
     coordinator.serve_until_signalled(ready_file)
     end_process(0)
+
+
+def serve_configured(config: CoordinatorConfig) -> NoReturn:
+    """Serve what ``config`` describes (``hybridiff coordinator``): its discovery, its files read."""
+    if config.discovery == "kubernetes":
+        from coordinator.discovery.kubernetes import KubernetesDiscovery  # deferred: the kubernetes client
+
+        discovery = KubernetesDiscovery(config.namespace, config.selector, config.worker_port)
+    else:
+        discovery = StaticDiscovery(config.workers.split(","))
+    serve_coordinator(
+        discovery=discovery,
+        ready_file=config.ready_file,
+        host=config.host,
+        port=config.port,
+        metrics_port=config.metrics_port,
+        queue_size=config.queue_size,
+        config=RunnerConfig(
+            step_timeout=config.step_timeout,
+            speculative_steps=config.speculative_steps,
+            hybrid_defaults=config.hybrid_overrides,
+            policy=Policy(config.policy),
+        ),
+        tls=config.tls,
+        token=security.read_token(config.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"),
+        admin_token=security.read_token(config.admin_token_file, env="HYBRIDIFF_ADMIN_TOKEN"),
+        worker_credentials=security.channel_credentials(
+            config.worker_tls_ca, config.worker_tls_cert, config.worker_tls_key
+        ),
+        worker_tls_name=config.worker_tls_name,
+        health_port=config.health_port,
+        http_port=config.http_port or None,
+    )
 
 
 def end_process(code: int) -> NoReturn:

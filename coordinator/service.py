@@ -10,6 +10,7 @@ trace.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -18,11 +19,12 @@ import time
 import grpc
 from opentelemetry import context as otel_context
 
+from coordinator.auto_mode import AutoChoice
 from coordinator.driver import GenerationResult, StepStat
 from coordinator.runner import RequestRunner, as_typed_error
+from coordinator.worker_info import WorkerInfo
 from hybridiff import serving
 from hybridiff.errors import Cancelled, DeadlineExceeded, HybridiffError
-from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import MIME_TYPES, OutputFormat
 from hybridiff.request import MAX_STEPS, side_multiple
 from hybridiff.v1 import diffusion_pb2 as pb
@@ -52,6 +54,19 @@ def step_stat_to_proto(s: StepStat) -> pb.StepStat:
     return msg
 
 
+def auto_choice_to_proto(choice: AutoChoice) -> pb.AutoChoice:
+    s = choice.schedule
+    return pb.AutoChoice(
+        mode=s.mode,
+        window_guidance=s.window_guidance or 0,
+        k=s.k,
+        predicted_seconds=choice.predicted_seconds,
+        single_seconds=choice.single_seconds,
+        cfg_parallel_seconds=choice.cfg_parallel_seconds,
+        basis=choice.basis,
+    )
+
+
 def response_to_proto(
     result: GenerationResult, width: int, height: int, fmt: OutputFormat
 ) -> pb.GenerateResponse:
@@ -71,6 +86,8 @@ def response_to_proto(
     )
     if st.tau1 is not None:
         stats.tau1 = st.tau1
+    if st.auto_choice is not None:
+        stats.auto_choice.CopyFrom(auto_choice_to_proto(st.auto_choice))
     if st.tau2 is not None:
         stats.tau2 = st.tau2
     response = pb.GenerateResponse(
@@ -91,8 +108,8 @@ def response_to_proto(
     return response
 
 
-def model_info_to_proto(info: worker_pb2.InfoResponse) -> pb.ModelInfo:
-    lim = info.limits
+def model_info_to_proto(info: WorkerInfo) -> pb.ModelInfo:
+    lim, defaults = info.limits, info.defaults
     return pb.ModelInfo(
         name=info.model_name,
         arch=info.arch,
@@ -100,12 +117,12 @@ def model_info_to_proto(info: worker_pb2.InfoResponse) -> pb.ModelInfo:
         default_height=lim.default_side,
         max_width=lim.max_side,
         max_height=lim.max_side,
-        hybrid_defaults=info.hybrid_defaults,
-        default_guidance_scale=info.default_guidance_scale,
-        default_steps=info.default_steps,
+        hybrid_defaults=pb.HybridParams(**dataclasses.asdict(defaults.hybrid)),
+        default_guidance_scale=defaults.guidance_scale,
+        default_steps=defaults.steps,
         size_multiple=side_multiple(lim.multiple),
         min_side=lim.min_side,
-        max_images=lim.max_images or 1,
+        max_images=lim.max_images,
         max_steps=MAX_STEPS,
     )
 

@@ -77,7 +77,10 @@ class Expect:
 
 
 @dataclass(eq=False)
-class _Session:
+class SessionInbox:
+    """A mailbox's part for one open session: the peer's messages held for the engine to take,
+    those still being decoded, and how far the engine has taken each kind."""
+
     expect: Expect | None  # None: a solo session, which accepts nothing
     held: dict[tuple[int, int], TensorMessage] = field(default_factory=dict)
     pending: dict[tuple[int, int], int] = field(default_factory=dict)  # being decoded: bytes
@@ -144,7 +147,7 @@ class Mailbox:
         self.max_held = max_held
         self.max_held_bytes = max_held_bytes if max_held_bytes is not None else 4 * max_message_bytes
         self._cond = threading.Condition()
-        self._open: dict[str, _Session] = {}
+        self._open: dict[str, SessionInbox] = {}
         self._closed: OrderedDict[str, Expect] = OrderedDict()  # request id -> its last paired session
         self.rejected = 0
         self.rejected_by_reason: Counter[str] = Counter()
@@ -154,7 +157,7 @@ class Mailbox:
         """Open a session of ``request_id`` (replacing any earlier one and what it held);
         ``expect`` None: a solo session, which accepts no message."""
         with self._cond:
-            self._open[request_id] = _Session(expect)
+            self._open[request_id] = SessionInbox(expect)
             self._cond.notify_all()
 
     def is_open(self, request_id: str) -> bool:
@@ -230,7 +233,7 @@ class Mailbox:
         return self._reject(reason, detail)
 
     def _refusal(
-        self, session: _Session | None, header: pb.TensorFrameHeader, size: int
+        self, session: SessionInbox | None, header: pb.TensorFrameHeader, size: int
     ) -> tuple[str, str] | None:
         """Why the message of ``header`` is refused, as (reason, detail); None when it is accepted."""
         rid, kind, step, sender = _short(header.request_id), header.kind, header.step, _short(header.sender)

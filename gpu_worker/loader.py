@@ -21,6 +21,7 @@ from safetensors import safe_open
 from gpu_worker.adapters.base import ModelAdapter
 from gpu_worker.adapters.sd3 import SD3Adapter
 from gpu_worker.adapters.sdxl import SDXLAdapter
+from hybridiff.calibration import Calibration, CalibrationError, read_calibration
 from hybridiff.errors import InvalidArgument, ModelLoadError
 from hybridiff.request import MODEL_DEFAULTS_FILE, ModelDefaults, model_defaults
 
@@ -156,7 +157,10 @@ def load_adapter(
             module.eval().requires_grad_(False)
     t5 = " with its T5 encoder" if getattr(pipe, "text_encoder_3", None) is not None else ""
     log.info("loaded %s model%s from %s on %s (%s)", arch, t5, model_dir, dev, dt)
-    return adapter_cls(pipe, dev, dt, read_model_defaults(config if single_file else model_dir, arch))
+    source = config if single_file else model_dir
+    adapter = adapter_cls(pipe, dev, dt, read_model_defaults(source, arch))
+    adapter.calibration = read_model_calibration(source)
+    return adapter
 
 
 def _has_component(model_dir: str | Path, name: str) -> bool:
@@ -277,13 +281,27 @@ def _digest_safetensors(data: mmap.mmap, digest) -> None:
         view.release()
 
 
+def read_model_calibration(model_dir: str | Path | None) -> Calibration | None:
+    """The model's calibration from ``hybridiff.json`` (None when it records none)."""
+    if model_dir is None or not Path(model_dir).is_dir():
+        return None
+    try:
+        return read_calibration(model_dir)
+    except CalibrationError as exc:
+        path = Path(model_dir) / MODEL_DEFAULTS_FILE
+        raise ModelLoadError(f"{path} has an invalid calibration: {exc}") from None
+
+
 def read_model_defaults(model_dir: str | Path, arch: str) -> ModelDefaults:
-    """The model's own defaults from ``hybridiff.json`` when it has one, else the architecture's."""
+    """The model's own defaults from ``hybridiff.json`` when it records them, else the
+    architecture's (a file may record only a calibration)."""
     path = Path(model_dir) / MODEL_DEFAULTS_FILE
     if not path.is_file():
         return model_defaults(arch)
     try:
-        recorded = json.loads(path.read_text())["defaults"]
-        return model_defaults(arch, recorded)
+        document = json.loads(path.read_text())
+        if "defaults" not in document:
+            return model_defaults(arch)
+        return model_defaults(arch, document["defaults"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, InvalidArgument) as exc:
         raise ModelLoadError(f"{path} has invalid defaults: {exc}") from None

@@ -22,18 +22,12 @@ import torch
 import zmq
 
 from gpu_worker import compiled, weights
+from gpu_worker.config import WorkerConfig
 from gpu_worker.dataplane import Mailbox, message_bound
 from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter, weights_digest
 from gpu_worker.metrics import WorkerMetrics
-from gpu_worker.service import (
-    BEGIN_SECONDS,
-    LIVENESS_SERVICE,
-    SERVICE_NAME,
-    SESSION_IDLE_SECONDS,
-    WATCHDOG_SECONDS,
-    WorkerService,
-)
+from gpu_worker.service import LIVENESS_SERVICE, SERVICE_NAME, WorkerService
 from gpu_worker.split_balance import SplitPlanner, warm_up
 from gpu_worker.zmq_plane import DataPlaneReceiver, ZmqLinks, parse_networks
 from hybridiff import security, serving, telemetry
@@ -63,66 +57,39 @@ def pin_cpus(cpus: str | None) -> None:
 
 class WorkerProcess:
     def __init__(
-        self,
-        model_dir: str,
-        port: int,
-        data_port: int,
-        host: str = "0.0.0.0",
-        advertise_host: str | None = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        model_name: str | None = None,
-        worker_id: str | None = None,
-        grace: float = 30.0,
-        tls: serving.TlsFiles = (None, None, None),
-        curve_keys_dir: str | None = None,
-        metrics_port: int | None = 9091,
-        session_idle_seconds: float = SESSION_IDLE_SECONDS,
-        watchdog_seconds: float = WATCHDOG_SECONDS,
-        data_peer_cidrs: str | None = None,
-        data_max_message_bytes: int | None = None,
-        client_name: str = security.COORDINATOR_NAME,
-        health_port: int | None = None,
-        advertise_data_address: str | None = None,
-        compile_mode: str | None = compiled.AUTO,
-        compile_backend: str = "inductor",
-        begin_seconds: float = BEGIN_SECONDS,
-        variant: str | None = None,
-        hf_token: str | None = None,
-        text_encoder_3: bool = False,
-        config: str | None = None,
+        self, config: WorkerConfig, *, grace: float = 30.0, compile_backend: str = "inductor"
     ) -> None:
-        """Port 0 picks a free port (``metrics_port`` too; None: no /metrics). ``tls`` = (cert, key,
-        client CA): with a client CA only the coordinator (a cert that CA signed, naming
-        ``client_name`` in a subjectAltName) may control this worker; ``health_port``: plaintext
-        gRPC health only (kubelet probes), allowed next to TLS only with a client CA.
-        ``curve_keys_dir``: ZeroMQ CURVE with the pool keypair found there.
-        ``session_idle_seconds``: a session waiting longer for its next command is ended
-        (``begin_seconds``: for its Begin);
-        ``watchdog_seconds``: a command running longer is a stall (see the module docstring).
-        ``data_peer_cidrs`` ("10.0.0.0/8,..."): the only networks it pushes data-plane frames to
-        (None: any, safe only on a private network); ``data_max_message_bytes``: the largest
-        data-plane message it accepts (None: derived from the model's size limits).
-        ``compile_mode``: see ``gpu_worker.compiled`` (``compile_backend`` other than inductor: tests).
-        ``model_dir``: a diffusers folder or a Hub id ``ORG/NAME[@REV]``, fetched (``variant``'s
-        files, with ``hf_token``) before loading, while health says NOT_SERVING; or a single-file
-        checkpoint with ``config``, its pipeline's folder or Hub id. ``text_encoder_3``: SD3's T5 too."""
+        """The worker ``config`` describes (``gpu_worker.config``; its ``model`` named: the
+        launcher resolves the default). Port 0 picks a free port (``metrics_port`` too).
+        ``tls_client_ca``: only the coordinator (a cert that CA signed, naming ``tls_client_name``
+        in a subjectAltName) may control this worker; ``health_port``: plaintext gRPC health only
+        (kubelet probes), allowed next to TLS only with a client CA. ``curve_keys``: ZeroMQ CURVE
+        with the pool keypair found there. ``session_idle_timeout``: a session waiting longer for
+        its next command is ended (``session_begin_timeout``: for its Begin); ``watchdog_seconds``:
+        a command running longer is a stall (see the module docstring). ``data_peer_cidrs``: the
+        only networks it pushes data-plane frames to ("": any, safe only on a private network).
+        ``model``: a diffusers folder or a Hub id ``ORG/NAME[@REV]``, fetched (``variant``'s files,
+        with the token of ``hf_token_file``) before loading, while health says NOT_SERVING; or a
+        single-file checkpoint with ``config``, its pipeline's folder or Hub id.
+        ``compile_backend`` other than inductor: tests (see ``gpu_worker.compiled``)."""
+        if not config.model:
+            raise InvalidArgument("model", "the worker needs a model (a folder, a file or a Hub id)")
         telemetry.setup_tracing("hybridiff-worker")
-        self.model_dir, self.host, self.data_port, self.grace = model_dir, host, data_port, grace
-        self.device, self.dtype = device, dtype
-        self.variant, self.hf_token = variant, hf_token
-        self.text_encoder_3, self.config = text_encoder_3, config
-        self.compile_mode, self.compile_backend = compile_mode, compile_backend
+        self.config, self.grace, self.compile_backend = config, grace, compile_backend
+        self.model_dir, self.model_config = config.model, config.config
+        self.hf_token = weights.read_token(config.hf_token_file)
+        host, tls = config.host, config.tls
+        self.host, self.data_port = host, config.data_port
         self.data_address = ""
-        self.advertise = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "::") else host)
-        self.advertise_data_address = advertise_data_address
-        self.curve = security.load_curve_keys(curve_keys_dir) if curve_keys_dir else None
-        self.data_networks = parse_networks(data_peer_cidrs)
-        self.data_max_message_bytes = data_max_message_bytes
-        if health_port is not None and tls[0] and not tls[2]:
+        self.advertise = config.advertise_host or (
+            socket.gethostname() if host in ("0.0.0.0", "::") else host
+        )
+        self.curve = security.load_curve_keys(config.curve_keys) if config.curve_keys else None
+        self.data_networks = parse_networks(config.data_peer_cidrs)
+        if config.health_port is not None and tls[0] and not tls[2]:
             raise InvalidArgument("health-port", "a plaintext health port next to TLS needs --tls-client-ca")
         interceptors = telemetry.server_interceptors()
-        peer = security.PeerNameInterceptor(client_name)
+        peer = security.PeerNameInterceptor(config.tls_client_name)
         if tls[2]:  # only the coordinator: a certificate from the client CA naming client_name
             interceptors.append(peer)
         # Health Check from anyone but the coordinator runs in open slots of its own (without a
@@ -131,30 +98,31 @@ class WorkerProcess:
             CONTROL_CALL_SLOTS,
             interceptors,
             max_message_bytes=serving.CONTROL_MESSAGE_BYTES,
+            max_receive_bytes=serving.CONTROL_RECEIVE_BYTES,  # a checkpoint comes in parts
             lingering_streams=CONTROL_LINGERING_STREAMS,
             authenticated=peer.authenticated if tls[2] else None,
         )
         self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
         self.health.set(LIVENESS_SERVICE, serving.SERVING)  # alive while loading (startup probe waits)
-        self.port = serving.bind(self.server, f"{host}:{port}", tls)
+        self.port = serving.bind(self.server, f"{host}:{config.port}", tls)
         # Plaintext, for kubelet's gRPC probes (they cannot speak TLS): a server of its own that
         # answers health Check only, so a probe never waits behind (or is refused for) control calls.
         self.health_server, self.health_port = (
-            serving.health_server(f"{host}:{health_port}", self.health)
-            if health_port is not None
+            serving.health_server(f"{host}:{config.health_port}", self.health)
+            if config.health_port is not None
             else (None, None)
         )
-        self.worker_id = worker_id or f"{self.advertise}:{self.port}"
+        self.worker_id = config.worker_id or f"{self.advertise}:{self.port}"
         self.metrics = WorkerMetrics()
-        self.metrics_port = self.metrics.serve(metrics_port, host) if metrics_port is not None else None
+        self.metrics_port = self.metrics.serve(config.metrics_port, host)
         self.service = WorkerService(
             self.worker_id,
-            model_name or weights.served_name(model_dir),
+            config.served_model_name or weights.served_name(config.model),
             self.metrics,
-            session_idle_seconds=session_idle_seconds,
-            watchdog_seconds=watchdog_seconds,
+            session_idle_seconds=config.session_idle_timeout,
+            watchdog_seconds=config.watchdog_seconds,
             on_stall=self._stalled,
-            begin_seconds=begin_seconds,
+            begin_seconds=config.session_begin_timeout,
         )
         worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self.service, self.server)
         self._stop = threading.Event()
@@ -166,28 +134,29 @@ class WorkerProcess:
             self.health_server.start()
         log.info("worker control API on %s:%d (loading model)", self.host, self.port)
         started = time.perf_counter()
-        fetch = dict(variant=self.variant, with_t5=self.text_encoder_3, token=self.hf_token)
+        c = self.config
+        fetch = dict(variant=c.variant, with_t5=c.text_encoder_3, token=self.hf_token)
         self.model_dir = str(weights.resolve(self.model_dir, **fetch))
-        if self.config:
-            self.config = str(weights.resolve(self.config, **fetch))
+        if self.model_config:
+            self.model_config = str(weights.resolve(self.model_config, **fetch))
         adapter = load_adapter(
-            self.model_dir, self.device, self.dtype, self.variant, self.text_encoder_3, self.config
+            self.model_dir, c.device, c.dtype, c.variant, c.text_encoder_3, self.model_config
         )
         compiled.enable(
             adapter,
-            self.compile_mode,
+            c.compile,
             backend=self.compile_backend,
             on_compile=self.metrics.compiled,
             on_lookup=self.metrics.compile_lookup,
         )
         self.metrics.compile_mode.labels(adapter.compile_mode).set(1)
         digest_started = time.perf_counter()
-        digest = weights_digest(self.model_dir, text_encoder_3=self.text_encoder_3, config=self.config)
+        digest = weights_digest(self.model_dir, text_encoder_3=c.text_encoder_3, config=self.model_config)
         self.metrics.weights_digest_seconds.set(time.perf_counter() - digest_started)
         self.metrics.model_load_seconds.set(time.perf_counter() - started)
         self.metrics.watch_device_memory(adapter.device)
         self.context = zmq.Context()
-        max_message = self.data_max_message_bytes or message_bound(adapter)
+        max_message = c.data_max_message_bytes or message_bound(adapter)
         mailbox = Mailbox(self.worker_id, adapter.device, metrics=self.metrics, max_message_bytes=max_message)
         self.receiver = DataPlaneReceiver(
             self.context, mailbox, self.host, self.data_port, curve=self.curve
@@ -195,7 +164,7 @@ class WorkerProcess:
         self.links = ZmqLinks(self.context, self.worker_id, curve=self.curve, networks=self.data_networks)
         engine = WorkerEngine(adapter, self.worker_id, mailbox, self.links, metrics=self.metrics)
         # A forwarder or a NAT may stand between the peers: the address they push to, as given.
-        self.data_address = self.advertise_data_address or f"tcp://{self.advertise}:{self.receiver.port}"
+        self.data_address = c.advertise_data_address or f"tcp://{self.advertise}:{self.receiver.port}"
         if adapter.compiler is None:
             self._serve(engine, digest)
         else:
@@ -285,11 +254,13 @@ class WorkerProcess:
         telemetry.shutdown_tracing()
 
 
-def serve_worker(model_dir: str, port: int, data_port: int, ready_file: str | None = None, **kwargs) -> None:
-    """Serve until SIGTERM/SIGINT; ``ready_file`` receives {"control": "host:port", "data": "tcp://host:port",
-    "metrics_port": M} once the model is loaded."""
-    process = WorkerProcess(model_dir, port, data_port, **kwargs).start()
+def serve_worker(config: WorkerConfig) -> None:
+    """Pin to ``config.cpus``, serve until SIGTERM/SIGINT; ``config.ready_file`` receives
+    {"control": "host:port", "data": "tcp://host:port", "metrics_port": M, "health_port": H}
+    once the model is loaded."""
+    pin_cpus(config.cpus)
+    process = WorkerProcess(config).start()
     try:
-        process.serve_until_signalled(ready_file)
+        process.serve_until_signalled(config.ready_file)
     finally:
         process.shutdown()

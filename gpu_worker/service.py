@@ -20,6 +20,10 @@ coordinator asks for longer peer waits) is a stall: the worker turns NOT_SERVING
 included, refuses new sessions, and stays so until it is restarted (a command that ends after
 all does not make the process trustworthy again: a wedged device or a deadlocked thread may
 be behind it).
+
+A resumed request's checkpoint comes in parts after its Begin (``hybridiff.checkpoint_parts``):
+the session assembles them, each within ``session_idle_seconds``, up to the largest checkpoint
+the model's limits allow, and runs the Begin with the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -32,14 +36,17 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import grpc
 
+from gpu_worker.config import BEGIN_SECONDS, SESSION_IDLE_SECONDS, WATCHDOG_SECONDS
 from gpu_worker.engine import MAX_PEER_TIMEOUT, WorkerEngine
 from gpu_worker.split_balance import SplitPlanner
 from gpu_worker.zmq_plane import SEND_TIMEOUT_MS
 from hybridiff import logs, serving, telemetry
+from hybridiff.calibration_wire import calibration_to_proto
+from hybridiff.checkpoint_parts import CheckpointAssembly, checkpoint_bound
 from hybridiff.errors import (
     BadCommand,
     Cancelled,
@@ -65,18 +72,9 @@ LIVENESS_SERVICE = "hybridiff.liveness"
 # to the worker's release (tiny model, 30 sessions, 2 shared cores): median 0.2 ms, max 0.7 ms.
 # The bound leaves a thousandfold room, and holds one thread at most.
 BUSY_WAIT_SECONDS = 1.0
-# A session opens with its Begin, sent with the stream: one that has not sent it by then holds
-# the worker for nothing (SESSION_IDLE, as an idle session).
-BEGIN_SECONDS = 5.0
-SESSION_IDLE_SECONDS = 60.0
 # Info's active_request_id while a session holds the worker before its Begin named the request:
 # never "" then, or the coordinator's pool would read the worker as free.
 OPENING = "(opening)"
-# Above the longest healthy command with the engine's default peer timeout (120 s): its peer
-# waits (the nested pipeline's core waits for two messages; a speculative step for its peer's
-# prediction, its resolution, as a FULL_CFG fill for the peer's half of the stale activations,
-# and with staged transfers for its own sends at its end: four) and one send.
-WATCHDOG_SECONDS = 600.0
 PEER_WAITS_PER_COMMAND = 4
 SEND_WAIT_SECONDS = SEND_TIMEOUT_MS / 1000  # one send the peer does not take
 READ_AHEAD = 4  # commands read ahead of the one running (the coordinator sends steps ahead)
@@ -212,7 +210,10 @@ class _Commands:
 
 
 @dataclass
-class _SessionState:
+class ControlSession:
+    """One control Session call as the service follows it: the request it runs, how long one of
+    its commands may run, and how it ended (the sessions metric's outcome)."""
+
     watchdog_bound: float  # seconds a command may run before it counts as a stall
     request_id: str | None = None  # set by its Begin; None again once finished
     outcome: str = "cancelled"  # the stream ended (or the coordinator cancelled it) before finish
@@ -247,6 +248,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         self.data_address = ""
         self.weights_digest = ""
         self.engine: WorkerEngine | None = None
+        self.checkpoint_bound = 0  # the largest checkpoint this worker assembles, once attached
         self.planner: SplitPlanner | None = None
         self.session_idle_seconds = session_idle_seconds
         self.begin_seconds = min(begin_seconds, session_idle_seconds)
@@ -263,6 +265,10 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
     def attach(self, engine: WorkerEngine, data_address: str, weights_digest: str = "") -> None:
         self.adapter = engine.adapter
         self.planner = SplitPlanner(engine.adapter)
+        limits, scale = engine.adapter.size_limits(), engine.adapter.vae_scale_factor
+        latent_side = limits.max_side // scale
+        channels = engine.adapter.denoiser.config.in_channels
+        self.checkpoint_bound = checkpoint_bound(limits.max_images * channels * latent_side * latent_side)
         self.data_address = data_address
         self.weights_digest = weights_digest
         self.engine = engine
@@ -282,33 +288,24 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         self._ready(context)
         limits = self.adapter.size_limits()
         d = self.adapter.defaults
-        return worker_pb2.InfoResponse(
+        info = worker_pb2.InfoResponse(
             worker_id=self.worker_id,
             model_name=self.model_name,
             arch=self.adapter.arch,
             data_address=self.data_address,
-            limits=worker_pb2.SizeLimits(
-                multiple=limits.multiple,
-                min_side=limits.min_side,
-                max_side=limits.max_side,
-                default_side=limits.default_side,
-                max_images=limits.max_images,
-            ),
+            limits=worker_pb2.SizeLimits(**asdict(limits)),
             default_steps=d.steps,
             default_guidance_scale=d.guidance_scale,
-            hybrid_defaults=diffusion_pb2.HybridParams(
-                l_slope=d.hybrid.l_slope,
-                eps_slope=d.hybrid.eps_slope,
-                k=d.hybrid.k,
-                tau_cap=d.hybrid.tau_cap,
-                refresh_every=d.hybrid.refresh_every,
-            ),
+            hybrid_defaults=diffusion_pb2.HybridParams(**asdict(d.hybrid)),
             device=str(self.adapter.device),
             dtype=str(self.adapter.dtype).removeprefix("torch."),
             protocol_version=WORKER_PROTOCOL_VERSION,
             weights_digest=self.weights_digest,
             active_request_id=self._active_request_id,
         )
+        if self.adapter.calibration is not None:
+            info.calibration.CopyFrom(calibration_to_proto(self.adapter.calibration))
+        return info
 
     def MeasureSplit(self, request, context):
         self._ready(context)
@@ -318,20 +315,36 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             if problem:
                 serving.abort(context, InvalidArgument(name, problem))
         plan = self.planner.plan(request.height, request.width)
-        return worker_pb2.MeasureSplitResponse(
+        response = worker_pb2.MeasureSplitResponse(
             cut=plan.cut,
             stage1_seconds=plan.stage1_seconds,
             stage2_seconds=plan.stage2_seconds,
             unit_seconds=plan.unit_seconds,
+            topology=self.adapter.make_split(plan.cut).topology.value,
         )
+        for batch, costs in ((1, response.batch1), (2, response.batch2)):
+            c = plan.costs.get(batch)
+            if c is not None:
+                costs.CopyFrom(
+                    worker_pb2.PhaseCosts(
+                        forward_seconds=c.forward,
+                        stage1_seconds=c.stage1,
+                        stage2_seconds=c.stage2,
+                        stage1_pre_seconds=c.pre,
+                        stage1_post_seconds=c.post,
+                    )
+                )
+        return response
 
     def Session(self, request_iterator, context):
         self._admit(context)
         commands = _Commands(request_iterator, self.worker_id)
-        session = _SessionState(self.watchdog_seconds)
+        session = ControlSession(self.watchdog_seconds)
         try:
             while (cmd := commands.next(self._wait_for_next(session))) is not None:
                 which = self._accept(cmd, session, context)
+                if which == "begin" and cmd.begin.resume_bytes:
+                    self._assemble_checkpoint(cmd, commands)
                 with self._watchdog.watch(
                     f"{which} of request {session.request_id}", session.watchdog_bound, self._stall
                 ):
@@ -359,7 +372,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             commands.close()
             self._release(session)
 
-    def _wait_for_next(self, session: _SessionState) -> float:
+    def _wait_for_next(self, session: ControlSession) -> float:
         return self.session_idle_seconds if session.request_id is not None else self.begin_seconds
 
     def _admit(self, context: grpc.ServicerContext) -> None:
@@ -394,7 +407,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             self._waiter.release()
 
     def _accept(
-        self, cmd: worker_pb2.SessionRequest, session: _SessionState, context: grpc.ServicerContext
+        self, cmd: worker_pb2.SessionRequest, session: ControlSession, context: grpc.ServicerContext
     ) -> str | None:
         """The command's kind, once it fits the session (a Begin opens the request)."""
         which = cmd.WhichOneof("command")
@@ -410,11 +423,35 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
             # attempt's session (its nonce), which ends a wait for the peer on a cancelled RPC.
             mailbox, nonce = self.engine.mailbox, cmd.begin.session_nonce
             context.add_callback(lambda rid=cmd.request_id: mailbox.close(rid, nonce))
+        elif which == "checkpoint_part":
+            raise BadCommand("checkpoint_part", "no checkpoint is expected (parts follow a Begin naming one)")
         elif cmd.request_id != session.request_id:
             raise BadCommand(
                 "request_id", f"command for {cmd.request_id!r} in the session of {session.request_id!r}"
             )
         return which
+
+    def _assemble_checkpoint(self, cmd: worker_pb2.SessionRequest, commands: _Commands) -> None:
+        """Read the parts of ``cmd``'s checkpoint that follow it into its Begin's ``resume``.
+        ``BadCommand`` for a checkpoint larger than this worker's bound (before a part is read), for
+        parts out of order and for a stream that ends before the last; ``SessionIdle`` when a
+        part does not come in time; ``Cancelled`` when the stream breaks."""
+        begin = cmd.begin
+        if begin.HasField("resume"):
+            raise BadCommand("begin.resume", "a checkpoint comes whole or in parts, not both")
+        assembly = CheckpointAssembly(begin.resume_bytes, self.checkpoint_bound)
+        while not assembly.complete:
+            part = commands.next(self.session_idle_seconds)
+            if part is None:
+                got = f"{assembly.received} of {assembly.expected} bytes"
+                raise BadCommand("checkpoint_part", f"the stream ended after {got} of the checkpoint")
+            if part.WhichOneof("command") != "checkpoint_part" or part.request_id != cmd.request_id:
+                raise BadCommand(
+                    "checkpoint_part",
+                    f"{part.WhichOneof('command')} of {part.request_id!r} before the checkpoint was whole",
+                )
+            assembly.add(part.checkpoint_part)
+        assembly.fill(begin.resume)
 
     def watchdog_bound(self, begin: worker_pb2.BeginCommand) -> float:
         """``watchdog_seconds``, raised for a session whose coordinator asks for longer peer waits
@@ -425,7 +462,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         waits = PEER_WAITS_PER_COMMAND * min(requested, MAX_PEER_TIMEOUT) + SEND_WAIT_SECONDS
         return max(self.watchdog_seconds, waits)
 
-    def _release(self, session: _SessionState) -> None:
+    def _release(self, session: ControlSession) -> None:
         """Abort what the session left running, then free the worker: an Info that shows no
         active request means the abort is done."""
         if session.request_id is not None:
@@ -435,7 +472,7 @@ class WorkerService(worker_pb2_grpc.WorkerControlServiceServicer):
         self._count(session.outcome)
         logs.set_request_id(None)
 
-    def _idle(self, context: grpc.ServicerContext, session: _SessionState) -> Callable[[Watch], None]:
+    def _idle(self, context: grpc.ServicerContext, session: ControlSession) -> Callable[[Watch], None]:
         def expire(watch: Watch) -> None:
             session.outcome = "idle_timeout"
             log.warning(

@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -31,11 +31,39 @@ STAGES = {Topology.NESTED: ("stage1_pre", "stage2", "stage1_post"), Topology.SEQ
 
 
 @dataclass(frozen=True)
+class BatchCosts:
+    """Seconds of a forward and of its two stages at one batch size (nested: stage 1's parts
+    before and after the core too), summed from measured per-unit costs."""
+
+    forward: float
+    stage1: float
+    stage2: float
+    pre: float = 0.0
+    post: float = 0.0
+
+
+def batch_costs(split: StageSplit, unit_seconds: dict[str, float]) -> BatchCosts:
+    """A forward's and the stages' seconds at ``split``'s cut: stage 1's units before the first
+    stage-2 unit (in forward order) are the nested ring's way in, the others its way out."""
+    stage1 = set(split.stage1_units())
+    s1, s2 = stage_costs(stage1, unit_seconds)
+    pre = post = 0.0
+    if split.topology == Topology.NESTED:
+        order = [n for n in split.unit_names() if n in unit_seconds]
+        first_core = next((i for i, n in enumerate(order) if n not in stage1), len(order))
+        pre = sum(unit_seconds[n] for n in order[:first_core] if n in stage1)
+        post = s1 - pre
+    return BatchCosts(s1 + s2, s1, s2, pre, post)
+
+
+@dataclass(frozen=True)
 class SplitPlan:
     cut: int
     stage1_seconds: float
     stage2_seconds: float
     unit_seconds: dict[str, float]
+    # Per batch (1: a branch, 2: the CFG batch): what AUTO's schedule model prices a step with.
+    costs: dict[int, BatchCosts] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -201,9 +229,10 @@ class SplitPlanner:
                 if size in self._plans:
                     return self._plans[size]
                 if size not in self._eager:
+                    units = measure_unit_costs(self.adapter, height, width)
                     self._eager[size] = self._log(
                         size,
-                        balanced_plan(self.adapter, measure_unit_costs(self.adapter, height, width)),
+                        self._with_costs(balanced_plan(self.adapter, units), height, width),
                         "eager, compiled in the background",
                     )
                     compiler.device_thread.background(self._measure_later, height, width)
@@ -223,9 +252,18 @@ class SplitPlanner:
     def _measure(self, height: int, width: int) -> SplitPlan:
         units = measure_unit_costs(self.adapter, height, width)
         if self.adapter.compiler is None:
-            return self._log((height, width), balanced_plan(self.adapter, units), "eager")
-        plan = compiled_plan(self.adapter, height, width, units)
+            plan = self._with_costs(balanced_plan(self.adapter, units), height, width)
+            return self._log((height, width), plan, "eager")
+        plan = self._with_costs(compiled_plan(self.adapter, height, width, units), height, width)
         return self._log((height, width), plan, f"compiled, {self.adapter.compile_mode}")
+
+    def _with_costs(self, plan: SplitPlan, height: int, width: int) -> SplitPlan:
+        """``plan`` with its cut's costs at batch 1 and 2, from eager per-unit timings (a compiled
+        worker's steps cost less: the coordinator refines them from the steps it runs)."""
+        split = self.adapter.make_split(plan.cut)
+        units_b2 = measure_unit_costs(self.adapter, height, width, batch=2)
+        costs = {1: batch_costs(split, plan.unit_seconds), 2: batch_costs(split, units_b2)}
+        return replace(plan, costs=costs)
 
     @staticmethod
     def _log(size: tuple[int, int], plan: SplitPlan, how: str) -> SplitPlan:

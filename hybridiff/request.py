@@ -141,6 +141,7 @@ class GenerationSpec:
     quality: int = DEFAULT_QUALITY
     num_images: int = 1
     model: str = ""
+    hybrid_set: frozenset[str] = frozenset()  # the hybrid parameters the request itself set
 
     @property
     def guided(self) -> bool:
@@ -302,9 +303,8 @@ def resolve_spec(
     output_format = _check_enum("output_format", OutputFormat, req.output_format, unset=OutputFormat.PNG)
     quality = DEFAULT_QUALITY if req.quality == 0 else _check_int("quality", req.quality, 1, 100)
     num_images = _check_int("num_images", req.num_images or 1, 1, limits.max_images)
-    hybrid = defaults.hybrid.replace(
-        **{name: _optional(req.hybrid, name) for name in HYBRID_FIELDS}
-    ).validate()
+    requested = {name: _optional(req.hybrid, name) for name in HYBRID_FIELDS}
+    hybrid = defaults.hybrid.replace(**requested).validate()
     request_id = req.request_id or uuid.uuid4().hex
     if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
         raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters")
@@ -324,4 +324,5 @@ def resolve_spec(
         quality=quality,
         num_images=num_images,
         model=req.model if model is None else model,
+        hybrid_set=frozenset(name for name, value in requested.items() if value is not None),
     )

@@ -37,8 +37,15 @@ from hybridiff.errors import HybridiffError, InvalidArgument, PermissionDenied, 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # The control API (coordinator <-> worker) carries checkpoints: the latents, the scheduler's
 # history and the last difference. For the largest SD3 request (2048 px, 4 images: 16 MiB of
-# float32 latents) that is about 100 MiB, over MAX_MESSAGE_BYTES; this bound leaves room.
+# float32 latents) that is about 100 MiB, over MAX_MESSAGE_BYTES; this bound leaves room. It
+# bounds what a worker sends (a step's checkpoint, the final latents and images) and what the
+# coordinator receives from it.
 CONTROL_MESSAGE_BYTES = 256 * 1024 * 1024
+# What a worker's control port receives, from anyone: the coordinator's commands are a few KiB
+# (a Begin with two prompts of MAX_PROMPT_CHARS), a checkpoint comes in parts of 1 MiB
+# (hybridiff.checkpoint_parts). So no caller, authenticated or not, makes the worker buffer a
+# large message (docs/design.md section 5).
+CONTROL_RECEIVE_BYTES = 4 * 1024 * 1024
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TlsFiles = tuple[str | None, str | None, str | None]  # (cert, key, client CA)
@@ -135,7 +142,8 @@ def new_server(
     streams. Health Check calls that ``authenticated(context)`` does not vouch for (None: any)
     run in ``open_slots`` more, of their own. A unary request must arrive within BODY_SECONDS,
     and a malformed one is INVALID_ARGUMENT (``ReadRequests``).
-    ``max_receive_bytes``: a smaller bound on received messages (the public API's requests)."""
+    ``max_receive_bytes``: a smaller bound on received messages (the public API's requests, a
+    worker's control commands)."""
     options = message_options(max_message_bytes, max_receive_bytes) + keepalive_server_options()
     if max_receive_bytes is not None:
         # gRPC checks a message's size only once it has arrived whole. With BDP probing the

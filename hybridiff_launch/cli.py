@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import ipaddress
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -25,7 +23,9 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from hybridiff import logs, security, telemetry
+from coordinator.config import CoordinatorConfig
+from gpu_worker.config import WorkerConfig
+from hybridiff import logs, options, security, telemetry
 from hybridiff.client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -33,6 +33,7 @@ from hybridiff.client import (
     default_target,
 )
 from hybridiff.errors import DeadlineExceeded, HybridiffError, InvalidArgument, ModelLoadError, Unavailable
+from hybridiff.options import positive_seconds
 from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance, label, labels
 from hybridiff.protojson import message_json, response_json
 from hybridiff.request import request_from_names
@@ -285,86 +286,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from gpu_worker.process import pin_cpus, serve_worker  # deferred: the worker role (torch, diffusers, zmq)
-    from gpu_worker.weights import read_token  # deferred: with the worker role
+    from gpu_worker.process import serve_worker  # deferred: the worker role (torch, diffusers, zmq)
 
-    pin_cpus(args.cpus)
-    serve_worker(
-        args.model or str(default_model_dir()),  # a Hub id is fetched by the worker, before it serves
-        args.port,
-        args.data_port,
-        host=args.host,
-        advertise_host=args.advertise_host,
-        advertise_data_address=args.advertise_data_address,
-        device=args.device,
-        dtype=args.dtype,
-        model_name=args.served_model_name,
-        variant=args.variant,
-        hf_token=read_token(args.hf_token_file),
-        text_encoder_3=text_encoder_3(args),
-        config=args.config,  # a Hub id is fetched by the worker, as the model is
-        worker_id=args.worker_id,
-        ready_file=args.ready_file,
-        tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
-        curve_keys_dir=args.curve_keys,
-        metrics_port=args.metrics_port,
-        client_name=args.tls_client_name,
-        health_port=args.health_port,
-        data_peer_cidrs=args.data_peer_cidrs,
-        data_max_message_bytes=args.data_max_message_mib << 20 if args.data_max_message_mib else None,
-        session_idle_seconds=args.session_idle_timeout,
-        begin_seconds=args.session_begin_timeout,
-        watchdog_seconds=args.watchdog_seconds,
-        compile_mode=args.compile,
-    )
+    # A Hub id is fetched by the worker, before it serves (and --config's, as the model is).
+    serve_worker(options.from_args(WorkerConfig, args, model=args.model or str(default_model_dir())))
     return EXIT_OK
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    config = options.from_args(CoordinatorConfig, args)
+    if config.discovery == "static" and not config.workers:
+        print("error: --workers HOST:PORT,... is required with --discovery static", file=sys.stderr)
+        return EXIT_USAGE
     # deferred: the coordinator role (prometheus, the OpenTelemetry SDK, the kubernetes client).
-    from coordinator.allocation import Policy
-    from coordinator.discovery import StaticDiscovery
-    from coordinator.runner import RunnerConfig
-    from coordinator.server import serve_coordinator
+    from coordinator.server import serve_configured
 
-    if args.discovery == "kubernetes":
-        from coordinator.discovery.kubernetes import KubernetesDiscovery  # deferred: the kubernetes client
-
-        discovery = KubernetesDiscovery(args.namespace, args.selector, args.worker_port)
-    else:
-        if not args.workers:
-            print("error: --workers HOST:PORT,... is required with --discovery static", file=sys.stderr)
-            return EXIT_USAGE
-        discovery = StaticDiscovery(args.workers.split(","))
-    serve_coordinator(
-        discovery=discovery,
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        queue_size=args.queue_size,
-        config=RunnerConfig(
-            step_timeout=args.step_timeout,
-            speculative_steps=args.speculative_steps == "on",
-            hybrid_defaults={
-                "l_slope": args.l_slope,
-                "eps_slope": args.eps_slope,
-                "k": args.k,
-                "tau_cap": args.tau_cap,
-                "refresh_every": args.refresh_every,
-            },
-            policy=Policy(args.policy),
-        ),
-        ready_file=args.ready_file,
-        tls=(args.tls_cert, args.tls_key, args.tls_client_ca),
-        token=security.read_token(args.auth_token_file, env="HYBRIDIFF_AUTH_TOKEN"),
-        admin_token=security.read_token(args.admin_token_file, env="HYBRIDIFF_ADMIN_TOKEN"),
-        worker_credentials=security.channel_credentials(
-            args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key
-        ),
-        worker_tls_name=args.worker_tls_name,
-        health_port=args.health_port,
-        http_port=args.http_port or None,
-    )
+    serve_configured(config)
     return EXIT_OK
 
 
@@ -474,37 +411,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def positive_seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds above 0 (0, -5 or nan is a usage error, exit 2)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, not {text}")
-    return value
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hybridiff_launch.predict import run  # deferred: the coordinator's schedule model
 
-
-def cidr_list(text: str) -> str:
-    """An argparse type: comma-separated networks (``10.0.0.0/8,fd00::/8``), kept as given; a bad
-    entry is a usage error (exit 2) instead of a traceback when the worker starts."""
-    for entry in filter(None, (e.strip() for e in text.split(","))):
-        try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a network (CIDR such as 10.0.0.0/8): {entry!r}") from None
-    return text
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: a whole number, 0 or more (-1 is a usage error, exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
+    return run(args)
 
 
 def add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -530,20 +440,6 @@ def add_client_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-POLICIES = ("latency", "throughput", "adaptive")
-
-
-def add_policy_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--policy",
-        choices=POLICIES,
-        default="adaptive",
-        help="how AUTO requests get workers: latency (a pair whenever two are free), throughput (one worker "
-        "each), adaptive (decided at admission and at every step boundary: shrink when a request waits, grow "
-        "when a worker idles and the steps left pay for it)",
-    )
-
-
 # --- the parser -------------------------------------------------------------------------
 # `hybridiff --help` lists the user's commands in this order, then the developer tools apart.
 USER_COMMANDS = (
@@ -558,6 +454,7 @@ USER_COMMANDS = (
     "curve-keys",
     "loadtest",
     "gpu-check",
+    "predict",
 )
 DEVELOPER_TOOLS = {
     "tiny-model": None,  # built in: its own help
@@ -567,11 +464,13 @@ DEVELOPER_TOOLS = {
     "gpu-profile": "GPU profile of full-size SDXL / SD3 denoisers and the two-GPU latency it predicts",
     "load-sweep": "latency and SLO attainment against offered load, per allocation policy",
     "poolsim": "the allocation policies on simulated GPU pools",
+    "frontier": "quality against speedup of every window policy at every window length",
     "chaos": "a load test on a local cluster while workers and a coordinator are killed, stopped and cut off",
 }
 TOOL_HELP = {
     "loadtest": "load a running service (gRPC or HTTP) at a rate or a concurrency: latency, SLO",
     "gpu-check": "every mode end to end on this host's GPU(s), checked against single",
+    "calibrate": "measure each window policy's quality per window length; record it in its hybridiff.json",
 }
 NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 
@@ -638,13 +537,7 @@ def tool_commands() -> dict[str, object]:
 
 
 def add_compile_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--compile",
-        choices=("auto", "none", "default", "reduce-overhead", "max-autotune"),
-        default="auto",
-        help="torch.compile the denoiser and its stages per shape (auto: reduce-overhead on CUDA, none "
-        "on CPU); a worker is ready once its default size is compiled",
-    )
+    options.add_flags(p, WorkerConfig, only=["compile"])
 
 
 def add_log_format_flag(p: argparse.ArgumentParser) -> None:
@@ -685,10 +578,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
 
     p = sub.add_parser("run", help="the engine in one process, no servers")
     add_model_flags(p, served_name=False, load_options=True)
-    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
-    p.add_argument(
-        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp16 on GPU, fp32 on CPU)"
-    )
+    options.add_flags(p, WorkerConfig, only=["device", "dtype"])
     p.add_argument(
         "--split-cut", type=int, default=None, help="stage cut (default: balanced by measured cost)"
     )
@@ -698,174 +588,12 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("worker", help="one GPU worker: control API over gRPC, data plane over ZeroMQ")
-    add_model_flags(p, load_options=True)
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument(
-        "--advertise-host", default=None, help="host peers reach this worker at (default: hostname)"
-    )
-    p.add_argument("--port", type=int, default=50061, help="control API port (0: any free port)")
-    p.add_argument("--data-port", type=int, default=50062, help="data-plane port (0: any free port)")
-    p.add_argument(
-        "--advertise-data-address",
-        default=None,
-        help="tcp://HOST:PORT peers push data-plane frames to (default: the advertised host, data port)",
-    )
-    p.add_argument(
-        "--metrics-port", type=int, default=9091, help="Prometheus /metrics port (0: any free port)"
-    )
-    p.add_argument("--worker-id", default=None, help="name in logs and stats (default: HOST:PORT)")
-    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda when present)")
-    p.add_argument(
-        "--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp16 on GPU, fp32 on CPU)"
-    )
-    p.add_argument(
-        "--cpus", default=None, help="pin to these cores (e.g. 0 or 0-3), one torch thread per core"
-    )
-    p.add_argument("--ready-file", default=None, help="write the bound addresses here as JSON once serving")
-    p.add_argument("--tls-cert", default=None, help="control API: TLS certificate (PEM)")
-    p.add_argument("--tls-key", default=None, help="control API: TLS private key (PEM)")
-    p.add_argument(
-        "--tls-client-ca",
-        default=None,
-        help="control API: accept only clients (the coordinator) with a certificate from this CA",
-    )
-    p.add_argument(
-        "--tls-client-name",
-        default=security.COORDINATOR_NAME,
-        help="control API with --tls-client-ca: the name (DNS or URI subjectAltName) the client's "
-        "certificate must carry",
-    )
-    p.add_argument(
-        "--health-port",
-        type=int,
-        default=None,
-        help="plaintext gRPC health only, for kubelet probes when the control port has TLS (0: any port)",
-    )
-    p.add_argument("--curve-keys", default=None, help="data plane: directory with the CURVE pool keypair")
-    p.add_argument(
-        "--data-peer-cidrs",
-        type=cidr_list,
-        default="",
-        help="data plane: push frames only to peers in these networks (e.g. 10.0.0.0/8,fd00::/8); "
-        "default: any address, which is safe only on a private network",
-    )
-    p.add_argument(
-        "--data-max-message-mib",
-        type=int,
-        default=0,
-        help="data plane: largest message accepted, in MiB (default: derived from the model's size limits)",
-    )
-    p.add_argument(
-        "--session-idle-timeout",
-        type=positive_seconds,
-        default=60.0,
-        help="seconds a control session may wait for its next command before the worker ends it",
-    )
-    p.add_argument(
-        "--session-begin-timeout",
-        type=positive_seconds,
-        default=5.0,
-        help="seconds a new control session may take to send its Begin (the coordinator sends it at once)",
-    )
-    p.add_argument(
-        "--watchdog-seconds",
-        type=positive_seconds,
-        default=300.0,
-        help="a command running longer is a stall: health and liveness turn NOT_SERVING until restart",
-    )
-    add_compile_flag(p)
+    options.add_flags(p, WorkerConfig)
     add_log_format_flag(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("coordinator", help="the public API, admission queue, pair allocator and monitor")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument("--port", type=int, default=50051, help="public API port (0: any free port)")
-    p.add_argument(
-        "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: any free port)"
-    )
-    p.add_argument(
-        "--discovery",
-        choices=("static", "kubernetes"),
-        default="static",
-        help="how workers are found: a fixed list, or the Kubernetes API",
-    )
-    p.add_argument(
-        "--workers", default="", help="static discovery: HOST:PORT,... of the workers' control APIs"
-    )
-    p.add_argument(
-        "--namespace", default="default", help="kubernetes discovery: namespace of the worker pods"
-    )
-    p.add_argument(
-        "--selector",
-        default="app.kubernetes.io/component=worker",
-        help="kubernetes discovery: label selector",
-    )
-    p.add_argument(
-        "--worker-port", type=int, default=50061, help="kubernetes discovery: workers' control port"
-    )
-    p.add_argument(
-        "--health-port",
-        type=int,
-        default=None,
-        help="plaintext gRPC health Check only, on threads of its own, for kubelet probes (0: any port)",
-    )
-    p.add_argument(
-        "--http-port",
-        type=int,
-        default=0,
-        help="the OpenAI-compatible HTTP API and the playground page on this port (0: off)",
-    )
-    p.add_argument(
-        "--queue-size", type=non_negative_int, default=16, help="requests that may wait for workers"
-    )
-    add_policy_flag(p)
-    p.add_argument(
-        "--step-timeout",
-        type=positive_seconds,
-        default=600.0,
-        help="the most seconds to wait for a worker's answer (a step waits a few measured step costs)",
-    )
-    p.add_argument(
-        "--speculative-steps",
-        choices=("on", "off"),
-        default="on",
-        help="HYBRID: issue the step whose phase the monitor has not decided yet speculatively, so no "
-        "worker waits for the decision (off: every step after L waits for the round trip)",
-    )
-    p.add_argument("--ready-file", default=None, help="write the bound ports here as JSON once serving")
-    p.add_argument("--l-slope", type=int, default=None, help="override every model's default L_slope")
-    p.add_argument("--eps-slope", type=float, default=None, help="override every model's default eps_slope")
-    p.add_argument("--k", type=int, default=None, help="override every model's default k")
-    p.add_argument("--tau-cap", type=int, default=None, help="override every model's default tau_cap")
-    p.add_argument(
-        "--refresh-every", type=int, default=None, help="override every model's default refresh_every"
-    )
-    p.add_argument("--tls-cert", default=None, help="public API: TLS certificate (PEM)")
-    p.add_argument("--tls-key", default=None, help="public API: TLS private key (PEM)")
-    p.add_argument(
-        "--tls-client-ca", default=None, help="public API: require client certificates from this CA"
-    )
-    p.add_argument(
-        "--auth-token-file",
-        default=None,
-        help="public API: require this bearer token (default: $HYBRIDIFF_AUTH_TOKEN if set)",
-    )
-    p.add_argument("--worker-tls-ca", default=None, help="control channels: CA of the workers' certificates")
-    p.add_argument(
-        "--worker-tls-cert", default=None, help="control channels: the coordinator's client certificate"
-    )
-    p.add_argument("--worker-tls-key", default=None, help="control channels: the coordinator's client key")
-    p.add_argument(
-        "--worker-tls-name",
-        default=security.WORKER_NAME,
-        help="control channels: the name (DNS subjectAltName) the workers' certificates must carry",
-    )
-    p.add_argument(
-        "--admin-token-file",
-        default=None,
-        help="public API: the only bearer token ClusterStatus takes (default: $HYBRIDIFF_ADMIN_TOKEN if "
-        "set); with an ordinary token and no admin token, ClusterStatus is refused",
-    )
+    options.add_flags(p, CoordinatorConfig)
     add_log_format_flag(p)
     p.set_defaults(func=cmd_coordinator)
 
@@ -886,10 +614,7 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
         default=8000,
         help="the OpenAI-compatible HTTP API and the playground page (http://127.0.0.1:PORT/) (0: off)",
     )
-    p.add_argument(
-        "--queue-size", type=non_negative_int, default=16, help="requests that may wait for workers"
-    )
-    add_policy_flag(p)
+    options.add_flags(p, CoordinatorConfig, only=["queue_size", "policy"])
     add_log_format_flag(p)
     p.add_argument(
         "--log-dir", default=None, help="write each process's log here (default: a new temporary directory)"
@@ -927,6 +652,19 @@ def build_parser(tools: dict[str, object] | None = None) -> argparse.ArgumentPar
     p = sub.add_parser("status", help="a running service's workers and queue (JSON)")
     add_client_flags(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "predict", help="what AUTO would run on a profiled GPU, and its predicted speedup (no GPU needed)"
+    )
+    p.add_argument("--profile", required=True, help="a GPU profile (hybridiff gpu-profile --out FILE)")
+    p.add_argument("--arch", required=True, choices=("sdxl", "sd3"), help="the profiled denoiser to price")
+    p.add_argument(
+        "--model",
+        help="the model folder whose calibration and defaults bound the windows (default: the embedded one)",
+    )
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("curve-keys", help="create the ZeroMQ CURVE keypair the workers of a pool share")
     p.add_argument("--out", required=True, help="directory to write pool.key and pool.key_secret into")

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
+from coordinator.auto_mode import AutoChoice, DeviceCosts, applied, choose
 from coordinator.driver import GenerationResult, StepStat, drive_request
+from coordinator.latency_model import ComputeTimes, StageTimes
 from coordinator.remote import WorkerFault
 from gpu_worker import compiled
 from gpu_worker.dataplane import InMemoryLink, Mailbox
@@ -75,6 +77,21 @@ def _get(resolutions: queue.Queue, timeout: float) -> worker_pb2.SessionRequest 
         return None
 
 
+def plan_costs(plan: SplitPlan, topology: str) -> DeviceCosts:
+    """A split plan's measured costs as the schedule model takes them (a free link: in memory)."""
+
+    def stages(batch: int) -> StageTimes:
+        c = plan.costs[batch]
+        return (
+            StageTimes.nested(c.pre, c.stage2, c.post)
+            if topology == "nested"
+            else StageTimes(c.stage1, c.stage2)
+        )
+
+    b1, b2 = plan.costs[1], plan.costs[2]
+    return DeviceCosts(ComputeTimes(topology, b1.forward, b2.forward, stages(1), stages(2)))
+
+
 class InProcessEngine:
     """Loads a model once and runs requests on an in-process pair of worker engines."""
 
@@ -128,18 +145,36 @@ class InProcessEngine:
         on_step: Callable[[StepStat, int], None] | None = None,
         check_alive: Callable[[], None] | None = None,
     ) -> GenerationResult:
-        mode = spec.mode
+        mode, choice = spec.mode, None
         if mode == Mode.AUTO:
-            mode = Mode.HYBRID if spec.guided else Mode.SINGLE  # a pair is always free in-process
+            spec, mode, choice = self.auto(spec)
         cut = self._split_cut
         if cut is None and mode in (Mode.HYBRID, Mode.PIPELINE):
             cut = self.split_plan(spec.height, spec.width).cut
         try:
-            return drive_request(
+            result = drive_request(
                 spec, mode, self.workers, split_cut=cut, on_step=on_step, check_alive=check_alive
             )
         except WorkerFault as fault:  # no pool to quarantine in: what the caller is told
             raise fault.error from None
+        result.stats.auto_choice = choice
+        return result
+
+    def auto(self, spec: GenerationSpec) -> tuple[GenerationSpec, Mode, AutoChoice | None]:
+        """AUTO in one process, where a pair is always free: with the model's calibration, the
+        schedule cost-aware AUTO chooses from the split planner's measured costs (one image);
+        without one, HYBRID as the cluster runs it then (docs/design.md section 10)."""
+        calibration = self.adapter.calibration
+        if not spec.guided:
+            return spec, Mode.SINGLE, None
+        if calibration is None or spec.num_images != 1:
+            return spec, Mode.HYBRID, None
+        plan = self.split_plan(spec.height, spec.width)
+        topology = self.adapter.make_split(plan.cut).topology.value
+        k = spec.hybrid.k if "k" in spec.hybrid_set else None
+        costs = plan_costs(plan, topology)
+        choice = choose(costs, calibration, spec.num_steps, spec.hybrid, spec.window_guidance, k)
+        return applied(choice, spec), choice.mode, choice
 
     def close(self) -> None:
         for w in self.workers:

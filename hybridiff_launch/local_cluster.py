@@ -21,12 +21,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.config import CoordinatorConfig
+from gpu_worker.config import WorkerConfig
 from hybridiff.errors import InvalidArgument
+from hybridiff.options import to_argv
 from hybridiff.v1 import diffusion_pb2, diffusion_pb2_grpc
 from hybridiff_launch.children import LAUNCHER_PID_ENV
 
@@ -136,23 +140,31 @@ class LocalCluster:
         self.cores = cores
         self.worker_args = worker_args or {}
         self.coordinator_args = coordinator_args or []
-        self.compile_mode = compile_mode
-        self.model_args = [
-            *(["--served-model-name", served_model_name] if served_model_name else []),
-            *(["--variant", variant] if variant else []),
-            *(["--text-encoder-3", "on"] if text_encoder_3 else []),
-            *(["--config", str(config)] if config else []),
-        ]
+        # Every worker's flags but its own cores, device, id and ready file (``spawn_worker``).
+        self.worker_config = WorkerConfig(
+            model=self.model_dir,
+            served_model_name=served_model_name,
+            variant=variant,
+            text_encoder_3=text_encoder_3,
+            config=str(config) if config else None,
+            host="127.0.0.1",
+            port=0,
+            data_port=0,
+            metrics_port=0,
+            data_peer_cidrs="127.0.0.0/8",
+            compile=compile_mode,
+        )
         self.devices = assign_devices(workers, devices) if devices else None  # None: chosen at start
         self.procs: list[subprocess.Popen] = []
         self._names: dict[int, str] = {}  # pid -> process name (its log file's stem)
         self.worker_addresses: list[str] = []
         self.worker_metrics_ports: list[int] = []
 
-    def _http_args(self) -> list[str]:
+    def _http_port(self) -> int:
+        """The coordinator's --http-port: 0 (off) when None, a free port for 0."""
         if self.http_port is None:
-            return []
-        return ["--http-port", str(self.http_port or free_port())]
+            return 0
+        return self.http_port or free_port()
 
     @property
     def address(self) -> str:
@@ -220,35 +232,15 @@ class LocalCluster:
         """Start worker i (again, after it died: the same flags, new ports); the file its ports
         will be written to (``await_worker`` reads it)."""
         ready = Path(tempfile.mkdtemp(prefix="hybridiff-local-")) / f"worker{i}.json"
+        config = replace(
+            self.worker_config,
+            cpus=self._cpus[i],
+            device=self.devices[i],
+            worker_id=f"worker{i}",
+            ready_file=str(ready),
+        )
         self.worker_procs[i] = self._spawn(
-            f"worker{i}",
-            [
-                "worker",
-                "--model",
-                self.model_dir,
-                *self.model_args,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--data-port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--data-peer-cidrs",
-                "127.0.0.0/8",
-                "--cpus",
-                self._cpus[i],
-                "--device",
-                self.devices[i],
-                "--worker-id",
-                f"worker{i}",
-                "--ready-file",
-                str(ready),
-                "--compile",
-                self.compile_mode,
-                *self.worker_args.get(i, []),
-            ],
+            f"worker{i}", ["worker", *to_argv(config), *self.worker_args.get(i, [])]
         )
         return ready
 
@@ -268,28 +260,17 @@ class LocalCluster:
         route = self.worker_route or (lambda _, control: control)
         port = self.ports[i] if i < len(self.ports) and self.ports[i] else (self.port if i == 0 else 0)
         try:
-            proc = self._spawn(
-                name,
-                [
-                    "coordinator",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--metrics-port",
-                    str(self.metrics_port if i == 0 else 0),
-                    "--queue-size",
-                    str(self.queue_size),
-                    "--policy",
-                    self.policy,
-                    "--workers",
-                    ",".join(route(w, a) for w, a in enumerate(self.worker_addresses)),
-                    "--ready-file",
-                    str(ready),
-                    *(self._http_args() if i == 0 else []),
-                    *self.coordinator_args,
-                ],
+            config = CoordinatorConfig(
+                host="127.0.0.1",
+                port=port,
+                metrics_port=self.metrics_port if i == 0 else 0,
+                queue_size=self.queue_size,
+                policy=self.policy,
+                workers=",".join(route(w, a) for w, a in enumerate(self.worker_addresses)),
+                ready_file=str(ready),
+                http_port=self._http_port() if i == 0 else 0,
             )
+            proc = self._spawn(name, ["coordinator", *to_argv(config), *self.coordinator_args])
             self.coordinator_procs[i] = proc
             ports = self._await_file(ready, time.monotonic() + timeout)
         finally:

@@ -55,47 +55,18 @@ def default_model_dir() -> Path:
 
 def add_model_flags(p: argparse.ArgumentParser, served_name: bool = True, load_options: bool = False) -> None:
     """``--model`` (the weights) and how to fetch them; ``--served-model-name`` when clients call it;
-    ``load_options``: ``--config`` (a single-file checkpoint's pipeline) and ``--text-encoder-3``."""
-    p.add_argument(
-        "--model",
-        "--model-dir",
-        dest="model",
-        default=None,
-        help="the weights: a diffusers folder, or a Hugging Face Hub id ORG/NAME[@REV] fetched into the "
-        "Hub cache (HF_HOME; only the files loaded; offline once cached) (default: the embedded model)",
-    )
-    p.add_argument(
-        "--variant",
-        default=None,
-        help="the weights' variant as diffusers names it (fp16: the *.fp16.safetensors files)",
-    )
-    p.add_argument(
-        "--hf-token-file",
-        default=None,
-        help="a Hub token for gated or private repositories (default: $HF_TOKEN or a stored login)",
-    )
-    if load_options:
-        p.add_argument(
-            "--config",
-            default=None,
-            help="with --model FILE.safetensors (a single-file checkpoint): its pipeline's diffusers folder "
-            "or Hub id ORG/NAME[@REV] (configs, tokenizers, scheduler, and the components the file lacks)",
-        )
-        p.add_argument(
-            "--text-encoder-3",
-            choices=("on", "off"),
-            default="off",
-            help="SD3: load the T5 text encoder (on: the reference prompt path, more memory; off: "
-            "zeros stand for its embeddings, as diffusers does without it) (default: off)",
-        )
-    if served_name:
-        p.add_argument(
-            "--served-model-name",
-            "--model-name",
-            dest="served_model_name",
-            default=None,
-            help="the name clients use (default: the Hub id or the folder's name)",
-        )
+    ``load_options``: ``--config`` (a single-file checkpoint's pipeline) and ``--text-encoder-3``.
+    The worker's own flags of those names (``gpu_worker.config``)."""
+    # deferred: the flags' types import grpc (via hybridiff.errors); default_model_dir() needs none
+    from gpu_worker.config import LOAD_FLAGS, MODEL_FLAGS, WorkerConfig
+    from hybridiff import options
+
+    names = [
+        *MODEL_FLAGS,
+        *(LOAD_FLAGS if load_options else ()),
+        *(["served_model_name"] if served_name else []),
+    ]
+    options.add_flags(p, WorkerConfig, only=names)
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
@@ -114,7 +85,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
 
 def text_encoder_3(args: argparse.Namespace) -> bool:
     """Whether ``--text-encoder-3 on`` was given (SD3's T5 encoder loaded)."""
-    return getattr(args, "text_encoder_3", "off") == "on"
+    return bool(getattr(args, "text_encoder_3", False))
 
 
 def resolve_config(args: argparse.Namespace) -> Path | None:

@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from gpu_worker.config import WorkerConfig
+from hybridiff.options import to_argv
 from hybridiff_tools.chaos.forwarder import TcpForwarder  # noqa: F401  (the tests' partitions)
 
 
@@ -69,21 +71,21 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
 
 
 def compiling_worker(model_dir, **options):
-    """An in-process worker on 127.0.0.1 (free ports, no metrics) that compiles with dynamo's
-    eager backend (the compile path, without inductor's minutes); ``options`` add to or replace
-    ``WorkerProcess``'s. Started."""
+    """An in-process worker on 127.0.0.1 (free ports) that compiles with dynamo's eager backend
+    (the compile path, without inductor's minutes); ``options`` add to or replace
+    ``WorkerConfig``'s fields. Started."""
     from gpu_worker.process import WorkerProcess
 
     settings = dict(
+        model=str(model_dir),
         port=0,
         data_port=0,
+        metrics_port=0,
         host="127.0.0.1",
         device="cpu",
-        metrics_port=None,
-        compile_mode="default",
-        compile_backend="eager",
+        compile="default",
     )
-    return WorkerProcess(str(model_dir), **(settings | options)).start()
+    return WorkerProcess(WorkerConfig(**(settings | options)), compile_backend="eager").start()
 
 
 def cfg_modes_match(engine, reference_latents, **fields) -> dict:
@@ -226,9 +228,9 @@ def spawn_worker(
     """A ``hybridiff worker`` process serving ``model_dir`` on loopback (control port ``port``,
     its data and metrics ports picked by the system) with ``flags``; its output goes to ``log``
     (default: this process's)."""
+    config = WorkerConfig(model=str(model_dir), host="127.0.0.1", port=int(port), data_port=0, metrics_port=0)
     argv = [sys.executable, "-m", "hybridiff_launch.cli", *(["-v"] if verbose else []), "worker"]
-    argv += ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", port]
-    argv += ["--data-port", "0", "--metrics-port", "0", *flags]
+    argv += [*to_argv(config), *flags]
     if log is None:
         return subprocess.Popen(argv, env=TEST_ENV)
     with open(log, "wb") as out:
@@ -394,3 +396,44 @@ def generate_killing(cluster, freezer: Freezer, raw, where: str):
         thread.join()
         freezer.disarm()
         client.close()
+
+
+class Served:
+    """A WorkerService with a real engine behind a real gRPC server on loopback."""
+
+    def __init__(self, model_dir: Path, **options) -> None:
+        from gpu_worker.dataplane import Mailbox
+        from gpu_worker.engine import WorkerEngine
+        from gpu_worker.loader import load_adapter, weights_digest
+        from gpu_worker.metrics import WorkerMetrics
+        from gpu_worker.service import SERVICE_NAME, WorkerService
+        from hybridiff import serving
+        from hybridiff.internal.v1 import worker_pb2_grpc
+
+        adapter = load_adapter(model_dir, "cpu", "float32")
+        self.metrics = WorkerMetrics()
+        self.service = WorkerService("w0", "tiny", self.metrics, **options)
+        self.service.attach(WorkerEngine(adapter, "w0", Mailbox("w0"), None), "", weights_digest(model_dir))
+        self.server = serving.new_server(8, [])
+        self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
+        worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self.service, self.server)
+        self.port = serving.bind(self.server, "127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = worker_pb2_grpc.WorkerControlServiceStub(self.channel)
+
+    def info(self):
+        from hybridiff.internal.v1 import worker_pb2
+
+        return self.stub.Info(worker_pb2.InfoRequest(), timeout=10)
+
+    def outcomes(self, outcome: str) -> float:
+        return (
+            self.metrics.registry.get_sample_value("hybridiff_worker_requests_total", {"outcome": outcome})
+            or 0
+        )
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(0).wait()
+        self.service.close()

@@ -24,7 +24,8 @@ DEFAULT_LIMITS = worker_pb2.SizeLimits(multiple=8, min_side=64, max_side=1024, d
 class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer, health_pb2_grpc.HealthServicer):
     """A worker of ``model`` that answers ``Info`` (refused while ``healthy`` is clear, as one still
     loading its model or just failed) and health ``Check`` (``serving`` clear: NOT_SERVING, as a
-    worker whose watchdog fired; ``health_script``: the next probes' answers first), logging every
+    worker whose watchdog fired; ``health_script``: the next probes' answers first; ``slots_held``
+    set: RESOURCE_EXHAUSTED, as when others hold the open slots health Check runs in), logging every
     call with its time in ``calls``. While ``frozen`` is set it answers nothing (a stopped process:
     every call runs into its deadline, or until ``stop``). ``MeasureSplit`` does ``measure``:
     "crash" (a handler exception: UNKNOWN), "refuse" (INVALID_ARGUMENT), "hang" (until
@@ -50,6 +51,7 @@ class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer, health_pb2_grpc.H
         if healthy:
             self.healthy.set()
         self.serving.set()
+        self.slots_held = threading.Event()
         self.health_script: list[bool] = []
         self.active_request_id = ""
         self.calls: list[tuple[str, float]] = []
@@ -99,6 +101,8 @@ class FakeWorker(worker_pb2_grpc.WorkerControlServiceServicer, health_pb2_grpc.H
         self._arrive("Check", context)
         if not self.healthy.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.worker_id} is down")
+        if self.slots_held.is_set():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the open call slots are held")
         if request.service not in ("", WORKER_SERVICE):
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         with self._lock:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from gpu_worker import compiled, scheduler_state
+from hybridiff.calibration import Calibration
 from hybridiff.internal.v1 import worker_pb2 as wpb
 from hybridiff.protocol import OutputFormat
 from hybridiff.request import MODEL_DEFAULTS, ModelDefaults, SizeLimits
@@ -158,6 +159,7 @@ class ModelAdapter(ABC):
         self.device = device
         self.dtype = dtype
         self.defaults = defaults or MODEL_DEFAULTS[self.arch]  # steps, guidance, hybrid parameters
+        self.calibration: Calibration | None = None  # the model's, once the loader read it
         # prepare_latents reads pipe.scheduler; requests assign their own scheduler under this lock.
         self._pipe_lock = threading.Lock()
         # Set by ``compiled.enable``: the denoiser and its stages then run compiled per shape.

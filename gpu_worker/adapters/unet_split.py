@@ -199,17 +199,7 @@ class NestedUNetSplit(StageSplit):
         stack = list(residuals)
         for unit in self.up_units[start : start + n_consume]:
             res = stack.pop()
-            h = torch.cat([h, res], dim=1)
-            h = unit.resnet(h, ctx.emb)
-            if unit.attn is not None:
-                h = unit.attn(
-                    h,
-                    encoder_hidden_states=ctx.encoder_hidden_states,
-                    cross_attention_kwargs=None,
-                    attention_mask=None,
-                    encoder_attention_mask=None,
-                    return_dict=False,
-                )[0]
+            h = _resnet_attention(unit.resnet, unit.attn, torch.cat([h, res], dim=1), ctx)
             if unit.upsamplers is not None:
                 size = (
                     stack[-1].shape[2:] if (ctx.forward_upsample_size and not unit.is_final_block) else None
@@ -226,21 +216,23 @@ def upsample_size_needed(unet: Any, sample: torch.Tensor) -> bool:
     return any(dim % up_factor != 0 for dim in sample.shape[-2:])
 
 
-def _layer(resnet: Any, attn: Any | None) -> Callable[[torch.Tensor, UNetContext], torch.Tensor]:
-    def run(h: torch.Tensor, ctx: UNetContext) -> torch.Tensor:
-        h = resnet(h, ctx.emb)
-        if attn is not None:
-            h = attn(
-                h,
-                encoder_hidden_states=ctx.encoder_hidden_states,
-                cross_attention_kwargs=None,
-                attention_mask=None,
-                encoder_attention_mask=None,
-                return_dict=False,
-            )[0]
-        return h
+def _resnet_attention(resnet: Any, attn: Any | None, h: torch.Tensor, ctx: UNetContext) -> torch.Tensor:
+    """One layer of a UNet block, as its ``forward`` runs it: the resnet, then the cross-attention."""
+    h = resnet(h, ctx.emb)
+    if attn is not None:
+        h = attn(
+            h,
+            encoder_hidden_states=ctx.encoder_hidden_states,
+            cross_attention_kwargs=None,
+            attention_mask=None,
+            encoder_attention_mask=None,
+            return_dict=False,
+        )[0]
+    return h
 
-    return run
+
+def _layer(resnet: Any, attn: Any | None) -> Callable[[torch.Tensor, UNetContext], torch.Tensor]:
+    return lambda h, ctx: _resnet_attention(resnet, attn, h, ctx)
 
 
 def _downsample(downsamplers: Any) -> Callable[[torch.Tensor, UNetContext], torch.Tensor]:

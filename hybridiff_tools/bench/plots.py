@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from hybridiff.protocol import Phase
@@ -103,6 +104,53 @@ def timeline(stats: pb.GenerateStats, path: Path, title: str) -> None:
     ax.set_xlabel("seconds since the first step (bar = compute; gaps = waiting)")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper right", ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def frontier(result: dict, device: str, path: Path, title: str) -> None:
+    """Quality (mean PSNR against exact CFG) against speedup over SINGLE, one curve per window
+    policy, each point a window length; ``device`` names the speedup (a predicted device, or
+    ``cpu`` for the measured one)."""
+    plt = headless_pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for policy, rows in result["policies"].items():
+        points = [
+            (r["cpu_speedup"] if device == "cpu" else r["predicted_speedup"][device], r["psnr_db_mean"], k)
+            for k, r in rows.items()
+            if (device == "cpu" and "cpu_speedup" in r) or device in r.get("predicted_speedup", {})
+        ]
+        if not points:
+            continue
+        xs, ys, ks = zip(*points)
+        ax.plot(xs, ys, marker="o", label=policy)
+        for x, y, k in points:
+            ax.annotate(
+                "k=all" if int(k) >= result.get("steps", math.inf) else f"k={k}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=7,
+            )
+    ref = result["reference"]
+    exact = (
+        ref.get("cpu_cfg_parallel_speedup")
+        if device == "cpu"
+        else ref["predicted_cfg_parallel_speedup"].get(device)
+    )
+    if exact:
+        ax.axvline(exact, color="#7f7f7f", ls="--", lw=1, label=f"cfg-parallel (exact CFG) {exact:.2f}x")
+    floor = result.get("floor_db")
+    if floor:
+        ax.axhline(floor, color="#d62728", ls=":", lw=1, label=f"quality floor {floor:g} dB")
+    ax.set_xlabel(
+        "speedup over single (" + ("measured, CPU stand-in" if device == "cpu" else "predicted") + ")"
+    )
+    ax.set_ylabel("mean PSNR vs exact CFG (dB)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -316,7 +316,7 @@ def run_pass(
         for scenario, scenario_params in scenarios(params, args):
             result.scenario_requests[scenario] = scenario_params
             for name, mode in MODES:
-                _scenario_request(client, scenario, name, mode, scenario_params, args, result)
+                _request(client, name, mode, scenario_params, args, result, keep=True, scenario=scenario)
         result.timings["scenarios_s"] = time.perf_counter() - started
     except HybridiffError as exc:
         result.failures.append(f"the cluster did not answer: {exc}")
@@ -334,32 +334,21 @@ def _request(
     args: argparse.Namespace,
     result: PassResult,
     keep: bool,
+    scenario: str = "",
 ) -> None:
+    """One request of the pass, its run kept (``keep``) in ``result.runs``, or with ``scenario``
+    in ``result.scenarios`` with how many images came back; a failure is noted in ``result``."""
+    what = f"{scenario} {name}" if scenario else f"{name}{'' if keep else ' (warm-up)'}"
     try:
         latency, gen = _generate(client, mode, params, args.request_timeout)
     except HybridiffError as exc:
-        result.failures.append(f"{name}{'' if keep else ' (warm-up)'}: the request failed: {exc}")
-        return
-    if keep:
-        result.runs.setdefault(name, []).append(Run(name, PROMPT, SEED, latency, gen.stats, gen.data[0]))
-
-
-def _scenario_request(
-    client: DiffusionClient,
-    scenario: str,
-    name: str,
-    mode: Mode,
-    params: dict[str, Any],
-    args: argparse.Namespace,
-    result: PassResult,
-) -> None:
-    try:
-        latency, gen = _generate(client, mode, params, args.request_timeout)
-    except HybridiffError as exc:
-        result.failures.append(f"{scenario} {name}: the request failed: {exc}")
+        result.failures.append(f"{what}: the request failed: {exc}")
         return
     run = Run(name, PROMPT, SEED, latency, gen.stats, gen.data[0])
-    result.scenarios.setdefault(scenario, {})[name] = (run, len(gen.data))
+    if scenario:
+        result.scenarios.setdefault(scenario, {})[name] = (run, len(gen.data))
+    elif keep:
+        result.runs.setdefault(name, []).append(run)
 
 
 def summarize_scenarios(p: PassResult, bounds: dict[str, float]) -> dict[str, Any]:

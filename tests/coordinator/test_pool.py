@@ -19,11 +19,11 @@ from coordinator.pool import (
     JOINING,
     STATES,
     UNHEALTHY,
-    WORKER_PROTOCOL_VERSION,
     HealthPolicy,
     WorkerPool,
 )
 from hybridiff.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, QueueFull, Unavailable
+from hybridiff.protocol import WORKER_PROTOCOL_VERSION
 
 WAIT = 5.0  # the most any condition below may take to come true
 PROBE_INTERVAL = 0.02
@@ -792,6 +792,100 @@ def test_quarantines_are_counted_in_the_metrics(factory, fakes):
         assert value("hybridiff_workers", {"state": UNHEALTHY}) == 2
         wait_for(lambda: value("hybridiff_workers", {"state": IDLE}) == 1)  # w2 came back
         assert value("hybridiff_workers", {"state": UNHEALTHY}) == 1
+    finally:
+        pool.close()
+
+
+# --- the idle watch: a stopped idle worker is quarantined before a request draws it -------------
+IDLE_WATCH = HealthPolicy(
+    probe_timeout=0.5,
+    readmit_probes=2,
+    quarantine_base=0.2,
+    quarantine_max=0.8,
+    idle_check=0.05,
+    idle_check_timeout=0.3,
+)
+
+
+@pytest.fixture
+def watched(factory):
+    made = WorkerPool(factory, queue_capacity=4, probe_interval=PROBE_INTERVAL, health=IDLE_WATCH)
+    yield made
+    made.close()
+
+
+def test_a_stopped_idle_worker_is_quarantined_without_any_request(watched, fakes):
+    w1, w2, w3 = fakes("w1"), fakes("w2"), fakes("w3")
+    join(watched, w1, w2, w3)
+    wait_for(lambda: min(w.health_calls for w in (w1, w2, w3)) >= 2)  # every idle worker, checked
+    assert sum(t.name == "probe-idle" for t in threading.enumerate()) == 1  # one thread for all
+    infos = w1.info_calls
+    w1.frozen.set()  # SIGSTOP: it answers nothing
+    wait_for(lambda: states(watched)["w1"] == UNHEALTHY, timeout=IDLE_WATCH.idle_check_timeout + 2)
+    assert states(watched) == {"w1": UNHEALTHY, "w2": IDLE, "w3": IDLE} and watched.quarantines == 1
+    assert w1.info_calls == infos  # found by a health Check, not by reading its Info
+    start = time.monotonic()
+    assert ids(watched.acquire("sdxl", 1, False, "r1", timeout=1)) == ["w2"]  # not drawn
+    assert time.monotonic() - start < 0.2
+    w1.frozen.clear()  # SIGCONT: the quarantine's probes re-admit it
+    wait_for(lambda: states(watched)["w1"] == IDLE)
+
+
+def test_an_idle_worker_whose_health_turns_not_serving_is_quarantined(watched, fakes):
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(watched, w1, w2)
+    w1.serving.clear()  # its watchdog fired, or it drains
+    wait_for(lambda: states(watched)["w1"] == UNHEALTHY)
+    assert ids(watched.acquire("sdxl", 2, True, "r1", timeout=1)) == ["w2"]
+    w1.serving.set()
+    wait_for(lambda: states(watched)["w1"] == IDLE)
+
+
+def test_health_checks_refused_for_want_of_open_slots_quarantine_no_worker(watched, fakes):
+    # Without a client CA the coordinator's Check shares the open slots an attacker may hold
+    # (bodiless calls): refused, the worker still answers; Info proves it in a quarantine's probes.
+    w1, w2 = fakes("w1"), fakes("w2")
+    join(watched, w1, w2)
+    w1.slots_held.set()
+    calls = w1.health_calls
+    wait_for(lambda: w1.health_calls >= calls + 5)  # five rounds of the idle watch, all refused
+    assert states(watched) == {"w1": IDLE, "w2": IDLE} and watched.quarantines == 0
+    w2.frozen.set()  # a stopped worker is still found
+    wait_for(lambda: states(watched)["w2"] == UNHEALTHY, timeout=IDLE_WATCH.idle_check_timeout + 2)
+    w2.slots_held.set()
+    w2.frozen.clear()  # back, its Check slots held: re-admitted on its Info
+    wait_for(lambda: states(watched)["w2"] == IDLE)
+    assert states(watched)["w1"] == IDLE
+
+
+def test_a_worker_drawn_while_its_idle_check_is_in_flight_is_not_quarantined_by_it(factory, fakes):
+    # A Check long enough to outlast the draw and the release, however loaded the machine.
+    policy = HealthPolicy(probe_timeout=0.5, idle_check=0.05, idle_check_timeout=3.0)
+    pool = WorkerPool(factory, probe_interval=PROBE_INTERVAL, health=policy)
+    try:
+        w1, w2 = fakes("w1"), fakes("w2")
+        join(pool, w1, w2)
+        w1.frozen.set()
+        calls = w1.health_calls
+        wait_for(lambda: w1.health_calls > calls)  # a Check is in flight, held by the stopped worker
+        with w1._lock:
+            w1.health_script = [False]  # ... and it will answer NOT_SERVING
+        pool.release(pool.acquire("sdxl", 2, False, "r1", timeout=1))  # a request ran meanwhile
+        assert states(pool) == {"w1": IDLE, "w2": IDLE}
+        w1.frozen.clear()  # the old Check answers now, about the worker before its request
+        wait_for(lambda: w1.health_calls >= calls + 2)  # the watch went on to its next round
+        assert states(pool)["w1"] == IDLE and pool.quarantines == 0
+    finally:
+        pool.close()
+
+
+def test_no_idle_watch_when_it_is_off(factory, fakes):
+    pool = WorkerPool(factory, probe_interval=PROBE_INTERVAL, health=HealthPolicy(idle_check=0))
+    try:
+        w1 = fakes("w1")
+        join(pool, w1)
+        time.sleep(0.2)
+        assert w1.health_calls == 0 and states(pool) == {"w1": IDLE}
     finally:
         pool.close()
 

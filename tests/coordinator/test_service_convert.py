@@ -1,22 +1,23 @@
 """The public API's edge converters (coordinator.service) and the runner's validation against a
-model's rules (coordinator.runner.model_rules): unset fields stay unset, enums travel
-as enums, raw latents split per image, the model's limits reach ListModels."""
+model's rules (``WorkerInfo.rules``, from a worker's Info as ``coordinator.worker_info`` reads
+it): unset fields stay unset, enums travel as enums, raw latents split per image, the model's
+limits reach ListModels."""
 
 import pytest
 import torch
 
 from coordinator.driver import GenerationResult, GenerationStats, StepStat
-from coordinator.runner import model_rules
 from coordinator.service import model_info_to_proto, response_to_proto, step_stat_to_proto
+from coordinator.worker_info import incompatibility, pairing_key, read_info
 from hybridiff.errors import InvalidArgument
 from hybridiff.internal.v1 import worker_pb2
-from hybridiff.protocol import Mode, OutputFormat, Phase, WindowGuidance
+from hybridiff.protocol import WORKER_PROTOCOL_VERSION, Mode, OutputFormat, Phase, WindowGuidance
 from hybridiff.request import resolve_spec
 from hybridiff.step_stats import other_seconds
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.wire import tensor_from_proto, tensor_to_proto
 
-INFO = worker_pb2.InfoResponse(
+RESPONSE = worker_pb2.InfoResponse(
     model_name="m",
     arch="sdxl",
     limits=worker_pb2.SizeLimits(multiple=8, min_side=16, max_side=128, default_side=64, max_images=3),
@@ -24,10 +25,11 @@ INFO = worker_pb2.InfoResponse(
     default_guidance_scale=5.0,
     hybrid_defaults=pb.HybridParams(l_slope=12, eps_slope=4e-4, k=5, tau_cap=15),
 )
+INFO = read_info(RESPONSE)
 
 
 def test_unset_fields_take_the_models_defaults_and_set_ones_are_kept():
-    spec = resolve_spec(pb.GenerateRequest(prompt="p"), *model_rules(INFO, {}))
+    spec = resolve_spec(pb.GenerateRequest(prompt="p"), *INFO.rules({}))
     assert (spec.width, spec.num_steps, spec.guidance_scale, spec.negative_prompt) == (64, 30, 5.0, None)
     assert spec.mode == Mode.AUTO and spec.window_guidance is None and spec.output_format == OutputFormat.PNG
     req = pb.GenerateRequest(
@@ -42,7 +44,7 @@ def test_unset_fields_take_the_models_defaults_and_set_ones_are_kept():
         num_images=3,
     )
     req.hybrid.k = 0
-    spec = resolve_spec(req, *model_rules(INFO, {"tau_cap": 9}))
+    spec = resolve_spec(req, *INFO.rules({"tau_cap": 9}))
     assert (spec.negative_prompt, spec.seed, spec.width, spec.num_images, spec.quality) == ("", 0, 32, 3, 70)
     assert (spec.mode, spec.window_guidance, spec.output_format) == (
         Mode.PIPELINE,
@@ -54,10 +56,10 @@ def test_unset_fields_take_the_models_defaults_and_set_ones_are_kept():
 
 def test_an_unknown_wire_enum_and_too_many_images_are_named():
     with pytest.raises(InvalidArgument) as err:
-        resolve_spec(pb.GenerateRequest(prompt="p", mode=42), *model_rules(INFO, {}))
+        resolve_spec(pb.GenerateRequest(prompt="p", mode=42), *INFO.rules({}))
     assert err.value.field == "mode"
     with pytest.raises(InvalidArgument) as err:
-        resolve_spec(pb.GenerateRequest(prompt="p", num_images=4), *model_rules(INFO, {}))
+        resolve_spec(pb.GenerateRequest(prompt="p", num_images=4), *INFO.rules({}))
     assert err.value.field == "num_images"
 
 
@@ -166,16 +168,43 @@ def test_step_stats_carry_the_overhead_split():
 def test_size_multiple_is_the_rule_the_server_applies(model_multiple, reported):
     """Every side must be a multiple of 8 and of the model's own multiple: the lcm is reported,
     and exactly the multiples of it are accepted."""
-    info = worker_pb2.InfoResponse()
-    info.CopyFrom(INFO)
-    info.limits.multiple = model_multiple
+    response = worker_pb2.InfoResponse()
+    response.CopyFrom(RESPONSE)
+    response.limits.multiple = model_multiple
+    info = read_info(response)
     assert model_info_to_proto(info).size_multiple == reported
     for side in range(16, 129, 4):
         request = pb.GenerateRequest(prompt="x", width=side, height=2 * reported)
         ok = side % reported == 0
         try:
-            resolve_spec(request, *model_rules(info, {}))
+            resolve_spec(request, *info.rules({}))
         except InvalidArgument as exc:
             assert not ok and exc.field == "width", (side, exc)
         else:
             assert ok, side
+
+
+def test_a_workers_info_is_read_once_into_what_every_part_uses():
+    """``read_info``: the limits and defaults the runner resolves with (max_images unset: 1), an
+    operator's override checked, the protocol version the pool checks, the pairing key."""
+    response = worker_pb2.InfoResponse()
+    response.CopyFrom(RESPONSE)
+    response.limits.max_images = 0
+    response.device, response.dtype, response.weights_digest = "cuda:1", "float16", "abc"
+    info = read_info(response)
+    limits, defaults = info.rules({"k": 2, "tau_cap": None})
+    assert (limits.max_images, limits.default_side, defaults.steps, defaults.guidance_scale) == (
+        1,
+        64,
+        30,
+        5.0,
+    )
+    assert (defaults.hybrid.k, defaults.hybrid.tau_cap, info.defaults.hybrid.k) == (2, 15, 5)
+    with pytest.raises(InvalidArgument) as err:
+        info.rules({"k": -1})
+    assert err.value.field == "hybrid.k"
+    assert pairing_key(info) == (0, "float16", "cuda", "abc")
+    assert "version 0" in incompatibility(info)
+    response.protocol_version = WORKER_PROTOCOL_VERSION
+    assert incompatibility(read_info(response)) == ""
+    assert model_info_to_proto(info).hybrid_defaults == RESPONSE.hybrid_defaults

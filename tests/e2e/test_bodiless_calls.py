@@ -1,14 +1,17 @@
 """Nobody starves the probes or the token holders with calls that never send their request (found
 by a hostile review: ~150 health Check calls opened on one connection, headers sent and no body,
 took every call slot of the coordinator's public port, for as long as the attacker
-liked; 8 did the same to a worker's control port).
+liked; 8 did the same to a worker's control port), nor swells a worker with oversized messages
+(4 x 200 MiB to its control port took its RSS from 406 MB to 1.8 GB when the port received
+checkpoints whole; docs/design.md section 5).
 
 Real processes and sockets: a worker process and an in-process coordinator in front of it, each
 with a health-only port; the attacker is a raw HTTP/2 client on a plain socket (HEADERS without
 END_STREAM, then nothing; it answers the server's SETTINGS and PINGs as a real client would, so
 keepalive does not end the attack for it). While the bodiless calls are held, a token holder's
 Generate completes, the health ports answer, and every bodiless call is refused or ended within
-the body deadline."""
+the body deadline; an attacker who opens new ones as they end holds them for a minute, and still
+the requests run and no probe fails."""
 
 from __future__ import annotations
 
@@ -17,12 +20,14 @@ import struct
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from cluster_helpers import await_ready_file, make_input, send, spawn_worker
+from cluster_helpers import await_ready_file, make_input, proc_status_bytes, send, solo_session, spawn_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gpu_worker.service import LIVENESS_SERVICE
 from hybridiff import serving
 from hybridiff.client import DiffusionClient
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
@@ -31,6 +36,8 @@ TOKEN = "bodiless-test-token"
 BODILESS = 300
 SERVING = health_pb2.HealthCheckResponse.SERVING
 CHECK = "/grpc.health.v1.Health/Check"
+HOLD_SECONDS = 60.0
+MiB = 1024 * 1024
 # HTTP/2 (RFC 9113): frame types and flags, error codes.
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7
 END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
@@ -160,10 +167,60 @@ class BodilessClient:
         self._reader.join(timeout=5)
 
 
-def _check(address: str, timeout: float = 3, metadata=None) -> int:
+class HeldBodiless:
+    """``count`` bodiless calls of ``path`` kept open on one connection for as long as it runs: every
+    ``every`` seconds it opens a new call for each one that ended (refused, answered, or cut at
+    the body deadline), and a new connection if the server closed its own."""
+
+    def __init__(self, address: str, count: int = BODILESS, path: str = CHECK, every: float = 0.25) -> None:
+        self.address, self.count, self.path, self.every = address, count, path, every
+        self.calls = self.connections = 0
+        self.client: BodilessClient | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> HeldBodiless:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            client = self.client
+            try:
+                if client is None or client.goaway or not client._reader.is_alive():
+                    if client is not None:
+                        client.close()
+                    self.client = client = BodilessClient(self.address)
+                    self.connections += 1
+                outstanding = client._opened - len(client.ended)
+                if outstanding < self.count:
+                    self.calls += len(client.open(self.count - outstanding, self.path))
+            except OSError:  # the server closed the connection: a new one on the next round
+                if client is not None:
+                    client.close()
+                self.client = None
+            self._stop.wait(self.every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self.client is not None:
+            self.client.close()
+
+
+def _check(address: str, timeout: float = 3, metadata=None, service: str = "") -> int:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout, metadata=metadata).status
+        request = health_pb2.HealthCheckRequest(service=service)
+        return stub.Check(request, timeout=timeout, metadata=metadata).status
+
+
+def _check_code(address: str, timeout: float = 3, metadata=None) -> grpc.StatusCode:
+    try:
+        _check(address, timeout, metadata)
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
 
 
 def _wait_until_all_ended(client: BodilessClient, streams: list[int], within: float) -> dict[str, int]:
@@ -180,7 +237,7 @@ def worker(model_dirs, tmp_path_factory):
     proc = spawn_worker(model_dirs["sdxl"], "--health-port", "0", "--ready-file", str(ready), log=log)
     try:
         info = await_ready_file(proc, ready, 120, log)
-        yield {"control": info["control"], "health": f"127.0.0.1:{info['health_port']}"}
+        yield {"control": info["control"], "health": f"127.0.0.1:{info['health_port']}", "pid": proc.pid}
     finally:
         proc.terminate()
         try:
@@ -190,7 +247,7 @@ def worker(model_dirs, tmp_path_factory):
             proc.wait(timeout=30)
 
 
-def test_bodiless_health_checks_starve_neither_token_holders_nor_probes(worker):
+def _coordinator(worker):
     from coordinator.discovery import StaticDiscovery
     from coordinator.server import Coordinator
 
@@ -204,13 +261,25 @@ def test_bodiless_health_checks_starve_neither_token_holders_nor_probes(worker):
         admin_token="bodiless-admin",
         health_port=0,
     ).start()
+    probes = f"127.0.0.1:{coordinator.health_port}"
+    deadline = time.monotonic() + 60
+    while _check(probes) != SERVING or not coordinator.pool.counts()["idle"]:
+        assert time.monotonic() < deadline, "the coordinator never saw its worker"
+        time.sleep(0.1)
+    return coordinator
+
+
+def _generate(public: str):
+    raw = make_input(prompt="a red square", num_steps=2, seed=1, mode="single", width=64, height=64)
+    with DiffusionClient(public, token=TOKEN) as client:
+        return send(client, raw, timeout=60)
+
+
+def test_bodiless_health_checks_starve_neither_token_holders_nor_probes(worker):
+    coordinator = _coordinator(worker)
     public, probes = f"127.0.0.1:{coordinator.port}", f"127.0.0.1:{coordinator.health_port}"
     attackers: list[BodilessClient] = []
     try:
-        deadline = time.monotonic() + 60
-        while _check(probes) != SERVING or not coordinator.pool.counts()["idle"]:
-            assert time.monotonic() < deadline, "the coordinator never saw its worker"
-            time.sleep(0.1)
         started = time.monotonic()
         waves = []
         for _ in range(2):  # two connections: the per-connection cap alone is not the defence
@@ -222,10 +291,7 @@ def test_bodiless_health_checks_starve_neither_token_holders_nor_probes(worker):
         # token holder's Generate runs to its image.
         assert _check(probes) == SERVING
         assert _check(public, metadata=(("authorization", f"Bearer {TOKEN}"),)) == SERVING
-        raw = make_input(prompt="a red square", num_steps=2, seed=1, mode="single", width=64, height=64)
-        with DiffusionClient(public, token=TOKEN) as client:
-            response = send(client, raw, timeout=60)
-        assert response.images, "the token holder's request made no image"
+        assert _generate(public).images, "the token holder's request made no image"
         assert _check(probes) == SERVING
         generated_in = time.monotonic() - started
         # Every bodiless call is refused (the per-connection stream cap), answered at once (open
@@ -262,8 +328,123 @@ def test_bodiless_calls_on_a_workers_control_port_leave_it_answering(worker):
         assert info.active_request_id == ""
         outcomes = _wait_until_all_ended(attacker, checks + infos, within=serving.BODY_SECONDS + 5)
         assert outcomes["open"] == 0, outcomes
-        assert outcomes["refused"] == BODILESS + 4 - serving.STREAMS_PER_CONNECTION, outcomes
+        # The Checks came in one write, before any was answered: all but the cap's are refused. The
+        # Info calls came after, when some answered Checks may have freed streams already.
+        assert attacker.outcomes(checks)["refused"] == BODILESS - serving.STREAMS_PER_CONNECTION, outcomes
         assert attacker.held_past(checks + infos, started, serving.BODY_SECONDS + 2.0) == 0
         assert _check(control) == SERVING
     finally:
         attacker.close()
+
+
+@pytest.mark.slow  # the attack is held for a minute
+def test_bodiless_checks_held_for_a_minute_starve_neither_requests_nor_probes(worker):
+    """300 bodiless health Checks kept open on one connection to the coordinator's public port and
+    300 on one connection to the worker's control port (each opened again as it is refused or cut
+    at the body deadline), for a minute: every few seconds a token holder's Generate runs on that
+    worker through the coordinator, and every second both probe ports answer SERVING (readiness,
+    and the worker's liveness: no restart would be triggered). The attack bites: an unauthenticated
+    Check on the worker's control port finds the open slots held."""
+    coordinator = _coordinator(worker)
+    public, probes = f"127.0.0.1:{coordinator.port}", f"127.0.0.1:{coordinator.health_port}"
+    holders = [HeldBodiless(public).start(), HeldBodiless(worker["control"]).start()]
+    generated: list[float] = []
+    bitten: list[grpc.StatusCode] = []
+    try:
+        time.sleep(1.0)
+        started = time.monotonic()
+        next_request = started
+        while (now := time.monotonic()) < started + HOLD_SECONDS:
+            for address, service in (
+                (probes, ""),
+                (worker["health"], ""),
+                (worker["health"], LIVENESS_SERVICE),
+            ):
+                assert _check(address, timeout=5, service=service) == SERVING, (
+                    address,
+                    service,
+                    now - started,
+                )
+            bitten.append(_check_code(worker["control"], timeout=5))
+            if now >= next_request:
+                began = time.monotonic()
+                assert _generate(public).images, "the token holder's request made no image"
+                generated.append(time.monotonic() - began)
+                next_request = began + 5.0
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
+        held = time.monotonic() - started
+        assert all(h._thread.is_alive() for h in holders), "an attacker gave up"
+    finally:
+        for h in holders:
+            h.stop()
+        coordinator.drain_and_stop()
+    refused = sum(code == grpc.StatusCode.RESOURCE_EXHAUSTED for code in bitten)
+    print(
+        f"held {held:.0f} s; calls opened: {[h.calls for h in holders]}, "
+        f"connections: {[h.connections for h in holders]}; {len(generated)} requests, "
+        f"slowest {max(generated):.2f} s; control-port Checks refused {refused}/{len(bitten)}"
+    )
+    assert held >= HOLD_SECONDS and len(generated) >= HOLD_SECONDS // 10
+    assert refused >= len(bitten) // 2  # the open slots were held for most of the minute
+    assert _check(worker["control"]) == SERVING  # and are free again once the attacker stops
+
+
+# The issue's 4 x 200 MiB takes about 4 s (the client's copies); the default suite sends 4 x 32 MiB.
+@pytest.mark.parametrize("mib", [32, pytest.param(200, marks=pytest.mark.slow)])
+def test_oversized_messages_to_a_workers_control_port_are_refused_unread(worker, mib):
+    """4 messages of ``mib`` MiB at once to a worker's control port, from callers nobody
+    authenticated (two unary Info requests, two Session commands): each is refused with
+    RESOURCE_EXHAUSTED, the worker's RSS (and its peak) grows by less than 50 MiB, and it still
+    runs a request after. Before, the port took messages of up to 256 MiB from anyone."""
+    pid, control = worker["pid"], worker["control"]
+    blob = b"\x0a" + b"\xff" * (mib * MiB - 1)  # the size is what counts; the content never parses
+
+    def info(channel) -> grpc.StatusCode:
+        call = channel.unary_unary("/hybridiff.internal.v1.WorkerControlService/Info")
+        try:
+            call(blob, timeout=60)
+        except grpc.RpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+    def session(channel) -> grpc.StatusCode:
+        call = channel.stream_stream("/hybridiff.internal.v1.WorkerControlService/Session")
+        try:
+            list(call(iter([blob]), timeout=60))
+        except grpc.RpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+    with grpc.insecure_channel(control) as channel:
+        worker_pb2_grpc.WorkerControlServiceStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
+    before = proc_status_bytes(pid, "VmRSS")
+    peak, done = [before], threading.Event()
+
+    def sample() -> None:  # the worker's RSS while the messages come (VmHWM holds the model load's)
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], proc_status_bytes(pid, "VmRSS"))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    channels = [
+        grpc.insecure_channel(control, options=[("grpc.max_send_message_length", -1)]) for _ in range(4)
+    ]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda send, ch: send(ch), [info, info, session, session], channels))
+    finally:
+        for channel in channels:
+            channel.close()
+        done.set()
+        sampler.join()
+    grown, peak = proc_status_bytes(pid, "VmRSS") - before, peak[0] - before
+    print(
+        f"4 x {mib} MiB: {[c.name for c in codes]}; RSS grew {grown / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB"
+    )
+    assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 4
+    assert grown < 50 * MiB and peak < 50 * MiB
+    with grpc.insecure_channel(control) as channel:
+        assert (
+            solo_session(worker_pb2_grpc.WorkerControlServiceStub(channel), f"after-{mib}", 60)[-1]
+            == "finish"
+        )

@@ -1,6 +1,7 @@
 """A hung worker (alive, answering nothing: SIGSTOP) mid-request: the request completes elsewhere,
 the next requests never wait on it, ClusterStatus shows it quarantined, and once it runs again
-(SIGCONT) it is back after its quarantine."""
+(SIGCONT) it is back after its quarantine. A worker stopped while idle is found by the pool's idle
+watch, without any request, and quarantined before a request draws it."""
 
 from __future__ import annotations
 
@@ -117,4 +118,40 @@ def test_a_worker_hung_before_measure_split_is_replaced_and_quarantined_alone(mo
             assert _quarantines(cluster) == 1
         finally:
             os.kill(pid, signal.SIGCONT)
+            client.close()
+
+
+@pytest.mark.slow  # a cluster of its own, a quarantine and a re-admission (~20 s)
+def test_an_idle_worker_stopped_is_quarantined_before_a_request_draws_it(model_dirs, tmp_path):
+    raw = make_input(prompt="a blue circle", num_steps=12, seed=5, mode="single")
+    with LocalCluster(model_dirs["sdxl"], workers=2, log_dir=tmp_path / "logs") as cluster:
+        client = DiffusionClient(cluster.address)
+        victim = min(cluster.worker_addresses)  # the worker a lone request draws first
+        pid = cluster.procs[cluster.worker_addresses.index(victim)].pid
+        stopped = False
+        try:
+            first, baseline = _timed(client, raw)
+            assert len(first.stats.workers) == 1
+            os.kill(pid, signal.SIGSTOP)
+            stopped = True
+            # No request runs: only the idle watch's health Check can find it.
+            found = await_worker_state(cluster, victim, "unhealthy", 3.0, poll=0.05)
+            assert _quarantines(cluster) == 1
+
+            after, seconds = _timed(client, raw)
+            print(f"quarantined {found:.2f}s after SIGSTOP; baseline {baseline:.2f}s, after {seconds:.2f}s")
+            assert victim not in after.stats.workers and len(after.stats.workers) == 1
+            assert not [n for n in after.stats.notes if "failed" in n or "resumed" in n], after.stats.notes
+            assert after.images[0].data == first.images[0].data
+            # It never waited on the stopped worker (drawn, it would wait until keepalive noticed).
+            assert seconds < baseline + NOTICED_AFTER / 2, (baseline, seconds)
+
+            os.kill(pid, signal.SIGCONT)
+            stopped = False
+            back = await_worker_state(cluster, victim, "idle", 60)
+            print(f"re-admitted {back:.1f}s after SIGCONT")
+            assert _quarantines(cluster) == 1
+        finally:
+            if stopped:  # never leave a stopped process behind
+                os.kill(pid, signal.SIGCONT)
             client.close()

@@ -7,7 +7,6 @@ import torch
 from cluster_helpers import make_input
 from PIL import Image
 
-from gpu_worker.engine import EXTRAPOLATION_DAMPING, carried_difference
 from hybridiff.protocol import Phase, WindowGuidance, label
 from hybridiff.wire import tensor_from_proto
 
@@ -126,14 +125,3 @@ def test_image_formats_decode(engines, fmt, magic):
     image = Image.open(io.BytesIO(r.images[0]))
     image.load()
     assert image.size == (engines["sdxl"].adapter.default_size,) * 2
-
-
-def test_the_carried_difference_follows_its_trend_damped():
-    difference, trend = torch.tensor([1.0]), torch.tensor([0.5])
-    assert carried_difference(difference, None, 3) is difference
-    assert carried_difference(difference, trend, 0) is difference
-    assert float(carried_difference(difference, trend, 1, damping=0.5)) == 1.25
-    assert float(carried_difference(difference, trend, 2, damping=0.5)) == 1.375  # 0.5 * (0.5 + 0.25)
-    assert float(carried_difference(difference, trend, 3, damping=1.0)) == 2.5  # linear
-    far = float(carried_difference(difference, trend, 50))
-    assert far == pytest.approx(1.0 + 0.5 * EXTRAPOLATION_DAMPING / (1 - EXTRAPOLATION_DAMPING))  # bounded

@@ -7,7 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from gpu_worker.dataplane import Expect, Mailbox
-from gpu_worker.service import WorkerService, _SessionState
+from gpu_worker.service import ControlSession, WorkerService
 from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import Role
 
@@ -59,12 +59,12 @@ def test_the_rpc_callback_closes_only_the_session_its_begin_opened():
         box = Mailbox("w")
         service.engine = SimpleNamespace(mailbox=box)  # all the callback touches
         old = _Context()
-        service._accept(_begin(OLD), _SessionState(1.0), old)
+        service._accept(_begin(OLD), ControlSession(1.0), old)
         box.open("r", _expect(OLD))
         box.close("r")  # the old session's handler ended: abort closed it, the worker is free
 
         new = _Context()
-        service._accept(_begin(NEW), _SessionState(1.0), new)
+        service._accept(_begin(NEW), ControlSession(1.0), new)
         box.open("r", _expect(NEW))
         for late in old.callbacks:  # gRPC runs the old RPC's callback only now
             late()

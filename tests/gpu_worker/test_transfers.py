@@ -155,9 +155,10 @@ def test_a_failed_send_gives_its_buffers_back(engines):
     session = SimpleNamespace(request_id="r", link=link, nonce=b"", peer_timeout=0.5)
     try:
         for step in range(3):
-            engine._send(session, step, FrameKind.BRANCH_PREDICTION, {"p": torch.zeros(BIG)})
+            exchange = engine.exchange(session)
+            exchange.send(step, FrameKind.BRANCH_PREDICTION, {"p": torch.zeros(BIG)})
             with pytest.raises(Cancelled):  # the mailbox has no open session "r": cancelled at once
-                engine._flush_sends(session)
+                exchange.flush()
         assert pool.allocated == 1
     finally:
         engine.close()
@@ -180,8 +181,8 @@ class _SlowLink(PeerLink):
 
 
 def test_staged_sends_leave_the_compute_thread_and_keep_their_order(engines):
-    """With staged transfers the copy and the send run on the engine's sending thread: ``_send``
-    returns at once, the compute after it overlaps them, and the step's flush waits only for
+    """With staged transfers the copy and the send run on the engine's sending thread: a step's
+    ``send`` returns at once, the compute after it overlaps them, and the step's flush waits only for
     the rest. Messages reach the transport in the order sent."""
     link = _SlowLink(0.3)
     engine = WorkerEngine(
@@ -190,14 +191,14 @@ def test_staged_sends_leave_the_compute_thread_and_keep_their_order(engines):
     engine.mailbox.open("r")
     session = SimpleNamespace(request_id="r", link=link, nonce=b"", peer_timeout=5.0)
     try:
-        engine._costs = StepCosts()
+        exchange = engine.exchange(session)
         start = time.perf_counter()
-        engine._send(session, 0, FrameKind.STAGE_ACTIVATIONS, {"a": torch.full((BIG,), 1.0)})
-        engine._send(session, 0, FrameKind.GUIDED_PREDICTION, {"p": torch.full((BIG,), 2.0)})
+        exchange.send(0, FrameKind.STAGE_ACTIVATIONS, {"a": torch.full((BIG,), 1.0)})
+        exchange.send(0, FrameKind.GUIDED_PREDICTION, {"p": torch.full((BIG,), 2.0)})
         handed_over = time.perf_counter() - start
         time.sleep(0.4)  # the compute that overlaps the first send
-        engine._flush_sends(session)
-        costs = engine._costs
+        exchange.flush()
+        costs = exchange.costs
         assert handed_over < 0.1  # neither send held the compute thread
         assert [f.kind for f in link.frames] == [FrameKind.STAGE_ACTIVATIONS, FrameKind.GUIDED_PREDICTION]
         assert float(link.frames[1].tensors["p"][0]) == 2.0

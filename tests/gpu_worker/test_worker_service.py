@@ -10,55 +10,20 @@ import queue
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
-from cluster_helpers import SessionStream, wait_until
+from cluster_helpers import Served, SessionStream, wait_until
 from grpc_health.v1 import health_pb2
 
-from gpu_worker.dataplane import Mailbox
-from gpu_worker.engine import WorkerEngine
-from gpu_worker.loader import load_adapter, weights_digest
-from gpu_worker.metrics import WorkerMetrics
-from gpu_worker.service import BUSY_WAIT_SECONDS, OPENING, SERVICE_NAME, Watchdog, WorkerService
+from gpu_worker.loader import weights_digest
+from gpu_worker.service import BUSY_WAIT_SECONDS, OPENING, Watchdog, WorkerService
 from hybridiff import serving
 from hybridiff.errors import InvalidArgument, status_details
 from hybridiff.internal.v1 import worker_pb2, worker_pb2_grpc
 from hybridiff.protocol import Phase, Role, WindowGuidance
 
 IDLE = 1.5
-
-
-class Served:
-    """A WorkerService with a real engine behind a real gRPC server on loopback."""
-
-    def __init__(self, model_dir: Path, **options) -> None:
-        adapter = load_adapter(model_dir, "cpu", "float32")
-        self.metrics = WorkerMetrics()
-        self.service = WorkerService("w0", "tiny", self.metrics, **options)
-        self.service.attach(WorkerEngine(adapter, "w0", Mailbox("w0"), None), "", weights_digest(model_dir))
-        self.server = serving.new_server(8, [])
-        self.health = serving.add_health_and_reflection(self.server, [SERVICE_NAME])
-        worker_pb2_grpc.add_WorkerControlServiceServicer_to_server(self.service, self.server)
-        self.port = serving.bind(self.server, "127.0.0.1:0")
-        self.server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = worker_pb2_grpc.WorkerControlServiceStub(self.channel)
-
-    def info(self) -> worker_pb2.InfoResponse:
-        return self.stub.Info(worker_pb2.InfoRequest(), timeout=10)
-
-    def outcomes(self, outcome: str) -> float:
-        return (
-            self.metrics.registry.get_sample_value("hybridiff_worker_requests_total", {"outcome": outcome})
-            or 0
-        )
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop(0).wait()
-        self.service.close()
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,8 @@ def _slow_single_seconds() -> float:
 
 def _patch(engine_module) -> None:
     handle = engine_module.WorkerEngine.handle
-    single = engine_module.WorkerEngine._single
+    phases = engine_module.phases  # the engine looks its phases up there at each step
+    single = phases.single
 
     def handle_or_freeze(self, cmd, *args, **kwargs):
         _freeze_if_planned(cmd)
@@ -70,7 +71,7 @@ def _patch(engine_module) -> None:
         return single(self, *args, **kwargs)
 
     engine_module.WorkerEngine.handle = handle_or_freeze
-    engine_module.WorkerEngine._single = slow_single
+    phases.single = slow_single
 
 
 class _PatchWorkerEngine(importlib.abc.MetaPathFinder):

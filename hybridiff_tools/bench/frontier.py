@@ -1,0 +1,335 @@
+"""The window frontier: what each window-guidance policy costs in quality, and buys in speed, at
+each pipeline-window length (docs/design.md sections 1 and 7).
+
+For every prompt and seed the exact-CFG image (``cfg-parallel``) is the reference; every policy
+(every member of ``WindowGuidance``) then runs HYBRID at every window length ``k`` (the window is
+steps tau1+1 .. tau1+k when the slope rule finds tau1, clamped to the last step), and each image
+is scored against the reference (PSNR, SSIM) and, for the default model's held-out prompts, by
+the prompt-adherence checker. Speed is measured (denoising seconds against SINGLE, one worker,
+on the same cluster) and predicted by the schedule model (``hybridiff_tools.bench.perfmodel``)
+from a GPU profile, at each image's own tau1.
+
+The measurement is shared with ``hybridiff calibrate``, which records its PSNRs in the model's
+``hybridiff.json`` (``hybridiff.calibration``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hybridiff.protocol import Mode, Phase, WindowGuidance, label
+from hybridiff.request import request_from_names
+from hybridiff.v1 import diffusion_pb2 as pb
+from hybridiff_tools.bench import perfmodel
+from hybridiff_tools.bench.gpu_profile import compute_times, tensor_bytes
+from hybridiff_tools.bench.runner import window_batch
+from hybridiff_tools.quality import psnr, ssim
+
+# Identical images have infinite PSNR; averaged and recorded, they count as this (the largest
+# finite PSNR of two 8-bit images is 10*log10(255^2 * N) for one differing value in N: ~92 dB at
+# 512x512x3, so 100 dB reads "identical" at any size this service makes).
+IDENTICAL_DB = 100.0
+GENERIC_PROMPTS = (
+    "a photograph of a red fox in the snow",
+    "a lighthouse on a cliff at sunset",
+    "a bowl of fruit on a wooden table",
+    "an astronaut riding a horse",
+)
+WINDOW_PHASES = (Phase.PIPELINE_FILL, Phase.PIPELINE)
+
+
+def policies() -> list[WindowGuidance]:
+    """Every window policy this version knows."""
+    return list(WindowGuidance)
+
+
+def default_lengths(steps: int) -> list[int]:
+    """A few steps up to about 60% of the steps, then every step after tau1 (``steps``: the
+    schedule clamps the window to the last step)."""
+    ladder = [n for n in (1, 2, 4, 6, 8, 10, 13, 16, 20, 25, 30, 40) if n < 0.6 * steps]
+    return ladder + [steps]
+
+
+def parse_lengths(text: str, steps: int) -> list[int]:
+    """``2,4,8,all`` -> [2, 4, 8, steps] (``all``: every step after tau1)."""
+    lengths = sorted(
+        {steps if part.strip() == "all" else int(part) for part in text.split(",") if part.strip()}
+    )
+    if not lengths or lengths[0] < 1:
+        raise ValueError("window lengths must be >= 1")
+    return lengths
+
+
+@dataclass(frozen=True)
+class Case:
+    """One prompt and seed; ``check``: its adherence checker (held-out prompts only)."""
+
+    prompt: str
+    seed: int
+    check: Callable[[bytes], bool] | None = None
+
+
+@dataclass
+class Run:
+    """One generated image and what the run says about its schedule and time."""
+
+    png: bytes
+    tau1: int | None
+    tau1_source: str
+    window_steps: int
+    window_batch: int
+    denoise: float
+
+
+Generate = Callable[[pb.GenerateRequest], Run]
+
+
+def run_from(png: bytes, stats: Any) -> Run:
+    """A ``Run`` from the public API's ``GenerateStats`` or the driver's ``GenerationStats``."""
+    if isinstance(stats, pb.GenerateStats):
+        tau1 = stats.tau1 if stats.HasField("tau1") else None
+    else:
+        tau1 = stats.tau1
+    return Run(
+        png=png,
+        tau1=tau1,
+        tau1_source=stats.tau1_source,
+        window_steps=sum(s.phase in WINDOW_PHASES for s in stats.steps),
+        window_batch=window_batch(stats),
+        denoise=stats.denoising_seconds,
+    )
+
+
+@dataclass
+class ScoredImage:
+    """One HYBRID image scored against its case's exact-CFG image."""
+
+    prompt: str
+    seed: int
+    policy: str
+    k: int
+    psnr_db: float
+    ssim: float
+    adheres: bool | None
+    tau1: int | None
+    tau1_source: str
+    window_steps: int
+    window_batch: int
+    denoise: float
+
+
+@dataclass
+class Measurement:
+    steps: int
+    guidance: float
+    lengths: list[int]
+    images: list[ScoredImage] = field(default_factory=list)
+    exact: dict[tuple[str, int], dict] = field(default_factory=dict)  # cfg-parallel and single, per case
+
+    def to_json(self) -> dict:
+        return {
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "lengths": self.lengths,
+            "references": [{"prompt": p, "seed": s, **r} for (p, s), r in self.exact.items()],
+            "images": [vars(i) for i in self.images],
+        }
+
+
+def measure(
+    generate: Generate,
+    cases: Iterable[Case],
+    lengths: list[int],
+    steps: int,
+    guidance: float,
+    window_policies: list[WindowGuidance] | None = None,
+    time_single: bool = True,
+    on_image: Callable[[str], None] = lambda _: None,
+    deadline: float | None = None,
+) -> Measurement:
+    """Every policy at every window length on every case, scored against exact CFG; with a
+    ``deadline`` (``time.monotonic()``), no case starts after it (the cases done are kept)."""
+    out = Measurement(steps, guidance, list(lengths))
+    for case in cases:
+        if deadline is not None and time.monotonic() > deadline:
+            break
+
+        def request(mode: Mode, case: Case = case, **fields: Any) -> pb.GenerateRequest:
+            return request_from_names(
+                case.prompt, seed=case.seed, steps=steps, guidance_scale=guidance, mode=mode, **fields
+            )
+
+        exact = generate(request(Mode.CFG_PARALLEL))
+        on_image("cfg-parallel")
+        reference = {
+            "cfg_parallel_denoise": exact.denoise,
+            "adheres": case.check(exact.png) if case.check else None,
+        }
+        if time_single:
+            reference["single_denoise"] = generate(request(Mode.SINGLE)).denoise
+            on_image("single")
+        out.exact[(case.prompt, case.seed)] = reference
+        for policy in window_policies or policies():
+            for k in lengths:
+                run = generate(request(Mode.HYBRID, window_guidance=policy, hybrid={"k": k}))
+                db = psnr(run.png, exact.png)
+                out.images.append(
+                    ScoredImage(
+                        prompt=case.prompt,
+                        seed=case.seed,
+                        policy=label(policy),
+                        k=k,
+                        psnr_db=min(db, IDENTICAL_DB),
+                        ssim=ssim(run.png, exact.png),
+                        adheres=case.check(run.png) if case.check else None,
+                        tau1=run.tau1,
+                        tau1_source=run.tau1_source,
+                        window_steps=run.window_steps,
+                        window_batch=run.window_batch,
+                        denoise=run.denoise,
+                    )
+                )
+                on_image(f"{label(policy)} k={k}")
+    return out
+
+
+def mean_psnr(measurement: Measurement) -> dict[str, dict[int, float]]:
+    """Mean PSNR against exact CFG per policy and window length (identical counts as IDENTICAL_DB)."""
+    by: dict[str, dict[int, list[float]]] = {}
+    for im in measurement.images:
+        by.setdefault(im.policy, {}).setdefault(im.k, []).append(im.psnr_db)
+    return {p: {k: statistics.fmean(v) for k, v in sorted(ks.items())} for p, ks in by.items()}
+
+
+# --- the schedule model's prediction ----------------------------------------------------
+@dataclass(frozen=True)
+class DeviceCosts:
+    """What the schedule model needs of one device: compute times, tensor sizes, its link."""
+
+    name: str
+    compute: perfmodel.ComputeTimes
+    tensors: perfmodel.TensorBytes
+    link: perfmodel.LinkModel
+
+
+def profile_device(path: str | Path, name: str, model: str = "sdxl") -> DeviceCosts:
+    """The device of a committed ``hybridiff gpu-profile`` JSON (one model's profile in it)."""
+    document = json.loads(Path(path).read_text())
+    profile = document["models"][model]
+    return DeviceCosts(
+        name, compute_times(profile), tensor_bytes(profile), perfmodel.LinkModel(**document["link"])
+    )
+
+
+def batch_linear(device: DeviceCosts, name: str) -> DeviceCosts:
+    """The same device if a batch of 2 cost twice a batch of 1 (no batching gain: the case of a
+    device whose batch-1 forward already fills it), the split and link unchanged."""
+    ct = device.compute
+    b1 = ct.stages_b1
+    b2 = perfmodel.StageTimes(2 * b1.stage1, 2 * b1.stage2, 2 * b1.pre, 2 * b1.post)
+    compute = perfmodel.ComputeTimes(ct.topology, ct.forward_b1, 2 * ct.forward_b1, b1, b2, ct.update)
+    return DeviceCosts(name, compute, device.tensors, device.link)
+
+
+def predicted_speedups(
+    device: DeviceCosts, steps: int, tau1: int, tau1_source: str, k: int, window_batch: int
+) -> dict[str, float]:
+    """Predicted speedup over SINGLE of HYBRID (this window) and of CFG_PARALLEL on ``device``:
+    the one place this tool calls the schedule model."""
+    schedule = perfmodel.ScheduleParams(
+        num_steps=steps,
+        tau1=tau1,
+        k=k,
+        tau1_source=tau1_source,
+        hybrid_window_batch=window_batch,
+    )
+    modes = perfmodel.predict_modes(device.compute, device.tensors, device.link, schedule)
+    return {mode: modes[mode]["speedup"] for mode in (label(Mode.HYBRID), label(Mode.CFG_PARALLEL))}
+
+
+# --- the frontier -----------------------------------------------------------------------
+def frontier(measurement: Measurement, devices: list[DeviceCosts]) -> dict:
+    """Per policy and window length: quality (mean and min PSNR, mean SSIM, adherence), window
+    steps, measured CPU speedup and each device's predicted speedup (mean over the images, each
+    at its own tau1)."""
+    cache: dict[tuple, dict[str, float]] = {}
+
+    def predict(device: DeviceCosts, im: ScoredImage) -> dict[str, float]:
+        source = im.tau1_source if im.tau1_source in perfmodel.TAU1_SOURCES else "tau_cap"
+        key = (device.name, im.tau1, source, im.k, im.window_batch)
+        if key not in cache:
+            cache[key] = predicted_speedups(device, measurement.steps, im.tau1, source, im.k, im.window_batch)
+        return cache[key]
+
+    refs = measurement.exact
+    single = [r["single_denoise"] for r in refs.values() if "single_denoise" in r]
+    out: dict[str, Any] = {"steps": measurement.steps, "policies": {}, "reference": {}}
+    groups: dict[str, dict[int, list[ScoredImage]]] = {}
+    for im in measurement.images:
+        groups.setdefault(im.policy, {}).setdefault(im.k, []).append(im)
+    for policy, by_k in groups.items():
+        rows = {}
+        for k, images in sorted(by_k.items()):
+            adheres = [im.adheres for im in images if im.adheres is not None]
+            row = {
+                "psnr_db_mean": statistics.fmean(im.psnr_db for im in images),
+                "psnr_db_min": min(im.psnr_db for im in images),
+                "ssim_mean": statistics.fmean(im.ssim for im in images),
+                "adherence": statistics.fmean(adheres) if adheres else None,
+                "window_steps_mean": statistics.fmean(im.window_steps for im in images),
+                "images": len(images),
+                "predicted_speedup": {
+                    d.name: statistics.fmean(predict(d, im)["hybrid"] for im in images if im.tau1)
+                    for d in devices
+                    if any(im.tau1 for im in images)
+                },
+            }
+            if single:
+                row["cpu_speedup"] = statistics.fmean(single) / statistics.fmean(im.denoise for im in images)
+            rows[str(k)] = row
+        out["policies"][policy] = rows
+    decided = [im for im in measurement.images if im.tau1]
+    out["reference"]["predicted_cfg_parallel_speedup"] = {
+        d.name: statistics.fmean(predict(d, im)["cfg-parallel"] for im in decided) for d in devices if decided
+    }
+    if single:
+        exact = [r["cfg_parallel_denoise"] for r in refs.values()]
+        out["reference"]["cpu_cfg_parallel_speedup"] = statistics.fmean(single) / statistics.fmean(exact)
+    checked = [r["adheres"] for r in refs.values() if r["adheres"] is not None]
+    out["reference"]["cfg_parallel_adherence"] = statistics.fmean(checked) if checked else None
+    out["reference"]["tau1"] = sorted({im.tau1 for im in decided})
+    return out
+
+
+def format_table(result: dict, devices: list[str], lengths_label: Callable[[int], str] = str) -> str:
+    """A Markdown table: one row per policy and window length."""
+    cpu = any("cpu_speedup" in r for rows in result["policies"].values() for r in rows.values())
+    head = ["policy", "k", "window steps", "PSNR mean / min", "SSIM", "adherence"]
+    head += [f"{d} (pred.)" for d in devices] + (["CPU (measured)"] if cpu else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for policy, rows in result["policies"].items():
+        for k, r in rows.items():
+            cells = [
+                policy,
+                lengths_label(int(k)),
+                f"{r['window_steps_mean']:.1f}",
+                f"{_db(r['psnr_db_mean'])} / {_db(r['psnr_db_min'])}",
+                f"{r['ssim_mean']:.4f}",
+                "-" if r["adherence"] is None else f"{r['adherence']:.0%}",
+            ]
+            cells += [f"{r['predicted_speedup'].get(d, math.nan):.2f}x" for d in devices]
+            if cpu:
+                cells.append(f"{r['cpu_speedup']:.2f}x")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _db(value: float) -> str:
+    return "identical" if value >= IDENTICAL_DB else f"{value:.1f}"

@@ -1,0 +1,58 @@
+"""The frontier's speed side: the schedule model on the committed H200 profile, behind one call."""
+
+from pathlib import Path
+
+import pytest
+
+from hybridiff_tools.bench.frontier import batch_linear, parse_lengths, predicted_speedups, profile_device
+
+PROFILE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "gpu_profile_h200_fp16.json"
+
+
+def test_no_window_is_predicted_as_cfg_parallel_and_a_window_as_faster():
+    device = profile_device(PROFILE, "h200")
+    none = predicted_speedups(device, 30, 12, "slope", k=0, window_batch=1)
+    assert none["hybrid"] == pytest.approx(none["cfg-parallel"])
+    ten = predicted_speedups(device, 30, 12, "slope", k=10, window_batch=1)
+    assert ten["hybrid"] > none["hybrid"]
+
+
+def test_on_a_device_without_batching_gain_the_full_cfg_window_buys_nothing_over_cfg_parallel():
+    eager = profile_device(PROFILE, "h200")
+    linear = batch_linear(eager, "2x-batch")
+    assert linear.compute.forward_b2 == 2 * eager.compute.forward_b1
+    assert linear.compute.stages_b2.stage2 == 2 * eager.compute.stages_b1.stage2
+    conditional = predicted_speedups(linear, 30, 12, "slope", k=10, window_batch=1)
+    full_cfg = predicted_speedups(linear, 30, 12, "slope", k=10, window_batch=2)
+    assert full_cfg["hybrid"] <= conditional["cfg-parallel"] < conditional["hybrid"]
+
+
+def test_window_lengths_parse_with_all_as_every_step():
+    assert parse_lengths("4, 2,all", 30) == [2, 4, 30]
+    with pytest.raises(ValueError):
+        parse_lengths("0,2", 30)
+
+
+def test_a_run_is_read_the_same_from_the_public_stats():
+    from hybridiff.protocol import Phase, WindowGuidance
+    from hybridiff.v1 import diffusion_pb2 as pb
+    from hybridiff_tools.bench.frontier import run_from
+
+    phases = [Phase.DATA_PARALLEL] * 3 + [Phase.PIPELINE_FILL, Phase.PIPELINE, Phase.DATA_PARALLEL]
+    stats = pb.GenerateStats(
+        tau1=2,
+        tau1_source="slope",
+        window_guidance=WindowGuidance.FULL_CFG,
+        denoising_seconds=1.5,
+        steps=[pb.StepStat(step=i, phase=p) for i, p in enumerate(phases)],
+    )
+    run = run_from(b"png", stats)
+    assert (run.tau1, run.tau1_source, run.window_steps, run.window_batch, run.denoise) == (
+        2,
+        "slope",
+        2,
+        2,
+        1.5,
+    )
+    no_window = run_from(b"png", pb.GenerateStats(steps=[pb.StepStat(phase=Phase.DATA_PARALLEL)]))
+    assert (no_window.tau1, no_window.window_steps, no_window.window_batch) == (None, 0, 1)
