@@ -6,7 +6,7 @@ from hybridiff.protocol import Mode, WindowGuidance
 from hybridiff_tools.bench.window_policies import Variant, default_variants, format_table, run
 
 
-@pytest.mark.slow  # loads its own in-process pair (~5 s on the shared 2-core VM)
+@pytest.mark.slow(reason="loads its own in-process pair and runs 2 variants: ~5 s on the shared 2-core VM")
 def test_the_measurement_counts_phases_and_measures_against_exact_cfg(model_dirs):
     every_2nd = {"l_slope": 3, "tau_cap": 4, "k": 3, "refresh_every": 2}  # the window 4..7 of 0..7
     variants = [
