@@ -56,3 +56,28 @@ def test_a_run_is_read_the_same_from_the_public_stats():
     )
     no_window = run_from(b"png", pb.GenerateStats(steps=[pb.StepStat(phase=Phase.DATA_PARALLEL)]))
     assert (no_window.tau1, no_window.window_steps, no_window.window_batch) == (None, 0, 1)
+
+
+def test_a_refreshing_run_is_priced_with_its_refresh_fills():
+    """The period is read off the run's fills; the schedule model then prices every refresh fill
+    as a data-parallel step, so the refreshed window is slower than last-difference's."""
+    from hybridiff.protocol import Phase, WindowGuidance
+    from hybridiff.v1 import diffusion_pb2 as pb
+    from hybridiff_tools.bench.frontier import run_from
+
+    fill, pipelined, dp = Phase.PIPELINE_FILL, Phase.PIPELINE, Phase.DATA_PARALLEL
+    phases = [dp] * 3 + [fill, pipelined, pipelined, fill, pipelined, dp]
+
+    def run(policy, steps=phases):
+        stats = pb.GenerateStats(
+            window_guidance=policy, steps=[pb.StepStat(step=i, phase=p) for i, p in enumerate(steps)]
+        )
+        return run_from(b"png", stats)
+
+    assert run(WindowGuidance.REFRESHED_DIFFERENCE).refresh_every == 3
+    assert run(WindowGuidance.EXTRAPOLATED_DIFFERENCE, [dp, fill, pipelined, dp]).refresh_every == 2
+    assert run(WindowGuidance.LAST_DIFFERENCE).refresh_every == 0
+    device = profile_device(PROFILE, "h200")
+    last = predicted_speedups(device, 30, 12, "slope", k=10, window_batch=1)
+    refreshed = predicted_speedups(device, 30, 12, "slope", k=10, window_batch=1, refresh_every=3)
+    assert last["cfg-parallel"] < refreshed["hybrid"] < last["hybrid"]
