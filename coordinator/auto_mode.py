@@ -14,6 +14,14 @@ beats a short batch-1 one.
 HYBRID's window opens where the rel-MAE curve settles, known only while the request runs: the
 prediction opens it at the request's ``tau_cap`` (the latest it opens), so a window is priced at
 ``k + 1`` steps, the most it runs. Pure: no clock, no I/O.
+
+The refreshing policies (REFRESHED_DIFFERENCE, EXTRAPOLATED_DIFFERENCE) are HYBRID windows whose
+every ``refresh_every``-th step, from the first, is a data-parallel fill (the CFG batch split,
+one branch at batch 1 per worker) and whose other steps are pipelined at batch 1; they are priced
+so, at the request's ``refresh_every``. Like every policy they are chosen only within the windows
+the calibration measured for them (``hybridiff calibrate`` runs the model's ``refresh_every``).
+AUTO never runs them in PIPELINE mode, where the schedule has no refreshes and the calibrated
+quality would not hold.
 """
 
 from __future__ import annotations
@@ -24,11 +32,18 @@ from dataclasses import dataclass, replace
 from coordinator.latency_model import ComputeTimes, LinkModel, ScheduleParams, TensorBytes, simulate
 from coordinator.schedule import PIPELINE_WARMUP_STEPS
 from hybridiff.calibration import Calibration
-from hybridiff.protocol import Mode, Phase, WindowGuidance, label
+from hybridiff.protocol import REFRESHING_POLICIES, Mode, Phase, WindowGuidance, label
 from hybridiff.request import GenerationSpec, HybridParams
 
-# The stage batch of a window step per policy: one branch, or both (docs/design.md section 1).
-WINDOW_BATCH = {WindowGuidance.CONDITIONAL: 1, WindowGuidance.LAST_DIFFERENCE: 1, WindowGuidance.FULL_CFG: 2}
+# The stage batch of a pipelined window step per policy: one branch, or both (docs/design.md
+# section 1). A refreshing policy's fills are data parallel, one branch per worker.
+WINDOW_BATCH = {
+    WindowGuidance.CONDITIONAL: 1,
+    WindowGuidance.LAST_DIFFERENCE: 1,
+    WindowGuidance.FULL_CFG: 2,
+    WindowGuidance.REFRESHED_DIFFERENCE: 1,
+    WindowGuidance.EXTRAPOLATED_DIFFERENCE: 1,
+}
 POLICIES = tuple(WINDOW_BATCH)  # in order of preference on a tie
 FULL_CFG = WindowGuidance.FULL_CFG
 CALIBRATED = "measured costs and calibration"
@@ -53,6 +68,11 @@ class Schedule:
     window_guidance: WindowGuidance | None = None
     k: int = 0
     window_steps: int = 0  # stale-free steps excluded: the window's pipelined steps at most
+    refresh_every: int = 0  # a refreshing policy's period (HybridParams.refresh_every); 0 otherwise
+
+    @property
+    def refreshes(self) -> bool:
+        return self.mode == Mode.HYBRID and self.window_guidance in REFRESHING_POLICIES
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,8 @@ class AutoChoice:
         if s.window_guidance is not None:
             what += f", window {label(s.window_guidance)}"
             what += f" k={s.k}" if s.mode == Mode.HYBRID else f" ({s.window_steps} steps)"
+            if s.refreshes:
+                what += f" refreshed every {s.refresh_every}"
         return (
             f"AUTO chose {what}: predicted {self.predicted_seconds:.3f}s "
             f"({self.speedup_vs_single:.2f}x one worker, {self.speedup_vs_cfg_parallel:.2f}x cfg-parallel; "
@@ -96,6 +118,7 @@ class AutoChoice:
             "window_guidance": None if s.window_guidance is None else label(s.window_guidance),
             "k": s.k,
             "window_steps": s.window_steps,
+            "refresh_every": s.refresh_every,
             "predicted_seconds": self.predicted_seconds,
             "single_seconds": self.single_seconds,
             "cfg_parallel_seconds": self.cfg_parallel_seconds,
@@ -106,20 +129,36 @@ class AutoChoice:
 
 
 @functools.lru_cache(maxsize=4096)
-def _phases(mode: Mode, num_steps: int, tau1: int, k: int, warmup: int) -> tuple[Phase, ...]:
-    return tuple(ScheduleParams(num_steps, tau1, k, "tau_cap", pipeline_warmup=warmup).phases(mode))
+def _phases(
+    mode: Mode, num_steps: int, tau1: int, k: int, warmup: int, refresh_every: int
+) -> tuple[Phase, ...]:
+    params = ScheduleParams(
+        num_steps, tau1, k, "tau_cap", pipeline_warmup=warmup, refresh_every=refresh_every
+    )
+    return tuple(params.phases(mode))
 
 
 @functools.lru_cache(maxsize=4096)
-def _seconds(costs: DeviceCosts, phases: tuple[Phase, ...], window_batch: int) -> float:
-    return simulate(phases, costs.compute, costs.tensors, costs.link, window_batch).latency
+def _seconds(costs: DeviceCosts, phases: tuple[Phase, ...], window_batch: int, refresh_fills: bool) -> float:
+    replay = simulate(
+        phases, costs.compute, costs.tensors, costs.link, window_batch, refresh_fills=refresh_fills
+    )
+    return replay.latency
 
 
 def predict(costs: DeviceCosts, schedule: Schedule, num_steps: int, tau_cap: int) -> float:
     """Predicted denoising seconds of ``schedule`` for a request of ``num_steps`` steps."""
-    phases = _phases(schedule.mode, num_steps, max(1, tau_cap), schedule.k, PIPELINE_WARMUP_STEPS)
+    refresh_every = schedule.refresh_every if schedule.refreshes else 0
+    phases = _phases(
+        schedule.mode, num_steps, max(1, tau_cap), schedule.k, PIPELINE_WARMUP_STEPS, refresh_every
+    )
     batch = WINDOW_BATCH[schedule.window_guidance] if schedule.window_guidance is not None else 1
-    return _seconds(costs, phases, batch)
+    return _seconds(costs, phases, batch, refresh_every > 0)
+
+
+def _hybrid_schedule(policy: WindowGuidance, k: int, steps: int, hybrid: HybridParams) -> Schedule:
+    refresh_every = hybrid.refresh_every if policy in REFRESHING_POLICIES else 0
+    return Schedule(Mode.HYBRID, policy, k, steps, refresh_every)
 
 
 def hybrid_window_steps(num_steps: int, tau_cap: int, k: int) -> int:
@@ -145,10 +184,10 @@ def candidates(
         for each in ks:
             steps = hybrid_window_steps(num_steps, tau1, each)
             if 0 < steps <= longest:
-                out.append(Schedule(Mode.HYBRID, policy, each, steps))
-    # PIPELINE (FULL_CFG from its warm-up on) only as measured: its stale steps start where the
-    # latents still change fast, which the windows' lengths, opened later, do not predict
-    # (BENCHMARKS, the calibration of the default model).
+                out.append(_hybrid_schedule(policy, each, steps, hybrid))
+    # PIPELINE (FULL_CFG from its warm-up on, no refreshes) only as measured: its stale steps start
+    # where the latents still change fast, which the windows' lengths, opened later, do not
+    # predict (BENCHMARKS, the calibration of the default model).
     pipelined = num_steps - min(max(1, PIPELINE_WARMUP_STEPS), num_steps)
     if k is None and FULL_CFG in policies and pipelined > 0 and calibration.pipeline_allowed():
         out.append(Schedule(Mode.PIPELINE, FULL_CFG, 0, pipelined))
@@ -171,7 +210,7 @@ def choose(
     cfg = predict(costs, Schedule(Mode.CFG_PARALLEL), num_steps, tau1)
     if calibration is None:
         policy = window_guidance or WindowGuidance.CONDITIONAL
-        fixed = Schedule(Mode.HYBRID, policy, hybrid.k, hybrid_window_steps(num_steps, tau1, hybrid.k))
+        fixed = _hybrid_schedule(policy, hybrid.k, hybrid_window_steps(num_steps, tau1, hybrid.k), hybrid)
         seconds = predict(costs, fixed, num_steps, tau1)
         return AutoChoice(fixed, seconds, single, cfg, UNCALIBRATED)
     best, best_seconds = None, float("inf")

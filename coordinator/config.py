@@ -61,6 +61,7 @@ class CoordinatorConfig(Options):
     eps_slope: float | None = option(None, "override every model's default eps_slope", parse=float)
     k: int | None = option(None, "override every model's default k", parse=int)
     tau_cap: int | None = option(None, "override every model's default tau_cap", parse=int)
+    refresh_every: int | None = option(None, "override every model's default refresh_every", parse=int)
     tls_cert: str | None = option(None, "public API: TLS certificate (PEM)")
     tls_key: str | None = option(None, "public API: TLS private key (PEM)")
     tls_client_ca: str | None = option(None, "public API: require client certificates from this CA")
@@ -88,4 +89,10 @@ class CoordinatorConfig(Options):
     @property
     def hybrid_overrides(self) -> dict[str, int | float | None]:
         """The operator's overrides of every model's hybrid defaults (None: the model's)."""
-        return {"l_slope": self.l_slope, "eps_slope": self.eps_slope, "k": self.k, "tau_cap": self.tau_cap}
+        return {
+            "l_slope": self.l_slope,
+            "eps_slope": self.eps_slope,
+            "k": self.k,
+            "tau_cap": self.tau_cap,
+            "refresh_every": self.refresh_every,
+        }

@@ -40,7 +40,7 @@ from hybridiff.errors import (
     WorkerFailed,
 )
 from hybridiff.internal.v1 import dataplane_pb2, worker_pb2
-from hybridiff.protocol import Mode, OutputFormat, Phase, Role, WindowGuidance, label
+from hybridiff.protocol import REFRESHING_POLICIES, Mode, OutputFormat, Phase, Role, WindowGuidance, label
 from hybridiff.protojson import message_json
 from hybridiff.request import GenerationSpec
 from hybridiff.v1 import diffusion_pb2 as pb
@@ -355,8 +355,15 @@ class _RequestRun:
         self.on_latents = on_latents
         self.speculate = speculate
         self.unresolved: set[int] = set()  # speculative steps issued, their phase not yet sent
-        self.schedule = StepSchedule(mode, spec.num_steps, spec.hybrid, spec.guided)
-        self.window_guidance = window_guidance_for(self.schedule.mode, spec.window_guidance)
+        self.window_guidance = window_guidance_for(mode, spec.window_guidance)
+        refresh = self.window_guidance in REFRESHING_POLICIES
+        self.schedule = StepSchedule(
+            mode,
+            spec.num_steps,
+            spec.hybrid,
+            spec.guided,
+            refresh_every=spec.hybrid.refresh_every if refresh else 0,
+        )
         self.request = worker_request(spec)
         self.elastic = elastic
         single = self.schedule.mode == Mode.SINGLE
@@ -466,11 +473,10 @@ class _RequestRun:
             raise WorkerFailed(
                 f"workers ended with different latents ({', '.join(f.latents_digest for f in finishes)})"
             )
-        window = self.schedule.window()
         single = self.schedule.mode == Mode.SINGLE or all(s.phase == Phase.SINGLE for s in self.stats)
         stats = GenerationStats(
             mode_used=Mode.SINGLE if single else self.schedule.mode,
-            window_guidance=self.window_guidance if window else None,
+            window_guidance=self.window_guidance if self.schedule.window() else None,
             tau1=self.schedule.tau1,
             tau2=self.schedule.tau2,
             tau1_source=self.schedule.tau1_source,
@@ -576,9 +582,8 @@ class _RequestRun:
         """Send the phase of speculative ``step``, now that the monitor has decided it."""
         self.unresolved.discard(step)
         phase = self._phase(step, first)
-        window = self.schedule.window()
         resolve = worker_pb2.ResolveCommand(
-            step=step, phase=phase, last_in_window=bool(window) and step == window[1]
+            step=step, phase=phase, last_in_window=self.schedule.last_in_window(step)
         )
         for w in self.used:
             w.send(self._command(spans.carrier_for(step, phase), resolve=resolve))
@@ -603,14 +608,13 @@ class _RequestRun:
                     if workers is not None:
                         raise _Switch(decision, workers)
                 while intent == Decision.KEEP and issued <= self._issue_limit(step):
-                    window = schedule.window()
                     decided = issued <= schedule.decided_through()
                     speculative = not decided or self._in_speculative_zone(issued)
                     phase = Phase.DATA_PARALLEL if speculative else self._phase(issued, first)
                     cmd = worker_pb2.StepCommand(
                         step=issued,
                         phase=phase,
-                        last_in_window=bool(window) and issued == window[1],
+                        last_in_window=decided and schedule.last_in_window(issued),
                         report_latents=self.recover is not None or self.elastic is not None,
                         speculative=speculative,
                     )

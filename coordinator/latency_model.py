@@ -24,6 +24,14 @@ C, and returns when every step ends. Each step follows exactly what the engine d
 The stage batch in the window is 1 for the CONDITIONAL / LAST_DIFFERENCE policies and 2 for
 FULL_CFG (PIPELINE mode); the prediction that crosses is always the guided one (batch 1).
 
+The refreshing policies (REFRESHED_DIFFERENCE, EXTRAPOLATED_DIFFERENCE; ``refresh_fills``): the
+schedule makes the window's first step and every ``refresh_every``-th after it a fill, and each
+fill is data parallel: both run one branch at batch 1 (the CFG batch of 2 split, C's conditional
+branch through the stages), exchange predictions as a DATA_PARALLEL step does, and unless the
+window ends there C leaves its stage activations as the next pipelined step's stale input
+(sequential: kept on C; nested: the core output sent to U). The pipelined steps between run at
+batch 1.
+
 Link: a message of ``b`` bytes costs ``latency + copies * b / bandwidth`` end to end. With
 ``copies=2`` (staged through pinned host memory, as the data plane does) the device-to-host
 copy blocks the sender's compute thread and the host-to-device copy is done on arrival by the
@@ -179,9 +187,16 @@ class _Replay:
     """Two worker clocks and the arrival times of the messages still to be consumed."""
 
     def __init__(
-        self, compute: ComputeTimes, tensors: TensorBytes, link: LinkModel, window_batch: int, t0: float
+        self,
+        compute: ComputeTimes,
+        tensors: TensorBytes,
+        link: LinkModel,
+        window_batch: int,
+        t0: float,
+        refresh_fills: bool = False,
     ) -> None:
         self.ct, self.tb, self.link, self.wb = compute, tensors, link, window_batch
+        self.refresh_fills = refresh_fills
         self.u = self.c = t0
         self.arrival: dict[tuple[str, int], float] = {}  # (kind, step) -> when usable on the receiver
         self.bytes = 0
@@ -198,6 +213,8 @@ class _Replay:
             self.u = self.c = self.u + self.ct.forward_b2 + self.ct.update
         elif phase == Phase.DATA_PARALLEL:
             self._data_parallel(i)
+        elif phase == Phase.PIPELINE_FILL and self.refresh_fills:
+            self._refresh_fill(i, last_in_window)
         elif self.ct.topology == "sequential":
             self._window_sequential(i, phase == Phase.PIPELINE_FILL, last_in_window)
         else:
@@ -207,6 +224,20 @@ class _Replay:
         f, L = self.ct.forward_b1, self.tb.prediction
         u_free = self.send(self.u + f, "pred_u", i, L)
         c_free = self.send(self.c + f, "pred_c", i, L)
+        self.u = max(u_free, self.arrival[("pred_c", i)]) + self.ct.update
+        self.c = max(c_free, self.arrival[("pred_u", i)]) + self.ct.update
+
+    def _refresh_fill(self, i: int, last: bool) -> None:
+        """A refreshing policy's fill: a data-parallel step whose conditional branch also leaves
+        the next pipelined step's stale input (at the window's batch of 1)."""
+        f, L = self.ct.forward_b1, self.tb.prediction
+        u_free = self.send(self.u + f, "pred_u", i, L)
+        c_free = self.send(self.c + f, "pred_c", i, L)
+        if not last:
+            if self.ct.topology == "sequential":
+                self.arrival[("boundary", i)] = c_free  # C's own stage-1 output, kept there
+            else:
+                c_free = self.send(c_free, "core_out", i, self.tb.stage_return(1))
         self.u = max(u_free, self.arrival[("pred_c", i)]) + self.ct.update
         self.c = max(c_free, self.arrival[("pred_u", i)]) + self.ct.update
 
@@ -260,14 +291,18 @@ def simulate(
     link: LinkModel,
     window_batch: int = 1,
     fixed: FixedCosts = FixedCosts(),
+    refresh_fills: bool = False,
 ) -> ModePrediction:
     """Replay one request given the phase of every step (``Phase`` members or their wire numbers);
-    ``window_batch`` is the stage batch in the window (1, or 2 for FULL_CFG)."""
+    ``window_batch`` is the stage batch in the window (1, or 2 for FULL_CFG); ``refresh_fills``:
+    every PIPELINE_FILL is a refreshing policy's data-parallel fill (window batch 1)."""
     if window_batch not in (1, 2):
         raise ValueError(f"window_batch must be 1 or 2, got {window_batch}")
+    if refresh_fills and window_batch != 1:
+        raise ValueError("a refreshing policy's window runs at batch 1")
     steps = [Phase(p) for p in phases]  # ValueError for anything that is not a phase
     _check(steps)
-    replay = _Replay(compute, tensors, link, window_batch, fixed.encode)
+    replay = _Replay(compute, tensors, link, window_batch, fixed.encode, refresh_fills)
     step_seconds: list[float] = []
     phase_seconds = {p: 0.0 for p in Phase}
     phase_steps = {p: 0 for p in Phase}
@@ -308,6 +343,9 @@ class ScheduleParams:
     pipeline_warmup: int = PIPELINE_WARMUP_STEPS
     hybrid_window_batch: int = 1  # CONDITIONAL / LAST_DIFFERENCE; 2 for FULL_CFG
     pipeline_window_batch: int = 2  # PIPELINE mode runs FULL_CFG
+    # HYBRID under a refreshing policy: every refresh_every-th window step, from its first, is a
+    # data-parallel fill (HybridParams.refresh_every); 0: a policy that does not refresh.
+    refresh_every: int = 0
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -316,6 +354,10 @@ class ScheduleParams:
             raise ValueError(f"tau1_source must be one of {TAU1_SOURCES}, got {self.tau1_source!r}")
         if self.tau1 < 1 or self.k < 0:  # the schedule's L and tau_cap are at least 1
             raise ValueError(f"tau1 must be >= 1 and k >= 0, got tau1={self.tau1}, k={self.k}")
+        if self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
+        if self.refresh_every and self.hybrid_window_batch != 1:
+            raise ValueError("a refreshing policy's window runs at batch 1")
 
     def _hybrid_params(self) -> tuple[HybridParams, float, float]:
         """Schedule parameters and a rel-MAE curve (first value, per-step change) under which the
@@ -331,7 +373,12 @@ class ScheduleParams:
         """The coordinator's schedule of a guided request in ``mode``, every step decided."""
         params, first, change = self._hybrid_params()
         sched = StepSchedule(
-            mode, self.num_steps, params, guidance=True, pipeline_warmup=self.pipeline_warmup
+            mode,
+            self.num_steps,
+            params,
+            guidance=True,
+            pipeline_warmup=self.pipeline_warmup,
+            refresh_every=self.refresh_every,
         )
         step = 0
         while sched.decided_through() < sched.last:
@@ -365,8 +412,9 @@ def predict_modes(
     out: dict[str, dict[str, Any]] = {}
     for mode in MODES:
         phases = schedule.phases(mode)
-        real = simulate(phases, compute, tensors, link, batches[mode], fixed)
-        ideal = simulate(phases, compute, tensors, LinkModel.ideal(), batches[mode], fixed)
+        refresh = mode == Mode.HYBRID and schedule.refresh_every > 0
+        real = simulate(phases, compute, tensors, link, batches[mode], fixed, refresh)
+        ideal = simulate(phases, compute, tensors, LinkModel.ideal(), batches[mode], fixed, refresh)
         out[label(mode)] = {
             "predicted": real.to_dict(),
             "ideal": ideal.to_dict(),

@@ -61,7 +61,7 @@ class ClientCall(Protocol):
 class RunnerConfig:
     acquire_timeout: float = 600.0
     step_timeout: float = 600.0
-    # Operator overrides of the models' hybrid defaults (l_slope, eps_slope, k, tau_cap);
+    # Operator overrides of the models' hybrid defaults (hybridiff.request.HYBRID_FIELDS);
     # None keeps the model's.
     hybrid_defaults: dict = field(default_factory=dict)
     policy: Policy = Policy.ADAPTIVE  # how AUTO requests are given workers (coordinator.allocation)

@@ -62,7 +62,11 @@ class StepSchedule:
         params: HybridParams,
         guidance: bool,
         pipeline_warmup: int = PIPELINE_WARMUP_STEPS,
+        refresh_every: int = 0,
     ) -> None:
+        """``refresh_every`` (m >= 1; HYBRID, the policies that measure the difference again in
+        the window): the window's steps ``start + n·m`` are fills too, each a data-parallel fill
+        that measures e_c − e_u again (docs/design.md section 7); 0: the first step only."""
         if mode == Mode.AUTO:
             raise ValueError("resolve AUTO to a concrete mode before scheduling")
         if num_steps < 1:
@@ -76,6 +80,7 @@ class StepSchedule:
         self.monitor = DiscrepancyMonitor(params)
         self._window: tuple[int, int] | None = None
         self._observed = 0
+        self.refresh_every = refresh_every if mode == Mode.HYBRID else 0
         if mode == Mode.PIPELINE:
             start = min(max(1, pipeline_warmup), num_steps)  # the first step always fills
             self._window = (start, self.last) if start <= self.last else None
@@ -105,6 +110,19 @@ class StepSchedule:
         """(first, last) step of the pipeline window once known."""
         return self._window
 
+    def _fill(self, step: int) -> bool:
+        """The window's first step, and with refreshes every ``refresh_every``-th after it."""
+        offset = step - self._window[0]
+        return offset == 0 or (self.refresh_every > 0 and offset % self.refresh_every == 0)
+
+    def last_in_window(self, step: int) -> bool:
+        """Nothing of window step ``step`` feeds a pipelined step: it ends the window, or a fill
+        (which starts from fresh activations) follows it."""
+        window = self._window
+        if window is None or not window[0] <= step <= window[1]:
+            return False
+        return step == window[1] or self._fill(step + 1)
+
     def decided_through(self) -> int:
         """Highest step index whose phase is known now."""
         if self.mode != Mode.HYBRID or self.monitor.tau1 is not None:
@@ -127,7 +145,7 @@ class StepSchedule:
                 return Phase.PIPELINE_FILL
             return Phase.PIPELINE
         if self._window and self._window[0] <= step <= self._window[1]:
-            return Phase.PIPELINE_FILL if step == self._window[0] else Phase.PIPELINE
+            return Phase.PIPELINE_FILL if self._fill(step) else Phase.PIPELINE
         return Phase.DATA_PARALLEL
 
     def observe(self, step: int, rel_mae: float | None) -> None:

@@ -45,7 +45,13 @@ def read_info(info: worker_pb2.InfoResponse) -> WorkerInfo:
         data_address=info.data_address,
         limits=SizeLimits(lim.multiple, lim.min_side, lim.max_side, lim.default_side, lim.max_images or 1),
         defaults=ModelDefaults(
-            HybridParams(hd.l_slope, hd.eps_slope, hd.k, hd.tau_cap),
+            HybridParams(
+                hd.l_slope,
+                hd.eps_slope,
+                hd.k,
+                hd.tau_cap,
+                hd.refresh_every or HybridParams.refresh_every,  # unset by a worker of an older build
+            ),
             info.default_steps,
             info.default_guidance_scale,
         ),

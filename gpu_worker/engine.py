@@ -139,8 +139,10 @@ class WorkerEngine:
         # the request's calls run eager (docs/design.md section 4).
         windowed = split if cmd.HasField("split_cut") else None
         full_cfg = BOTH in guidance.stage_batches
+        # a refreshing policy's fill runs the conditional branch through the stages, as a speculative step
+        through_stages = cmd.speculative or (guided and guidance.data_parallel_fills)
         prepare_request_shapes(
-            a, req.height, req.width, num_images, windowed, cmd.solo, guided, full_cfg, cmd.speculative
+            a, req.height, req.width, num_images, windowed, cmd.solo, guided, full_cfg, through_stages
         )
         cond = a.encode(req.prompt, negative, guided, req.height, req.width, num_images)
         timeline = a.new_timeline(req.num_steps, req.seed, req.height, req.width)

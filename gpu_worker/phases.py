@@ -5,7 +5,9 @@
 - DATA_PARALLEL: one branch prediction each way; both compute the same guided update.
 - PIPELINE_FILL / PIPELINE: stage activations one way, the stage return (nested split) or the
   guided prediction the other way; the stale activations of the previous step make both
-  stages run at once (AsyncDiff), the fill step is a synchronous full forward.
+  stages run at once (AsyncDiff), the fill step is a synchronous full forward. Under a refreshing
+  policy a fill is instead a data-parallel step whose conditional branch runs through the stages
+  (``refreshed_fill``).
 
 Each phase takes the model, the session, the step's exchange and the step's command, updates the
 session's latents and answers the step's rel-MAE (None where it measured none). What depends on
@@ -97,6 +99,64 @@ def guided_update(
 
 
 # --- the pipeline window --------------------------------------------------------------------------
+def fill_update(
+    a: ModelAdapter,
+    st: Session,
+    x: StepExchange,
+    cmd: wpb.StepCommand,
+    predictions: BranchPredictions,
+    last_in_window: bool,
+    t,
+) -> None:
+    """The update of a fill step that computed both branches (the window's branches through the
+    stages): a speculative step resolved into the fill, or a refreshing policy's fill. Its stale
+    activations are left where the next pipeline step reads them, as after a synchronous fill."""
+    e_u, e_c, kept = predictions
+    if not st.solo and not last_in_window:
+        keep_fill_activations(st, x, cmd, kept, st.guidance.branches(cmd.step) == COND)
+    update(a, st, st.guidance.fill_prediction(e_u, e_c, cmd.step), t)
+
+
+def keep_fill_activations(
+    st: Session,
+    x: StepExchange,
+    cmd: wpb.StepCommand,
+    kept: dict[str, dict[str, torch.Tensor]],
+    cond_only: bool,
+) -> None:
+    """Leave the fill's stale activations where the next pipeline step reads them: with C
+    (sequential: stage 2 runs there) or U (nested: the outer ring). The window's batch is the
+    conditional branch, or [uncond, cond], whose halves the two workers hold."""
+    i = cmd.step
+    holder = Role.C if st.split.topology == Topology.SEQUENTIAL else Role.U
+    kind = FrameKind.STAGE_ACTIVATIONS if holder == Role.C else FrameKind.STAGE_RETURN
+    if cond_only:
+        if st.role == Role.C and holder == Role.C:
+            st.stale, st.stale_step = kept["cond"], i
+        elif st.role == Role.C:
+            x.send(i, kind, kept["cond"])  # U takes it at the next step
+        return
+    mine = kept["uncond" if st.role == Role.U else "cond"]
+    if st.role != holder:
+        x.send(i, kind, mine)
+        return
+    theirs = x.receive(i, kind)
+    u, c = (mine, theirs) if st.role == Role.U else (theirs, mine)
+    st.stale, st.stale_step = {k: torch.cat([u[k], c[k]]) for k in c}, i
+
+
+def refreshed_fill(a: ModelAdapter, st: Session, x: StepExchange, cmd: wpb.StepCommand) -> None:
+    """A fill of a refreshing policy's window (its first step, every m-th after it): U runs the
+    unconditional branch, C the conditional one through the stages; they exchange predictions,
+    the update is exact CFG and measures e_c - e_u again, and the conditional branch's stage
+    activations are the next pipelined step's stale input. About one batch-1 forward, like a
+    synchronous fill (docs/design.md section 7)."""
+    t = st.timeline.timesteps[cmd.step]
+    x_in = a.model_input(st.timeline, st.latents, t)
+    predictions = branch_predictions(a, st, x, cmd, x_in, t, COND)
+    fill_update(a, st, x, cmd, predictions, cmd.last_in_window, t)
+
+
 def window_inputs(st: Session, step: int):
     """The conditioning of the batch the window's stages run at ``step``."""
     branches = st.guidance.branches(step)
@@ -104,6 +164,8 @@ def window_inputs(st: Session, step: int):
 
 
 def window(a: ModelAdapter, st: Session, x: StepExchange, cmd: wpb.StepCommand) -> None:
+    if cmd.phase == Phase.PIPELINE_FILL and st.guided and st.guidance.data_parallel_fills:
+        return refreshed_fill(a, st, x, cmd)
     i = cmd.step
     t = st.timeline.timesteps[i]
     inputs = window_inputs(st, i)

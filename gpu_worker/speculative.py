@@ -12,17 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
-from gpu_worker.adapters.base import ModelAdapter, Topology
+from gpu_worker.adapters.base import ModelAdapter
 from gpu_worker.exchange import StepExchange
-from gpu_worker.phases import branch_predictions, guided_update, update
+from gpu_worker.phases import branch_predictions, fill_update, guided_update
 from gpu_worker.session import Session
-from gpu_worker.window_guidance import COND, batch_of
 from hybridiff.errors import BadCommand, Cancelled, SessionIdle
 from hybridiff.internal.v1 import worker_pb2 as wpb
-from hybridiff.protocol import Phase, Role
-from hybridiff.wire import FrameKind
+from hybridiff.protocol import Phase
 
 # The session's next control message within a timeout, None when none came (the service reads
 # it from the Session stream, the in-process pair from its queue): a speculative step's
@@ -63,39 +59,8 @@ def speculative(
     resolution = _resolution(st, i, next_command, x, worker)
     if resolution.phase == Phase.DATA_PARALLEL:
         return guided_update(a, st, cmd, e_u, e_c, t), Phase.DATA_PARALLEL
-    raw = batch_of(branches, e_u, e_c)  # the window inputs' prediction
-    if not st.solo and not resolution.last_in_window:
-        _keep_fill_activations(st, x, cmd, kept, branches == COND)
-    update(a, st, st.guidance.prediction(raw, i), t)
+    fill_update(a, st, x, cmd, (e_u, e_c, kept), resolution.last_in_window, t)
     return None, Phase.PIPELINE_FILL
-
-
-def _keep_fill_activations(
-    st: Session,
-    x: StepExchange,
-    cmd: wpb.StepCommand,
-    kept: dict[str, dict[str, torch.Tensor]],
-    cond_only: bool,
-) -> None:
-    """Leave the fill's stale activations where the next pipeline step reads them: with C
-    (sequential: stage 2 runs there) or U (nested: the outer ring). The window's batch is the
-    conditional branch, or [uncond, cond], whose halves the two workers hold."""
-    i = cmd.step
-    holder = Role.C if st.split.topology == Topology.SEQUENTIAL else Role.U
-    kind = FrameKind.STAGE_ACTIVATIONS if holder == Role.C else FrameKind.STAGE_RETURN
-    if cond_only:
-        if st.role == Role.C and holder == Role.C:
-            st.stale, st.stale_step = kept["cond"], i
-        elif st.role == Role.C:
-            x.send(i, kind, kept["cond"])  # U takes it at the next step
-        return
-    mine = kept["uncond" if st.role == Role.U else "cond"]
-    if st.role != holder:
-        x.send(i, kind, mine)
-        return
-    theirs = x.receive(i, kind)
-    u, c = (mine, theirs) if st.role == Role.U else (theirs, mine)
-    st.stale, st.stale_step = {k: torch.cat([u[k], c[k]]) for k in c}, i
 
 
 def _resolution(

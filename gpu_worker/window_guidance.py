@@ -7,6 +7,11 @@ only what is declared on ``WindowGuidancePolicy``:
 - ``branches(step)``: the batch the window's stages run at ``step`` (``COND`` or ``BOTH``), and
   ``stage_batches``: every such batch, compiled ahead;
 - ``prediction(raw, step)``: the step's guided prediction from what the stages return;
+- ``fill_prediction(e_u, e_c, step)``: a fill's prediction where both branches were computed (a
+  speculative step resolved into the fill, or a refreshing policy's fill);
+- ``data_parallel_fills``: whether every window fill computes both branches, data parallel, and
+  measures e_c - e_u again (the refreshing policies: the window's first step and every
+  ``HybridParams.refresh_every``-th after it are fills, docs/design.md section 7);
 - ``remember(e_u, e_c, step)``: a step that computed both branches outside the window (what the
   policy keeps between steps is its own attributes);
 - ``write_checkpoint`` / ``read_checkpoint``: what of that a checkpoint carries, so that a resumed
@@ -60,6 +65,9 @@ class WindowGuidancePolicy(ABC):
     (``guidance_scale <= 1``) run the conditional branch alone and take it as it is."""
 
     kind: ClassVar[WindowGuidance]
+    # Every fill of the window computes both branches data parallel (the conditional one through
+    # the stages, for the stale activations) and takes the exact CFG update.
+    data_parallel_fills: ClassVar[bool] = False
 
     def __init__(self, guidance_scale: float) -> None:
         self.scale = guidance_scale
@@ -82,6 +90,11 @@ class WindowGuidancePolicy(ABC):
         """The guided prediction of window step ``step`` from its stages' output ``raw`` (the
         batch ``branches(step)``)."""
 
+    def fill_prediction(self, e_u: torch.Tensor, e_c: torch.Tensor, step: int) -> torch.Tensor:
+        """The prediction of fill step ``step`` from both branches' predictions: the window's
+        batch taken as its stages would have returned it."""
+        return self.prediction(batch_of(self.branches(step), e_u, e_c), step)
+
     def remember(self, e_u: torch.Tensor, e_c: torch.Tensor, step: int) -> None:
         """Step ``step`` computed both branches outside the window (a guided phase-1 step)."""
 
@@ -99,6 +112,9 @@ def _read_difference(checkpoint: wpb.Checkpoint, read: ReadTensor, like: torch.T
     difference = read("last_difference")
     if difference.shape[:1] + difference.shape[2:] != like.shape[:1] + like.shape[2:]:
         raise BadCommand("resume.last_difference", f"shape {list(difference.shape)}: not a prediction's")
+    if checkpoint.last_difference_step >= checkpoint.next_step:
+        step = checkpoint.last_difference_step
+        raise BadCommand("resume.last_difference_step", f"{step} is not a past step")
     return difference
 
 
@@ -120,22 +136,86 @@ class LastDifference(WindowGuidancePolicy):
     def __init__(self, guidance_scale: float) -> None:
         super().__init__(guidance_scale)
         self.last_difference: torch.Tensor | None = None
+        self.difference_step = -1  # the step that measured last_difference
 
     def prediction(self, raw: torch.Tensor, step: int) -> torch.Tensor:
         if not self.guided or self.last_difference is None:
             return raw  # no phase-1 step has measured e_c - e_u yet (cannot happen in HYBRID)
-        return raw + (self.scale - 1.0) * self.last_difference
+        return raw + (self.scale - 1.0) * self.difference_at(step)
+
+    def difference_at(self, step: int) -> torch.Tensor:
+        """The e_c - e_u window step ``step`` adds: the last measured one."""
+        return self.last_difference
 
     def remember(self, e_u: torch.Tensor, e_c: torch.Tensor, step: int) -> None:
-        self.last_difference = e_c - e_u
+        self.last_difference, self.difference_step = e_c - e_u, step
 
     def write_checkpoint(self, checkpoint: wpb.Checkpoint) -> None:
         if self.last_difference is not None:
             checkpoint.last_difference.CopyFrom(tensor_to_proto(self.last_difference, "last_difference"))
+            checkpoint.last_difference_step = self.difference_step
 
     def read_checkpoint(self, checkpoint: wpb.Checkpoint, read: ReadTensor, like: torch.Tensor) -> None:
         if checkpoint.HasField("last_difference"):
             self.last_difference = _read_difference(checkpoint, read, like)
+            self.difference_step = checkpoint.last_difference_step
+
+
+class RefreshedDifference(LastDifference):
+    """LAST_DIFFERENCE, the difference measured again by every window fill: the window's first
+    step and every ``refresh_every``-th after it run both branches data parallel (exact CFG), the
+    pipelined steps between re-use what the last fill measured."""
+
+    kind = WindowGuidance.REFRESHED_DIFFERENCE
+    data_parallel_fills = True
+
+    def fill_prediction(self, e_u: torch.Tensor, e_c: torch.Tensor, step: int) -> torch.Tensor:
+        if not self.guided:
+            return e_c
+        self.remember(e_u, e_c, step)
+        return guide(e_u, e_c, self.scale)
+
+
+# EXTRAPOLATED_DIFFERENCE: the trend's weight falls by this factor per step past the last
+# measurement, so a difference carried h steps moves by trend * sum(rho**n, n = 1..h), at most
+# rho / (1 - rho) steps' worth (measured on the default model: BENCHMARKS.md; 1.0, linear,
+# overshoots over a long window).
+EXTRAPOLATION_DAMPING = 0.7
+
+
+def carried_difference(
+    difference: torch.Tensor,
+    trend: torch.Tensor | None,
+    steps_since: int,
+    damping: float = EXTRAPOLATION_DAMPING,
+) -> torch.Tensor:
+    """A difference measured ``steps_since`` steps ago carried along its damped ``trend``."""
+    if trend is None or steps_since <= 0:
+        return difference
+    gain = sum(damping**n for n in range(1, steps_since + 1))
+    return difference + gain * trend
+
+
+class ExtrapolatedDifference(RefreshedDifference):
+    """REFRESHED_DIFFERENCE, the difference carried from its last measurement along the trend
+    (per step) between its last two measurements, damped."""
+
+    kind = WindowGuidance.EXTRAPOLATED_DIFFERENCE
+
+    def __init__(self, guidance_scale: float) -> None:
+        super().__init__(guidance_scale)
+        # Per step, between the last two measurements; a checkpoint does not carry it: a pair
+        # resumed in the window starts with a fill, which measures the difference again.
+        self.trend: torch.Tensor | None = None
+
+    def difference_at(self, step: int) -> torch.Tensor:
+        return carried_difference(self.last_difference, self.trend, step - self.difference_step)
+
+    def remember(self, e_u: torch.Tensor, e_c: torch.Tensor, step: int) -> None:
+        difference = e_c - e_u
+        if self.last_difference is not None and step > self.difference_step:
+            self.trend = (difference - self.last_difference) / (step - self.difference_step)
+        self.last_difference, self.difference_step = difference, step
 
 
 class FullCfg(WindowGuidancePolicy):
@@ -158,7 +238,7 @@ class FullCfg(WindowGuidancePolicy):
 
 
 POLICIES: dict[WindowGuidance, type[WindowGuidancePolicy]] = {
-    p.kind: p for p in (Conditional, LastDifference, FullCfg)
+    p.kind: p for p in (Conditional, LastDifference, FullCfg, RefreshedDifference, ExtrapolatedDifference)
 }
 
 

@@ -12,7 +12,7 @@ from enum import IntEnum
 
 # The version of the internal worker protocol (worker.proto, dataplane.proto) both roles speak:
 # a worker reports it in Info, and the coordinator's pool refuses a worker of another version.
-WORKER_PROTOCOL_VERSION = 6
+WORKER_PROTOCOL_VERSION = 7
 # Call metadata of a worker Session naming the coordinator that opens it: a worker busy with
 # another coordinator's session refuses it at once with WORKER_BUSY (docs/design.md section 10).
 COORDINATOR_METADATA = "hybridiff-coordinator"
@@ -37,6 +37,13 @@ class WindowGuidance(IntEnum):
     CONDITIONAL = 1  # the conditional prediction only (the reference's semantics, explicit)
     LAST_DIFFERENCE = 2  # e_c + (s - 1) * (last measured e_c - e_u)
     FULL_CFG = 3  # both branches at batch 2 in every stage (AsyncDiff)
+    REFRESHED_DIFFERENCE = 4  # LAST_DIFFERENCE, every window fill an exact CFG step measuring it again
+    EXTRAPOLATED_DIFFERENCE = 5  # REFRESHED_DIFFERENCE, the difference carried along its damped trend
+
+
+# The window policies whose fills measure e_c - e_u again, every HybridParams.refresh_every-th
+# window step: the schedule makes those steps fills, data parallel (docs/design.md section 7).
+REFRESHING_POLICIES = frozenset({WindowGuidance.REFRESHED_DIFFERENCE, WindowGuidance.EXTRAPOLATED_DIFFERENCE})
 
 
 class OutputFormat(IntEnum):

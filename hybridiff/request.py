@@ -28,6 +28,10 @@ DEFAULT_QUALITY = 90
 DEFAULT_MAX_IMAGES = 4
 
 
+# The refreshing window policies' period (docs/design.md section 7; BENCHMARKS.md measures it).
+DEFAULT_REFRESH_EVERY = 5
+
+
 @dataclass(frozen=True)
 class HybridParams:
     """The hybrid schedule's parameters (docs/design.md section 1)."""
@@ -36,6 +40,9 @@ class HybridParams:
     eps_slope: float
     k: int
     tau_cap: int
+    # ``refreshed-difference``, ``extrapolated-difference``: every m-th window step measures
+    # e_c - e_u again.
+    refresh_every: int = DEFAULT_REFRESH_EVERY
 
     def validate(self) -> HybridParams:
         """Range-check every parameter; ``InvalidArgument`` names the first bad one."""
@@ -49,6 +56,7 @@ class HybridParams:
             raise InvalidArgument("hybrid.eps_slope", f"must be in (0, 1], got {eps!r}")
         _check_int("hybrid.k", self.k, 0, 1000)
         _check_int("hybrid.tau_cap", self.tau_cap, 1, 1000)
+        _check_int("hybrid.refresh_every", self.refresh_every, 1, 1000)
         return self
 
     def replace(self, **overrides: int | float | None) -> HybridParams:
@@ -87,7 +95,7 @@ def model_defaults(arch: str, recorded: dict | None = None) -> ModelDefaults:
     hybrid = recorded.get("hybrid", {})
     return ModelDefaults(
         base.hybrid.replace(
-            **{k: hybrid.get(k) for k in ("l_slope", "k", "tau_cap")},
+            **{k: hybrid.get(k) for k in ("l_slope", "k", "tau_cap", "refresh_every")},
             eps_slope=float(hybrid["eps_slope"]) if "eps_slope" in hybrid else None,
         ).validate(),
         steps=int(recorded.get("steps", base.steps)),
@@ -141,7 +149,7 @@ class GenerationSpec:
         return self.guidance_scale > 1.0
 
 
-HYBRID_FIELDS = ("l_slope", "eps_slope", "k", "tau_cap")
+HYBRID_FIELDS = ("l_slope", "eps_slope", "k", "tau_cap", "refresh_every")
 
 
 def wire_enum(enum: type[IntEnum], value: str | int | None, field: str) -> int:

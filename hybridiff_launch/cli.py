@@ -145,11 +145,20 @@ def add_generation_flags(p: argparse.ArgumentParser, request_model: bool = True)
         help="hybrid: tau1 when the slope never flattens (default: the model's)",
     )
     p.add_argument(
+        "--refresh-every",
+        type=int,
+        default=None,
+        help="refreshed-difference, extrapolated-difference: every this many window steps, from its "
+        "first, both branches run and measure e_c - e_u again (default: the model's)",
+    )
+    p.add_argument(
         "--window-guidance",
         choices=["default", *labels(WindowGuidance)],
         default="default",
         help="the pipeline window's prediction: conditional (hybrid's default), last-difference "
-        "(e_c + (s - 1) times the last measured e_c - e_u) or full-cfg (pipeline's default)",
+        "(e_c + (s - 1) times the last measured e_c - e_u), full-cfg (pipeline's default), "
+        "refreshed-difference (last-difference, measured again every --refresh-every steps) or "
+        "extrapolated-difference (refreshed, carried along its damped trend)",
     )
     p.add_argument("--format", choices=labels(OutputFormat), default="png", help="the output's encoding")
     p.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality, 1..100 (default 90)")
@@ -187,7 +196,13 @@ def request_input(args: argparse.Namespace) -> pb.GenerateRequest:
         guidance_scale=args.guidance,
         seed=args.seed,
         mode=args.mode,
-        hybrid={"l_slope": args.l_slope, "eps_slope": args.eps_slope, "k": args.k, "tau_cap": args.tau_cap},
+        hybrid={
+            "l_slope": args.l_slope,
+            "eps_slope": args.eps_slope,
+            "k": args.k,
+            "tau_cap": args.tau_cap,
+            "refresh_every": args.refresh_every,
+        },
         window_guidance=args.window_guidance,
         output_format=args.format,
         quality=args.quality,

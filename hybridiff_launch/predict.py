@@ -66,7 +66,8 @@ def describe(result: dict) -> str:
     c = result["choice"]
     what = c["mode"]
     if c["mode"] == "hybrid":
-        what += f", window {c['window_guidance']} (k={c['k']}: at most {c['window_steps']} steps)"
+        what += f", window {c['window_guidance']} (k={c['k']}: at most {c['window_steps']} steps"
+        what += f", refreshed every {c['refresh_every']})" if c.get("refresh_every") else ")"
     elif c["window_guidance"]:
         what += f", window {c['window_guidance']} ({c['window_steps']} steps)"
     graphs = ", CUDA graphs" if result["cuda_graphs"] else ""

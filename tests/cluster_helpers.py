@@ -116,6 +116,7 @@ def make_input(
     eps_slope=None,
     k=None,
     tau_cap=None,
+    refresh_every=None,
     **fields,
 ):
     """A ``GenerateRequest`` from the CLI's names (``mode="cfg-parallel"``, flat hybrid parameters,
@@ -129,7 +130,13 @@ def make_input(
         mode=mode,
         output_format=output_format,
         window_guidance=window_guidance,
-        hybrid={"l_slope": l_slope, "eps_slope": eps_slope, "k": k, "tau_cap": tau_cap},
+        hybrid={
+            "l_slope": l_slope,
+            "eps_slope": eps_slope,
+            "k": k,
+            "tau_cap": tau_cap,
+            "refresh_every": refresh_every,
+        },
         **fields,
     )
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hybridiff.protocol import Mode, Phase, WindowGuidance, label
+from hybridiff.protocol import REFRESHING_POLICIES, Mode, Phase, WindowGuidance, label
 from hybridiff.request import request_from_names
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff_tools.bench import perfmodel
@@ -86,6 +86,7 @@ class Run:
     window_steps: int
     window_batch: int
     denoise: float
+    refresh_every: int = 0  # a refreshing policy's period, read off its fills; 0 otherwise
 
 
 Generate = Callable[[pb.GenerateRequest], Run]
@@ -104,7 +105,19 @@ def run_from(png: bytes, stats: Any) -> Run:
         window_steps=sum(s.phase in WINDOW_PHASES for s in stats.steps),
         window_batch=window_batch(stats),
         denoise=stats.denoising_seconds,
+        refresh_every=refresh_period(stats),
     )
+
+
+def refresh_period(stats: Any) -> int:
+    """The period of a refreshing policy's window fills (the steps from its first fill to the next;
+    one fill: the window's length, which prices the same); 0 for a policy that does not refresh."""
+    if stats.window_guidance not in REFRESHING_POLICIES:
+        return 0
+    fills = [i for i, s in enumerate(stats.steps) if s.phase == Phase.PIPELINE_FILL]
+    if not fills:
+        return 0
+    return fills[1] - fills[0] if len(fills) > 1 else sum(s.phase in WINDOW_PHASES for s in stats.steps)
 
 
 @dataclass
@@ -123,6 +136,7 @@ class ScoredImage:
     window_steps: int
     window_batch: int
     denoise: float
+    refresh_every: int = 0
 
 
 @dataclass
@@ -200,6 +214,7 @@ def measure(
                         window_steps=run.window_steps,
                         window_batch=run.window_batch,
                         denoise=run.denoise,
+                        refresh_every=run.refresh_every,
                     )
                 )
                 on_image(f"{label(policy)} k={k}")
@@ -261,16 +276,24 @@ def batch_linear(device: DeviceCosts, name: str) -> DeviceCosts:
 
 
 def predicted_speedups(
-    device: DeviceCosts, steps: int, tau1: int, tau1_source: str, k: int, window_batch: int
+    device: DeviceCosts,
+    steps: int,
+    tau1: int,
+    tau1_source: str,
+    k: int,
+    window_batch: int,
+    refresh_every: int = 0,
 ) -> dict[str, float]:
-    """Predicted speedup over SINGLE of HYBRID (this window) and of CFG_PARALLEL on ``device``:
-    the one place this tool calls the schedule model."""
+    """Predicted speedup over SINGLE of HYBRID (this window; ``refresh_every``: a refreshing
+    policy's period) and of CFG_PARALLEL on ``device``: the one place this tool calls the schedule
+    model."""
     schedule = perfmodel.ScheduleParams(
         num_steps=steps,
         tau1=tau1,
         k=k,
         tau1_source=tau1_source,
         hybrid_window_batch=window_batch,
+        refresh_every=refresh_every,
     )
     modes = perfmodel.predict_modes(device.compute, device.tensors, device.link, schedule)
     return {mode: modes[mode]["speedup"] for mode in (label(Mode.HYBRID), label(Mode.CFG_PARALLEL))}
@@ -285,9 +308,11 @@ def frontier(measurement: Measurement, devices: list[DeviceCosts]) -> dict:
 
     def predict(device: DeviceCosts, im: ScoredImage) -> dict[str, float]:
         source = im.tau1_source if im.tau1_source in perfmodel.TAU1_SOURCES else "tau_cap"
-        key = (device.name, im.tau1, source, im.k, im.window_batch)
+        key = (device.name, im.tau1, source, im.k, im.window_batch, im.refresh_every)
         if key not in cache:
-            cache[key] = predicted_speedups(device, measurement.steps, im.tau1, source, im.k, im.window_batch)
+            cache[key] = predicted_speedups(
+                device, measurement.steps, im.tau1, source, im.k, im.window_batch, im.refresh_every
+            )
         return cache[key]
 
     refs = measurement.exact

@@ -16,6 +16,7 @@ from coordinator.auto_mode import (
     DeviceCosts,
     Schedule,
     calibrated,
+    candidates,
     choose,
     hybrid_window_steps,
     predict,
@@ -202,3 +203,60 @@ def test_the_allocation_policy_weighs_the_schedule_auto_chose():
     costs = book.costs("m")
     assert (costs.single, costs.paired, costs.switch) == (1.0, 0.45, 0.3)
     assert not costs.pair_spends_capacity()  # 2 x 0.45 < 1.0: the pair is free capacity
+
+
+# --- the refreshing policies ----------------------------------------------------------------------
+RD, XD = WindowGuidance.REFRESHED_DIFFERENCE, WindowGuidance.EXTRAPOLATED_DIFFERENCE
+
+
+def test_a_refreshing_window_is_priced_with_its_data_parallel_fills():
+    """Doubling device, f1 = 0.1, stages 0.05: a refresh fill costs a data-parallel step (0.1), a
+    pipelined step 0.05. The default window 25..35 refreshed every 5: fills at 25, 30, 35."""
+    costs = doubling_costs()
+    refreshed = choose(costs, None, 50, DEFAULTS, window_guidance=RD)
+    assert refreshed.schedule == Schedule(Mode.HYBRID, RD, 10, 11, refresh_every=5)
+    assert refreshed.predicted_seconds == pytest.approx(39 * 0.1 + 3 * 0.1 + 8 * 0.05)
+    last = choose(costs, None, 50, DEFAULTS, window_guidance=LD)
+    assert last.schedule.refresh_every == 0
+    assert last.predicted_seconds == pytest.approx(39 * 0.1 + 0.1 + 10 * 0.05)
+    every_2nd = predict(costs, Schedule(Mode.HYBRID, XD, 10, 11, refresh_every=2), 50, 25)
+    assert every_2nd == pytest.approx(39 * 0.1 + 6 * 0.1 + 5 * 0.05)
+    assert "refreshed every 5" in refreshed.describe() and refreshed.to_dict()["refresh_every"] == 5
+
+
+def test_auto_takes_a_longer_refreshed_window_the_calibration_keeps_above_the_floor():
+    """Last-difference holds 5 steps above 45 dB, refreshed-difference 20 (as on the default model,
+    BENCHMARKS): the refreshed window, 4 fills and 16 pipelined steps, wins where a batch of 2
+    costs two. Extrapolated-difference, not calibrated, is never chosen."""
+    calibration = Calibration(
+        45.0, 50, 5.0, {**MEASURED.policies, RD: PolicyCalibration({5: 55.0, 10: 50.0, 20: 46.0, 30: 42.0})}
+    )
+    choice = choose(doubling_costs(), calibration, 50, DEFAULTS)
+    assert choice.schedule == Schedule(Mode.HYBRID, RD, 19, 20, refresh_every=5)
+    assert choice.predicted_seconds == pytest.approx(30 * 0.1 + 4 * 0.1 + 16 * 0.05)
+    assert choose(doubling_costs(), calibration, 50, DEFAULTS, window_guidance=XD).mode == Mode.CFG_PARALLEL
+    # the request's own period prices the window
+    every_2nd = choose(doubling_costs(), calibration, 50, DEFAULTS.replace(refresh_every=2))
+    assert every_2nd.schedule.refresh_every == 2 and every_2nd.predicted_seconds > choice.predicted_seconds
+
+
+def test_auto_never_runs_a_refreshing_policy_in_pipeline_mode():
+    """PIPELINE's window has no refreshes, so a refreshing policy's calibration says nothing of it."""
+    everywhere = Calibration(
+        45.0, 50, 5.0, {RD: PolicyCalibration({47: 60.0}), XD: PolicyCalibration({47: 60.0})}
+    )
+    schedules = candidates(everywhere, 50, DEFAULTS)
+    assert {s.window_guidance for s in schedules if s.mode == Mode.HYBRID} == {RD, XD}
+    assert not [s for s in schedules if s.mode == Mode.PIPELINE]
+    choice = choose(profile_costs("sdxl"), everywhere, 50, DEFAULTS)
+    assert choice.mode == Mode.HYBRID and choice.schedule.window_guidance in (RD, XD)
+
+
+def test_the_cost_book_takes_a_refreshing_request_s_steps():
+    """Refreshed every 3rd step: of each fill's two pipelined steps the first is steady (batch 1)."""
+    book, key = DeviceCostBook(weight=0.5), ("m", 64, 64)
+    book.measured(key, measured_split())
+    window = [step(Phase.PIPELINE_FILL, 0.12), step(Phase.PIPELINE, 0.06), step(Phase.PIPELINE, 0.01)] * 2
+    book.observe(key, [step(Phase.DATA_PARALLEL, 0.1)] * 2 + window + [step(Phase.DATA_PARALLEL, 0.1)], RD)
+    # the steady steps at 0.06 against the slower batch-1 stage's 0.05 move them half-way (x 1.1)
+    assert book.costs(key).compute.stages_b1.stage2 == pytest.approx(0.055)

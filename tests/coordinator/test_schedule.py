@@ -109,6 +109,7 @@ def test_deterministic_given_values():
         ("hybrid.eps_slope", HybridParams(1, float("nan"), 1, 1)),
         ("hybrid.k", HybridParams(1, 0.1, -1, 1)),
         ("hybrid.tau_cap", HybridParams(1, 0.1, 1, 0)),
+        ("hybrid.refresh_every", HybridParams(1, 0.1, 1, 1, refresh_every=0)),
     ],
 )
 def test_param_validation_names_field(field, params):
@@ -128,10 +129,12 @@ from hypothesis import strategies as st  # noqa: E402
     k=st.integers(0, 8),
     tau_cap=st.integers(1, 45),
     eps=st.sampled_from([1e-4, 1e-2, 0.1, 1.0]),
+    refresh=st.sampled_from([0, 1, 2, 3]),
 )
-def test_a_decided_phase_never_changes(values, l_slope, k, tau_cap, eps):
+def test_a_decided_phase_never_changes(values, l_slope, k, tau_cap, eps, refresh):
     """What the driver issues early (decided_through) must be what the schedule ends with."""
-    s = StepSchedule(Mode.HYBRID, len(values), HybridParams(l_slope, eps, k, tau_cap), guidance=True)
+    params = HybridParams(l_slope, eps, k, tau_cap)
+    s = StepSchedule(Mode.HYBRID, len(values), params, guidance=True, refresh_every=refresh)
     early = {}
     for step, v in enumerate(values):
         for j in range(s.decided_through() + 1):
@@ -144,3 +147,35 @@ def test_a_decided_phase_never_changes(values, l_slope, k, tau_cap, eps):
     if s.window():
         first, last = s.window()
         assert final[first] == Phase.PIPELINE_FILL and last == min(s.tau1 + k, len(values) - 1)
+        fills = [j for j in range(first, last + 1) if final[j] == Phase.PIPELINE_FILL]
+        assert fills == list(range(first, last + 1, refresh or len(values)))
+
+
+# --- the refreshing window policies: fills every refresh_every steps ---------------------------
+FLAT = [1.0, 0.7, 0.5, 0.3, 0.2] + [0.2] * 15  # P: tau1 = 6 by the slope, the window 7..8 (k = 2)
+
+
+def test_a_refreshed_window_fills_every_m_steps_and_ends_a_pipeline_before_each_fill():
+    params = HybridParams(3, 0.01, k=7, tau_cap=8)
+    s = StepSchedule(Mode.HYBRID, len(FLAT), params, guidance=True, refresh_every=3)
+    phases = feed(s, FLAT)
+    assert s.window() == (7, 13) and (s.tau1, s.tau2) == (6, 13)
+    F, PL, DP = Phase.PIPELINE_FILL, Phase.PIPELINE, Phase.DATA_PARALLEL
+    assert phases[6:15] == [DP, F, PL, PL, F, PL, PL, F, DP]
+    # a pipelined step followed by a fill sends nothing forward, like the window's last step
+    assert [i for i in range(len(FLAT)) if s.last_in_window(i)] == [9, 12, 13]
+
+
+def test_refresh_every_one_fills_every_window_step_and_only_hybrid_refreshes():
+    s = StepSchedule(Mode.HYBRID, len(FLAT), HybridParams(3, 0.01, 4, 8), guidance=True, refresh_every=1)
+    assert feed(s, FLAT)[7:12] == [Phase.PIPELINE_FILL] * 4 + [Phase.DATA_PARALLEL]
+    assert all(s.last_in_window(i) for i in range(7, 11))
+    p = StepSchedule(Mode.PIPELINE, 8, P, guidance=True, refresh_every=2)
+    assert p.phases() == [Phase.PIPELINE_FILL] * 3 + [Phase.PIPELINE] * 5
+
+
+def test_without_refresh_only_the_window_s_first_step_fills():
+    s = StepSchedule(Mode.HYBRID, len(FLAT), HybridParams(3, 0.01, 4, 8), guidance=True)
+    phases = feed(s, FLAT)
+    assert phases[7:11] == [Phase.PIPELINE_FILL] + [Phase.PIPELINE] * 3
+    assert [i for i in range(len(FLAT)) if s.last_in_window(i)] == [10]

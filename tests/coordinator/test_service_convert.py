@@ -12,7 +12,7 @@ from coordinator.worker_info import incompatibility, pairing_key, read_info
 from hybridiff.errors import InvalidArgument
 from hybridiff.internal.v1 import worker_pb2
 from hybridiff.protocol import WORKER_PROTOCOL_VERSION, Mode, OutputFormat, Phase, WindowGuidance
-from hybridiff.request import resolve_spec
+from hybridiff.request import DEFAULT_REFRESH_EVERY, resolve_spec
 from hybridiff.step_stats import other_seconds
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.wire import tensor_from_proto, tensor_to_proto
@@ -23,7 +23,7 @@ RESPONSE = worker_pb2.InfoResponse(
     limits=worker_pb2.SizeLimits(multiple=8, min_side=16, max_side=128, default_side=64, max_images=3),
     default_steps=30,
     default_guidance_scale=5.0,
-    hybrid_defaults=pb.HybridParams(l_slope=12, eps_slope=4e-4, k=5, tau_cap=15),
+    hybrid_defaults=pb.HybridParams(l_slope=12, eps_slope=4e-4, k=5, tau_cap=15, refresh_every=4),
 )
 INFO = read_info(RESPONSE)
 
@@ -208,3 +208,8 @@ def test_a_workers_info_is_read_once_into_what_every_part_uses():
     response.protocol_version = WORKER_PROTOCOL_VERSION
     assert incompatibility(read_info(response)) == ""
     assert model_info_to_proto(info).hybrid_defaults == RESPONSE.hybrid_defaults
+    # a worker of an older build reports no refresh_every: the default period
+    older = worker_pb2.InfoResponse()
+    older.CopyFrom(RESPONSE)
+    older.hybrid_defaults.ClearField("refresh_every")
+    assert read_info(older).defaults.hybrid.refresh_every == DEFAULT_REFRESH_EVERY

@@ -93,6 +93,25 @@ def test_hybrid_switches_at_the_same_step_on_both_workers(arch, request, engines
     client.close()
 
 
+@pytest.mark.parametrize("policy", ["refreshed-difference", "extrapolated-difference"])
+def test_a_refreshing_window_through_the_cluster(sdxl_cluster, engines, policy):
+    """Both workers run the refresh fills at the same steps (the window 4..7, every 2nd step a
+    data-parallel fill) and make the in-process engine's image."""
+    client = _client(sdxl_cluster)
+    req = _request(mode="hybrid", window_guidance=policy, refresh_every=2)
+    resp = send(client, req, timeout=120)
+    s = resp.stats
+    assert pb.WindowGuidance.Name(s.window_guidance) == "WINDOW_GUIDANCE_" + policy.upper().replace("-", "_")
+    assert (s.tau1, s.tau2) == (4, 7)
+    fill, pipelined = pb.PHASE_PIPELINE_FILL, pb.PHASE_PIPELINE
+    assert [step.phase for step in s.steps][4:8] == [fill, pipelined, fill, pipelined]
+    for step in s.steps:
+        assert {w.phase for w in step.workers} == {step.phase}, f"step {step.step}: workers disagree"
+    local = engines["sdxl"].generate(engines["sdxl"].resolve(req))
+    assert psnr(resp.images[0].data, local.images[0]) >= 45.0
+    client.close()
+
+
 def test_four_workers_eight_concurrent_mixed_requests(sdxl_cluster):
     modes = ["single", "cfg-parallel", "pipeline", "hybrid", "auto", "hybrid", "cfg-parallel", "single"]
     reqs = [_request(mode=m, seed=100 + i, request_id=f"mixed-{i}") for i, m in enumerate(modes)]

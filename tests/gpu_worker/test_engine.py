@@ -72,7 +72,10 @@ def test_bytes_per_phase(engines, arch):
     assert s.workers == ["U", "C"] and s.window_guidance == WindowGuidance.CONDITIONAL
 
 
-@pytest.mark.parametrize("policy", ["conditional", "last-difference", "full-cfg"])
+POLICIES = ["conditional", "last-difference", "full-cfg", "refreshed-difference", "extrapolated-difference"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 def test_window_policies_run_and_differ_only_in_the_window(engines, policy):
     eng = engines["sdxl"]
     exact = _run(eng, mode="cfg-parallel")
@@ -80,6 +83,27 @@ def test_window_policies_run_and_differ_only_in_the_window(engines, policy):
     assert label(r.stats.window_guidance) == policy
     # before the window both are the same exact CFG run
     assert [s.rel_mae for s in r.stats.steps[:6]] == [s.rel_mae for s in exact.stats.steps[:6]]
+
+
+@pytest.mark.parametrize(
+    "arch,policy",
+    [("sdxl", "refreshed-difference"), ("sd3", "refreshed-difference"), ("sdxl", "extrapolated-difference")],
+)
+def test_a_window_refreshed_every_step_is_exact_cfg(engines, arch, policy):
+    """Every refresh step is the exact CFG step (the conditional branch through the stages equals
+    its full forward), so refreshing every window step gives the cfg-parallel image bit for bit;
+    every second step gives another image, pipelined in between. Only the refreshing policies
+    refresh."""
+    eng = engines[arch]
+    exact = _run(eng, mode="cfg-parallel")
+    every = _run(eng, mode="hybrid", window_guidance=policy, refresh_every=1)
+    assert [s.phase for s in every.stats.steps][6:10] == [Phase.PIPELINE_FILL] * 4
+    assert every.images[0] == exact.images[0]
+    second = _run(eng, mode="hybrid", window_guidance=policy, refresh_every=2)
+    assert [s.phase for s in second.stats.steps][6:10] == [Phase.PIPELINE_FILL, Phase.PIPELINE] * 2
+    assert second.images[0] != exact.images[0]
+    last_difference = _run(eng, mode="hybrid", window_guidance="last-difference", refresh_every=2)
+    assert [s.phase for s in last_difference.stats.steps][6:8] == [Phase.PIPELINE_FILL, Phase.PIPELINE]
 
 
 def test_single_needs_no_peer_traffic(engines):

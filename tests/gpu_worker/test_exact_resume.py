@@ -27,7 +27,7 @@ from gpu_worker.engine import WorkerEngine
 from gpu_worker.loader import load_adapter
 from hybridiff.errors import BadCommand, WorkerFailed
 from hybridiff.internal.v1 import worker_pb2
-from hybridiff.protocol import Mode, Role, WindowGuidance
+from hybridiff.protocol import Mode, Phase, Role, WindowGuidance
 from hybridiff.request import resolve_spec
 from hybridiff.wire import tensor_from_proto, tensor_to_proto
 from hybridiff_launch.inprocess import InProcessWorker
@@ -277,6 +277,125 @@ def test_every_window_checkpoint_carries_the_last_difference(adapters, pairs):
     with_difference = resumed_at_8(None)
     without = resumed_at_8(lambda cp: cp.ClearField("last_difference"))
     assert not torch.equal(with_difference, without)
+
+
+# --- the refreshing policies: refreshed and extrapolated difference -------------------------------
+def _refreshed(adapter, policy: str = "refreshed-difference", refresh_every: int = 2):
+    # as _hybrid, the window 6..9; every 2nd window step measures again: fills at 6 and 8
+    return _spec(
+        adapter,
+        mode="hybrid",
+        window_guidance=policy,
+        l_slope=3,
+        tau_cap=6,
+        k=3,
+        refresh_every=refresh_every,
+    )
+
+
+def _nothing_fails(failed, survivors, needs_pair):
+    pytest.fail("nothing failed")
+
+
+@pytest.mark.parametrize("policy", ["refreshed-difference", "extrapolated-difference"])
+def test_a_refresh_step_measures_the_difference_again(adapters, pairs, policy):
+    adapter = adapters["euler"]
+    first = pairs(adapter, "a")
+    u = _Recording(first[0])
+    result = _run(_refreshed(adapter, policy), Mode.HYBRID, [u, first[1]], recover=_nothing_fails)
+    fill, pipelined = Phase.PIPELINE_FILL, Phase.PIPELINE
+    assert [s.phase for s in result.stats.steps][6:10] == [fill, pipelined, fill, pipelined]
+    # a refresh step exchanges one prediction each way, like a data-parallel step
+    latent = tensor_from_proto(u.checkpoints[1].latents)
+    prediction_bytes = latent.numel() * latent.element_size()
+    assert all(w.bytes_sent >= prediction_bytes for w in result.stats.steps[8].workers.values())
+    difference = {n: tensor_from_proto(u.checkpoints[n].last_difference) for n in range(6, 11)}  # of step n-1
+    assert not torch.equal(difference[7], difference[6])  # the fill at 6 measured it
+    assert torch.equal(difference[8], difference[7])  # the pipelined step 7 re-used it
+    assert not torch.equal(difference[9], difference[8])  # the refresh at 8 measured it again
+    assert torch.equal(difference[10], difference[9])
+    # with the step that measured it: the extrapolated policy's trend runs from there
+    assert [u.checkpoints[n].last_difference_step for n in range(6, 11)] == [5, 6, 6, 8, 8]
+
+
+@pytest.mark.parametrize(
+    "policy,scheduler,fail_at,recovery",
+    [
+        ("refreshed-difference", "euler", 8, "new-pair"),
+        ("refreshed-difference", "dpm", 8, "new-pair"),
+        ("refreshed-difference", "euler", 6, "new-pair"),
+        ("refreshed-difference", "euler", 10, "lone-survivor"),
+        ("extrapolated-difference", "euler", 8, "new-pair"),
+        ("extrapolated-difference", "dpm", 10, "lone-survivor"),
+    ],
+)
+def test_a_refreshed_window_resumes_bit_identical(adapters, pairs, policy, scheduler, fail_at, recovery):
+    """A pair resumed at a refresh step computes the very step the unbroken pair did (a refresh
+    starts from fresh activations, and the extrapolated trend runs from the checkpoint's last
+    difference and its step); a lone survivor after the window runs both branches alone."""
+    adapter = adapters[scheduler]
+    spec = _refreshed(adapter, policy)
+    unbroken = _run(spec, Mode.HYBRID, pairs(adapter, "a"), recover=None)
+    assert (unbroken.stats.tau1, unbroken.stats.tau2) == (6, 9)
+    last_difference = _run(_hybrid(adapter), Mode.HYBRID, pairs(adapter, "k"), recover=None)
+    assert not torch.equal(_latents(last_difference), _latents(unbroken))  # the refresh matters here
+
+    second, third = pairs(adapter, "b"), pairs(adapter, "c")
+    asked = []
+
+    def recover(failed, survivors, needs_pair):
+        asked.append(needs_pair)
+        return third if recovery == "new-pair" else survivors
+
+    broken = _run(spec, Mode.HYBRID, [_Handle(second[0], fail_at), second[1]], recover)
+    assert any(f"resumed at step {fail_at}" in n for n in broken.stats.notes)
+    assert asked == [recovery == "new-pair"]  # the window's steps need a pair, the steps after it not
+    assert torch.equal(_latents(broken), _latents(unbroken))
+    assert broken.images[0] == unbroken.images[0]
+
+
+def test_the_extrapolated_trend_runs_from_the_checkpoint_s_step(adapters, pairs):
+    """Resumed at the refresh step 8, the pair measures the difference again and takes its trend
+    from the checkpoint's difference of step 6: told another step, it extrapolates otherwise."""
+    adapter = adapters["euler"]
+    spec = _refreshed(adapter, "extrapolated-difference")
+    unbroken = _run(spec, Mode.HYBRID, pairs(adapter, "a"), recover=None)
+
+    def resumed(edit_resume):
+        broken, new = pairs(adapter, "b"), pairs(adapter, "c")
+        result = _run(
+            spec,
+            Mode.HYBRID,
+            [_Handle(broken[0], 8), broken[1]],
+            lambda failed, survivors, needs_pair: [_Handle(w, edit_resume=edit_resume) for w in new],
+        )
+        assert any("resumed at step 8" in n for n in result.stats.notes)
+        return _latents(result)
+
+    def step_5(checkpoint):
+        assert checkpoint.last_difference_step == 6
+        checkpoint.last_difference_step = 5
+
+    assert torch.equal(resumed(None), _latents(unbroken))
+    assert not torch.equal(resumed(step_5), _latents(unbroken))
+
+
+def test_a_difference_from_a_step_not_yet_run_is_refused(adapters, pairs):
+    adapter = adapters["euler"]
+    spec = _refreshed(adapter, "extrapolated-difference")
+    second, third = pairs(adapter, "b"), pairs(adapter, "c")
+
+    def future(checkpoint):
+        checkpoint.last_difference_step = checkpoint.next_step
+
+    with pytest.raises(WorkerFault) as failed:
+        _run(
+            spec,
+            Mode.HYBRID,
+            [_Handle(second[0], 8), second[1]],
+            lambda f, s, needs_pair: [_Handle(w, edit_resume=future) for w in third],
+        )
+    assert "resume.last_difference_step" in str(failed.value.error)
 
 
 # --- scheduler_state on its own ---------------------------------------------------------------------

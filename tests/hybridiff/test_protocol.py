@@ -25,6 +25,12 @@ def test_enums_equal_the_wire(enum, wire, prefix):
 
 def test_edge_names_round_trip():
     assert label(Mode.CFG_PARALLEL) == "cfg-parallel" and parse(Mode, "cfg-parallel") is Mode.CFG_PARALLEL
-    assert labels(WindowGuidance) == ["conditional", "last-difference", "full-cfg"]
+    assert labels(WindowGuidance) == [
+        "conditional",
+        "last-difference",
+        "full-cfg",
+        "refreshed-difference",
+        "extrapolated-difference",
+    ]
     with pytest.raises(ValueError, match="expected one of"):
         parse(Mode, "turbo")

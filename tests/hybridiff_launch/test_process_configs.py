@@ -68,6 +68,7 @@ COORDINATOR = {
     "eps_slope": 1e-3,
     "k": 0,
     "tau_cap": 9,
+    "refresh_every": 3,
     "tls_cert": "/tls/cert.pem",
     "tls_key": "/tls/key.pem",
     "tls_client_ca": "/tls/ca.pem",

@@ -68,6 +68,9 @@ class DelayedWorker:
         self._outbox.put(None)
 
 
+POLICIES = ["conditional", "last-difference", "full-cfg", "refreshed-difference", "extrapolated-difference"]
+
+
 def _drive(eng, delay: Callable[[], float] | None = None, speculate: bool = True, **kw):
     spec = eng.resolve(make_input(mode="hybrid", **{**REQUEST, **kw}))
     workers = [DelayedWorker(w, delay) for w in eng.workers] if delay else eng.workers
@@ -124,7 +127,7 @@ def test_workers_never_wait_for_the_monitor_between_l_and_tau1(engines, monkeypa
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd3"])
-@pytest.mark.parametrize("policy", ["conditional", "last-difference", "full-cfg"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_the_switch_is_the_same_whatever_the_message_timing(engines, arch, policy):
     """Random delays of every control message, up to longer than a step: the same window, the
     same phases and the same image as undelayed; with the conditional and last-difference

@@ -76,3 +76,28 @@ def test_the_calibration_floor_is_the_worst_image_not_the_mean():
     )
     assert mean_psnr(measured) == {"conditional": {2: 48.0, 4: 44.0}}
     assert worst_psnr(measured) == {"conditional": {2: 46.0, 4: 40.0}}
+
+
+def test_a_refreshing_run_is_priced_with_its_refresh_fills():
+    """The period is read off the run's fills; the schedule model then prices every refresh fill
+    as a data-parallel step, so the refreshed window is slower than last-difference's."""
+    from hybridiff.protocol import Phase, WindowGuidance
+    from hybridiff.v1 import diffusion_pb2 as pb
+    from hybridiff_tools.bench.frontier import run_from
+
+    fill, pipelined, dp = Phase.PIPELINE_FILL, Phase.PIPELINE, Phase.DATA_PARALLEL
+    phases = [dp] * 3 + [fill, pipelined, pipelined, fill, pipelined, dp]
+
+    def run(policy, steps=phases):
+        stats = pb.GenerateStats(
+            window_guidance=policy, steps=[pb.StepStat(step=i, phase=p) for i, p in enumerate(steps)]
+        )
+        return run_from(b"png", stats)
+
+    assert run(WindowGuidance.REFRESHED_DIFFERENCE).refresh_every == 3
+    assert run(WindowGuidance.EXTRAPOLATED_DIFFERENCE, [dp, fill, pipelined, dp]).refresh_every == 2
+    assert run(WindowGuidance.LAST_DIFFERENCE).refresh_every == 0
+    device = profile_device(PROFILE, "h200")
+    last = predicted_speedups(device, 30, 12, "slope", k=10, window_batch=1)
+    refreshed = predicted_speedups(device, 30, 12, "slope", k=10, window_batch=1, refresh_every=3)
+    assert last["cfg-parallel"] < refreshed["hybrid"] < last["hybrid"]

@@ -158,3 +158,42 @@ def test_invalid_phase_lists_are_refused():
         ScheduleParams(30, 0)  # the schedule's tau_cap and L are at least 1
     with pytest.raises(ValueError):
         ScheduleParams(30, 10, tau1_source="guess")
+
+
+# --- the refreshing policies: every m-th window step a data-parallel fill --------------------------
+def test_a_refreshing_window_prices_its_fills_as_data_parallel_steps():
+    """Window [10, 15] refreshed every 2nd step: fills at 10, 12, 14 run one branch each at batch
+    1 (b1 = 1, as a data-parallel step), the pipelined steps 11, 13, 15 between at max(stage1,
+    stage2) = 0.5 on the fill's stale activations, each the last before a fill (nothing forward)."""
+    refreshed = ScheduleParams(num_steps=30, tau1=10, k=5, refresh_every=2)
+    assert refreshed.phases(Mode.HYBRID)[10:16] == [PIPELINE_FILL, PIPELINE] * 3
+    assert refreshed.phases(Mode.PIPELINE) == SCHED.phases(Mode.PIPELINE)  # HYBRID's window only
+    for compute in (SEQ, NEST):
+        out = predict_modes(compute, NO_BYTES, LinkModel.ideal(), refreshed)["hybrid"]["ideal"]
+        assert out["latency"] == pytest.approx(24 + 3 * 1.0 + 3 * 0.5)
+        assert out["phase_steps"] == {DP_: 24, FILL_: 3, PIPE_: 3}
+    tb = TensorBytes(prediction=10, boundary_b1=100, stage_return_b1=1000)
+    seq = predict_modes(SEQ, tb, LinkModel.ideal(), refreshed)["hybrid"]["predicted"]
+    # a fill exchanges two predictions (sequential: C keeps its own stage activations); a
+    # pipelined step sends the guided prediction only
+    assert seq["link_bytes"] == 24 * 20 + 3 * 20 + 3 * 10
+    nest = predict_modes(NEST, tb, LinkModel.ideal(), refreshed)["hybrid"]["predicted"]
+    assert nest["link_bytes"] == 24 * 20 + 3 * (20 + 1000) + 3 * 10  # nested: C's core output to U
+
+
+def test_a_refresh_fill_waits_for_the_link_like_a_data_parallel_step():
+    lam = 0.01
+    link = latency_only(lam)
+    # DP fill (1 + lam), then the stale step: C's stage 2 on its own activations (0.5), the
+    # prediction to U (lam)
+    seq = simulate([PIPELINE_FILL, PIPELINE], SEQ, NO_BYTES, link, refresh_fills=True)
+    assert seq.latency == pytest.approx(1.0 + lam + 0.5 + lam)
+    # nested: U's outer ring (0.25 + 0.25) around the fill's core output, which C sent as the
+    # predictions crossed, then the prediction to C
+    nest = simulate([PIPELINE_FILL, PIPELINE], NEST, NO_BYTES, link, refresh_fills=True)
+    assert nest.latency == pytest.approx(1.0 + lam + 0.5 + lam)
+    assert nest.link_bytes == 0 and len(simulate([PIPELINE_FILL], NEST, NO_BYTES, link).step_seconds) == 1
+    with pytest.raises(ValueError, match="batch 1"):
+        simulate([PIPELINE_FILL], SEQ, NO_BYTES, link, window_batch=2, refresh_fills=True)
+    with pytest.raises(ValueError, match="batch 1"):
+        ScheduleParams(30, 10, 5, refresh_every=2, hybrid_window_batch=2)
