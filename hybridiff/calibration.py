@@ -76,12 +76,17 @@ class Calibration:
 
     def max_window(self, policy: WindowGuidance, num_steps: int, floor_db: float | None = None) -> int:
         """The longest window of ``policy`` above the floor for a request of ``num_steps`` steps
-        (the calibrated length scaled by the step count; 0 for a policy never calibrated)."""
+        (0 for a policy never calibrated). Every length above the floor: any window. Otherwise
+        the calibrated length, scaled down for fewer steps but never up for more: measured on the
+        default model, 30 steps scaled to 50 would allow 13 conditional steps where 50 steps
+        measured 10, while 50 scaled down to 30 allows 6 where 30 steps measured 8."""
         measured = self.policies.get(policy)
         if measured is None:
             return 0
         steps = measured.max_window(self.floor_db if floor_db is None else floor_db)
-        return math.floor(steps * num_steps / self.num_steps)
+        if steps >= self.num_steps:
+            return num_steps
+        return min(steps, math.floor(steps * num_steps / self.num_steps))
 
     def to_json(self) -> dict:
         record = dict(self.extra)

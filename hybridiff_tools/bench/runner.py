@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,6 +242,13 @@ def _similarity(runs: list[Run], against: dict[tuple[str, int], Run]) -> list[tu
     ]
 
 
+def _schedule_name(choice: pb.AutoChoice) -> str:
+    name = label(Mode(choice.mode))
+    if choice.window_guidance:
+        name += f" {label(WindowGuidance(choice.window_guidance))} k={choice.k}"
+    return name
+
+
 def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], topology: str) -> dict:
     compute = measured_compute(runs)
     labels = [v.label for v in VARIANTS]
@@ -288,9 +296,13 @@ def summarize(runs: list[Run], reference: list[tuple[str, int, float, bytes]], t
             "ssim_vs_single": min((s for _, s in vs_single), default=None),
             "psnr_vs_cfg_parallel": min((p for p, _ in vs_exact), default=None),
             "ssim_vs_cfg_parallel": min((s for _, s in vs_exact), default=None),
-            # AUTO's choice (mode, window policy, k, predicted seconds) as its first run's stats say
+            # AUTO's choice (mode, window policy, k, predicted seconds) as its first run's stats say,
+            # and how often each schedule was chosen (the costs are refined by every request)
             "auto_choice": (
                 message_json(rs[0].stats.auto_choice) if rs[0].stats.HasField("auto_choice") else None
+            ),
+            "auto_choices": dict(
+                Counter(_schedule_name(r.stats.auto_choice) for r in rs if r.stats.HasField("auto_choice"))
             ),
         }
     base = modes["single"]
@@ -339,10 +351,8 @@ def format_table(result: dict) -> str:
     for lab, m in result["modes"].items():
         if m.get("auto_choice"):
             c = m["auto_choice"]
-            lines.append(
-                f"{lab}: AUTO chose {c['mode']} (window {c['window_guidance'] or '-'}, k={c['k']}), "
-                f"predicted {c['predicted_seconds']:.2f} s denoising; basis: {c['basis']}"
-            )
+            chosen = ", ".join(f"{name} x{n}" for name, n in m["auto_choices"].items())
+            lines.append(f"{lab}: AUTO chose {chosen}; basis: {c['basis']}")
     ref = result.get("diffusers_reference")
     if ref:
         lines.append(

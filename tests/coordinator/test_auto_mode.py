@@ -116,8 +116,8 @@ def test_no_window_above_the_floor_runs_the_exact_split():
 
 
 def test_the_calibration_scales_with_the_request_steps():
-    choice = choose(doubling_costs(), MEASURED, 100, DEFAULTS)
-    assert choice.schedule.window_steps == 10  # 5 of 50 steps -> 10 of 100
+    assert choose(doubling_costs(), MEASURED, 100, DEFAULTS).schedule.window_steps == 5  # never up
+    assert choose(doubling_costs(), MEASURED, 30, DEFAULTS).schedule.window_steps == 3  # 5 of 50 down
 
 
 def test_without_a_calibration_auto_runs_hybrid_as_before_and_still_predicts():

@@ -22,15 +22,22 @@ def test_the_longest_window_stops_at_the_first_length_below_the_floor():
     assert measured.max_window(40.0) == 8
 
 
-def test_the_window_scales_with_the_request_steps_and_unknown_policies_get_none():
+def test_the_window_scales_down_with_fewer_steps_never_up_and_unknown_policies_get_none():
     calibration = Calibration(
-        45.0, 30, 5.0, {WindowGuidance.CONDITIONAL: PolicyCalibration({6: 46.0, 9: 45.1})}
+        45.0,
+        30,
+        5.0,
+        {
+            WindowGuidance.CONDITIONAL: PolicyCalibration({6: 46.0, 9: 45.1}),
+            WindowGuidance.FULL_CFG: PolicyCalibration({2: 60.0, 30: 55.0}),
+        },
     )
     assert calibration.max_window(WindowGuidance.CONDITIONAL, 30) == 9
-    assert calibration.max_window(WindowGuidance.CONDITIONAL, 50) == 15
+    assert calibration.max_window(WindowGuidance.CONDITIONAL, 50) == 9  # not 15: never scaled up
     assert calibration.max_window(WindowGuidance.CONDITIONAL, 10) == 3
     assert calibration.max_window(WindowGuidance.CONDITIONAL, 30, floor_db=46.0) == 6
-    assert calibration.max_window(WindowGuidance.FULL_CFG, 30) == 0
+    assert calibration.max_window(WindowGuidance.FULL_CFG, 50) == 50  # every length kept: any window
+    assert calibration.max_window(WindowGuidance.LAST_DIFFERENCE, 30) == 0
 
 
 def test_written_beside_the_defaults_and_read_back(tmp_path):

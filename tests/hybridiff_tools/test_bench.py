@@ -49,6 +49,7 @@ def test_bench_json_is_complete_and_consistent(model_dirs, tmp_path):
     # AUTO's choice is reported (the tiny model has no calibration: today's HYBRID, k kept)
     choice = modes["auto"]["auto_choice"]
     assert choice["mode"] == "hybrid" and choice["k"] == 3 and choice["predicted_seconds"] > 0
+    assert modes["auto"]["auto_choices"] == {"hybrid conditional k=3": 2}
     assert all(m["auto_choice"] is None for name, m in modes.items() if name != "auto")
     single = modes["single"]
     for name, m in modes.items():
