@@ -437,3 +437,20 @@ class Served:
         self.channel.close()
         self.server.stop(0).wait()
         self.service.close()
+
+
+def with_unipc(src: Path, dst: Path) -> Path:
+    """A copy of the model at ``src`` (links to its weights) whose scheduler is UniPC: a multistep
+    solver whose history a resumed request must carry in its checkpoint."""
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.name not in ("scheduler", "model_index.json"):
+            os.symlink(p.resolve(), dst / p.name)
+    index = json.loads((src / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "UniPCMultistepScheduler"]
+    (dst / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+    (dst / "scheduler").mkdir()
+    config["_class_name"] = "UniPCMultistepScheduler"
+    (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return dst

@@ -5,7 +5,6 @@ workers' gRPC control API and the coordinator."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -13,27 +12,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster_helpers import make_input, send
+from cluster_helpers import make_input, send, with_unipc
 
 from hybridiff.client import DiffusionClient
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff.v1 import diffusion_pb2_grpc
 from hybridiff_launch.local_cluster import LocalCluster
-
-
-def _with_unipc(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for p in src.iterdir():
-        if p.name not in ("scheduler", "model_index.json"):
-            os.symlink(p.resolve(), dst / p.name)
-    index = json.loads((src / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "UniPCMultistepScheduler"]
-    (dst / "model_index.json").write_text(json.dumps(index))
-    config = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
-    (dst / "scheduler").mkdir()
-    config["_class_name"] = "UniPCMultistepScheduler"
-    (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
-    return dst
 
 
 def _busy_worker(cluster) -> str:
@@ -46,7 +30,7 @@ def _busy_worker(cluster) -> str:
 
 @pytest.mark.slow  # a cluster and a killed worker (.ci/run runs the slow tests)
 def test_a_multistep_request_killed_mid_way_gives_the_same_png(model_dirs, tmp_path):
-    model = _with_unipc(Path(model_dirs["sdxl"]), tmp_path / "unipc")
+    model = with_unipc(Path(model_dirs["sdxl"]), tmp_path / "unipc")
     raw = make_input(prompt="a blue circle", num_steps=16, seed=5, mode="cfg-parallel")
     with LocalCluster(model, workers=2, log_dir=tmp_path / "logs") as cluster:
         client = DiffusionClient(cluster.address)

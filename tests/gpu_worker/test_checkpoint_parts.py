@@ -10,13 +10,11 @@ and leave the worker free."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import grpc
 import pytest
-from cluster_helpers import SessionStream
+from cluster_helpers import SessionStream, with_unipc
 
 from coordinator.remote import RemoteWorker
 from gpu_worker.dataplane import Mailbox
@@ -32,26 +30,10 @@ from hybridiff.protocol import Phase, Role, WindowGuidance
 PART = 4096  # small parts, so that the tiny model's checkpoint takes many
 
 
-def _with_unipc(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for p in src.iterdir():
-        if p.name not in ("scheduler", "model_index.json"):
-            os.symlink(p.resolve(), dst / p.name)
-    index = json.loads((src / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "UniPCMultistepScheduler"]
-    (dst / "model_index.json").write_text(json.dumps(index))
-    config = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
-    (dst / "scheduler").mkdir()
-    (dst / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps({**config, "_class_name": "UniPCMultistepScheduler"})
-    )
-    return dst
-
-
 @pytest.fixture(scope="module")
 def served(model_dirs, tmp_path_factory):
     """(the service, a channel to its server): the worker's control server as the worker builds it."""
-    model = _with_unipc(Path(model_dirs["sdxl"]), tmp_path_factory.mktemp("parts") / "unipc")
+    model = with_unipc(Path(model_dirs["sdxl"]), tmp_path_factory.mktemp("parts") / "unipc")
     adapter = load_adapter(model, "cpu", "float32")
     service = WorkerService("w0", "tiny", session_idle_seconds=10)
     service.attach(WorkerEngine(adapter, "w0", Mailbox("w0"), None), "")

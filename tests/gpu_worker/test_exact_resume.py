@@ -152,6 +152,20 @@ def _run(spec, mode: Mode, workers, recover):
     return drive_request(spec, mode, workers, recover=recover)
 
 
+def _resumed_at_8(adapter, pairs, spec, edit_resume) -> torch.Tensor:
+    """HYBRID's final latents when worker U fails at step 8 and a new pair resumes from its
+    checkpoint, edited first by ``edit_resume`` (None: as sent)."""
+    broken, new = pairs(adapter, "b"), pairs(adapter, "c")
+    result = _run(
+        spec,
+        Mode.HYBRID,
+        [_Handle(broken[0], 8), broken[1]],
+        lambda failed, survivors, needs_pair: [_Handle(w, edit_resume=edit_resume) for w in new],
+    )
+    assert any("resumed at step 8" in n for n in result.stats.notes)
+    return _latents(result)
+
+
 def _latents(result) -> torch.Tensor:
     return tensor_from_proto(result.latents)
 
@@ -263,19 +277,8 @@ def test_every_window_checkpoint_carries_the_last_difference(adapters, pairs):
         assert torch.equal(tensor_from_proto(u.checkpoints[n].last_difference), measured)
 
     # a resume at step 8 uses it: without it the window would run ``conditional``
-    def resumed_at_8(edit_resume):
-        broken, new = pairs(adapter, "b"), pairs(adapter, "c")
-        result = _run(
-            spec,
-            Mode.HYBRID,
-            [_Handle(broken[0], 8), broken[1]],
-            lambda failed, survivors, needs_pair: [_Handle(w, edit_resume=edit_resume) for w in new],
-        )
-        assert any("resumed at step 8" in n for n in result.stats.notes)
-        return _latents(result)
-
-    with_difference = resumed_at_8(None)
-    without = resumed_at_8(lambda cp: cp.ClearField("last_difference"))
+    with_difference = _resumed_at_8(adapter, pairs, spec, None)
+    without = _resumed_at_8(adapter, pairs, spec, lambda cp: cp.ClearField("last_difference"))
     assert not torch.equal(with_difference, without)
 
 
@@ -362,15 +365,7 @@ def test_the_extrapolated_trend_runs_from_the_checkpoint_s_step(adapters, pairs)
     unbroken = _run(spec, Mode.HYBRID, pairs(adapter, "a"), recover=None)
 
     def resumed(edit_resume):
-        broken, new = pairs(adapter, "b"), pairs(adapter, "c")
-        result = _run(
-            spec,
-            Mode.HYBRID,
-            [_Handle(broken[0], 8), broken[1]],
-            lambda failed, survivors, needs_pair: [_Handle(w, edit_resume=edit_resume) for w in new],
-        )
-        assert any("resumed at step 8" in n for n in result.stats.notes)
-        return _latents(result)
+        return _resumed_at_8(adapter, pairs, spec, edit_resume)
 
     def step_5(checkpoint):
         assert checkpoint.last_difference_step == 6
