@@ -115,7 +115,7 @@ def summarize(records: list[RequestRecord], config: LoadConfig, wall: float) -> 
         # completed requests by how they ran: on a pair throughout, alone throughout, or switched
         "ran": dict(
             Counter(
-                "switched" if r.elastic else ("paired" if len(r.workers) == 2 else "alone")
+                "switched" if r.elastic else {1: "alone", 2: "paired"}.get(len(r.workers), "unknown")
                 for r in counted
                 if r.code == "OK"
             )
