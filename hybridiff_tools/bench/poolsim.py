@@ -288,7 +288,9 @@ class PoolSim:
             req.paired_steps = dev.steps if take == 2 else 0
             self._push(self.now + (dev.pair_latency if take == 2 else dev.alone_latency), DONE, req)
             return
-        req.elastic = ElasticLease(_Lease(self, req), self.policy, self.costs, dev.steps, self._count)
+        req.elastic = ElasticLease(
+            _Lease(self, req), self.policy, self.costs, dev.steps, self._count, self.lookahead
+        )
         self._push(self.now + dev.switch + self._step_cost(req, 0), STEP_DONE, req, 0)
 
     def _count(self, decision: Decision) -> None:
