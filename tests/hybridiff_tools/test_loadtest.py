@@ -55,7 +55,6 @@ def test_impossible_loads_are_refused(config, needle):
         (["loadtest", "--rate", "1", "--duration", "-1"], "--duration must be > 0"),
         (["local", "--policy", "fastest"], "invalid choice: 'fastest'"),
         (["coordinator", "--workers", "x:1", "--policy", "fastest"], "invalid choice: 'fastest'"),
-        (["load-sweep", "--concurrency", "0"], "--concurrency must be >= 1"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, needle):
