@@ -572,8 +572,16 @@ class _RequestRun:
             return False
         return monitor.tau1 is None or step <= monitor.decided_at + 1
 
+    def _decided_through(self) -> int:
+        """Highest step whose phase this attempt knows now. A lone worker of an elastic request
+        runs the CFG batch at every step, whatever the monitor will decide: all are known (else
+        each step past the earliest deciding one would wait for the control round trip)."""
+        if self.elastic is not None and self.solo:
+            return self.schedule.last
+        return self.schedule.decided_through()
+
     def _issue_limit(self, step: int) -> int:
-        limit = self.schedule.decided_through()
+        limit = self._decided_through()
         if limit < self.schedule.last and self._in_speculative_zone(limit + 1):
             limit += 1  # the undecided step, speculatively
         return limit if self.elastic is None else min(limit, step + ELASTIC_LOOKAHEAD)
@@ -608,7 +616,7 @@ class _RequestRun:
                     if workers is not None:
                         raise _Switch(decision, workers)
                 while intent == Decision.KEEP and issued <= self._issue_limit(step):
-                    decided = issued <= schedule.decided_through()
+                    decided = issued <= self._decided_through()
                     speculative = not decided or self._in_speculative_zone(issued)
                     phase = Phase.DATA_PARALLEL if speculative else self._phase(issued, first)
                     cmd = worker_pb2.StepCommand(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from coordinator.allocation import CostBook, Decision, Policy, at_boundary
-from coordinator.driver import WorkerHandle
+from coordinator.driver import ELASTIC_LOOKAHEAD, WorkerHandle
 from coordinator.pool import Lease
 
 
@@ -19,15 +19,19 @@ class ElasticLease:
         costs: CostBook,
         num_steps: int,
         on_event: Callable[[Decision], None],
+        lookahead: int = ELASTIC_LOOKAHEAD,
     ) -> None:
+        """``lookahead``: the steps the driver has issued past a boundary (``ELASTIC_LOOKAHEAD``)."""
         self.lease, self.policy, self.costs, self.num_steps = lease, policy, costs, num_steps
-        self.on_event = on_event
+        self.on_event, self.lookahead = on_event, lookahead
 
     def decide(self, next_step: int, used: list[WorkerHandle]) -> Decision:
         view = self.lease.view()
-        return at_boundary(
-            self.policy, len(used) == 2, view, self.num_steps - next_step, self.costs.costs(self.lease.model)
-        )
+        # A change decided now takes effect once the steps already issued have completed: only the
+        # steps after those gain from it (a grow decided with one step in flight and one to go
+        # bought a single paired step with a new session on two workers).
+        after = self.num_steps - next_step - self.lookahead
+        return at_boundary(self.policy, len(used) == 2, view, after, self.costs.costs(self.lease.model))
 
     def apply(self, decision: Decision, used: list[WorkerHandle]) -> list[WorkerHandle] | None:
         """Make the change if the pool still calls for it (it may have moved while the step in

@@ -13,10 +13,10 @@ boundary. What the simulator adds is the driver's timing (``coordinator/driver.p
   ``want`` idle workers, or one when ``accept_one``;
 - a request that starts (or switches) begins a session: ``switch`` seconds (prompt encoding and
   a control round trip), then its steps back to back;
-- an elastic request decides when a step completes, while the next step is already in flight
-  (``ELASTIC_LOOKAHEAD = 1``): the change is applied when that step completes, if the pool
-  still calls for it (a shrink hands worker C to the head waiter at once), then a new session
-  begins; a decision on the last boundary is never applied;
+- an elastic request decides when a step completes, while the steps issued ahead are in flight
+  (the driver's ``ELASTIC_LOOKAHEAD``, ``--lookahead``): the change is applied when they have
+  completed, if the pool still calls for it (a shrink hands worker C to the head waiter at
+  once), then a new session begins; a decision on the last boundary is never applied;
 - a step alone is the CFG batch of 2; a step as a pair is the step of the HYBRID replay of
   ``hybridiff_tools.bench.perfmodel`` at that index (a pair that resumes inside the window starts with the
   window's synchronous fill step). The window stays where the nominal schedule puts it;
@@ -48,6 +48,7 @@ from typing import Any
 
 from coordinator.admission_queue import AdmissionQueue, Ticket, workers_to_take
 from coordinator.allocation import CostBook, Decision, Policy, PolicyCosts, PoolView, admission
+from coordinator.driver import ELASTIC_LOOKAHEAD
 from coordinator.elastic import ElasticLease
 from hybridiff.errors import QueueFull
 from hybridiff.protocol import Mode, Phase
@@ -185,6 +186,7 @@ class Request:
     paired_steps: int = 0
     first: int = 0  # first step of the current session
     intent: Decision | None = None
+    intent_at: int = 0  # the step after which the intent is applied (the last one in flight)
     elastic: ElasticLease | None = None
 
     @property
@@ -220,9 +222,16 @@ class PoolSim:
     """N workers, one admission queue, one policy; ``run`` replays a stream of arrival times."""
 
     def __init__(
-        self, device: DeviceCosts, policy: Policy, workers: int, queue_capacity: int | None = None
+        self,
+        device: DeviceCosts,
+        policy: Policy,
+        workers: int,
+        queue_capacity: int | None = None,
+        lookahead: int = ELASTIC_LOOKAHEAD,
     ) -> None:
-        self.device, self.policy, self.workers = device, policy, workers
+        """``lookahead``: how far ahead of the step completing an elastic request's steps are
+        issued (the driver's ``ELASTIC_LOOKAHEAD``): a change waits for that many steps."""
+        self.device, self.policy, self.workers, self.lookahead = device, policy, workers, lookahead
         self.idle = workers
         self.queue = AdmissionQueue(queue_capacity)  # the pool's own queue, driven by the simulation
         self._waiting: dict[Ticket, Request] = {}
@@ -279,7 +288,9 @@ class PoolSim:
             req.paired_steps = dev.steps if take == 2 else 0
             self._push(self.now + (dev.pair_latency if take == 2 else dev.alone_latency), DONE, req)
             return
-        req.elastic = ElasticLease(_Lease(self, req), self.policy, self.costs, dev.steps, self._count)
+        req.elastic = ElasticLease(
+            _Lease(self, req), self.policy, self.costs, dev.steps, self._count, self.lookahead
+        )
         self._push(self.now + dev.switch + self._step_cost(req, 0), STEP_DONE, req, 0)
 
     def _count(self, decision: Decision) -> None:
@@ -297,7 +308,9 @@ class PoolSim:
             return
         nxt, begin = s + 1, self.now
         used = PAIR if req.workers == 2 else SOLO
-        if req.intent is not None:  # decided one step ago; nothing in flight now
+        if req.intent is not None and s < req.intent_at:
+            pass  # the steps issued before the decision are still in flight
+        elif req.intent is not None:  # the steps in flight at the decision are done
             decision, req.intent = req.intent, None
             if req.elastic.apply(decision, used) is not None:
                 if decision == Decision.SHRINK:
@@ -308,7 +321,7 @@ class PoolSim:
         else:
             decision = req.elastic.decide(nxt, used)
             if decision != Decision.KEEP:
-                req.intent = decision
+                req.intent, req.intent_at = decision, s + self.lookahead
         self._push(begin + self._step_cost(req, nxt), STEP_DONE, req, nxt)
 
     def _finish(self, req: Request) -> None:
@@ -410,11 +423,12 @@ def load_point(
     seed: int | str,
     queue_capacity: int | None,
     slo: float,
+    lookahead: int = ELASTIC_LOOKAHEAD,
 ) -> dict[str, Any]:
     """One point: Poisson arrivals at ``fraction`` of the throughput policy's capacity."""
     capacity = workers / device.alone_latency
     rate = fraction * capacity
-    sim = PoolSim(device, policy, workers, queue_capacity)
+    sim = PoolSim(device, policy, workers, queue_capacity, lookahead)
     reqs = sim.run(poisson(rate, random.Random(seed)), track=warmup + requests)
     return {"load_fraction": fraction, "offered_rps": rate} | summarize(reqs, warmup, slo, device.steps)
 
@@ -448,6 +462,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             "slo_factor": args.slo_factor,
             "slo": "slo_factor x the latency of one request alone on one worker (alone_latency_s)",
             "encode_s": ENCODE_S,
+            "lookahead": args.lookahead,
             "arrivals": "Poisson; the same arrival times for every policy at a load point",
         },
         "devices": {},
@@ -485,6 +500,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                         f"{args.seed}/{name}/{workers}/{fraction}",  # one stream for every policy
                         pool["queue_capacity"],
                         slo,
+                        args.lookahead,
                     )
                     for fraction in args.loads
                 ]
@@ -574,11 +590,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="admission queue length per worker; a full queue rejects (0: unbounded)",
     )
     p.add_argument("--slo-factor", type=float, default=2.0, help="SLO = this x one request alone")
+    p.add_argument(
+        "--lookahead",
+        type=int,
+        default=ELASTIC_LOOKAHEAD,
+        help="steps an elastic request issues ahead of the one completing (a change waits for them)",
+    )
     args = p.parse_args(argv)
     if args.requests < 2 or args.warmup < 0 or args.steps < 2 or args.queue_per_worker < 0:
         p.error("--requests >= 2, --warmup >= 0, --steps >= 2, --queue-per-worker >= 0")
-    if any(n < 2 for n in args.pool_sizes) or any(f <= 0 for f in args.loads):
-        p.error("--pool-sizes must be >= 2 and --loads > 0")
+    if any(n < 2 for n in args.pool_sizes) or any(f <= 0 for f in args.loads) or args.lookahead < 1:
+        p.error("--pool-sizes must be >= 2, --loads > 0 and --lookahead >= 1")
     args.loads = sorted(args.loads)
     return args
 

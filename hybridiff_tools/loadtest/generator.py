@@ -71,6 +71,13 @@ class RequestRecord:
     mode_used: str = ""
     workers: list[str] = field(default_factory=list)
     elastic: list[str] = field(default_factory=list)  # the run's shrink / grow notes
+    # Where the request's denoising went, summed over its steps (each step's slowest worker):
+    # compute, control (between the coordinator and the workers) and the workers' waits for
+    # their next command; None for a failed request.
+    denoising_s: float | None = None
+    compute_s: float | None = None
+    control_s: float | None = None
+    command_wait_s: float | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -105,7 +112,25 @@ def summarize(records: list[RequestRecord], config: LoadConfig, wall: float) -> 
         else float("nan"),
         "errors": dict(Counter(r.code for r in counted if r.code != "OK")),
         "elastic_events": dict(Counter(n.split(" ", 1)[0] for r in counted for n in r.elastic)),
+        # completed requests by how they ran: on a pair throughout, alone throughout, or switched
+        "ran": dict(
+            Counter(
+                "switched" if r.elastic else {1: "alone", 2: "paired"}.get(len(r.workers), "unknown")
+                for r in counted
+                if r.code == "OK"
+            )
+        ),
+        **{
+            f"mean_{name}": _mean(getattr(r, name) for r in counted if r.code == "OK")
+            for name in ("queue_s", "denoising_s", "compute_s", "control_s", "command_wait_s")
+        },
     }
+
+
+def _mean(values) -> float:
+    """The mean of the values that are known (nan when none is)."""
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else float("nan")
 
 
 class LoadTest:
@@ -140,6 +165,8 @@ class LoadTest:
             record.mode_used = label(Mode(resp.stats.mode_used))
             record.workers = list(resp.stats.workers)
             record.elastic = [n for n in resp.stats.notes if n.startswith(("shrink", "grow"))]
+            if hasattr(resp.stats, "steps"):  # the gRPC API's stats (the HTTP API's carry no steps)
+                self._timings(record, resp.stats)
         except HybridiffError as exc:
             record.code = exc.code.name
         record.latency_s = time.perf_counter() - sent
@@ -147,6 +174,16 @@ class LoadTest:
             self.records.append(record)
         if self.on_done:
             self.on_done(record)
+
+    @staticmethod
+    def _timings(record: RequestRecord, stats: pb.GenerateStats) -> None:
+        steps = stats.steps
+        record.denoising_s = stats.denoising_seconds
+        record.compute_s = sum(s.critical_compute_seconds for s in steps)
+        record.control_s = sum(s.control_seconds for s in steps)
+        record.command_wait_s = sum(
+            max((w.command_wait_seconds for w in s.workers), default=0.0) for s in steps
+        )
 
     def _next_index(self) -> int | None:
         with self._lock:

@@ -5,6 +5,11 @@ For each policy and load point a fresh local cluster (each worker pinned to its 
 the benchmark) serves open-loop Poisson load at a fraction of the ``throughput`` policy's
 capacity, which is measured first: workers / the latency of one request alone on one worker.
 The same arrival seeds are used for every policy, so the policies see the same request stream.
+
+Closed loop (``--concurrency C [C ...]``): one point per concurrency instead, C clients each
+sending its next request when the last one ended (no capacity to measure first); the points of
+each policy alternate with the other policies' (C1 of every policy, then C2 ...), so a drift of
+the machine does not land on one policy.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hybridiff.client import DiffusionClient
-from hybridiff.protocol import Mode
+from hybridiff.protocol import Mode, label
 from hybridiff.v1 import diffusion_pb2 as pb
 from hybridiff_launch.local_cluster import LocalCluster
 from hybridiff_tools.bench.runner import bench_model_dir
@@ -42,6 +47,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[0.1, 0.4, 0.7, 1.0, 1.2],
         help="offered loads as fractions of the throughput policy's capacity",
     )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=None,
+        help="closed loop instead: one point per concurrency (clients, one request at a time each)",
+    )
+    p.add_argument(
+        "--slo-seconds",
+        type=float,
+        default=10.0,
+        help="closed loop: the latency objective in seconds (no capacity is measured for it)",
+    )
     p.add_argument("--duration", type=float, default=45.0, help="seconds of arrivals per load point")
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument(
@@ -54,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.duration <= 0 or any(f <= 0 for f in args.loads) or args.workers < 2 or args.steps < 1:
         p.error("--duration and --loads must be > 0, --workers >= 2, --steps >= 1")
+    if args.concurrency is not None and (min(args.concurrency) < 1 or not args.slo_seconds > 0):
+        p.error("--concurrency must be >= 1 and --slo-seconds > 0")
     return args
 
 
@@ -75,6 +95,31 @@ def _alone_latency(client: DiffusionClient, args: argparse.Namespace, mode: Mode
     return statistics.median(times) if times else 0.0
 
 
+# Each point's cluster first runs one request alone, one paired and one AUTO: the step costs its
+# policy weighs are known, and AUTO's once-per-size measurement of the stage cut is behind it.
+WARM_UP_MODES = (Mode.SINGLE, Mode.CFG_PARALLEL, Mode.AUTO)
+
+
+def _warm_up(client: DiffusionClient, args: argparse.Namespace, mode: Mode) -> dict:
+    """One request in ``mode`` on the idle cluster: its latency, its mode and its median step."""
+    request = pb.GenerateRequest(
+        prompt="a red circle on the left",
+        num_inference_steps=args.steps,
+        seed=1,
+        width=args.size,
+        height=args.size,
+        mode=mode,
+    )
+    start = time.perf_counter()
+    response = client.generate_request(request)
+    steps = [s.wall_seconds for s in response.stats.steps[1:]] or [0.0]
+    return {
+        "latency_s": time.perf_counter() - start,
+        "mode_used": label(Mode(response.stats.mode_used)),
+        "median_step_s": statistics.median(steps),
+    }
+
+
 def _point(
     policy: str,
     model_dir: str,
@@ -84,33 +129,54 @@ def _point(
     capacity: float,
     slo: float,
 ) -> dict:
-    """One load point on a fresh cluster (the coordinator's arrival-rate estimate and queue start
-    empty), warmed with one request alone and one paired so that its step costs are known."""
-    logs = args.out_dir / "logs" / f"{policy}-{int(fraction * 100)}"
+    """One open-loop load point (Poisson arrivals at ``fraction`` of ``capacity``)."""
+    load = {"rate": fraction * capacity, "arrival_seed": i}
+    summary = _run_point(policy, model_dir, args, i, f"{policy}-{int(fraction * 100)}", load, slo)
+    summary["load_fraction"] = fraction
+    return summary
+
+
+def _run_point(
+    policy: str, model_dir: str, args: argparse.Namespace, i: int, name: str, load: dict, slo: float
+) -> dict:
+    """One point on a fresh cluster (the coordinator's costs and queue start empty), warmed with
+    one request alone and one paired so that its step costs are known; its records in NAME.json."""
     with (
-        LocalCluster(model_dir, workers=args.workers, policy=policy, log_dir=logs) as cluster,
+        LocalCluster(
+            model_dir, workers=args.workers, policy=policy, log_dir=args.out_dir / "logs" / name
+        ) as cluster,
         DiffusionClient(cluster.address) as client,
     ):
-        _alone_latency(client, args, Mode.SINGLE, repeats=0)
-        _alone_latency(client, args, Mode.CFG_PARALLEL, repeats=0)
+        warmup = {label(mode): _warm_up(client, args, mode) for mode in WARM_UP_MODES}
         config = LoadConfig(
-            rate=fraction * capacity,
             duration=args.duration,
             steps=args.steps,
             width=args.size,
             height=args.size,
             slo=slo,
             seed_base=1000 * i,
-            arrival_seed=i,
             timeout=600.0,
+            **load,
         )
         test = LoadTest(client, config)
         summary = test.run()
-    summary["load_fraction"] = fraction
-    (args.out_dir / f"{policy}-{int(fraction * 100)}.json").write_text(
-        json.dumps(test.report(summary), indent=2)
-    )
+    summary["policy"] = policy
+    summary["warmup"] = warmup
+    (args.out_dir / f"{name}.json").write_text(json.dumps(test.report(summary), indent=2))
     return summary
+
+
+def closed_loop(model_dir: str, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every policy at every concurrency, the policies alternating point by point."""
+    results: dict[str, list[dict]] = {p: [] for p in args.policies}
+    points = [(i, c, p) for i, c in enumerate(args.concurrency) for p in args.policies]
+    for i, clients, policy in tqdm(points, desc="closed loop", unit="point"):
+        load = {"concurrency": clients}
+        summary = _run_point(policy, model_dir, args, i, f"{policy}-c{clients}", load, args.slo_seconds)
+        summary["concurrency"] = clients
+        results[policy].append(summary)
+        print(_line(policy, summary), file=sys.stderr, flush=True)
+    return results
 
 
 def sweep_policy(
@@ -133,10 +199,17 @@ def sweep_policy(
 
 
 def _line(policy: str, s: dict) -> str:
+    point = (
+        f"load {s['load_fraction'] * 100:4.0f}%"
+        if "load_fraction" in s
+        else f"concurrency {s['concurrency']}"
+    )
     return (
-        f"{policy:10s} load {s['load_fraction'] * 100:4.0f}%: p50 {s['p50_s']:.2f}s p95 {s['p95_s']:.2f}s "
+        f"{policy:10s} {point}: {s['completed']} done, p50 {s['p50_s']:.2f}s p95 {s['p95_s']:.2f}s "
         f"mean {s['mean_s']:.2f}s {s['throughput_rps']:.3f} req/s "
-        f"SLO {s['slo_attainment'] * 100:.0f}% elastic {s['elastic_events']}"
+        f"SLO {s['slo_attainment'] * 100:.0f}% elastic {s['elastic_events']} ran {s['ran']}; per request: "
+        f"denoising {s['mean_denoising_s']:.2f}s, control {s['mean_control_s']:.3f}s, "
+        f"command waits {s['mean_command_wait_s']:.3f}s"
     )
 
 
@@ -144,6 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_dir = str(args.model_dir or bench_model_dir())
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.concurrency is not None:
+        started = time.perf_counter()
+        report = {
+            "workers": args.workers,
+            "steps": args.steps,
+            "size": args.size,
+            "duration_s": args.duration,
+            "concurrency": args.concurrency,
+            "slo_s": args.slo_seconds,
+            "policies": closed_loop(model_dir, args),
+            "wall_s": time.perf_counter() - started,
+        }
+        out = args.out_dir / f"closed_loop-c{'-'.join(map(str, args.concurrency))}.json"
+        out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+        return 0
     order = ["throughput"] + [p for p in args.policies if p != "throughput"]  # capacity comes first
     capacity, baseline, results, started = None, {}, {}, time.perf_counter()
     for policy in order:

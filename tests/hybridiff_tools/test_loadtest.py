@@ -74,6 +74,25 @@ def test_percentiles_and_summary_add_up():
     assert (s["requests"], s["completed"], s["errors"]) == (3, 2, {"RESOURCE_EXHAUSTED": 1})
     assert s["p50_s"] == 2.0 and s["throughput_rps"] == pytest.approx(0.5)
     assert s["slo_attainment"] == pytest.approx(1 / 3)  # a refused request misses the SLO
+    assert s["ran"] == {"unknown": 2} and s["mean_control_s"] != s["mean_control_s"]  # no step timings: nan
+
+
+def test_the_summary_says_where_the_denoising_went():
+    def done(index, workers, control, elastic=()):
+        return RequestRecord(
+            index, float(index), 2.0, "OK", warmup=False, workers=workers, elastic=list(elastic),
+            denoising_s=1.5, compute_s=1.2, control_s=control, command_wait_s=control / 2,
+        )  # fmt: skip
+
+    records = [
+        done(0, ["u", "c"], 0.2),
+        done(1, ["u"], 0.4),
+        done(2, ["u", "c"], 0.3, ["shrink at step 4: u, c -> u"]),
+    ]
+    s = summarize(records, LoadConfig(concurrency=2, duration=4), wall=4.0)
+    assert s["ran"] == {"paired": 1, "alone": 1, "switched": 1} and s["elastic_events"] == {"shrink": 1}
+    assert s["mean_control_s"] == pytest.approx(0.3) and s["mean_command_wait_s"] == pytest.approx(0.15)
+    assert s["mean_denoising_s"] == pytest.approx(1.5) and s["mean_compute_s"] == pytest.approx(1.2)
 
 
 def test_open_and_closed_loop_against_a_live_cluster(sdxl_cluster, tmp_path):

@@ -37,7 +37,7 @@ def test_two_requests_together_on_two_workers_each_policy():
     A's step 0 (1.25 s) the rule says shrink; step 1 is in flight, so the shrink happens when it
     completes (2.25 s): B starts on worker C, A begins again alone (2.5 s) and runs steps 2 and 3
     at 1.5 s (done 5.5 s); B: 2.25 + 0.25 + 4 x 1.5 = 8.5 s, no grow (A frees its worker at
-    B's step-1 boundary, after B decided; one step left at the next does not pay 2 switches)."""
+    B's step-1 boundary, after B decided; at the next, B's last step is in flight already)."""
     dev = toy(steps=4, switch=0.25)
     expected = {
         Policy.ADAPTIVE: [(0.0, 5.5, 2, 1, 0, 2), (2.25, 8.5, 1, 0, 0, 0)],
@@ -67,11 +67,12 @@ def test_every_boundary_decision_goes_through_the_service_rule(monkeypatch):
     # steps 0, 1 and 2. A and B run in step since the shrink: at equal times B's event comes first
     # (it was scheduled first, when A's worker C passed to it), so A still holds U at B's step 1.
     assert calls == [
-        (True, 0, 1, 3, "shrink"),  # A, step 0 (1.25 s)
-        (False, 0, 0, 3, "keep"),  # B, step 0 (4.0 s)
-        (False, 0, 0, 1, "keep"),  # A, step 2 (4.0 s)
-        (False, 0, 0, 2, "keep"),  # B, step 1 (5.5 s)
-        (False, 1, 0, 1, "keep"),  # B, step 2 (7.0 s): one step left does not pay 2 switches
+        # steps_left: the steps after the one in flight (a change takes effect after it)
+        (True, 0, 1, 2, "shrink"),  # A, step 0 (1.25 s)
+        (False, 0, 0, 2, "keep"),  # B, step 0 (4.0 s)
+        (False, 0, 0, 0, "keep"),  # A, step 2 (4.0 s)
+        (False, 0, 0, 1, "keep"),  # B, step 1 (5.5 s)
+        (False, 1, 0, 0, "keep"),  # B, step 2 (7.0 s): the last step is in flight, nothing to gain
     ]
     assert sim.events == {"shrink": 1, "grow": 0}
 
@@ -79,7 +80,7 @@ def test_every_boundary_decision_goes_through_the_service_rule(monkeypatch):
 def test_a_lone_request_grows_when_a_worker_frees():
     """3 workers, 8 steps, a begin 0.1 s: A takes a pair (done 0.1 + 8 = 8.1 s), B the last
     worker alone. B's boundaries: step 4 at 7.6 s (nothing idle), step 5 at 9.1 s: two idle,
-    nothing waits, 2 steps left x 0.5 s > 2 x 0.1 s: grow, applied after step 6 (10.6 s); a
+    nothing waits, step 7 after the one in flight: 0.5 s > 2 x 0.1 s: grow, applied after step 6 (10.6 s); a
     new begin (10.7 s) and step 7 as a pair: done 11.7 s."""
     sim = PoolSim(toy(steps=8, switch=0.1), Policy.ADAPTIVE, workers=3)
     assert timeline(sim.run([0.0, 0.0])) == [(0.0, 8.1, 2, 0, 0, 8), (0.0, 11.7, 1, 0, 1, 1)]
