@@ -183,6 +183,7 @@ def _run(venv: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=_clean_env(), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow(reason="builds a venv and installs the light package into it: ~23 s")
 def test_light_install_has_no_torch_and_its_client_works(light_venv, sdxl_cluster, tmp_path):
     missing = _run(light_venv, ["python", "-c", "import torch"], tmp_path)
     assert missing.returncode != 0 and "No module named 'torch'" in missing.stderr
