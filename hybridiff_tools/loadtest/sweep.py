@@ -77,8 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _alone_latency(client: DiffusionClient, args: argparse.Namespace, mode: Mode, repeats: int = 3) -> float:
-    request = pb.GenerateRequest(
+def _probe_request(args: argparse.Namespace, mode: Mode) -> pb.GenerateRequest:
+    """The request a point's cluster is measured and warmed with, alone."""
+    return pb.GenerateRequest(
         prompt="a red circle on the left",
         num_inference_steps=args.steps,
         seed=1,
@@ -86,6 +87,10 @@ def _alone_latency(client: DiffusionClient, args: argparse.Namespace, mode: Mode
         height=args.size,
         mode=mode,
     )
+
+
+def _alone_latency(client: DiffusionClient, args: argparse.Namespace, mode: Mode, repeats: int = 3) -> float:
+    request = _probe_request(args, mode)
     client.generate_request(request)  # warm-up
     times = []
     for _ in range(repeats):
@@ -102,14 +107,7 @@ WARM_UP_MODES = (Mode.SINGLE, Mode.CFG_PARALLEL, Mode.AUTO)
 
 def _warm_up(client: DiffusionClient, args: argparse.Namespace, mode: Mode) -> dict:
     """One request in ``mode`` on the idle cluster: its latency, its mode and its median step."""
-    request = pb.GenerateRequest(
-        prompt="a red circle on the left",
-        num_inference_steps=args.steps,
-        seed=1,
-        width=args.size,
-        height=args.size,
-        mode=mode,
-    )
+    request = _probe_request(args, mode)
     start = time.perf_counter()
     response = client.generate_request(request)
     steps = [s.wall_seconds for s in response.stats.steps[1:]] or [0.0]
