@@ -45,7 +45,6 @@ WINDOW_BATCH = {
     WindowGuidance.EXTRAPOLATED_DIFFERENCE: 1,
 }
 POLICIES = tuple(WINDOW_BATCH)  # in order of preference on a tie
-FULL_CFG = WindowGuidance.FULL_CFG
 CALIBRATED = "measured costs and calibration"
 UNCALIBRATED = "no calibration: HYBRID as before"
 
@@ -189,8 +188,9 @@ def candidates(
     # where the latents still change fast, which the windows' lengths, opened later, do not
     # predict (BENCHMARKS, the calibration of the default model).
     pipelined = num_steps - min(max(1, PIPELINE_WARMUP_STEPS), num_steps)
-    if k is None and FULL_CFG in policies and pipelined > 0 and calibration.pipeline_allowed():
-        out.append(Schedule(Mode.PIPELINE, FULL_CFG, 0, pipelined))
+    full = WindowGuidance.FULL_CFG
+    if k is None and full in policies and pipelined > 0 and calibration.pipeline_allowed():
+        out.append(Schedule(Mode.PIPELINE, full, 0, pipelined))
     return out
 
 

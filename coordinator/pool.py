@@ -318,17 +318,14 @@ class WorkerPool:
         """One probe: health SERVING, no session running, still compatible. (info, "") when
         good, (None, why) when not."""
         timeout = self.health.probe_timeout
+        # The same rule as the idle watch: a Check refused for want of an open slot is an answer
+        # (Info, below, runs in slots of its own).
+        why = _not_serving(
+            entry.health.Check.future(health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout)
+        )
+        if why:
+            return None, f"health {why}"
         try:
-            try:
-                status = entry.health.Check(
-                    health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=timeout
-                ).status
-            except grpc.RpcError as err:
-                if not _answered_busy(err):
-                    raise
-                status = health_pb2.HealthCheckResponse.SERVING  # Info, below, runs in slots of its own
-            if status != health_pb2.HealthCheckResponse.SERVING:
-                return None, f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
             info = entry.ask_info(timeout)
         except grpc.RpcError as err:
             return None, f"{err.code().name}"
