@@ -13,6 +13,7 @@ each policy keeps above the floor follows from it (``Calibration.max_window``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from hybridiff_tools.bench.frontier import (
     GENERIC_PROMPTS,
     Case,
     Generate,
+    Measurement,
     default_lengths,
     measure,
     parse_lengths,
@@ -74,6 +76,13 @@ def calibrate(
         on_image=on_image,
         pipeline=True,
     )
+    return calibration_from(measured, floor_db, command)
+
+
+def calibration_from(
+    measured: Measurement, floor_db: float = QUALITY_FLOOR_DB, command: str = ""
+) -> Calibration:
+    """The record of a measurement: per policy and length the worst image's PSNR, and PIPELINE's."""
     policies = {
         parse(WindowGuidance, name): PolicyCalibration(psnr) for name, psnr in worst_psnr(measured).items()
     }
@@ -85,11 +94,11 @@ def calibrate(
     }
     return Calibration(
         floor_db=floor_db,
-        num_steps=steps,
-        guidance_scale=guidance,
+        num_steps=measured.steps,
+        guidance_scale=measured.guidance,
         policies=policies,
-        prompts=len({c.prompt for c in cases}),
-        seeds=len({c.seed for c in cases}),
+        prompts=len({p for p, _ in measured.exact}),
+        seeds=len({s for _, s in measured.exact}),
         extra=extra,
         pipeline_db=worst_pipeline_psnr(measured),
     )
@@ -129,6 +138,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="default: the model's default guidance")
     p.add_argument("--floor-db", type=float, default=QUALITY_FLOOR_DB)
     p.add_argument("--dry-run", action="store_true", help="print the calibration, do not write it")
+    p.add_argument(
+        "--from-frontier",
+        type=Path,
+        default=None,
+        help="record the measurement of a `hybridiff frontier` run (its frontier.json) instead of measuring",
+    )
     args = p.parse_args(argv)
     if not 1 <= args.seeds <= len(EVAL_SEEDS) or args.prompts < 1:
         p.error(f"--seeds must be 1..{len(EVAL_SEEDS)} and --prompts >= 1")
@@ -145,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.from_frontier:
+        return record_frontier(model_dir, args, argv)
     held_out = model_dir.resolve() == default_model_dir().resolve()
     cases = calibration_cases(held_out, args.prompts, args.seeds)
     engine = InProcessEngine(model_dir, variant=args.variant)
@@ -172,6 +189,29 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         path = write_calibration(model_dir, calibration)
         print(f"wrote the calibration into {path} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+def record_frontier(model_dir: Path, args: argparse.Namespace, argv: list[str]) -> int:
+    """``--from-frontier``: a frontier run of this model (PIPELINE measured) as its calibration."""
+    document = json.loads(args.from_frontier.read_text())
+    if Path(document["model_dir"]).resolve() != model_dir.resolve():
+        print(
+            f"error: {args.from_frontier} measured {document['model_dir']}, not {model_dir}", file=sys.stderr
+        )
+        return 2
+    measured = Measurement.from_json(document["raw"])
+    if worst_pipeline_psnr(measured) is None:
+        print(
+            f"error: {args.from_frontier} has no PIPELINE images (a frontier run before they were kept)",
+            file=sys.stderr,
+        )
+        return 2
+    command = f"{document['command']}, recorded by hybridiff calibrate " + " ".join(argv)
+    calibration = calibration_from(measured, args.floor_db, command)
+    print(format_calibration(calibration))
+    if not args.dry_run:
+        print(f"wrote the calibration into {write_calibration(model_dir, calibration)}")
     return 0
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.schedule import PIPELINE_WARMUP_STEPS
 from hybridiff.protocol import REFRESHING_POLICIES, Mode, Phase, WindowGuidance, label
 from hybridiff.request import request_from_names
 from hybridiff.v1 import diffusion_pb2 as pb
@@ -156,6 +157,16 @@ class Measurement:
             "images": [vars(i) for i in self.images],
         }
 
+    @classmethod
+    def from_json(cls, raw: dict) -> Measurement:
+        """The measurement ``to_json`` wrote (a saved or partial ``frontier.json``'s ``raw``)."""
+        exact = {
+            (r["prompt"], r["seed"]): {k: v for k, v in r.items() if k not in ("prompt", "seed")}
+            for r in raw["references"]
+        }
+        images = [ScoredImage(**im) for im in raw["images"]]
+        return cls(raw["steps"], raw["guidance"], list(raw["lengths"]), images, exact)
+
 
 def measure(
     generate: Generate,
@@ -168,12 +179,21 @@ def measure(
     on_image: Callable[[str], None] = lambda _: None,
     deadline: float | None = None,
     pipeline: bool = False,
+    done: Measurement | None = None,
+    on_case: Callable[[Measurement], None] = lambda _: None,
 ) -> Measurement:
     """Every policy at every window length on every case, scored against exact CFG (and PIPELINE
     when ``pipeline``); with a ``deadline`` (``time.monotonic()``), no case starts after it (the
-    cases done are kept)."""
+    cases done are kept). ``done``: an earlier partial run of the same settings, whose cases are
+    kept and not run again; ``on_case`` sees the measurement after each case (to save it)."""
     out = Measurement(steps, guidance, list(lengths))
+    if done is not None:
+        if (done.steps, done.guidance, sorted(done.lengths)) != (steps, guidance, sorted(lengths)):
+            raise ValueError("the partial run to resume was measured with other steps, guidance or lengths")
+        out.images, out.exact = list(done.images), dict(done.exact)
     for case in cases:
+        if (case.prompt, case.seed) in out.exact:
+            continue
         if deadline is not None and time.monotonic() > deadline:
             break
 
@@ -194,13 +214,16 @@ def measure(
         if pipeline:
             stale = generate(request(Mode.PIPELINE))
             reference["pipeline_psnr_db"] = min(psnr(stale.png, exact.png), IDENTICAL_DB)
+            reference["pipeline_ssim"] = ssim(stale.png, exact.png)
+            reference["pipeline_adheres"] = case.check(stale.png) if case.check else None
+            reference["pipeline_denoise"] = stale.denoise
             on_image("pipeline")
-        out.exact[(case.prompt, case.seed)] = reference
+        images = []
         for policy in window_policies or policies():
             for k in lengths:
                 run = generate(request(Mode.HYBRID, window_guidance=policy, hybrid={"k": k}))
                 db = psnr(run.png, exact.png)
-                out.images.append(
+                images.append(
                     ScoredImage(
                         prompt=case.prompt,
                         seed=case.seed,
@@ -218,6 +241,9 @@ def measure(
                     )
                 )
                 on_image(f"{label(policy)} k={k}")
+        out.exact[(case.prompt, case.seed)] = reference  # a case counts once every image of it is in
+        out.images.extend(images)
+        on_case(out)
     return out
 
 
@@ -285,8 +311,8 @@ def predicted_speedups(
     refresh_every: int = 0,
 ) -> dict[str, float]:
     """Predicted speedup over SINGLE of HYBRID (this window; ``refresh_every``: a refreshing
-    policy's period) and of CFG_PARALLEL on ``device``: the one place this tool calls the schedule
-    model."""
+    policy's period), of CFG_PARALLEL and of PIPELINE on ``device``: the one place this tool calls
+    the schedule model."""
     schedule = perfmodel.ScheduleParams(
         num_steps=steps,
         tau1=tau1,
@@ -296,7 +322,10 @@ def predicted_speedups(
         refresh_every=refresh_every,
     )
     modes = perfmodel.predict_modes(device.compute, device.tensors, device.link, schedule)
-    return {mode: modes[mode]["speedup"] for mode in (label(Mode.HYBRID), label(Mode.CFG_PARALLEL))}
+    return {
+        mode: modes[mode]["speedup"]
+        for mode in (label(Mode.HYBRID), label(Mode.CFG_PARALLEL), label(Mode.PIPELINE))
+    }
 
 
 # --- the frontier -----------------------------------------------------------------------
@@ -352,7 +381,28 @@ def frontier(measurement: Measurement, devices: list[DeviceCosts]) -> dict:
     checked = [r["adheres"] for r in refs.values() if r["adheres"] is not None]
     out["reference"]["cfg_parallel_adherence"] = statistics.fmean(checked) if checked else None
     out["reference"]["tau1"] = sorted({im.tau1 for im in decided})
+    stale = [r for r in refs.values() if "pipeline_psnr_db" in r]
+    if stale:
+        out["pipeline"] = _pipeline_row(stale, decided, devices, predict, single)
     return out
+
+
+def _pipeline_row(stale: list[dict], decided: list[ScoredImage], devices, predict, single) -> dict:
+    """PIPELINE (full-cfg from its warm-up steps to the end; no tau1) in a policy row's form."""
+    adheres = [r["pipeline_adheres"] for r in stale if r.get("pipeline_adheres") is not None]
+    row = {
+        "psnr_db_mean": statistics.fmean(r["pipeline_psnr_db"] for r in stale),
+        "psnr_db_min": min(r["pipeline_psnr_db"] for r in stale),
+        "ssim_mean": statistics.fmean(r.get("pipeline_ssim", math.nan) for r in stale),
+        "adherence": statistics.fmean(adheres) if adheres else None,
+        "images": len(stale),
+        # its phases do not depend on tau1: any decided image's schedule prices it
+        "predicted_speedup": {d.name: predict(d, decided[0])["pipeline"] for d in devices if decided},
+    }
+    timed = [r["pipeline_denoise"] for r in stale if "pipeline_denoise" in r]
+    if single and timed:
+        row["cpu_speedup"] = statistics.fmean(single) / statistics.fmean(timed)
+    return row
 
 
 def format_table(result: dict, devices: list[str], lengths_label: Callable[[int], str] = str) -> str:
@@ -375,6 +425,20 @@ def format_table(result: dict, devices: list[str], lengths_label: Callable[[int]
             if cpu:
                 cells.append(f"{r['cpu_speedup']:.2f}x")
             lines.append("| " + " | ".join(cells) + " |")
+    if "pipeline" in result:
+        r = result["pipeline"]
+        cells = [
+            "PIPELINE (mode)",
+            "-",
+            f"{result['steps'] - PIPELINE_WARMUP_STEPS}",
+            f"{_db(r['psnr_db_mean'])} / {_db(r['psnr_db_min'])}",
+            f"{r['ssim_mean']:.4f}",
+            "-" if r["adherence"] is None else f"{r['adherence']:.0%}",
+        ]
+        cells += [f"{r['predicted_speedup'].get(d, math.nan):.2f}x" for d in devices]
+        if cpu:
+            cells.append(f"{r['cpu_speedup']:.2f}x" if "cpu_speedup" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

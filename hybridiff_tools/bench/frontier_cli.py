@@ -29,6 +29,7 @@ from hybridiff_tools.bench.frontier import (
     Case,
     DeviceCosts,
     Generate,
+    Measurement,
     batch_linear,
     format_table,
     frontier,
@@ -79,6 +80,8 @@ def cluster_generate(client: DiffusionClient, timeout: float) -> Generate:
 
 
 def run_on_cluster(model_dir: Path, log_dir: Path, cases: list[Case], bar: tqdm, **kwargs):
+    if all((c.prompt, c.seed) in getattr(kwargs.get("done"), "exact", ()) for c in cases):
+        return kwargs["done"]  # resumed with every case in: no cluster to start
     with LocalCluster(model_dir, workers=2, log_dir=log_dir) as cluster:
         client = DiffusionClient(cluster.address)
         try:
@@ -100,7 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument(
-        "--lengths", default="2,4,6,8,10,13,16,all", help="window lengths k; all: every step after tau1"
+        "--lengths",
+        default="1,2,4,6,8,10,13,16,all",
+        help="window lengths k; all: every step after tau1 (the default: calibrate's ladder at 30 steps)",
     )
     p.add_argument("--policies", default=None, help="comma-separated window policies (default: every one)")
     p.add_argument(
@@ -117,6 +122,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out-dir", type=Path, default=Path("docs/benchmarks/frontier"))
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the cases of OUT_DIR/frontier.partial.json (saved after every case) and run the rest",
+    )
     p.add_argument(
         "--from-json", type=Path, default=None, help="redraw the plots and tables of a saved frontier.json"
     )
@@ -143,10 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     lengths = parse_lengths(args.lengths, args.steps)
     tiny_cases = generic_cases(2, args.tiny_sd3_seeds) if args.tiny_sd3_seeds else []
     tiny_lengths = parse_lengths(args.tiny_sd3_lengths, 50)
-    total = len(cases) * (2 + len(window_policies) * len(lengths))
+    total = len(cases) * (3 + len(window_policies) * len(lengths))
     total += len(tiny_cases) * (1 + len(window_policies) * len(tiny_lengths))
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    partial = args.out_dir / "frontier.partial.json"
+    done = (
+        Measurement.from_json(json.loads(partial.read_text())) if args.resume and partial.is_file() else None
+    )
     bar = tqdm(total=total, unit="image", disable=args.quiet, desc="frontier")
+    if done is not None:
+        bar.update(
+            sum(1 for c in cases if (c.prompt, c.seed) in done.exact)
+            * (3 + len(window_policies) * len(lengths))
+        )
     try:
         measured = run_on_cluster(
             Path(model_dir),
@@ -158,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             guidance=args.guidance,
             window_policies=window_policies,
             deadline=None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes,
+            pipeline=True,
+            done=done,
+            on_case=lambda m: partial.write_text(json.dumps(m.to_json()) + "\n"),
         )
         tiny = None
         if tiny_cases:
@@ -203,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         record["tiny_sd3"] = {"frontier": frontier(tiny, []), "raw": tiny.to_json()}
     record["wall_seconds"] = time.perf_counter() - started
     (args.out_dir / "frontier.json").write_text(json.dumps(record, indent=1) + "\n")
+    partial.unlink(missing_ok=True)
     report(record, args.out_dir)
     print(f"wrote {args.out_dir / 'frontier.json'} and frontier_*.png ({record['wall_seconds']:.0f}s)")
     return 0

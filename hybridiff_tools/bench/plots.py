@@ -133,6 +133,13 @@ def frontier(result: dict, device: str, path: Path, title: str) -> None:
                 xytext=(4, 3),
                 fontsize=7,
             )
+    stale = result.get("pipeline")
+    if stale:
+        x = stale.get("cpu_speedup") if device == "cpu" else stale["predicted_speedup"].get(device)
+        if x:
+            ax.plot(
+                [x], [stale["psnr_db_mean"]], marker="*", ms=11, ls="none", color="k", label="PIPELINE (mode)"
+            )
     ref = result["reference"]
     exact = (
         ref.get("cpu_cfg_parallel_speedup")

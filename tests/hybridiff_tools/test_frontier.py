@@ -101,3 +101,82 @@ def test_a_refreshing_run_is_priced_with_its_refresh_fills():
     last = predicted_speedups(device, 30, 12, "slope", k=10, window_batch=1)
     refreshed = predicted_speedups(device, 30, 12, "slope", k=10, window_batch=1, refresh_every=3)
     assert last["cfg-parallel"] < refreshed["hybrid"] < last["hybrid"]
+
+
+def _png(level: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (level, level, level)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _fake_generate(calls: list):
+    """A generator whose HYBRID image strays from exact CFG by the window's length, and PIPELINE's
+    by a fixed amount; every request is recorded in ``calls``."""
+    from hybridiff.protocol import Mode
+    from hybridiff_tools.bench.frontier import Run
+
+    def generate(request):
+        calls.append((request.prompt, request.seed, request.mode))
+        level = 100 + {Mode.HYBRID: request.hybrid.k, Mode.PIPELINE: 3}.get(request.mode, 0)
+        return Run(_png(level), 10, "slope", 2, 1, 1.0)
+
+    return generate
+
+
+def test_a_frontier_resumes_the_cases_a_partial_run_saved():
+    from hybridiff.protocol import WindowGuidance
+    from hybridiff_tools.bench.frontier import Case, measure
+
+    cases = [Case("a", 1), Case("b", 1), Case("a", 2)]
+    settings = dict(lengths=[1, 2], steps=30, guidance=5.0, window_policies=[WindowGuidance.CONDITIONAL])
+    saved = []
+    first_calls: list = []
+    full = measure(
+        _fake_generate(first_calls),
+        cases,
+        pipeline=True,
+        on_case=lambda m: saved.append(m.to_json()),
+        **settings,
+    )
+    assert len(saved) == 3 and len(saved[0]["images"]) == 2  # saved after each case, whole cases only
+
+    partial = Measurement.from_json(saved[0])
+    calls: list = []
+    resumed = measure(_fake_generate(calls), cases, pipeline=True, done=partial, **settings)
+    assert {(p, s) for p, s, _ in calls} == {("b", 1), ("a", 2)}  # the saved case is not run again
+    assert resumed.to_json() == full.to_json()
+    with pytest.raises(ValueError, match="other steps"):
+        measure(_fake_generate([]), cases, done=partial, **{**settings, "lengths": [1, 4]})
+
+
+def test_pipeline_is_a_row_of_the_frontier_with_its_own_quality_and_predicted_speed():
+    from hybridiff.protocol import WindowGuidance
+    from hybridiff_tools.bench.frontier import Case, format_table, frontier, measure
+
+    measured = measure(
+        _fake_generate([]),
+        [Case("a", 1), Case("b", 1)],
+        lengths=[2],
+        steps=30,
+        guidance=5.0,
+        window_policies=[WindowGuidance.CONDITIONAL],
+        pipeline=True,
+    )
+    device = profile_device(PROFILE, "h200")
+    result = frontier(measured, [device])
+    row = result["pipeline"]
+    assert row["images"] == 2 and row["psnr_db_min"] == pytest.approx(psnr_of_levels(100, 103))
+    assert row["predicted_speedup"]["h200"] == pytest.approx(
+        predicted_speedups(device, 30, 10, "slope", 2, 1)["pipeline"]
+    )
+    assert "| PIPELINE (mode) | - | 27 |" in format_table(result, ["h200"])
+
+
+def psnr_of_levels(a: int, b: int) -> float:
+    import math
+
+    return 10 * math.log10(255**2 / (a - b) ** 2)
