@@ -179,6 +179,10 @@ class LocalCluster:
         """The log of process ``name`` ("worker0", ..., "coordinator")."""
         return self.log_dir / f"{name}.log"
 
+    def process_name(self, pid: int) -> str:
+        """The name of the cluster's process ``pid`` (its log file's stem: coordinator, worker-0 ...)."""
+        return self._names.get(pid, str(pid))
+
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         # A process started again replaces its dead predecessor (a start-up check sees the live one).
         self.procs = [p for p in self.procs if self._names.get(p.pid) != name or p.poll() is None]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -157,11 +158,33 @@ def _run_point(
             **load,
         )
         test = LoadTest(client, config)
+        before = cluster_cpu_seconds(cluster)
         summary = test.run()
+        used = cluster_cpu_seconds(cluster)
+    done = max(summary["completed"], 1)
+    # CPU each process spent per request (user + system): on 2 cores shared by the workers, the
+    # coordinator and this client, what the others spend is taken from the workers' forwards.
+    summary["cpu_s_per_request"] = {
+        name: round((used[name] - before.get(name, 0.0)) / done, 4) for name in used
+    }
     summary["policy"] = policy
     summary["warmup"] = warmup
     (args.out_dir / f"{name}.json").write_text(json.dumps(test.report(summary), indent=2))
     return summary
+
+
+def cluster_cpu_seconds(cluster: LocalCluster) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each of the cluster's processes by name, and of this
+    load client's."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"load-client": sum(os.times()[:2])}
+    for proc in cluster.procs:
+        try:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone (a killed worker); its seconds are not counted
+            continue
+        out[cluster.process_name(proc.pid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
 
 
 def closed_loop(model_dir: str, args: argparse.Namespace) -> dict[str, list[dict]]:
@@ -207,7 +230,8 @@ def _line(policy: str, s: dict) -> str:
         f"mean {s['mean_s']:.2f}s {s['throughput_rps']:.3f} req/s "
         f"SLO {s['slo_attainment'] * 100:.0f}% elastic {s['elastic_events']} ran {s['ran']}; per request: "
         f"denoising {s['mean_denoising_s']:.2f}s, control {s['mean_control_s']:.3f}s, "
-        f"command waits {s['mean_command_wait_s']:.3f}s"
+        f"command waits {s['mean_command_wait_s']:.3f}s; CPU s "
+        + ", ".join(f"{name} {sec:.3f}" for name, sec in s.get("cpu_s_per_request", {}).items())
     )
 
 
