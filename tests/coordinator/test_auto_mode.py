@@ -260,3 +260,42 @@ def test_the_cost_book_takes_a_refreshing_request_s_steps():
     book.observe(key, [step(Phase.DATA_PARALLEL, 0.1)] * 2 + window + [step(Phase.DATA_PARALLEL, 0.1)], RD)
     # the steady steps at 0.06 against the slower batch-1 stage's 0.05 move them half-way (x 1.1)
     assert book.costs(key).compute.stages_b1.stage2 == pytest.approx(0.055)
+
+
+def eager_costs(arch: str = "sdxl") -> DeviceCosts:
+    """The eager H200 profile's costs (a batch of 2 costs about 1.06 batches of 1)."""
+    doc = json.loads((ROOT / "docs/benchmarks/gpu_profile_h200_fp16.json").read_text())
+    return predict_profile_costs(doc, arch)
+
+
+def batch_linear_costs(costs: DeviceCosts) -> DeviceCosts:
+    """The same device if a batch of 2 cost two batches of 1 (the paper's GPU's economics)."""
+    ct = costs.compute
+    b1 = ct.stages_b1
+    b2 = StageTimes(2 * b1.stage1, 2 * b1.stage2, 2 * b1.pre, 2 * b1.post)
+    return replace(
+        costs, compute=ComputeTimes(ct.topology, ct.forward_b1, 2 * ct.forward_b1, b1, b2, ct.update)
+    )
+
+
+def test_the_shipped_calibration_runs_window_steps_at_the_batch_each_device_favours():
+    """The embedded default model's calibration, SDXL's hybrid defaults at 50 steps. Where a batch
+    of 2 is nearly free (H200 eager) the window carries both branches (FULL_CFG, batch 2); where it
+    costs two batches of 1 (the same device made batch-linear, the doubling device, the CPU stand-in)
+    the window steps run at batch 1. With CUDA graphs (b2/b1 1.57) a batch-1 refreshed window, one
+    data-parallel refresh every 5 steps, prices below the batch-2 window and is above the floor on
+    this model: AUTO takes it, and FULL_CFG's own best would be slower."""
+    from hybridiff.calibration import read_calibration
+
+    shipped = read_calibration(ROOT / "models/shapes-sdxl")
+    eager = choose(eager_costs(), shipped, 50, DEFAULTS)
+    assert eager.schedule.window_guidance == FULL and eager.schedule.window_steps > 10
+    assert eager.speedup_vs_cfg_parallel > 1
+    for costs in (batch_linear_costs(eager_costs()), doubling_costs(), cpu_standin_costs()):
+        choice = choose(costs, shipped, 50, DEFAULTS)
+        assert choice.mode == Mode.HYBRID and choice.schedule.window_guidance != FULL
+        assert choice.speedup_vs_cfg_parallel > 1 and calibrated(choice)
+    graphs = choose(profile_costs("sdxl"), shipped, 50, DEFAULTS)
+    best_full = choose(profile_costs("sdxl"), shipped, 50, DEFAULTS, window_guidance=FULL)
+    assert graphs.schedule.window_guidance in (RD, XD) and graphs.schedule.refresh_every > 0
+    assert graphs.predicted_seconds < best_full.predicted_seconds
