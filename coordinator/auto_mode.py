@@ -12,8 +12,12 @@ step may carry both branches (FULL_CFG) for about the price of one, and a long F
 beats a short batch-1 one.
 
 HYBRID's window opens where the rel-MAE curve settles, known only while the request runs: the
-prediction opens it at the request's ``tau_cap`` (the latest it opens), so a window is priced at
-``k + 1`` steps, the most it runs. Pure: no clock, no I/O.
+prediction opens it where the slope rule opened it on the calibration's images (their median
+tau1, scaled to the request's steps; ``Calibration.expected_tau1``), or at the request's
+``tau_cap`` (the latest it opens) where none is recorded. The calibration bounds ``k`` itself
+(what it measured, wherever tau1 fell), so a window that reaches the last step from the expected
+opening is given the longest ``k`` the calibration allows: a request whose curve settles earlier
+then runs the longer window it was measured at, not one cut short. Pure: no clock, no I/O.
 
 The refreshing policies (REFRESHED_DIFFERENCE, EXTRAPOLATED_DIFFERENCE) are HYBRID windows whose
 every ``refresh_every``-th step, from the first, is a data-parallel fill (the CFG batch split,
@@ -129,11 +133,9 @@ class AutoChoice:
 
 @functools.lru_cache(maxsize=4096)
 def _phases(
-    mode: Mode, num_steps: int, tau1: int, k: int, warmup: int, refresh_every: int
+    mode: Mode, num_steps: int, tau1: int, k: int, warmup: int, refresh_every: int, source: str
 ) -> tuple[Phase, ...]:
-    params = ScheduleParams(
-        num_steps, tau1, k, "tau_cap", pipeline_warmup=warmup, refresh_every=refresh_every
-    )
+    params = ScheduleParams(num_steps, tau1, k, source, pipeline_warmup=warmup, refresh_every=refresh_every)
     return tuple(params.phases(mode))
 
 
@@ -145,11 +147,14 @@ def _seconds(costs: DeviceCosts, phases: tuple[Phase, ...], window_batch: int, r
     return replay.latency
 
 
-def predict(costs: DeviceCosts, schedule: Schedule, num_steps: int, tau_cap: int) -> float:
-    """Predicted denoising seconds of ``schedule`` for a request of ``num_steps`` steps."""
+def predict(
+    costs: DeviceCosts, schedule: Schedule, num_steps: int, tau1: int, tau1_source: str = "tau_cap"
+) -> float:
+    """Predicted denoising seconds of ``schedule`` for a request of ``num_steps`` steps whose
+    window opens at ``tau1`` (``tau1_source``: ``tau_cap`` opens it at tau1, ``slope`` after it)."""
     refresh_every = schedule.refresh_every if schedule.refreshes else 0
     phases = _phases(
-        schedule.mode, num_steps, max(1, tau_cap), schedule.k, PIPELINE_WARMUP_STEPS, refresh_every
+        schedule.mode, num_steps, max(1, tau1), schedule.k, PIPELINE_WARMUP_STEPS, refresh_every, tau1_source
     )
     batch = WINDOW_BATCH[schedule.window_guidance] if schedule.window_guidance is not None else 1
     return _seconds(costs, phases, batch, refresh_every > 0)
@@ -160,9 +165,11 @@ def _hybrid_schedule(policy: WindowGuidance, k: int, steps: int, hybrid: HybridP
     return Schedule(Mode.HYBRID, policy, k, steps, refresh_every)
 
 
-def hybrid_window_steps(num_steps: int, tau_cap: int, k: int) -> int:
-    """The most steps HYBRID's window runs: from an opening at ``tau_cap`` to ``tau_cap + k``."""
-    return max(0, min(tau_cap + k, num_steps - 1) - tau_cap + 1)
+def hybrid_window_steps(num_steps: int, tau1: int, k: int, tau1_source: str = "tau_cap") -> int:
+    """The steps HYBRID's window runs from ``tau1`` to ``tau1 + k`` (clamped to the last step):
+    ``tau_cap`` opens it at tau1 itself, the slope rule the step after."""
+    first = tau1 if tau1_source == "tau_cap" else tau1 + 1
+    return max(0, min(tau1 + k, num_steps - 1) - first + 1)
 
 
 def candidates(
@@ -176,14 +183,22 @@ def candidates(
     calibration keeps above its floor. ``window_guidance`` or ``k`` set by the request are kept."""
     out = [Schedule(Mode.SINGLE), Schedule(Mode.CFG_PARALLEL)]
     policies = POLICIES if window_guidance is None else (window_guidance,)
-    tau1, last = hybrid.tau_cap, num_steps - 1
+    tau1, source = calibration.expected_tau1(num_steps, hybrid.tau_cap)
     for policy in policies:
-        longest = calibration.max_window(policy, num_steps)
-        ks = range(max(0, min(longest - 1, last - tau1)) + 1) if k is None else (k,)
-        for each in ks:
-            steps = hybrid_window_steps(num_steps, tau1, each)
-            if 0 < steps <= longest:
-                out.append(_hybrid_schedule(policy, each, steps, hybrid))
+        # The calibration's lengths are window steps opened by the slope rule (k of them); the
+        # tau_cap fallback opens the window at tau_cap itself, one step more for the same k.
+        longest = min(calibration.max_window(policy, num_steps), num_steps)
+        widest = longest - (source == "tau_cap")
+        for each in range(1, widest + 1) if k is None else (k,):
+            steps = hybrid_window_steps(num_steps, tau1, each, source)
+            if not 0 < steps <= longest:
+                continue
+            reaches_end = tau1 + each >= num_steps - 1
+            # Reaching the last step from the expected opening: the widest k allowed (the same
+            # price here, a longer window where the curve settles earlier, as calibrated).
+            out.append(_hybrid_schedule(policy, widest if reaches_end and k is None else each, steps, hybrid))
+            if reaches_end and k is None:
+                break
     # PIPELINE (FULL_CFG from its warm-up on, no refreshes) only as measured: its stale steps start
     # where the latents still change fast, which the windows' lengths, opened later, do not
     # predict (BENCHMARKS, the calibration of the default model).
@@ -205,7 +220,11 @@ def choose(
     """The fastest schedule of a paired request the calibration allows, with its prediction.
     Without a calibration, today's fixed choice: HYBRID with the request's window policy
     (CONDITIONAL unless set) and ``hybrid.k``, priced all the same."""
-    tau1 = hybrid.tau_cap
+    tau1, source = (
+        (hybrid.tau_cap, "tau_cap")
+        if calibration is None
+        else calibration.expected_tau1(num_steps, hybrid.tau_cap)
+    )
     single = predict(costs, Schedule(Mode.SINGLE), num_steps, tau1)
     cfg = predict(costs, Schedule(Mode.CFG_PARALLEL), num_steps, tau1)
     if calibration is None:
@@ -215,7 +234,7 @@ def choose(
         return AutoChoice(fixed, seconds, single, cfg, UNCALIBRATED)
     best, best_seconds = None, float("inf")
     for schedule in candidates(calibration, num_steps, hybrid, window_guidance, k):
-        seconds = predict(costs, schedule, num_steps, tau1)
+        seconds = predict(costs, schedule, num_steps, tau1, source)
         if seconds < best_seconds * (1 - 1e-9):
             best, best_seconds = schedule, seconds
     return AutoChoice(best, best_seconds, single, cfg, CALIBRATED)

@@ -9,12 +9,13 @@ the image stays within a quality floor of exact CFG (docs/design.md section 1 an
                      "prompts": 3, "seeds": 2,
                      "policies": {"conditional": {"psnr_db": {"2": 51.3, "4": 46.0, "8": 41.2}},
                                   "full-cfg": {"psnr_db": {"2": 60.1, "29": 47.5}}},
-                     "pipeline": {"psnr_db": 43.7}}}
+                     "pipeline": {"psnr_db": 43.7}, "tau1": 13}}
 
 ``psnr_db`` maps a window length (HYBRID's window steps from where the rel-MAE curve opens it, at
 the calibration's step count) to the lowest PSNR against the exact-CFG image (cfg-parallel) over
 the calibration's prompts and seeds; ``pipeline`` is PIPELINE's (stale from its warm-up to the
-end, where the latents still change fast: a window's lengths do not predict it). The
+end, where the latents still change fast: a window's lengths do not predict it); ``tau1`` where
+the slope rule opened the window (the median over the images), where AUTO prices windows. The
 coordinator's cost-aware AUTO reads ``max_window`` and ``pipeline_allowed`` to bound what it may
 choose.
 """
@@ -67,6 +68,17 @@ class Calibration:
     seeds: int = 0
     extra: dict = field(default_factory=dict)  # anything a newer writer recorded, kept as is
     pipeline_db: float | None = None  # PIPELINE's lowest PSNR (None: not measured, not allowed)
+    # Where the slope rule opened the window, the median over the calibration's images (at its
+    # steps): AUTO prices a window from there (None: not recorded, priced from tau_cap).
+    tau1: int | None = None
+
+    def expected_tau1(self, num_steps: int, tau_cap: int) -> tuple[int, str]:
+        """Where a request of ``num_steps`` steps is expected to open its window, and by which rule
+        (``slope``: the window opens the step after; ``tau_cap``: the latest it opens, at it)."""
+        if self.tau1 is None:
+            return tau_cap, "tau_cap"
+        scaled = round(self.tau1 * num_steps / self.num_steps)
+        return (scaled, "slope") if scaled < tau_cap else (tau_cap, "tau_cap")
 
     def pipeline_allowed(self, floor_db: float | None = None) -> bool:
         """Whether PIPELINE was measured above the floor (its steps as calibrated: PIPELINE's
@@ -103,6 +115,8 @@ class Calibration:
         )
         if self.pipeline_db is not None:
             record["pipeline"] = {"psnr_db": round(self.pipeline_db, 3)}
+        if self.tau1 is not None:
+            record["tau1"] = self.tau1
         return record
 
     @classmethod
@@ -116,6 +130,7 @@ class Calibration:
                 "seeds",
                 "policies",
                 "pipeline",
+                "tau1",
             }
             policies = {}
             for name, measured in record["policies"].items():
@@ -140,11 +155,14 @@ class Calibration:
                 seeds=int(record.get("seeds", 0)),
                 extra={k: v for k, v in record.items() if k not in known},
                 pipeline_db=pipeline_db,
+                tau1=None if record.get("tau1") is None else int(record["tau1"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CalibrationError(f"invalid calibration: {exc}") from None
         if calibration.num_steps < 1:
             raise CalibrationError("invalid calibration: num_inference_steps must be >= 1")
+        if calibration.tau1 is not None and not 0 <= calibration.tau1 < calibration.num_steps:
+            raise CalibrationError("invalid calibration: tau1 must be a step of the calibration's steps")
         return calibration
 
 

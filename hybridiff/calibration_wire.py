@@ -20,6 +20,7 @@ def calibration_to_proto(calibration: Calibration) -> worker_pb2.Calibration:
             for policy, measured in sorted(calibration.policies.items())
         ],
         pipeline_psnr_db=calibration.pipeline_db,
+        tau1=calibration.tau1,
     )
 
 
@@ -43,4 +44,7 @@ def calibration_from_proto(message: worker_pb2.Calibration) -> Calibration | Non
         prompts=message.prompts,
         seeds=message.seeds,
         pipeline_db=message.pipeline_psnr_db if message.HasField("pipeline_psnr_db") else None,
+        tau1=message.tau1
+        if message.HasField("tau1") and message.tau1 < message.num_inference_steps
+        else None,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -101,7 +102,15 @@ def calibration_from(
         seeds=len({s for _, s in measured.exact}),
         extra=extra,
         pipeline_db=worst_pipeline_psnr(measured),
+        tau1=median_slope_tau1(measured),
     )
+
+
+def median_slope_tau1(measured: Measurement) -> int | None:
+    """Where the slope rule opened the window, the median over the images it opened (None: it
+    opened none, every window came from tau_cap)."""
+    found = [im.tau1 for im in measured.images if im.tau1 is not None and im.tau1_source == "slope"]
+    return round(statistics.median(found)) if found else None
 
 
 def _window_steps(measured) -> dict[str, dict[int, float]]:
@@ -118,6 +127,10 @@ def format_calibration(calibration: Calibration) -> str:
         points = ", ".join(f"k={k}: {db:.1f}" for k, db in sorted(measured.psnr_db.items()))
         longest = measured.max_window(c.floor_db)
         lines.append(f"  {label(policy):16} longest window above the floor: {longest:3d}   ({points} dB)")
+    if c.tau1 is not None:
+        lines.append(
+            f"  the slope rule opened the window at step {c.tau1} (median): AUTO prices windows from there"
+        )
     if c.pipeline_db is not None:
         verdict = "above" if c.pipeline_allowed() else "below"
         lines.append(f"  {'pipeline':16} {verdict} the floor: {c.pipeline_db:.1f} dB")

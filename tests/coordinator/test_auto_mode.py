@@ -299,3 +299,23 @@ def test_the_shipped_calibration_runs_window_steps_at_the_batch_each_device_favo
     best_full = choose(profile_costs("sdxl"), shipped, 50, DEFAULTS, window_guidance=FULL)
     assert graphs.schedule.window_guidance in (RD, XD) and graphs.schedule.refresh_every > 0
     assert graphs.predicted_seconds < best_full.predicted_seconds
+
+
+def test_windows_are_priced_from_where_the_calibration_saw_the_curve_settle():
+    """Recorded tau1 13 of 30 steps (the default model's slope rule fires at 11-17): at 50 steps the
+    window is priced from step 22, not from tau_cap 25. A policy kept above the floor at every
+    length runs with k = every step, so a request whose curve settles earlier still pipelines to
+    the end; a policy allowed 5 steps is priced at 5 from the expected opening."""
+    everywhere = Calibration(45.0, 30, 5.0, {RD: PolicyCalibration({2: 60.0, 30: 50.0})}, tau1=13)
+    choice = choose(doubling_costs(), everywhere, 50, DEFAULTS)
+    assert choice.schedule == Schedule(Mode.HYBRID, RD, 50, 27, refresh_every=5)  # steps 23..49
+    # 23 data-parallel steps, then 27 window steps: fills at 23, 28, ... 48 (6), 21 pipelined
+    assert choice.predicted_seconds == pytest.approx(23 * 0.1 + 6 * 0.1 + 21 * 0.05)
+    at_cap = replace(everywhere, tau1=None)
+    assert choose(doubling_costs(), at_cap, 50, DEFAULTS).schedule.window_steps == 25  # 25..49
+    assert choose(doubling_costs(), at_cap, 50, DEFAULTS).schedule.k == 49
+
+    short = Calibration(45.0, 50, 5.0, {C: PolicyCalibration({5: 46.0, 10: 40.0})}, tau1=20)
+    conditional = choose(doubling_costs(), short, 50, DEFAULTS)
+    assert conditional.schedule == Schedule(Mode.HYBRID, C, 5, 5)
+    assert conditional.predicted_seconds == pytest.approx(45 * 0.1 + 0.1 + 4 * 0.05)  # its fill, 4 pipelined

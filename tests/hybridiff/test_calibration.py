@@ -96,3 +96,36 @@ def test_a_policy_this_version_does_not_know_is_skipped():
         "policies": {"from-the-future": {"psnr_db": {"3": 50}}, "conditional": {"psnr_db": {"3": 50}}},
     }
     assert set(Calibration.from_json(record).policies) == {WindowGuidance.CONDITIONAL}
+
+
+def test_the_window_opening_is_recorded_scaled_to_the_request_and_capped_at_tau_cap(tmp_path):
+    """Where the slope rule opened the window on the calibration's images: AUTO prices windows
+    from there, scaled to a request's steps; at or past the request's tau_cap, from tau_cap."""
+    calibration = Calibration(
+        45.0, 30, 5.0, {WindowGuidance.FULL_CFG: PolicyCalibration({30: 60.0})}, tau1=13
+    )
+    assert calibration.expected_tau1(30, 25) == (13, "slope")
+    assert calibration.expected_tau1(50, 25) == (22, "slope")  # 13 of 30 steps, scaled to 50
+    assert calibration.expected_tau1(30, 10) == (10, "tau_cap")
+    assert Calibration(45.0, 30, 5.0, {}).expected_tau1(30, 25) == (25, "tau_cap")  # not recorded
+    write_calibration(tmp_path, calibration)
+    assert json.loads((tmp_path / "hybridiff.json").read_text())["calibration"]["tau1"] == 13
+    assert read_calibration(tmp_path) == calibration
+    record = calibration.to_json()
+    for bad in (30, -1, "x"):
+        with pytest.raises(CalibrationError, match="tau1|invalid"):
+            Calibration.from_json({**record, "tau1": bad})
+
+
+def test_the_window_opening_crosses_the_worker_wire():
+    from hybridiff.calibration_wire import calibration_from_proto, calibration_to_proto
+
+    calibration = Calibration(
+        45.0, 30, 5.0, {WindowGuidance.CONDITIONAL: PolicyCalibration({2: 50.0})}, tau1=13
+    )
+    assert calibration_from_proto(calibration_to_proto(calibration)) == calibration
+    unrecorded = Calibration(45.0, 30, 5.0, {})
+    assert calibration_from_proto(calibration_to_proto(unrecorded)).tau1 is None
+    forged = calibration_to_proto(calibration)
+    forged.tau1 = 99  # not a step of its 30: not used
+    assert calibration_from_proto(forged).tau1 is None
