@@ -183,6 +183,7 @@ def candidates(
     calibration keeps above its floor. ``window_guidance`` or ``k`` set by the request are kept."""
     out = [Schedule(Mode.SINGLE), Schedule(Mode.CFG_PARALLEL)]
     policies = POLICIES if window_guidance is None else (window_guidance,)
+    calibration = calibration.for_steps(num_steps)
     tau1, source = calibration.expected_tau1(num_steps, hybrid.tau_cap)
     for policy in policies:
         # The calibration's lengths are window steps opened by the slope rule (k of them); the
@@ -223,7 +224,7 @@ def choose(
     tau1, source = (
         (hybrid.tau_cap, "tau_cap")
         if calibration is None
-        else calibration.expected_tau1(num_steps, hybrid.tau_cap)
+        else calibration.for_steps(num_steps).expected_tau1(num_steps, hybrid.tau_cap)
     )
     single = predict(costs, Schedule(Mode.SINGLE), num_steps, tau1)
     cfg = predict(costs, Schedule(Mode.CFG_PARALLEL), num_steps, tau1)

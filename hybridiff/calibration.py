@@ -9,13 +9,15 @@ the image stays within a quality floor of exact CFG (docs/design.md section 1 an
                      "prompts": 3, "seeds": 2,
                      "policies": {"conditional": {"psnr_db": {"2": 51.3, "4": 46.0, "8": 41.2}},
                                   "full-cfg": {"psnr_db": {"2": 60.1, "29": 47.5}}},
-                     "pipeline": {"psnr_db": 43.7}, "tau1": 13}}
+                     "pipeline": {"psnr_db": 43.7}, "tau1": 13,
+                     "at_other_steps": [{"num_inference_steps": 50, ...}]}}
 
 ``psnr_db`` maps a window length (HYBRID's window steps from where the rel-MAE curve opens it, at
 the calibration's step count) to the lowest PSNR against the exact-CFG image (cfg-parallel) over
 the calibration's prompts and seeds; ``pipeline`` is PIPELINE's (stale from its warm-up to the
 end, where the latents still change fast: a window's lengths do not predict it); ``tau1`` where
-the slope rule opened the window (the median over the images), where AUTO prices windows. The
+the slope rule opened the window (the median over the images), where AUTO prices windows;
+``at_other_steps`` the same model calibrated at other step counts (``Calibration.for_steps``). The
 coordinator's cost-aware AUTO reads ``max_window`` and ``pipeline_allowed`` to bound what it may
 choose.
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hybridiff.protocol import WindowGuidance, label, parse
@@ -71,6 +73,28 @@ class Calibration:
     # Where the slope rule opened the window, the median over the calibration's images (at its
     # steps): AUTO prices a window from there (None: not recorded, priced from tau_cap).
     tau1: int | None = None
+    # The same model calibrated at other step counts (a window's length measured at one step count
+    # is a guess at another): ``for_steps`` picks the one a request's steps are judged by.
+    at_other_steps: tuple[Calibration, ...] = ()
+
+    def for_steps(self, num_steps: int) -> Calibration:
+        """The calibration a request of ``num_steps`` steps is judged by: the one measured at the
+        fewest steps not below the request's (its lengths scale down), else the one at the most
+        steps (its lengths kept, never scaled up)."""
+        members = [replace(self, at_other_steps=()), *self.at_other_steps]
+        above = [c for c in members if c.num_steps >= num_steps]
+        if above:
+            return min(above, key=lambda c: c.num_steps)
+        return max(members, key=lambda c: c.num_steps)
+
+    def merged(self, earlier: Calibration | None) -> Calibration:
+        """This calibration with ``earlier``'s at other step counts kept beside it (one per step
+        count: this one replaces an earlier one at its own steps)."""
+        if earlier is None:
+            return self
+        kept = {c.num_steps: c for c in [replace(earlier, at_other_steps=()), *earlier.at_other_steps]}
+        kept.pop(self.num_steps, None)
+        return replace(self, at_other_steps=tuple(kept[n] for n in sorted(kept)))
 
     def expected_tau1(self, num_steps: int, tau_cap: int) -> tuple[int, str]:
         """Where a request of ``num_steps`` steps is expected to open its window, and by which rule
@@ -117,6 +141,8 @@ class Calibration:
             record["pipeline"] = {"psnr_db": round(self.pipeline_db, 3)}
         if self.tau1 is not None:
             record["tau1"] = self.tau1
+        if self.at_other_steps:
+            record["at_other_steps"] = [c.to_json() for c in self.at_other_steps]
         return record
 
     @classmethod
@@ -131,6 +157,7 @@ class Calibration:
                 "policies",
                 "pipeline",
                 "tau1",
+                "at_other_steps",
             }
             policies = {}
             for name, measured in record["policies"].items():
@@ -156,6 +183,10 @@ class Calibration:
                 extra={k: v for k, v in record.items() if k not in known},
                 pipeline_db=pipeline_db,
                 tau1=None if record.get("tau1") is None else int(record["tau1"]),
+                at_other_steps=tuple(
+                    replace(cls.from_json(other), at_other_steps=())
+                    for other in record.get("at_other_steps", ())
+                ),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CalibrationError(f"invalid calibration: {exc}") from None

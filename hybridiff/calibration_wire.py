@@ -21,12 +21,14 @@ def calibration_to_proto(calibration: Calibration) -> worker_pb2.Calibration:
         ],
         pipeline_psnr_db=calibration.pipeline_db,
         tau1=calibration.tau1,
+        at_other_steps=[calibration_to_proto(other) for other in calibration.at_other_steps],
     )
 
 
-def calibration_from_proto(message: worker_pb2.Calibration) -> Calibration | None:
+def calibration_from_proto(message: worker_pb2.Calibration, others: bool = True) -> Calibration | None:
     """The calibration a worker reported; None for one without a step count (none recorded).
-    A policy this version does not know is left out, as ``Calibration.from_json`` does."""
+    A policy this version does not know is left out, as ``Calibration.from_json`` does; the
+    calibrations at other step counts are read one level deep (``others``: a nesting is not followed)."""
     if message.num_inference_steps < 1:
         return None
     policies = {}
@@ -47,4 +49,9 @@ def calibration_from_proto(message: worker_pb2.Calibration) -> Calibration | Non
         tau1=message.tau1
         if message.HasField("tau1") and message.tau1 < message.num_inference_steps
         else None,
+        at_other_steps=tuple(
+            other
+            for other in (calibration_from_proto(m, others=False) for m in message.at_other_steps if others)
+            if other is not None
+        ),
     )

@@ -7,7 +7,8 @@ prompts on the default model, generic ones elsewhere), every policy at a few win
 the model's default steps and guidance, on the in-process engine (the cluster's images, without
 starting servers). The record keeps, per policy and length, the lowest PSNR over the cases (the
 floor holds for every image calibrated, not for their mean), and PIPELINE's; the longest window
-each policy keeps above the floor follows from it (``Calibration.max_window``).
+each policy keeps above the floor follows from it (``Calibration.max_window``). A calibration at
+another step count already in the file is kept beside the new one (``Calibration.for_steps``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-from hybridiff.calibration import QUALITY_FLOOR_DB, Calibration, PolicyCalibration, write_calibration
+from hybridiff.calibration import (
+    QUALITY_FLOOR_DB,
+    Calibration,
+    CalibrationError,
+    PolicyCalibration,
+    read_calibration,
+    write_calibration,
+)
 from hybridiff.protocol import WindowGuidance, label, parse
 from hybridiff_launch.inprocess import InProcessEngine
 from hybridiff_launch.model_dirs import add_model_flags, default_model_dir, resolve_model
@@ -200,9 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         engine.close()
     print(format_calibration(calibration))
     if not args.dry_run:
-        path = write_calibration(model_dir, calibration)
+        path = record(model_dir, calibration)
         print(f"wrote the calibration into {path} ({time.perf_counter() - started:.0f}s)")
     return 0
+
+
+def record(model_dir: Path, calibration: Calibration) -> Path:
+    """Write ``calibration`` into the model's file, keeping its calibrations at other step counts
+    (an unreadable earlier record is replaced)."""
+    try:
+        earlier = read_calibration(model_dir)
+    except CalibrationError:
+        earlier = None
+    return write_calibration(model_dir, calibration.merged(earlier))
 
 
 def record_frontier(model_dir: Path, args: argparse.Namespace, argv: list[str]) -> int:
@@ -224,7 +242,7 @@ def record_frontier(model_dir: Path, args: argparse.Namespace, argv: list[str]) 
     calibration = calibration_from(measured, args.floor_db, command)
     print(format_calibration(calibration))
     if not args.dry_run:
-        print(f"wrote the calibration into {write_calibration(model_dir, calibration)}")
+        print(f"wrote the calibration into {record(model_dir, calibration)}")
     return 0
 
 

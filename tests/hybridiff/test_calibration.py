@@ -129,3 +129,36 @@ def test_the_window_opening_crosses_the_worker_wire():
     forged = calibration_to_proto(calibration)
     forged.tau1 = 99  # not a step of its 30: not used
     assert calibration_from_proto(forged).tau1 is None
+
+
+def _at(steps: int, conditional_k: int, tau1: int | None = None) -> Calibration:
+    return Calibration(
+        45.0, steps, 5.0, {WindowGuidance.CONDITIONAL: PolicyCalibration({conditional_k: 46.0})}, tau1=tau1
+    )
+
+
+def test_a_request_is_judged_by_the_calibration_at_the_fewest_steps_not_below_its_own(tmp_path):
+    """Calibrated at 30 and 50 steps: 30 steps or fewer from the 30-step record (scaled down), 31
+    to 50 from the 50-step one, more than 50 from the 50-step one (kept, never scaled up)."""
+    both = _at(50, 10, tau1=22).merged(_at(30, 8, tau1=13))
+    assert [c.num_steps for c in both.at_other_steps] == [30]
+    assert both.for_steps(30).num_steps == 30 and both.for_steps(20).num_steps == 30
+    assert both.for_steps(40).num_steps == 50 and both.for_steps(80).num_steps == 50
+    assert both.for_steps(40).max_window(WindowGuidance.CONDITIONAL, 40) == 8  # 10 of 50, scaled down
+    assert both.for_steps(80).max_window(WindowGuidance.CONDITIONAL, 80) == 10
+    assert both.for_steps(30).at_other_steps == () and both.for_steps(30).tau1 == 13
+    # written and read back as one record; a newer calibration at 30 steps replaces the older one
+    write_calibration(tmp_path, both)
+    assert read_calibration(tmp_path) == both
+    again = _at(30, 6).merged(read_calibration(tmp_path))
+    assert again.num_steps == 30 and [c.num_steps for c in again.at_other_steps] == [50]
+
+
+def test_calibrations_at_other_steps_cross_the_worker_wire_one_level_deep():
+    from hybridiff.calibration_wire import calibration_from_proto, calibration_to_proto
+
+    both = _at(50, 10, tau1=22).merged(_at(30, 8, tau1=13))
+    assert calibration_from_proto(calibration_to_proto(both)) == both
+    forged = calibration_to_proto(both)
+    forged.at_other_steps[0].at_other_steps.add().CopyFrom(calibration_to_proto(_at(10, 9)))
+    assert calibration_from_proto(forged) == both  # a nested one is not followed

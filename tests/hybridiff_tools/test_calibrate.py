@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from hybridiff.calibration import read_calibration
+from hybridiff.calibration import Calibration, PolicyCalibration, read_calibration, write_calibration
 from hybridiff.protocol import WindowGuidance
 from hybridiff_tools.bench.calibrate import main
 from hybridiff_tools.bench.frontier import IDENTICAL_DB
@@ -69,10 +69,14 @@ def test_a_frontier_run_is_recorded_as_the_models_calibration(model_dirs, tmp_pa
     (model / "hybridiff.json").write_text(json.dumps({"defaults": DEFAULTS}))
     run = tmp_path / "frontier.json"
     run.write_text(json.dumps(_frontier_json(model)))
+    at_50 = Calibration(45.0, 50, 5.0, {WindowGuidance.CONDITIONAL: PolicyCalibration({10: 46.0})})
+    write_calibration(model, at_50)
 
     assert main(["--model", str(model), "--from-frontier", str(run)]) == 0
 
     calibration = read_calibration(model)
+    assert calibration.at_other_steps == (at_50,)  # the 50-step record is kept beside it
+    assert calibration.tau1 == 12  # where the slope rule opened the frontier's windows
     assert calibration.policies[WindowGuidance.CONDITIONAL].psnr_db == {2: 46.0, 4: 41.0}
     assert calibration.policies[WindowGuidance.CONDITIONAL].max_window(45.0) == 2
     assert (calibration.num_steps, calibration.prompts, calibration.seeds) == (30, 1, 2)
