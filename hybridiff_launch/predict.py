@@ -53,6 +53,9 @@ def predict(profile: dict, arch: str, model_dir: Path, steps: int | None = None)
         "cuda_graphs": bool(profile.get("cuda_graphs", False)),
         "model": str(model_dir),
         "calibrated": calibration is not None,
+        # the calibration the request is judged by (its step count; where it saw the window open)
+        "calibration_steps": None if calibration is None else calibration.for_steps(num_steps).num_steps,
+        "expected_tau1": None if calibration is None else calibration.for_steps(num_steps).tau1,
         "num_steps": num_steps,
         "tau_cap": defaults.hybrid.tau_cap,
         "choice": choice.to_dict(),
@@ -75,7 +78,12 @@ def describe(result: dict) -> str:
         [
             f"{result['arch']} on {result['device'] or 'the profiled device'}{graphs}: "
             f"{result['num_steps']} steps, model {result['model']}",
-            f"AUTO: {what}; {c['basis']}",
+            f"AUTO: {what}; {c['basis']}"
+            + (
+                f" (calibrated at {result['calibration_steps']} steps)"
+                if result.get("calibration_steps")
+                else ""
+            ),
             f"  predicted {c['predicted_seconds']:.3f}s denoising: "
             f"{result['speedup_vs_single']:.2f}x one worker ({c['single_seconds']:.3f}s), "
             f"{result['speedup_vs_cfg_parallel']:.2f}x cfg-parallel "
