@@ -224,9 +224,11 @@ def record(model_dir: Path, calibration: Calibration) -> Path:
 
 
 def record_frontier(model_dir: Path, args: argparse.Namespace, argv: list[str]) -> int:
-    """``--from-frontier``: a frontier run of this model (PIPELINE measured) as its calibration."""
+    """``--from-frontier``: a frontier run of this model (PIPELINE measured) as its calibration (the
+    same folder, or the embedded default model in any clone: its held-out prompts were run)."""
     document = json.loads(args.from_frontier.read_text())
-    if Path(document["model_dir"]).resolve() != model_dir.resolve():
+    embedded = document.get("held_out_prompts") and model_dir.resolve() == default_model_dir().resolve()
+    if Path(document["model_dir"]).resolve() != model_dir.resolve() and not embedded:
         print(
             f"error: {args.from_frontier} measured {document['model_dir']}, not {model_dir}", file=sys.stderr
         )
