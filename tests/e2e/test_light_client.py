@@ -209,6 +209,7 @@ def test_light_install_has_no_torch_and_its_client_works(light_venv, sdxl_cluste
     assert report["heavy"] == []
 
 
+@pytest.mark.slow(reason="builds the light venv (its module fixture): 25-39 s")
 def test_light_install_cli(light_venv, sdxl_cluster, tmp_path):
     target = ["--target", sdxl_cluster.address]
     flags = ["--prompt", "a blue square", "--steps", "4", "--width", "64", "--height", "64", "--quiet"]

@@ -6,6 +6,7 @@ line naming each. Fake coordinators on loopback (real gRPC servers)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from concurrent import futures
 
@@ -60,9 +61,12 @@ def coordinators():
 
 
 def refused_address() -> str:
-    server = grpc.server(futures.ThreadPoolExecutor(1))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.stop(0)  # never started: nothing listens there
+    """A loopback port nothing listens on: a connection is refused at once. (A gRPC server
+    never started keeps its socket listening, so a connection there hangs in the handshake and
+    runs into the connect timeout instead: 5 s a target.)"""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     return f"127.0.0.1:{port}"
 
 

@@ -99,6 +99,7 @@ def test_the_dry_run_checks_every_mode_of_both_models(dry_run):
             assert any(line.split()[:3] == [arch, "none", name] for line in stdout.splitlines()), (arch, name)
 
 
+@pytest.mark.slow(reason="two workers start, import torch and diffusers, and fail on the model: 8-19 s")
 def test_a_cluster_that_does_not_start_fails_loudly(tmp_path, capsys):
     broken = tmp_path / "models" / "sdxl-tiny-s0"  # where the check keeps its tiny SDXL model
     broken.mkdir(parents=True)
