@@ -406,40 +406,33 @@ def _pipeline_row(stale: list[dict], decided: list[ScoredImage], devices, predic
 
 
 def format_table(result: dict, devices: list[str], lengths_label: Callable[[int], str] = str) -> str:
-    """A Markdown table: one row per policy and window length."""
+    """A Markdown table: one row per policy and window length, then PIPELINE's when measured."""
     cpu = any("cpu_speedup" in r for rows in result["policies"].values() for r in rows.values())
     head = ["policy", "k", "window steps", "PSNR mean / min", "SSIM", "adherence"]
     head += [f"{d} (pred.)" for d in devices] + (["CPU (measured)"] if cpu else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for policy, rows in result["policies"].items():
         for k, r in rows.items():
-            cells = [
-                policy,
-                lengths_label(int(k)),
-                f"{r['window_steps_mean']:.1f}",
-                f"{_db(r['psnr_db_mean'])} / {_db(r['psnr_db_min'])}",
-                f"{r['ssim_mean']:.4f}",
-                "-" if r["adherence"] is None else f"{r['adherence']:.0%}",
-            ]
-            cells += [f"{r['predicted_speedup'].get(d, math.nan):.2f}x" for d in devices]
-            if cpu:
-                cells.append(f"{r['cpu_speedup']:.2f}x")
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(
+                _row([policy, lengths_label(int(k)), f"{r['window_steps_mean']:.1f}"], r, devices, cpu)
+            )
     if "pipeline" in result:
-        r = result["pipeline"]
-        cells = [
-            "PIPELINE (mode)",
-            "-",
-            f"{result['steps'] - PIPELINE_WARMUP_STEPS}",
-            f"{_db(r['psnr_db_mean'])} / {_db(r['psnr_db_min'])}",
-            f"{r['ssim_mean']:.4f}",
-            "-" if r["adherence"] is None else f"{r['adherence']:.0%}",
-        ]
-        cells += [f"{r['predicted_speedup'].get(d, math.nan):.2f}x" for d in devices]
-        if cpu:
-            cells.append(f"{r['cpu_speedup']:.2f}x" if "cpu_speedup" in r else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        stale = f"{result['steps'] - PIPELINE_WARMUP_STEPS}"
+        lines.append(_row(["PIPELINE (mode)", "-", stale], result["pipeline"], devices, cpu))
     return "\n".join(lines)
+
+
+def _row(first: list[str], r: dict, devices: list[str], cpu: bool) -> str:
+    cells = [
+        *first,
+        f"{_db(r['psnr_db_mean'])} / {_db(r['psnr_db_min'])}",
+        f"{r['ssim_mean']:.4f}",
+        "-" if r["adherence"] is None else f"{r['adherence']:.0%}",
+    ]
+    cells += [f"{r['predicted_speedup'].get(d, math.nan):.2f}x" for d in devices]
+    if cpu:
+        cells.append(f"{r['cpu_speedup']:.2f}x" if "cpu_speedup" in r else "-")
+    return "| " + " | ".join(cells) + " |"
 
 
 def _db(value: float) -> str:
