@@ -183,8 +183,7 @@ def candidates(
     calibration keeps above its floor. ``window_guidance`` or ``k`` set by the request are kept."""
     out = [Schedule(Mode.SINGLE), Schedule(Mode.CFG_PARALLEL)]
     policies = POLICIES if window_guidance is None else (window_guidance,)
-    calibration = calibration.for_steps(num_steps)
-    tau1, source = calibration.expected_tau1(num_steps, hybrid.tau_cap)
+    tau1, source = calibration.expected_tau1(num_steps, hybrid.tau_cap, hybrid.l_slope)
     for policy in policies:
         # The calibration's lengths are window steps opened by the slope rule (k of them); the
         # tau_cap fallback opens the window at tau_cap itself, one step more for the same k.
@@ -205,7 +204,7 @@ def candidates(
     # predict (BENCHMARKS, the calibration of the default model).
     pipelined = num_steps - min(max(1, PIPELINE_WARMUP_STEPS), num_steps)
     full = WindowGuidance.FULL_CFG
-    if k is None and full in policies and pipelined > 0 and calibration.pipeline_allowed():
+    if k is None and full in policies and pipelined > 0 and calibration.pipeline_allowed(num_steps=num_steps):
         out.append(Schedule(Mode.PIPELINE, full, 0, pipelined))
     return out
 
@@ -224,7 +223,7 @@ def choose(
     tau1, source = (
         (hybrid.tau_cap, "tau_cap")
         if calibration is None
-        else calibration.for_steps(num_steps).expected_tau1(num_steps, hybrid.tau_cap)
+        else calibration.expected_tau1(num_steps, hybrid.tau_cap, hybrid.l_slope)
     )
     single = predict(costs, Schedule(Mode.SINGLE), num_steps, tau1)
     cfg = predict(costs, Schedule(Mode.CFG_PARALLEL), num_steps, tau1)

@@ -78,44 +78,67 @@ class Calibration:
     at_other_steps: tuple[Calibration, ...] = ()
 
     def for_steps(self, num_steps: int) -> Calibration:
-        """The calibration a request of ``num_steps`` steps is judged by: the one measured at the
-        fewest steps not below the request's (its lengths scale down), else the one at the most
-        steps (its lengths kept, never scaled up)."""
-        members = [replace(self, at_other_steps=()), *self.at_other_steps]
+        """The calibration nearest a request of ``num_steps`` steps: the one measured at the fewest
+        steps not below the request's, else the one at the most steps (where its window opens)."""
+        members = self._members()
         above = [c for c in members if c.num_steps >= num_steps]
         if above:
             return min(above, key=lambda c: c.num_steps)
         return max(members, key=lambda c: c.num_steps)
+
+    def judging(self, num_steps: int) -> list[Calibration]:
+        """The calibrations a request of ``num_steps`` steps is judged by: the nearest at or above
+        its steps and the nearest below (one where the request is outside them or on one). A
+        length measured at one step count is a guess at another, wrong both ways on the default
+        model, so a request between two records takes the stricter of them."""
+        members = self._members()
+        above = [c for c in members if c.num_steps >= num_steps]
+        below = [c for c in members if c.num_steps < num_steps]
+        out = [min(above, key=lambda c: c.num_steps)] if above else []
+        if below and not any(c.num_steps == num_steps for c in above):
+            out.append(max(below, key=lambda c: c.num_steps))
+        return out
+
+    def _members(self) -> list[Calibration]:
+        return [replace(self, at_other_steps=()), *self.at_other_steps]
 
     def merged(self, earlier: Calibration | None) -> Calibration:
         """This calibration with ``earlier``'s at other step counts kept beside it (one per step
         count: this one replaces an earlier one at its own steps)."""
         if earlier is None:
             return self
-        kept = {c.num_steps: c for c in [replace(earlier, at_other_steps=()), *earlier.at_other_steps]}
+        kept = {c.num_steps: c for c in earlier._members()}
         kept.pop(self.num_steps, None)
         return replace(self, at_other_steps=tuple(kept[n] for n in sorted(kept)))
 
-    def expected_tau1(self, num_steps: int, tau_cap: int) -> tuple[int, str]:
+    def expected_tau1(self, num_steps: int, tau_cap: int, l_slope: int = 0) -> tuple[int, str]:
         """Where a request of ``num_steps`` steps is expected to open its window, and by which rule
-        (``slope``: the window opens the step after; ``tau_cap``: the latest it opens, at it)."""
-        if self.tau1 is None:
+        (``slope``: the window opens the step after; ``tau_cap``: the latest it opens, at it): the
+        nearest calibration's median tau1 scaled to the request's steps, not before ``l_slope``
+        (the slope rule decides nothing earlier) and at most ``tau_cap``."""
+        nearest = self.for_steps(num_steps)
+        if nearest.tau1 is None:
             return tau_cap, "tau_cap"
-        scaled = round(self.tau1 * num_steps / self.num_steps)
+        scaled = max(round(nearest.tau1 * num_steps / nearest.num_steps), l_slope)
         return (scaled, "slope") if scaled < tau_cap else (tau_cap, "tau_cap")
 
-    def pipeline_allowed(self, floor_db: float | None = None) -> bool:
+    def pipeline_allowed(self, floor_db: float | None = None, num_steps: int | None = None) -> bool:
         """Whether PIPELINE was measured above the floor (its steps as calibrated: PIPELINE's
-        stale steps run from its warm-up, so a longer request is not scaled from it)."""
+        stale steps run from its warm-up, so a longer request is not scaled from it); with
+        ``num_steps``, by every calibration the request is judged by."""
         floor = self.floor_db if floor_db is None else floor_db
-        return self.pipeline_db is not None and self.pipeline_db >= floor
+        judges = [self] if num_steps is None else self.judging(num_steps)
+        return all(c.pipeline_db is not None and c.pipeline_db >= floor for c in judges)
 
     def max_window(self, policy: WindowGuidance, num_steps: int, floor_db: float | None = None) -> int:
         """The longest window of ``policy`` above the floor for a request of ``num_steps`` steps
-        (0 for a policy never calibrated). Every length above the floor: any window. Otherwise
-        the calibrated length, scaled down for fewer steps but never up for more: measured on the
-        default model, 30 steps scaled to 50 would allow 13 conditional steps where 50 steps
-        measured 10, while 50 scaled down to 30 allows 6 where 30 steps measured 8."""
+        (0 for a policy never calibrated), by the stricter of the calibrations it is judged by
+        (``judging``). Every length above the floor: any window. Otherwise the calibrated length,
+        scaled down for fewer steps but never up for more: measured on the default model, 30 steps
+        scaled to 50 would allow 13 last-difference steps where 50 steps measured 8."""
+        return min(c._max_window(policy, num_steps, floor_db) for c in self.judging(num_steps))
+
+    def _max_window(self, policy: WindowGuidance, num_steps: int, floor_db: float | None) -> int:
         measured = self.policies.get(policy)
         if measured is None:
             return 0
@@ -182,19 +205,29 @@ class Calibration:
                 seeds=int(record.get("seeds", 0)),
                 extra={k: v for k, v in record.items() if k not in known},
                 pipeline_db=pipeline_db,
-                tau1=None if record.get("tau1") is None else int(record["tau1"]),
+                tau1=_step(record.get("tau1")),
                 at_other_steps=tuple(
-                    replace(cls.from_json(other), at_other_steps=())
+                    # one level: a nested record's own others are not read
+                    cls.from_json({k: v for k, v in other.items() if k != "at_other_steps"})
                     for other in record.get("at_other_steps", ())
                 ),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise CalibrationError(f"invalid calibration: {exc}") from None
         if calibration.num_steps < 1:
             raise CalibrationError("invalid calibration: num_inference_steps must be >= 1")
         if calibration.tau1 is not None and not 0 <= calibration.tau1 < calibration.num_steps:
             raise CalibrationError("invalid calibration: tau1 must be a step of the calibration's steps")
         return calibration
+
+
+def _step(value: object) -> int | None:
+    """A step index as JSON wrote it: an integer (not a bool, a float or a string), or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"tau1 must be an integer step, got {value!r}")
+    return value
 
 
 def read_calibration(model_dir: str | Path) -> Calibration | None:

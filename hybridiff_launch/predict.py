@@ -55,7 +55,9 @@ def predict(profile: dict, arch: str, model_dir: Path, steps: int | None = None)
         "calibrated": calibration is not None,
         # the calibration the request is judged by (its step count; where it saw the window open)
         "calibration_steps": None if calibration is None else calibration.for_steps(num_steps).num_steps,
-        "expected_tau1": None if calibration is None else calibration.for_steps(num_steps).tau1,
+        "expected_tau1": None
+        if calibration is None
+        else calibration.expected_tau1(num_steps, defaults.hybrid.tau_cap, defaults.hybrid.l_slope)[0],
         "num_steps": num_steps,
         "tau_cap": defaults.hybrid.tau_cap,
         "choice": choice.to_dict(),

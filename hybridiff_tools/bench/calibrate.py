@@ -8,7 +8,7 @@ the model's default steps and guidance, on the in-process engine (the cluster's 
 starting servers). The record keeps, per policy and length, the lowest PSNR over the cases (the
 floor holds for every image calibrated, not for their mean), and PIPELINE's; the longest window
 each policy keeps above the floor follows from it (``Calibration.max_window``). A calibration at
-another step count already in the file is kept beside the new one (``Calibration.for_steps``).
+another step count already in the file is kept beside the new one (``Calibration.judging``).
 """
 
 from __future__ import annotations
@@ -110,15 +110,16 @@ def calibration_from(
         seeds=len({s for _, s in measured.exact}),
         extra=extra,
         pipeline_db=worst_pipeline_psnr(measured),
-        tau1=median_slope_tau1(measured),
+        tau1=median_tau1(measured),
     )
 
 
-def median_slope_tau1(measured: Measurement) -> int | None:
-    """Where the slope rule opened the window, the median over the images it opened (None: it
-    opened none, every window came from tau_cap)."""
-    found = [im.tau1 for im in measured.images if im.tau1 is not None and im.tau1_source == "slope"]
-    return round(statistics.median(found)) if found else None
+def median_tau1(measured: Measurement) -> int | None:
+    """Where the windows opened, the median over every image (a tau_cap fallback counted at its
+    tau_cap: where most fell back, the median is tau_cap and AUTO prices from it); None when no
+    image opened one."""
+    opened = [im.tau1 for im in measured.images if im.tau1 is not None]
+    return round(statistics.median(opened)) if opened else None
 
 
 def _window_steps(measured) -> dict[str, dict[int, float]]:

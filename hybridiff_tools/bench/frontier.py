@@ -190,7 +190,9 @@ def measure(
     if done is not None:
         if (done.steps, done.guidance, sorted(done.lengths)) != (steps, guidance, sorted(lengths)):
             raise ValueError("the partial run to resume was measured with other steps, guidance or lengths")
-        out.images, out.exact = list(done.images), dict(done.exact)
+        wanted = {(c.prompt, c.seed) for c in cases}  # a case not asked for now is not kept
+        out.exact = {key: ref for key, ref in done.exact.items() if key in wanted}
+        out.images = [im for im in done.images if (im.prompt, im.seed) in wanted]
     for case in cases:
         if (case.prompt, case.seed) in out.exact:
             continue

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hybridiff.client import DiffusionClient
-from hybridiff.protocol import Mode, WindowGuidance, parse
+from hybridiff.protocol import Mode, WindowGuidance, label, parse
 from hybridiff.request import request_from_names
 from hybridiff_launch.local_cluster import LocalCluster
 from hybridiff_launch.model_dirs import add_model_flags, default_model_dir, resolve_model, tiny_model_cache
@@ -95,6 +95,29 @@ def run_on_cluster(model_dir: Path, log_dir: Path, cases: list[Case], bar: tqdm,
             client.close()
 
 
+def partial_record(measured: Measurement, model_dir: Path, window_policies: list[WindowGuidance]) -> dict:
+    """What ``frontier.partial.json`` holds: the cases so far and what they were measured with."""
+    return {
+        "model_dir": str(model_dir.resolve()),
+        "policies": [label(p) for p in window_policies],
+        "raw": measured.to_json(),
+    }
+
+
+def resumed(partial: Path, model_dir: Path, window_policies: list[WindowGuidance]) -> Measurement:
+    """The cases of a partial run, refused when it measured another model or other policies (its
+    steps, guidance and lengths are checked by ``measure``)."""
+    record = json.loads(partial.read_text())
+    if record.get("model_dir") != str(model_dir.resolve()) or record.get("policies") != [
+        label(p) for p in window_policies
+    ]:
+        raise SystemExit(
+            f"error: {partial} was measured on {record.get('model_dir')} with policies "
+            f"{record.get('policies')}; run without --resume (or remove it) to start again"
+        )
+    return Measurement.from_json(record["raw"])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hybridiff frontier", description=__doc__.split("\n\n")[0])
     add_model_flags(p, served_name=False)
@@ -157,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     total += len(tiny_cases) * (1 + len(window_policies) * len(tiny_lengths))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     partial = args.out_dir / "frontier.partial.json"
-    done = (
-        Measurement.from_json(json.loads(partial.read_text())) if args.resume and partial.is_file() else None
-    )
+    done = resumed(partial, Path(model_dir), window_policies) if args.resume and partial.is_file() else None
     bar = tqdm(total=total, unit="image", disable=args.quiet, desc="frontier")
     if done is not None:
         bar.update(
@@ -179,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             deadline=None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes,
             pipeline=True,
             done=done,
-            on_case=lambda m: partial.write_text(json.dumps(m.to_json()) + "\n"),
+            on_case=lambda m: partial.write_text(
+                json.dumps(partial_record(m, Path(model_dir), window_policies)) + "\n"
+            ),
         )
         tiny = None
         if tiny_cases:

@@ -162,3 +162,45 @@ def test_calibrations_at_other_steps_cross_the_worker_wire_one_level_deep():
     forged = calibration_to_proto(both)
     forged.at_other_steps[0].at_other_steps.add().CopyFrom(calibration_to_proto(_at(10, 9)))
     assert calibration_from_proto(forged) == both  # a nested one is not followed
+
+
+def test_a_request_between_two_records_takes_the_stricter_and_opens_no_earlier_than_l_slope():
+    """31 steps, between a 30-step record (refreshed-difference kept to 13 steps) and a 50-step one
+    (every length): 13, not 31, since the 30-step record measured longer windows below the floor.
+    PIPELINE needs every record the request is judged by. The expected opening never precedes
+    l_slope (the slope rule decides nothing earlier)."""
+    rd = WindowGuidance.REFRESHED_DIFFERENCE
+    at_30 = Calibration(
+        45.0, 30, 5.0, {rd: PolicyCalibration({13: 47.0, 16: 44.5})}, pipeline_db=44.0, tau1=15
+    )
+    at_50 = Calibration(
+        45.0, 50, 5.0, {rd: PolicyCalibration({25: 47.6, 50: 45.3})}, pipeline_db=46.0, tau1=20
+    )
+    both = at_50.merged(at_30)
+    assert [c.num_steps for c in both.judging(31)] == [50, 30]
+    assert both.max_window(rd, 31) == 13 and both.max_window(rd, 50) == 50 and both.max_window(rd, 30) == 13
+    assert both.max_window(rd, 80) == 80  # past the most steps: the 50-step record, every length
+    assert both.pipeline_allowed(num_steps=50) and not both.pipeline_allowed(num_steps=40)
+    assert both.expected_tau1(40, 25) == (16, "slope")  # the nearest at or above: 20 of 50
+    assert both.expected_tau1(10, 25, l_slope=8) == (8, "slope")  # 15 of 30 scaled to 5: not before 8
+    assert both.expected_tau1(10, 8, l_slope=8) == (8, "tau_cap")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), True, 13.9, "13"])
+def test_tau1_must_be_an_integer_step(bad):
+    record = {"num_inference_steps": 30, "guidance_scale": 5.0, "policies": {}, "tau1": bad}
+    with pytest.raises(CalibrationError):
+        Calibration.from_json(record)
+    nested = {"num_inference_steps": 50, "guidance_scale": 5.0, "policies": {}, "at_other_steps": [record]}
+    with pytest.raises(CalibrationError):
+        Calibration.from_json(nested)
+
+
+def test_records_at_other_steps_are_read_one_level_deep():
+    deep: dict = {"num_inference_steps": 10, "guidance_scale": 5.0, "policies": {}}
+    for _ in range(3000):  # a forged nesting: not followed, however deep
+        deep = {"num_inference_steps": 10, "guidance_scale": 5.0, "policies": {}, "at_other_steps": [deep]}
+    record = {"num_inference_steps": 30, "guidance_scale": 5.0, "policies": {}, "at_other_steps": [deep]}
+    calibration = Calibration.from_json(record)
+    assert [c.num_steps for c in calibration.at_other_steps] == [10]
+    assert calibration.at_other_steps[0].at_other_steps == ()

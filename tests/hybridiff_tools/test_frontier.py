@@ -1,5 +1,6 @@
 """The frontier's speed side: the schedule model on the committed H200 profile, behind one call."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,23 @@ def psnr_of_levels(a: int, b: int) -> float:
     import math
 
     return 10 * math.log10(255**2 / (a - b) ** 2)
+
+
+def test_a_resumed_frontier_keeps_only_the_cases_asked_for_now_and_refuses_another_model(tmp_path):
+    from hybridiff.protocol import WindowGuidance
+    from hybridiff_tools.bench.frontier import Case, measure
+    from hybridiff_tools.bench.frontier_cli import partial_record, resumed
+
+    policies = [WindowGuidance.CONDITIONAL]
+    settings = dict(lengths=[2], steps=30, guidance=5.0, window_policies=policies)
+    earlier = measure(_fake_generate([]), [Case("a", 1), Case("old", 1)], **settings)
+    partial = tmp_path / "frontier.partial.json"
+    partial.write_text(json.dumps(partial_record(earlier, tmp_path / "model", policies)))
+    done = resumed(partial, tmp_path / "model", policies)
+    calls: list = []
+    now = measure(_fake_generate(calls), [Case("a", 1), Case("b", 1)], done=done, **settings)
+    assert set(now.exact) == {("a", 1), ("b", 1)} and {p for p, _, _ in calls} == {"b"}
+    assert {im.prompt for im in now.images} == {"a", "b"}  # "old" was not asked for: not kept
+    for model, other in ((tmp_path / "other", policies), (tmp_path / "model", [WindowGuidance.FULL_CFG])):
+        with pytest.raises(SystemExit, match="run without --resume"):
+            resumed(partial, model, other)
