@@ -197,7 +197,7 @@ def candidates(
             # Reaching the last step from the expected opening: the widest k allowed (the same
             # price here, a longer window where the curve settles earlier, as calibrated).
             out.append(_hybrid_schedule(policy, widest if reaches_end and k is None else each, steps, hybrid))
-            if reaches_end and k is None:
+            if reaches_end:
                 break
     # PIPELINE (FULL_CFG from its warm-up on, no refreshes) only as measured: its stale steps start
     # where the latents still change fast, which the windows' lengths, opened later, do not

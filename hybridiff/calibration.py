@@ -17,7 +17,7 @@ the calibration's step count) to the lowest PSNR against the exact-CFG image (cf
 the calibration's prompts and seeds; ``pipeline`` is PIPELINE's (stale from its warm-up to the
 end, where the latents still change fast: a window's lengths do not predict it); ``tau1`` where
 the slope rule opened the window (the median over the images), where AUTO prices windows;
-``at_other_steps`` the same model calibrated at other step counts (``Calibration.for_steps``). The
+``at_other_steps`` the same model calibrated at other step counts (``Calibration.judging``). The
 coordinator's cost-aware AUTO reads ``max_window`` and ``pipeline_allowed`` to bound what it may
 choose.
 """
@@ -74,17 +74,13 @@ class Calibration:
     # steps): AUTO prices a window from there (None: not recorded, priced from tau_cap).
     tau1: int | None = None
     # The same model calibrated at other step counts (a window's length measured at one step count
-    # is a guess at another): ``for_steps`` picks the one a request's steps are judged by.
+    # is a guess at another): ``judging`` picks the ones a request's steps are judged by.
     at_other_steps: tuple[Calibration, ...] = ()
 
     def for_steps(self, num_steps: int) -> Calibration:
         """The calibration nearest a request of ``num_steps`` steps: the one measured at the fewest
         steps not below the request's, else the one at the most steps (where its window opens)."""
-        members = self._members()
-        above = [c for c in members if c.num_steps >= num_steps]
-        if above:
-            return min(above, key=lambda c: c.num_steps)
-        return max(members, key=lambda c: c.num_steps)
+        return self.judging(num_steps)[0]
 
     def judging(self, num_steps: int) -> list[Calibration]:
         """The calibrations a request of ``num_steps`` steps is judged by: the nearest at or above

@@ -79,9 +79,16 @@ def cluster_generate(client: DiffusionClient, timeout: float) -> Generate:
     return generate
 
 
+def _nothing_to_generate(request):
+    raise AssertionError("every case was in the resumed run")
+
+
 def run_on_cluster(model_dir: Path, log_dir: Path, cases: list[Case], bar: tqdm, **kwargs):
-    if all((c.prompt, c.seed) in getattr(kwargs.get("done"), "exact", ()) for c in cases):
-        return kwargs["done"]  # resumed with every case in: no cluster to start
+    done = kwargs.get("done")
+    if done is not None and all((c.prompt, c.seed) in done.exact for c in cases):
+        # resumed with every case in: no cluster to start (measure still checks the settings and
+        # keeps only the cases asked for; it generates nothing)
+        return measure(_nothing_to_generate, cases, **kwargs)
     with LocalCluster(model_dir, workers=2, log_dir=log_dir) as cluster:
         client = DiffusionClient(cluster.address)
         try:

@@ -201,3 +201,28 @@ def test_a_resumed_frontier_keeps_only_the_cases_asked_for_now_and_refuses_anoth
     for model, other in ((tmp_path / "other", policies), (tmp_path / "model", [WindowGuidance.FULL_CFG])):
         with pytest.raises(SystemExit, match="run without --resume"):
             resumed(partial, model, other)
+
+
+def test_a_resume_with_every_case_in_starts_no_cluster_and_keeps_only_the_cases_asked_for(tmp_path):
+    from tqdm import tqdm
+
+    from hybridiff.protocol import WindowGuidance
+    from hybridiff_tools.bench.frontier import Case, measure
+    from hybridiff_tools.bench.frontier_cli import run_on_cluster
+
+    settings = dict(lengths=[2], steps=30, guidance=5.0, window_policies=[WindowGuidance.CONDITIONAL])
+    done = measure(_fake_generate([]), [Case("a", 1), Case("old", 1)], **settings)
+    with tqdm(disable=True) as bar:  # no model folder there: a cluster start would fail
+        again = run_on_cluster(
+            tmp_path / "none", tmp_path / "logs", [Case("a", 1)], bar, done=done, **settings
+        )
+        assert set(again.exact) == {("a", 1)} and {im.prompt for im in again.images} == {"a"}
+        with pytest.raises(ValueError, match="other steps"):
+            run_on_cluster(
+                tmp_path / "none",
+                tmp_path / "logs",
+                [Case("a", 1)],
+                bar,
+                done=done,
+                **{**settings, "steps": 50},
+            )
